@@ -1,0 +1,1 @@
+"""Small shared utilities: configuration, safe checkpoint I/O, logging, seeding."""
