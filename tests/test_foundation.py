@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import CheckpointError, load_state_dict_any, load_weights, save_weights, torch_load_safe
+from common.checkpoint import (
+    CheckpointError,
+    load_state_dict_any,
+    load_weights,
+    save_weights,
+    torch_load_safe,
+)
 from common.config import ConfigError, load_config, merge_mapping, parse_config, save_config
 from common.io import atomic_write_text
 
