@@ -1,0 +1,1 @@
+"""Curation of heterogeneous medical images into WebDataset shards (the ``curate`` CLI)."""
