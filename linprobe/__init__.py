@@ -1,0 +1,1 @@
+"""Linear probing of a frozen pretrained encoder (``linprobe`` console script)."""
