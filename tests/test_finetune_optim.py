@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.transfer.lars import LARS
-from common.transfer.schedule import apply_lr, effective_lr, lr_at
+from common.transfer.schedule import apply_schedule, effective_lr, lr_at
 
 
 def test_lars_step_matches_hand_computation() -> None:
@@ -61,6 +61,6 @@ def test_effective_lr_and_group_scales() -> None:
     assert effective_lr(0.1, None, 512, 2, 4) == pytest.approx(0.1 * 4096 / 256)
     assert effective_lr(0.1, 0.3, 512, 2, 4) == 0.3
     p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [p1], "lr_scale": 0.25}, {"params": [p2], "lr_mult": 3.0}], lr=0.0)
-    apply_lr(opt, 2.0)
-    assert [g["lr"] for g in opt.param_groups] == [0.5, 6.0]
+    opt = torch.optim.SGD([{"params": [p1], "lr_scale": 0.25}, {"params": [p2], "peak_lr": 3.0}], lr=0.0)
+    assert apply_schedule(opt, 1.0, 2.0, 0.0, 2, 10) == pytest.approx(1.0)  # half-way through warmup
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.25, 1.5])

@@ -36,7 +36,7 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """Groups keyed by (layer id, decay or not), each with an ``lr_scale`` for :func:`schedule.apply_lr`.
+    """Groups keyed by (layer id, decay or not), each with an ``lr_scale`` for :func:`schedule.apply_schedule`.
 
     ``model`` must implement ``layer_id(name)`` and ``num_layer_ids`` (every registry encoder does).
     """

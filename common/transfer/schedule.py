@@ -23,7 +23,13 @@ def lr_at(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epo
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's LR to ``lr`` times its ``lr_scale`` (layer decay) and ``lr_mult`` (LR grids)."""
+def apply_schedule(optimizer: torch.optim.Optimizer, epoch: float, base_lr: float, min_lr: float,
+                   warmup_epochs: float, epochs: float) -> float:
+    """Set each group's LR for fractional ``epoch``; returns the LR of an unscaled group.
+
+    A group may carry its own ``peak_lr`` (a head of an LR grid) and an ``lr_scale`` (layer-wise decay).
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0) * group.get("lr_mult", 1.0)
+        peak = group.get("peak_lr", base_lr)
+        group["lr"] = lr_at(epoch, peak, min_lr, warmup_epochs, epochs) * group.get("lr_scale", 1.0)
+    return lr_at(epoch, base_lr, min_lr, warmup_epochs, epochs)
