@@ -1,0 +1,157 @@
+"""Labeled train / val / test splits for transfer, on top of ``common.data.build_dataset``.
+
+The data layer decodes every format (ImageFolder, MedMNIST ``.npz``, curated shards, CSV) into uint8
+tensors of the encoder's channel count; this module adds what transfer needs on top: the split checks and
+label-space checks that must fail before training, random access by index (our samplers decide the order),
+and per-split transforms.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from common.data.dataset import ImageDataset, build_dataset, detect_kind
+from common.data.source import DataSourceError, RandomAccessSource
+from common.data.tar_source import MANIFEST
+from common.logging import progress
+from common.seed import seed_worker
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TransferDataError(ValueError):
+    """The data does not fit the run (missing split, label-space mismatch); the message names the path."""
+
+
+@dataclass
+class LabelSpace:
+    num_classes: int
+    class_names: list[str]
+    multilabel: bool
+
+
+def split_exists(path: str, split: str) -> bool:
+    """Whether ``path`` provides ``split`` (checked without decoding any image)."""
+    kind = detect_kind(path)
+    p = Path(path)
+    if kind == "folder":
+        return (p / split).is_dir()
+    if kind == "npz":
+        with np.load(p, allow_pickle=False) as archive:
+            return f"{split}_images" in archive.files
+    if kind == "csv":
+        with open(p, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if "split" not in (reader.fieldnames or []):
+                raise TransferDataError(f"{path}: a CSV for linprobe/finetune needs a 'split' column "
+                                        f"(train / val / test) so that the splits are disjoint")
+            return any(row["split"] == split for row in reader)
+    if kind == "shards":
+        manifest = p / MANIFEST
+        if manifest.is_file():
+            shards = json.loads(manifest.read_text()).get("shards", [])
+            return any(s.get("split") == split for s in shards)
+        root = p / "shards" if (p / "shards").is_dir() else p
+        return any(root.glob(f"{split}-*.tar"))
+    raise TransferDataError(f"{path}: a brace pattern of tar files holds one split only; pass the curated "
+                            f"shard directory (with {MANIFEST}) instead")
+
+
+def open_splits(path: str, in_chans: int, nb_classes: int | None, multilabel: bool,
+                require_val: bool = True) -> tuple[dict[str, ImageDataset], LabelSpace]:
+    """Open train / val / (test if present) and check them against ``--nb_classes`` / ``--multilabel``.
+
+    Raises :class:`TransferDataError` or ``DataSourceError`` naming the path for: no data path, a missing
+    train or val split, an empty class folder, a class count different from ``nb_classes``, multi-label
+    data without ``--multilabel`` (or the reverse).
+    """
+    if not path:
+        raise TransferDataError("no --data_path given")
+    if not Path(path).exists():
+        raise TransferDataError(f"{path}: data path does not exist")
+    wanted = ["train", "val", "test"]
+    for split in ("train", "val") if require_val else ("train",):
+        if not split_exists(path, split):
+            raise TransferDataError(f"{path}: the '{split}' split is missing (linprobe/finetune need train and "
+                                    f"val; test is optional)")
+    splits: dict[str, ImageDataset] = {}
+    for split in wanted:
+        if split != "train" and not split_exists(path, split):
+            continue
+        # Declared label space first (no override), so that a wrong --nb_classes is reported, not absorbed.
+        splits[split] = build_dataset(path, split=split, labeled=True, in_chans=in_chans,
+                                      multilabel=True if multilabel else None)
+    declared = splits["train"].labels
+    k = declared.num_classes
+    if k is None:
+        if nb_classes is None:
+            raise TransferDataError(f"{path}: the data does not declare its classes; pass --nb_classes")
+        k = nb_classes
+        for split in list(splits):
+            splits[split] = build_dataset(path, split=split, labeled=True, in_chans=in_chans,
+                                          num_classes=k, multilabel=multilabel)
+    elif nb_classes is not None and nb_classes != k:
+        names = f" {declared.class_names}" if declared.class_names else ""
+        raise TransferDataError(f"{path}: --nb_classes {nb_classes} but the data has {k} "
+                                f"{'labels' if declared.multilabel else 'classes'}{names}")
+    if declared.multilabel and not multilabel:
+        raise TransferDataError(f"{path}: the labels are multi-label ({k} labels); pass --multilabel")
+    for split, ds in splits.items():
+        if ds.num_classes is not None and ds.num_classes != k:
+            raise TransferDataError(f"{path}: split '{split}' declares {ds.num_classes} classes, train {k}")
+    names = list(declared.class_names) if declared.class_names else [str(i) for i in range(k)]
+    return splits, LabelSpace(num_classes=k, class_names=names, multilabel=multilabel)
+
+
+class IndexedSplit(Dataset):
+    """Random access to one split with a transform: ``ds[i] -> (image float tensor, target)``.
+
+    Streaming shard splits are held as their raw (still encoded) samples in memory so that our samplers can
+    address them by index; transfer datasets are small enough for that.
+    """
+
+    def __init__(self, dataset: ImageDataset, transform: Transform, num_classes: int):
+        self.dataset = dataset
+        self.transform = transform
+        self.num_classes = num_classes
+        if isinstance(dataset.source, RandomAccessSource):
+            self.raw: list[Any] | None = None
+        else:
+            self.raw = [r for shard in range(len(dataset.source.shard_counts))
+                        for r in dataset.source.iter_raw(shard)]
+
+    def __len__(self) -> int:
+        return len(self.raw) if self.raw is not None else len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        raw = self.raw[index] if self.raw is not None else index
+        image, label = self.dataset.sample(raw)
+        if isinstance(label, torch.Tensor):
+            label = label.float()
+        elif not 0 <= int(label) < self.num_classes:
+            raise DataSourceError(f"{self.dataset.source.path} sample {index}: label {label} outside "
+                                  f"0..{self.num_classes - 1}")
+        return self.transform(image), label
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int, pin_memory: bool,
+                drop_last: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
+                      worker_init_fn=seed_worker, persistent_workers=False)
+
+
+def scan_labels(dataset: IndexedSplit, batch_size: int, num_workers: int, desc: str) -> np.ndarray:
+    """Decode every sample once (a corrupt image fails here, before training) and return the targets."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    targets = [t.numpy() for _, t in progress(loader, desc=f"checking {desc}", leave=False)]
+    return np.concatenate(targets)
