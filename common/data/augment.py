@@ -1,0 +1,133 @@
+"""Batched augmentation on the training device, from uint8 letterboxed batches.
+
+``gpu_augment`` = RandomResizedCrop (torchvision's sampling rule: area scale, log-uniform aspect ratio,
+10 tries then a centre crop) + horizontal flip + optional brightness/contrast jitter + normalisation,
+done with one ``affine_grid``/``grid_sample`` for the whole batch. Crop boxes stay inside each image's valid
+region (``size``), so letterbox padding is never sampled. Random numbers come from a CPU generator passed
+in by the caller: the result is then identical on any device and a resumed run can recreate it.
+
+``eval_transform`` = resize the shorter side to ``out / crop_pct`` and centre-crop ``out`` (MAE's eval
+transform), expressed as one centre box per image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = 0.449, 0.226  # channel average of the ImageNet statistics
+
+
+def default_normalization(in_chans: int) -> tuple[list[float], list[float]]:
+    """ImageNet mean/std for 3 channels, their channel average repeated for any other count."""
+    if in_chans == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [GRAY_MEAN] * in_chans, [GRAY_STD] * in_chans
+
+
+def _sample_boxes(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
+                  generator: torch.Generator | None, tries: int = 10) -> torch.Tensor:
+    """(B, 4) boxes (y0, x0, h, w) in pixels of each image's valid region, torchvision's RRC rule."""
+    b = sizes.shape[0]
+    h = sizes[:, 0:1].double()
+    w = sizes[:, 1:2].double()
+    area = h * w
+    u = torch.rand((b, tries, 4), generator=generator, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    cw = torch.round(torch.sqrt(target * aspect))
+    ch = torch.round(torch.sqrt(target / aspect))
+    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    y0 = torch.floor(u[..., 2] * (h - ch + 1))
+    x0 = torch.floor(u[..., 3] * (w - cw + 1))
+    first = torch.argmax(ok.to(torch.int8), dim=1)  # first valid try (0 when none is valid)
+    pick = lambda t: t.gather(1, first[:, None])[:, 0]  # noqa: E731
+    boxes = torch.stack([pick(y0), pick(x0), pick(ch), pick(cw)], dim=1)
+    # fallback: centre crop with the aspect ratio clamped into range
+    none_ok = ~ok.any(dim=1)
+    if none_ok.any():
+        hh, ww = h[:, 0], w[:, 0]
+        in_ratio = ww / hh
+        fw = torch.where(in_ratio < ratio[0], ww, torch.where(in_ratio > ratio[1], torch.round(hh * ratio[1]), ww))
+        fh = torch.where(in_ratio < ratio[0], torch.round(ww / ratio[0]), hh)
+        fallback = torch.stack([torch.floor((hh - fh) / 2), torch.floor((ww - fw) / 2), fh, fw], dim=1)
+        boxes = torch.where(none_ok[:, None], fallback, boxes)
+    return boxes
+
+
+def _resample(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size: int,
+              interpolation: str) -> torch.Tensor:
+    """Crop ``boxes`` (pixels) out of the canvas and resize them to ``out_size`` with one grid_sample."""
+    b, _, hc, wc = images.shape
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    y0, x0, h, w = boxes.unbind(1)
+    sx = w / wc
+    sy = h / hc
+    tx = (2 * x0 + w) / wc - 1
+    ty = (2 * y0 + h) / hc - 1
+    sx = torch.where(flip.to(images.device), -sx, sx)
+    zeros = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zeros, tx], 1), torch.stack([zeros, sy, ty], 1)], 1)
+    grid = F.affine_grid(theta, [b, images.shape[1], out_size, out_size], align_corners=False)
+    out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
+    return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
+
+
+def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    if m.shape[1] != x.shape[1]:
+        raise ValueError(f"normalization has {m.shape[1]} channels, images have {x.shape[1]}")
+    return (x - m) / s
+
+
+def gpu_augment(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: Sequence[float],
+                std: Sequence[float], generator: torch.Generator | None = None,
+                scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                hflip: float = 0.5, interpolation: str = "bicubic", intensity: float = 0.0) -> torch.Tensor:
+    """uint8 (B, C, S, S) + valid sizes (B, 2) -> normalised float32 (B, C, out_size, out_size).
+
+    ``intensity`` > 0 multiplies contrast by U(1-i, 1+i) around each image's mean and adds a brightness
+    shift U(-i, i) * 0.5 before normalisation (useful for modalities with arbitrary windowing).
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"gpu_augment expects uint8 images, got {images.dtype}")
+    b = images.shape[0]
+    sizes = sizes.to("cpu")
+    boxes = _sample_boxes(sizes, scale, ratio, generator)
+    flip = torch.rand(b, generator=generator) < hflip
+    x = images.float().div_(255.0)
+    out = _resample(x, boxes, flip, out_size, interpolation)
+    if intensity > 0:
+        u = torch.rand((b, 2), generator=generator).to(out.device)
+        contrast = (1 - intensity + 2 * intensity * u[:, 0]).view(b, 1, 1, 1)
+        brightness = ((2 * u[:, 1] - 1) * intensity * 0.5).view(b, 1, 1, 1)
+        mean_px = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean_px) * contrast + mean_px + brightness).clamp_(0.0, 1.0)
+    return _normalize(out, mean, std)
+
+
+def eval_transform(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: Sequence[float],
+                   std: Sequence[float], crop_pct: float = 0.875, interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize shorter side to ``out_size / crop_pct``, centre crop ``out_size``, normalise (deterministic).
+
+    For little aliasing, load eval batches with ``canvas_size = eval_canvas_size(out_size, crop_pct)``.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"eval_transform expects uint8 images, got {images.dtype}")
+    sizes = sizes.to("cpu").double()
+    side = crop_pct * torch.minimum(sizes[:, 0], sizes[:, 1])
+    boxes = torch.stack([(sizes[:, 0] - side) / 2, (sizes[:, 1] - side) / 2, side, side], dim=1)
+    flip = torch.zeros(images.shape[0], dtype=torch.bool)
+    out = _resample(images.float().div_(255.0), boxes, flip, out_size, interpolation)
+    return _normalize(out, mean, std)
+
+
+def eval_canvas_size(out_size: int, crop_pct: float = 0.875) -> int:
+    return int(math.ceil(out_size / crop_pct))

@@ -1,0 +1,102 @@
+"""A CSV table of images and labels (paths relative to the CSV's folder).
+
+Accepted layouts (a header row is required; a ``split`` column, when present, selects rows):
+
+* ``path,label``: ``label`` is a class index, a class name, or several joined by ``;`` (multi-label,
+  an empty cell = no positive class). Names are mapped to indices in sorted order over the whole file.
+* ``path,<class_a>,<class_b>,...`` (no ``label`` column): one 0/1 column per class, multi-label.
+
+The image column is ``path`` (or ``image``/``file``/``filename``); other columns are ignored in the first layout.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from common.data.images import read_image_file
+from common.data.source import DataSourceError, Decoded, LabelInfo, RandomAccessSource
+
+PATH_COLUMNS = ("path", "image", "file", "filename")
+
+
+class CsvSource(RandomAccessSource):
+    def __init__(self, path: Path, split: str | None, num_classes: int | None = None,
+                 multilabel: bool | None = None):
+        self.path = str(path)
+        try:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataSourceError(f"{path}: cannot read CSV ({exc})") from exc
+        if not rows:
+            raise DataSourceError(f"{path}: no rows")
+        header = list(rows[0].keys())
+        path_col = next((c for c in PATH_COLUMNS if c in header), None)
+        if path_col is None:
+            raise DataSourceError(f"{path}: no image column (one of {PATH_COLUMNS}); header is {header}")
+        self.split = split
+        if "split" in header and split is not None:
+            selected = [r for r in rows if r["split"] == split]
+            if not selected:
+                raise DataSourceError(f"{path}: no rows with split '{split}'")
+        else:
+            selected = rows
+        base = path.parent
+        self.files = [base / r[path_col] for r in selected]
+        if "label" in header:
+            self.targets, self.labels = self._label_column(rows, selected, num_classes, multilabel)
+        else:
+            class_cols = [c for c in header if c not in (path_col, "split")]
+            if not class_cols:
+                raise DataSourceError(f"{path}: no 'label' column and no class columns")
+            self.targets, self.labels = self._class_columns(selected, class_cols)
+
+    def _label_column(self, rows: list[dict], selected: list[dict], num_classes: int | None,
+                      multilabel: bool | None):
+        def parts(cell: str | None) -> list[str]:
+            return [p.strip() for p in (cell or "").split(";") if p.strip()]
+
+        all_parts = [parts(r["label"]) for r in rows]
+        is_multi = bool(multilabel) if multilabel is not None else any(len(p) != 1 for p in all_parts)
+        values = sorted({v for p in all_parts for v in p})
+        if all(v.lstrip("-").isdigit() for v in values):
+            names = None
+            index = {v: int(v) for v in values}
+            k = num_classes if num_classes is not None else (max(index.values()) + 1 if index else 0)
+        else:
+            names = values
+            index = {v: i for i, v in enumerate(values)}
+            k = num_classes if num_classes is not None else len(values)
+            if k != len(values):
+                raise DataSourceError(f"{self.path}: {len(values)} class names {values} but num_classes={k}")
+        targets = []
+        for r in selected:
+            p = parts(r["label"])
+            if not is_multi and len(p) != 1:
+                raise DataSourceError(f"{self.path}: row {r} has {len(p)} labels in single-label mode")
+            targets.append([index[v] for v in p] if is_multi else index[p[0]])
+        return targets, LabelInfo(num_classes=k, class_names=names, multilabel=is_multi)
+
+    def _class_columns(self, selected: list[dict], class_cols: list[str]):
+        targets = []
+        for r in selected:
+            try:
+                row = [int(float(r[c])) for c in class_cols]
+            except (TypeError, ValueError) as exc:
+                raise DataSourceError(f"{self.path}: class columns must hold 0/1, row {r}") from exc
+            targets.append(np.asarray(row, dtype=np.int64))
+        return targets, LabelInfo(num_classes=len(class_cols), class_names=class_cols, multilabel=True)
+
+    def num_samples(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Decoded:
+        target = self.targets[index]
+        if isinstance(target, list):  # multi-label given as class indices
+            vec = np.zeros(self.labels.num_classes or 0, dtype=np.float32)
+            vec[target] = 1.0
+            target = vec
+        return Decoded(pixels=read_image_file(self.files[index]), label=target, key=str(self.files[index]))
