@@ -1,0 +1,31 @@
+"""``curate INPUT... --output OUT [--workers N] [...]``: heterogeneous medical images -> WebDataset shards."""
+
+from __future__ import annotations
+
+import sys
+
+from common.config import ConfigError, build_parser, parse_config
+from data_curation.config import CurateConfig
+from data_curation.deid import SaltError
+from data_curation.manifest import summary_table
+from data_curation.run import curate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(CurateConfig, prog="curate", description=__doc__)
+    parser.add_argument("paths", nargs="*", help="input folders or files (added to --inputs)")
+    args = sys.argv[1:] if argv is None else argv
+    paths = parser.parse_args(args).paths
+    try:
+        cfg = parse_config(CurateConfig, args, parser)
+        cfg.inputs = list(cfg.inputs) + list(paths)
+        manifest = curate(cfg)
+    except (ConfigError, SaltError, ValueError) as exc:
+        print(f"curate: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_table(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

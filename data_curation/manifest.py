@@ -1,0 +1,89 @@
+"""``manifest.json`` and ``rejects.jsonl`` built from the ledger, plus the console summary table."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from common.io import atomic_write, atomic_write_json
+from data_curation.format import SPLITS
+from data_curation.state import LedgerState
+
+_PACKAGES = ("numpy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+             "nibabel", "pillow", "webdataset")
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_manifest(state: LedgerState, config: dict[str, Any]) -> dict[str, Any]:
+    """Counts over every input ever curated into OUT; each file is exactly one of used/rejected/duplicate."""
+    status = Counter(rec["status"] for rec in state.items.values())
+    per_source: dict[str, Counter] = defaultdict(Counter)
+    per_modality: Counter = Counter()
+    skipped = 0
+    for item_id, rec in state.items.items():
+        src = per_source[rec["source"]]
+        src["files_seen"] += 1
+        src[f"files_{rec['status']}"] += 1
+        src["samples_written"] += state.written[item_id]
+        if rec.get("modality"):
+            per_modality[rec["modality"]] += state.written[item_id]
+        skipped += rec.get("skipped", 0)
+    shards = sorted(state.shards.values(), key=lambda r: r["name"])
+    return {
+        "files_seen": len(state.items),
+        "files_used": status["used"],
+        "files_rejected": status["rejected"],
+        "files_duplicate": status["duplicate"],
+        "samples_written": sum(r["samples"] for r in shards),
+        "samples_duplicate": sum(rec.get("dup_samples", 0) for rec in state.items.values()),
+        "slices_skipped_background": skipped,
+        "samples_per_split": {s: sum(r["samples"] for r in shards if r["split"] == s) for s in SPLITS},
+        "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
+        "samples_per_modality": dict(sorted(per_modality.items())),
+        "shards": [{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in shards],
+        "config": config,
+        "versions": library_versions(),
+    }
+
+
+def write_outputs(out: Path, state: LedgerState, config: dict[str, Any]) -> dict[str, Any]:
+    manifest = build_manifest(state, config)
+    atomic_write_json(out / "manifest.json", manifest)
+    rejects = [{"path": rec["path"], "reason": rec["reason"]} for rec in state.items.values()
+               if rec["status"] == "rejected"]
+
+    def _write(p: Path) -> None:
+        p.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+
+    atomic_write(out / "rejects.jsonl", _write)
+    return manifest
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    rows = [("source", "seen", "used", "rejected", "duplicate", "samples")]
+    for name, c in manifest["per_source"].items():
+        rows.append((name, c.get("files_seen", 0), c.get("files_used", 0), c.get("files_rejected", 0),
+                     c.get("files_duplicate", 0), c.get("samples_written", 0)))
+    rows.append(("TOTAL", manifest["files_seen"], manifest["files_used"], manifest["files_rejected"],
+                 manifest["files_duplicate"], manifest["samples_written"]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    extra = (f"splits: {manifest['samples_per_split']}  modalities: {manifest['samples_per_modality']}  "
+             f"background slices skipped: {manifest['slices_skipped_background']}  "
+             f"duplicate samples: {manifest['samples_duplicate']}  shards: {len(manifest['shards'])}")
+    return "\n".join(lines + [extra])

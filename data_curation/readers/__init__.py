@@ -1,0 +1,35 @@
+"""Per-format readers. Each turns one input into ``Slice`` objects or raises ``RejectError``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class RejectError(Exception):
+    """The input cannot be curated; ``reason`` is written to rejects.jsonl."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Identity:
+    """Raw identity values of one input (hashed with the salt before anything is stored)."""
+
+    subject: str
+    study: str = ""
+    series: str = ""
+
+
+@dataclass
+class Slice:
+    """One 2D image after intensity mapping, before the size policy."""
+
+    image: np.ndarray  # (H, W, C) uint8 / uint16
+    key: str  # identifies the slice within its input, e.g. "f3" or "axial-12"
+    meta: dict[str, Any] = field(default_factory=dict)  # allowlisted keys only
+    split: str | None = None  # a split given by the source (npz, ImageFolder), else None

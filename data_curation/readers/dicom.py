@@ -1,0 +1,187 @@
+"""DICOM reader: pixel decoding, rescale, photometric handling, VOI, CT windows, multi-frame."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+from data_curation.config import CurateConfig
+from data_curation.intensity import ct_channels, percentile_range, rgb_to_uint8, scale_range
+from data_curation.readers import Identity, RejectError, Slice
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Which package decodes which compressed transfer syntax (shown in the reject reason when one is missing).
+_DECODER_HINTS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg", "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
+}
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """True for a 'DICM' preamble, or a DICOM-like suffix (files without a preamble exist)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return path.suffix.lower() in DICOM_SUFFIXES
+    return head[128:132] == b"DICM" or path.suffix.lower() in DICOM_SUFFIXES
+
+
+@dataclass
+class DicomHeader:
+    """The few header fields used to group single-frame files into series."""
+
+    series_uid: str
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    shape: tuple[int, int]
+    frames: int
+
+
+def read_header(path: Path) -> DicomHeader | None:
+    """Grouping fields, or None when the file is not a groupable image (errors surface in ``read_dicom``)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ipp = ds.get("ImagePositionPatient")
+        iop = ds.get("ImageOrientationPatient")
+        return DicomHeader(
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            position=tuple(float(v) for v in ipp) if ipp is not None and len(ipp) == 3 else None,
+            orientation=tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
+            shape=(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)),
+            frames=int(ds.get("NumberOfFrames", 1) or 1),
+        )
+    except Exception:  # noqa: BLE001 - any unreadable header simply means "not groupable"
+        return None
+
+
+def _sop_name(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID")
+    name = getattr(uid, "name", "") or str(uid or "unknown SOP class")
+    return name.removesuffix(" Storage")
+
+
+def open_dataset(path: Path) -> pydicom.Dataset:
+    """Read a DICOM file or raise RejectError with a specific reason."""
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt input
+        raise RejectError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+    if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", *_PIXEL_KEYWORDS)):
+        raise RejectError("not a DICOM file: no preamble and no recognisable DICOM elements")
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        name = _sop_name(ds)
+        if "Image" in name:
+            raise RejectError(f"truncated file: no complete Pixel Data element ({name})")
+        raise RejectError(f"not an image: {name}")
+    return ds
+
+
+def identity_of(ds: pydicom.Dataset, path: Path) -> Identity:
+    subject = str(ds.get("PatientID", "") or ds.get("PatientName", "") or ds.get("StudyInstanceUID", "")
+                  or path)
+    return Identity(subject=subject, study=str(ds.get("StudyInstanceUID", "")),
+                    series=str(ds.get("SeriesInstanceUID", "")))
+
+
+def decode_frame(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
+    """Decode one frame (``index`` None for single-frame) with reasons for the usual failures."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts_name = getattr(ts, "name", str(ts or "unknown transfer syntax"))
+    try:
+        return pixel_array(ds, index=index)
+    except (NotImplementedError, RuntimeError) as exc:
+        msg = str(exc)
+        if "no plugin" in msg.lower() or "unable to decode" in msg.lower() or isinstance(exc, NotImplementedError):
+            hint = _DECODER_HINTS.get(str(ts), "pylibjpeg and its plugins or python-gdcm")
+            raise RejectError(f"no decoder for {ts_name}: install {hint} ({msg.splitlines()[0][:120]})") from exc
+        raise RejectError(f"pixel data could not be decoded ({ts_name}): {msg[:200]}") from exc
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc)
+        if "less than expected" in msg or "truncat" in msg.lower() or "insufficient" in msg.lower():
+            raise RejectError(f"truncated pixel data ({msg[:160]})") from exc
+        raise RejectError(f"pixel data could not be decoded ({ts_name}): {type(exc).__name__}: "
+                          f"{msg[:200]}") from exc
+
+
+def _first(value: object) -> float:
+    return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
+
+
+def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, cfg: CurateConfig
+              ) -> tuple[np.ndarray, list[str], dict]:
+    """Raw decoded pixels -> (H, W, C) uint array, channel names, normalization record."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(raw, ds)
+        rgb = (rgb >> 8).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
+        return rgb, ["R", "G", "B"], {"kind": "palette_to_rgb"}
+    if raw.ndim == 3:  # RGB or YBR (pydicom converts YBR to RGB while decoding)
+        return rgb_to_uint8(raw, int(ds.get("BitsStored", 8))), ["R", "G", "B"], {"kind": "rgb"}
+    values = apply_modality_lut(raw, ds)
+    bits = cfg.output_bits
+    modality = str(ds.get("Modality", ""))
+    if modality == "CT" and ("RescaleIntercept" in ds or "ModalityLUTSequence" in ds):
+        dicom_window = None
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            dicom_window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+        img, names, norm = ct_channels(values, list(cfg.ct_windows), dicom_window, bits)
+        return img, names, norm
+    if cfg.use_dicom_voi and "VOILUTSequence" in ds:
+        lut = np.asarray(ds.VOILUTSequence[0].LUTData)
+        voi = apply_voi_lut(values, ds, index=index)
+        img = scale_range(voi, float(lut.min()), float(lut.max()), bits)
+        norm = {"kind": "dicom_voi_lut", "bits": bits}
+    elif cfg.use_dicom_voi and "WindowCenter" in ds and "WindowWidth" in ds:
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        img = scale_range(values, c - w / 2.0, c + w / 2.0, bits)
+        norm = {"kind": "dicom_window", "level": c, "width": w, "bits": bits}
+    else:
+        lo, hi = percentile_range(values, cfg.percentile_low, cfg.percentile_high)
+        img = scale_range(values, lo, hi, bits)
+        norm = {"kind": "percentile", "low": cfg.percentile_low, "high": cfg.percentile_high, "bits": bits}
+    if photometric == "MONOCHROME1":
+        img = (np.iinfo(img.dtype).max - img).astype(img.dtype)
+        norm["inverted"] = True
+    return img[:, :, None], ["gray"], norm
+
+
+def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None
+               ) -> tuple[Identity, Iterator[Slice]]:
+    """Identity plus a lazy iterator of slices (frames decoded one at a time)."""
+    ds = open_dataset(path)
+    if cfg.reject_burned_in and str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        raise RejectError("BurnedInAnnotation=YES (burned-in text may identify the patient)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    first = decode_frame(ds, 0 if frames > 1 else None)  # fail early, before any slice is emitted
+
+    def slices() -> Iterator[Slice]:
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        base = {
+            "modality": str(ds.get("Modality", "") or "OT"), "source_format": "dicom",
+            "orig_dtype": str(first.dtype),
+            "orig_shape": [frames, *first.shape] if frames > 1 else list(first.shape),
+            "spacing": [float(spacing[0]), float(spacing[1])] if spacing else None,
+        }
+        for i in range(frames):
+            raw = first if i == 0 else decode_frame(ds, i)
+            img, names, norm = map_frame(ds, raw, i, cfg)
+            meta = {**base, "channels": names, "normalization": norm}
+            if frames > 1:
+                meta.update(slice_axis="frame", slice_index=i)
+            elif series_index is not None:
+                meta.update(slice_axis="native", slice_index=series_index)
+            else:
+                meta.update(slice_axis=None, slice_index=None)
+            yield Slice(image=img, key=f"f{i}", meta=meta)
+
+    return identity_of(ds, path), slices()

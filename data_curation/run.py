@@ -1,0 +1,133 @@
+"""One curation run: walk, plan, process in worker processes, write shards, ledger and manifest."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from common.config import config_to_dict
+from common.logging import get_logger, progress
+from data_curation.config import CurateConfig
+from data_curation.deid import load_salt
+from data_curation.discover import InputFile, Rejected, walk_inputs
+from data_curation.manifest import write_outputs
+from data_curation.plan import plan_tasks
+from data_curation.readers.dicom import read_header
+from data_curation.state import Ledger, LedgerState, load_ledger
+from data_curation.tasks import TaskResult, run_task
+from data_curation.writer import ShardSink
+
+
+def _reject_record(r: Rejected) -> dict[str, Any]:
+    return {"t": "item", "id": r.item_id, "path": r.path, "source": r.source, "status": "rejected",
+            "reason": r.reason, "modality": None, "samples": 0, "dup_samples": 0, "skipped": 0}
+
+
+class _ItemAssembler:
+    """Collects the task results of an item; commits the item once all its parts have arrived."""
+
+    def __init__(self, state: LedgerState, ledger: Ledger, sink: ShardSink, files: dict[str, InputFile]):
+        self.state, self.ledger, self.sink, self.files = state, ledger, sink, files
+        self.pending: dict[str, list[TaskResult]] = {}
+
+    def add(self, res: TaskResult) -> None:
+        parts = self.pending.setdefault(res.item_id, [])
+        parts.append(res)
+        if len(parts) == res.parts:
+            self._commit(self.pending.pop(res.item_id))
+
+    def _commit(self, parts: list[TaskResult]) -> None:
+        f = self.files[parts[0].item_id]
+        parts.sort(key=lambda r: r.part)
+        skipped = sum(r.stats.get("slices_skipped_background", 0) for r in parts)
+        rec = {"t": "item", "id": f.item_id, "path": f.path, "source": f.source, "reason": None,
+               "modality": next((r.modality for r in parts if r.modality), None), "skipped": skipped}
+        reject = next((r.reject for r in parts if r.reject), None)
+        samples = dup = 0
+        if reject is None:
+            seen_here: set[str] = set()
+            for r in parts:
+                for s in r.samples:
+                    owner = self.state.hash_owner.get(s.pixel_hash)
+                    if s.pixel_hash in seen_here or (owner is not None and owner != f.item_id):
+                        dup += 1
+                        continue
+                    seen_here.add(s.pixel_hash)
+                    samples += 1
+                    if owner is None:  # owner == this item: already in a recorded shard from an earlier run
+                        self.sink.write(s, f.item_id)
+        if reject is not None:
+            rec.update(status="rejected", reason=reject)
+        elif samples:
+            rec.update(status="used")
+        elif dup:
+            rec.update(status="duplicate", reason="exact duplicate of pixel content already written")
+        else:
+            rec.update(status="rejected", reason=f"no usable slices ({skipped} background slices skipped)")
+        rec.update(samples=samples, dup_samples=dup)
+        self.ledger.append(rec)
+        self.state.items[f.item_id] = rec
+
+
+def _mapper(workers: int) -> tuple[Any, Any]:
+    if workers <= 1:
+        return None, map
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    return pool, partial(pool.imap, chunksize=4)
+
+
+def curate(cfg: CurateConfig) -> dict[str, Any]:
+    """Run (or resume) curation into ``cfg.output``; returns the manifest."""
+    log = get_logger("curate")
+    if not cfg.inputs or not cfg.output:
+        raise ValueError("curate needs at least one input and --output")
+    out = Path(cfg.output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    salt, salt_where = load_salt(cfg.salt_file, out)
+    log.info("identity hashes keyed with the salt from %s (never written to %s)", salt_where, out)
+    state = load_ledger(out)
+    ledger = Ledger(out)
+    sink = ShardSink(out, state, ledger, cfg.shard_maxcount, cfg.shard_maxsize)
+    todo: list[InputFile] = []
+    for entry in walk_inputs(list(cfg.inputs), out):
+        if state.item_done(entry.item_id):
+            continue
+        if isinstance(entry, Rejected):
+            ledger.append(rec := _reject_record(entry))
+            state.items[entry.item_id] = rec
+        else:
+            todo.append(entry)
+    pool, imap = _mapper(cfg.workers)
+    try:
+        dicoms = [f.path for f in todo if f.kind == "dicom"]
+        headers = dict(zip(dicoms, imap(read_header, dicoms)))
+        tasks, plan_rejects = plan_tasks(todo, cfg, headers, cfg.image_modality)
+        for r in plan_rejects:
+            ledger.append(rec := _reject_record(r))
+            state.items[r.item_id] = rec
+        log.info("%d new or unfinished inputs -> %d tasks (%d already curated)", len(todo), len(tasks),
+                 len(state.items) - len(todo) - len(plan_rejects))
+        assembler = _ItemAssembler(state, ledger, sink, {f.item_id: f for f in todo})
+        results: Iterable[TaskResult] = imap(partial(run_task, cfg=cfg, salt=salt), tasks)
+        for res in _bar(results, len(tasks), cfg.progress):
+            assembler.add(res)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        sink.close()
+        ledger.close()
+    return write_outputs(out, state, config_to_dict(cfg))
+
+
+def _bar(results: Iterable[TaskResult], total: int, enabled: bool) -> Iterator[TaskResult]:
+    bar = progress(total=total, desc="curate", unit="task", disable=not enabled)
+    samples = 0
+    for res in results:
+        samples += len(res.samples)
+        bar.update(1)
+        bar.set_postfix(samples=samples, refresh=False)
+        yield res
+    bar.close()
