@@ -1,0 +1,202 @@
+"""Building blocks shared by the encoders and the MAE decoder.
+
+The transformer pieces keep the parameter names of facebookresearch/mae and timm's ViT (``attn.qkv``,
+``mlp.fc1``, ``norm1`` ...) so their checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+def grid_for(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """Patch grid (rows, cols) of an image size; the size must be a multiple of the patch."""
+    h, w = to_2tuple(img_size)
+    if h % patch_size or w % patch_size or h <= 0 or w <= 0:
+        raise ValueError(f"img_size {(h, w)} must be positive multiples of patch_size {patch_size}")
+    return (h // patch_size, w // patch_size)
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding, shape ``(num_prefix_tokens + rows * cols, dim)``.
+
+    Tokens are in raster order. The first half of the channels encodes the column index and the second
+    half the row index, each as ``[sin, cos]`` over ``dim / 4`` frequencies -- the same values MAE uses
+    for square grids, extended to rectangular ones. Prefix (class token) rows are zero. Computed in
+    float64 and rounded once, as MAE does.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    rows, cols = grid
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    row_idx, col_idx = torch.meshgrid(torch.arange(rows, dtype=torch.float64),
+                                      torch.arange(cols, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([encode(col_idx), encode(row_idx)], dim=1)
+    if num_prefix_tokens:
+        emb = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                     num_prefix_tokens: int) -> torch.Tensor:
+    """Bicubic resize of the grid part of a ``(1, prefix + rows * cols, D)`` position embedding."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    prefix, grid_part = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if grid_part.shape[1] != old_grid[0] * old_grid[1]:
+        raise ValueError(f"position embedding has {grid_part.shape[1]} grid tokens, not {old_grid[0]}x{old_grid[1]}")
+    dim = pos_embed.shape[-1]
+    img = grid_part.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid_part = img.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid_part], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches by a strided convolution; output ``(B, rows * cols, D)`` in raster order."""
+
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = int(patch_size)
+        self.grid_size = grid_for(self.img_size, self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = int(in_chans)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"expected input (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
+                             f"got {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+    def reset_parameters_like_linear(self) -> None:
+        # MAE initialises the patch projection as a linear layer on the flattened patch.
+        w = self.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+
+def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+    if prob == 0.0 or not training:
+        return x
+    keep = 1.0 - prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = x.new_empty(shape).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, prob: float = 0.0) -> None:
+        super().__init__()
+        self.prob = float(prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient on GPU)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = float(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (attention + MLP), with stochastic depth on both branches."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path_rate: float = 0.0,
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path1 = DropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.drop_path2 = DropPath(drop_path_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def init_mae_style(module: nn.Module) -> None:
+    """Xavier-uniform linear weights with zero bias and unit LayerNorm, as MAE initialises its ViT."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def stochastic_depth_rates(rate: float, depth: int) -> list[float]:
+    """Linearly increasing drop-path rate over the blocks."""
+    if depth <= 1:
+        return [0.0] * depth  # torch.linspace(0, rate, 1) == [0], as MAE / timm schedule it
+    return [rate * i / (depth - 1) for i in range(depth)]
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def is_perfect_square(n: int) -> bool:
+    r = math.isqrt(n)
+    return r * r == n

@@ -1,0 +1,195 @@
+"""Vision Mamba (Vim-style): bidirectional Mamba blocks over the patch sequence.
+
+Each block has a forward and a backward selective scan with their own conv / projection / SSM
+parameters (Vim's "v2" layout and parameter names, so ``layers.{i}.mixer.A_b_log`` etc.); the two
+directions share the input and output projections and are averaged. The backward direction runs the
+scan right to left (``reverse=True``) instead of flipping the sequence. The residual stream is float32;
+the SSM parameters stay float32 under autocast and model-wide casts (see ``models.ssm``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import causal_conv1d_fn, selective_scan_fn
+from models.encoder import EncoderBase
+from models.layers import DropPath, PatchEmbed, stochastic_depth_rates, trunc_normal_
+from models.ssm import (
+    KeepSSMParamsFp32,
+    dt_bias_init,
+    dt_weight_init_,
+    init_a_log,
+    init_d,
+    mark_ssm_param,
+    resolve_dt_rank,
+)
+
+NORMS = ("rms", "layer")
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "rms":
+        return nn.RMSNorm(dim, eps=eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class BiMamba(KeepSSMParamsFp32):
+    """Mamba mixer with separate forward and backward SSM branches: ``(B, L, D) -> (B, L, D)``."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", scan_backend: str = "auto") -> None:
+        super().__init__()
+        self.d_inner = int(expand * d_model)
+        self.d_state = d_state
+        self.dt_rank = resolve_dt_rank(dt_rank, d_model)
+        self.scan_backend = scan_backend
+        d_inner = self.d_inner
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        for suffix in ("", "_b"):
+            conv = nn.Conv1d(d_inner, d_inner, kernel_size=d_conv, groups=d_inner, padding=d_conv - 1)
+            x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+            dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+            dt_weight_init_(dt_proj.weight, self.dt_rank)
+            with torch.no_grad():
+                dt_proj.bias.copy_(dt_bias_init(d_inner))
+            mark_ssm_param(dt_proj.bias)
+            setattr(self, f"conv1d{suffix}", conv)
+            setattr(self, f"x_proj{suffix}", x_proj)
+            setattr(self, f"dt_proj{suffix}", dt_proj)
+        # Vim's names: A_log / D forward, A_b_log / D_b backward.
+        self.A_log = init_a_log(d_inner, d_state)
+        self.D = init_d(d_inner)
+        self.A_b_log = init_a_log(d_inner, d_state)
+        self.D_b = init_d(d_inner)
+
+    def _direction(self, x: torch.Tensor, z: torch.Tensor, reverse: bool) -> torch.Tensor:
+        suffix = "_b" if reverse else ""
+        conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
+        x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
+        dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
+        a_log, d = (self.A_b_log, self.D_b) if reverse else (self.A_log, self.D)
+        weight = conv.weight.squeeze(1)
+        if reverse:
+            # An anti-causal conv is the causal conv of the reversed sequence, reversed back.
+            x = causal_conv1d_fn(x.flip(-1), weight, conv.bias, activation="silu").flip(-1)
+        else:
+            x = causal_conv1d_fn(x, weight, conv.bias, activation="silu")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            x_dbl = F.linear(x.transpose(1, 2), x_proj.weight.float())  # (B, L, R + 2N)
+            dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = F.linear(dt, dt_proj.weight.float()).transpose(1, 2)
+            return selective_scan_fn(
+                x, dt, -torch.exp(a_log.float()), b_ssm.transpose(1, 2).contiguous(),
+                c_ssm.transpose(1, 2).contiguous(), d.float(), z=z.float(),
+                delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
+                backend=self.scan_backend,
+            )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        y = (self._direction(x, z, reverse=False) + self._direction(x, z, reverse=True)) / 2
+        return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))
+
+
+class VimBlock(nn.Module):
+    """Pre-norm residual block; the residual is carried separately in float32 (Vim's fused-add-norm order)."""
+
+    def __init__(self, dim: int, mixer: nn.Module, norm: str, norm_eps: float, drop_path_rate: float) -> None:
+        super().__init__()
+        self.mixer = mixer
+        self.norm = make_norm(norm, dim, norm_eps)
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        residual = residual.float()
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        return hidden, residual
+
+
+class VisionMamba(EncoderBase):
+    """Vim encoder with fixed 2D sin-cos positions and a class token in the middle of the sequence.
+
+    ``global_pool="token"`` pools the middle class token, ``"avg"`` the mean of the patch tokens;
+    ``cls_token=False`` (only with ``"avg"``) drops the class token. ``forward_features`` returns the
+    class token first, then the patch tokens in raster order, like the ViT.
+    """
+
+    _stem_names = ("cls_token", "pos_embed", "patch_embed")
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 0, global_pool: str = "token", embed_dim: int = 192, depth: int = 24,
+                 d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
+                 norm: str = "rms", norm_eps: float = 1e-5, cls_token: bool = True, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, fc_norm: bool | None = None, scan_backend: str = "auto") -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_prefix_tokens = 1 if cls_token else 0
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.pos_embed = self._build_pos_embed()
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = stochastic_depth_rates(drop_path_rate, depth)
+        self.layers = nn.ModuleList([
+            VimBlock(embed_dim, BiMamba(embed_dim, d_state, d_conv, expand, dt_rank, scan_backend),
+                     norm, norm_eps, rates[i])
+            for i in range(depth)
+        ])
+        self.drop_path_final = DropPath(rates[-1] if rates else 0.0)
+        self.norm_f = make_norm(norm, embed_dim, norm_eps)
+        self._init_head(num_classes, global_pool, bool(fc_norm), drop_rate,
+                        lambda dim: make_norm(norm, dim, norm_eps))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        self.patch_embed.reset_parameters_like_linear()
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
+        for layer in self.layers:
+            # Prenorm residual rescaling (GPT-2 / Mamba): keeps the residual stream's variance flat in depth.
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(self.depth)
+
+    def set_scan_backend(self, backend: str) -> None:
+        for layer in self.layers:
+            layer.mixer.scan_backend = backend
+
+    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.pos_drop(tokens), None
+        for layer in self.layers:
+            hidden, residual = self._maybe_checkpoint(layer, hidden, residual)
+        residual = hidden if residual is None else residual + self.drop_path_final(hidden)
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def _encode(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Insert the class token in the middle, run the blocks; returns (patch tokens, prefix tokens)."""
+        if self.cls_token is None:
+            out = self._run(patches)
+            return out, out[:, :0]
+        mid = patches.shape[1] // 2
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1).to(patches.dtype)
+        out = self._run(torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1))
+        return torch.cat([out[:, :mid], out[:, mid + 1:]], dim=1), out[:, mid:mid + 1]
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens:]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        patches, prefix = self._encode(self._embed(x))
+        return torch.cat([prefix, patches], dim=1)
+
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = self._embed(x)
+        patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return self._encode(patches)
