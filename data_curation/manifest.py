@@ -38,7 +38,7 @@ def build_manifest(state: LedgerState, config: dict[str, Any]) -> dict[str, Any]
         src["files_seen"] += 1
         src[f"files_{rec['status']}"] += 1
         src["samples_written"] += state.written[item_id]
-        if rec.get("modality"):
+        if rec.get("modality") and state.written[item_id]:
             per_modality[rec["modality"]] += state.written[item_id]
         skipped += rec.get("skipped", 0)
     shards = sorted(state.shards.values(), key=lambda r: r["name"])

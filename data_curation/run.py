@@ -92,8 +92,10 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     ledger = Ledger(out)
     sink = ShardSink(out, state, ledger, cfg.shard_maxcount, cfg.shard_maxsize)
     todo: list[InputFile] = []
+    already = 0
     for entry in walk_inputs(list(cfg.inputs), out):
         if state.item_done(entry.item_id):
+            already += 1
             continue
         if isinstance(entry, Rejected):
             ledger.append(rec := _reject_record(entry))
@@ -109,7 +111,7 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
             ledger.append(rec := _reject_record(r))
             state.items[r.item_id] = rec
         log.info("%d new or unfinished inputs -> %d tasks (%d already curated)", len(todo), len(tasks),
-                 len(state.items) - len(todo) - len(plan_rejects))
+                 already)
         assembler = _ItemAssembler(state, ledger, sink, {f.item_id: f for f in todo})
         results: Iterable[TaskResult] = imap(partial(run_task, cfg=cfg, salt=salt), tasks)
         for res in _bar(results, len(tasks), cfg.progress):

@@ -65,7 +65,8 @@ def read_header(path: Path) -> DicomHeader | None:
 
 
 def _sop_name(ds: pydicom.Dataset) -> str:
-    uid = ds.get("SOPClassUID")
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
     name = getattr(uid, "name", "") or str(uid or "unknown SOP class")
     return name.removesuffix(" Storage")
 
@@ -76,13 +77,21 @@ def open_dataset(path: Path) -> pydicom.Dataset:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt input
         raise RejectError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
-    if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", *_PIXEL_KEYWORDS)):
+    meta = getattr(ds, "file_meta", None)
+    has_meta = meta is not None and "MediaStorageSOPClassUID" in meta
+    if not has_meta and not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", *_PIXEL_KEYWORDS)):
         raise RejectError("not a DICOM file: no preamble and no recognisable DICOM elements")
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         name = _sop_name(ds)
         if "Image" in name:
-            raise RejectError(f"truncated file: no complete Pixel Data element ({name})")
+            raise RejectError(f"no complete Pixel Data element: truncated or stripped file ({name})")
         raise RejectError(f"not an image: {name}")
+    if meta is None:
+        ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:  # files without meta: use the encoding pydicom detected
+        implicit = getattr(ds, "original_encoding", (True, True))[0]
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else \
+            pydicom.uid.ExplicitVRLittleEndian
     return ds
 
 
@@ -101,6 +110,9 @@ def decode_frame(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
         return pixel_array(ds, index=index)
     except (NotImplementedError, RuntimeError) as exc:
         msg = str(exc)
+        if "exceptions were raised by all available plugins" in msg:
+            raise RejectError(f"corrupt or unsupported compressed pixel data ({ts_name}): "
+                              f"{' '.join(msg.split())[:240]}") from exc
         if "no plugin" in msg.lower() or "unable to decode" in msg.lower() or isinstance(exc, NotImplementedError):
             hint = _DECODER_HINTS.get(str(ts), "pylibjpeg and its plugins or python-gdcm")
             raise RejectError(f"no decoder for {ts_name}: install {hint} ({msg.splitlines()[0][:120]})") from exc
