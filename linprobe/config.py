@@ -21,7 +21,7 @@ class LinprobeConfig(TransferConfig):
     fast: bool = field(default=False, metadata=_h(
         "extract features once (cached on disk) and train one head per --lr_grid value at once, "
         "keeping the best on validation; implies --train_aug none"))
-    lr_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], metadata=_h(
+    lr_grid: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0], metadata=_h(
         "base LRs (blr) tried together by --fast"))
     feature_cache: str | None = field(default=None, metadata=_h(
         "folder for --fast feature files (default: OUTPUT_DIR/features)"))

@@ -1,0 +1,142 @@
+"""Checkpoint -> model for transfer: resolve the architecture, input size and channels, then load.
+
+The architecture comes from ``--model`` or, for our exports, from the ``encoder.json`` written next to
+``encoder.safetensors``; foreign checkpoints (facebookresearch/mae, MedMAE, timm) need ``--model``.
+Weight loading, position-embedding resizing and the strict key check are ``models.checkpoint``'s job.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from common.checkpoint import CheckpointError, load_state_dict_any, read_json
+from common.transfer.transforms import default_normalization
+
+
+@dataclass
+class EncoderSpec:
+    """Everything needed to rebuild the classifier: registry name, constructor kwargs, preprocessing."""
+
+    model: str
+    kwargs: dict[str, Any]
+    input_size: int
+    in_chans: int
+    mean: list[float]
+    std: list[float]
+    checkpoint: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "kwargs": self.kwargs, "input_size": self.input_size,
+                "in_chans": self.in_chans, "normalization": {"mean": self.mean, "std": self.std},
+                "checkpoint": self.checkpoint, "source": self.source}
+
+
+def sidecar_json(checkpoint: str | Path) -> Path | None:
+    """``encoder.json`` for ``encoder.safetensors`` (``X.json`` for ``X.safetensors``), if present."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "encoder.safetensors"
+    candidate = path.with_suffix(".json")
+    return candidate if path.suffix == ".safetensors" and candidate.is_file() else None
+
+
+def _checkpoint_file(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "encoder.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def _side(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"non-square input size {value} is not supported by linprobe/finetune")
+        return int(value[0])
+    return int(value)
+
+
+def _channels_from_weights(path: Path) -> int | None:
+    """Input channels of a foreign checkpoint from its patch-embedding kernel (``(D, C, p, p)``)."""
+    state = load_state_dict_any(path)
+    for key, tensor in state.items():
+        if key.endswith("patch_embed.proj.weight") and tensor.ndim == 4:
+            return int(tensor.shape[1])
+    return None
+
+
+def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | None, in_chans: int | None,
+                 num_classes: int, global_pool: bool | None, drop_path: float | None) -> EncoderSpec:
+    """Decide the architecture and preprocessing before anything is built; errors name the file."""
+    meta: dict[str, Any] = {}
+    ckpt_path: Path | None = None
+    if checkpoint:
+        ckpt_path = _checkpoint_file(checkpoint)
+        side = sidecar_json(checkpoint)
+        meta = read_json(side) if side is not None else {}
+    recorded = meta.get("model")
+    if model and recorded and model != recorded:
+        raise CheckpointError(f"{ckpt_path}: checkpoint holds a '{recorded}' encoder (per its encoder.json) "
+                              f"but --model is '{model}'")
+    name = model or recorded
+    if not name:
+        raise CheckpointError(f"{ckpt_path}: no encoder.json next to the checkpoint, so the architecture is "
+                              "unknown; pass --model (e.g. vit_base_patch16)" if ckpt_path else
+                              "no --model given and no --finetune checkpoint to read it from")
+    kwargs = dict(meta.get("kwargs") or {}) if recorded else {}
+    size = input_size or _side(meta.get("img_size")) or _side(kwargs.get("img_size")) or 224
+    chans = in_chans or meta.get("in_chans") or kwargs.get("in_chans")
+    if chans is None and ckpt_path is not None and not recorded:
+        chans = _channels_from_weights(ckpt_path)
+    chans = int(chans or 3)
+    norm = meta.get("normalization") or {}
+    mean, std = default_normalization(chans)
+    if norm.get("mean") and norm.get("std"):
+        mean, std = list(norm["mean"]), list(norm["std"])
+    kwargs.update(img_size=size, in_chans=chans, num_classes=num_classes)
+    if global_pool is not None:
+        kwargs["global_pool"] = "avg" if global_pool else "token"
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
+    return EncoderSpec(model=name, kwargs=kwargs, input_size=size, in_chans=chans, mean=mean, std=std,
+                       checkpoint=str(ckpt_path) if ckpt_path else None, source=dict(meta.get("source") or {}))
+
+
+def _accepted_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop interface kwargs a model's constructor does not take (e.g. ``global_pool`` of a CNN-style
+    classifier); anything else unknown is left in so that the builder reports it."""
+    from models.registry import REGISTRY
+
+    builder = REGISTRY.spec(name).builder
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    optional = {"global_pool", "drop_path_rate"}
+    return {k: v for k, v in kwargs.items() if k in params or k not in optional}
+
+
+def build_model(spec: EncoderSpec) -> nn.Module:
+    """Create the model and load the checkpoint (if any) through ``models.create_model``."""
+    import models
+
+    try:
+        return models.create_model(spec.model, pretrained=spec.checkpoint,
+                                   **_accepted_kwargs(spec.model, spec.kwargs))
+    except KeyError as exc:
+        raise CheckpointError(f"--model: {exc.args[0] if exc.args else exc}") from exc
+    except (RuntimeError, ValueError) as exc:
+        if spec.checkpoint and not isinstance(exc, CheckpointError):
+            raise CheckpointError(f"{spec.checkpoint}: does not fit model '{spec.model}': {exc}") from exc
+        raise

@@ -1,0 +1,82 @@
+"""Run set-up shared by linprobe and finetune: accelerator, output folder, architecture and data checks.
+
+Everything that can be wrong with the inputs (checkpoint, architecture, splits, label space) is checked
+here, before a model is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import Accelerator
+
+from common.config import config_to_dict, save_config
+from common.data.dataset import ImageDataset
+from common.io import atomic_write_json
+from common.logging import JsonlLogger, get_logger
+from common.seed import seed_everything
+from common.transfer.config import TransferConfig
+from common.transfer.data import IndexedSplit, LabelSpace, make_loader, open_splits, scan_labels
+from common.transfer.encoder import EncoderSpec, resolve_spec
+from common.transfer.results import SELECT_METRICS
+from common.transfer.sampling import StridedSampler
+from common.transfer.transforms import eval_transform
+
+
+@dataclass
+class RunContext:
+    accelerator: Accelerator
+    out_dir: Path
+    log: JsonlLogger
+    spec: EncoderSpec
+    splits: dict[str, ImageDataset]
+    labels: LabelSpace
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # per split, filled by the data check
+
+    def eval_split(self, split: str) -> IndexedSplit:
+        t = eval_transform(self.spec.input_size, self.spec.mean, self.spec.std, self.spec.in_chans)
+        return IndexedSplit(self.splits[split], t, self.labels.num_classes)
+
+    def eval_loader(self, split: str, batch_size: int, num_workers: int, pin_mem: bool,
+                    dist_eval: bool) -> Any:
+        ds = self.eval_split(split)
+        acc = self.accelerator
+        sampler = StridedSampler(len(ds), acc.process_index if dist_eval else 0,
+                                 acc.num_processes if dist_eval else 1)
+        return make_loader(ds, batch_size, sampler, num_workers, pin_mem)
+
+
+def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path: float | None,
+                check_data: bool = True) -> RunContext:
+    """Seed, create the output folder, resolve the architecture and open + check the data."""
+    if cfg.select_metric not in SELECT_METRICS:
+        raise ValueError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {cfg.select_metric!r}")
+    if cfg.accum_iter < 1 or cfg.batch_size < 1 or cfg.epochs < 0:
+        raise ValueError(f"--batch_size / --accum_iter must be >= 1 and --epochs >= 0 (got {cfg.batch_size}, "
+                         f"{cfg.accum_iter}, {cfg.epochs})")
+    accelerator = Accelerator()
+    seed_everything(cfg.seed)
+    logger = get_logger(f"scanmae.{name}")
+    out_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    spec = resolve_spec(cfg.model, cfg.finetune, cfg.input_size, cfg.in_chans, 0, cfg.global_pool, drop_path)
+    splits, labels = open_splits(cfg.data_path, spec.in_chans, cfg.nb_classes, cfg.multilabel)
+    spec.kwargs["num_classes"] = labels.num_classes if classifier_head else 0
+    logger.info(f"{name}: model {spec.model} ({spec.input_size} px, {spec.in_chans} ch), "
+                f"{labels.num_classes} {'labels' if labels.multilabel else 'classes'}, "
+                + ", ".join(f"{s} {len(d)}" for s, d in splits.items()))
+    ctx = RunContext(accelerator, out_dir, JsonlLogger(out_dir / "log.jsonl", accelerator.is_main_process),
+                     spec, splits, labels)
+    if check_data:
+        for split in splits:
+            ctx.targets[split] = scan_labels(ctx.eval_split(split), cfg.batch_size, cfg.num_workers, split)
+    if accelerator.is_main_process:
+        atomic_write_json(out_dir / "model.json", {**spec.to_json(), "class_names": labels.class_names,
+                                                   "multilabel": labels.multilabel,
+                                                   "config": config_to_dict(cfg)})
+    return ctx

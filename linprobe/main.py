@@ -1,0 +1,64 @@
+"""linprobe: linear probing of a frozen pretrained encoder on a labeled medical image dataset.
+
+A BatchNorm (no affine) + Linear head is trained with LARS on the frozen encoder's class token (or pooled
+tokens with --global_pool). Results: OUTPUT_DIR/results.json, log.jsonl, checkpoint-best.safetensors.
+
+    linprobe --data_path data/breastmnist.npz --finetune runs/pretrain/encoder.safetensors
+    accelerate launch linprobe/main.py --data_path DIR --finetune CKPT --fast
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch linprobe/main.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from typing import Any  # noqa: E402
+
+from common.transfer.cli import parse_transfer_config  # noqa: E402
+from linprobe.config import LinprobeConfig  # noqa: E402
+
+
+def run(cfg: LinprobeConfig) -> dict[str, Any]:
+    """The whole linear-probe run for a parsed config; returns what results.json holds."""
+    from common.transfer.encoder import build_model
+    from common.transfer.report import finalize
+    from common.transfer.setup import prepare_run
+    from linprobe.fast import run_fast
+    from linprobe.train import TRAIN_AUGS, run_probe
+
+    if cfg.train_aug not in TRAIN_AUGS:
+        raise ValueError(f"--train_aug must be one of {', '.join(TRAIN_AUGS)}, got {cfg.train_aug!r}")
+    if cfg.eval and not cfg.resume:
+        raise ValueError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
+    if cfg.fast and (cfg.eval or cfg.resume):
+        raise ValueError("--fast trains from scratch on cached features; use --eval/--resume without --fast")
+    if not cfg.finetune:
+        raise ValueError("--finetune (the pretrained checkpoint to probe) is required: probing a randomly "
+                         "initialised encoder says nothing about pretraining")
+    ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None, check_data=not cfg.fast)
+    encoder = build_model(ctx.spec)
+    if not all(hasattr(encoder, a) for a in ("forward_features", "pool", "num_features")):
+        raise TypeError(f"model '{ctx.spec.model}' is not an encoder (no forward_features/pool): "
+                        "linear probing needs one of the registry encoders")
+    if cfg.fast:
+        scored, extra = run_fast(cfg, ctx, encoder)
+    else:
+        scored, extra = run_probe(cfg, ctx, encoder)
+    return finalize(ctx, scored, extra, cfg.select_metric)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_transfer_config(LinprobeConfig, "linprobe", __doc__ or "", argv)
+    results = run(cfg)
+    where = results.get("evaluated_on", "test" if results.get("test") else "val")
+    shown = results["test"] or results["val"]
+    print(f"linprobe {where}: " + ", ".join(f"{k} {shown[k]:.4f}" for k in ("acc", "balanced_acc", "auc", "f1")
+                                         if shown.get(k) is not None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
