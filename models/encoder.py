@@ -77,10 +77,11 @@ class EncoderBase(nn.Module):
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
-    def _build_pos_embed(self) -> nn.Parameter:
-        # A frozen parameter (not a buffer) so the key ``pos_embed`` matches MAE / timm checkpoints.
+    def _build_pos_embed(self, trainable: bool = False) -> nn.Parameter:
+        # A parameter (not a buffer) so the key ``pos_embed`` matches MAE / timm checkpoints. Frozen for
+        # pretraining; ``trainable`` for fine-tuning as MAE does (its fine-tuning ViT learns pos_embed).
         table = sincos_pos_embed_2d(self.embed_dim, self.grid_size, self.num_prefix_tokens)
-        return nn.Parameter(table.unsqueeze(0), requires_grad=False)
+        return nn.Parameter(table.unsqueeze(0), requires_grad=trainable)
 
     # -- pooling and head -----------------------------------------------------------------------------
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -130,14 +130,15 @@ class VisionMamba(EncoderBase):
                  num_classes: int = 0, global_pool: str = "token", embed_dim: int = 192, depth: int = 24,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
                  norm: str = "rms", norm_eps: float = 1e-5, cls_token: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, fc_norm: bool | None = None, scan_backend: str = "auto") -> None:
+                 drop_path_rate: float = 0.0, fc_norm: bool | None = None, scan_backend: str = "auto",
+                 learned_pos_embed: bool = False) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.depth = depth
         self.num_prefix_tokens = 1 if cls_token else 0
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
-        self.pos_embed = self._build_pos_embed()
+        self.pos_embed = self._build_pos_embed(learned_pos_embed)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = stochastic_depth_rates(drop_path_rate, depth)
         self.layers = nn.ModuleList([

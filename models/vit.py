@@ -23,7 +23,7 @@ class VisionTransformer(EncoderBase):
                  num_classes: int = 0, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, fc_norm: bool | None = None,
-                 norm_eps: float = 1e-6) -> None:
+                 norm_eps: float = 1e-6, learned_pos_embed: bool = False) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.depth = depth
@@ -33,7 +33,7 @@ class VisionTransformer(EncoderBase):
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = self._build_pos_embed()
+        self.pos_embed = self._build_pos_embed(learned_pos_embed)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = stochastic_depth_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
