@@ -1,0 +1,1 @@
+"""MAE pretraining: ``python pretrain/main.py`` or ``accelerate launch pretrain/main.py``."""

@@ -1,0 +1,66 @@
+"""Settings of a pretraining run; flag names and meanings follow facebookresearch/mae ``main_pretrain.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class PretrainConfig:
+    # --- facebookresearch/mae flags (same names, meanings and defaults) ---
+    model: str = field(default="mae_vit_large_patch16", metadata=_h("MAE model name from models.list_models()"))
+    input_size: int = field(default=224, metadata=_h("image size fed to the model"))
+    mask_ratio: float = field(default=0.75, metadata=_h("fraction of patches removed"))
+    norm_pix_loss: bool = field(default=False, metadata=_h("per-patch normalised pixels as targets"))
+    batch_size: int = field(default=64, metadata=_h("batch size per GPU (effective = batch_size x accum_iter x GPUs)"))
+    accum_iter: int = field(default=1, metadata=_h("gradient accumulation steps"))
+    epochs: int = field(default=400, metadata=_h("epochs of the schedule (epoch = sample count / effective batch)"))
+    warmup_epochs: float = field(default=40, metadata=_h("epochs of linear LR warmup"))
+    blr: float = field(default=1e-3, metadata=_h("base LR: lr = blr x effective batch / 256"))
+    lr: float | None = field(default=None, metadata=_h("absolute LR (overrides blr)"))
+    min_lr: float = field(default=0.0, metadata=_h("final LR of the cosine schedule"))
+    weight_decay: float = field(default=0.05, metadata=_h("AdamW weight decay (not on norms, biases, tokens, positions)"))
+    data_path: str = field(default="", metadata=_h("curated shard dir, tar brace pattern, ImageFolder, .npz or CSV"))
+    output_dir: str = field(default="./output_dir", metadata=_h("checkpoints, logs, visualisations, exported encoder"))
+    log_dir: str | None = field(default=None, metadata=_h("TensorBoard dir (default: OUTPUT_DIR/tb)"))
+    resume: str = field(default="auto", metadata=_h("'auto' (latest checkpoint in output_dir), 'none', or a checkpoint dir"))
+    start_epoch: int = field(default=0, metadata=_h("schedule position to start at when not resuming"))
+    num_workers: int = field(default=10, metadata=_h("data loader worker processes per GPU"))
+    pin_mem: bool = field(default=True, metadata=_h("pin host memory of batches (CUDA only)"))
+    seed: int = field(default=0, metadata=_h("seed of init, data order, augmentation and masks"))
+    # --- ours ---
+    in_chans: int = field(default=3, metadata=_h("model input channels (gray repeated, RGB -> luminance for 1)"))
+    split: str = field(default="train", metadata=_h("split of the data to pretrain on"))
+    max_steps: int = field(default=0, metadata=_h("stop after this many optimizer steps (0: run the schedule); "
+                                                   "the schedule is unchanged"))
+    save_every: int = field(default=1000, metadata=_h("checkpoint every N optimizer steps (and at the end)"))
+    keep_last: int = field(default=3, metadata=_h("checkpoints kept"))
+    vis_every: int = field(default=1000, metadata=_h("reconstruction grid PNG every N steps (0: never)"))
+    vis_samples: int = field(default=8, metadata=_h("images in the reconstruction grid"))
+    log_every: int = field(default=20, metadata=_h("log.jsonl / TensorBoard record every N steps"))
+    compile: bool = field(default=False, metadata=_h("torch.compile the model"))
+    grad_checkpointing: bool = field(default=False, metadata=_h("activation checkpointing in the encoder"))
+    clip_grad: float | None = field(default=None, metadata=_h("max gradient norm (none: no clipping)"))
+    precision: str = field(default="auto", metadata=_h("'auto' (bf16 autocast on CUDA, else fp32), 'bf16', 'fp16', 'no'"))
+    canvas_size: int = field(default=0, metadata=_h("loader canvas (0: input_size); crops are cut from it on the GPU"))
+    min_crop_scale: float = field(default=0.2, metadata=_h("RandomResizedCrop scale lower bound"))
+    hflip: float = field(default=0.5, metadata=_h("horizontal flip probability"))
+    intensity_aug: float = field(default=0.0, metadata=_h("brightness/contrast jitter strength (0: off)"))
+    interpolation: str = field(default="bicubic", metadata=_h("'bicubic' or 'bilinear' crop resampling"))
+    shuffle_buffer: int = field(default=2000, metadata=_h("samples in the shuffle buffer of each worker"))
+    resampled: bool | None = field(default=None, metadata=_h("draw shards with replacement (default: when shards "
+                                                              "< GPUs x workers)"))
+    volume_slices: bool = field(default=False, metadata=_h("read 3D .npz volumes slice by slice"))
+    tensorboard: bool = field(default=True, metadata=_h("log to TensorBoard through accelerate trackers"))
+    wandb: bool = field(default=False, metadata=_h("also log to Weights & Biases (needs wandb installed)"))
+    peak_tflops: float = field(default=0.0, metadata=_h("accelerator peak TFLOP/s for MFU (0: from the GPU name)"))
+    deterministic: bool = field(default=False, metadata=_h("deterministic kernels (slower)"))
+    export_encoder: bool = field(default=True, metadata=_h("write encoder.safetensors + encoder.json at the end"))

@@ -1,0 +1,177 @@
+"""The pretraining loop: one optimizer step = ``accum_iter`` micro-batches, then logging, visualisation,
+checkpointing and the preemption check.
+
+Randomness per step (crop boxes, flips, masks) comes from generators seeded by (seed, step, micro-batch,
+rank), and the data position is ``step x accum_iter`` batches, so a resumed run repeats exactly what an
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from common.data import ImageLoader, gpu_augment
+from common.logging import JsonlLogger, get_logger, progress
+from pretrain.checkpointing import CheckpointManager
+from pretrain.config import PretrainConfig
+from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
+from pretrain.schedule import Schedule
+from pretrain.visualize import save_reconstruction_grid
+
+EXIT_OK = 0
+EXIT_NONFINITE = 1
+_AUGMENT, _MASK = 0, 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing was saved after the last good checkpoint."""
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, purpose: int) -> torch.Generator:
+    """A CPU generator that depends only on its arguments (device independent, resumable)."""
+    state = np.random.SeedSequence([seed, step, micro, rank, purpose]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class TrainContext:
+    cfg: PretrainConfig
+    accelerator: Accelerator
+    model: nn.Module  # prepared (possibly DDP / DeepSpeed wrapped)
+    optimizer: torch.optim.Optimizer
+    loader: ImageLoader
+    schedule: Schedule
+    steps_per_epoch: int
+    stop_step: int
+    mean: list[float]
+    std: list[float]
+    checkpoints: CheckpointManager
+    log: JsonlLogger
+    flops_per_image: float | None
+    peak_flops: float | None
+    preempt: PreemptionFlag
+    visualize: bool = True
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.accum_iter * self.accelerator.num_processes
+
+
+def train_state(ctx: TrainContext, step: int) -> dict[str, Any]:
+    """What ``train_state.json`` records next to accelerate's files."""
+    c = ctx.cfg
+    return {"step": step, "epoch": step / ctx.steps_per_epoch, "data_batches_per_rank": step * c.accum_iter,
+            "batch_size": c.batch_size, "accum_iter": c.accum_iter, "world_size": ctx.accelerator.num_processes,
+            "num_workers": c.num_workers, "seed": c.seed, "data_path": c.data_path, "model": c.model,
+            "lr": ctx.schedule.lr_at(max(0, step - 1))}
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)
+
+
+def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int, lr: float) -> tuple[float, torch.Tensor]:
+    c, acc = ctx.cfg, ctx.accelerator
+    images = batch["image"].to(acc.device, non_blocking=True)
+    x = gpu_augment(images, batch["size"], c.input_size, ctx.mean, ctx.std,
+                    generator=step_generator(c.seed, step, micro, acc.process_index, _AUGMENT),
+                    scale=(c.min_crop_scale, 1.0), hflip=c.hflip, interpolation=c.interpolation,
+                    intensity=c.intensity_aug)
+    with acc.accumulate(ctx.model):
+        loss, _, _ = ctx.model(x, mask_ratio=c.mask_ratio,
+                               generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
+        value = acc.reduce(loss.detach().float(), "mean").item()
+        if not math.isfinite(value):
+            last = ctx.checkpoints.latest()
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) at step {step + 1} (micro-batch {micro}), lr {lr:.6g}; stopped without "
+                f"saving; last good checkpoint: {last if last else 'none (no checkpoint written yet)'}")
+        acc.backward(loss)
+        if acc.sync_gradients and c.clip_grad:
+            acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)
+        ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+    return value, x
+
+
+def _record(ctx: TrainContext, step: int, loss: float, lr: float, steps: int, seconds: float) -> dict[str, Any]:
+    img_s = steps * ctx.global_batch / max(seconds, 1e-9)
+    rec: dict[str, Any] = {"step": step, "epoch": round(step / ctx.steps_per_epoch, 4), "loss": loss, "lr": lr,
+                           "img_per_s": round(img_s, 2),
+                           "eta_s": round((ctx.stop_step - step) * seconds / max(steps, 1), 1)}
+    if ctx.flops_per_image:
+        per_gpu = ctx.flops_per_image * img_s / ctx.accelerator.num_processes
+        rec["tflops_per_gpu"] = round(per_gpu / 1e12, 3)
+        if ctx.peak_flops:
+            rec["mfu"] = round(per_gpu / ctx.peak_flops, 4)
+    return rec
+
+
+def _visualize(ctx: TrainContext, x: torch.Tensor, step: int) -> None:
+    if not (ctx.visualize and ctx.accelerator.is_main_process):
+        return
+    mae = ctx.accelerator.unwrap_model(ctx.model)
+    path = Path(ctx.cfg.output_dir) / "vis" / f"step_{step:08d}.png"
+    with ctx.accelerator.autocast():
+        save_reconstruction_grid(mae, x[: ctx.cfg.vis_samples].detach(), ctx.cfg.mask_ratio, ctx.mean, ctx.std,
+                                 path, seed=ctx.cfg.seed)
+
+
+def train(ctx: TrainContext, start_step: int) -> int:
+    """Run from ``start_step`` to ``ctx.stop_step``; returns the process exit code."""
+    c, acc = ctx.cfg, ctx.accelerator
+    logger = get_logger("pretrain")
+    step = start_step
+    batches = iter(ctx.loader)
+    bar = progress(total=ctx.stop_step, initial=step, desc="pretrain", disable=not acc.is_main_process)
+    window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+    try:
+        while step < ctx.stop_step:
+            lr = ctx.schedule.lr_at(step)
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(c.accum_iter):
+                value, x = _micro_step(ctx, next(batches), step, micro, lr)
+                step_loss += value / c.accum_iter
+            step += 1
+            window_loss += step_loss
+            window_steps += 1
+            bar.update(1)
+            if step % c.log_every == 0 or step == ctx.stop_step:
+                rec = _record(ctx, step, window_loss / window_steps, lr, window_steps, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
+                ctx.log.log(rec)
+                acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+                window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+            if c.vis_every and step % c.vis_every == 0:
+                _visualize(ctx, x, step)
+            if _any_rank(acc, ctx.preempt.requested):
+                path = ctx.checkpoints.save(acc, step, train_state(ctx, step))
+                logger.info(f"preemption signal received: checkpoint {path} saved, exiting with {EXIT_PREEMPTED}")
+                ctx.log.log({"event": "preempted", "step": step, "checkpoint": str(path)})
+                return EXIT_PREEMPTED
+            if step % c.save_every == 0 or step == ctx.stop_step:
+                ctx.checkpoints.save(acc, step, train_state(ctx, step))
+    except NonFiniteLossError as exc:
+        logger.error(str(exc))
+        ctx.log.log({"event": "non_finite_loss", "step": step + 1, "message": str(exc)})
+        return EXIT_NONFINITE
+    finally:
+        bar.close()
+        del batches
+    if start_step >= ctx.stop_step:
+        ctx.checkpoints.save(acc, step, train_state(ctx, step))
+    return EXIT_OK

@@ -1,0 +1,192 @@
+"""MAE pretraining entry point.
+
+``python pretrain/main.py [--config cfg.yaml] [flags]`` or ``accelerate launch [--config_file
+launch/accelerate/...] pretrain/main.py ...``. Without any argument it runs ``configs/demo.yaml``.
+Exit codes: 0 done, 1 non-finite loss (nothing saved), 2 bad configuration, 75 preempted (checkpoint saved).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import ProjectConfiguration  # noqa: E402
+
+from common.config import ConfigError, build_parser, config_to_dict, parse_config, save_config  # noqa: E402
+from common.data import DataSourceError, build_dataset, build_loader, default_normalization  # noqa: E402
+from common.logging import JsonlLogger, get_logger  # noqa: E402
+from common.seed import seed_everything, set_deterministic  # noqa: E402
+from pretrain.checkpointing import CheckpointManager  # noqa: E402
+from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
+from pretrain.engine import EXIT_OK, TrainContext, train  # noqa: E402
+from pretrain.export import export_final_encoder  # noqa: E402
+from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
+from pretrain.preempt import PreemptionFlag  # noqa: E402
+from pretrain.schedule import Schedule, absolute_lr, build_optimizer  # noqa: E402
+
+EXIT_CONFIG = 2
+
+
+def validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Check values and resolve a relative ``data_path`` against the repository when not found here."""
+    if not cfg.data_path:
+        raise ConfigError("data_path is empty: give --data_path (shard dir, tar pattern, ImageFolder, .npz, CSV)")
+    if not Path(cfg.data_path).exists() and "{" not in cfg.data_path and (REPO_ROOT / cfg.data_path).exists():
+        cfg.data_path = str(REPO_ROOT / cfg.data_path)
+    for name in ("batch_size", "accum_iter", "epochs", "input_size", "in_chans", "save_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.precision not in ("auto", "bf16", "fp16", "no"):
+        raise ConfigError(f"precision must be auto, bf16, fp16 or no, got {cfg.precision!r}")
+    if cfg.interpolation not in ("bicubic", "bilinear"):
+        raise ConfigError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    return cfg
+
+
+def _mixed_precision(cfg: PretrainConfig) -> str | None:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):  # set by `accelerate launch --config_file`
+        return None
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def build_accelerator(cfg: PretrainConfig) -> Accelerator:
+    log_dir = cfg.log_dir or str(Path(cfg.output_dir) / "tb")
+    trackers = (["tensorboard"] if cfg.tensorboard else []) + (["wandb"] if cfg.wandb else [])
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.accum_iter, mixed_precision=_mixed_precision(cfg),
+                              log_with=trackers or None,
+                              project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir))
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:  # fill the "auto" fields accelerate cannot infer without a prepared DataLoader
+        ds_cfg = ds_plugin.deepspeed_config
+        if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        if ds_cfg.get("gradient_clipping") == "auto":
+            ds_cfg["gradient_clipping"] = cfg.clip_grad or 0.0
+    return accelerator
+
+
+def _hparams(cfg: PretrainConfig) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
+
+
+def run(cfg: PretrainConfig) -> int:
+    import models  # the registry; imported here so `--help` stays fast
+
+    cfg = validate(cfg)
+    accelerator = build_accelerator(cfg)
+    logger = get_logger("pretrain")
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        set_deterministic(True)
+
+    dataset = build_dataset(cfg.data_path, split=cfg.split, labeled=False, in_chans=cfg.in_chans,
+                            volume_slices=cfg.volume_slices)
+    world = accelerator.num_processes
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    steps_per_epoch = len(dataset) // eff_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.data_path}: {len(dataset)} samples are fewer than one effective batch of {eff_batch}")
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    lr = absolute_lr(cfg.blr, cfg.lr, eff_batch)
+    logger.info(f"data: {dataset}")
+    logger.info(f"base lr: {cfg.blr:.3e}  actual lr: {lr:.3e}  effective batch: {eff_batch} "
+                f"({cfg.batch_size} x {cfg.accum_iter} accum x {world} processes)")
+    logger.info(f"{steps_per_epoch} steps/epoch, schedule {total_steps} steps, this run stops at {stop_step}")
+
+    model = models.create_model(cfg.model, img_size=cfg.input_size, in_chans=cfg.in_chans,
+                                norm_pix_loss=cfg.norm_pix_loss)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(accelerator.device)
+    flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
+    fused = accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=fused)
+    if cfg.compile:
+        model.compile()
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    checkpoints = CheckpointManager(out, cfg.keep_last)
+    start_step = cfg.start_epoch * steps_per_epoch
+    resume_from = _resume_path(cfg, checkpoints)
+    if resume_from is not None:
+        state = checkpoints.load(accelerator, resume_from)
+        start_step = int(state["step"])
+        geometry = {"batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "world_size": world,
+                    "num_workers": cfg.num_workers, "seed": cfg.seed}
+        changed = {k: (state.get(k), v) for k, v in geometry.items() if state.get(k) != v}
+        if changed:
+            logger.warning(f"resuming with changed {changed}: the data order is not the one of the original run")
+        logger.info(f"resumed from {resume_from} at step {start_step}")
+
+    mean, std = default_normalization(cfg.in_chans)
+    loader = build_loader(dataset, cfg.batch_size, rank=accelerator.process_index, world_size=world,
+                          num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed, infinite=True,
+                          start_batch=start_step * cfg.accum_iter, canvas_size=cfg.canvas_size or cfg.input_size,
+                          resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
+                          pin_memory=cfg.pin_mem and torch.cuda.is_available())
+    if cfg.tensorboard or cfg.wandb:
+        accelerator.init_trackers("pretrain", config=_hparams(cfg))
+    ds_plugin = accelerator.state.deepspeed_plugin
+    ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, loader=loader,
+                       schedule=Schedule(lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch, total_steps),
+                       steps_per_epoch=steps_per_epoch, stop_step=stop_step, mean=mean, std=std,
+                       checkpoints=checkpoints, log=JsonlLogger(out / "log.jsonl", accelerator.is_main_process),
+                       flops_per_image=flops, peak_flops=peak_flops(accelerator.device, cfg.peak_tflops),
+                       preempt=PreemptionFlag().install(),
+                       visualize=ds_plugin is None or ds_plugin.zero_stage != 3)
+    try:
+        code = train(ctx, start_step)
+        if code == EXIT_OK and cfg.export_encoder:
+            export_final_encoder(accelerator, model, cfg, {"mean": mean, "std": std}, out)
+    finally:
+        ctx.preempt.uninstall()
+        accelerator.end_training()
+    return code
+
+
+def _resume_path(cfg: PretrainConfig, checkpoints: CheckpointManager) -> Path | None:
+    if cfg.resume.lower() in ("", "none", "no", "false"):
+        return None
+    if cfg.resume == "auto":
+        return checkpoints.latest()
+    path = Path(cfg.resume)
+    if (path / "checkpoints").is_dir():  # an output_dir: take its latest checkpoint
+        latest = CheckpointManager(path).latest()
+        if latest is None:
+            raise ConfigError(f"--resume {path}: no complete checkpoint under {path / 'checkpoints'}")
+        return latest
+    if not path.is_dir():
+        raise ConfigError(f"--resume {path}: not a checkpoint directory")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        argv = ["--config", str(DEMO_CONFIG)]
+    parser = build_parser(PretrainConfig, prog="pretrain", description="MAE pretraining on curated medical images")
+    try:
+        cfg = parse_config(PretrainConfig, argv, parser=parser)
+        return run(cfg)
+    except (ConfigError, DataSourceError) as exc:
+        get_logger("pretrain").error(f"error: {exc}")
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
