@@ -16,11 +16,13 @@ def make_scan_inputs(
     device: str | torch.device = "cpu",
     requires_grad: bool = False,
     with_optional: bool = True,
+    delta_softplus: bool = True,
 ) -> dict[str, torch.Tensor | None]:
     """u, delta, z in ``dtype``; A, D, delta_bias float32 (float64 when dtype is); B, C in ``dtype``.
 
     Ranges follow Mamba's initialisation: A = -exp(A_log) in [-N, -1]-ish, delta around softplus^-1 of
-    0.001..0.1, so decays and gradients are in the regime the models use.
+    0.001..0.1, so decays and gradients are in the regime the models use. Without ``delta_softplus``
+    the bias is positive so that dt = delta + bias stays positive (decays below 1), as in mamba-ssm's tests.
     """
     gen = torch.Generator().manual_seed(seed)
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -37,7 +39,8 @@ def make_scan_inputs(
         "C": rnd(*bc_shape),
         "D": rnd(dim, dt=param_dtype) if with_optional else None,
         "z": rnd(batch, dim, length) if with_optional else None,
-        "delta_bias": (torch.rand(dim, generator=gen, dtype=torch.float64) - 2.0).to(param_dtype)
+        "delta_bias": (torch.rand(dim, generator=gen, dtype=torch.float64) + (-2.0 if delta_softplus else 0.0))
+        .to(param_dtype)
         if with_optional
         else None,
     }

@@ -72,7 +72,7 @@ CHUNKED_CASES = [
 @pytest.mark.parametrize("length,chunk,groups,with_optional,softplus,reverse", CHUNKED_CASES)
 def test_chunked_matches_reference_with_grads(length, chunk, groups, with_optional, softplus, reverse):
     inp = make_scan_inputs(2, 4, length, 4, groups=groups, dtype=torch.float64, seed=length,
-                           requires_grad=True, with_optional=with_optional)
+                           requires_grad=True, with_optional=with_optional, delta_softplus=softplus)
     kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse)
     out_ref, last_ref = selective_scan_ref(**inp, **kw)
     out_chk, last_chk = selective_scan_chunked(**inp, **kw, chunk=chunk)

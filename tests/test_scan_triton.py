@@ -1,0 +1,156 @@
+"""Triton selective scan vs the float64 reference: outputs, last state and every gradient.
+
+On a machine without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before anything imports triton) at tiny sizes; with CUDA the same cases run
+compiled, plus the larger ``gpu``-marked cases.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from kernels.selective_scan_ref import selective_scan_ref
+from kernels.testing import make_scan_inputs
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# mamba-ssm's own tolerances (tests/ops/test_selective_scan.py); ours compare against float64, not
+# against a float32 reference in the input dtype, so they are at least as strict.
+TOLERANCES = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
+# Gradient tolerance multipliers (rtol, atol) relative to the output tolerance, as in mamba-ssm.
+GRAD_FACTORS = {"u": (2, 2), "delta": (5, 10), "z": (1, 1), "B": (1, 1), "C": (1, 1)}
+WEIGHT_TOL = (1e-3, 1e-3)  # A, D, delta_bias: float32 parameters
+WEIGHT_ATOL_FACTOR = {"A": 5, "D": 1, "delta_bias": 1}
+
+
+@pytest.fixture(scope="module")
+def triton_scan():
+    """The Triton backend, compiled on CUDA or interpreted on CPU."""
+    pytest.importorskip("triton")
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton fixes compiled-vs-interpreted when it is imported; tests/conftest.py sets this early.
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+    return importlib.import_module("kernels.selective_scan_triton")
+
+
+def _check_against_reference(triton_scan, *, batch, dim, length, n_state, groups, dtype, with_optional,
+                             softplus, reverse, seed, config=None):
+    inp = make_scan_inputs(batch, dim, length, n_state, groups=groups, dtype=dtype, seed=seed, device=DEVICE,
+                           requires_grad=True, with_optional=with_optional, delta_softplus=softplus)
+    ref_inp = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inp.items()}
+    kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse)
+    cfg = {} if config is None else dict(fwd_config=config, bwd_config=config)
+    out, last = triton_scan.selective_scan_triton(**inp, **kw, **cfg)
+    out_ref, last_ref = selective_scan_ref(**ref_inp, **kw)
+
+    rtol, atol = TOLERANCES[dtype]
+    assert out.dtype == dtype and last.dtype == torch.float32
+    torch.testing.assert_close(out.double(), out_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last.double(), last_ref, rtol=rtol, atol=atol)
+
+    gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    g_out = torch.randn(out.shape, generator=gen, device=DEVICE, dtype=torch.float64)
+    g_last = torch.randn(last.shape, generator=gen, device=DEVICE, dtype=torch.float64)
+    names = [k for k, v in inp.items() if v is not None]
+    grads = torch.autograd.grad((out * g_out.to(dtype)).sum() + (last * g_last.float()).sum(),
+                                [inp[k] for k in names])
+    grads_ref = torch.autograd.grad((out_ref * g_out.to(dtype).double()).sum() + (last_ref * g_last.float().double()).sum(),
+                                    [ref_inp[k] for k in names])
+    for name, got, want in zip(names, grads, grads_ref):
+        assert got.dtype == inp[name].dtype, name
+        if name in GRAD_FACTORS:
+            fr, fa = GRAD_FACTORS[name]
+            tol = dict(rtol=rtol * fr, atol=atol * fa)
+        else:
+            w_rtol, w_atol = WEIGHT_TOL
+            if with_optional:  # mamba-ssm: with z the weight errors are larger
+                w_rtol, w_atol = max(w_rtol, rtol), max(w_atol, atol)
+            tol = dict(rtol=w_rtol, atol=w_atol * WEIGHT_ATOL_FACTOR[name])
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def _config(triton_scan, block_d, chunk):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=4)
+
+
+# (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, chunk). Interpreter-sized: each
+# case covers several of the issue's axes (L=1, L % chunk != 0, L spanning several chunks, dim % block
+# != 0, N in {1, 4, 16}, groups 1/2, optional inputs on/off, softplus on/off, reverse on/off, dtypes).
+QUICK_CASES = [
+    (1, 4, 1, None, torch.float32, True, True, False, 4, 8),
+    (13, 6, 4, 2, torch.float32, True, True, True, 4, 8),
+    (29, 6, 16, None, torch.float32, False, False, False, 4, 8),
+    (20, 5, 4, None, torch.float32, True, False, True, 2, 4),
+    (11, 8, 4, 2, torch.bfloat16, True, True, False, 4, 4),
+    (9, 6, 3, None, torch.float16, True, True, True, 4, 8),
+    (37, 4, 4, None, torch.float32, True, True, False, None, None),
+]
+
+
+@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,softplus,reverse,block_d,chunk", QUICK_CASES)
+def test_triton_matches_reference(triton_scan, length, dim, n_state, groups, dtype, with_optional, softplus,
+                                  reverse, block_d, chunk):
+    config = None if block_d is None else _config(triton_scan, block_d, chunk)
+    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
+                             dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
+                             seed=length * 7 + dim, config=config)
+
+
+def test_triton_forward_only_and_no_last_state(triton_scan):
+    inp = make_scan_inputs(2, 4, 10, 4, groups=None, dtype=torch.float32, seed=11, device=DEVICE)
+    with torch.no_grad():
+        out = triton_scan.selective_scan_triton(**inp, delta_softplus=True)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, selective_scan_ref(**inp, delta_softplus=True), rtol=6e-4, atol=2e-3)
+
+
+def test_triton_rejects_mismatched_chunks(triton_scan):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    inp = make_scan_inputs(1, 4, 10, 4, groups=None, dtype=torch.float32, seed=12, device=DEVICE)
+    with pytest.raises(ValueError, match="backward chunk"):
+        triton_scan.selective_scan_triton(**inp, fwd_config=ScanLaunchConfig(4, 8, 4),
+                                          bwd_config=ScanLaunchConfig(4, 4, 4))
+    with pytest.raises(ValueError, match="power of two"):
+        ScanLaunchConfig(block_d=3, chunk=8, num_warps=4)
+
+
+GPU_SHAPES = [
+    # (batch, dim, L, N, groups)
+    (2, 24, 1, 16, None),
+    (2, 100, 197, 16, None),
+    (2, 64, 1000, 4, 2),
+    (1, 40, 4096, 16, None),
+    (3, 48, 63, 1, 2),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,dim,length,n_state,groups", GPU_SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse):
+    for with_optional, softplus in ((True, True), (False, False)):
+        _check_against_reference(triton_scan, batch=batch, dim=dim, length=length, n_state=n_state,
+                                 groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
+                                 reverse=reverse, seed=length + dim)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_public_auto_backend_uses_triton_on_cuda():
+    from kernels.selective_scan_interface import resolve_backend, selective_scan_fn
+
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    inp = make_scan_inputs(2, 64, 300, 16, groups=None, dtype=torch.bfloat16, seed=3, device="cuda")
+    out = selective_scan_fn(**inp, delta_softplus=True)
+    ref = selective_scan_fn(**inp, delta_softplus=True, backend="chunked")
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=5e-2)
