@@ -33,8 +33,6 @@ class CurateConfig:
                                       "(shrink so the shorter side = N)")
     min_size: int = _f(16, "reject images whose shorter side is below this")
     nifti_axes: list[str] = _f(["axial"], "NIfTI slicing axes in canonical RAS: axial, coronal, sagittal")
-    dicom_reslice: list[str] = _f([], "extra axes for DICOM series reslicing: coronal, sagittal")
-    min_series_slices: int = _f(3, "a DICOM series needs this many distinct positions to be resliced")
     nifti_modality: str = _f("MR", "modality written for NIfTI inputs (CT applies the CT windows)")
     background_threshold: float = _f(0.04, "volume slices: a pixel is foreground above this fraction "
                                            "of the output range")
