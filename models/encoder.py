@@ -145,11 +145,11 @@ class EncoderBase(nn.Module):
         return self.depth + 1
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        stem = "^(" + "|".join(re.escape(n) for n in self._stem_names) + ")"
+        stem = "^(?:" + "|".join(re.escape(n) for n in self._stem_names) + ")"
         return {
             "stem": stem,
             "blocks": r"^(?:blocks|layers)\.(\d+)" if coarse
-            else [(r"^(?:blocks|layers)\.(\d+)", None), (r"^(norm|norm_f)", (99999,))],
+            else [(r"^(?:blocks|layers)\.(\d+)", None), (r"^(?:norm|norm_f|fc_norm)\.", (99999,))],
         }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models.encoder import EncoderBase
-from models.layers import DropPath, to_2tuple, trunc_normal_
+from models.layers import DropPath, stochastic_depth_rates, to_2tuple, trunc_normal_
 from models.ss2d import SS2D
 
 
@@ -117,7 +117,7 @@ class MedMamba(EncoderBase):
         self.num_prefix_tokens = 0
         self.patch_embed = ConvPatchEmbed(img_size, patch_size, in_chans, dims[0],
                                           patch_size * 2 ** (len(dims) - 1))
-        rates = torch.linspace(0, drop_path_rate, self.depth).tolist() if self.depth > 1 else [0.0] * self.depth
+        rates = stochastic_depth_rates(drop_path_rate, self.depth)
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             blocks = [SSConvSSM(dim, rates[start + j], d_state, scan_backend=scan_backend) for j in range(depth)]
