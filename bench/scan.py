@@ -1,0 +1,229 @@
+"""Selective-scan benchmark: Triton kernels vs mamba-ssm's CUDA kernel vs the naive loop (CUDA only).
+
+    python -m bench.scan [--mamba-src DIR] [--tune] [--json results.json]
+
+Times forward and forward+backward in bf16 with ``triton.testing.do_bench`` (median), in a Mamba block's
+configuration (D, z, delta_bias, softplus). Achieved GB/s and the ratio to the HBM floor count only the
+bytes that must move (every input read once, every output written once), against a device-to-device
+copy bandwidth measured in the same run. ``--mamba-src`` points at an unpacked mamba-ssm sdist whose
+``csrc/selective_scan`` is compiled here with ``torch.utils.cpp_extension.load``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernels.selective_scan_chunked import selective_scan_chunked
+from kernels.selective_scan_ref import selective_scan_ref
+from kernels.testing import make_scan_inputs
+
+SHAPES = [(128, 768, 16, 50), (128, 768, 16, 197), (16, 768, 16, 1024), (16, 768, 16, 4096)]
+NAIVE_MAX_L = 1024  # the per-position loop takes seconds beyond this; its time grows linearly anyway
+
+
+def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    import triton.testing
+
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def floor_bytes(batch: int, dim: int, n_state: int, length: int, elem: int = 2) -> tuple[int, int]:
+    """(forward, forward+backward) bytes that must move for bf16 tensors with D, z, delta_bias."""
+    seq = batch * dim * length * elem
+    bc = batch * n_state * length * elem
+    params = dim * n_state * 4 + 2 * dim * 4
+    fwd = 3 * seq + 2 * bc + params + seq  # read u, delta, z, B, C; write out
+    bwd = 4 * seq + 2 * bc + params + 3 * seq + 2 * bc + params  # read u, delta, z, dout, B, C; write grads
+    return fwd, fwd + bwd
+
+
+def load_mamba_ssm_cuda(src_dir: Path) -> Any:
+    """Compile mamba-ssm's selective scan extension (sm_90) from its sources; returns the module."""
+    from torch.utils.cpp_extension import load
+
+    csrc = src_dir / "csrc" / "selective_scan"
+    sources = [str(csrc / "selective_scan.cpp")] + sorted(str(p) for p in csrc.glob("selective_scan_*.cu"))
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("MAX_JOBS", "16")
+    nvcc_flags = [
+        "-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+        "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+        f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
+    ]
+    return load(name="selective_scan_cuda", sources=sources, extra_cflags=["-O3", "-std=c++17"],
+                extra_cuda_cflags=nvcc_flags, extra_include_paths=[str(csrc)], verbose=False)
+
+
+def mamba_scan_fn(ext: Any) -> Callable[..., torch.Tensor]:
+    """mamba-ssm's selective_scan_fn (its autograd wiring) around the compiled extension."""
+
+    class MambaScan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u, delta, A, B, C, D, z, delta_bias):
+            out, x, *rest = ext.fwd(u, delta, A, B, C, D, z, delta_bias, True)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
+            return rest[0] if z is not None else out
+
+        @staticmethod
+        def backward(ctx, dout):
+            u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+            du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = ext.bwd(
+                u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out, None, True, False
+            )
+            return du, ddelta, dA, dB, dC, dD, rest[0] if z is not None else None, ddelta_bias
+
+    def run(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+        return MambaScan.apply(u, delta, A, B, C, D, z, delta_bias)
+
+    return run
+
+
+def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, float]:
+    """Median forward and forward+backward milliseconds (fresh autograd graph per iteration)."""
+    import triton.testing
+
+    with torch.no_grad():
+        fwd = triton.testing.do_bench(lambda: fn(**inp, delta_softplus=True), warmup=max(25, rep_ms // 4),
+                                      rep=rep_ms, return_mode="median")
+    leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    dout = torch.randn_like(inp["u"])
+
+    def fwd_bwd():
+        out = fn(**leaves, delta_softplus=True)
+        out.backward(dout)
+
+    grads = [v for v in leaves.values()]
+    fb = triton.testing.do_bench(fwd_bwd, warmup=max(25, rep_ms // 4), rep=rep_ms, grad_to_none=grads,
+                                 return_mode="median")
+    return {"fwd_ms": fwd, "fwd_bwd_ms": fb}
+
+
+def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
+    """Time tile configurations (chunk shared by forward and backward); returns all, best first."""
+    import triton
+
+    from kernels.selective_scan_triton import selective_scan_triton
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    n_state = inp["A"].shape[1]
+    results = []
+    for chunk in (16, 32, 64):
+        for tile in (1024, 2048, 4096):
+            block_d = max(1, tile // (triton.next_power_of_2(n_state) * chunk))
+            for warps in (4, 8):
+                cfg = ScanLaunchConfig(block_d, chunk, warps)
+
+                def fn(cfg=cfg, **kw):
+                    return selective_scan_triton(**kw, fwd_config=cfg, bwd_config=cfg)
+
+                t = time_backend(fn, inp, rep_ms)
+                results.append({"block_d": block_d, "chunk": chunk, "num_warps": warps, **t})
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from kernels.selective_scan_triton import selective_scan_triton
+
+    device_name = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth_gbs()
+    print(f"device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read+write)", flush=True)
+    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton}
+    mamba_note = "not requested (--mamba-src)"
+    if args.mamba_src:
+        t0 = time.time()
+        try:
+            backends["mamba_ssm"] = mamba_scan_fn(load_mamba_ssm_cuda(Path(args.mamba_src)))
+            mamba_note = f"compiled from {args.mamba_src} in {time.time() - t0:.0f} s"
+        except Exception as exc:  # report the build failure in the table rather than aborting the run
+            mamba_note = f"build failed: {type(exc).__name__}: {str(exc)[-400:]}"
+        print(f"mamba-ssm: {mamba_note}", flush=True)
+    backends["chunked_torch"] = selective_scan_chunked
+    backends["naive_loop"] = selective_scan_ref
+
+    rows: list[dict[str, Any]] = []
+    tuning: dict[str, Any] = {}
+    for batch, dim, n_state, length in SHAPES:
+        inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
+                               device="cuda")
+        fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
+        shape = f"({batch}, {dim}, {n_state}, L={length})"
+        if args.tune:
+            configs = tune_triton(inp, rep_ms=max(20, args.rep_ms // 4))
+            tuning[shape] = {
+                "best_fwd": min(configs, key=lambda r: r["fwd_ms"]),
+                "best_fwd_bwd": min(configs, key=lambda r: r["fwd_bwd_ms"]),
+                "all": configs,
+            }
+            print(f"tuned {shape}: fwd {tuning[shape]['best_fwd']}; fwd+bwd {tuning[shape]['best_fwd_bwd']}",
+                  flush=True)
+        for name, fn in backends.items():
+            if name == "naive_loop" and length > NAIVE_MAX_L:
+                continue
+            t = time_backend(fn, inp, args.rep_ms if name != "naive_loop" else 50)
+            rows.append({
+                "shape": shape, "backend": name, **t,
+                "fwd_GBps": fwd_bytes / (t["fwd_ms"] * 1e-3) / 1e9,
+                "fwd_bwd_GBps": fb_bytes / (t["fwd_bwd_ms"] * 1e-3) / 1e9,
+                "fwd_x_floor": t["fwd_ms"] / (fwd_bytes / (bandwidth * 1e9) * 1e3),
+                "fwd_bwd_x_floor": t["fwd_bwd_ms"] / (fb_bytes / (bandwidth * 1e9) * 1e3),
+            })
+            print(f"  {shape} {name}: fwd {t['fwd_ms']:.3f} ms, fwd+bwd {t['fwd_bwd_ms']:.3f} ms", flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    for row in rows:
+        ref = next((r for r in rows if r["shape"] == row["shape"] and r["backend"] == "mamba_ssm"), None)
+        row["fwd_bwd_speedup_vs_mamba"] = ref["fwd_bwd_ms"] / row["fwd_bwd_ms"] if ref else None
+        row["fwd_speedup_vs_mamba"] = ref["fwd_ms"] / row["fwd_ms"] if ref else None
+    return {
+        "device": device_name, "torch": torch.__version__, "triton": __import__("triton").__version__,
+        "copy_bandwidth_GBps": bandwidth, "mamba_ssm": mamba_note, "dtype": "bfloat16",
+        "config": "D, z, delta_bias, delta_softplus=True", "rows": rows, "tuning": tuning,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = ("| shape (batch, dim, N, L) | backend | fwd ms | fwd GB/s | fwd / floor | fwd+bwd ms | "
+            "fwd+bwd GB/s | fwd+bwd / floor | fwd+bwd speedup vs mamba-ssm |")
+    lines = [head, "|" + "---|" * 9]
+    for r in result["rows"]:
+        speed = f"{r['fwd_bwd_speedup_vs_mamba']:.2f}x" if r["fwd_bwd_speedup_vs_mamba"] else "n/a"
+        lines.append(
+            f"| {r['shape']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_GBps']:.0f} | {r['fwd_x_floor']:.1f}x"
+            f" | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} | {r['fwd_bwd_x_floor']:.1f}x | {speed} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
+    parser.add_argument("--tune", action="store_true", help="also sweep Triton tile configurations")
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
+    parser.add_argument("--json", default=None, help="write the full results here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/scan.py needs a CUDA GPU")
+    result = run(args)
+    table = format_table(result)
+    print(f"\n{result['device']}, copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s, bf16, "
+          f"{result['config']}; mamba-ssm: {result['mamba_ssm']}\n{table}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
