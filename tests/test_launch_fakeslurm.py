@@ -152,7 +152,7 @@ def expand_nodes(prefix: str, count: int) -> tuple[str, list[str]]:
 class FakeSlurm:
     """A fake cluster rooted at ``root``: stubs, a fake repository, and the records of every stub call."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, stubs: tuple[str, ...] = STUB_NAMES) -> None:
         self.root = root
         self.bin = root / "bin"
         self.record_dir = root / "record"
@@ -162,7 +162,7 @@ class FakeSlurm:
             d.mkdir(parents=True)
         stub = root / "stub.py"
         stub.write_text(_STUB)
-        for name in STUB_NAMES:
+        for name in stubs:
             path = self.bin / name  # the stub dispatches on its first argument
             path.write_text(f"#!/bin/sh\nexec {sys.executable} {stub} {name} \"$@\"\n")
             path.chmod(0o755)
