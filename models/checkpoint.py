@@ -178,6 +178,9 @@ def _adapt_pos_embed(weight: torch.Tensor, model: nn.Module, has_cls: bool, sour
     prefix_model = int(getattr(model, "num_prefix_tokens", 1))
     grid_model = tuple(model.grid_size)
     prefix_ckpt = 1 if has_cls else 0
+    if weight.ndim != 3 or weight.shape[-1] != target.shape[-1]:
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(weight.shape)} does not fit the model's "
+                              f"{tuple(target.shape)}")
     if weight.shape[1] - prefix_ckpt <= 0:
         raise CheckpointError(f"{key}: shape {tuple(weight.shape)} has no grid tokens")
     grid_ckpt = _checkpoint_grid(weight.shape[1] - prefix_ckpt, source_grid, key)
@@ -199,7 +202,8 @@ def _adapt_pos_embed(weight: torch.Tensor, model: nn.Module, has_cls: bool, sour
         notes.append(f"{key}: class-token rows {prefix_ckpt} -> {prefix_model}")
     out = torch.cat([prefix_part, grid_part], dim=1)
     if out.shape != target.shape:
-        raise CheckpointError(f"{key}: cannot adapt {tuple(weight.shape)} to {tuple(target.shape)}")
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(weight.shape)} does not fit the model's "
+                              f"{tuple(target.shape)} after adaptation")
     return out
 
 
