@@ -55,4 +55,4 @@ class TransferConfig:
         "shard evaluation across processes (otherwise every process evaluates everything)"))
     select_metric: str = field(default="auc", metadata=_h(
         "validation metric that picks the best epoch (and the --fast LR): acc, balanced_acc, auc, f1 or loss"))
-    n_bootstrap: int = field(default=1000, metadata=_h("bootstrap resamples for the test-set 95% CIs"))
+    n_bootstrap: int = field(default=1000, metadata=_h("bootstrap resamples for the test-set 95 percent confidence intervals"))

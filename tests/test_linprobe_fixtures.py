@@ -1,0 +1,73 @@
+"""Shared helpers for the linprobe / finetune tests: a tiny exported encoder and small real datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared" / "data").resolve()
+BREAST_NPZ = SHARED / "medmnist" / "breastmnist.npz"
+PNEUMONIA_NPZ = SHARED / "medmnist" / "pneumoniamnist.npz"
+KERMANY = SHARED / "xray" / "kermany_cxr_224"
+
+
+def export_tiny_encoder(out: Path, seed: int = 0, in_chans: int = 1) -> Path:
+    """A randomly initialised ``test_vit`` (32 px, patch 8) exported as encoder.safetensors + encoder.json."""
+    import models
+    from models.checkpoint import export_encoder
+
+    torch.manual_seed(seed)
+    encoder = models.create_model("test_vit", in_chans=in_chans)
+    weights, _ = export_encoder(encoder, out, normalization={"mean": [0.5] * in_chans, "std": [0.25] * in_chans})
+    return weights
+
+
+def kermany_rows() -> list[dict[str, str]]:
+    with open(KERMANY / "labels.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def kermany_image_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """An ImageFolder ``root/{split}/{NORMAL,PNEUMONIA}`` of real Kermany X-rays.
+
+    Every split is cut from Kermany's train folder (disjoint slices): its official test folder differs in
+    acquisition enough that a randomly initialised tiny encoder's features flip sign between the two.
+    """
+    rows = kermany_rows()
+    offset = 0
+    for split, n in per_class.items():
+        for label in ("NORMAL", "PNEUMONIA"):
+            chosen = [r for r in rows if r["split"] == "train" and r["label"] == label][offset:offset + n]
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for r in chosen:
+                shutil.copy(KERMANY / r["path"], root / split / label / Path(r["path"]).name)
+        offset += n
+    return root
+
+
+def kermany_multilabel_csv(path: Path, per_class: dict[str, int]) -> Path:
+    """CSV ``path,label,split`` with findings pneumonia / bacterial / viral (``;``-joined, empty = normal),
+    every split cut from Kermany's train folder (see :func:`kermany_image_folder`)."""
+    rows = kermany_rows()
+    findings = {"": "", "bacteria": "pneumonia;bacterial", "virus": "pneumonia;viral"}
+    out = []
+    offset = 0
+    for split, n in per_class.items():
+        for sub in ("", "bacteria", "virus"):
+            chosen = [r for r in rows if r["split"] == "train" and r["pneumonia_subtype"] == sub][offset:offset + n]
+            out += [{"path": str(KERMANY / r["path"]), "label": findings[sub], "split": split} for r in chosen]
+        offset += n
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(out)
+    return path
+
+
+def read_results(out_dir: Path) -> dict:
+    return json.loads((out_dir / "results.json").read_text())
