@@ -52,18 +52,18 @@ def _node_calls(fake: FakeSlurm, nodes: int) -> list[dict]:
     return sorted(calls, key=lambda c: int(c["env"]["SLURM_NODEID"]))
 
 
-@pytest.mark.parametrize("template,nodes,gpus", [
-    ("pretrain_single_node.sbatch", 1, 1),
-    ("pretrain_single_node.sbatch", 1, 4),
-    ("pretrain_multi_node.sbatch", 1, 8),
-    ("pretrain_multi_node.sbatch", 2, 8),
-    ("pretrain_multi_node.sbatch", 4, 4),
-    ("pretrain_deepspeed_multi_node.sbatch", 2, 8),
-    ("pretrain_deepspeed_multi_node.sbatch", 4, 2),
+@pytest.mark.parametrize("template,nodes,gpus,zero", [
+    ("pretrain_single_node.sbatch", 1, 1, ""),
+    ("pretrain_single_node.sbatch", 1, 4, ""),
+    ("pretrain_multi_node.sbatch", 1, 8, ""),
+    ("pretrain_multi_node.sbatch", 2, 8, ""),
+    ("pretrain_multi_node.sbatch", 4, 4, ""),
+    ("pretrain_deepspeed_multi_node.sbatch", 2, 8, "2"),
+    ("pretrain_deepspeed_multi_node.sbatch", 4, 2, "3"),
 ])
 def test_pretrain_template_runs_one_launcher_per_node_with_its_own_rank(
-        fake: FakeSlurm, monkeypatch: pytest.MonkeyPatch, template: str, nodes: int, gpus: int) -> None:
-    env = fake.env(nodes, gpus, ZERO_STAGE="3")
+        fake: FakeSlurm, monkeypatch: pytest.MonkeyPatch, template: str, nodes: int, gpus: int, zero: str) -> None:
+    env = fake.env(nodes, gpus, ZERO_STAGE=zero)
     rc, out = fake.run(template, env, "--epochs", "3", "--batch_size", "32")
     assert rc == 0, out
 
@@ -100,7 +100,7 @@ def test_pretrain_template_runs_one_launcher_per_node_with_its_own_rank(
             assert args.rdzv_endpoint == f"gpu001:{_flag(argv, '--main_process_port')}"
         if "deepspeed" in template:
             assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
-            assert args.deepspeed_config_file == "launch/deepspeed/zero3.json"
+            assert args.deepspeed_config_file == f"launch/deepspeed/zero{zero}.json"
 
     for rank in range(nodes):
         log = fake.repo / "logs" / "testjob-1234" / f"node{rank}-gpu{rank + 1:03d}.log"
