@@ -108,6 +108,13 @@ def test_pretrain_template_runs_one_launcher_per_node_with_its_own_rank(
         assert f"fake accelerate on node {rank}:" in text and "exit status 0" in text
 
 
+def test_head_address_override(fake: FakeSlurm) -> None:
+    rc, out = fake.run("pretrain_multi_node.sbatch", fake.env(2, 4, MAIN_PROCESS_IP="node001-ib", MAIN_PORT="29555"))
+    assert rc == 0, out
+    argvs = [_launch_args(c) for c in _node_calls(fake, 2)]
+    assert {(_flag(a, "--main_process_ip"), _flag(a, "--main_process_port")) for a in argvs} == {("node001-ib", "29555")}
+
+
 @pytest.mark.parametrize("template", PRETRAIN_TEMPLATES)
 def test_preemption_status_requeues_the_job(fake: FakeSlurm, template: str) -> None:
     rc, out = fake.run(template, fake.env(2, 2, FAKE_LAUNCH_MODE=f"exit:{REQUEUE_EXIT}"))

@@ -87,6 +87,7 @@ scanmae_begin_job() {
 }
 
 # scanmae_srun_accelerate CONFIG GPUS_PER_NODE PORT MIXED_PRECISION SCRIPT [SCRIPT_ARGS...]
+# (reads the optional MAIN_PROCESS_IP from the environment)
 # Runs one srun task per node; each runs `accelerate launch` for its own GPUs. Everything that is the same
 # on all nodes is expanded here; the machine rank is expanded by each node's shell from its own
 # SLURM_NODEID (single quotes). An empty MIXED_PRECISION keeps the config's setting. Returns srun's status
@@ -100,6 +101,9 @@ scanmae_srun_accelerate() {
     scanmae_positive_int MAIN_PORT "$port"
     local nodes=$SLURM_JOB_NUM_NODES head
     head=$(scanmae_head_node) || exit 2
+    # MAIN_PROCESS_IP: optional site override of the address the nodes use to reach the head node
+    # (e.g. its InfiniBand name or IP when the plain host name resolves to another interface)
+    head=${MAIN_PROCESS_IP:-$head}
     local processes=$(( nodes * gpus_per_node ))
     if grep -Eq "^distributed_type:[[:space:]]*'?NO'?[[:space:]]*$" "$config" && (( processes != 1 )); then
         scanmae_die "$config runs a single process but the job has $nodes node(s) x $gpus_per_node GPU(s): use multi_gpu.yaml / multi_node_*.yaml"
