@@ -68,6 +68,27 @@ def crop_flip_transform(input_size: int, mean: Sequence[float], std: Sequence[fl
     ])
 
 
+def _posterize_zero_safe(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize, but keeping 0 bits gives a black image (what Pillow < 11 did) instead of the
+    ValueError newer Pillow raises; RandAugment's "increasing" posterize reaches 0 bits at magnitude 10."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform: object) -> None:
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_zero_safe
+
+
 class TimmTrainTransform:
     """timm ``create_transform(is_training=True)`` for any channel count.
 
@@ -89,6 +110,7 @@ class TimmTrainTransform:
         self.inner = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
                                       auto_augment=aa, interpolation="bicubic", re_prob=re_prob,
                                       re_mode=re_mode, re_count=re_count, mean=tuple(mean3), std=tuple(std3))
+        _patch_posterize(self.inner)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         array = image.permute(1, 2, 0).numpy()

@@ -1,0 +1,110 @@
+"""Fine-tuning (or training from scratch) of a registry classifier with MAE's recipe: AdamW, layer-wise
+LR decay, warmup + cosine, timm augmentation, mixup / cutmix, label smoothing, optional EMA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.logging import get_logger
+from common.transfer.data import IndexedSplit, make_loader
+from common.transfer.engine import LrSchedule
+from common.transfer.loop import FitParts, FitState, fit, load_best_weights, load_last, score_best
+from common.transfer.losses import build_loss, inverse_frequency_weights, positive_weights
+from common.transfer.param_groups import layer_decay_groups, weight_decay_groups
+from common.transfer.report import evaluate_splits
+from common.transfer.sampling import EpochShuffleSampler
+from common.transfer.schedule import effective_lr
+from common.transfer.setup import RunContext
+from common.transfer.transforms import TimmTrainTransform
+from finetune.config import FinetuneConfig
+
+
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    if hasattr(model, "layer_id") and hasattr(model, "num_layer_ids"):
+        return layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
+    if cfg.layer_decay != 1.0:
+        raise TypeError(f"{type(model).__name__} has no layer_id()/num_layer_ids, so --layer_decay "
+                        f"{cfg.layer_decay} cannot be applied; pass --layer_decay 1.0")
+    return weight_decay_groups(model, cfg.weight_decay)
+
+
+def mixup_fn(cfg: FinetuneConfig, num_classes: int, multilabel: bool) -> Any:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0 and cfg.cutmix_minmax is None:
+        return None
+    from timm.data import Mixup
+
+    if cfg.batch_size % 2:
+        raise ValueError(f"--mixup/--cutmix need an even --batch_size (got {cfg.batch_size})")
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=num_classes, multi_label=multilabel)
+
+
+def class_weights(cfg: FinetuneConfig, ctx: RunContext) -> torch.Tensor | None:
+    if not cfg.class_weighted_loss:
+        return None
+    train = ctx.targets["train"]
+    if ctx.labels.multilabel:
+        return positive_weights(train)
+    return inverse_frequency_weights(train, ctx.labels.num_classes)
+
+
+def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (or with ``--eval`` only score) the classifier; returns (metrics per split, extra results)."""
+    acc, spec, labels = ctx.accelerator, ctx.spec, ctx.labels
+    logger = get_logger("scanmae.finetune")
+    lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, acc.num_processes)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=lr)
+    model, optimizer = acc.prepare(model, optimizer)
+    plain = acc.unwrap_model(model)
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(plain, decay=cfg.model_ema_decay)
+    scored = ema.module if ema is not None else model
+    loaders = {s: ctx.eval_loader(s, cfg.batch_size, cfg.num_workers, cfg.pin_mem, cfg.dist_eval)
+               for s in ctx.splits if s != "train"}
+    if cfg.eval:
+        load_best_weights(acc.unwrap_model(scored), cfg.resume)
+        results = evaluate_splits(scored, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)
+        return results, {"mode": "eval", "evaluated_checkpoint": cfg.resume}
+
+    mix = mixup_fn(cfg, labels.num_classes, labels.multilabel)
+    weights = class_weights(cfg, ctx)
+    resumable: dict[str, nn.Module] = {"model": model}
+    if ema is not None:
+        resumable["ema"] = ema.module
+    parts = FitParts(model=model, optimizer=optimizer,
+                     loss_fn=build_loss(labels.multilabel, mix is not None, cfg.smoothing, weights),
+                     scored=scored, best=scored, resumable=resumable, batch_transform=mix,
+                     after_step=(lambda: ema.update(plain)) if ema is not None else None,
+                     best_meta={"kind": "classifier", "model": spec.to_json(), "lr": lr, "ema": ema is not None,
+                                "class_names": labels.class_names, "multilabel": labels.multilabel})
+    train_t = TimmTrainTransform(spec.input_size, spec.mean, spec.std, spec.in_chans, cfg.aa, cfg.color_jitter,
+                                 cfg.reprob, cfg.remode, cfg.recount)
+    train_ds = IndexedSplit(ctx.splits["train"], train_t, labels.num_classes)
+    sampler = EpochShuffleSampler(len(train_ds), cfg.seed, acc.process_index, acc.num_processes)
+    train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True)
+    if len(train_loader) == 0:
+        raise ValueError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
+                         f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")
+    state = FitState(start_epoch=cfg.start_epoch)
+    if cfg.resume:
+        state = load_last(cfg.resume, parts, acc)
+        logger.info(f"resumed from {cfg.resume} at epoch {state.start_epoch}")
+    logger.info(f"finetune: lr {lr:.3g} (blr {cfg.blr}), layer decay {cfg.layer_decay}, {cfg.epochs} epochs, "
+                f"{len(train_loader)} steps/epoch" + (", class-weighted loss" if weights is not None else ""))
+    state = fit(parts, train_loader, sampler, loaders["val"], acc,
+                LrSchedule(lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs), labels, ctx.out_dir, cfg.epochs,
+                cfg.accum_iter, cfg.clip_grad, cfg.select_metric, cfg.dist_eval, state, ctx.log)
+    if state.best_epoch < 0:
+        raise RuntimeError("no epoch was trained (--epochs 0, or --start_epoch >= --epochs)")
+    results = score_best(parts, ctx.out_dir, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)
+    extra = {"mode": "finetune" if cfg.finetune else "scratch", "lr": lr, "blr": cfg.blr,
+             "best_epoch": state.best_epoch, "ema": ema is not None,
+             "class_weights": weights.tolist() if weights is not None else None}
+    return results, extra
