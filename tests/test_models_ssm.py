@@ -129,3 +129,18 @@ def test_vim_same_output_with_reference_and_triton_scan() -> None:
     for n, p in model.named_parameters():
         if n in ref_grads:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["mae_test_vit", "mae_test_vim"])
+def test_mae_bf16_autocast_on_gpu(name: str) -> None:
+    torch.manual_seed(0)
+    mae = models.create_model(name, norm_pix_loss=True).cuda()
+    imgs = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, pred, mask = mae(imgs, generator=torch.Generator(device="cuda").manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and pred.shape == (4, 16, 192)
+    assert all(torch.isfinite(p.grad).all() for p in mae.parameters() if p.grad is not None)
+    assert all(p.dtype == torch.float32 for p in mae.parameters())
