@@ -1,9 +1,10 @@
-"""The encoder interface of docs/architecture.md, shared by ViT and Vision Mamba.
+"""The encoder interface of docs/architecture.md, shared by ViT, Vision Mamba and the classifiers.
 
-A subclass builds ``patch_embed``, ``pos_embed`` (fixed sin-cos, ``(1, prefix + N, D)``), its blocks and
-``norm``, calls ``_init_head`` and implements ``_encode(tokens_with_pos, grid_positions)`` style hooks
-through ``forward_features`` / ``forward_visible``. Everything about pooling, the classifier, layer ids
-and weight-decay exemptions lives here so the encoders agree on it.
+A subclass builds ``patch_embed`` (with ``img_size``, ``patch_size``, ``grid_size``, ``in_chans``),
+``pos_embed`` through ``_build_pos_embed``, its blocks and final norm, sets ``embed_dim``, ``depth`` and
+``num_prefix_tokens``, calls ``_init_head`` and implements ``forward_features`` (and ``forward_visible``
+when it can serve MAE). Pooling, the classifier, layer ids and weight-decay exemptions live here so the
+encoders agree on them.
 """
 
 from __future__ import annotations
