@@ -6,6 +6,7 @@ a checkpoint, exit status 75 and ``scontrol requeue``; the requeued run resumes 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -90,7 +91,8 @@ def test_usr1_reaches_the_ranks_under_the_real_torchrun_agent(tmp_path: Path) ->
     kill the ranks; every rank checkpoints; the job requeues."""
     fake = FakeSlurm(tmp_path, stubs=("srun", "scontrol", "sbatch"))
     (fake.repo / "pretrain" / "main.py").write_text(_RANK_SCRIPT)
-    env = fake.env(2, 2, SLURM_JOB_NODELIST="localhost,localhost", MIXED_PRECISION="no",
+    job_id = 1000 + os.getpid() % 9000  # the rendezvous port derives from it: avoid a fixed, shared port
+    env = fake.env(2, 2, job_id=job_id, SLURM_JOB_NODELIST="localhost,localhost", MIXED_PRECISION="no",
                    PATH=f"{fake.bin}:{Path(sys.executable).parent}:/usr/bin:/bin", OMP_NUM_THREADS="1")
     proc = fake.start("pretrain_multi_node.sbatch", env)
     ready = [fake.record_dir / f"rank{r}.ready" for r in range(4)]
@@ -107,4 +109,4 @@ def test_usr1_reaches_the_ranks_under_the_real_torchrun_agent(tmp_path: Path) ->
     for rank in range(4):
         assert (fake.record_dir / f"rank{rank}.checkpoint").read_text() == str(int(signal.SIGUSR1)), logs
     assert "exitcode  : 75" in logs  # torchrun saw the ranks' own status before turning it into a failure
-    assert [c["argv"] for c in fake.calls("scontrol") if c["argv"][0] == "requeue"] == [["requeue", "1234"]]
+    assert [c["argv"] for c in fake.calls("scontrol") if c["argv"][0] == "requeue"] == [["requeue", str(job_id)]]
