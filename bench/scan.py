@@ -74,6 +74,8 @@ def mamba_scan_fn(ext: Any) -> Callable[..., torch.Tensor]:
     class MambaScan(torch.autograd.Function):
         @staticmethod
         def forward(ctx, u, delta, A, B, C, D, z, delta_bias):
+            # mamba-ssm's Python wrapper does this too: its kernel takes (batch, groups, N, L) only.
+            B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
             out, x, *rest = ext.fwd(u, delta, A, B, C, D, z, delta_bias, True)
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
             return rest[0] if z is not None else out
@@ -84,6 +86,7 @@ def mamba_scan_fn(ext: Any) -> Callable[..., torch.Tensor]:
             du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = ext.bwd(
                 u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out, None, True, False
             )
+            dB, dC = (g.squeeze(1) if g.dim() == 4 and g.shape[1] == 1 else g for g in (dB, dC))
             return du, ddelta, dA, dB, dC, dD, rest[0] if z is not None else None, ddelta_bias
 
     def run(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
@@ -92,13 +95,19 @@ def mamba_scan_fn(ext: Any) -> Callable[..., torch.Tensor]:
     return run
 
 
-def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, float]:
+def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], rep_ms: int,
+                 forward: bool = True, backward: bool = True) -> dict[str, float]:
     """Median forward and forward+backward milliseconds (fresh autograd graph per iteration)."""
     import triton.testing
 
-    with torch.no_grad():
-        fwd = triton.testing.do_bench(lambda: fn(**inp, delta_softplus=True), warmup=max(25, rep_ms // 4),
-                                      rep=rep_ms, return_mode="median")
+    times: dict[str, float] = {}
+    if forward:
+        with torch.no_grad():
+            times["fwd_ms"] = triton.testing.do_bench(lambda: fn(**inp, delta_softplus=True),
+                                                      warmup=max(25, rep_ms // 4), rep=rep_ms,
+                                                      return_mode="median")
+    if not backward:
+        return times
     leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
     dout = torch.randn_like(inp["u"])
 
@@ -107,32 +116,47 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
         out.backward(dout)
 
     grads = [v for v in leaves.values()]
-    fb = triton.testing.do_bench(fwd_bwd, warmup=max(25, rep_ms // 4), rep=rep_ms, grad_to_none=grads,
-                                 return_mode="median")
-    return {"fwd_ms": fwd, "fwd_bwd_ms": fb}
+    times["fwd_bwd_ms"] = triton.testing.do_bench(fwd_bwd, warmup=max(25, rep_ms // 4), rep=rep_ms,
+                                                  grad_to_none=grads, return_mode="median")
+    return times
 
 
-def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
-    """Time tile configurations (chunk shared by forward and backward); returns all, best first."""
+def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, Any]:
+    """Sweep forward tile configs (forward time), then backward configs behind the best forward of the
+    same chunk length (forward+backward time)."""
     import triton
 
     from kernels.selective_scan_triton import selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    n_state = inp["A"].shape[1]
-    results = []
-    for chunk in (16, 32, 64):
-        for tile in (1024, 2048, 4096):
-            block_d = max(1, tile // (triton.next_power_of_2(n_state) * chunk))
-            for warps in (4, 8):
-                cfg = ScanLaunchConfig(block_d, chunk, warps)
+    n_pad = triton.next_power_of_2(inp["A"].shape[1])
 
-                def fn(cfg=cfg, **kw):
-                    return selective_scan_triton(**kw, fwd_config=cfg, bwd_config=cfg)
+    def with_configs(fwd_cfg, bwd_cfg):
+        return lambda **kw: selective_scan_triton(**kw, fwd_config=fwd_cfg, bwd_config=bwd_cfg)
 
-                t = time_backend(fn, inp, rep_ms)
-                results.append({"block_d": block_d, "chunk": chunk, "num_warps": warps, **t})
-    return results
+    scan_cfgs = [ScanLaunchConfig(max(1, tile // (n_pad * chunk)), chunk, warps)
+                 for chunk in (16, 32, 64) for tile in (1024, 2048, 4096) for warps in (4, 8)]
+    seq_cfgs = [ScanLaunchConfig(1, chunk, warps, sequential=True) for chunk in (16, 32, 64) for warps in (1, 2, 4)]
+    fwd_results = []
+    for cfg in scan_cfgs + seq_cfgs:
+        t = time_backend(with_configs(cfg, None), inp, rep_ms, backward=False)
+        fwd_results.append({**cfg.__dict__, **t})
+    best_fwd = {}
+    for r in fwd_results:
+        if r["chunk"] not in best_fwd or r["fwd_ms"] < best_fwd[r["chunk"]]["fwd_ms"]:
+            best_fwd[r["chunk"]] = r
+    bwd_results = []
+    for cfg in scan_cfgs:
+        fwd_cfg = ScanLaunchConfig(**{k: best_fwd[cfg.chunk][k] for k in ("block_d", "chunk", "num_warps",
+                                                                        "sequential")})
+        t = time_backend(with_configs(fwd_cfg, cfg), inp, rep_ms, forward=False)
+        bwd_results.append({"fwd": fwd_cfg.__dict__, "bwd": cfg.__dict__, **t})
+    return {
+        "best_fwd": min(fwd_results, key=lambda r: r["fwd_ms"]),
+        "best_fwd_bwd": min(bwd_results, key=lambda r: r["fwd_bwd_ms"]),
+        "forward": fwd_results,
+        "forward_backward": bwd_results,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,12 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
         shape = f"({batch}, {dim}, {n_state}, L={length})"
         if args.tune:
-            configs = tune_triton(inp, rep_ms=max(20, args.rep_ms // 4))
-            tuning[shape] = {
-                "best_fwd": min(configs, key=lambda r: r["fwd_ms"]),
-                "best_fwd_bwd": min(configs, key=lambda r: r["fwd_bwd_ms"]),
-                "all": configs,
-            }
+            tuning[shape] = tune_triton(inp, rep_ms=max(20, args.rep_ms // 4))
             print(f"tuned {shape}: fwd {tuning[shape]['best_fwd']}; fwd+bwd {tuning[shape]['best_fwd_bwd']}",
                   flush=True)
         for name, fn in backends.items():

@@ -33,6 +33,8 @@ class ScanLaunchConfig:
     block_d: int
     chunk: int
     num_warps: int
+    # Forward only: walk positions one by one, one channel per thread (block_d is then 32 * num_warps).
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_d", "chunk"):

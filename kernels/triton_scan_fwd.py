@@ -131,8 +131,11 @@ def selective_scan_fwd_launch(
     chunk_states = (
         torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32) if store_states else None
     )
-    grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
-    _selective_scan_fwd_kernel[grid](
+    # The sequential kernel wants one channel per thread: BLOCK_D = 32 * num_warps.
+    kernel = _selective_scan_fwd_seq_kernel if config.sequential else _selective_scan_fwd_kernel
+    block_d = 32 * config.num_warps if config.sequential else config.block_d
+    grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
+    kernel[grid](
         u, delta, A, B, C,
         D if D is not None else u,
         z if z is not None else u,
@@ -141,9 +144,81 @@ def selective_scan_fwd_launch(
         chunk_states if chunk_states is not None else last_state,
         last_state,
         dim, length, dim_per_group, n_groups, n_chunks, n_state,
-        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
+        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,
         num_warps=config.num_warps,
     )
     return out, last_state, chunk_states
+
+
+@triton.jit
+def _selective_scan_fwd_seq_kernel(
+    U, DELTA, A, B, C, D, Z, DELTA_BIAS,
+    OUT, CHUNK_STATES, LAST_STATE,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
+):
+    """Position-by-position variant: each thread owns one channel and all its N states (tiles are
+    (N_PAD, BLOCK_D) with BLOCK_D = 32 * num_warps, so the lanes run over channels and the contraction
+    over N stays inside a thread). Same outputs and chunk states as the chunked-scan kernel."""
+    pid_d = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    batch_idx = pid_bg // n_groups
+    group = pid_bg % n_groups
+
+    offs_in_group = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_in_group < dim_per_group
+    offs_d = group * dim_per_group + offs_in_group
+    offs_n = tl.arange(0, N_PAD)
+    n_mask = offs_n < n_state
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+
+    A_t = tl.load(A + offs_d[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
+    if HAS_D:
+        D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
+
+    row = (batch_idx * dim + offs_d).to(tl.int64)
+    seq_row = row * length
+    state_row = row * n_chunks
+    bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
+
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    for i in range(n_chunks):
+        if REVERSE:
+            chunk_idx = n_chunks - 1 - i
+        else:
+            chunk_idx = i
+        if STORE_STATES:
+            state_ptrs = (state_row[None, :] + chunk_idx) * n_state + offs_n[:, None]
+            tl.store(CHUNK_STATES + state_ptrs, h, mask=nd_mask)
+        for t in range(CHUNK):
+            if REVERSE:
+                pos = chunk_idx * CHUNK + CHUNK - 1 - t
+            else:
+                pos = chunk_idx * CHUNK + t
+            valid = pos < length
+            m = d_mask & valid
+            u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+            dt = tl.load(DELTA + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:
+                dt = softplus(dt)
+            dt = tl.where(m, dt, 0.0)
+            B_col = tl.load(B + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_col = tl.load(C + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+            h = tl.exp(dt[None, :] * A_t) * h + B_col[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * C_col[:, None], axis=0)
+            if HAS_D:
+                y += D_vec * u
+            if HAS_Z:
+                z = tl.load(Z + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=m)
+
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)

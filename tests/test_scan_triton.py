@@ -103,6 +103,16 @@ def test_triton_matches_reference(triton_scan, length, dim, n_state, groups, dty
                              seed=length * 7 + dim, config=config)
 
 
+@pytest.mark.parametrize("length,n_state,groups,reverse", [(13, 4, 2, True), (29, 16, None, False), (1, 1, None, True)])
+def test_triton_sequential_forward_kernel(triton_scan, length, n_state, groups, reverse):
+    """The one-position-at-a-time forward kernel, with the chunked backward on its chunk states."""
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=n_state, groups=groups,
+                             dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
+                             seed=length + 100, config=ScanLaunchConfig(1, 8, 1, sequential=True))
+
+
 def test_triton_forward_only_and_no_last_state(triton_scan):
     inp = make_scan_inputs(2, 4, 10, 4, groups=None, dtype=torch.float32, seed=11, device=DEVICE)
     with torch.no_grad():
