@@ -8,6 +8,7 @@ Weight loading, position-embedding resizing and the strict key check are ``model
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,24 @@ def _side(value: Any) -> int | None:
     return int(value)
 
 
-def _channels_from_weights(path: Path) -> int | None:
-    """Input channels of a foreign checkpoint from its patch-embedding kernel (``(D, C, p, p)``)."""
+def _geometry_from_weights(path: Path) -> tuple[int | None, int | None]:
+    """(input channels, input side) of a foreign ViT checkpoint: the channels from the patch-embedding
+    kernel ``(D, C, p, p)``, the side from ``p`` times the square grid of ``pos_embed`` (class token or not)."""
     state = load_state_dict_any(path)
-    for key, tensor in state.items():
-        if key.endswith("patch_embed.proj.weight") and tensor.ndim == 4:
-            return int(tensor.shape[1])
-    return None
+    kernel = next((t for k, t in state.items() if k.endswith("patch_embed.proj.weight") and t.ndim == 4), None)
+    if kernel is None:
+        return None, None
+    chans, patch = int(kernel.shape[1]), int(kernel.shape[-1])
+    pos = next((t for k, t in state.items() if k.endswith("pos_embed") and not k.startswith("decoder")
+                and t.ndim == 3), None)
+    side = None
+    if pos is not None:
+        for prefix in (1, 0):
+            grid = math.isqrt(pos.shape[1] - prefix)
+            if grid > 0 and grid * grid == pos.shape[1] - prefix:
+                side = grid * patch
+                break
+    return chans, side
 
 
 def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | None, in_chans: int | None,
@@ -93,11 +105,10 @@ def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | No
                               "unknown; pass --model (e.g. vit_base_patch16)" if ckpt_path else
                               "no --model given and no --finetune checkpoint to read it from")
     kwargs = dict(meta.get("kwargs") or {}) if recorded else {}
-    size = input_size or _side(meta.get("img_size")) or _side(kwargs.get("img_size")) or 224
-    chans = in_chans or meta.get("in_chans") or kwargs.get("in_chans")
-    if chans is None and ckpt_path is not None and not recorded:
-        chans = _channels_from_weights(ckpt_path)
-    chans = int(chans or 3)
+    foreign_chans, foreign_side = (_geometry_from_weights(ckpt_path) if ckpt_path is not None and not recorded
+                                   else (None, None))
+    size = input_size or _side(meta.get("img_size")) or _side(kwargs.get("img_size")) or foreign_side or 224
+    chans = int(in_chans or meta.get("in_chans") or kwargs.get("in_chans") or foreign_chans or 3)
     norm = meta.get("normalization") or {}
     mean, std = default_normalization(chans)
     if norm.get("mean") and norm.get("std"):
@@ -137,6 +148,6 @@ def build_model(spec: EncoderSpec) -> nn.Module:
     except KeyError as exc:
         raise CheckpointError(f"--model: {exc.args[0] if exc.args else exc}") from exc
     except (RuntimeError, ValueError) as exc:
-        if spec.checkpoint and not isinstance(exc, CheckpointError):
+        if spec.checkpoint and spec.checkpoint not in str(exc):
             raise CheckpointError(f"{spec.checkpoint}: does not fit model '{spec.model}': {exc}") from exc
         raise
