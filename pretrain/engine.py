@@ -113,9 +113,9 @@ def _record(ctx: TrainContext, step: int, loss: float, lr: float, steps: int, se
                            "eta_s": round((ctx.stop_step - step) * seconds / max(steps, 1), 1)}
     if ctx.flops_per_image:
         per_gpu = ctx.flops_per_image * img_s / ctx.accelerator.num_processes
-        rec["tflops_per_gpu"] = round(per_gpu / 1e12, 3)
+        rec["tflops_per_gpu"] = float(f"{per_gpu / 1e12:.4g}")
         if ctx.peak_flops:
-            rec["mfu"] = round(per_gpu / ctx.peak_flops, 4)
+            rec["mfu"] = float(f"{per_gpu / ctx.peak_flops:.4g}")
     return rec
 
 

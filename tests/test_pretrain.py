@@ -1,0 +1,165 @@
+"""pretrain/main.py end to end on shards curated from real X-rays: learning, exact resume after SIGKILL,
+preemption (SIGUSR1 -> checkpoint + exit 75), the non-finite stop, configuration merging and the schedule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from common.config import ConfigError, load_yaml, parse_config
+from common.logging import read_jsonl
+from data_curation.cli import main as curate_main
+from pretrain.config import DEMO_CONFIG, PretrainConfig
+from pretrain.main import main as pretrain_main
+from pretrain.schedule import Schedule, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+XRAYS = REPO / "sample_data" / "xray"  # 24 real chest X-rays (Kermany et al.), 224 px
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("curated")
+    rc = curate_main([str(XRAYS), "--output", str(out), "--workers", "0", "--shard_maxcount", "4", "--no-progress"])
+    assert rc == 0 and (out / "manifest.json").is_file()
+    return out
+
+
+def args(data: Path, out: Path, **over: object) -> list[str]:
+    opts: dict[str, object] = {"model": "mae_test_vit", "input_size": 32, "in_chans": 1, "data_path": data,
+                               "output_dir": out, "batch_size": 4, "epochs": 4, "warmup_epochs": 1, "lr": 2e-3,
+                               "num_workers": 0, "log_every": 1, "save_every": 1000, "vis_every": 0, "seed": 5}
+    opts.update(over)
+    argv = ["--norm_pix_loss", "--no-tensorboard"]
+    for key, value in opts.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _files_digest(ckpt: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt.iterdir())
+            if p.suffix in (".safetensors", ".bin")}
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        assert proc.poll() is None, f"run ended early with code {proc.returncode}: {proc.stdout.read()}"
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting for the run")
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "pretrain" / "main.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_end_to_end_loss_falls_and_outputs(curated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rc = pretrain_main(args(curated, out, batch_size=8, epochs=17, max_steps=50, vis_every=25, vis_samples=3,
+                            num_workers=2))
+    assert rc == 0
+    records = [r for r in read_jsonl(out / "log.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 50 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10, losses
+    assert records[-1]["step"] == 50 and records[0]["img_per_s"] > 0 and records[0]["tflops_per_gpu"] > 0
+    assert (out / "checkpoints" / "step_00000050" / "model.safetensors").is_file()
+    assert load_yaml(out / "config.yaml")["max_steps"] == 50
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["model"] == "test_vit" and meta["in_chans"] == 1 and (out / "encoder.safetensors").is_file()
+    for step in (25, 50):
+        with Image.open(out / "vis" / f"step_{step:08d}.png") as img:
+            assert img.mode == "L" and img.height > 3 * 96 and img.width > 4 * 96  # 3 rows x 4 panels
+
+
+def test_sigkill_then_resume_is_bitwise_exact(curated: Path, tmp_path: Path) -> None:
+    common = {"save_every": 5, "num_workers": 2, "epochs": 4}  # 6 steps/epoch -> 24 steps
+    ref = tmp_path / "ref"
+    assert pretrain_main(args(curated, ref, **common)) == 0
+    run = tmp_path / "killed"
+    proc = _spawn(args(curated, run, **common))
+    _wait_for(lambda: (run / "checkpoints" / "step_00000005" / "train_state.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "encoder.safetensors").exists()  # it really stopped before the end
+    assert pretrain_main(args(curated, run, **common)) == 0  # --resume auto
+    final_ref, final_run = ref / "checkpoints" / "step_00000024", run / "checkpoints" / "step_00000024"
+    assert _files_digest(final_ref) == _files_digest(final_run)
+    assert (ref / "encoder.safetensors").read_bytes() == (run / "encoder.safetensors").read_bytes()
+    resumed = [r for r in read_jsonl(run / "log.jsonl") if "loss" in r and r["step"] > 5]
+    reference = {r["step"]: r["loss"] for r in read_jsonl(ref / "log.jsonl") if "loss" in r}
+    assert all(reference[r["step"]] == r["loss"] for r in resumed)
+
+
+def test_sigusr1_saves_and_exits_75(curated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pre"
+    proc = _spawn(args(curated, out, epochs=100))
+    _wait_for(lambda: (out / "log.jsonl").is_file() and len(read_jsonl(out / "log.jsonl")) >= 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 75
+    event = read_jsonl(out / "log.jsonl")[-1]
+    assert event["event"] == "preempted"
+    ckpt = Path(event["checkpoint"])
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == event["step"] >= 2
+
+
+def test_non_finite_loss_stops_without_touching_last_checkpoint(curated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    assert pretrain_main(args(curated, out, max_steps=4, save_every=2)) == 0
+    ckpt = out / "checkpoints" / "step_00000004"
+    before = _files_digest(ckpt)
+    rc = pretrain_main(args(curated, out, max_steps=60, save_every=1000, lr=1e30))
+    assert rc == 1
+    event = read_jsonl(out / "log.jsonl")[-1]
+    assert event["event"] == "non_finite_loss"
+    assert re.search(rf"at step {event['step']} .*lr [0-9.]+e\+(29|30)", event["message"]), event["message"]
+    assert str(ckpt) in event["message"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert _files_digest(ckpt) == before
+
+
+def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:
+    cfg = parse_config(PretrainConfig, ["--config", str(DEMO_CONFIG), "--batch_size", "7", "--no-norm_pix_loss"])
+    demo = load_yaml(DEMO_CONFIG)
+    assert cfg.batch_size == 7 and cfg.norm_pix_loss is False  # flags beat YAML
+    assert cfg.model == demo["model"] and cfg.input_size == demo["input_size"]  # YAML beats defaults
+    assert cfg.weight_decay == 0.05 and cfg.resume == "auto"  # MAE defaults where neither sets them
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_sise: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'batch_sise'"):
+        parse_config(PretrainConfig, ["--config", str(bad)])
+    assert pretrain_main(["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")]) == 2
+
+
+def test_schedule_and_weight_decay_groups() -> None:
+    import models
+
+    sched = Schedule(lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert sched.lr_at(0) == 0 and sched.lr_at(5) == 0.5 and sched.lr_at(10) == 1.0
+    assert sched.lr_at(60) == pytest.approx(0.55) and sched.lr_at(110) == pytest.approx(0.1)
+    mae = models.create_model("mae_test_vit", img_size=32, in_chans=1)
+    no_decay, decay = param_groups(mae, 0.05)
+    names = {id(p): n for n, p in mae.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    trainable = {n for n, p in mae.named_parameters() if p.requires_grad}
+    assert "encoder.cls_token" in nd and "mask_token" in nd
+    assert mae.no_weight_decay() & trainable <= nd
+    assert all(n.endswith(".bias") or "norm" in n or n in mae.no_weight_decay() or n.endswith("token") for n in nd)
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
