@@ -45,6 +45,10 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_transfer_config(FinetuneConfig, "finetune", __doc__ or "", argv)
     results = run(cfg)
+    from common.logging import is_main_process
+
+    if not is_main_process():
+        return 0
     where = "test" if results.get("test") else "val"
     shown = results["test"] or results["val"]
     print(f"finetune {where}: " + ", ".join(f"{k} {shown[k]:.4f}" for k in ("acc", "balanced_acc", "auc", "f1")

@@ -132,3 +132,48 @@ def test_defaults_follow_mae_main_linprobe() -> None:
     assert parse_transfer_config(LinprobeConfig, "linprobe", "", ["--global_pool"]).global_pool is True
     assert parse_transfer_config(LinprobeConfig, "linprobe", "", ["--cls_token"]).global_pool is False
     json.dumps(vars(cfg))
+
+
+def test_probe_on_curated_shards_with_a_three_channel_encoder(tmp_path: Path) -> None:
+    """Labeled shards in the curate format (gray BreastMNIST) feed an RGB encoder (gray repeated)."""
+    import numpy as np
+    from test_data_fixtures import write_shards
+
+    with np.load(BREAST_NPZ) as z:
+        for split in ("train", "val", "test"):
+            write_shards(tmp_path / "shards", z[f"{split}_images"], z[f"{split}_labels"][:, 0], split,
+                         per_shard=100)
+    ckpt = export_tiny_encoder(tmp_path / "rgb", in_chans=3)
+    out = tmp_path / "run"
+    main(["--data_path", str(tmp_path / "shards"), "--nb_classes", "2", "--finetune", str(ckpt), "--fast",
+          "--global_pool", "--batch_size", "64", "--epochs", "2", "--warmup_epochs", "1", "--lr_grid", "10",
+          "--output_dir", str(out), *COMMON])
+    r = read_results(out)
+    assert (r["test"]["num_samples"], r["val"]["num_samples"]) == (156, 78)
+    assert json.loads((out / "model.json").read_text())["in_chans"] == 3
+
+
+def test_nb_classes_mismatch_before_any_work(encoder_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"breastmnist.npz: --nb_classes 5 but the data has 2 classes"):
+        main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--nb_classes", "5", "--fast",
+              "--output_dir", str(tmp_path), *COMMON])
+    assert not (tmp_path / "features").exists()
+
+
+@pytest.mark.slow
+def test_two_process_probe_with_dist_eval(encoder_ckpt: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo): LR scaled by the world size, sharded evaluation reassembled."""
+    import os
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(REPO / "linprobe" / "main.py"), "--data_path", str(BREAST_NPZ), "--finetune",
+                           str(encoder_ckpt), "--batch_size", "32", "--epochs", "1", "--warmup_epochs", "1",
+                           "--blr", "10", "--dist_eval", "--output_dir", str(out), *COMMON],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = read_results(out)
+    assert r["lr"] == pytest.approx(10 * 32 * 2 / 256)
+    assert (r["test"]["num_samples"], r["val"]["num_samples"]) == (156, 78)
+    assert proc.stdout.count("linprobe test:") == 1
