@@ -40,7 +40,8 @@ def cache_key(ctx: RunContext, split: str) -> str:
         return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
     spec = ctx.spec
-    blob = json.dumps({"spec": spec.to_json(), "data": stamp(ctx.splits[split].source.path), "split": split,
+    blob = json.dumps({"spec": spec.to_json(), "weights": stamp(spec.checkpoint),
+                       "data": stamp(ctx.splits[split].source.path), "split": split,
                        "n": len(ctx.splits[split]), "version": 1}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

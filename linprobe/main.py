@@ -38,7 +38,8 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     if not cfg.finetune:
         raise ValueError("--finetune (the pretrained checkpoint to probe) is required: probing a randomly "
                          "initialised encoder says nothing about pretraining")
-    ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None, check_data=not cfg.fast)
+    scan = () if cfg.fast or not cfg.verify_data else ("train", "val", "test")
+    ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None, scan_splits=scan)
     encoder = build_model(ctx.spec)
     if not all(hasattr(encoder, a) for a in ("forward_features", "pool", "num_features")):
         raise TypeError(f"model '{ctx.spec.model}' is not an encoder (no forward_features/pool): "

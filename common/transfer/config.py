@@ -41,6 +41,9 @@ class TransferConfig:
     nb_classes: int | None = field(default=None, metadata=_h(
         "number of classes / labels; checked against the data (default: taken from the data)"))
     multilabel: bool = field(default=False, metadata=_h("multi-label targets: BCE loss, per-label AUC"))
+    verify_data: bool = field(default=True, metadata=_h(
+        "decode every image once before training so that a corrupt file stops the run early "
+        "(--no-verify_data skips it; --fast always decodes everything while extracting features)"))
     num_workers: int = field(default=10, metadata=_h("DataLoader worker processes"))
     pin_mem: bool = field(default=True, metadata=_h("pin host memory for faster GPU transfer"))
 

@@ -50,8 +50,12 @@ class RunContext:
 
 
 def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path: float | None,
-                check_data: bool = True) -> RunContext:
-    """Seed, create the output folder, resolve the architecture and open + check the data."""
+                scan_splits: tuple[str, ...] = ("train", "val", "test")) -> RunContext:
+    """Seed, create the output folder, resolve the architecture and open + check the data.
+
+    The splits in ``scan_splits`` are decoded once (errors name the file) and their targets kept in
+    ``ctx.targets``.
+    """
     if cfg.select_metric not in SELECT_METRICS:
         raise ValueError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {cfg.select_metric!r}")
     if cfg.accum_iter < 1 or cfg.batch_size < 1 or cfg.epochs < 0:
@@ -72,8 +76,8 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
                 + ", ".join(f"{s} {len(d)}" for s, d in splits.items()))
     ctx = RunContext(accelerator, out_dir, JsonlLogger(out_dir / "log.jsonl", accelerator.is_main_process),
                      spec, splits, labels)
-    if check_data:
-        for split in splits:
+    for split in scan_splits:
+        if split in splits:
             ctx.targets[split] = scan_labels(ctx.eval_split(split), cfg.batch_size, cfg.num_workers, split)
     if accelerator.is_main_process:
         atomic_write_json(out_dir / "model.json", {**spec.to_json(), "class_names": labels.class_names,
