@@ -145,6 +145,20 @@ def test_reset_classifier_and_bad_input():
         create_model("test_mambamic", patch_size=16)
 
 
+def test_export_and_reload_as_encoder(tmp_path):
+    from models.checkpoint import export_encoder
+
+    model = _tiny().eval()
+    export_encoder(model, tmp_path, normalization={"mean": [0.5], "std": [0.25]})
+    config = json.loads((tmp_path / "encoder.json").read_text())
+    assert config["model"] == "test_mambamic" and config["in_chans"] == 1 and config["num_prefix_tokens"] == 0
+    reloaded = create_model("test_mambamic", pretrained=tmp_path / "encoder.safetensors", in_chans=1,
+                            num_classes=0).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.forward_features(x), model.forward_features(x))
+
+
 def test_reference_and_chunked_scans_agree():
     model = _tiny().eval()
     x = torch.randn(2, 1, 32, 48)
