@@ -51,7 +51,6 @@ def _selective_scan_bwd_kernel(
 
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    state_row = row * n_chunks
     bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
 
     # Adjoint of the state that leaves the scan: the last state's incoming gradient, or zero.
@@ -98,9 +97,8 @@ def _selective_scan_bwd_kernel(
         nl_mask = n_mask[:, None] & l_mask[None, :]
         B_tile = tl.load(B + bc_ptrs, mask=nl_mask, other=0.0).to(tl.float32)
         C_tile = tl.load(C + bc_ptrs, mask=nl_mask, other=0.0).to(tl.float32)
-        h_in = tl.load(
-            CHUNK_STATES + (state_row[:, None] + chunk_idx) * n_state + offs_n[None, :], mask=dn_mask, other=0.0
-        )
+        state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[None, :]).to(tl.int64) * dim
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[:, None], mask=dn_mask, other=0.0)
 
         # Recompute this chunk's forward states.
         decay = tl.exp(dt[:, None, :] * A_tile)
@@ -189,7 +187,7 @@ def selective_scan_bwd_launch(
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
-    n_chunks = chunk_states.shape[2]
+    n_chunks = chunk_states.shape[1]
     if n_chunks != triton.cdiv(length, config.chunk):
         raise ValueError("selective_scan backward: chunk size differs from the forward's")
     f32 = dict(device=u.device, dtype=torch.float32)

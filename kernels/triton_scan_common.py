@@ -44,12 +44,14 @@ class ScanLaunchConfig:
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:
-    """Keep the (BLOCK_D, N, CHUNK) register tile near 2K (forward) / 1K-2K (backward) fp32 elements.
+    """Defaults from the H200 sweep in bench/scan.py (docs/sections/kernels.md).
 
-    The backward keeps about twice as many tiles alive, so it uses more warps for the same tile size.
+    Forward: the sequential kernel, one warp (32 channels) per program. Backward: chunk-scan tiles of
+    about 1K fp32 elements, 4 warps; chunks of 16 positions for short sequences, 32 for long ones.
     """
-    chunk = min(32, triton.next_power_of_2(length))
-    target = 2048
-    block_d = max(1, min(64, target // (n_state_padded * chunk)))
-    num_warps = 8 if backward else 4
-    return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=num_warps)
+    chunk = 16 if length <= 256 else 32
+    chunk = min(chunk, triton.next_power_of_2(length))
+    if not backward:
+        return ScanLaunchConfig(block_d=32, chunk=chunk, num_warps=1, sequential=True)
+    block_d = max(1, min(64, 1024 // (n_state_padded * chunk)))
+    return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=4)

@@ -48,7 +48,6 @@ def _selective_scan_fwd_kernel(
 
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length  # start of each channel's sequence in u / delta / z / out
-    state_row = row * n_chunks  # start of each channel's chunk states
     bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
 
     h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
@@ -63,8 +62,8 @@ def _selective_scan_fwd_kernel(
         ptrs = seq_row[:, None] + offs_l[None, :]
 
         if STORE_STATES:
-            state_ptrs = (state_row[:, None] + chunk_idx) * n_state + offs_n[None, :]
-            tl.store(CHUNK_STATES + state_ptrs, h, mask=dn_mask)
+            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[None, :]).to(tl.int64) * dim
+            tl.store(CHUNK_STATES + state_ptrs + offs_d[:, None], h, mask=dn_mask)
 
         u = tl.load(U + ptrs, mask=dl_mask, other=0.0).to(tl.float32)
         dt = tl.load(DELTA + ptrs, mask=dl_mask, other=0.0).to(tl.float32)
@@ -120,7 +119,7 @@ def selective_scan_fwd_launch(
     """Run the forward kernel on contiguous inputs; B, C are (batch, groups, N, L).
 
     Returns out (batch, dim, L) in u's dtype, the float32 last state (batch, dim, N), and the float32
-    states entering each chunk (batch, dim, n_chunks, N) when ``store_states``.
+    states entering each chunk (batch, n_chunks, N, dim) when ``store_states``.
     """
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], B.shape[2]
@@ -129,14 +128,14 @@ def selective_scan_fwd_launch(
     out = torch.empty_like(u)
     last_state = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
     chunk_states = (
-        torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32) if store_states else None
+        torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
     # The sequential kernel wants one channel per thread: BLOCK_D = 32 * num_warps.
     kernel = _selective_scan_fwd_seq_kernel if config.sequential else _selective_scan_fwd_kernel
     block_d = 32 * config.num_warps if config.sequential else config.block_d
     grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
     kernel[grid](
-        u, delta, A, B, C,
+        u, delta, A.t().contiguous() if config.sequential else A, B, C,
         D if D is not None else u,
         z if z is not None else u,
         delta_bias if delta_bias is not None else u,
@@ -176,7 +175,9 @@ def _selective_scan_fwd_seq_kernel(
     n_mask = offs_n < n_state
     nd_mask = n_mask[:, None] & d_mask[None, :]
 
-    A_t = tl.load(A + offs_d[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
+    # A comes transposed, (N, dim), and chunk states are (batch, n_chunks, N, dim): every 2-D access
+    # is contiguous along channels, so Triton lays lanes over channels and keeps N inside a thread.
+    A_t = tl.load(A + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0)
     if HAS_D:
         D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
     if HAS_BIAS:
@@ -184,7 +185,6 @@ def _selective_scan_fwd_seq_kernel(
 
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    state_row = row * n_chunks
     bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
 
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
@@ -194,8 +194,8 @@ def _selective_scan_fwd_seq_kernel(
         else:
             chunk_idx = i
         if STORE_STATES:
-            state_ptrs = (state_row[None, :] + chunk_idx) * n_state + offs_n[:, None]
-            tl.store(CHUNK_STATES + state_ptrs, h, mask=nd_mask)
+            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+            tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
         for t in range(CHUNK):
             if REVERSE:
                 pos = chunk_idx * CHUNK + CHUNK - 1 - t
