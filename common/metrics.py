@@ -196,6 +196,19 @@ def classification_metrics(y_true: Any, probs: Any, class_names: Sequence[str] |
     return out
 
 
+def _multilabel_thresholded(t: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
+    """(mean per-label accuracy, mean per-label balanced accuracy, macro F1 over labels)."""
+    accs, baccs, f1s = [], [], []
+    for j in range(t.shape[1]):
+        cm = confusion_matrix(t[:, j], pred[:, j], 2)
+        _, _, f1 = precision_recall_f1(cm)
+        accs.append(accuracy(t[:, j], pred[:, j]))
+        baccs.append(balanced_accuracy(t[:, j], pred[:, j], 2))
+        f1s.append(float(f1[1]))
+    bacc = float(np.nanmean(baccs)) if np.isfinite(baccs).any() else float("nan")
+    return float(np.mean(accs)), bacc, float(np.mean(f1s))
+
+
 def multilabel_metrics(y_true: Any, scores: Any, label_names: Sequence[str] | None = None,
                        threshold: float = 0.5, n_bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
     """Multi-label metrics: mean/per-label AUC, and thresholded accuracy, balanced accuracy and F1.
@@ -212,27 +225,29 @@ def multilabel_metrics(y_true: Any, scores: Any, label_names: Sequence[str] | No
         raise ValueError(f"{len(names)} label names for {n_labels} labels")
     pred = (s >= threshold).astype(np.int64)
     per_label: dict[str, Any] = {}
-    accs, baccs, f1s = [], [], []
     for j, name in enumerate(names):
-        cm = confusion_matrix(t[:, j], pred[:, j], 2)
-        precision, recall, f1 = precision_recall_f1(cm)
-        accs.append(accuracy(t[:, j], pred[:, j]))
-        baccs.append(balanced_accuracy(t[:, j], pred[:, j], 2))
-        f1s.append(float(f1[1]))
+        precision, recall, f1 = precision_recall_f1(confusion_matrix(t[:, j], pred[:, j], 2))
         per_label[name] = {"auc": _nan_to_none(aucs[j]), "precision": float(precision[1]),
                            "recall": float(recall[1]), "f1": float(f1[1]), "support": int(t[:, j].sum())}
+    acc, bacc, f1_macro = _multilabel_thresholded(t, pred)
     out: dict[str, Any] = {
-        "acc": _nan_to_none(float(np.mean(accs))),
-        "balanced_acc": _nan_to_none(float(np.nanmean(baccs))) if np.isfinite(baccs).any() else None,
+        "acc": _nan_to_none(acc),
+        "balanced_acc": _nan_to_none(bacc),
         "auc": _nan_to_none(mean_auc),
-        "f1": _nan_to_none(float(np.mean(f1s))),
+        "f1": _nan_to_none(f1_macro),
         "num_samples": int(t.shape[0]),
         "threshold": threshold,
         "per_label": per_label,
     }
     if n_bootstrap > 0:
-        out["ci95"] = {"auc": [_nan_to_none(v) for v in
-                               bootstrap_ci(lambda a, b: multilabel_auc(a, b)[0], t, s, n_bootstrap, 0.95, seed)]}
+        headline: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+            "acc": lambda a, b: _multilabel_thresholded(a, (b >= threshold).astype(np.int64))[0],
+            "balanced_acc": lambda a, b: _multilabel_thresholded(a, (b >= threshold).astype(np.int64))[1],
+            "auc": lambda a, b: multilabel_auc(a, b)[0],
+            "f1": lambda a, b: _multilabel_thresholded(a, (b >= threshold).astype(np.int64))[2],
+        }
+        out["ci95"] = {name: [_nan_to_none(v) for v in bootstrap_ci(fn, t, s, n_bootstrap, 0.95, seed)]
+                       for name, fn in headline.items()}
     return out
 
 

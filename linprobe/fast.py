@@ -87,8 +87,11 @@ def train_grid(cfg: LinprobeConfig, ctx: RunContext, feats: dict[str, torch.Tens
     """Train one head per ``--lr_grid`` value on cached features; keep each head's best validation epoch."""
     labels = ctx.labels
     world = ctx.accelerator.num_processes
+    device = ctx.accelerator.device
+    feats = {k: v.to(device) for k, v in feats.items()}
+    targets = {k: v.to(device) for k, v in targets.items()}
     n, dim = feats["train"].shape
-    grid = ProbeHeadGrid(dim, labels.num_classes, len(cfg.lr_grid), seed=cfg.seed)
+    grid = ProbeHeadGrid(dim, labels.num_classes, len(cfg.lr_grid), seed=cfg.seed).to(device)
     peaks = [effective_lr(blr, None, cfg.batch_size, cfg.accum_iter, world) for blr in cfg.lr_grid]
     if cfg.lr is not None:
         raise ValueError("--fast takes its learning rates from --lr_grid (base LRs); drop --lr")
@@ -102,7 +105,7 @@ def train_grid(cfg: LinprobeConfig, ctx: RunContext, feats: dict[str, torch.Tens
     x_train, y_train = feats["train"], targets["train"]
     for epoch in progress(range(cfg.epochs), total=cfg.epochs, desc="grid epochs"):
         grid.train()
-        steps = batches(train_order(n, epoch, cfg.seed), batch, drop_last=True)
+        steps = [idx.to(device) for idx in batches(train_order(n, epoch, cfg.seed), batch, drop_last=True)]
         if not steps:
             raise ValueError(f"{cfg.data_path}: {n} training samples are fewer than one batch of {batch}")
         losses = []
@@ -123,14 +126,14 @@ def train_grid(cfg: LinprobeConfig, ctx: RunContext, feats: dict[str, torch.Tens
             val_logits = grid(feats["val"])
         record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         for h, logits in enumerate(val_logits):
-            val = score(_scores(logits, labels.multilabel), targets["val"].numpy(), labels.multilabel,
+            val = score(_scores(logits.cpu(), labels.multilabel), targets["val"].cpu().numpy(), labels.multilabel,
                         labels.class_names)
             value = selection_value(val, cfg.select_metric)
             record[f"val_{cfg.select_metric}@blr={cfg.lr_grid[h]:g}"] = val.get(cfg.select_metric)
             if value > best[h]["value"]:
                 head = grid.export_head(h)
                 best[h] = {"value": value, "epoch": epoch, "val": val,
-                           "state": {k: v.clone() for k, v in head.state_dict().items()}}
+                           "state": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}}
         ctx.log.log(record)
     return {"best": best, "peaks": peaks}
 

@@ -259,3 +259,25 @@ def test_runs_as_a_script_with_mae_flags_and_defaults() -> None:
     assert (cfg.batch_size, cfg.epochs, cfg.blr, cfg.layer_decay, cfg.weight_decay, cfg.drop_path,
             cfg.warmup_epochs, cfg.smoothing, cfg.reprob, cfg.aa, cfg.min_lr, cfg.global_pool) == \
         (64, 50, 1e-3, 0.75, 0.05, 0.1, 5, 0.1, 0.25, "rand-m9-mstd0.5-inc1", 1e-6, True)
+
+
+def test_resume_with_ema_continues_where_it_stopped(encoder_ckpt: Path, tmp_path: Path) -> None:
+    base = ["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--batch_size", "128",
+            "--model_ema", "--model_ema_decay", "0.5", "--output_dir", str(tmp_path), *FAST]
+    main([*base, "--epochs", "1"])
+    last = torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)
+    assert last["epoch"] == 0 and {"model", "ema", "optimizer"} <= set(last)
+    main([*base, "--epochs", "2", "--resume", str(tmp_path / "checkpoint-last.pt")])
+    from common.logging import read_jsonl
+
+    assert [rec["epoch"] for rec in read_jsonl(tmp_path / "log.jsonl")] == [0, 1]
+    assert torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_eval_of_a_checkpoint_for_another_class_count_is_an_error(encoder_ckpt: Path, tmp_path: Path) -> None:
+    csv_path = kermany_multilabel_csv(tmp_path / "findings.csv", {"train": 6, "val": 3, "test": 3})
+    main(["--data_path", str(csv_path), "--finetune", str(encoder_ckpt), "--multilabel", "--batch_size", "6",
+          "--epochs", "1", "--output_dir", str(tmp_path / "ml"), *FAST])
+    with pytest.raises(CheckpointError, match=r"ml/checkpoint-best.safetensors: does not fit"):
+        main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--eval", "--resume",
+              str(tmp_path / "ml" / "checkpoint-best.safetensors"), "--output_dir", str(tmp_path / "e"), *FAST])

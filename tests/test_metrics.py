@@ -97,6 +97,11 @@ def test_multilabel_auc_equals_sklearn() -> None:
     assert out["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
     lo, hi = out["ci95"]["auc"]
     assert lo <= mean <= hi
+    assert set(out["ci95"]) == {"acc", "balanced_acc", "auc", "f1"}
+    acc_per_label = [skm.accuracy_score(y[:, j], pred[:, j]) for j in range(3)]
+    assert out["acc"] == pytest.approx(np.mean(acc_per_label))
+    bacc_per_label = [skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(3)]
+    assert out["balanced_acc"] == pytest.approx(np.mean(bacc_per_label))
 
 
 def test_undefined_auc_is_nan_not_an_error() -> None:

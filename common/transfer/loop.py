@@ -87,7 +87,10 @@ def load_best_weights(module: nn.Module, path: str | Path) -> None:
                      None)
         if state is None:
             raise CheckpointError(f"{path}: no 'head' / 'ema' / 'model' weights inside")
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{path}: does not fit this run's {type(module).__name__}: {exc}") from exc
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not fit this run's {type(module).__name__} "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
