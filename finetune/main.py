@@ -36,9 +36,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if cfg.mixup_mode not in ("batch", "pair", "elem"):
         raise ValueError(f"--mixup_mode must be batch, pair or elem, got {cfg.mixup_mode!r}")
-    scan = ("train", "val", "test") if cfg.verify_data else ("train",) if cfg.class_weighted_loss else ()
-    ctx = prepare_run(cfg, "finetune", classifier_head=True, drop_path=cfg.drop_path, scan_splits=scan)
+    ctx = prepare_run(cfg, "finetune", classifier_head=True, drop_path=cfg.drop_path)
     model = build_model(ctx.spec)
+    # Decoding also yields the training targets that the class-weighted loss needs.
+    ctx.verify(("train", "val", "test") if cfg.verify_data else ("train",) if cfg.class_weighted_loss else (),
+               cfg.batch_size, cfg.num_workers)
     scored, extra = run_finetune(cfg, ctx, model)
     return finalize(ctx, scored, extra, cfg.select_metric)
 

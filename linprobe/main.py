@@ -38,12 +38,13 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     if not cfg.finetune:
         raise ValueError("--finetune (the pretrained checkpoint to probe) is required: probing a randomly "
                          "initialised encoder says nothing about pretraining")
-    scan = () if cfg.fast or not cfg.verify_data else ("train", "val", "test")
-    ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None, scan_splits=scan)
+    ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None)
     encoder = build_model(ctx.spec)
     if not all(hasattr(encoder, a) for a in ("forward_features", "pool", "num_features")):
         raise TypeError(f"model '{ctx.spec.model}' is not an encoder (no forward_features/pool): "
                         "linear probing needs one of the registry encoders")
+    if cfg.verify_data and not cfg.fast:  # --fast decodes everything while extracting features anyway
+        ctx.verify(("train", "val", "test"), cfg.batch_size, cfg.num_workers)
     if cfg.fast:
         scored, extra = run_fast(cfg, ctx, encoder)
     else:

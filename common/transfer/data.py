@@ -150,8 +150,13 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_wo
                       worker_init_fn=seed_worker, persistent_workers=False)
 
 
-def scan_labels(dataset: IndexedSplit, batch_size: int, num_workers: int, desc: str) -> np.ndarray:
-    """Decode every sample once (a corrupt image fails here, before training) and return the targets."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+def scan_labels(dataset: IndexedSplit, sampler: Sampler[int], batch_size: int, num_workers: int,
+                desc: str) -> np.ndarray:
+    """Decode the samples ``sampler`` yields (a corrupt image fails here, naming itself) and return their
+    targets."""
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
     targets = [t.numpy() for _, t in progress(loader, desc=f"checking {desc}", leave=False)]
+    if not targets:  # this process's share is empty (tiny split, many processes)
+        multilabel = dataset.dataset.multilabel
+        return np.zeros((0, dataset.num_classes) if multilabel else (0,), np.float32 if multilabel else np.int64)
     return np.concatenate(targets)

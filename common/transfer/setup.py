@@ -21,6 +21,7 @@ from common.seed import seed_everything
 from common.transfer.config import TransferConfig
 from common.transfer.data import IndexedSplit, LabelSpace, make_loader, open_splits, scan_labels
 from common.transfer.encoder import EncoderSpec, resolve_spec
+from common.transfer.engine import gather_strided
 from common.transfer.results import SELECT_METRICS
 from common.transfer.sampling import StridedSampler
 from common.transfer.transforms import eval_transform
@@ -48,14 +49,21 @@ class RunContext:
                                  acc.num_processes if dist_eval else 1)
         return make_loader(ds, batch_size, sampler, num_workers, pin_mem)
 
+    def verify(self, splits: tuple[str, ...], batch_size: int, num_workers: int) -> None:
+        """Decode every image of ``splits`` once, shared out over the processes (a corrupt file fails here,
+        naming itself, before training) and keep each split's targets in ``targets``."""
+        acc = self.accelerator
+        for split in splits:
+            if split in self.splits:
+                ds = self.eval_split(split)
+                sampler = StridedSampler(len(ds), acc.process_index, acc.num_processes)
+                local = scan_labels(ds, sampler, batch_size, num_workers, split)
+                self.targets[split] = gather_strided(acc, local, sharded=True)
 
-def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path: float | None,
-                scan_splits: tuple[str, ...] = ("train", "val", "test")) -> RunContext:
-    """Seed, create the output folder, resolve the architecture and open + check the data.
 
-    The splits in ``scan_splits`` are decoded once (errors name the file) and their targets kept in
-    ``ctx.targets``.
-    """
+def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path: float | None) -> RunContext:
+    """Seed, create the output folder, resolve the architecture and open + check the data's structure
+    (splits, label space); decoding every image is :meth:`RunContext.verify`'s job."""
     if cfg.select_metric not in SELECT_METRICS:
         raise ValueError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {cfg.select_metric!r}")
     if cfg.accum_iter < 1 or cfg.batch_size < 1 or cfg.epochs < 0:
@@ -76,9 +84,6 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
                 + ", ".join(f"{s} {len(d)}" for s, d in splits.items()))
     ctx = RunContext(accelerator, out_dir, JsonlLogger(out_dir / "log.jsonl", accelerator.is_main_process),
                      spec, splits, labels)
-    for split in scan_splits:
-        if split in splits:
-            ctx.targets[split] = scan_labels(ctx.eval_split(split), cfg.batch_size, cfg.num_workers, split)
     if accelerator.is_main_process:
         atomic_write_json(out_dir / "model.json", {**spec.to_json(), "class_names": labels.class_names,
                                                    "multilabel": labels.multilabel,
