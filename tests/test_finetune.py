@@ -281,3 +281,27 @@ def test_eval_of_a_checkpoint_for_another_class_count_is_an_error(encoder_ckpt: 
     with pytest.raises(CheckpointError, match=r"ml/checkpoint-best.safetensors: does not fit"):
         main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--eval", "--resume",
               str(tmp_path / "ml" / "checkpoint-best.safetensors"), "--output_dir", str(tmp_path / "e"), *FAST])
+
+
+def test_pretraining_checkpoint_directory_is_understood(tmp_path: Path) -> None:
+    """``RUN/checkpoints/step_N/`` (accelerate's model.safetensors of the MAE wrapper + train_state.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import models
+
+    torch.manual_seed(5)
+    mae = models.create_model("mae_test_vit", in_chans=1)
+    step = tmp_path / "run" / "checkpoints" / "step_00000003"
+    step.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in mae.state_dict().items()}, str(step / "model.safetensors"))
+    (step / "train_state.json").write_text(json.dumps({"model": "mae_test_vit", "step": 3}))
+    (tmp_path / "run" / "encoder.json").write_text(json.dumps({"normalization": {"mean": [0.4], "std": [0.2]}}))
+    spec = resolve_spec(None, str(step), None, None, 2, True, None)
+    assert (spec.model, spec.in_chans, spec.input_size, spec.mean, spec.std) == ("test_vit", 1, 32, [0.4], [0.2])
+    encoder = build_model(spec)
+    own = mae.encoder.state_dict()
+    for key, value in encoder.state_dict().items():
+        if not key.startswith(("head.", "fc_norm.")):
+            torch.testing.assert_close(value, own[key], msg=key)

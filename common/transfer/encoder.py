@@ -1,7 +1,8 @@
 """Checkpoint -> model for transfer: resolve the architecture, input size and channels, then load.
 
 The architecture comes from ``--model`` or, for our exports, from the ``encoder.json`` written next to
-``encoder.safetensors``; foreign checkpoints (facebookresearch/mae, MedMAE, timm) need ``--model``.
+``encoder.safetensors`` (for our pretraining checkpoints ``step_N/``, from their ``train_state.json``);
+foreign checkpoints (facebookresearch/mae, MedMAE, timm) need ``--model``.
 Weight loading, position-embedding resizing and the strict key check are ``models.checkpoint``'s job.
 """
 
@@ -47,13 +48,39 @@ def sidecar_json(checkpoint: str | Path) -> Path | None:
     return candidate if path.suffix == ".safetensors" and candidate.is_file() else None
 
 
+TRAIN_STATE = "train_state.json"
+TRAIN_WEIGHTS = "model.safetensors"
+
+
 def _checkpoint_file(checkpoint: str | Path) -> Path:
     path = Path(checkpoint)
     if path.is_dir():
-        path = path / "encoder.safetensors"
+        path = path / (TRAIN_WEIGHTS if (path / TRAIN_STATE).is_file() else "encoder.safetensors")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def _training_checkpoint_meta(weights: Path) -> dict[str, Any] | None:
+    """For a pretraining checkpoint ``RUN/checkpoints/step_N/model.safetensors`` (+ ``train_state.json``):
+    the encoder's registry name (the MAE name without ``mae_``) and the run's input normalisation, taken
+    from ``RUN/encoder.json`` when the run has exported one."""
+    state_path = weights.parent / TRAIN_STATE
+    if weights.name != TRAIN_WEIGHTS or not state_path.is_file():
+        return None
+    from models.registry import REGISTRY
+
+    state = read_json(state_path)
+    mae_name = str(state.get("model", ""))
+    name = mae_name.removeprefix("mae_")
+    if name not in REGISTRY:
+        raise CheckpointError(f"{state_path}: model {mae_name!r} has no encoder '{name}' in the registry")
+    meta: dict[str, Any] = {"model": name, "source": {"training_checkpoint": str(weights.parent),
+                                                      "step": state.get("step"), "mae_model": mae_name}}
+    export = weights.parent.parent.parent / "encoder.json"
+    if export.is_file():
+        meta["normalization"] = read_json(export).get("normalization")
+    return meta
 
 
 def _side(value: Any) -> int | None:
@@ -91,10 +118,14 @@ def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | No
     """Decide the architecture and preprocessing before anything is built; errors name the file."""
     meta: dict[str, Any] = {}
     ckpt_path: Path | None = None
+    training = False
     if checkpoint:
         ckpt_path = _checkpoint_file(checkpoint)
-        side = sidecar_json(checkpoint)
+        side = sidecar_json(ckpt_path)
         meta = read_json(side) if side is not None else {}
+        training_meta = _training_checkpoint_meta(ckpt_path)
+        if training_meta is not None:
+            meta, training = training_meta, True
     recorded = meta.get("model")
     if model and recorded and model != recorded:
         raise CheckpointError(f"{ckpt_path}: checkpoint holds a '{recorded}' encoder (per its encoder.json) "
@@ -105,8 +136,8 @@ def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | No
                               "unknown; pass --model (e.g. vit_base_patch16)" if ckpt_path else
                               "no --model given and no --finetune checkpoint to read it from")
     kwargs = dict(meta.get("kwargs") or {}) if recorded else {}
-    foreign_chans, foreign_side = (_geometry_from_weights(ckpt_path) if ckpt_path is not None and not recorded
-                                   else (None, None))
+    from_weights = ckpt_path is not None and (training or not recorded)
+    foreign_chans, foreign_side = _geometry_from_weights(ckpt_path) if from_weights else (None, None)
     size = input_size or _side(meta.get("img_size")) or _side(kwargs.get("img_size")) or foreign_side or 224
     chans = int(in_chans or meta.get("in_chans") or kwargs.get("in_chans") or foreign_chans or 3)
     norm = meta.get("normalization") or {}
