@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,3 +164,53 @@ def test_schedule_and_weight_decay_groups() -> None:
     assert mae.no_weight_decay() & trainable <= nd
     assert all(n.endswith(".bias") or "norm" in n or n in mae.no_weight_decay() or n.endswith("token") for n in nd)
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
+
+
+def _torchrun(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(REPO / "pretrain" / "main.py"), *argv]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    """Output of a torchrun job; on timeout its whole process group (launcher and ranks) is killed."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def test_two_rank_ddp_preempt_one_rank_then_resume_exact(curated: Path, tmp_path: Path) -> None:
+    """SIGUSR1 to one rank stops both after the same step (exit 75); the resumed run matches an unbroken one."""
+    common = {"epochs": 4, "num_workers": 1}  # 24 samples / (4 x 2 ranks) = 3 steps/epoch -> 12 steps
+    ref = _torchrun(args(curated, tmp_path / "ref", **common))
+    out = _finish(ref, 300)
+    assert ref.returncode == 0, out
+    run = tmp_path / "pre"
+    proc = _torchrun(args(curated, run, **common))
+    _wait_for(lambda: (run / "log.jsonl").is_file() and len(read_jsonl(run / "log.jsonl")) >= 3, proc)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGUSR1)  # only rank 1 receives the signal
+    out = _finish(proc, 120)
+    assert "exitcode  : 75" in out, out[-3000:]
+    event = read_jsonl(run / "log.jsonl")[-1]
+    ckpt = Path(event["checkpoint"])
+    assert event["event"] == "preempted" and (ckpt / "random_states_1.pkl").is_file()
+    resumed = _torchrun(args(curated, run, **common))
+    out = _finish(resumed, 300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert _files_digest(tmp_path / "ref" / "checkpoints" / "step_00000012") == \
+        _files_digest(run / "checkpoints" / "step_00000012")
