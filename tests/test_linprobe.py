@@ -177,3 +177,27 @@ def test_two_process_probe_with_dist_eval(encoder_ckpt: Path, tmp_path: Path) ->
     assert r["lr"] == pytest.approx(10 * 32 * 2 / 256)
     assert (r["test"]["num_samples"], r["val"]["num_samples"]) == (156, 78)
     assert proc.stdout.count("linprobe test:") == 1
+
+
+def test_image_folder_without_test_split_reports_on_val(encoder_ckpt: Path, tmp_path: Path) -> None:
+    from test_linprobe_fixtures import kermany_image_folder
+
+    root = kermany_image_folder(tmp_path / "data", {"train": 30, "val": 15})
+    out = tmp_path / "run"
+    main(["--data_path", str(root), "--finetune", str(encoder_ckpt), "--fast", "--global_pool", "--batch_size", "20",
+          "--epochs", "3", "--warmup_epochs", "1", "--lr_grid", "10", "--output_dir", str(out), *COMMON])
+    r = read_results(out)
+    assert r["evaluated_on"] == "val" and r["test"] is None and r["acc"] == r["val"]["acc"]
+    assert set(r["val"]["per_class"]) == {"NORMAL", "PNEUMONIA"}
+    cm = json.loads((out / "confusion_matrix_val.json").read_text())
+    assert cm["labels"] == ["NORMAL", "PNEUMONIA"] and sum(map(sum, cm["matrix"])) == 30
+
+
+def test_position_embeddings_are_resized_for_another_input_size(encoder_ckpt: Path) -> None:
+    from common.transfer.encoder import build_model, resolve_spec
+
+    spec = resolve_spec(None, str(encoder_ckpt), 64, None, 0, True, None)
+    encoder = build_model(spec).eval()
+    with torch.no_grad():
+        tokens = encoder.forward_features(torch.zeros(2, 1, 64, 64))
+    assert tokens.shape == (2, 1 + (64 // 8) ** 2, 32)
