@@ -1,0 +1,221 @@
+"""Pretraining throughput: full MAE train steps (forward, backward, fused AdamW; bf16 autocast on CUDA).
+
+Modes per row (model, input size, batch):
+  synthetic  GPU-resident random images: the model alone
+  loader     the real input pipeline (``common.data`` loader on ``--data_path`` + ``gpu_augment``) feeding it
+  loader_only the pipeline without the model (once per input size): what the loader can deliver
+
+    python bench/pretrain.py --data_path OUT_OF_CURATE            # the standard table
+    python bench/pretrain.py --models mae_vit_base_patch16 --input_sizes 224 --steps 30 --compile
+
+Prints a table and writes JSON (``--json``). A row that runs out of memory is reported as OOM and the
+benchmark continues. MFU = counted model FLOPs x img/s / peak bf16 FLOP/s of the GPU (``--peak_tflops``
+overrides the data-sheet value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.data import build_dataset, build_loader, default_normalization, gpu_augment  # noqa: E402
+from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
+from pretrain.schedule import build_optimizer  # noqa: E402
+
+DEFAULT_ROWS: list[tuple[str, int, int]] = [
+    ("mae_vit_small_patch16", 224, 256),
+    ("mae_vit_base_patch16", 224, 256),
+    ("mae_vit_large_patch16", 224, 128),
+    ("mae_vim_small_patch16", 224, 256),
+    ("mae_vim_base_patch16", 224, 256),
+    ("mae_vit_base_patch16", 512, 64),
+    ("mae_vim_base_patch16", 512, 64),
+    ("mae_vit_base_patch16", 1024, 8),
+    ("mae_vim_base_patch16", 1024, 8),
+]
+MODES = ("synthetic", "loader", "loader_only")
+
+
+@dataclass
+class Row:
+    mode: str
+    model: str
+    input_size: int
+    batch_size: int
+    status: str = "ok"
+    img_per_s: float | None = None
+    step_ms: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    peak_mem_gib: float | None = None
+    error: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None, help="MAE model names (default: the standard table)")
+    p.add_argument("--input_sizes", nargs="+", type=int, default=None, help="keep only these input sizes")
+    p.add_argument("--batch_size", type=int, default=None, help="override every row's batch size")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--data_path", default=None, help="curated shards (or any common.data path) for loader modes")
+    p.add_argument("--num_workers", type=int, default=16)
+    p.add_argument("--in_chans", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per row (compilation, loader start)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default="bench_pretrain.json", help="where to write the results")
+    return p.parse_args(argv)
+
+
+def select_rows(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    rows = list(DEFAULT_ROWS)
+    if args.models:
+        known = {m for m, _, _ in DEFAULT_ROWS}
+        rows = [r for r in rows if r[0] in args.models]
+        sizes = args.input_sizes or [224]
+        rows += [(m, s, 64) for m in args.models if m not in known for s in sizes]
+    if args.input_sizes:
+        rows = [r for r in rows if r[1] in args.input_sizes]
+    if args.batch_size:
+        rows = [(m, s, args.batch_size) for m, s, _ in rows]
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Batches:
+    """Endless uint8 letterboxed batches + sizes, from the real loader or resident on the device."""
+
+    def __init__(self, args: argparse.Namespace, size: int, batch: int, device: torch.device, real: bool):
+        self.device, self.real = device, real
+        if real:
+            ds = build_dataset(args.data_path, split="train", in_chans=args.in_chans)
+            self.it = iter(build_loader(ds, batch, num_workers=args.num_workers, infinite=True, canvas_size=size,
+                                        pin_memory=device.type == "cuda"))
+        else:
+            gen = torch.Generator().manual_seed(0)
+            self.images = torch.randint(0, 256, (batch, args.in_chans, size, size), generator=gen,
+                                        dtype=torch.uint8).to(device)
+            self.sizes = torch.full((batch, 2), size, dtype=torch.int64)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.real:
+            return self.images, self.sizes
+        b = next(self.it)
+        return b["image"].to(self.device, non_blocking=True), b["size"]
+
+
+def run_row(args: argparse.Namespace, mode: str, name: str, size: int, batch: int, device: torch.device) -> Row:
+    import models
+
+    row = Row(mode=mode, model=name if mode != "loader_only" else "-", input_size=size, batch_size=batch)
+    mean, std = default_normalization(args.in_chans)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model = optimizer = batches = None
+    try:
+        batches = Batches(args, size, batch, device, real=mode != "synthetic")
+        flops = None
+        if mode != "loader_only":
+            model = models.create_model(name, img_size=size, in_chans=args.in_chans, norm_pix_loss=True).to(device)
+            flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
+            optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
+            if args.compile:
+                model.compile()
+        gen = torch.Generator().manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                _sync(device)
+                start = time.perf_counter()
+            images, sizes = batches.next()
+            x = gpu_augment(images, sizes, size, mean, std, generator=gen)
+            if model is None:
+                continue
+            with autocast:
+                loss, _, _ = model(x, mask_ratio=args.mask_ratio, generator=gen)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        row.img_per_s = round(args.steps * batch / seconds, 1)
+        row.step_ms = round(1000 * seconds / args.steps, 2)
+        if flops:
+            row.tflops = float(f"{flops * row.img_per_s / 1e12:.4g}")
+            peak = peak_flops(device, args.peak_tflops)
+            row.mfu = round(flops * row.img_per_s / peak, 4) if peak else None
+        if device.type == "cuda":
+            row.peak_mem_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    except torch.cuda.OutOfMemoryError:
+        row.status = "OOM"
+    except Exception as exc:  # one broken row (e.g. a missing kernel) must not stop the table
+        row.status, row.error = "error", f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        del model, optimizer, batches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["mode", "model", "size", "batch", "img/s", "ms/step", "TFLOP/s", "MFU", "mem GiB", "status"]
+    lines = [head]
+    for r in rows:
+        lines.append([r.mode, r.model, str(r.input_size), str(r.batch_size), _f(r.img_per_s), _f(r.step_ms),
+                      _f(r.tflops), _f(r.mfu and round(100 * r.mfu, 1), "%"), _f(r.peak_mem_gib),
+                      r.status if not r.error else f"{r.status}: {r.error[:60]}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _f(value: Any, suffix: str = "") -> str:
+    return "" if value is None else f"{value}{suffix}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    modes = [m for m in args.modes if m == "synthetic" or args.data_path]
+    if len(modes) < len(args.modes):
+        print("note: loader modes skipped (no --data_path)")
+    rows: list[Row] = []
+    loader_sizes_done: set[int] = set()
+    for name, size, batch in select_rows(args):
+        for mode in modes:
+            if mode == "loader_only":
+                if size in loader_sizes_done:
+                    continue
+                loader_sizes_done.add(size)
+            row = run_row(args, mode, name, size, batch, device)
+            rows.append(row)
+            print(f"{row.mode:11s} {row.model:24s} {size:5d} x{batch:<4d} {row.status:5s} {_f(row.img_per_s)} img/s",
+                  flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\ndevice: {device_name}, torch {torch.__version__}, compile={args.compile}, steps={args.steps}")
+    print(format_table(rows))
+    result = {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": [asdict(r) for r in rows]}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if any(r.status == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""bench/pretrain.py runs every mode on CPU with a tiny model, and a broken row does not stop the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_data_fixtures import breast_shards
+
+from bench.pretrain import main as bench_main
+from common.data import build_dataset
+
+
+def test_bench_rows_modes_and_error_isolation(tmp_path: Path) -> None:
+    shards = breast_shards(tmp_path / "cur", n=40, per_shard=10)
+    assert len(build_dataset(shards)) == 40
+    out = tmp_path / "bench.json"
+    rc = bench_main(["--models", "mae_test_vit", "mae_no_such_model", "--input_sizes", "32", "--batch_size", "4",
+                     "--steps", "2", "--warmup", "1", "--data_path", str(shards), "--num_workers", "0",
+                     "--in_chans", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    by_key = {(r["mode"], r["model"]): r for r in rows}
+    for mode in ("synthetic", "loader"):
+        ok = by_key[(mode, "mae_test_vit")]
+        assert ok["status"] == "ok" and ok["img_per_s"] > 0 and ok["tflops"] > 0
+        assert by_key[(mode, "mae_no_such_model")]["status"] == "error"
+    assert by_key[("loader_only", "-")]["img_per_s"] > 0
