@@ -88,7 +88,8 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
                                  cfg.reprob, cfg.remode, cfg.recount)
     train_ds = IndexedSplit(ctx.splits["train"], train_t, labels.num_classes)
     sampler = EpochShuffleSampler(len(train_ds), cfg.seed, acc.process_index, acc.num_processes)
-    train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True)
+    train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
+                               persistent=True)
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
                          f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")

@@ -55,7 +55,8 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
                                 "class_names": labels.class_names, "multilabel": labels.multilabel})
     train_ds = IndexedSplit(ctx.splits["train"], train_transform(cfg, ctx), labels.num_classes)
     sampler = EpochShuffleSampler(len(train_ds), cfg.seed, acc.process_index, acc.num_processes)
-    train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True)
+    train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
+                               persistent=True)
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
                          f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")

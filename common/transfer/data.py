@@ -144,10 +144,10 @@ class IndexedSplit(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int, pin_memory: bool,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, persistent: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
-                      worker_init_fn=seed_worker, persistent_workers=False)
+                      worker_init_fn=seed_worker, persistent_workers=persistent and num_workers > 0)
 
 
 def scan_labels(dataset: IndexedSplit, sampler: Sampler[int], batch_size: int, num_workers: int,
