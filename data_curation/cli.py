@@ -1,4 +1,5 @@
-"""``curate INPUT... --output OUT [--workers N] [...]``: heterogeneous medical images -> WebDataset shards."""
+"""``curate INPUT... --output OUT [--workers N] [...]``: heterogeneous medical images -> WebDataset shards.
+``curate --merge PART_DIR... --output OUT``: combine finished curate outputs (e.g. of a Slurm job array)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from common.config import ConfigError, build_parser, parse_config
 from data_curation.config import CurateConfig
 from data_curation.deid import SaltError
 from data_curation.manifest import summary_table
+from data_curation.merge import merge
 from data_curation.run import curate
 
 
@@ -19,7 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(CurateConfig, args, parser)
         cfg.inputs = list(cfg.inputs) + list(paths)
-        manifest = curate(cfg)
+        if cfg.merge:
+            if cfg.inputs:
+                raise ConfigError("--merge combines finished outputs; it takes no inputs "
+                                  f"(got {cfg.inputs[:3]})")
+            manifest = merge(list(cfg.merge), cfg.output, cfg.progress)
+        else:
+            manifest = curate(cfg)
     except (ConfigError, SaltError, ValueError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr)
         return 2

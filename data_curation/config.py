@@ -47,3 +47,6 @@ class CurateConfig:
     png_compress_level: int = _f(1, "zlib level of stored PNGs (1: fastest encode, ~15% larger than 6)")
     image_modality: str = _f("OT", "modality written for 2D image files (e.g. XR, photo)")
     progress: bool = _f(True, "show a progress bar")
+    merge: list[str] = _f([], "merge mode: combine these finished curate outputs (PART_DIR...; same salt and "
+                              "settings, e.g. the parts of launch/slurm/curate_array.sbatch) into --output; "
+                              "their shards are moved")

@@ -56,6 +56,11 @@ def salted_hash(salt: bytes, *parts: object, digest_size: int = 12) -> str:
     return h.hexdigest()
 
 
+def salt_fingerprint(salt: bytes) -> str:
+    """A short keyed digest that tells whether two outputs used the same salt without revealing it."""
+    return salted_hash(salt, "salt-fingerprint", digest_size=8)
+
+
 def split_for_subject(salt: bytes, subject_hash: str, fractions: list[float]) -> str:
     """Deterministic train/val/test assignment from a subject hash (all of a subject's data share it)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:

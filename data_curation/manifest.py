@@ -27,8 +27,10 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def build_manifest(state: LedgerState, config: dict[str, Any]) -> dict[str, Any]:
-    """Counts over every input ever curated into OUT; each file is exactly one of used/rejected/duplicate."""
+def build_manifest(state: LedgerState, config: dict[str, Any], extra: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """Counts over every input ever curated into OUT; each file is exactly one of used/rejected/duplicate.
+    ``extra`` adds top-level keys (``salt_id``, ``merged_from``)."""
     status = Counter(rec["status"] for rec in state.items.values())
     per_source: dict[str, Counter] = defaultdict(Counter)
     per_modality: Counter = Counter()
@@ -56,11 +58,13 @@ def build_manifest(state: LedgerState, config: dict[str, Any]) -> dict[str, Any]
         "shards": [{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in shards],
         "config": config,
         "versions": library_versions(),
+        **(extra or {}),
     }
 
 
-def write_outputs(out: Path, state: LedgerState, config: dict[str, Any]) -> dict[str, Any]:
-    manifest = build_manifest(state, config)
+def write_outputs(out: Path, state: LedgerState, config: dict[str, Any], extra: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    manifest = build_manifest(state, config, extra)
     atomic_write_json(out / "manifest.json", manifest)
     rejects = [{"path": rec["path"], "reason": rec["reason"]} for rec in state.items.values()
                if rec["status"] == "rejected"]

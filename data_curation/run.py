@@ -11,7 +11,7 @@ from typing import Any
 from common.config import config_to_dict
 from common.logging import get_logger, progress
 from data_curation.config import CurateConfig
-from data_curation.deid import load_salt
+from data_curation.deid import load_salt, salt_fingerprint
 from data_curation.discover import InputFile, Rejected, walk_inputs
 from data_curation.manifest import write_outputs
 from data_curation.plan import plan_tasks
@@ -121,7 +121,7 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
             pool.terminate()
         sink.close()
         ledger.close()
-    return write_outputs(out, state, config_to_dict(cfg))
+    return write_outputs(out, state, config_to_dict(cfg), {"salt_id": salt_fingerprint(salt)})
 
 
 def _bar(results: Iterable[TaskResult], total: int, enabled: bool) -> Iterator[TaskResult]:

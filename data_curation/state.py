@@ -39,8 +39,8 @@ class LedgerState:
         return max(idx) + 1 if idx else 0
 
 
-def load_ledger(out: Path) -> LedgerState:
-    """Replay the ledger and clean the shard folder: temp shards and unrecorded (orphan) shards are removed."""
+def replay_ledger(out: Path) -> LedgerState:
+    """The state recorded in ``out``'s ledger (read only: nothing on disk is touched)."""
     state = LedgerState()
     path = out / LEDGER_NAME
     if path.exists():
@@ -57,6 +57,12 @@ def load_ledger(out: Path) -> LedgerState:
                         state.written[item] += 1
                 elif rec.get("t") == "item":
                     state.items[rec["id"]] = rec
+    return state
+
+
+def load_ledger(out: Path) -> LedgerState:
+    """Replay the ledger and clean the shard folder: temp shards and unrecorded (orphan) shards are removed."""
+    state = replay_ledger(out)
     shard_dir = out / "shards"
     if shard_dir.is_dir():
         for p in shard_dir.iterdir():
