@@ -19,7 +19,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch finetune/mai
 
 from typing import Any  # noqa: E402
 
-from common.transfer.cli import parse_transfer_config  # noqa: E402
+from common.transfer.cli import run_cli  # noqa: E402
+from common.transfer.errors import TransferUsageError  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 
 
@@ -31,11 +32,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     from finetune.train import run_finetune
 
     if cfg.eval and not cfg.resume:
-        raise ValueError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
+        raise TransferUsageError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
     if not 0.0 < cfg.layer_decay <= 1.0:
-        raise ValueError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
+        raise TransferUsageError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if cfg.mixup_mode not in ("batch", "pair", "elem"):
-        raise ValueError(f"--mixup_mode must be batch, pair or elem, got {cfg.mixup_mode!r}")
+        raise TransferUsageError(f"--mixup_mode must be batch, pair or elem, got {cfg.mixup_mode!r}")
     ctx = prepare_run(cfg, "finetune", classifier_head=True, drop_path=cfg.drop_path)
     model = build_model(ctx.spec)
     # Decoding also yields the training targets that the class-weighted loss needs.
@@ -46,17 +47,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_transfer_config(FinetuneConfig, "finetune", __doc__ or "", argv)
-    results = run(cfg)
-    from common.logging import is_main_process
-
-    if not is_main_process():
-        return 0
-    where = "test" if results.get("test") else "val"
-    shown = results["test"] or results["val"]
-    print(f"finetune {where}: " + ", ".join(f"{k} {shown[k]:.4f}" for k in ("acc", "balanced_acc", "auc", "f1")
-                                         if shown.get(k) is not None))
-    return 0
+    return run_cli("finetune", FinetuneConfig, __doc__ or "", argv, run)
 
 
 if __name__ == "__main__":

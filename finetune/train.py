@@ -11,6 +11,7 @@ from torch import nn
 from common.logging import get_logger
 from common.transfer.data import IndexedSplit, make_loader
 from common.transfer.engine import LrSchedule
+from common.transfer.errors import TransferUsageError
 from common.transfer.loop import FitParts, FitState, fit, load_best_weights, load_last, score_best
 from common.transfer.losses import build_loss, inverse_frequency_weights, positive_weights
 from common.transfer.param_groups import layer_decay_groups, weight_decay_groups
@@ -26,7 +27,7 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
     if hasattr(model, "layer_id") and hasattr(model, "num_layer_ids"):
         return layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
     if cfg.layer_decay != 1.0:
-        raise TypeError(f"{type(model).__name__} has no layer_id()/num_layer_ids, so --layer_decay "
+        raise TransferUsageError(f"{type(model).__name__} has no layer_id()/num_layer_ids, so --layer_decay "
                         f"{cfg.layer_decay} cannot be applied; pass --layer_decay 1.0")
     return weight_decay_groups(model, cfg.weight_decay)
 
@@ -37,7 +38,7 @@ def mixup_fn(cfg: FinetuneConfig, num_classes: int, multilabel: bool) -> Any:
     from timm.data import Mixup
 
     if cfg.batch_size % 2:
-        raise ValueError(f"--mixup/--cutmix need an even --batch_size (got {cfg.batch_size})")
+        raise TransferUsageError(f"--mixup/--cutmix need an even --batch_size (got {cfg.batch_size})")
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
                  prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
                  label_smoothing=cfg.smoothing, num_classes=num_classes, multi_label=multilabel)
@@ -91,7 +92,7 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
     train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
                                persistent=True)
     if len(train_loader) == 0:
-        raise ValueError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
+        raise TransferUsageError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
                          f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")
     state = FitState(start_epoch=cfg.start_epoch)
     if cfg.resume:
@@ -103,7 +104,7 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
                 LrSchedule(lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs), labels, ctx.out_dir, cfg.epochs,
                 cfg.accum_iter, cfg.clip_grad, cfg.select_metric, cfg.dist_eval, state, ctx.log)
     if state.best_epoch < 0:
-        raise RuntimeError("no epoch was trained (--epochs 0, or --start_epoch >= --epochs)")
+        raise TransferUsageError("no epoch was trained (--epochs 0, or --start_epoch >= --epochs)")
     results = score_best(parts, ctx.out_dir, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)
     extra = {"mode": "finetune" if cfg.finetune else "scratch", "lr": lr, "blr": cfg.blr,
              "best_epoch": state.best_epoch, "ema": ema is not None,

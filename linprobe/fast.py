@@ -20,6 +20,7 @@ from common.checkpoint import load_weights, save_weights, save_weights_with_conf
 from common.logging import get_logger, progress
 from common.transfer.data import make_loader
 from common.transfer.engine import gather_strided
+from common.transfer.errors import TransferUsageError
 from common.transfer.heads import FrozenEncoderProbe, ProbeHead, ProbeHeadGrid
 from common.transfer.lars import LARS
 from common.transfer.loop import BEST_NAME
@@ -94,7 +95,7 @@ def train_grid(cfg: LinprobeConfig, ctx: RunContext, feats: dict[str, torch.Tens
     grid = ProbeHeadGrid(dim, labels.num_classes, len(cfg.lr_grid), seed=cfg.seed).to(device)
     peaks = [effective_lr(blr, None, cfg.batch_size, cfg.accum_iter, world) for blr in cfg.lr_grid]
     if cfg.lr is not None:
-        raise ValueError("--fast takes its learning rates from --lr_grid (base LRs); drop --lr")
+        raise TransferUsageError("--fast takes its learning rates from --lr_grid (base LRs); drop --lr")
     groups = [{"params": list(lin.parameters()), "peak_lr": peak} for lin, peak in zip(grid.linears, peaks)]
     optimizer = LARS(groups, lr=0.0, weight_decay=cfg.weight_decay)
     loss_fn = probe_loss(labels.multilabel)
@@ -107,7 +108,7 @@ def train_grid(cfg: LinprobeConfig, ctx: RunContext, feats: dict[str, torch.Tens
         grid.train()
         steps = [idx.to(device) for idx in batches(train_order(n, epoch, cfg.seed), batch, drop_last=True)]
         if not steps:
-            raise ValueError(f"{cfg.data_path}: {n} training samples are fewer than one batch of {batch}")
+            raise TransferUsageError(f"{cfg.data_path}: {n} training samples are fewer than one batch of {batch}")
         losses = []
         for i, idx in enumerate(steps):
             if i % cfg.accum_iter == 0:
@@ -144,7 +145,7 @@ def run_fast(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple[
     if cfg.train_aug != "none":
         logger.info("--fast: features are extracted once, without training augmentation")
     if not cfg.lr_grid:
-        raise ValueError("--fast needs at least one --lr_grid value")
+        raise TransferUsageError("--fast needs at least one --lr_grid value")
     acc = ctx.accelerator
     probe = FrozenEncoderProbe(encoder, ProbeHead(encoder.num_features, ctx.labels.num_classes)).to(acc.device)
     cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else ctx.out_dir / "features"
@@ -156,7 +157,7 @@ def run_fast(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple[
     best, peaks = outcome["best"], outcome["peaks"]
     winner = max(range(len(best)), key=lambda h: (best[h]["value"], -h))
     if best[winner]["epoch"] < 0:
-        raise RuntimeError("no epoch was trained (--epochs 0?)")
+        raise TransferUsageError("no epoch was trained (--epochs 0?)")
     head = ProbeHead(feats["train"].shape[1], ctx.labels.num_classes)
     head.load_state_dict(best[winner]["state"])
     head.eval()

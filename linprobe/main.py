@@ -17,7 +17,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch linprobe/mai
 
 from typing import Any  # noqa: E402
 
-from common.transfer.cli import parse_transfer_config  # noqa: E402
+from common.transfer.cli import run_cli  # noqa: E402
+from common.transfer.errors import TransferUsageError  # noqa: E402
 from linprobe.config import LinprobeConfig  # noqa: E402
 
 
@@ -30,18 +31,20 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     from linprobe.train import TRAIN_AUGS, run_probe
 
     if cfg.train_aug not in TRAIN_AUGS:
-        raise ValueError(f"--train_aug must be one of {', '.join(TRAIN_AUGS)}, got {cfg.train_aug!r}")
+        raise TransferUsageError(f"--train_aug must be one of {', '.join(TRAIN_AUGS)}, got {cfg.train_aug!r}")
     if cfg.eval and not cfg.resume:
-        raise ValueError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
+        raise TransferUsageError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
     if cfg.fast and (cfg.eval or cfg.resume):
-        raise ValueError("--fast trains from scratch on cached features; use --eval/--resume without --fast")
-    if not cfg.finetune:
-        raise ValueError("--finetune (the pretrained checkpoint to probe) is required: probing a randomly "
-                         "initialised encoder says nothing about pretraining")
+        raise TransferUsageError("--fast trains from scratch on cached features; use --eval/--resume without --fast")
     ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None)
+    if not cfg.finetune:
+        from common.logging import get_logger
+
+        get_logger("scanmae.linprobe").warning(
+            f"no --finetune checkpoint: probing a randomly initialised {ctx.spec.model} (a baseline only)")
     encoder = build_model(ctx.spec)
     if not all(hasattr(encoder, a) for a in ("forward_features", "pool", "num_features")):
-        raise TypeError(f"model '{ctx.spec.model}' is not an encoder (no forward_features/pool): "
+        raise TransferUsageError(f"model '{ctx.spec.model}' is not an encoder (no forward_features/pool): "
                         "linear probing needs one of the registry encoders")
     if cfg.verify_data and not cfg.fast:  # --fast decodes everything while extracting features anyway
         ctx.verify(("train", "val", "test"), cfg.batch_size, cfg.num_workers)
@@ -53,17 +56,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_transfer_config(LinprobeConfig, "linprobe", __doc__ or "", argv)
-    results = run(cfg)
-    from common.logging import is_main_process
-
-    if not is_main_process():
-        return 0
-    where = results.get("evaluated_on", "test" if results.get("test") else "val")
-    shown = results["test"] or results["val"]
-    print(f"linprobe {where}: " + ", ".join(f"{k} {shown[k]:.4f}" for k in ("acc", "balanced_acc", "auc", "f1")
-                                         if shown.get(k) is not None))
-    return 0
+    return run_cli("linprobe", LinprobeConfig, __doc__ or "", argv, run)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from torch import nn
 from common.logging import get_logger
 from common.transfer.data import IndexedSplit, make_loader
 from common.transfer.engine import LrSchedule
+from common.transfer.errors import TransferUsageError
 from common.transfer.heads import FrozenEncoderProbe, ProbeHead
 from common.transfer.lars import LARS
 from common.transfer.loop import FitParts, FitState, fit, load_best_weights, load_last, score_best
@@ -58,7 +59,7 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
     train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
                                persistent=True)
     if len(train_loader) == 0:
-        raise ValueError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
+        raise TransferUsageError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
                          f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")
     state = FitState(start_epoch=cfg.start_epoch)
     if cfg.resume:
@@ -70,6 +71,6 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
                 labels, ctx.out_dir, cfg.epochs, cfg.accum_iter, None, cfg.select_metric, cfg.dist_eval, state,
                 ctx.log)
     if state.best_epoch < 0:
-        raise RuntimeError("no epoch was trained (--epochs 0, or --start_epoch >= --epochs)")
+        raise TransferUsageError("no epoch was trained (--epochs 0, or --start_epoch >= --epochs)")
     scored = score_best(parts, ctx.out_dir, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)
     return scored, {"mode": "linprobe", "lr": lr, "blr": cfg.blr, "best_epoch": state.best_epoch}

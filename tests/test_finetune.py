@@ -14,12 +14,13 @@ from test_linprobe_fixtures import (
     BREAST_NPZ,
     PNEUMONIA_NPZ,
     REPO,
+    cli_fails,
     export_tiny_encoder,
     kermany_multilabel_csv,
     read_results,
 )
 
-from common.checkpoint import CheckpointError, load_weights
+from common.checkpoint import load_weights
 from common.transfer.encoder import build_model, resolve_spec
 from common.transfer.losses import inverse_frequency_weights, positive_weights
 from common.transfer.param_groups import layer_decay_groups
@@ -171,66 +172,69 @@ def _no_training_happened(out: Path) -> bool:
     return not (out / "log.jsonl").exists() and not (out / "checkpoint-best.safetensors").exists()
 
 
-def test_nb_classes_mismatch(encoder_ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"--nb_classes 3 but the data has 2 classes"):
-        main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--nb_classes", "3",
-              "--output_dir", str(tmp_path), *FAST])
+def test_nb_classes_mismatch(encoder_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--nb_classes", "3",
+            "--output_dir", str(tmp_path), *FAST]
+    cli_fails(capsys, main, argv, r"--nb_classes 3 but the data has 2 classes")
     assert _no_training_happened(tmp_path)
 
 
-def test_missing_split_folder(encoder_ckpt: Path, tmp_path: Path) -> None:
+def test_missing_split_folder(encoder_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from test_linprobe_fixtures import kermany_image_folder
 
     root = kermany_image_folder(tmp_path / "data", {"train": 2, "test": 2})
-    with pytest.raises(ValueError, match=r"data: the 'val' split is missing"):
-        main(["--data_path", str(root), "--finetune", str(encoder_ckpt), "--output_dir", str(tmp_path / "o"), *FAST])
+    argv = ["--data_path", str(root), "--finetune", str(encoder_ckpt), "--output_dir", str(tmp_path / "o"), *FAST]
+    cli_fails(capsys, main, argv, r"data: the 'val' split is missing")
 
 
-def test_empty_class_folder(encoder_ckpt: Path, tmp_path: Path) -> None:
+def test_empty_class_folder(encoder_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from test_linprobe_fixtures import kermany_image_folder
 
     root = kermany_image_folder(tmp_path / "data", {"train": 2, "val": 2})
     for f in (root / "val" / "NORMAL").iterdir():
         f.unlink()
-    with pytest.raises(ValueError, match=r"val/NORMAL: class folder has no images"):
-        main(["--data_path", str(root), "--finetune", str(encoder_ckpt), "--output_dir", str(tmp_path / "o"), *FAST])
+    argv = ["--data_path", str(root), "--finetune", str(encoder_ckpt), "--output_dir", str(tmp_path / "o"), *FAST]
+    cli_fails(capsys, main, argv, r"val/NORMAL: class folder has no images")
 
 
-def test_corrupt_image_is_reported_before_training(encoder_ckpt: Path, tmp_path: Path) -> None:
+def test_corrupt_image_is_reported_before_training(encoder_ckpt: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from test_linprobe_fixtures import kermany_image_folder
 
     root = kermany_image_folder(tmp_path / "data", {"train": 3, "val": 2})
     victim = sorted((root / "train" / "PNEUMONIA").iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:300])  # a truncated JPEG
     out = tmp_path / "o"
-    with pytest.raises(Exception, match=victim.name):
-        main(["--data_path", str(root), "--finetune", str(encoder_ckpt), "--batch_size", "2",
-              "--output_dir", str(out), *FAST])
+    argv = ["--data_path", str(root), "--finetune", str(encoder_ckpt), "--batch_size", "2",
+            "--output_dir", str(out), *FAST]
+    cli_fails(capsys, main, argv, victim.name)
     assert _no_training_happened(out)
 
 
-def test_checkpoint_of_another_architecture(encoder_ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"holds a 'test_vit' encoder.*--model is 'test_vim'"):
-        main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--model", "test_vim",
-              "--output_dir", str(tmp_path), *FAST])
+def test_checkpoint_of_another_architecture(encoder_ckpt: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--model", "test_vim",
+            "--output_dir", str(tmp_path), *FAST]
+    cli_fails(capsys, main, argv, r"holds a 'test_vit' encoder.*--model is 'test_vim'")
     # a foreign checkpoint (no encoder.json) whose tensors do not fit the named model
     ckpt = tmp_path / "mae_pretrain.pth"
     _mae_layout_checkpoint(ckpt)
-    with pytest.raises(CheckpointError, match=r"mae_pretrain.pth.*pos_embed"):
-        main(["--data_path", str(BREAST_NPZ), "--finetune", str(ckpt), "--model", "vit_tiny_patch16",
-              "--output_dir", str(tmp_path / "o"), *FAST])
+    argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(ckpt), "--model", "vit_tiny_patch16",
+            "--output_dir", str(tmp_path / "o"), *FAST]
+    cli_fails(capsys, main, argv, r"mae_pretrain.pth.*pos_embed")
 
 
-def test_foreign_checkpoint_needs_model_and_pickles_are_refused(tmp_path: Path) -> None:
+def test_foreign_checkpoint_needs_model_and_pickles_are_refused(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "mae_pretrain.pth"
     _mae_layout_checkpoint(ckpt)
-    with pytest.raises(CheckpointError, match=r"mae_pretrain.pth: no encoder.json.*pass --model"):
-        main(["--data_path", str(BREAST_NPZ), "--finetune", str(ckpt), "--output_dir", str(tmp_path), *FAST])
+    argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(ckpt), "--output_dir", str(tmp_path), *FAST]
+    cli_fails(capsys, main, argv, r"mae_pretrain.pth: no encoder.json.*pass --model")
     pickled = tmp_path / "with_args.pth"
     _mae_layout_checkpoint(pickled, with_pickled_args=True)
-    with pytest.raises(CheckpointError, match=r"with_args.pth: refused to load"):
-        main(["--data_path", str(BREAST_NPZ), "--finetune", str(pickled), "--model", "test_vit",
-              "--output_dir", str(tmp_path / "o"), *FAST])
+    argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(pickled), "--model", "test_vit",
+            "--output_dir", str(tmp_path / "o"), *FAST]
+    cli_fails(capsys, main, argv, r"with_args.pth: refused to load")
 
 
 # -- losses, flags -----------------------------------------------------------------------------------------
@@ -274,13 +278,14 @@ def test_resume_with_ema_continues_where_it_stopped(encoder_ckpt: Path, tmp_path
     assert torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)["epoch"] == 1
 
 
-def test_eval_of_a_checkpoint_for_another_class_count_is_an_error(encoder_ckpt: Path, tmp_path: Path) -> None:
+def test_eval_of_a_checkpoint_for_another_class_count_is_an_error(encoder_ckpt: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     csv_path = kermany_multilabel_csv(tmp_path / "findings.csv", {"train": 6, "val": 3, "test": 3})
     main(["--data_path", str(csv_path), "--finetune", str(encoder_ckpt), "--multilabel", "--batch_size", "6",
           "--epochs", "1", "--output_dir", str(tmp_path / "ml"), *FAST])
-    with pytest.raises(CheckpointError, match=r"ml/checkpoint-best.safetensors: does not fit"):
-        main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--eval", "--resume",
-              str(tmp_path / "ml" / "checkpoint-best.safetensors"), "--output_dir", str(tmp_path / "e"), *FAST])
+    argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--eval", "--resume",
+            str(tmp_path / "ml" / "checkpoint-best.safetensors"), "--output_dir", str(tmp_path / "e"), *FAST]
+    cli_fails(capsys, main, argv, r"ml/checkpoint-best.safetensors: does not fit")
 
 
 def test_pretraining_checkpoint_directory_is_understood(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from test_linprobe_fixtures import (
     BREAST_NPZ,
     PNEUMONIA_NPZ,
     REPO,
+    cli_fails,
     export_tiny_encoder,
     kermany_multilabel_csv,
     read_results,
@@ -105,11 +106,12 @@ def test_multilabel_probe_on_kermany_findings(encoder_ckpt: Path, tmp_path: Path
     assert not (out / "confusion_matrix_test.json").exists()
 
 
-def test_multilabel_data_without_flag_is_an_error(encoder_ckpt: Path, tmp_path: Path) -> None:
+def test_multilabel_data_without_flag_is_an_error(encoder_ckpt: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     csv_path = kermany_multilabel_csv(tmp_path / "findings.csv", {"train": 2, "val": 1, "test": 1})
-    with pytest.raises(ValueError, match="multi-label.*--multilabel"):
-        main(["--data_path", str(csv_path), "--finetune", str(encoder_ckpt), "--output_dir",
-              str(tmp_path / "x"), *COMMON])
+    argv = ["--data_path", str(csv_path), "--finetune", str(encoder_ckpt), "--output_dir",
+            str(tmp_path / "x"), *COMMON]
+    cli_fails(capsys, main, argv, "multi-label.*--multilabel")
 
 
 def test_runs_as_a_script_with_mae_flags() -> None:
@@ -153,10 +155,11 @@ def test_probe_on_curated_shards_with_a_three_channel_encoder(tmp_path: Path) ->
     assert json.loads((out / "model.json").read_text())["in_chans"] == 3
 
 
-def test_nb_classes_mismatch_before_any_work(encoder_ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"breastmnist.npz: --nb_classes 5 but the data has 2 classes"):
-        main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--nb_classes", "5", "--fast",
-              "--output_dir", str(tmp_path), *COMMON])
+def test_nb_classes_mismatch_before_any_work(encoder_ckpt: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--nb_classes", "5", "--fast",
+            "--output_dir", str(tmp_path), *COMMON]
+    cli_fails(capsys, main, argv, r"breastmnist.npz: --nb_classes 5 but the data has 2 classes")
     assert not (tmp_path / "features").exists()
 
 

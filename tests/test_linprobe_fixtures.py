@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,3 +73,13 @@ def kermany_multilabel_csv(path: Path, per_class: dict[str, int]) -> Path:
 
 def read_results(out_dir: Path) -> dict:
     return json.loads((out_dir / "results.json").read_text())
+
+
+def cli_fails(capsys: Any, main_fn: Any, argv: list[str], pattern: str) -> str:
+    """Run a CLI ``main`` that must reject its input: exit status 2 and ``pattern`` in the one-line error."""
+    capsys.readouterr()
+    assert main_fn(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err, re.S), err
+    assert "Traceback" not in err
+    return err

@@ -24,12 +24,9 @@ from common.data.source import DataSourceError, RandomAccessSource
 from common.data.tar_source import MANIFEST
 from common.logging import progress
 from common.seed import seed_worker
+from common.transfer.errors import TransferDataError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-class TransferDataError(ValueError):
-    """The data does not fit the run (missing split, label-space mismatch); the message names the path."""
 
 
 @dataclass

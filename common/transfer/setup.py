@@ -22,6 +22,7 @@ from common.transfer.config import TransferConfig
 from common.transfer.data import IndexedSplit, LabelSpace, make_loader, open_splits, scan_labels
 from common.transfer.encoder import EncoderSpec, resolve_spec
 from common.transfer.engine import gather_strided
+from common.transfer.errors import TransferUsageError
 from common.transfer.results import SELECT_METRICS
 from common.transfer.sampling import StridedSampler
 from common.transfer.transforms import eval_transform
@@ -65,9 +66,9 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
     """Seed, create the output folder, resolve the architecture and open + check the data's structure
     (splits, label space); decoding every image is :meth:`RunContext.verify`'s job."""
     if cfg.select_metric not in SELECT_METRICS:
-        raise ValueError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {cfg.select_metric!r}")
+        raise TransferUsageError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {cfg.select_metric!r}")
     if cfg.accum_iter < 1 or cfg.batch_size < 1 or cfg.epochs < 0:
-        raise ValueError(f"--batch_size / --accum_iter must be >= 1 and --epochs >= 0 (got {cfg.batch_size}, "
+        raise TransferUsageError(f"--batch_size / --accum_iter must be >= 1 and --epochs >= 0 (got {cfg.batch_size}, "
                          f"{cfg.accum_iter}, {cfg.epochs})")
     accelerator = Accelerator()
     seed_everything(cfg.seed)
