@@ -96,7 +96,12 @@ def gather_strided(accelerator: Accelerator, local: np.ndarray, sharded: bool) -
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[Any], accelerator: Accelerator, multilabel: bool,
             sharded: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
-    """(scores, targets) over ``loader``: softmax probabilities, or sigmoids for multi-label."""
+    """(scores, targets) over ``loader``: softmax probabilities, or sigmoids for multi-label.
+
+    Runs the unwrapped module: a DDP wrapper would broadcast buffers on every forward, a collective that
+    deadlocks when the evaluation shards of the processes differ in batch count.
+    """
+    model = accelerator.unwrap_model(model)
     model.eval()
     scores, targets = [], []
     for images, target in progress(loader, desc=desc, leave=False):
