@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -11,6 +12,7 @@ from torch.autograd.function import once_differentiable
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import ScanLaunchConfig, default_launch_config
 from kernels.triton_scan_fwd import selective_scan_fwd_launch
+from kernels.triton_scan_seq import selective_scan_bwd_seq2_launch, selective_scan_fwd_seq2_launch
 
 
 def _as_grouped(bc: torch.Tensor, groups: int) -> torch.Tensor:
@@ -34,7 +36,8 @@ class SelectiveScanTritonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, fwd_config, bwd_config):
         needs_grad = any(ctx.needs_input_grad[:8])
-        out, last_state, chunk_states = selective_scan_fwd_launch(
+        launch = selective_scan_fwd_seq2_launch if fwd_config.kernel == "seq2" else selective_scan_fwd_launch
+        out, last_state, chunk_states = launch(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, needs_grad, fwd_config
         )
         if needs_grad:
@@ -51,7 +54,8 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
-        grads = selective_scan_bwd_launch(
+        launch = selective_scan_bwd_seq2_launch if ctx.bwd_config.kernel == "seq2" else selective_scan_bwd_launch
+        grads = launch(
             u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
             ctx.delta_softplus, ctx.reverse, ctx.bwd_config,
         )
@@ -70,10 +74,12 @@ def launch_configs(
     n_pad = triton.next_power_of_2(n_state)
     fwd = fwd_config or default_launch_config(n_pad, length, backward=False)
     bwd = bwd_config or default_launch_config(n_pad, length, backward=True)
+    if bwd.kernel == "seq":
+        raise ValueError("selective_scan: the 'seq' kernel is forward-only; use 'scan' or 'seq2' for the backward")
     if bwd.chunk != fwd.chunk:
         if bwd_config is not None:
             raise ValueError(f"selective_scan: backward chunk {bwd.chunk} must equal forward chunk {fwd.chunk}")
-        bwd = ScanLaunchConfig(block_d=bwd.block_d, chunk=fwd.chunk, num_warps=bwd.num_warps)
+        bwd = dataclasses.replace(bwd, chunk=fwd.chunk)
     return fwd, bwd
 
 

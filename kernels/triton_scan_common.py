@@ -26,32 +26,49 @@ def column(tile, offs_t, index):
     return tl.sum(tl.where(offs_t[None, None, :] == index, tile, 0.0), axis=2)
 
 
+SCAN_KERNELS = ("scan", "seq", "seq2")
+
+
 @dataclass(frozen=True)
 class ScanLaunchConfig:
-    """Tile sizes: BLOCK_D channels x N_PAD states x CHUNK positions per step of the sequential loop."""
+    """Which kernel runs and its tile sizes: BLOCK_D channels x N_PAD states, CHUNK positions per chunk.
+
+    ``kernel``: "scan" = chunk-scan tiles (BLOCK_D, N, CHUNK) with associative scans (forward and
+    backward); "seq" = the first one-channel-per-thread forward (forward only; block_d is ignored and
+    taken as 32 * num_warps); "seq2" = kernels/triton_scan_seq.py, forward and backward, one warp per
+    program, block_d <= 32 channels per warp (32 / block_d lanes per channel). The forward saves the
+    state every CHUNK positions, so forward and backward configs must agree on ``chunk``.
+    """
 
     block_d: int
     chunk: int
     num_warps: int
-    # Forward only: walk positions one by one, one channel per thread (block_d is then 32 * num_warps).
-    sequential: bool = False
+    kernel: str = "scan"
 
     def __post_init__(self) -> None:
         for name in ("block_d", "chunk"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")
+        if self.kernel not in SCAN_KERNELS:
+            raise ValueError(f"ScanLaunchConfig.kernel must be one of {SCAN_KERNELS}, got {self.kernel!r}")
+        if self.kernel == "seq2" and (self.block_d > 32 or self.num_warps != 1):
+            raise ValueError(f"ScanLaunchConfig: seq2 runs one warp per program with block_d <= 32, got {self}")
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:
-    """Defaults from the H200 sweep in bench/scan.py (docs/sections/kernels.md).
+    """The seq2 kernels for forward and backward (kernels/triton_scan_seq.py); see docs/sections/kernels.md."""
+    chunk = min(8, triton.next_power_of_2(length))
+    return ScanLaunchConfig(block_d=8, chunk=chunk, num_warps=1, kernel="seq2")
 
-    Forward: the sequential kernel, one warp (32 channels) per program. Backward: chunk-scan tiles of
-    about 1K fp32 elements, 4 warps; chunks of 16 positions for short sequences, 32 for long ones.
-    """
+
+def previous_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:
+    """The defaults before seq2 (kept for comparison in bench/scan.py): the first sequential forward and
+    the chunk-scan backward, tiles of about 1K fp32 elements, 4 warps; chunks of 16 positions for short
+    sequences, 32 for long ones."""
     chunk = 16 if length <= 256 else 32
     chunk = min(chunk, triton.next_power_of_2(length))
     if not backward:
-        return ScanLaunchConfig(block_d=32, chunk=chunk, num_warps=1, sequential=True)
+        return ScanLaunchConfig(block_d=32, chunk=chunk, num_warps=1, kernel="seq")
     block_d = max(1, min(64, 1024 // (n_state_padded * chunk)))
     return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=4)

@@ -131,11 +131,12 @@ def selective_scan_fwd_launch(
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
     # The sequential kernel wants one channel per thread: BLOCK_D = 32 * num_warps.
-    kernel = _selective_scan_fwd_seq_kernel if config.sequential else _selective_scan_fwd_kernel
-    block_d = 32 * config.num_warps if config.sequential else config.block_d
+    sequential = config.kernel == "seq"
+    kernel = _selective_scan_fwd_seq_kernel if sequential else _selective_scan_fwd_kernel
+    block_d = 32 * config.num_warps if sequential else config.block_d
     grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
     kernel[grid](
-        u, delta, A.t().contiguous() if config.sequential else A, B, C,
+        u, delta, A.t().contiguous() if sequential else A, B, C,
         D if D is not None else u,
         z if z is not None else u,
         delta_bias if delta_bias is not None else u,

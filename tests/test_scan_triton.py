@@ -44,7 +44,12 @@ def _check_against_reference(triton_scan, *, batch, dim, length, n_state, groups
                            requires_grad=True, with_optional=with_optional, delta_softplus=softplus)
     ref_inp = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inp.items()}
     kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse)
-    cfg = {} if config is None else dict(fwd_config=config, bwd_config=config)
+    if config is None:
+        cfg = {}
+    elif isinstance(config, tuple):
+        cfg = dict(fwd_config=config[0], bwd_config=config[1])
+    else:
+        cfg = dict(fwd_config=config, bwd_config=config)
     out, last = triton_scan.selective_scan_triton(**inp, **kw, **cfg)
     out_ref, last_ref = selective_scan_ref(**ref_inp, **kw)
 
@@ -74,30 +79,40 @@ def _check_against_reference(triton_scan, *, batch, dim, length, n_state, groups
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
-def _config(triton_scan, block_d, chunk):
+def _config(kernel, block_d, chunk):
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=4)
+    return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=1 if kernel == "seq2" else 4, kernel=kernel)
 
 
-# (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, chunk). Interpreter-sized: each
-# case covers several of the issue's axes (L=1, L % chunk != 0, L spanning several chunks, dim % block
-# != 0, N in {1, 4, 16}, groups 1/2, optional inputs on/off, softplus on/off, reverse on/off, dtypes).
+# (L, dim, N, groups, dtype, with_optional, softplus, reverse, kernel, block_d, chunk). Interpreter-sized:
+# each case covers several of the issue's axes (L=1, L % chunk != 0, L spanning several chunks,
+# dim % block != 0, N in {1, 3, 4, 16}, groups 1/2, optional inputs on/off, softplus on/off, reverse
+# on/off, dtypes) for the chunk-scan kernels ("scan"), the per-channel kernels ("seq2", every lane split:
+# block_d 4/8/16/32 = 8/4/2/1 lanes per channel) and the defaults (kernel None).
 QUICK_CASES = [
-    (1, 4, 1, None, torch.float32, True, True, False, 4, 8),
-    (13, 6, 4, 2, torch.float32, True, True, True, 4, 8),
-    (29, 6, 16, None, torch.float32, False, False, False, 4, 8),
-    (20, 5, 4, None, torch.float32, True, False, True, 2, 4),
-    (11, 8, 4, 2, torch.bfloat16, True, True, False, 4, 4),
-    (9, 6, 3, None, torch.float16, True, True, True, 4, 8),
-    (37, 4, 4, None, torch.float32, True, True, False, None, None),
+    (1, 4, 1, None, torch.float32, True, True, False, "scan", 4, 8),
+    (13, 6, 4, 2, torch.float32, True, True, True, "scan", 4, 8),
+    (29, 6, 16, None, torch.float32, False, False, False, "scan", 4, 8),
+    (20, 5, 4, None, torch.float32, True, False, True, "scan", 2, 4),
+    (11, 8, 4, 2, torch.bfloat16, True, True, False, "scan", 4, 4),
+    (9, 6, 3, None, torch.float16, True, True, True, "scan", 4, 8),
+    (1, 4, 1, None, torch.float32, True, True, True, "seq2", 8, 1),
+    (13, 6, 4, 2, torch.float32, True, True, True, "seq2", 4, 4),
+    (29, 10, 16, None, torch.float32, False, False, False, "seq2", 8, 8),
+    (20, 5, 3, None, torch.float32, True, False, True, "seq2", 16, 8),
+    (11, 40, 4, 2, torch.bfloat16, True, True, False, "seq2", 32, 4),
+    (9, 6, 16, None, torch.float16, True, True, False, "seq2", 8, 2),
+    (37, 4, 4, None, torch.float32, True, True, False, None, None, None),
+    (37, 4, 4, 2, torch.float32, True, True, True, None, None, None),
 ]
 
 
-@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,softplus,reverse,block_d,chunk", QUICK_CASES)
+@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,softplus,reverse,kernel,block_d,chunk",
+                         QUICK_CASES)
 def test_triton_matches_reference(triton_scan, length, dim, n_state, groups, dtype, with_optional, softplus,
-                                  reverse, block_d, chunk):
-    config = None if block_d is None else _config(triton_scan, block_d, chunk)
+                                  reverse, kernel, block_d, chunk):
+    config = None if kernel is None else _config(kernel, block_d, chunk)
     _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
                              dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
                              seed=length * 7 + dim, config=config)
@@ -105,12 +120,21 @@ def test_triton_matches_reference(triton_scan, length, dim, n_state, groups, dty
 
 @pytest.mark.parametrize("length,n_state,groups,reverse", [(13, 4, 2, True), (29, 16, None, False), (1, 1, None, True)])
 def test_triton_sequential_forward_kernel(triton_scan, length, n_state, groups, reverse):
-    """The one-position-at-a-time forward kernel, with the chunked backward on its chunk states."""
+    """The first one-position-at-a-time forward kernel ("seq"), with the chunk-scan backward on its states."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
+    fwd = ScanLaunchConfig(1, 8, 1, kernel="seq")
     _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=n_state, groups=groups,
                              dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
-                             seed=length + 100, config=ScanLaunchConfig(1, 8, 1, sequential=True))
+                             seed=length + 100, config=(fwd, ScanLaunchConfig(4, 8, 4)))
+
+
+@pytest.mark.parametrize("fwd_kernel,bwd_kernel", [("seq2", "scan"), ("scan", "seq2"), ("seq", "seq2")])
+def test_triton_mixed_kernels_share_chunk_states(triton_scan, fwd_kernel, bwd_kernel):
+    """Every forward saves the same chunk-entry states, so any backward can run behind it."""
+    config = (_config(fwd_kernel, 4, 4), _config(bwd_kernel, 4 if bwd_kernel == "scan" else 8, 4))
+    _check_against_reference(triton_scan, batch=2, dim=6, length=19, n_state=4, groups=2, dtype=torch.float32,
+                             with_optional=True, softplus=True, reverse=fwd_kernel == "scan", seed=5, config=config)
 
 
 def test_triton_forward_only_and_no_last_state(triton_scan):
@@ -130,6 +154,13 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
                                           bwd_config=ScanLaunchConfig(4, 4, 4))
     with pytest.raises(ValueError, match="power of two"):
         ScanLaunchConfig(block_d=3, chunk=8, num_warps=4)
+    with pytest.raises(ValueError, match="one warp per program"):
+        ScanLaunchConfig(block_d=64, chunk=8, num_warps=1, kernel="seq2")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ScanLaunchConfig(block_d=8, chunk=8, num_warps=1, kernel="tiles")
+    with pytest.raises(ValueError, match="forward-only"):
+        triton_scan.selective_scan_triton(**inp, fwd_config=ScanLaunchConfig(4, 4, 1, kernel="seq"),
+                                          bwd_config=ScanLaunchConfig(4, 4, 1, kernel="seq"))
 
 
 GPU_SHAPES = [
@@ -147,11 +178,29 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,dim,length,n_state,groups", GPU_SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse):
+@pytest.mark.parametrize("configs", ["default", "previous"])
+def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse, configs):
+    from kernels.triton_scan_common import previous_launch_config
+
+    config = None
+    if configs == "previous":
+        n_pad = 1 << (n_state - 1).bit_length()
+        config = (previous_launch_config(n_pad, length, False), previous_launch_config(n_pad, length, True))
     for with_optional, softplus in ((True, True), (False, False)):
         _check_against_reference(triton_scan, batch=batch, dim=dim, length=length, n_state=n_state,
                                  groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
-                                 reverse=reverse, seed=length + dim)
+                                 reverse=reverse, seed=length + dim, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("block_d,chunk", [(4, 4), (4, 8), (8, 4), (8, 16), (16, 4), (16, 8), (32, 4), (32, 8)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_gpu_seq2_configs(triton_scan, block_d, chunk, reverse):
+    """Every seq2 tile the benchmark sweeps, compiled, in bf16 at a Mamba block's settings."""
+    _check_against_reference(triton_scan, batch=2, dim=100, length=300, n_state=16, groups=None,
+                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                             seed=block_d + chunk, config=_config("seq2", block_d, chunk))
 
 
 @pytest.mark.gpu

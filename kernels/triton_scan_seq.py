@@ -1,0 +1,365 @@
+"""Per-channel ("seq2") Triton kernels of the selective scan: forward and backward, and their launchers.
+
+Each program is one warp that owns BLOCK_D channels of one (batch, group) pair. Tiles are (N_PAD, BLOCK_D)
+with the channels fastest, so Triton gives each channel 32 / BLOCK_D lanes and each lane N_PAD * BLOCK_D / 32
+of its states: with BLOCK_D = 32 a thread holds all N states of one channel, with BLOCK_D = 8 four threads
+share a channel (four times the parallelism, two shuffle steps per sum over N). Positions are walked one by
+one; there are no shared-memory tiles and no layout conversions inside the loops.
+
+Forward: the next position's inputs are loaded before the current position is computed (one step of
+software prefetch), and the state entering every CHUNK positions is saved for the backward.
+
+Backward: chunks in the opposite scan order. Per chunk the CHUNK forward states and decays are recomputed
+from the saved chunk-entry state into registers (a statically unrolled tuple, so CHUNK * N_PAD * BLOCK_D / 32
+registers each), then the adjoint runs backwards over them:
+
+    g = g_carry + C[l] * dy[l];  grads at l;  g_carry = a[l] * g
+
+dB and dC (sums over channels) are reduced inside the warp and added with relaxed float32 atomics, one per
+(n, l) per program; dA, dD and ddelta_bias are summed in registers and added once per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_scan_common import ScanLaunchConfig, softplus
+
+
+@triton.jit
+def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u, discretisation step dt and pre-activation dt_raw of every channel at one position (zeros past
+    either end, which makes that position an identity step)."""
+    valid = (pos >= 0) & (pos < length)
+    m = d_mask & valid
+    u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+    dt_raw = tl.load(DELTA + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw += DELTA_BIAS_VEC
+    if SOFTPLUS:
+        dt = softplus(dt_raw)
+    else:
+        dt = dt_raw
+    dt = tl.where(m, dt, 0.0)
+    return u, dt, dt_raw
+
+
+@triton.jit
+def _scan_fwd_seq2_kernel(
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
+    OUT, CHUNK_STATES, LAST_STATE,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    batch_idx = pid_bg // n_groups
+    group = pid_bg % n_groups
+
+    offs_in_group = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_in_group < dim_per_group
+    offs_d = group * dim_per_group + offs_in_group
+    offs_n = tl.arange(0, N_PAD)
+    n_mask = offs_n < n_state
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+
+    # A is (N, dim) here; scaled by log2(e) so each decay is a single exp2.
+    A2 = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
+    D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
+
+    row = (batch_idx * dim + offs_d).to(tl.int64)
+    seq_row = row * length
+    bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
+    if REVERSE:
+        step = -1
+        pos = n_chunks * CHUNK - 1
+    else:
+        step = 1
+        pos = 0 * n_chunks
+
+    # Inputs of the first position; each step then loads the next position's before computing its own.
+    u, dt, _ = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
+    valid = (pos >= 0) & (pos < length)
+    B_col = tl.load(B + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_col = tl.load(C + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+    z = u
+    if HAS_Z:
+        z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
+
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    for i in range(n_chunks):
+        if STORE_STATES:
+            if REVERSE:
+                chunk_idx = n_chunks - 1 - i
+            else:
+                chunk_idx = i
+            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+            tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+        for _t in range(CHUNK):
+            nxt = pos + step
+            nxt_valid = (nxt >= 0) & (nxt < length)
+            u_n, dt_n, _ = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
+            B_n = tl.load(B + bc_row + nxt, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C + bc_row + nxt, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            z_n = u_n
+            if HAS_Z:
+                z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
+
+            h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * C_col[:, None], axis=0)
+            if HAS_D:
+                y += D_vec * u
+            if HAS_Z:
+                y = y * z * tl.sigmoid(z)
+            valid = (pos >= 0) & (pos < length)
+            tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=d_mask & valid)
+
+            pos = nxt
+            u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
+
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
+
+
+@triton.jit
+def _scan_bwd_seq2_kernel(
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    batch_idx = pid_bg // n_groups
+    group = pid_bg % n_groups
+
+    offs_in_group = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_in_group < dim_per_group
+    offs_d = group * dim_per_group + offs_in_group
+    offs_n = tl.arange(0, N_PAD)
+    n_mask = offs_n < n_state
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+
+    A_t = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0)
+    A2 = A_t * 1.4426950408889634
+    D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
+
+    row = (batch_idx * dim + offs_d).to(tl.int64)
+    seq_row = row * length
+    bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
+
+    # Adjoint of the state after the current position: starts as the last state's incoming gradient.
+    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_DLAST:
+        g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
+    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    for i in range(n_chunks):
+        if REVERSE:
+            chunk_idx = i
+        else:
+            chunk_idx = n_chunks - 1 - i
+        base = chunk_idx * CHUNK
+        state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
+
+        # Recompute the chunk's states and decays, kept in registers (index s = scan order in the chunk).
+        h = h_in
+        states = ()
+        decays = ()
+        steps = ()
+        for s in tl.static_range(CHUNK):
+            if REVERSE:
+                pos = base + (CHUNK - 1 - s)
+            else:
+                pos = base + s
+            u, dt, _ = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
+            B_col = tl.load(B + bc_row + pos, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
+            a = tl.exp2(dt[None, :] * A2)
+            h = a * h + B_col[:, None] * (dt * u)[None, :]
+            states = states + (h,)
+            decays = decays + (a,)
+            steps = steps + (dt,)
+
+        # Adjoint, backwards through the chunk.
+        for r in tl.static_range(CHUNK):
+            # Scan-order index CHUNK - 1 - r (written out: a constexpr cannot be rebound in the loop).
+            if REVERSE:
+                pos = base + r
+            else:
+                pos = base + (CHUNK - 1 - r)
+            valid = pos < length
+            m = d_mask & valid
+            h = states[CHUNK - 1 - r]
+            a = decays[CHUNK - 1 - r]
+            dt = steps[CHUNK - 1 - r]
+            if CHUNK - 1 - r > 0:
+                h_prev = states[CHUNK - 2 - r]
+            else:
+                h_prev = h_in
+            u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+            B_col = tl.load(B + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_col = tl.load(C + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+            dout = tl.load(DOUT + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(Z + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+                y = tl.sum(h * C_col[:, None], axis=0)
+                if HAS_D:
+                    y += D_vec * u
+                sig_z = tl.sigmoid(z)
+                dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(DZ + seq_row + pos, dz.to(DZ.dtype.element_ty), mask=m)
+                dy = dout * z * sig_z
+            else:
+                dy = dout
+
+            g = g + C_col[:, None] * dy[None, :]
+            decayed_prev = a * h_prev
+            g_dot_B = tl.sum(g * B_col[:, None], axis=0)
+            ddt = u * g_dot_B + tl.sum(g * decayed_prev * A_t, axis=0)
+            du = dt * g_dot_B
+            if HAS_D:
+                du += D_vec * dy
+                dD_acc += dy * u
+            dA_acc += g * decayed_prev * dt[None, :]
+            if SOFTPLUS:
+                dt_raw = tl.load(DELTA + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    dt_raw += bias
+                ddt = ddt * tl.sigmoid(dt_raw)
+            ddt = tl.where(m, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += ddt
+            tl.store(DU + seq_row + pos, du.to(DU.dtype.element_ty), mask=m)
+            tl.store(DDELTA + seq_row + pos, ddt.to(DDELTA.dtype.element_ty), mask=m)
+
+            dB_part = tl.sum(g * (dt * u)[None, :], axis=1)
+            dC_part = tl.sum(h * dy[None, :], axis=1)
+            tl.atomic_add(DB + bc_row + pos, dB_part, mask=n_mask & valid, sem="relaxed")
+            tl.atomic_add(DC + bc_row + pos, dC_part, mask=n_mask & valid, sem="relaxed")
+            g = a * g
+
+    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
+
+
+def selective_scan_fwd_seq2_launch(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    reverse: bool,
+    store_states: bool,
+    config: ScanLaunchConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Same contract as ``selective_scan_fwd_launch`` (contiguous inputs, B and C (batch, groups, N, L))."""
+    batch, dim, length = u.shape
+    n_groups, n_state = B.shape[1], B.shape[2]
+    dim_per_group = dim // n_groups
+    n_chunks = triton.cdiv(length, config.chunk)
+    block_d = config.block_d  # one warp per program (checked by ScanLaunchConfig)
+    out = torch.empty_like(u)
+    last_state = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
+    chunk_states = (
+        torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
+    )
+    grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
+    _scan_fwd_seq2_kernel[grid](
+        u, delta, A.t().contiguous(), B, C,
+        D if D is not None else last_state,
+        z if z is not None else u,
+        delta_bias if delta_bias is not None else last_state,
+        out,
+        chunk_states if chunk_states is not None else last_state,
+        last_state,
+        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=block_d, CHUNK=config.chunk,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,
+        num_warps=1,
+    )
+    return out, last_state, chunk_states
+
+
+def selective_scan_bwd_seq2_launch(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    chunk_states: torch.Tensor,
+    dlast: torch.Tensor | None,
+    delta_softplus: bool,
+    reverse: bool,
+    config: ScanLaunchConfig,
+) -> dict[str, torch.Tensor | None]:
+    """Same contract as ``selective_scan_bwd_launch``: gradients of every input, dB/dC per group."""
+    batch, dim, length = u.shape
+    n_groups, n_state = B.shape[1], B.shape[2]
+    dim_per_group = dim // n_groups
+    n_chunks = chunk_states.shape[1]
+    if n_chunks != triton.cdiv(length, config.chunk):
+        raise ValueError("selective_scan backward: chunk size differs from the forward's")
+    block_d = config.block_d  # one warp per program (checked by ScanLaunchConfig)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    grads: dict[str, torch.Tensor | None] = {
+        "u": torch.empty_like(u),
+        "delta": torch.empty_like(delta),
+        "z": torch.empty_like(z) if z is not None else None,
+        "A": torch.zeros(dim, n_state, **f32),
+        "B": torch.zeros(batch, n_groups, n_state, length, **f32),
+        "C": torch.zeros(batch, n_groups, n_state, length, **f32),
+        "D": torch.zeros(dim, **f32) if D is not None else None,
+        "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
+    }
+    placeholder = grads["A"]
+    grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
+    _scan_bwd_seq2_kernel[grid](
+        u, delta, A.t().contiguous(), B, C,
+        D if D is not None else placeholder,
+        z if z is not None else u,
+        delta_bias if delta_bias is not None else placeholder,
+        dout, chunk_states,
+        dlast if dlast is not None else placeholder,
+        grads["u"], grads["delta"],
+        grads["z"] if z is not None else grads["u"],
+        grads["A"], grads["B"], grads["C"],
+        grads["D"] if D is not None else placeholder,
+        grads["delta_bias"] if delta_bias is not None else placeholder,
+        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=block_d, CHUNK=config.chunk,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
+        num_warps=1,
+    )
+    return grads
