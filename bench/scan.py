@@ -122,41 +122,63 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
 
 
 def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, Any]:
-    """Sweep forward tile configs (forward time), then backward configs behind the best forward of the
-    same chunk length (forward+backward time)."""
-    import triton
-
+    """Sweep the seq2 tiles: forward alone per block_d, then forward+backward per (block_d, chunk) of the
+    backward behind the fastest forward (the chunk is shared: the forward saves a state every chunk)."""
     from kernels.selective_scan_triton import selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
-
-    n_pad = triton.next_power_of_2(inp["A"].shape[1])
 
     def with_configs(fwd_cfg, bwd_cfg):
         return lambda **kw: selective_scan_triton(**kw, fwd_config=fwd_cfg, bwd_config=bwd_cfg)
 
-    scan_cfgs = [ScanLaunchConfig(max(1, tile // (n_pad * chunk)), chunk, warps)
-                 for chunk in (16, 32, 64) for tile in (1024, 2048, 4096) for warps in (4, 8)]
-    seq_cfgs = [ScanLaunchConfig(1, chunk, warps, sequential=True) for chunk in (16, 32, 64) for warps in (1, 2, 4)]
+    def timed(fn, **kw):
+        try:
+            return time_backend(fn, inp, rep_ms, **kw)
+        except Exception as exc:  # a tile that fails to compile or launch is reported, not fatal
+            return {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
+
     fwd_results = []
-    for cfg in scan_cfgs + seq_cfgs:
-        t = time_backend(with_configs(cfg, None), inp, rep_ms, backward=False)
-        fwd_results.append({**cfg.__dict__, **t})
-    best_fwd = {}
-    for r in fwd_results:
-        if r["chunk"] not in best_fwd or r["fwd_ms"] < best_fwd[r["chunk"]]["fwd_ms"]:
-            best_fwd[r["chunk"]] = r
+    for block_d in (4, 8, 16, 32):
+        cfg = ScanLaunchConfig(block_d, 8, 1, kernel="seq2")
+        fwd_results.append({**cfg.__dict__, **timed(with_configs(cfg, None), backward=False)})
+    ok_fwd = [r for r in fwd_results if "fwd_ms" in r]
+    best_fwd_block = min(ok_fwd, key=lambda r: r["fwd_ms"])["block_d"] if ok_fwd else 8
     bwd_results = []
-    for cfg in scan_cfgs:
-        fwd_cfg = ScanLaunchConfig(**{k: best_fwd[cfg.chunk][k] for k in ("block_d", "chunk", "num_warps",
-                                                                        "sequential")})
-        t = time_backend(with_configs(fwd_cfg, cfg), inp, rep_ms, forward=False)
-        bwd_results.append({"fwd": fwd_cfg.__dict__, "bwd": cfg.__dict__, **t})
+    for block_d, chunk in ((4, 4), (4, 8), (8, 4), (8, 8), (16, 4)):
+        fwd_cfg = ScanLaunchConfig(best_fwd_block, chunk, 1, kernel="seq2")
+        bwd_cfg = ScanLaunchConfig(block_d, chunk, 1, kernel="seq2")
+        t = timed(with_configs(fwd_cfg, bwd_cfg), forward=False)
+        bwd_results.append({"fwd": fwd_cfg.__dict__, "bwd": bwd_cfg.__dict__, **t})
+        print(f"    fwd {fwd_cfg} bwd {bwd_cfg}: {t}", flush=True)
+    ok_bwd = [r for r in bwd_results if "fwd_bwd_ms" in r]
     return {
-        "best_fwd": min(fwd_results, key=lambda r: r["fwd_ms"]),
-        "best_fwd_bwd": min(bwd_results, key=lambda r: r["fwd_bwd_ms"]),
+        "best_fwd": min(ok_fwd, key=lambda r: r["fwd_ms"]) if ok_fwd else None,
+        "best_fwd_bwd": min(ok_bwd, key=lambda r: r["fwd_bwd_ms"]) if ok_bwd else None,
         "forward": fwd_results,
         "forward_backward": bwd_results,
     }
+
+
+def previous_triton(**kw: Any) -> torch.Tensor:
+    """The Triton path with the configuration that was the default before the seq2 kernels."""
+    import triton
+
+    from kernels.selective_scan_triton import selective_scan_triton
+    from kernels.triton_scan_common import previous_launch_config
+
+    n_pad, length = triton.next_power_of_2(kw["A"].shape[1]), kw["u"].shape[-1]
+    return selective_scan_triton(**kw, fwd_config=previous_launch_config(n_pad, length, False),
+                                 bwd_config=previous_launch_config(n_pad, length, True))
+
+
+def tuned_triton(tuning: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    """The Triton path with the sweep's fastest seq2 backward and, at its chunk, the fastest forward."""
+    from kernels.selective_scan_triton import selective_scan_triton
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    bwd = ScanLaunchConfig(**tuning["best_fwd_bwd"]["bwd"])
+    fwd_block = tuning["best_fwd"]["block_d"] if tuning["best_fwd"] else bwd.block_d
+    fwd = ScanLaunchConfig(fwd_block, bwd.chunk, 1, kernel="seq2")
+    return lambda **kw: selective_scan_triton(**kw, fwd_config=fwd, bwd_config=bwd)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth_gbs()
     print(f"device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read+write)", flush=True)
-    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton}
+    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton,
+                                                        "triton_prev": previous_triton}
     mamba_note = "not requested (--mamba-src)"
     if args.mamba_src:
         t0 = time.time()
@@ -177,6 +200,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"mamba-ssm: {mamba_note}", flush=True)
     backends["chunked_torch"] = selective_scan_chunked
     backends["naive_loop"] = selective_scan_ref
+    if args.backends:
+        unknown = set(args.backends) - set(backends) - {"mamba_ssm"}
+        if unknown:
+            raise SystemExit(f"bench/scan.py: unknown --backends {sorted(unknown)}; known: {sorted(backends)}")
+        backends = {k: v for k, v in backends.items() if k in args.backends}
 
     rows: list[dict[str, Any]] = []
     tuning: dict[str, Any] = {}
@@ -185,14 +213,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                device="cuda")
         fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
         shape = f"({batch}, {dim}, {n_state}, L={length})"
+        shape_backends = dict(backends)
         if args.tune:
             tuning[shape] = tune_triton(inp, rep_ms=max(20, args.rep_ms // 4))
             print(f"tuned {shape}: fwd {tuning[shape]['best_fwd']}; fwd+bwd {tuning[shape]['best_fwd_bwd']}",
                   flush=True)
-        for name, fn in backends.items():
+            if tuning[shape]["best_fwd_bwd"] is not None:
+                shape_backends["triton_tuned"] = tuned_triton(tuning[shape])
+        for name, fn in shape_backends.items():
             if name == "naive_loop" and length > NAIVE_MAX_L:
                 continue
-            t = time_backend(fn, inp, args.rep_ms if name != "naive_loop" else 50)
+            try:
+                t = time_backend(fn, inp, args.rep_ms if name != "naive_loop" else 50)
+            except Exception as exc:  # keep the other rows when one backend fails
+                print(f"  {shape} {name}: failed: {type(exc).__name__}: {str(exc)[-300:]}", flush=True)
+                continue
             rows.append({
                 "shape": shape, "backend": name, **t,
                 "fwd_GBps": fwd_bytes / (t["fwd_ms"] * 1e-3) / 1e9,
@@ -230,7 +265,9 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
-    parser.add_argument("--tune", action="store_true", help="also sweep Triton tile configurations")
+    parser.add_argument("--tune", action="store_true", help="also sweep the seq2 tile configurations")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="only these rows (triton, triton_prev, mamba_ssm, chunked_torch, naive_loop)")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", default=None, help="write the full results here")
     args = parser.parse_args(argv)
