@@ -152,7 +152,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     for f in dataclasses.fields(cls):
         tp = _field_types(cls)[f.name]
         help_text = f.metadata.get("help", "")
-        help_text = f"{help_text} (default: {getattr(defaults, f.name)!r})"
+        help_text = f"{help_text} (default: {getattr(defaults, f.name)!r})".replace("%", "%%")
         flags = [f"--{f.name}"] + list((aliases or {}).get(f.name, []))
         parser.add_argument(*flags, **_flag_kwargs(f.name, tp, help_text))
     return parser
