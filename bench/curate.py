@@ -1,6 +1,8 @@
 """Curation throughput: CT series (pydicom-data 693_UNCI replicated to N slices with distinct UIDs and
-positions) and the Kermany chest X-ray JPEGs; files/s, slices/s per worker, peak memory. Also the stored
-format measurement (``--part format``: size and decode time of PNG levels, WebP-lossless and .npy).
+positions) and the Kermany chest X-ray JPEGs: files/s, samples/s, samples per CPU-second (the child
+process and its workers), peak memory (``--part pipeline``, whole runs including process start-up);
+per-slice CPU time of the worker's job without start-up (``--part steady``); the stored format
+(``--part format``: size, encode and decode time of PNG levels, WebP-lossless and .npy).
 
     .venv/bin/python bench/curate.py --part all --slices 500 --workers 1 2
 """
@@ -49,9 +51,11 @@ def make_ct_series(folder: Path, n: int) -> None:
         ds.save_as(folder / f"slice{i:04d}.dcm", enforce_file_format=True)
 
 
-def run_curate(inputs: list[str], workers: int, extra: list[str]) -> tuple[float, dict, int]:
-    """Run curate in a child process; returns (seconds, manifest, peak RSS of the children in MiB)."""
+def run_curate(inputs: list[str], workers: int, extra: list[str]) -> tuple[float, float, dict, int]:
+    """Run curate in a child process; returns (wall seconds, CPU seconds of the child and its workers,
+    manifest, peak RSS of one process in MiB)."""
     import json
+    import resource
     import subprocess
 
     with tempfile.TemporaryDirectory() as out:
@@ -59,21 +63,60 @@ def run_curate(inputs: list[str], workers: int, extra: list[str]) -> tuple[float
         code = ("import resource,sys; from data_curation.cli import main; rc=main(sys.argv[1:]); "
                 "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
                 "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, *inputs, "--output", out, "--workers", str(workers),
                                "--no-progress", *extra], env=env, capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[1])
         seconds = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         peak = next(line for line in proc.stdout.splitlines() if line.startswith("PEAK")).split()[1:]
         manifest = json.loads((Path(out) / "manifest.json").read_text())
-    return seconds, manifest, max(int(p) for p in peak) // 1024
+    return seconds, cpu, manifest, max(int(p) for p in peak) // 1024
+
+
+def bench_steady(slices: int) -> None:
+    """Per-slice CPU time of the worker's job (read, map, encode, hash) and of the header pass, in this
+    process after a warm-up: the throughput of one busy core without process start-up."""
+    from data_curation.config import CurateConfig
+    from data_curation.discover import InputFile
+    from data_curation.readers.dicom import read_header
+    from data_curation.tasks import Task, run_task
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ct"
+        make_ct_series(folder, slices)
+        files = sorted(folder.iterdir())
+        print(f"CPU: {cpu_name()}; one process, {slices} CT slices 512x512, after a warm-up")
+        print("| windows | header pass ms/slice | task ms/slice | slices per CPU-second |")
+        print("|---|---|---|---|")
+        for windows in (["soft_tissue"], ["brain", "subdural", "bone"], ["hu16"]):
+            cfg = CurateConfig(ct_windows=windows)
+            tasks = [Task(InputFile(str(f), "ct", f.name, "dicom"), 0, 1, {"series_index": i})
+                     for i, f in enumerate(files)]
+            for t in tasks[:5]:
+                run_task(t, cfg, b"bench-salt-0123456789abcdef")
+            t0 = time.process_time()
+            for f in files:
+                read_header(f)
+            t1 = time.process_time()
+            for t in tasks:
+                if run_task(t, cfg, b"bench-salt-0123456789abcdef").reject:
+                    raise RuntimeError("bench slice rejected")
+            t2 = time.process_time()
+            per = (t2 - t0) / slices
+            print(f"| {' '.join(windows)} | {(t1 - t0) / slices * 1e3:.2f} | {(t2 - t1) / slices * 1e3:.2f} "
+                  f"| {1 / per:.0f} |", flush=True)
 
 
 def bench_pipeline(slices: int, workers_list: list[int]) -> None:
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores visible), python {platform.python_version()}")
-    print("| data | workers | files | samples | seconds | files/s | samples/s | samples/s/worker | peak RSS MiB |")
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores visible), python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| data | workers | files | samples | wall s | CPU s | samples/s | samples per CPU-second "
+          "| peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         ct = Path(tmp) / "ct_series"
@@ -82,10 +125,10 @@ def bench_pipeline(slices: int, workers_list: list[int]) -> None:
                  ("Kermany CXR 224 JPEG (2000 train + 624 test)", [str(KERMANY)], [])]
         for name, inputs, extra in cases:
             for w in workers_list:
-                sec, man, peak = run_curate(inputs, w, extra)
+                sec, cpu, man, peak = run_curate(inputs, w, extra)
                 files, samples = man["files_seen"], man["samples_written"]
-                print(f"| {name} | {w} | {files} | {samples} | {sec:.1f} | {files / sec:.0f} | {samples / sec:.0f} "
-                      f"| {samples / sec / max(w, 1):.0f} | {peak} |", flush=True)
+                print(f"| {name} | {w} | {files} | {samples} | {sec:.1f} | {cpu:.1f} | {samples / sec:.0f} "
+                      f"| {samples / cpu:.0f} | {peak} |", flush=True)
 
 
 def bench_format() -> None:
@@ -136,12 +179,14 @@ def _time(fn, n: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["format", "pipeline", "all"], default="all")
+    p.add_argument("--part", choices=["format", "steady", "pipeline", "all"], default="all")
     p.add_argument("--slices", type=int, default=500)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     a = p.parse_args(argv)
     if a.part in ("format", "all"):
         bench_format()
+    if a.part in ("steady", "all"):
+        bench_steady(min(a.slices, 200))
     if a.part in ("pipeline", "all"):
         bench_pipeline(a.slices, a.workers)
     return 0

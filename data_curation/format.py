@@ -3,7 +3,8 @@
 A sample in a WebDataset tar is ``{"__key__": str, IMAGE_EXT: bytes, "json": bytes}`` with exactly one
 image entry. Images are stored losslessly:
 
-* ``png``: 1-channel uint8 / uint16 or 3-channel uint8 (PIL, zlib level 1). Chosen by measurement (see
+* ``png``: 1-channel uint8 / uint16 or 3-channel uint8 (``data_curation.png``: "Up" filter, zlib level 1,
+  run-length strategy for 8-bit; standard PNG, decoded here with PIL). Chosen by measurement (see
   ``bench/curate.py --part format`` and docs/sections/curation.md): 5-25x smaller than ``.npy`` and
   decoded in ~1 ms (8-bit 512x512) to ~3-4 ms (16-bit 512x512), while WebP-lossless is only 15-30%
   smaller, 10-20x slower to encode, slower to decode and has no 16-bit mode.
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from data_curation.png import encode_png
 
 IMAGE_EXTS: tuple[str, ...] = ("png", "npy")
 """Sample keys that may hold the image, in the order readers should look for them."""
@@ -69,13 +72,7 @@ def encode_image(arr: np.ndarray, compress_level: int = 1) -> tuple[str, bytes]:
     arr = _as_hwc(np.asarray(arr))
     channels = arr.shape[2]
     if channels == 1 or (channels == 3 and arr.dtype == np.uint8):
-        if channels == 1:
-            img = Image.fromarray(np.ascontiguousarray(arr[:, :, 0]))
-        else:
-            img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=compress_level)
-        return "png", buf.getvalue()
+        return "png", encode_png(arr, compress_level)
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return "npy", buf.getvalue()

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_color_lut, pixel_array
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import ct_channels, percentile_range, rgb_to_uint8, scale_range
+from data_curation.intensity import rgb_to_uint8
 from data_curation.readers import Identity, RejectError, Slice
+from data_curation.readers.dicom_gray import map_gray
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -125,10 +126,6 @@ def decode_frame(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
                           f"{msg[:200]}") from exc
 
 
-def _first(value: object) -> float:
-    return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
-
-
 def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, cfg: CurateConfig
               ) -> tuple[np.ndarray, list[str], dict]:
     """Raw decoded pixels -> (H, W, C) uint array, channel names, normalization record."""
@@ -139,32 +136,7 @@ def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, cfg: CurateConfi
         return rgb, ["R", "G", "B"], {"kind": "palette_to_rgb"}
     if raw.ndim == 3:  # RGB or YBR (pydicom converts YBR to RGB while decoding)
         return rgb_to_uint8(raw, int(ds.get("BitsStored", 8))), ["R", "G", "B"], {"kind": "rgb"}
-    values = apply_modality_lut(raw, ds)
-    bits = cfg.output_bits
-    modality = str(ds.get("Modality", ""))
-    if modality == "CT" and ("RescaleIntercept" in ds or "ModalityLUTSequence" in ds):
-        dicom_window = None
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            dicom_window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
-        img, names, norm = ct_channels(values, list(cfg.ct_windows), dicom_window, bits)
-        return img, names, norm
-    if cfg.use_dicom_voi and "VOILUTSequence" in ds:
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData)
-        voi = apply_voi_lut(values, ds, index=index)
-        img = scale_range(voi, float(lut.min()), float(lut.max()), bits)
-        norm = {"kind": "dicom_voi_lut", "bits": bits}
-    elif cfg.use_dicom_voi and "WindowCenter" in ds and "WindowWidth" in ds:
-        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        img = scale_range(values, c - w / 2.0, c + w / 2.0, bits)
-        norm = {"kind": "dicom_window", "level": c, "width": w, "bits": bits}
-    else:
-        lo, hi = percentile_range(values, cfg.percentile_low, cfg.percentile_high)
-        img = scale_range(values, lo, hi, bits)
-        norm = {"kind": "percentile", "low": cfg.percentile_low, "high": cfg.percentile_high, "bits": bits}
-    if photometric == "MONOCHROME1":
-        img = (np.iinfo(img.dtype).max - img).astype(img.dtype)
-        norm["inverted"] = True
-    return img[:, :, None], ["gray"], norm
+    return map_gray(ds, raw, index, cfg)
 
 
 def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None
