@@ -137,13 +137,13 @@ def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, Any]:
             return {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
 
     fwd_results = []
-    for block_d in (4, 8, 16, 32):
-        cfg = ScanLaunchConfig(block_d, 8, 1, kernel="seq2")
+    for block_d in (8, 16, 32):
+        cfg = ScanLaunchConfig(block_d, 4, 1, kernel="seq2")
         fwd_results.append({**cfg.__dict__, **timed(with_configs(cfg, None), backward=False)})
     ok_fwd = [r for r in fwd_results if "fwd_ms" in r]
     best_fwd_block = min(ok_fwd, key=lambda r: r["fwd_ms"])["block_d"] if ok_fwd else 8
     bwd_results = []
-    for block_d, chunk in ((4, 4), (4, 8), (8, 4), (8, 8), (16, 4)):
+    for block_d, chunk in ((4, 4), (8, 4), (16, 4)):
         fwd_cfg = ScanLaunchConfig(best_fwd_block, chunk, 1, kernel="seq2")
         bwd_cfg = ScanLaunchConfig(block_d, chunk, 1, kernel="seq2")
         t = timed(with_configs(fwd_cfg, bwd_cfg), forward=False)

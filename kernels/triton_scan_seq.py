@@ -79,7 +79,9 @@ def _scan_fwd_seq2_kernel(
 
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
+    # B and C come as (batch, groups, L, N): one position's N values are contiguous.
+    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     if REVERSE:
         step = -1
         pos = n_chunks * CHUNK - 1
@@ -90,8 +92,8 @@ def _scan_fwd_seq2_kernel(
     # Inputs of the first position; each step then loads the next position's before computing its own.
     u, dt, _ = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
     valid = (pos >= 0) & (pos < length)
-    B_col = tl.load(B + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
-    C_col = tl.load(C + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+    B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
         z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
@@ -109,8 +111,8 @@ def _scan_fwd_seq2_kernel(
             nxt = pos + step
             nxt_valid = (nxt >= 0) & (nxt < length)
             u_n, dt_n, _ = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
-            B_n = tl.load(B + bc_row + nxt, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
-            C_n = tl.load(C + bc_row + nxt, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            B_n = tl.load(B_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
             z_n = u_n
             if HAS_Z:
                 z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
@@ -162,7 +164,11 @@ def _scan_bwd_seq2_kernel(
 
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    bc_row = ((batch_idx * n_groups + group) * n_state + offs_n).to(tl.int64) * length
+    # B and C come as (batch, groups, L, N): one position's N values are contiguous.
+    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
     # Adjoint of the state after the current position: starts as the last state's incoming gradient.
     g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
@@ -192,7 +198,7 @@ def _scan_bwd_seq2_kernel(
             else:
                 pos = base + s
             u, dt, _ = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
-            B_col = tl.load(B + bc_row + pos, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
             a = tl.exp2(dt[None, :] * A2)
             h = a * h + B_col[:, None] * (dt * u)[None, :]
             states = states + (h,)
@@ -216,8 +222,8 @@ def _scan_bwd_seq2_kernel(
             else:
                 h_prev = h_in
             u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
-            B_col = tl.load(B + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
-            C_col = tl.load(C + bc_row + pos, mask=n_mask & valid, other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
             dout = tl.load(DOUT + seq_row + pos, mask=m, other=0.0).to(tl.float32)
             if HAS_Z:
                 z = tl.load(Z + seq_row + pos, mask=m, other=0.0).to(tl.float32)
@@ -253,8 +259,8 @@ def _scan_bwd_seq2_kernel(
 
             dB_part = tl.sum(g * (dt * u)[None, :], axis=1)
             dC_part = tl.sum(h * dy[None, :], axis=1)
-            tl.atomic_add(DB + bc_row + pos, dB_part, mask=n_mask & valid, sem="relaxed")
-            tl.atomic_add(DC + bc_row + pos, dC_part, mask=n_mask & valid, sem="relaxed")
+            tl.atomic_add(DB_seq + pos * n_state + offs_n, dB_part, mask=n_mask & valid, sem="relaxed")
+            tl.atomic_add(DC_seq + pos * n_state + offs_n, dC_part, mask=n_mask & valid, sem="relaxed")
             g = a * g
 
     tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
@@ -278,7 +284,9 @@ def selective_scan_fwd_seq2_launch(
     store_states: bool,
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Same contract as ``selective_scan_fwd_launch`` (contiguous inputs, B and C (batch, groups, N, L))."""
+    """Same contract as ``selective_scan_fwd_launch`` (contiguous inputs, B and C (batch, groups, N, L)).
+
+    B and C are copied to (batch, groups, L, N) so that each position's states load from one place."""
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
@@ -291,7 +299,7 @@ def selective_scan_fwd_seq2_launch(
     )
     grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
     _scan_fwd_seq2_kernel[grid](
-        u, delta, A.t().contiguous(), B, C,
+        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
         D if D is not None else last_state,
         z if z is not None else u,
         delta_bias if delta_bias is not None else last_state,
@@ -337,15 +345,16 @@ def selective_scan_bwd_seq2_launch(
         "delta": torch.empty_like(delta),
         "z": torch.empty_like(z) if z is not None else None,
         "A": torch.zeros(dim, n_state, **f32),
-        "B": torch.zeros(batch, n_groups, n_state, length, **f32),
-        "C": torch.zeros(batch, n_groups, n_state, length, **f32),
+        # (batch, groups, L, N) like the kernel's B and C; handed back as (batch, groups, N, L) views.
+        "B": torch.zeros(batch, n_groups, length, n_state, **f32),
+        "C": torch.zeros(batch, n_groups, length, n_state, **f32),
         "D": torch.zeros(dim, **f32) if D is not None else None,
         "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
     }
     placeholder = grads["A"]
     grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
     _scan_bwd_seq2_kernel[grid](
-        u, delta, A.t().contiguous(), B, C,
+        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
         D if D is not None else placeholder,
         z if z is not None else u,
         delta_bias if delta_bias is not None else placeholder,
@@ -362,4 +371,6 @@ def selective_scan_bwd_seq2_launch(
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
         num_warps=1,
     )
+    grads["B"] = grads["B"].transpose(-1, -2)
+    grads["C"] = grads["C"].transpose(-1, -2)
     return grads
