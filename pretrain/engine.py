@@ -156,8 +156,8 @@ def train(ctx: TrainContext, start_step: int) -> int:
                 ctx.log.log(rec)
                 acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                 window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
-            if c.vis_every and step % c.vis_every == 0:
-                _visualize(ctx, x, step)
+            if c.vis_every and (step % c.vis_every == 0 or step == ctx.stop_step):
+                _visualize(ctx, x, step)  # also at the last step, so every run ends with a picture
             if _any_rank(acc, ctx.preempt.requested):
                 path = ctx.checkpoints.save(acc, step, train_state(ctx, step))
                 logger.info(f"preemption signal received: checkpoint {path} saved, exiting with {EXIT_PREEMPTED}")

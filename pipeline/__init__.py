@@ -1,0 +1,1 @@
+"""End-to-end orchestration: the bundled demo and the results-table run."""
