@@ -37,11 +37,10 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         raise TransferUsageError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if cfg.mixup_mode not in ("batch", "pair", "elem"):
         raise TransferUsageError(f"--mixup_mode must be batch, pair or elem, got {cfg.mixup_mode!r}")
-    ctx = prepare_run(cfg, "finetune", classifier_head=True, drop_path=cfg.drop_path)
+    ctx = prepare_run(cfg, "finetune", classifier_head=True, drop_path=cfg.drop_path, default_pool="avg")
     model = build_model(ctx.spec)
-    # Decoding also yields the training targets that the class-weighted loss needs.
-    ctx.verify(("train", "val", "test") if cfg.verify_data else ("train",) if cfg.class_weighted_loss else (),
-               cfg.batch_size, cfg.num_workers)
+    if cfg.verify_data:
+        ctx.verify(("train", "val", "test"), cfg.batch_size, cfg.num_workers)
     scored, extra = run_finetune(cfg, ctx, model)
     return finalize(ctx, scored, extra, cfg.select_metric)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from common.logging import get_logger
+from common.transfer.classifier_export import classifier_meta
 from common.transfer.data import IndexedSplit, make_loader
 from common.transfer.engine import LrSchedule
 from common.transfer.errors import TransferUsageError
@@ -47,7 +48,7 @@ def mixup_fn(cfg: FinetuneConfig, num_classes: int, multilabel: bool) -> Any:
 def class_weights(cfg: FinetuneConfig, ctx: RunContext) -> torch.Tensor | None:
     if not cfg.class_weighted_loss:
         return None
-    train = ctx.targets["train"]
+    train = ctx.split_targets("train")  # no image decoding needed (kept from the data check when it ran)
     if ctx.labels.multilabel:
         return positive_weights(train)
     return inverse_frequency_weights(train, ctx.labels.num_classes)
@@ -83,7 +84,7 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
                      loss_fn=build_loss(labels.multilabel, mix is not None, cfg.smoothing, weights),
                      scored=scored, best=scored, resumable=resumable, batch_transform=mix,
                      after_step=(lambda: ema.update(plain)) if ema is not None else None,
-                     best_meta={"kind": "classifier", "model": spec.to_json(), "lr": lr, "ema": ema is not None,
+                     best_meta={**classifier_meta(plain, spec), "lr": lr, "ema": ema is not None,
                                 "class_names": labels.class_names, "multilabel": labels.multilabel})
     train_t = TimmTrainTransform(spec.input_size, spec.mean, spec.std, spec.in_chans, cfg.aa, cfg.color_jitter,
                                  cfg.reprob, cfg.remode, cfg.recount)

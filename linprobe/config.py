@@ -14,8 +14,10 @@ class LinprobeConfig(TransferConfig):
     blr: float = field(default=0.1, metadata=_h("base LR: lr = blr * effective batch / 256"))
     warmup_epochs: int = field(default=10, metadata=_h("epochs of linear LR warmup"))
     weight_decay: float = field(default=0.0, metadata=_h("LARS weight decay on the head's weight matrix"))
-    global_pool: bool = field(default=False, metadata=_h(
-        "average-pool the tokens (default: the class token, as MAE's linear probe)"))
+    global_pool: bool | None = field(default=None, metadata=_h(
+        "average-pool the tokens (--cls_token: use the class token); default: the class token, as MAE's "
+        "linear probe, unless the model has none (MedMamba, MambaMIC, Vim without one: average pooling) or "
+        "the --finetune checkpoint is a fine-tuned classifier (its own pooling)"))
     train_aug: str = field(default="crop_flip", metadata=_h(
         "training augmentation: 'crop_flip' (random resized crop + horizontal flip, as MAE) or 'none'"))
     fast: bool = field(default=False, metadata=_h(

@@ -36,7 +36,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         raise TransferUsageError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
     if cfg.fast and (cfg.eval or cfg.resume):
         raise TransferUsageError("--fast trains from scratch on cached features; use --eval/--resume without --fast")
-    ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None)
+    ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None, default_pool="token")
     if not cfg.finetune:
         from common.logging import get_logger
 

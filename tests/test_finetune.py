@@ -262,7 +262,9 @@ def test_runs_as_a_script_with_mae_flags_and_defaults() -> None:
     cfg = parse_transfer_config(FinetuneConfig, "finetune", "", [])
     assert (cfg.batch_size, cfg.epochs, cfg.blr, cfg.layer_decay, cfg.weight_decay, cfg.drop_path,
             cfg.warmup_epochs, cfg.smoothing, cfg.reprob, cfg.aa, cfg.min_lr, cfg.global_pool) == \
-        (64, 50, 1e-3, 0.75, 0.05, 0.1, 5, 0.1, 0.25, "rand-m9-mstd0.5-inc1", 1e-6, True)
+        (64, 50, 1e-3, 0.75, 0.05, 0.1, 5, 0.1, 0.25, "rand-m9-mstd0.5-inc1", 1e-6, None)
+    # not given: average pooling, MAE's fine-tuning default
+    assert resolve_spec("test_vit", None, None, 1, 2, cfg.global_pool, None, "avg").kwargs["global_pool"] == "avg"
 
 
 def test_resume_with_ema_continues_where_it_stopped(encoder_ckpt: Path, tmp_path: Path) -> None:

@@ -129,8 +129,9 @@ def test_defaults_follow_mae_main_linprobe() -> None:
     from linprobe.config import LinprobeConfig
 
     cfg = parse_transfer_config(LinprobeConfig, "linprobe", "", [])
+    # global_pool None: the class token (MAE's default) whenever the encoder has one
     assert (cfg.batch_size, cfg.epochs, cfg.blr, cfg.weight_decay, cfg.warmup_epochs, cfg.global_pool) == \
-        (512, 90, 0.1, 0.0, 10, False)
+        (512, 90, 0.1, 0.0, 10, None)
     assert parse_transfer_config(LinprobeConfig, "linprobe", "", ["--global_pool"]).global_pool is True
     assert parse_transfer_config(LinprobeConfig, "linprobe", "", ["--cls_token"]).global_pool is False
     json.dumps(vars(cfg))

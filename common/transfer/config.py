@@ -32,8 +32,10 @@ class TransferConfig:
         "input side in pixels; default: the checkpoint's, else 224"))
     in_chans: int | None = field(default=None, metadata=_h(
         "encoder input channels; default: the checkpoint's, else the data's"))
-    global_pool: bool = field(default=True, metadata=_h(
-        "average-pool the tokens (--cls_token: use the class token)"))
+    global_pool: bool | None = field(default=None, metadata=_h(
+        "average-pool the tokens (--cls_token: use the class token); default: the pooling a fine-tuned "
+        "--finetune checkpoint was trained with, else average pooling (MAE's fine-tuning default); "
+        "models without a class token always average"))
 
     # data
     data_path: str = field(default="", metadata=_h(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +141,23 @@ class IndexedSplit(Dataset):
         return self.transform(image), label
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers capped to the CPUs this process may use, shared by the processes of
+    its node (``LOCAL_WORLD_SIZE``): more workers than CPUs only add start-up time and memory (and make
+    PyTorch warn). 0 (load in the main process) stays 0."""
+    if requested <= 0:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    return max(1, min(requested, cpus // local_processes))
+
+
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int, pin_memory: bool,
                 drop_last: bool = False, persistent: bool = False) -> DataLoader:
+    num_workers = usable_workers(num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
                       worker_init_fn=seed_worker, persistent_workers=persistent and num_workers > 0)
@@ -151,7 +167,7 @@ def scan_labels(dataset: IndexedSplit, sampler: Sampler[int], batch_size: int, n
                 desc: str) -> np.ndarray:
     """Decode the samples ``sampler`` yields (a corrupt image fails here, naming itself) and return their
     targets."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=usable_workers(num_workers))
     targets = [t.numpy() for _, t in progress(loader, desc=f"checking {desc}", leave=False)]
     if not targets:  # this process's share is empty (tiny split, many processes)
         multilabel = dataset.dataset.multilabel

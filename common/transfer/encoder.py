@@ -8,7 +8,6 @@ Weight loading, position-embedding resizing and the strict key check are ``model
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 from torch import nn
 
 from common.checkpoint import CheckpointError, load_state_dict_any, read_json
+from common.transfer.classifier_export import check_reusable
+from common.transfer.pooling import accepted_kwargs, choose_pool
 from common.transfer.transforms import default_normalization
 
 
@@ -114,8 +115,13 @@ def _geometry_from_weights(path: Path) -> tuple[int | None, int | None]:
 
 
 def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | None, in_chans: int | None,
-                 num_classes: int, global_pool: bool | None, drop_path: float | None) -> EncoderSpec:
-    """Decide the architecture and preprocessing before anything is built; errors name the file."""
+                 num_classes: int, global_pool: bool | None, drop_path: float | None,
+                 default_pool: str = "avg") -> EncoderSpec:
+    """Decide the architecture and preprocessing before anything is built; errors name the file.
+
+    ``global_pool``: True / False force average / class-token pooling; None takes the pooling recorded by a
+    fine-tuned checkpoint, else ``default_pool``, and averages for models without a class token.
+    """
     meta: dict[str, Any] = {}
     ckpt_path: Path | None = None
     training = False
@@ -123,6 +129,8 @@ def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | No
         ckpt_path = _checkpoint_file(checkpoint)
         side = sidecar_json(ckpt_path)
         meta = read_json(side) if side is not None else {}
+        if side is not None:
+            check_reusable(meta, str(side))
         training_meta = _training_checkpoint_meta(ckpt_path)
         if training_meta is not None:
             meta, training = training_meta, True
@@ -145,28 +153,11 @@ def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | No
     if norm.get("mean") and norm.get("std"):
         mean, std = list(norm["mean"]), list(norm["std"])
     kwargs.update(img_size=size, in_chans=chans, num_classes=num_classes)
-    if global_pool is not None:
-        kwargs["global_pool"] = "avg" if global_pool else "token"
+    kwargs["global_pool"] = choose_pool(name, kwargs, global_pool, meta.get("global_pool"), default_pool)
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
     return EncoderSpec(model=name, kwargs=kwargs, input_size=size, in_chans=chans, mean=mean, std=std,
                        checkpoint=str(ckpt_path) if ckpt_path else None, source=dict(meta.get("source") or {}))
-
-
-def _accepted_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Drop interface kwargs a model's constructor does not take (e.g. ``global_pool`` of a CNN-style
-    classifier); anything else unknown is left in so that the builder reports it."""
-    from models.registry import REGISTRY
-
-    builder = REGISTRY.spec(name).builder
-    try:
-        params = inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    optional = {"global_pool", "drop_path_rate"}
-    return {k: v for k, v in kwargs.items() if k in params or k not in optional}
 
 
 def build_model(spec: EncoderSpec) -> nn.Module:
@@ -175,7 +166,7 @@ def build_model(spec: EncoderSpec) -> nn.Module:
 
     try:
         return models.create_model(spec.model, pretrained=spec.checkpoint,
-                                   **_accepted_kwargs(spec.model, spec.kwargs))
+                                   **accepted_kwargs(spec.model, spec.kwargs))
     except KeyError as exc:
         raise CheckpointError(f"--model: {exc.args[0] if exc.args else exc}") from exc
     except (RuntimeError, ValueError) as exc:

@@ -15,11 +15,19 @@ from accelerate import Accelerator
 
 from common.config import config_to_dict, save_config
 from common.data.dataset import ImageDataset
+from common.data.labels import dataset_labels
 from common.io import atomic_write_json
 from common.logging import JsonlLogger, get_logger
 from common.seed import seed_everything
 from common.transfer.config import TransferConfig
-from common.transfer.data import IndexedSplit, LabelSpace, make_loader, open_splits, scan_labels
+from common.transfer.data import (
+    IndexedSplit,
+    LabelSpace,
+    make_loader,
+    open_splits,
+    scan_labels,
+    usable_workers,
+)
 from common.transfer.encoder import EncoderSpec, resolve_spec
 from common.transfer.engine import gather_strided
 from common.transfer.errors import TransferUsageError
@@ -61,10 +69,19 @@ class RunContext:
                 local = scan_labels(ds, sampler, batch_size, num_workers, split)
                 self.targets[split] = gather_strided(acc, local, sharded=True)
 
+    def split_targets(self, split: str) -> np.ndarray:
+        """Every label of ``split`` in dataset order: kept from :meth:`verify`, else read without decoding
+        any image (``common.data.labels``)."""
+        if split not in self.targets:
+            self.targets[split] = dataset_labels(self.splits[split])
+        return self.targets[split]
 
-def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path: float | None) -> RunContext:
+
+def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path: float | None,
+                default_pool: str) -> RunContext:
     """Seed, create the output folder, resolve the architecture and open + check the data's structure
-    (splits, label space); decoding every image is :meth:`RunContext.verify`'s job."""
+    (splits, label space); decoding every image is :meth:`RunContext.verify`'s job. ``default_pool`` is the
+    command's pooling when neither ``--global_pool`` nor ``--cls_token`` is given."""
     if cfg.select_metric not in SELECT_METRICS:
         raise TransferUsageError(f"--select_metric must be one of {', '.join(SELECT_METRICS)}, got {cfg.select_metric!r}")
     if cfg.accum_iter < 1 or cfg.batch_size < 1 or cfg.epochs < 0:
@@ -77,10 +94,16 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    spec = resolve_spec(cfg.model, cfg.finetune, cfg.input_size, cfg.in_chans, 0, cfg.global_pool, drop_path)
+    workers = usable_workers(cfg.num_workers)
+    if workers < cfg.num_workers:
+        logger.info(f"--num_workers {cfg.num_workers}: {workers} DataLoader workers per process (the CPUs "
+                    "available to it)")
+    spec = resolve_spec(cfg.model, cfg.finetune, cfg.input_size, cfg.in_chans, 0, cfg.global_pool, drop_path,
+                        default_pool)
     splits, labels = open_splits(cfg.data_path, spec.in_chans, cfg.nb_classes, cfg.multilabel)
     spec.kwargs["num_classes"] = labels.num_classes if classifier_head else 0
-    logger.info(f"{name}: model {spec.model} ({spec.input_size} px, {spec.in_chans} ch), "
+    logger.info(f"{name}: model {spec.model} ({spec.input_size} px, {spec.in_chans} ch, "
+                f"{'average' if spec.kwargs.get('global_pool') == 'avg' else 'class-token'} pooling), "
                 f"{labels.num_classes} {'labels' if labels.multilabel else 'classes'}, "
                 + ", ".join(f"{s} {len(d)}" for s, d in splits.items()))
     ctx = RunContext(accelerator, out_dir, JsonlLogger(out_dir / "log.jsonl", accelerator.is_main_process),
