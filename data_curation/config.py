@@ -33,6 +33,13 @@ class CurateConfig:
                                       "(shrink so the shorter side = N)")
     min_size: int = _f(16, "reject images whose shorter side is below this")
     nifti_axes: list[str] = _f(["axial"], "NIfTI slicing axes in canonical RAS: axial, coronal, sagittal")
+    dicom_reslice: list[str] = _f([], "also cut DICOM series (single-frame files of one series forming a regular "
+                                      "stack) along these planes: axial, coronal, sagittal (the native plane is "
+                                      "skipped)")
+    dicom_reslice_isotropic: bool = _f(True, "resample resliced planes to square pixels (the slice axis "
+                                             "to the in-plane spacing)")
+    reslice_memory_mb: float = _f(256.0, "most memory one slab of a reslice may take (the volume itself is "
+                                         "buffered on disk in $TMPDIR as float32)")
     nifti_modality: str = _f("MR", "modality written for NIfTI inputs (CT applies the CT windows)")
     background_threshold: float = _f(0.04, "volume slices: a pixel is foreground above this fraction "
                                            "of the output range")

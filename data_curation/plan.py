@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -13,13 +14,23 @@ from data_curation.readers import RejectError
 from data_curation.readers.dicom import DicomHeader
 from data_curation.readers.nifti import nifti_volumes
 from data_curation.readers.npz import npz_items
+from data_curation.reslice import regular_stack
 from data_curation.tasks import NPZ_CHUNK, Task
 
 GIVEN_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def series_indices(headers: dict[str, DicomHeader | None]) -> dict[str, int]:
-    """Slice index of each single-frame file within its series, ordered along the slice normal."""
+@dataclass
+class SeriesGroup:
+    """Single-frame files of one series with one orientation and size, sorted along the slice normal."""
+
+    paths: list[str]
+    headers: list[DicomHeader]
+    normal: np.ndarray
+    positions: np.ndarray  # (n, 3) ImagePositionPatient, in the order of ``paths``
+
+
+def series_groups(headers: dict[str, DicomHeader | None]) -> list[SeriesGroup]:
     groups: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
     for path, hdr in headers.items():
         if hdr is None or hdr.frames != 1 or not hdr.series_uid or hdr.position is None or hdr.orientation is None:
@@ -27,15 +38,42 @@ def series_indices(headers: dict[str, DicomHeader | None]) -> dict[str, int]:
         row, col = np.asarray(hdr.orientation[:3]), np.asarray(hdr.orientation[3:])
         normal = np.cross(row, col)
         groups[(hdr.series_uid, hdr.orientation, hdr.shape)].append((float(np.dot(normal, hdr.position)), path))
+    out = []
+    for (_, orientation, _), members in groups.items():
+        members.sort()
+        paths = [path for _, path in members]
+        normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+        out.append(SeriesGroup(paths, [headers[p] for p in paths], normal / np.linalg.norm(normal),
+                               np.asarray([headers[p].position for p in paths], dtype=float)))
+    return out
+
+
+def series_indices(groups: list[SeriesGroup]) -> dict[str, int]:
+    """Slice index of each single-frame file within its series, ordered along the slice normal."""
     index: dict[str, int] = {}
-    for members in groups.values():
-        if len(members) < 2:
+    for g in groups:
+        if len(g.paths) < 2:
             continue
-        positions = sorted({round(p, 3) for p, _ in members})
-        rank = {p: i for i, p in enumerate(positions)}
-        for p, path in members:
-            index[path] = rank[round(p, 3)]
+        along = [round(float(v), 3) for v in g.positions @ g.normal]
+        rank = {p: i for i, p in enumerate(sorted(set(along)))}
+        for path, p in zip(g.paths, along):
+            index[path] = rank[p]
     return index
+
+
+def reslice_plan(g: SeriesGroup, cfg: CurateConfig) -> tuple[dict | None, str | None]:
+    """``(reslice task args, None)`` for a series that can be resliced, else ``(None, reason)``."""
+    first = g.headers[0]
+    if any(h.spacing != first.spacing for h in g.headers) or first.spacing is None:
+        return None, "PixelSpacing missing or not the same for all slices"
+    if first.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return None, f"not grayscale ({first.photometric or 'no PhotometricInterpretation'})"
+    if cfg.reject_burned_in and any(h.burned_in for h in g.headers):
+        return None, "a slice is flagged BurnedInAnnotation=YES"
+    spacing, reason = regular_stack(g.positions, g.normal, min(first.spacing))
+    if spacing is None:
+        return None, reason
+    return {"reslice": {"paths": g.paths, "slice_spacing": spacing}}, None
 
 
 def _image_label(f: InputFile, classes: dict[str, list[str]]) -> dict:
@@ -53,7 +91,14 @@ def plan_tasks(files: list[InputFile], cfg: CurateConfig, headers: dict[str, Dic
                image_modality: str) -> tuple[list[Task], list[Rejected]]:
     tasks: list[Task] = []
     rejects: list[Rejected] = []
-    series = series_indices(headers)
+    groups = series_groups(headers)
+    series = series_indices(groups)
+    reslices: dict[str, dict] = {}  # first file of a series -> reslice task args, or the reason it is skipped
+    if cfg.dicom_reslice:
+        for g in groups:
+            if len(g.paths) >= 2:
+                args, reason = reslice_plan(g, cfg)
+                reslices[g.paths[0]] = args if args is not None else {"reslice_skipped": reason}
     classes: dict[str, set[str]] = defaultdict(set)
     for f in files:
         if f.kind == "image":
@@ -65,7 +110,12 @@ def plan_tasks(files: list[InputFile], cfg: CurateConfig, headers: dict[str, Dic
     for f in files:
         try:
             if f.kind == "dicom":
-                tasks.append(Task(f, 0, 1, {"series_index": series.get(f.path)}))
+                extra = reslices.get(f.path, {})
+                if "reslice" in extra:  # the series' resliced planes are a second task of its first file
+                    tasks.append(Task(f, 0, 2, {"series_index": series.get(f.path)}))
+                    tasks.append(Task(f, 1, 2, extra))
+                else:
+                    tasks.append(Task(f, 0, 1, {"series_index": series.get(f.path), **extra}))
             elif f.kind == "image":
                 tasks.append(Task(f, 0, 1, {"modality": image_modality, **_image_label(f, sorted_classes)}))
             elif f.kind == "nifti":

@@ -17,6 +17,7 @@ from data_curation.discover import InputFile, Rejected, walk_inputs
 from data_curation.manifest import write_outputs
 from data_curation.plan import plan_tasks
 from data_curation.readers.dicom import read_header
+from data_curation.reslice import PLANES
 from data_curation.state import Ledger, LedgerState, load_ledger
 from data_curation.tasks import TaskResult, run_task
 from data_curation.writer import ShardSink
@@ -46,6 +47,12 @@ class _ItemAssembler:
         skipped = sum(r.stats.get("slices_skipped_background", 0) for r in parts)
         rec = {"t": "item", "id": f.item_id, "path": f.path, "source": f.source, "reason": None,
                "modality": next((r.modality for r in parts if r.modality), None), "skipped": skipped}
+        resliced = sum(len(r.samples) for r in parts if f.kind == "dicom" and r.part > 0)
+        note = next((r.note for r in parts if r.note), None)
+        if resliced or note:  # the first file of a series carries the series' reslice
+            rec.update(resliced=resliced, reslice_note=note)
+            if note:
+                get_logger("curate").warning("%s: series not resliced: %s", f.path, note)
         reject = next((r.reject for r in parts if r.reject), None)
         samples = dup = 0
         if reject is None:
@@ -88,6 +95,9 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     log = get_logger("curate")
     if not cfg.inputs or not cfg.output:
         raise ValueError("curate needs at least one input and --output")
+    unknown = [p for p in cfg.dicom_reslice if p not in PLANES]
+    if unknown:
+        raise ValueError(f"--dicom_reslice: unknown plane(s) {unknown} (use {sorted(PLANES)})")
     out = Path(cfg.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     salt, salt_where = load_salt(cfg.salt_file, out)

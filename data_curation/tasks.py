@@ -17,6 +17,7 @@ from data_curation.format import encode_image, encode_meta
 from data_curation.intensity import resize, target_size
 from data_curation.readers import Identity, RejectError, Slice
 from data_curation.readers.dicom import read_dicom
+from data_curation.readers.dicom_series import read_series_resliced
 from data_curation.readers.image import read_image
 from data_curation.readers.nifti import read_nifti
 from data_curation.readers.npz import read_npz
@@ -51,6 +52,7 @@ class TaskResult:
     samples: list[EncodedSample] = field(default_factory=list)
     reject: str | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    note: str | None = None  # why an optional extra (a series reslice) was not produced; the file is fine
 
 
 def _pixel_hash(img: np.ndarray) -> str:
@@ -94,7 +96,10 @@ def _slices(task: Task, cfg: CurateConfig, stats: dict[str, int]) -> Iterator[tu
         for subject, sl in read_npz(path, cfg, a["split"], a["start"], a["stop"], stats):
             yield Identity(subject=subject), sl
         return
-    if kind == "dicom":
+    if kind == "dicom" and "reslice" in task.args:
+        r = task.args["reslice"]
+        ident, it = read_series_resliced(r["paths"], r["slice_spacing"], cfg, stats)
+    elif kind == "dicom":
         ident, it = read_dicom(path, cfg, task.args.get("series_index"))
     elif kind == "nifti":
         ident, it = read_nifti(path, cfg, task.args.get("volume", 0), stats)
@@ -108,7 +113,7 @@ def _slices(task: Task, cfg: CurateConfig, stats: dict[str, int]) -> Iterator[tu
 
 def run_task(task: Task, cfg: CurateConfig, salt: bytes) -> TaskResult:
     """Read, map and encode one task's slices. Never raises for bad input: the reason is returned."""
-    result = TaskResult(task.file.item_id, task.part, task.parts)
+    result = TaskResult(task.file.item_id, task.part, task.parts, note=task.args.get("reslice_skipped"))
     try:
         for ident, sl in _slices(task, cfg, result.stats):
             result.modality = sl.meta.get("modality")
@@ -119,4 +124,7 @@ def run_task(task: Task, cfg: CurateConfig, salt: bytes) -> TaskResult:
         result.samples, result.reject = [], "out of memory while reading"
     except Exception as exc:  # noqa: BLE001 - one broken input must not stop the run; the reason is logged
         result.samples, result.reject = [], f"unexpected error: {type(exc).__name__}: {str(exc)[:200]}"
+    if result.reject is not None and "reslice" in task.args:
+        # the series' own files are curated by their own tasks; a failed reslice only loses the extra planes
+        result.note, result.reject = f"reslice failed: {result.reject}", None
     return result

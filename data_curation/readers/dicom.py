@@ -46,6 +46,9 @@ class DicomHeader:
     orientation: tuple[float, ...] | None
     shape: tuple[int, int]
     frames: int
+    spacing: tuple[float, float] | None = None  # PixelSpacing: (between rows, between columns) in mm
+    burned_in: bool = False
+    photometric: str = ""
 
 
 def read_header(path: Path) -> DicomHeader | None:
@@ -60,6 +63,9 @@ def read_header(path: Path) -> DicomHeader | None:
             orientation=tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
             shape=(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)),
             frames=int(ds.get("NumberOfFrames", 1) or 1),
+            spacing=tuple(float(v) for v in ps) if (ps := ds.get("PixelSpacing")) and len(ps) == 2 else None,
+            burned_in=str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
+            photometric=str(ds.get("PhotometricInterpretation", "")).upper(),
         )
     except Exception:  # noqa: BLE001 - any unreadable header simply means "not groupable"
         return None

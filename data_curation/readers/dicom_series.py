@@ -1,0 +1,137 @@
+"""A DICOM series resliced along other planes (``--dicom_reslice coronal sagittal``).
+
+The files arrive sorted along the slice normal (planned from their headers, which also proved that they
+form a regular, unsheared stack). Each slice is decoded, converted to modality values (HU for CT; each
+file's own rescale) and appended to a float32 volume file on disk; then the requested planes are cut out
+in slabs of at most ``--reslice_memory_mb`` and mapped exactly as native slices are (same CT windows, the
+first file's window / VOI LUT; percentile scaling over the whole series with ``--percentile_scope
+volume``). With ``--dicom_reslice_isotropic`` the slice axis is resampled to the in-plane pixel spacing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut
+
+from data_curation.config import CurateConfig
+from data_curation.intensity import foreground_fraction, percentile_range, resize, scale_range, target_size
+from data_curation.readers import Identity, RejectError, Slice
+from data_curation.readers.dicom import decode_frame, identity_of, open_dataset
+from data_curation.readers.dicom_gray import GrayMapping, apply_mapping, gray_mapping
+from data_curation.reslice import PLANES, VolumeFile, cut_plane, isotropic_shape, plane_layout
+
+_PERCENTILE_SAMPLE = 1_000_000  # values kept from the whole series for volume percentiles
+
+
+def _geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    axes = np.stack([normal / np.linalg.norm(normal), col_dir, row_dir])  # volume axes: slice, row, column
+    return axes, np.asarray([float(v) for v in ds.ImagePositionPatient]), \
+        (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+
+
+def _stream_volume(paths: list[str]) -> tuple[pydicom.Dataset, VolumeFile, np.ndarray, str]:
+    """Decode every slice into a volume file; returns the first dataset, the volume, a value sample for
+    percentiles and the stored dtype. The volume file is removed again if anything fails."""
+    first, vol = None, None
+    samples = []
+    step = 1
+    dtype = ""
+    try:
+        for i, path in enumerate(paths):
+            ds = open_dataset(Path(path))
+            raw = decode_frame(ds, None)
+            if raw.ndim != 2:
+                raise RejectError(f"{Path(path).name}: not a grayscale slice (shape {raw.shape})")
+            if first is None:
+                first, dtype = ds, str(raw.dtype)
+                vol = VolumeFile(*raw.shape)
+                step = max(1, len(paths) * raw.size // _PERCENTILE_SAMPLE)
+            elif str(ds.get("SeriesInstanceUID", "")) != str(first.get("SeriesInstanceUID", "")):
+                raise RejectError(f"{Path(path).name} changed since planning (another series)")
+            values = apply_modality_lut(raw, ds).astype(np.float32)
+            vol.append(values)  # raises for a slice of another size
+            samples.append(values.reshape(-1)[i % step::step].copy())  # a copy: a view would keep the slice
+    except BaseException:
+        if vol is not None:
+            vol.close()
+        raise
+    return first, vol, np.concatenate(samples), dtype
+
+
+def _mapper(m: GrayMapping, ds: pydicom.Dataset, sample: np.ndarray, cfg: CurateConfig):  # noqa: ANN202
+    """values plane -> (image, channel names, normalization), as for native slices of this series."""
+    if m.kind != "percentile" or cfg.percentile_scope != "volume":
+        return lambda values: apply_mapping(values, m, ds, None)
+    lo, hi = percentile_range(sample, *m.percentiles)
+
+    def volume_percentiles(values: np.ndarray) -> tuple[np.ndarray, list[str], dict]:
+        img = scale_range(values, lo, hi, m.bits)
+        norm = {"kind": "percentile", "scope": "series", "low": m.percentiles[0], "high": m.percentiles[1],
+                "bits": m.bits}
+        if m.invert:
+            img = (np.iinfo(img.dtype).max - img).astype(img.dtype)
+            norm["inverted"] = True
+        return img[:, :, None], ["gray"], norm
+
+    return volume_percentiles
+
+
+def read_series_resliced(paths: list[str], slice_spacing: float, cfg: CurateConfig, stats: dict[str, int]
+                         ) -> tuple[Identity, Iterator[Slice]]:
+    """Identity of the series plus a lazy iterator over its resliced planes (the volume file is removed
+    when the iterator finishes or is closed)."""
+    for plane in cfg.dicom_reslice:
+        if plane not in PLANES:
+            raise RejectError(f"unknown reslice plane '{plane}' (use {sorted(PLANES)})")
+    ds0, vol, sample, dtype = _stream_volume(paths)
+    axes, _, pixel = _geometry(ds0)
+    spacing = (slice_spacing, pixel[0], pixel[1])  # along volume axes 0, 1, 2
+    mapping = gray_mapping(ds0, cfg)
+    to_image = _mapper(mapping, ds0, sample, cfg)
+    budget = max(1, int(cfg.reslice_memory_mb * 2**20))
+    base = {"modality": str(ds0.get("Modality", "") or "OT"), "source_format": "dicom", "orig_dtype": dtype,
+            "orig_shape": [vol.slices, vol.rows, vol.cols]}
+
+    def planes() -> Iterator[Slice]:
+        try:
+            for plane in cfg.dicom_reslice:
+                layout = plane_layout(plane, axes)
+                if layout is None:
+                    stats["reslice_native_plane"] = stats.get("reslice_native_plane", 0) + 1
+                    continue  # the series is already cut in this plane: its native slices are written
+                cols_axis = 3 - layout.axis - layout.rows_axis
+                in_spacing = (spacing[layout.rows_axis], spacing[cols_axis])
+                length = vol.rows if layout.axis == 1 else vol.cols
+                for start, slab in vol.slabs(layout.axis, budget):
+                    for k in range(slab.shape[layout.axis]):
+                        values = cut_plane(slab, k, layout)
+                        img, names, norm = to_image(values)
+                        out_spacing = in_spacing
+                        if cfg.dicom_reslice_isotropic:  # square pixels and the size policy in one resize
+                            h, w = img.shape[:2]
+                            shape = target_size(*isotropic_shape((h, w), in_spacing)[0], cfg.size_policy)
+                            img = resize(img, shape)
+                            out_spacing = (in_spacing[0] * h / shape[0], in_spacing[1] * w / shape[1])
+                        if min(img.shape[:2]) < cfg.min_size:
+                            stats["reslice_too_small"] = stats.get("reslice_too_small", 0) + 1
+                            continue
+                        if foreground_fraction(img, cfg.background_threshold) < cfg.min_foreground:
+                            stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+                            continue
+                        t = start + k
+                        index = length - 1 - t if layout.flip_index else t
+                        meta = {**base, "channels": names, "normalization": norm, "spacing": list(out_spacing),
+                                "slice_axis": plane, "slice_index": index}
+                        yield Slice(image=np.ascontiguousarray(img), key=f"{plane}{index}", meta=meta)
+                    del slab  # release before the next slab is read: one slab in memory at a time
+        finally:
+            vol.close()
+
+    return identity_of(ds0, Path(paths[0])), planes()
