@@ -59,7 +59,7 @@ def save_reconstruction_grid(mae: nn.Module, images: torch.Tensor, mask_ratio: f
         for j, col in enumerate(cols):
             tile = col[i, :channels] if c in (1, 3) else col[i, :1]
             tile = tile.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-            arr = (tile.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            arr = (tile.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)  # bf16 under autocast
             y, x = GAP + i * (th + GAP), GAP + j * (tw + GAP)
             grid[y:y + th, x:x + tw] = arr
     img = Image.fromarray(grid[:, :, 0] if channels == 1 else grid)
