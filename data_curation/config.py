@@ -49,6 +49,9 @@ class CurateConfig:
     reject_burned_in: bool = _f(True, "reject DICOM files with BurnedInAnnotation=YES")
     split_fractions: list[float] = _f([0.9, 0.05, 0.05], "train/val/test fractions for subjects "
                                                           "without a given split")
+    near_duplicates: bool = _f(False, "also drop near duplicates: samples whose perceptual hash lies within "
+                                      "--near_duplicate_bits of a sample of another subject already written")
+    near_duplicate_bits: int = _f(16, "largest Hamming distance (of 255 bits) counted as a near duplicate")
     shard_maxcount: int = _f(2000, "maximum samples per shard")
     shard_maxsize: float = _f(1e9, "maximum bytes per shard")
     png_compress_level: int = _f(1, "zlib level of stored PNGs (1: fastest encode, ~15% larger than 6)")

@@ -33,6 +33,7 @@ from typing import Any
 from common.io import atomic_write
 from common.logging import get_logger, progress
 from data_curation.manifest import write_outputs
+from data_curation.phash import NearDuplicateIndex
 from data_curation.state import LEDGER_NAME, LedgerState, replay_ledger
 
 RUN_KEYS = frozenset({"inputs", "output", "workers", "progress", "salt_file", "merge", "config"})
@@ -144,6 +145,8 @@ def plan_merge(parts: list[_Part], out: Path) -> MergePlan:
     owner_part: dict[str, Path] = {}  # item id -> part that contributes it
     seen_paths: set[str] = set()
     seen_hashes: set[str] = set()
+    config = parts[0].manifest.get("config", {})
+    near = NearDuplicateIndex(int(config.get("near_duplicate_bits", 16))) if config.get("near_duplicates") else None
     next_index: Counter = Counter()
     for part in parts:
         skipped_items: set[str] = set()  # inputs already counted from an earlier part (same path)
@@ -162,12 +165,20 @@ def plan_merge(parts: list[_Part], out: Path) -> MergePlan:
         for name in sorted(part.state.shards):
             rec = part.state.shards[name]
             keep = []
-            for i, (pixel_hash, item_id) in enumerate(rec["entries"]):
+            for i, entry in enumerate(rec["entries"]):
+                pixel_hash, item_id = entry[0], entry[1]
                 if item_id in skipped_items:
                     continue
                 if pixel_hash in seen_hashes:
                     plan.items[item_id]["dup_samples"] = plan.items[item_id].get("dup_samples", 0) + 1
                     continue
+                if near is not None and len(entry) > 3:
+                    phash, subject = int(entry[2], 16), entry[3]
+                    if near.find(phash, subject):  # near duplicate of an earlier part's sample
+                        item = plan.items[item_id]
+                        item["near_dup_samples"] = item.get("near_dup_samples", 0) + 1
+                        continue
+                    near.add(phash, subject)
                 seen_hashes.add(pixel_hash)
                 plan.items[item_id]["samples"] += 1
                 keep.append(i)
@@ -182,7 +193,9 @@ def plan_merge(parts: list[_Part], out: Path) -> MergePlan:
                                         len(rec["entries"]), rec["bytes"], rec["sha256"]))
     for rec in plan.items.values():
         if rec["status"] == "used" and rec["samples"] == 0:
-            rec.update(status="duplicate", reason="exact duplicate of pixel content written by an earlier part")
+            rec.update(status="duplicate", reason="exact duplicate of pixel content written by an earlier part"
+                       if not rec.get("near_dup_samples") else
+                       "near duplicate (perceptual hash) of images written by an earlier part")
     config = dict(parts[0].manifest.get("config", {}))
     config.update(inputs=[i for p in parts for i in p.manifest.get("config", {}).get("inputs", [])],
                   output=str(out), merge=[str(p.path) for p in parts])
@@ -307,9 +320,8 @@ def merge(part_dirs: list[str], output: str, show_progress: bool = True) -> dict
         bar.update(1)
         if rec is not None:
             state.shards[rec["name"]] = rec
-            for pixel_hash, item_id in rec["entries"]:
-                state.hash_owner[pixel_hash] = item_id
-                state.written[item_id] += 1
+            for entry in rec["entries"]:
+                state.record_entry(entry)
     bar.close()
     lines = [*state.shards.values(), *state.items.values()]
     atomic_write(out / LEDGER_NAME, lambda p: p.write_text(

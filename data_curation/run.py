@@ -54,7 +54,7 @@ class _ItemAssembler:
             if note:
                 get_logger("curate").warning("%s: series not resliced: %s", f.path, note)
         reject = next((r.reject for r in parts if r.reject), None)
-        samples = dup = 0
+        samples = dup = near = 0
         if reject is None:
             seen_here: set[str] = set()
             for r in parts:
@@ -62,6 +62,10 @@ class _ItemAssembler:
                     owner = self.state.hash_owner.get(s.pixel_hash)
                     if s.pixel_hash in seen_here or (owner is not None and owner != f.item_id):
                         dup += 1
+                        continue
+                    if (owner is None and s.phash is not None and self.state.near is not None
+                            and self.state.near.find(s.phash, s.subject)):
+                        near += 1
                         continue
                     seen_here.add(s.pixel_hash)
                     samples += 1
@@ -71,11 +75,14 @@ class _ItemAssembler:
             rec.update(status="rejected", reason=reject)
         elif samples:
             rec.update(status="used")
-        elif dup:
-            rec.update(status="duplicate", reason="exact duplicate of pixel content already written")
+        elif dup or near:
+            rec.update(status="duplicate", reason="exact duplicate of pixel content already written" if not near
+                       else "near duplicate (perceptual hash) of images already written")
         else:
             rec.update(status="rejected", reason=f"no usable slices ({skipped} background slices skipped)")
         rec.update(samples=samples, dup_samples=dup)
+        if near:
+            rec["near_dup_samples"] = near
         self.ledger.append(rec)
         self.state.items[f.item_id] = rec
 
@@ -102,7 +109,7 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     salt, salt_where = load_salt(cfg.salt_file, out)
     log.info("identity hashes keyed with the salt from %s (never written to %s)", salt_where, out)
-    state = load_ledger(out)
+    state = load_ledger(out, cfg.near_duplicate_bits if cfg.near_duplicates else None)
     ledger = Ledger(out)
     sink = ShardSink(out, state, ledger, cfg.shard_maxcount, cfg.shard_maxsize)
     todo: list[InputFile] = []

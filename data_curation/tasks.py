@@ -15,6 +15,7 @@ from data_curation.deid import allowlisted, salted_hash, split_for_subject
 from data_curation.discover import InputFile
 from data_curation.format import encode_image, encode_meta
 from data_curation.intensity import resize, target_size
+from data_curation.phash import perceptual_hash
 from data_curation.readers import Identity, RejectError, Slice
 from data_curation.readers.dicom import read_dicom
 from data_curation.readers.dicom_series import read_series_resliced
@@ -41,6 +42,8 @@ class EncodedSample:
     meta: bytes
     split: str
     pixel_hash: str
+    phash: int | None = None  # perceptual hash (--near_duplicates)
+    subject: str = ""  # salted subject hash: near duplicates are looked for across subjects only
 
 
 @dataclass
@@ -85,7 +88,8 @@ def _finish(slice_: Slice, ident: Identity, task: Task, cfg: CurateConfig, salt:
     meta.setdefault("label_name", task.args.get("label_name"))
     ext, data = encode_image(img, cfg.png_compress_level)
     key = salted_hash(salt, "key", task.file.item_id, slice_.key, digest_size=16)
-    return EncodedSample(key, ext, data, encode_meta(allowlisted(meta)), split, _pixel_hash(img))
+    phash = perceptual_hash(img) if cfg.near_duplicates else None
+    return EncodedSample(key, ext, data, encode_meta(allowlisted(meta)), split, _pixel_hash(img), phash, subject)
 
 
 def _slices(task: Task, cfg: CurateConfig, stats: dict[str, int]) -> Iterator[tuple[Identity, Slice]]:

@@ -72,8 +72,8 @@ class ShardSink:
                "bytes": final.stat().st_size, "sha256": _sha256(final), "entries": shard.entries}
         self.ledger.append(rec)  # recorded only after the rename: an unrecorded shard is an orphan
         self.state.shards[final.name] = rec
-        for _, item in shard.entries:
-            self.state.written[item] += 1
+        for entry in shard.entries:
+            self.state.written[entry[1]] += 1
 
     def write(self, sample: EncodedSample, item_id: str) -> None:
         split = sample.split
@@ -87,7 +87,12 @@ class ShardSink:
             shard = self._open[split] = _OpenShard(self.dir / f".tmp-{split}-{index:06d}.tar")
         shard.size += add_sample(shard.tar, sample.key, {sample.ext: sample.data, "json": sample.meta})
         shard.count += 1
-        shard.entries.append([sample.pixel_hash, item_id])
+        entry = [sample.pixel_hash, item_id]
+        if sample.phash is not None:
+            entry += [f"{sample.phash:x}", sample.subject]
+            if self.state.near is not None:
+                self.state.near.add(sample.phash, sample.subject)
+        shard.entries.append(entry)
         self.state.hash_owner[sample.pixel_hash] = item_id
 
     def close(self) -> None:
