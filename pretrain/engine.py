@@ -23,6 +23,7 @@ from common.data import ImageLoader, gpu_augment
 from common.logging import JsonlLogger, get_logger, progress
 from pretrain.checkpointing import CheckpointManager
 from pretrain.config import PretrainConfig
+from pretrain.precision import deepspeed_autocast, forward_autocast
 from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.schedule import Schedule
 from pretrain.visualize import save_reconstruction_grid
@@ -90,8 +91,9 @@ def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
                     scale=(c.min_crop_scale, 1.0), hflip=c.hflip, interpolation=c.interpolation,
                     intensity=c.intensity_aug)
     with acc.accumulate(ctx.model):
-        loss, _, _ = ctx.model(x, mask_ratio=c.mask_ratio,
-                               generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
+        with deepspeed_autocast(acc):
+            loss, _, _ = ctx.model(x, mask_ratio=c.mask_ratio,
+                                   generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
         value = acc.reduce(loss.detach().float(), "mean").item()
         if not math.isfinite(value):
             last = ctx.checkpoints.latest()
@@ -124,7 +126,7 @@ def _visualize(ctx: TrainContext, x: torch.Tensor, step: int) -> None:
         return
     mae = ctx.accelerator.unwrap_model(ctx.model)
     path = Path(ctx.cfg.output_dir) / "vis" / f"step_{step:08d}.png"
-    with ctx.accelerator.autocast():
+    with forward_autocast(ctx.accelerator):
         save_reconstruction_grid(mae, x[: ctx.cfg.vis_samples].detach(), ctx.cfg.mask_ratio, ctx.mean, ctx.std,
                                  path, seed=ctx.cfg.seed)
 
