@@ -122,6 +122,8 @@ def bench_pipeline(slices: int, workers_list: list[int]) -> None:
         ct = Path(tmp) / "ct_series"
         make_ct_series(ct, slices)
         cases = [(f"CT {slices}x512x512 (soft_tissue window, 8-bit PNG)", [str(ct)], []),
+                 (f"CT {slices}x512x512 + coronal/sagittal reslice (32 MiB slabs)", [str(ct)],
+                  ["--dicom_reslice", "coronal", "sagittal", "--reslice_memory_mb", "32"]),
                  ("Kermany CXR 224 JPEG (2000 train + 624 test)", [str(KERMANY)], [])]
         for name, inputs, extra in cases:
             for w in workers_list:
