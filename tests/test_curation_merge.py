@@ -81,6 +81,9 @@ def _pixel_hashes(samples: list[dict]) -> list[str]:
 def test_merge_counts_each_input_once_and_removes_duplicates_across_parts(parts, tmp_path):
     a, b = _fresh_parts(parts, tmp_path / "parts")
     out = tmp_path / "merged"
+    steps = merge_mod.plan_merge([merge_mod._load_part(a), merge_mod._load_part(b)], out).steps
+    assert any(s.keep is not None and s.name for s in steps)  # a shard is rewritten without its duplicates
+    assert any(s.keep is None for s in steps)  # and others are moved as they are
     assert curate_main(["--merge", str(a), str(b), "--output", str(out), "--no-progress"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     ma, mb = parts["man_a"], parts["man_b"]

@@ -27,13 +27,13 @@ from data_curation.reslice import PLANES, VolumeFile, cut_plane, isotropic_shape
 _PERCENTILE_SAMPLE = 1_000_000  # values kept from the whole series for volume percentiles
 
 
-def _geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+def _geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
+    """Patient directions of the volume axes (slice normal, row index, column index) and PixelSpacing."""
     iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    axes = np.stack([normal / np.linalg.norm(normal), col_dir, row_dir])  # volume axes: slice, row, column
-    return axes, np.asarray([float(v) for v in ds.ImagePositionPatient]), \
-        (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+    axes = np.stack([normal / np.linalg.norm(normal), col_dir, row_dir])
+    return axes, (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
 
 
 def _stream_volume(paths: list[str]) -> tuple[pydicom.Dataset, VolumeFile, np.ndarray, str]:
@@ -91,7 +91,7 @@ def read_series_resliced(paths: list[str], slice_spacing: float, cfg: CurateConf
         if plane not in PLANES:
             raise RejectError(f"unknown reslice plane '{plane}' (use {sorted(PLANES)})")
     ds0, vol, sample, dtype = _stream_volume(paths)
-    axes, _, pixel = _geometry(ds0)
+    axes, pixel = _geometry(ds0)
     spacing = (slice_spacing, pixel[0], pixel[1])  # along volume axes 0, 1, 2
     mapping = gray_mapping(ds0, cfg)
     to_image = _mapper(mapping, ds0, sample, cfg)
