@@ -1,0 +1,1 @@
+"""Multi-GPU scaling benchmark of MAE pretraining (``python -m bench.scaling``)."""

@@ -1,0 +1,92 @@
+"""The runs compared by the scaling benchmark and the exact `accelerate launch` commands that start them.
+
+Every variant runs ``pretrain/main.py`` through the accelerate config a user would pick from ``launch/accelerate/``
+at the same global batch: the per-GPU batch is ``global_batch / processes``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN_SCRIPT = "pretrain/main.py"
+
+
+@dataclass(frozen=True)
+class VariantKind:
+    config_file: str  # relative to the repository root
+    multi_process: bool  # uses all GPUs (else one process)
+    deepspeed: bool
+
+
+KINDS: dict[str, VariantKind] = {
+    "1gpu": VariantKind("launch/accelerate/single_gpu.yaml", multi_process=False, deepspeed=False),
+    "ddp": VariantKind("launch/accelerate/multi_gpu.yaml", multi_process=True, deepspeed=False),
+    "zero2": VariantKind("launch/accelerate/deepspeed_zero2.yaml", multi_process=True, deepspeed=True),
+}
+BASELINE = "1gpu"
+
+
+class ScalingConfigError(ValueError):
+    """The benchmark settings cannot produce a fair comparison (message says why)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    config_file: str
+    processes: int
+    per_gpu_batch: int
+    deepspeed: bool
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_gpu_batch * self.processes
+
+
+def build_variants(names: list[str], gpus: int, global_batch: int) -> list[Variant]:
+    """One Variant per name; the global batch must split evenly over the processes of every variant."""
+    if gpus < 2:
+        raise ScalingConfigError(f"--gpus must be >= 2 for a scaling comparison, got {gpus}")
+    variants = []
+    for name in names:
+        if name not in KINDS:
+            raise ScalingConfigError(f"unknown variant {name!r}; choose from {sorted(KINDS)}")
+        kind = KINDS[name]
+        processes = gpus if kind.multi_process else 1
+        if global_batch % processes:
+            raise ScalingConfigError(f"--global_batch {global_batch} is not divisible by {processes} processes "
+                                     f"({name}): the runs would not share one global batch")
+        variants.append(Variant(name, kind.config_file, processes, global_batch // processes, kind.deepspeed))
+    return variants
+
+
+def launch_command(variant: Variant, port: int, mixed_precision: str, pretrain_args: list[str]) -> list[str]:
+    """``python -m accelerate.commands.launch`` is ``accelerate launch`` run by this interpreter."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", variant.config_file,
+            "--num_processes", str(variant.processes), "--num_machines", "1", "--main_process_port", str(port),
+            "--mixed_precision", mixed_precision, PRETRAIN_SCRIPT, *pretrain_args]
+
+
+def user_command(command: list[str]) -> str:
+    """The same command as a user types it (``accelerate launch ...``), for reports."""
+    if command[1:3] == ["-m", "accelerate.commands.launch"]:
+        command = ["accelerate", "launch", *command[3:]]
+    return shlex.join(command)
+
+
+def pretrain_args(variant: Variant, *, model: str, data_path: str, output_dir: Path, input_size: int,
+                  in_chans: int, steps: int, epochs: int, warmup_epochs: float, blr: float, num_workers: int,
+                  log_every: int, seed: int, extra: list[str]) -> list[str]:
+    """Flags of ``pretrain/main.py`` for one variant; only the per-GPU batch differs between variants."""
+    args = ["--model", model, "--data_path", data_path, "--output_dir", str(output_dir),
+            "--input_size", str(input_size), "--in_chans", str(in_chans), "--norm_pix_loss",
+            "--batch_size", str(variant.per_gpu_batch), "--accum_iter", "1",
+            "--epochs", str(epochs), "--warmup_epochs", str(warmup_epochs), "--blr", str(blr),
+            "--max_steps", str(steps), "--num_workers", str(num_workers), "--log_every", str(log_every),
+            "--seed", str(seed), "--resume", "none", "--vis_every", "0", "--save_every", str(steps),
+            "--keep_last", "1"]
+    return args + list(extra)
