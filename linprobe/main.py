@@ -1,7 +1,7 @@
 """linprobe: linear probing of a frozen pretrained encoder on a labeled medical image dataset.
 
-A BatchNorm (no affine) + Linear head is trained with LARS on the frozen encoder's class token (or pooled
-tokens with --global_pool). Results: OUTPUT_DIR/results.json, log.jsonl, checkpoint-best.safetensors.
+A BatchNorm (no affine) + Linear head is trained with LARS on the frozen encoder's class token (the mean of
+its tokens with --global_pool, or when it has no class token). Results: OUTPUT_DIR/results.json, log.jsonl, checkpoint-best.safetensors.
 
     linprobe --data_path data/breastmnist.npz --finetune runs/pretrain/encoder.safetensors
     accelerate launch linprobe/main.py --data_path DIR --finetune CKPT --fast

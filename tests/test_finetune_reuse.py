@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_linprobe_fixtures import (
     BREAST_NPZ,
-    cli_fails,
     export_tiny_encoder,
+    fails_with,
     kermany_image_folder,
     kermany_multilabel_csv,
     read_results,
@@ -111,8 +111,7 @@ def test_best_checkpoint_is_loadable_like_an_exported_encoder(finetuned: Path) -
     torch.testing.assert_close(encoder.state_dict()["patch_embed.proj.weight"], best["patch_embed.proj.weight"])
 
 
-def test_linprobe_and_finetune_accept_the_best_checkpoint(finetuned: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_linprobe_and_finetune_accept_the_best_checkpoint(finetuned: Path, tmp_path: Path) -> None:
     probe = tmp_path / "probe"
     assert linprobe_main(["--data_path", str(BREAST_NPZ), "--finetune", str(finetuned), "--fast", "--batch_size",
                           "128", "--epochs", "1", "--warmup_epochs", "1", "--lr_grid", "1", "--output_dir",
@@ -124,11 +123,11 @@ def test_linprobe_and_finetune_accept_the_best_checkpoint(finetuned: Path, tmp_p
     assert spec.model == "test_vit"
     argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(finetuned), "--model", "test_vim",
             "--output_dir", str(tmp_path / "x"), *FAST]
-    cli_fails(capsys, finetune_main, argv, r"holds a 'test_vit' encoder.*--model is 'test_vim'")
+    fails_with(finetune_main, argv, r"holds a 'test_vit' encoder.*--model is 'test_vim'")
     # a linear probe's checkpoint-best is a head only: say what to pass instead
     argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(probe / "checkpoint-best.safetensors"),
             "--output_dir", str(tmp_path / "y"), *FAST]
-    cli_fails(capsys, finetune_main, argv, r"probe/checkpoint-best.json: a linear-probe checkpoint holds only "
+    fails_with(finetune_main, argv, r"probe/checkpoint-best.json: a linear-probe checkpoint holds only "
                                            rf"the probe head.*pass its encoder \({re.escape(str(finetuned))}\)")
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +86,18 @@ def cli_fails(capsys: Any, main_fn: Any, argv: list[str], pattern: str) -> str:
     assert re.search(pattern, err, re.S), err
     assert "Traceback" not in err
     return err
+
+
+def fails_with(main_fn: Callable[[list[str]], int], argv: list[str], pattern: str) -> str:
+    """Run a CLI ``main`` that must reject its input: exit status 2 and ``pattern`` in the one-line error.
+
+    Only stderr is redirected (not pytest's capsys): ``get_logger`` binds the sys.stdout current when a
+    logger is first made, and a capsys stream is closed after its test, breaking later tests' logging.
+    """
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main_fn(argv) == 2
+    text = err.getvalue()
+    assert re.search(pattern, text, re.S), text
+    assert "Traceback" not in text
+    return text

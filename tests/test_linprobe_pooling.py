@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_linprobe_fixtures import BREAST_NPZ, cli_fails, read_results
+from test_linprobe_fixtures import BREAST_NPZ, fails_with, read_results
 
 from common.transfer.data import make_loader, usable_workers
 from common.transfer.encoder import resolve_spec
@@ -57,8 +57,7 @@ def test_pooling_defaults_to_average_without_a_class_token() -> None:
     assert resolve_spec("test_vim", None, None, 1, 0, False, None, default_pool="avg").kwargs["global_pool"] == "token"
 
 
-def test_linprobe_of_a_vim_without_class_token(vim_without_cls: Path, breast_subset: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_linprobe_of_a_vim_without_class_token(vim_without_cls: Path, breast_subset: Path, tmp_path: Path) -> None:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
@@ -76,16 +75,15 @@ def test_linprobe_of_a_vim_without_class_token(vim_without_cls: Path, breast_sub
     assert 0.0 <= read_results(out)["auc"] <= 1.0
     argv = ["--data_path", str(breast_subset), "--finetune", str(vim_without_cls), "--cls_token", "--fast",
             "--output_dir", str(tmp_path / "token"), *COMMON]
-    cli_fails(capsys, linprobe_main, argv, r"--cls_token: model 'test_vim' has no class token")
+    fails_with(linprobe_main, argv, r"--cls_token: model 'test_vim' has no class token")
 
 
-def test_finetune_cls_token_on_mambamic_is_a_clear_error(breast_subset: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_cls_token_on_mambamic_is_a_clear_error(breast_subset: Path, tmp_path: Path) -> None:
     from finetune.main import main as finetune_main
 
     argv = ["--data_path", str(breast_subset), "--model", "test_mambamic", "--in_chans", "1", "--cls_token",
             "--output_dir", str(tmp_path), *COMMON]
-    cli_fails(capsys, finetune_main, argv, r"--cls_token: model 'test_mambamic' has no class token")
+    fails_with(finetune_main, argv, r"--cls_token: model 'test_mambamic' has no class token")
     assert not (tmp_path / "log.jsonl").exists()
 
 
