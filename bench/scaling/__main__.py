@@ -26,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.scaling.analysis import RunLogError, compare_curves, read_windows, steady_throughput  # noqa: E402
+from bench.scaling.analysis import RunLogError, Window, compare_curves, read_windows, steady_throughput  # noqa: E402
 from bench.scaling.report import format_table, save_plot  # noqa: E402
 from bench.scaling.runner import device_description, free_port, run_logged  # noqa: E402
 from bench.scaling.variants import (  # noqa: E402
@@ -40,6 +40,7 @@ from bench.scaling.variants import (  # noqa: E402
     pretrain_args,
     user_command,
 )
+from common.io import atomic_write_text  # noqa: E402
 
 DEFAULT_TARGETS = {"ddp": 1.9, "zero2": 1.8}
 
@@ -114,7 +115,8 @@ def _versions() -> dict[str, str | None]:
 
 
 def run_variant(variant: Variant, args: argparse.Namespace, extra: list[str], mixed_precision: str,
-                env: dict[str, str]) -> dict[str, Any]:
+                env: dict[str, str]) -> tuple[dict[str, Any], list[Window]]:
+    """Launch one run and summarise its log (a run killed at the time limit keeps the windows it logged)."""
     out = Path(args.output_dir).resolve() / variant.name
     if (out / "log.jsonl").exists():
         raise ScalingConfigError(f"{out}: holds a previous run (log.jsonl); give a new --output_dir")
@@ -133,7 +135,7 @@ def run_variant(variant: Variant, args: argparse.Namespace, extra: list[str], mi
         windows = read_windows(out / "log.jsonl")
     except RunLogError as exc:
         result.update(error=str(exc), log_tail=launched.log_tail())
-        return result
+        return result, []
     if launched.status != "ok":
         result["log_tail"] = launched.log_tail()
     warmup = args.warmup_steps if args.warmup_steps is not None else max(args.log_every, args.steps // 5)
@@ -142,11 +144,12 @@ def run_variant(variant: Variant, args: argparse.Namespace, extra: list[str], mi
                   img_per_s=round(rate.img_per_s, 1), img_per_s_per_gpu=round(rate.img_per_s / variant.processes, 1),
                   tflops_per_gpu=rate.tflops_per_gpu, mfu=rate.mfu, final_loss=windows[-1].loss,
                   loss_curve=[[w.step, w.loss] for w in windows],
-                  img_per_s_curve=[[w.step, w.img_per_s] for w in windows], _windows=windows)
-    return result
+                  img_per_s_curve=[[w.step, w.img_per_s] for w in windows])
+    return result, windows
 
 
-def compare_to_baseline(runs: list[dict[str, Any]], targets: dict[str, float], tolerance: float) -> None:
+def compare_to_baseline(runs: list[dict[str, Any]], windows: dict[str, list[Window]], targets: dict[str, float],
+                        tolerance: float) -> None:
     base = next((r for r in runs if r["name"] == BASELINE and r.get("img_per_s")), None)
     for r in runs:
         if base is None or r is base or not r.get("img_per_s"):
@@ -156,7 +159,7 @@ def compare_to_baseline(runs: list[dict[str, Any]], targets: dict[str, float], t
         if r["name"] in targets:
             r["target"] = targets[r["name"]]
             r["target_met"] = r["speedup"] >= targets[r["name"]]
-        cmp = compare_curves(r["_windows"], base["_windows"], tolerance)
+        cmp = compare_curves(windows[r["name"]], windows[BASELINE], tolerance)
         r.update(loss_steps_compared=cmp.steps_compared, loss_rel_diff_mean=round(cmp.rel_diff_mean, 5),
                  loss_rel_diff_max=round(cmp.rel_diff_max, 5),
                  loss_rel_diff_last_quarter=round(cmp.rel_diff_last_quarter, 5), loss_matches=cmp.matches)
@@ -180,33 +183,38 @@ def main(argv: list[str] | None = None) -> int:
     mixed_precision = args.mixed_precision or ("no" if args.cpu else "bf16")
     device = "cpu" if args.cpu else device_description()
     env = _environment(args.cpu)
-    runs = []
+    title = (f"{args.model} {args.input_size}px, global batch {args.global_batch}, {args.steps} steps, "
+             f"{mixed_precision}, {device}")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json or out / "scaling.json")
+    header = {"device": device, "versions": _versions(), "mixed_precision": mixed_precision,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}, "extra_args": extra,
+              "targets": targets}
+    runs: list[dict[str, Any]] = []
+    windows: dict[str, list[Window]] = {}
     for variant in variants:
         try:
-            runs.append(run_variant(variant, args, extra, mixed_precision, env))
+            run, windows[variant.name] = run_variant(variant, args, extra, mixed_precision, env)
         except ScalingConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        r = runs[-1]
-        print(f"[scaling] {r['name']}: {r['status']}, {r.get('img_per_s', '-')} img/s, wall {r['wall_s']} s"
-              + (f"\n{r.get('error', '')}\n{r.get('log_tail', '')}" if r["status"] != "ok" else ""), flush=True)
-    compare_to_baseline(runs, targets, args.loss_tolerance)
-    for r in runs:
-        r.pop("_windows", None)
+        runs.append(run)
+        print(f"[scaling] {run['name']}: {run['status']}, {run.get('img_per_s', '-')} img/s, wall {run['wall_s']} s"
+              + (f"\n{run.get('error', '')}\n{run.get('log_tail', '')}" if run["status"] != "ok" else ""), flush=True)
+        compare_to_baseline(runs, windows, targets, args.loss_tolerance)
+        # written after every run, so a benchmark stopped from outside keeps what it measured
+        _write_json(json_path, {**header, "table": format_table(runs), "runs": runs})
     table = format_table(runs)
-    title = (f"{args.model} {args.input_size}px, global batch {args.global_batch}, {args.steps} steps, "
-             f"{mixed_precision}, {device}")
     print(f"\n{title}\n{table}")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plot = None if args.plot == "none" else save_plot(runs, Path(args.plot or out / "scaling.png"), title)
-    result = {"device": device, "versions": _versions(), "mixed_precision": mixed_precision,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}, "extra_args": extra,
-              "targets": targets, "plot": str(plot) if plot else None, "table": table, "runs": runs}
-    json_path = Path(args.json or out / "scaling.json")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(json_path, {**header, "plot": str(plot) if plot else None, "table": table, "runs": runs})
     print(f"[scaling] wrote {json_path}" + (f" and {plot}" if plot else ""))
     return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+def _write_json(path: Path, result: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
