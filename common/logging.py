@@ -31,11 +31,26 @@ def is_main_process() -> bool:
     return process_rank() == 0
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is now (test capture and redirection replace it after setup)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def get_logger(name: str = "scanmae", level: int = logging.INFO) -> logging.Logger:
     """A console logger that prints on rank 0 only (warnings and errors on every rank)."""
     logger = logging.getLogger(name)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False

@@ -135,3 +135,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
         atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_logger_follows_replaced_stdout(capsys) -> None:
+    import io
+    import sys
+
+    from common.logging import get_logger
+
+    logger = get_logger("scanmae.test_stdout")
+    logger.info("first")
+    old, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        logger.info("second")  # a handler bound to the old stream would write there (or fail if it closed)
+        assert "second" in sys.stdout.getvalue()
+    finally:
+        sys.stdout = old
