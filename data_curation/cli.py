@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from common.config import ConfigError, build_parser, parse_config
 from data_curation.config import CurateConfig
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="*", help="input folders or files (added to --inputs)")
     args = sys.argv[1:] if argv is None else argv
     paths = parser.parse_args(args).paths
+    # pydicom warns about deviations it has already repaired (implicit VR, padding, odd IS values); on real
+    # archives that is thousands of lines hiding the summary. Real failures still reach rejects.jsonl.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     try:
         cfg = parse_config(CurateConfig, args, parser)
         cfg.inputs = list(cfg.inputs) + list(paths)
