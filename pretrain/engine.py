@@ -23,7 +23,7 @@ from common.data import ImageLoader, gpu_augment
 from common.logging import JsonlLogger, get_logger, progress
 from pretrain.checkpointing import CheckpointManager
 from pretrain.config import PretrainConfig
-from pretrain.precision import deepspeed_autocast, forward_autocast
+from pretrain.precision import forward_autocast, model_input
 from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.schedule import Schedule
 from pretrain.visualize import save_reconstruction_grid
@@ -91,9 +91,8 @@ def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
                     scale=(c.min_crop_scale, 1.0), hflip=c.hflip, interpolation=c.interpolation,
                     intensity=c.intensity_aug)
     with acc.accumulate(ctx.model):
-        with deepspeed_autocast(acc):
-            loss, _, _ = ctx.model(x, mask_ratio=c.mask_ratio,
-                                   generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
+        loss, _, _ = ctx.model(model_input(acc, x), mask_ratio=c.mask_ratio,
+                               generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
         value = acc.reduce(loss.detach().float(), "mean").item()
         if not math.isfinite(value):
             last = ctx.checkpoints.latest()

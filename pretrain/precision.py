@@ -1,10 +1,12 @@
-"""Autocast for forward passes when DeepSpeed keeps the model weights in 16 bits.
+"""Input precision when DeepSpeed keeps the model weights in 16 bits.
 
 For single-process and DDP runs accelerate wraps the model's ``forward`` in ``torch.autocast``. Under DeepSpeed
-it does not: the engine casts the weights to bf16/fp16 (the float32 master copies live in the ZeRO optimizer)
-and leaves the inputs alone, so the float32 batch from ``gpu_augment`` would meet bf16 weights in the patch
-embedding convolution ("Input type (float) and bias type (BFloat16) should be the same"). Running the forward
-under autocast casts inputs per operation and keeps LayerNorm, softmax and the loss in float32, as on the DDP path.
+it does not: with ``bf16``/``fp16`` enabled the engine casts the weights to 16 bits (the float32 master copies live
+in the ZeRO optimizer) and leaves the inputs alone, so the float32 batch from ``gpu_augment`` would meet bf16
+weights in the patch embedding ("Input type (float) and bias type (BFloat16) should be the same"). An outer
+``torch.autocast`` does not help: the engine switches CUDA autocast off around the module unless its own
+``torch_autocast`` section is enabled. So the batch is cast to the weights' dtype and the model runs in 16 bits,
+which is DeepSpeed's bf16/fp16 mode.
 """
 
 from __future__ import annotations
@@ -27,17 +29,15 @@ def deepspeed_half_dtype(accelerator: Accelerator) -> torch.dtype | None:
     return None
 
 
-def deepspeed_autocast(accelerator: Accelerator) -> contextlib.AbstractContextManager:
-    """Autocast for a forward pass of the prepared model: needed under DeepSpeed only (accelerate already wraps
-    the forward of single-process and DDP models), a no-op otherwise."""
+def model_input(accelerator: Accelerator, images: torch.Tensor) -> torch.Tensor:
+    """The batch as the prepared model takes it: cast to bf16/fp16 under DeepSpeed half precision."""
     dtype = deepspeed_half_dtype(accelerator)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=accelerator.device.type, dtype=dtype)
+    return images if dtype is None else images.to(dtype)
 
 
 def forward_autocast(accelerator: Accelerator) -> contextlib.AbstractContextManager:
-    """Autocast for a forward pass of the unwrapped model (e.g. the reconstruction grid)."""
-    if deepspeed_half_dtype(accelerator) is not None:
-        return deepspeed_autocast(accelerator)
+    """Autocast for a forward pass of the unwrapped model outside the engine (e.g. the reconstruction grid)."""
+    dtype = deepspeed_half_dtype(accelerator)
+    if dtype is not None:
+        return torch.autocast(device_type=accelerator.device.type, dtype=dtype)
     return accelerator.autocast()
