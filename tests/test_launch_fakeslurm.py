@@ -103,6 +103,8 @@ def accelerate():
         # a "rank" that checkpoints on SIGUSR1 or SIGTERM and exits 75; the launcher reports 1, like torchrun
         state = os.path.join(RECORD, "node%s" % os.environ["SLURM_NODEID"])
         rank = subprocess.Popen([sys.executable, "-c", RANK_CODE, state])
+        # torchrun forwards SIGTERM to its ranks and waits for them (up to its own timeout) rather than dying
+        signal.signal(signal.SIGTERM, lambda s, f: rank.send_signal(s))
         code = rank.wait()
         with open(state + ".launcher", "w") as f:
             f.write(str(code))
