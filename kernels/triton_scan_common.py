@@ -59,7 +59,7 @@ class ScanLaunchConfig:
 def default_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:
     """The seq2 kernels (kernels/triton_scan_seq.py) for forward and backward: 16 channels per warp (two
     lanes per channel), a saved state every 4 positions. Chosen from the H200 sweep in bench/scan.py
-    (docs/sections/kernels.md): fastest or within 5-10% of the fastest seq2 tile at every benchmark shape."""
+    (the README): fastest or within 5-10% of the fastest seq2 tile at every benchmark shape."""
     chunk = min(4, triton.next_power_of_2(length))
     return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2")
 
