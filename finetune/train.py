@@ -10,14 +10,12 @@ from torch import nn
 
 from common.logging import get_logger
 from common.transfer.classifier_export import classifier_meta
-from common.transfer.data import IndexedSplit, make_loader
 from common.transfer.engine import LrSchedule
 from common.transfer.errors import TransferUsageError
-from common.transfer.loop import FitParts, FitState, fit, load_best_weights, load_last, score_best
+from common.transfer.loop import FitParts, fit, load_best_weights, score_best, start_state
 from common.transfer.losses import build_loss, inverse_frequency_weights, positive_weights
 from common.transfer.param_groups import layer_decay_groups, weight_decay_groups
 from common.transfer.report import evaluate_splits
-from common.transfer.sampling import EpochShuffleSampler
 from common.transfer.schedule import effective_lr
 from common.transfer.setup import RunContext
 from common.transfer.transforms import TimmTrainTransform
@@ -68,8 +66,7 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
 
         ema = ModelEmaV3(plain, decay=cfg.model_ema_decay)
     scored = ema.module if ema is not None else model
-    loaders = {s: ctx.eval_loader(s, cfg.batch_size, cfg.num_workers, cfg.pin_mem, cfg.dist_eval)
-               for s in ctx.splits if s != "train"}
+    loaders = ctx.eval_loaders(cfg)
     if cfg.eval:
         load_best_weights(acc.unwrap_model(scored), cfg.resume)
         results = evaluate_splits(scored, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)
@@ -88,17 +85,8 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
                                 "class_names": labels.class_names, "multilabel": labels.multilabel})
     train_t = TimmTrainTransform(spec.input_size, spec.mean, spec.std, spec.in_chans, cfg.aa, cfg.color_jitter,
                                  cfg.reprob, cfg.remode, cfg.recount)
-    train_ds = IndexedSplit(ctx.splits["train"], train_t, labels.num_classes)
-    sampler = EpochShuffleSampler(len(train_ds), cfg.seed, acc.process_index, acc.num_processes)
-    train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
-                               persistent=True)
-    if len(train_loader) == 0:
-        raise TransferUsageError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
-                         f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")
-    state = FitState(start_epoch=cfg.start_epoch)
-    if cfg.resume:
-        state = load_last(cfg.resume, parts, acc)
-        logger.info(f"resumed from {cfg.resume} at epoch {state.start_epoch}")
+    train_loader, sampler = ctx.train_loader(train_t, cfg)
+    state = start_state(cfg.resume, cfg.start_epoch, parts, acc)
     logger.info(f"finetune: lr {lr:.3g} (blr {cfg.blr}), layer decay {cfg.layer_decay}, {cfg.epochs} epochs, "
                 f"{len(train_loader)} steps/epoch" + (", class-weighted loss" if weights is not None else ""))
     state = fit(parts, train_loader, sampler, loaders["val"], acc,

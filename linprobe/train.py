@@ -7,14 +7,12 @@ from typing import Any
 from torch import nn
 
 from common.logging import get_logger
-from common.transfer.data import IndexedSplit, make_loader
 from common.transfer.engine import LrSchedule
 from common.transfer.errors import TransferUsageError
 from common.transfer.heads import FrozenEncoderProbe, ProbeHead
 from common.transfer.lars import LARS
-from common.transfer.loop import FitParts, FitState, fit, load_best_weights, load_last, score_best
+from common.transfer.loop import FitParts, fit, load_best_weights, score_best, start_state
 from common.transfer.report import evaluate_splits
-from common.transfer.sampling import EpochShuffleSampler
 from common.transfer.schedule import effective_lr
 from common.transfer.setup import RunContext
 from common.transfer.transforms import crop_flip_transform, eval_transform
@@ -43,8 +41,7 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
     lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, acc.num_processes)
     optimizer = LARS(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     probe, optimizer = acc.prepare(probe, optimizer)
-    loaders = {s: ctx.eval_loader(s, cfg.batch_size, cfg.num_workers, cfg.pin_mem, cfg.dist_eval)
-               for s in ctx.splits if s != "train"}
+    loaders = ctx.eval_loaders(cfg)
     if cfg.eval:
         load_best_weights(head, cfg.resume)
         scored = evaluate_splits(probe, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)
@@ -54,17 +51,8 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
                      best=head, resumable={"head": head},
                      best_meta={"kind": "linprobe_head", "encoder": spec.to_json(), "lr": lr,
                                 "class_names": labels.class_names, "multilabel": labels.multilabel})
-    train_ds = IndexedSplit(ctx.splits["train"], train_transform(cfg, ctx), labels.num_classes)
-    sampler = EpochShuffleSampler(len(train_ds), cfg.seed, acc.process_index, acc.num_processes)
-    train_loader = make_loader(train_ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
-                               persistent=True)
-    if len(train_loader) == 0:
-        raise TransferUsageError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer than one "
-                         f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")
-    state = FitState(start_epoch=cfg.start_epoch)
-    if cfg.resume:
-        state = load_last(cfg.resume, parts, acc)
-        logger.info(f"resumed from {cfg.resume} at epoch {state.start_epoch}")
+    train_loader, sampler = ctx.train_loader(train_transform(cfg, ctx), cfg)
+    state = start_state(cfg.resume, cfg.start_epoch, parts, acc)
     logger.info(f"linear probe: lr {lr:.3g} (blr {cfg.blr}), {cfg.epochs} epochs, {len(train_loader)} steps/epoch")
     state = fit(parts, train_loader, sampler, loaders["val"], acc, LrSchedule(lr, cfg.min_lr, cfg.warmup_epochs,
                                                                              cfg.epochs),

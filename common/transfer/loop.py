@@ -76,6 +76,16 @@ def load_last(path: str, parts: FitParts, accelerator: Accelerator) -> FitState:
                     best_epoch=int(payload["best_epoch"]), best_val=payload.get("best_val"))
 
 
+def start_state(resume: str, start_epoch: int, parts: FitParts, accelerator: Accelerator) -> FitState:
+    """Where training begins: the state saved in ``resume`` (a ``checkpoint-last.pt``, loaded into
+    ``parts``) when one is given, else a fresh state at ``start_epoch``."""
+    if not resume:
+        return FitState(start_epoch=start_epoch)
+    state = load_last(resume, parts, accelerator)
+    get_logger("scanmae.transfer").info(f"resumed from {resume} at epoch {state.start_epoch}")
+    return state
+
+
 def load_best_weights(module: nn.Module, path: str | Path) -> None:
     """Load ``checkpoint-best.safetensors`` (or the ``head`` / ``model`` entry of a last checkpoint)."""
     path = Path(path)

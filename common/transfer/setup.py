@@ -23,6 +23,7 @@ from common.transfer.config import TransferConfig
 from common.transfer.data import (
     IndexedSplit,
     LabelSpace,
+    Transform,
     make_loader,
     open_splits,
     scan_labels,
@@ -32,7 +33,7 @@ from common.transfer.encoder import EncoderSpec, resolve_spec
 from common.transfer.engine import gather_strided
 from common.transfer.errors import TransferUsageError
 from common.transfer.results import SELECT_METRICS
-from common.transfer.sampling import StridedSampler
+from common.transfer.sampling import EpochShuffleSampler, StridedSampler
 from common.transfer.transforms import eval_transform
 
 
@@ -57,6 +58,25 @@ class RunContext:
         sampler = StridedSampler(len(ds), acc.process_index if dist_eval else 0,
                                  acc.num_processes if dist_eval else 1)
         return make_loader(ds, batch_size, sampler, num_workers, pin_mem)
+
+    def eval_loaders(self, cfg: TransferConfig) -> dict[str, Any]:
+        """An evaluation loader for every split but train (val, and test where the data has one)."""
+        return {s: self.eval_loader(s, cfg.batch_size, cfg.num_workers, cfg.pin_mem, cfg.dist_eval)
+                for s in self.splits if s != "train"}
+
+    def train_loader(self, transform: Transform, cfg: TransferConfig) -> tuple[Any, EpochShuffleSampler]:
+        """The shuffled training loader of this process (full batches only) and its sampler, whose epoch the
+        loop sets; a split too small for one batch per process is a usage error."""
+        acc = self.accelerator
+        ds = IndexedSplit(self.splits["train"], transform, self.labels.num_classes)
+        sampler = EpochShuffleSampler(len(ds), cfg.seed, acc.process_index, acc.num_processes)
+        loader = make_loader(ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
+                             persistent=True)
+        if len(loader) == 0:
+            raise TransferUsageError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer "
+                                     f"than one batch of {cfg.batch_size} (only full batches are used); lower "
+                                     "--batch_size")
+        return loader, sampler
 
     def verify(self, splits: tuple[str, ...], batch_size: int, num_workers: int) -> None:
         """Decode every image of ``splits`` once, shared out over the processes (a corrupt file fails here,
