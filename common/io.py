@@ -1,7 +1,9 @@
-"""Atomic file writes: write to a temporary file in the same directory, fsync, then rename."""
+"""File I/O helpers: atomic writes (write to a temporary file in the same directory, fsync, then rename)
+and a streamed file digest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -38,3 +40,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks so that large shards never sit in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()

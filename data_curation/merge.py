@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write
+from common.io import atomic_write, file_sha256
 from common.logging import get_logger, progress
 from data_curation.manifest import write_outputs
 from data_curation.phash import NearDuplicateIndex
@@ -72,14 +72,6 @@ class MergePlan:
     items: dict[str, dict[str, Any]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     salt_id: str = ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def merge_fingerprint(parts: list[Path]) -> str:
@@ -256,7 +248,7 @@ def _execute(step: ShardStep, shard_dir: Path) -> dict[str, Any] | None:
             raise MergeError(f"{final} has {size} bytes, the part's ledger recorded {step.src_bytes}")
         sha = step.src_sha256
     else:
-        sha = _sha256(final)
+        sha = file_sha256(final)
     return {"t": "shard", "name": step.name, "split": step.split, "samples": len(step.entries), "bytes": size,
             "sha256": sha, "entries": step.entries}
 

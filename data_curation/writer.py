@@ -9,24 +9,16 @@ run). Members get a fixed mtime and owner, so the same samples always give byte-
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
 from pathlib import Path
 
+from common.io import file_sha256
 from data_curation.state import Ledger, LedgerState
 from data_curation.tasks import EncodedSample
 
 _MTIME = 946684800  # 2000-01-01: fixed, so shard bytes depend on the samples only
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> int:
@@ -69,7 +61,7 @@ class ShardSink:
         final = self.dir / shard.path.name.removeprefix(".tmp-")
         os.replace(shard.path, final)
         rec = {"t": "shard", "name": final.name, "split": split, "samples": len(shard.entries),
-               "bytes": final.stat().st_size, "sha256": _sha256(final), "entries": shard.entries}
+               "bytes": final.stat().st_size, "sha256": file_sha256(final), "entries": shard.entries}
         self.ledger.append(rec)  # recorded only after the rename: an unrecorded shard is an orphan
         self.state.shards[final.name] = rec
         for entry in shard.entries:

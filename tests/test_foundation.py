@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import pickle
 from pathlib import Path
@@ -18,7 +19,7 @@ from common.checkpoint import (
     torch_load_safe,
 )
 from common.config import ConfigError, load_config, merge_mapping, parse_config, save_config
-from common.io import atomic_write_text
+from common.io import atomic_write_text, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["common", "data_curation", "kernels", "models", "pretrain", "linprobe", "finetune", "bench"]
@@ -135,6 +136,18 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
         atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_file_sha256_matches_whole_file_digest_across_block_boundaries(tmp_path: Path) -> None:
+    # A real DICOM file, read in blocks that do not divide its size, so the last block is partial.
+    import pydicom
+
+    src = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    data = src.read_bytes()
+    assert file_sha256(src, block_size=1000) == file_sha256(src) == hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert file_sha256(empty) == hashlib.sha256(b"").hexdigest()
 
 
 def test_logger_follows_replaced_stdout(capsys) -> None:
