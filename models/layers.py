@@ -186,6 +186,17 @@ def init_mae_style(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def init_linear_conv_(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) linear weights with zero bias and He-normal (fan-out) Conv2d weights, the
+    initialisation of the VMamba-family models (MedMamba, MambaMIC); other modules are left as they are."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
 def stochastic_depth_rates(rate: float, depth: int) -> list[float]:
     """Linearly increasing drop-path rate over the blocks."""
     if depth <= 1:

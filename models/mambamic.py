@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import DropPath, stochastic_depth_rates, to_2tuple, trunc_normal_
+from models.layers import DropPath, init_linear_conv_, stochastic_depth_rates, to_2tuple
 from models.mambamic_layers import (
     ConvStem,
     FeatureModulationAggregation,
@@ -173,13 +173,8 @@ class MambaMIC(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         # As the authors' code: truncated-normal linears, He-normal (fan-out) convolutions, unit norms.
         # The SSM parameters of SS2D are plain Parameters and keep their Mamba initialisation.
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+        init_linear_conv_(module)
+        if isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, LocallyAwareEnhancedFilter):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models.encoder import EncoderBase
-from models.layers import DropPath, stochastic_depth_rates, to_2tuple, trunc_normal_
+from models.layers import DropPath, init_linear_conv_, stochastic_depth_rates, to_2tuple
 from models.ss2d import SS2D
 
 
@@ -131,12 +131,7 @@ class MedMamba(EncoderBase):
 
     def _init_weights(self) -> None:
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            init_linear_conv_(module)
 
     def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Last-stage feature map ``(B, H/32, W/32, C)`` (for the default 4 stages)."""
