@@ -16,6 +16,7 @@ from test_linprobe_fixtures import (
     REPO,
     cli_fails,
     export_tiny_encoder,
+    finetune_fast_args,
     kermany_multilabel_csv,
     read_results,
 )
@@ -26,8 +27,7 @@ from common.transfer.losses import inverse_frequency_weights, positive_weights
 from common.transfer.param_groups import layer_decay_groups
 from finetune.main import main
 
-FAST = ["--num_workers", "0", "--n_bootstrap", "100", "--input_size", "32", "--aa", "none", "--reprob", "0",
-        "--drop_path", "0", "--warmup_epochs", "1"]
+FAST = finetune_fast_args(n_bootstrap=100)
 
 
 @pytest.fixture(scope="module")

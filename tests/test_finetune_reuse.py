@@ -15,6 +15,7 @@ from test_linprobe_fixtures import (
     BREAST_NPZ,
     export_tiny_encoder,
     fails_with,
+    finetune_fast_args,
     kermany_image_folder,
     kermany_multilabel_csv,
     read_results,
@@ -27,8 +28,7 @@ from common.transfer.encoder import build_model, resolve_spec
 from finetune.main import main as finetune_main
 from linprobe.main import main as linprobe_main
 
-FAST = ["--num_workers", "0", "--n_bootstrap", "50", "--input_size", "32", "--aa", "none", "--reprob", "0",
-        "--drop_path", "0", "--warmup_epochs", "1"]
+FAST = finetune_fast_args(n_bootstrap=50)
 
 
 def _labels_by_decoding(ds) -> np.ndarray:  # noqa: ANN001 - an ImageDataset

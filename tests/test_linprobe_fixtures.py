@@ -32,6 +32,13 @@ def export_tiny_encoder(out: Path, seed: int = 0, in_chans: int = 1) -> Path:
     return weights
 
 
+def finetune_fast_args(n_bootstrap: int) -> list[str]:
+    """finetune flags for a short CPU run of ``test_vit``: in-process loading, 32 px, no RandAugment / random
+    erasing / drop path, one warmup epoch."""
+    return ["--num_workers", "0", "--n_bootstrap", str(n_bootstrap), "--input_size", "32", "--aa", "none",
+            "--reprob", "0", "--drop_path", "0", "--warmup_epochs", "1"]
+
+
 def kermany_rows() -> list[dict[str, str]]:
     with open(KERMANY / "labels.csv") as fh:
         return list(csv.DictReader(fh))
