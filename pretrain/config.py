@@ -64,3 +64,9 @@ class PretrainConfig:
     peak_tflops: float = field(default=0.0, metadata=_h("accelerator peak TFLOP/s for MFU (0: from the GPU name)"))
     deterministic: bool = field(default=False, metadata=_h("deterministic kernels (slower)"))
     export_encoder: bool = field(default=True, metadata=_h("write encoder.safetensors + encoder.json at the end"))
+    monitor_data_path: str = field(default="", metadata=_h("labeled data (.npz, ImageFolder, CSV, curated shards) "
+                                                           "with train and val splits for the kNN monitor"))
+    monitor_every: int = field(default=0, metadata=_h("kNN monitor every N optimizer steps and at the end (0: off)"))
+    monitor_k: int = field(default=20, metadata=_h("neighbours of the kNN monitor"))
+    monitor_max_samples: int = field(default=5000, metadata=_h("kNN monitor: at most this many images per split "
+                                                               "(a fixed random subset; 0: all)"))

@@ -23,6 +23,7 @@ from common.data import ImageLoader, gpu_augment
 from common.logging import JsonlLogger, get_logger, progress
 from pretrain.checkpointing import CheckpointManager
 from pretrain.config import PretrainConfig
+from pretrain.monitor import KnnMonitor
 from pretrain.precision import forward_autocast, model_input
 from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.schedule import Schedule
@@ -61,6 +62,7 @@ class TrainContext:
     peak_flops: float | None
     preempt: PreemptionFlag
     visualize: bool = True
+    monitor: KnnMonitor | None = None  # kNN monitor, run by rank 0 only
 
     @property
     def global_batch(self) -> int:
@@ -130,6 +132,15 @@ def _visualize(ctx: TrainContext, x: torch.Tensor, step: int) -> None:
                                  path, seed=ctx.cfg.seed)
 
 
+def _monitor(ctx: TrainContext, step: int, bar: Any, postfix: dict[str, str]) -> None:
+    metrics = ctx.monitor.run(ctx.model, ctx.accelerator)
+    rec = {"step": step, "epoch": round(step / ctx.steps_per_epoch, 4), **metrics}
+    ctx.log.log(rec)
+    ctx.accelerator.log({k: v for k, v in metrics.items() if k in ("knn_acc", "knn_auc")}, step=step)
+    postfix.update({k: f"{metrics[k]:.3f}" for k in ("knn_acc", "knn_auc") if k in metrics})
+    bar.set_postfix(postfix)
+
+
 def train(ctx: TrainContext, start_step: int) -> int:
     """Run from ``start_step`` to ``ctx.stop_step``; returns the process exit code."""
     c, acc = ctx.cfg, ctx.accelerator
@@ -138,6 +149,7 @@ def train(ctx: TrainContext, start_step: int) -> int:
     batches = iter(ctx.loader)
     bar = progress(total=ctx.stop_step, initial=step, desc="pretrain", disable=not acc.is_main_process)
     window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+    postfix: dict[str, str] = {}
     try:
         while step < ctx.stop_step:
             lr = ctx.schedule.lr_at(step)
@@ -153,12 +165,15 @@ def train(ctx: TrainContext, start_step: int) -> int:
             bar.update(1)
             if step % c.log_every == 0 or step == ctx.stop_step:
                 rec = _record(ctx, step, window_loss / window_steps, lr, window_steps, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
+                postfix.update(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
+                bar.set_postfix(postfix)
                 ctx.log.log(rec)
                 acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                 window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
             if c.vis_every and (step % c.vis_every == 0 or step == ctx.stop_step):
                 _visualize(ctx, x, step)  # also at the last step, so every run ends with a picture
+            if ctx.monitor is not None and acc.is_main_process and ctx.monitor.due(step, ctx.stop_step):
+                _monitor(ctx, step, bar, postfix)
             if _any_rank(acc, ctx.preempt.requested):
                 path = ctx.checkpoints.save(acc, step, train_state(ctx, step))
                 logger.info(f"preemption signal received: checkpoint {path} saved, exiting with {EXIT_PREEMPTED}")

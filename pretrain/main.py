@@ -27,6 +27,7 @@ from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
 from pretrain.engine import EXIT_OK, TrainContext, train  # noqa: E402
 from pretrain.export import export_final_encoder  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
+from pretrain.monitor import KnnMonitor  # noqa: E402
 from pretrain.preempt import PreemptionFlag  # noqa: E402
 from pretrain.schedule import Schedule, absolute_lr, build_optimizer  # noqa: E402
 
@@ -48,6 +49,14 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.monitor_every < 0 or cfg.monitor_k < 1 or cfg.monitor_max_samples < 0:
+        raise ConfigError(f"monitor_every must be >= 0, monitor_k >= 1 and monitor_max_samples >= 0, got "
+                          f"{cfg.monitor_every}, {cfg.monitor_k}, {cfg.monitor_max_samples}")
+    if cfg.monitor_every and not cfg.monitor_data_path:
+        raise ConfigError("--monitor_every needs --monitor_data_path (a labeled set with train and val splits)")
+    if cfg.monitor_data_path and not Path(cfg.monitor_data_path).exists() \
+            and (REPO_ROOT / cfg.monitor_data_path).exists():
+        cfg.monitor_data_path = str(REPO_ROOT / cfg.monitor_data_path)
     return cfg
 
 
@@ -142,13 +151,17 @@ def run(cfg: PretrainConfig) -> int:
     if cfg.tensorboard or cfg.wandb:
         accelerator.init_trackers("pretrain", config=_hparams(cfg))
     ds_plugin = accelerator.state.deepspeed_plugin
+    zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
+    monitor = _build_monitor(cfg, mean, std) if not zero3 else None
+    if zero3 and cfg.monitor_every:
+        logger.warning("the kNN monitor is off under ZeRO-3 (rank 0 alone cannot run the sharded encoder)")
     ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, loader=loader,
                        schedule=Schedule(lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch, total_steps),
                        steps_per_epoch=steps_per_epoch, stop_step=stop_step, mean=mean, std=std,
                        checkpoints=checkpoints, log=JsonlLogger(out / "log.jsonl", accelerator.is_main_process),
                        flops_per_image=flops, peak_flops=peak_flops(accelerator.device, cfg.peak_tflops),
                        preempt=PreemptionFlag().install(),
-                       visualize=ds_plugin is None or ds_plugin.zero_stage != 3)
+                       visualize=not zero3, monitor=monitor)
     try:
         code = train(ctx, start_step)
         if code == EXIT_OK and cfg.export_encoder:
@@ -157,6 +170,15 @@ def run(cfg: PretrainConfig) -> int:
         ctx.preempt.uninstall()
         accelerator.end_training()
     return code
+
+
+def _build_monitor(cfg: PretrainConfig, mean: list[float], std: list[float]) -> KnnMonitor | None:
+    if not cfg.monitor_every:
+        return None
+    return KnnMonitor(data_path=cfg.monitor_data_path, every=cfg.monitor_every, k=cfg.monitor_k,
+                      max_samples=cfg.monitor_max_samples, input_size=cfg.input_size, in_chans=cfg.in_chans,
+                      mean=mean, std=std, batch_size=max(cfg.batch_size, 64), num_workers=min(cfg.num_workers, 4),
+                      seed=cfg.seed).open()
 
 
 def _resume_path(cfg: PretrainConfig, checkpoints: CheckpointManager) -> Path | None:
