@@ -134,7 +134,8 @@ def _visualize(ctx: TrainContext, x: torch.Tensor, step: int) -> None:
 
 def _monitor(ctx: TrainContext, step: int, bar: Any, postfix: dict[str, str]) -> None:
     metrics = ctx.monitor.run(ctx.model, ctx.accelerator)
-    rec = {"step": step, "epoch": round(step / ctx.steps_per_epoch, 4), **metrics}
+    # An event record: readers of the loss curve (bench.scaling, the demo report) skip it.
+    rec = {"event": "monitor", "step": step, "epoch": round(step / ctx.steps_per_epoch, 4), **metrics}
     ctx.log.log(rec)
     ctx.accelerator.log({k: v for k, v in metrics.items() if k in ("knn_acc", "knn_auc")}, step=step)
     postfix.update({k: f"{metrics[k]:.3f}" for k in ("knn_acc", "knn_auc") if k in metrics})

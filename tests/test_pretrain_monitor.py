@@ -89,7 +89,7 @@ def test_monitor_logs_at_its_steps_and_leaves_training_bitwise_unchanged(tmp_pat
     knn = [r for r in read_jsonl(on / "log.jsonl") if "knn_acc" in r]
     assert [r["step"] for r in knn] == [3, 6, 7]  # every 3 steps and at the last one
     for rec in knn:
-        assert 0.0 <= rec["knn_acc"] <= 1.0 and 0.0 <= rec["knn_auc"] <= 1.0
+        assert rec["event"] == "monitor" and 0.0 <= rec["knn_acc"] <= 1.0 and 0.0 <= rec["knn_auc"] <= 1.0
         assert rec["knn_train"] == 120 and rec["knn_val"] == 78 and rec["knn_k"] == 10  # val (78) under the cap
     assert not [r for r in read_jsonl(off / "log.jsonl") if "knn_acc" in r]
     loss_on = [r["loss"] for r in read_jsonl(on / "log.jsonl") if "loss" in r]
