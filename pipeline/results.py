@@ -2,24 +2,64 @@
 
 ``python -m pipeline.results run ...`` (on a GPU) pretrains each encoder as an MAE on ``--pool`` (a curated shard
 folder), exports a randomly initialised twin, and runs ``linprobe --fast`` and ``finetune`` on each labeled
-MedMNIST ``.npz`` for both initialisations; ``--scratch_models`` adds classifiers trained from scratch with the
-same finetune recipe. Every stage is a real CLI call, echoed so it can be rerun; ``OUT/runs.json`` collects the
-metrics. ``python -m pipeline.results table OUT --benchmarks DIR`` prints the markdown table with the published
-MedMNIST v2 and MedMNIST+ rows beside ours.
+dataset (any path ``common.data`` reads: MedMNIST ``.npz``, ImageFolder, CSV with a split column; the class count
+comes from the data) for both initialisations; ``--scratch_models`` adds classifiers trained from scratch with
+the same finetune recipe. Every stage is a real CLI call, echoed so it can be rerun; ``OUT/runs.json`` collects
+one row per stage: its metrics, or why it failed or was skipped (``--time_budget_s``).
+``python -m pipeline.results kermany-csv SRC OUT.csv`` writes the Kermany chest X-ray set as a CSV with a
+patient-level train / val split. ``python -m pipeline.results table OUT --benchmarks DIR`` prints the markdown
+table with the published MedMNIST v2 and MedMNIST+ rows beside ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import io
 import json
+import os
+import re
 import sys
-import time
 from pathlib import Path
 
-from pipeline.stages import StageError, python_module_command, run_stage
+from common.io import atomic_write_json, atomic_write_text
+from pipeline.stages import StageError, TimeBudget, python_module_command, run_stage
 
-DATASET_NAMES = {"breastmnist": "BreastMNIST", "pneumoniamnist": "PneumoniaMNIST"}
+MEDMNIST_NAMES = {"breastmnist": "BreastMNIST", "pneumoniamnist": "PneumoniaMNIST"}
+KERMANY_NAME = "Kermany pediatric chest X-ray (normal vs pneumonia)"
+PRETRAIN = "pretrain"
+POOL = "(pool)"
+
+
+def dataset_key(path: str) -> str:
+    """Short name of a dataset path: the file stem of an ``.npz`` / CSV, the folder name of an ImageFolder."""
+    p = Path(path.rstrip("/"))
+    return p.stem if p.suffix.lower() in (".npz", ".csv") else p.name
+
+
+def medmnist_base(key: str) -> str:
+    """``breastmnist_64`` -> ``breastmnist`` (the MedMNIST size variants share the published rows)."""
+    return re.sub(r"_\d+$", "", key)
+
+
+def display_name(key: str) -> str:
+    base = medmnist_base(key)
+    if base in MEDMNIST_NAMES:
+        return MEDMNIST_NAMES[base] + (f" ({key[len(base) + 1:]} px source)" if key != base else "")
+    if key.lower().startswith("kermany"):
+        return KERMANY_NAME
+    return key
+
+
+def label_space(path: str) -> tuple[int, bool]:
+    """(number of classes, multi-label?) declared by the train split of ``path``; errors name the path."""
+    from common.data import build_dataset
+
+    labels = build_dataset(path, split="train", labeled=True, in_chans=1).labels
+    if labels.num_classes is None:
+        raise ValueError(f"{path}: the train split does not declare its classes")
+    return labels.num_classes, labels.multilabel
 
 
 def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir: Path) -> Path:
@@ -37,85 +77,146 @@ def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir
 
 def _metrics(results_path: Path) -> dict:
     r = json.loads(results_path.read_text())
-    return {k: r.get(k) for k in ("acc", "balanced_acc", "auc", "f1")} | {"ci95": r.get("ci95", {})}
+    return ({k: r.get(k) for k in ("acc", "balanced_acc", "auc", "f1")}
+            | {"ci95": r.get("ci95", {}), "evaluated_on": r.get("evaluated_on", "test")})
+
+
+def row_status(row: dict) -> str:
+    """``ok``, ``failed`` or ``skipped`` (rows written before the status field: failed iff they hold an error)."""
+    return row.get("status") or ("failed" if "error" in row else "ok")
+
+
+class RunLog:
+    """``runs.json``: one row per (model, init, protocol, dataset), rewritten after every change.
+
+    Rows that succeeded in an earlier call are kept and not rerun; failed or skipped ones are tried again.
+    """
+
+    def __init__(self, path: Path, budget: TimeBudget):
+        self.path = path
+        self.budget = budget
+        self.rows: list[dict] = json.loads(path.read_text()) if path.exists() else []
+
+    @staticmethod
+    def key(row: dict) -> tuple[str, str, str, str]:
+        return row["model"], row["init"], row["protocol"], row["dataset"]
+
+    def done(self, key: tuple[str, str, str, str]) -> bool:
+        return any(self.key(r) == key and row_status(r) == "ok" for r in self.rows)
+
+    def put(self, row: dict) -> None:
+        self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
+        atomic_write_json(self.path, self.rows, indent=1)
+
+    def stage(self, key: tuple[str, str, str, str], command: list[str], run_dir: Path,
+              blocked: str | None = None) -> dict | None:
+        """Run one stage unless done already, blocked (``blocked`` is the reason) or out of budget; record it."""
+        if self.done(key):
+            return None
+        base = dict(zip(("model", "init", "protocol", "dataset"), key))
+        if blocked is None and self.budget.exhausted():
+            blocked = self.budget.skip_reason()
+        if blocked is not None:
+            print(f"results: skipped {' '.join(key)}: {blocked}", file=sys.stderr)
+            row = base | {"status": "skipped", "reason": blocked, "command": command}
+        else:
+            try:
+                stage = run_stage(" ".join(key), command, log_path=run_dir / "stage.log", quiet=True,
+                                  timeout_s=self.budget.remaining())
+            except StageError as exc:
+                print(f"results: {exc}", file=sys.stderr)
+                row = base | {"status": "failed", "error": str(exc), "command": command}
+            else:
+                row = base | {"status": "ok", "seconds": round(stage.seconds, 1), "command": stage.command}
+                if key[2] != PRETRAIN:
+                    row |= _metrics(run_dir / "results.json")
+        self.put(row)
+        return row
 
 
 def run(args: argparse.Namespace) -> int:
+    budget = TimeBudget(args.time_budget_s)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "runs.json"
-    runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
-    done = {(r["model"], r["init"], r["protocol"], r["dataset"]) for r in runs}
-
-    def record(model: str, init: str, protocol: str, dataset: str, command: list[str], run_dir: Path) -> None:
-        if (model, init, protocol, dataset) in done:
-            return
-        try:
-            stage = run_stage(f"{protocol} {model} {init} {dataset}", command, log_path=run_dir / "stage.log",
-                              quiet=True)
-        except StageError as exc:
-            print(f"results: {exc}", file=sys.stderr)
-            runs.append({"model": model, "init": init, "protocol": protocol, "dataset": dataset,
-                         "error": str(exc)})
-        else:
-            runs.append({"model": model, "init": init, "protocol": protocol, "dataset": dataset,
-                         "seconds": round(stage.seconds, 1), "command": stage.command,
-                         **_metrics(run_dir / "results.json")})
-        runs_path.write_text(json.dumps(runs, indent=1))
+    log = RunLog(out / "runs.json", budget)
+    # Read every dataset's label space first, so a bad path stops the run before any GPU time is spent.
+    datasets = {dataset_key(p): (p, *label_space(p)) for p in args.datasets}
+    if len(datasets) != len(args.datasets):
+        raise SystemExit(f"results: two --datasets share a name ({sorted(datasets)}); rename one file")
 
     common_transfer = ["--input_size", str(args.input_size), "--in_chans", str(args.in_chans),
                        "--num_workers", str(args.num_workers)]
+
+    probe_batch = ["--batch_size", str(args.probe_batch_size)] if args.probe_batch_size else []
+
+    def transfer_command(protocol: str, path: str, k: int, multilabel: bool, init_args: list[str],
+                         model: str, layer_decay: str, run_dir: Path) -> list[str]:
+        label_args = ["--nb_classes", str(k), *(["--multilabel"] if multilabel else [])]
+        if protocol == "linprobe":
+            return python_module_command(
+                "linprobe.main", "--data_path", path, *label_args, *init_args, "--fast", "--global_pool",
+                "--epochs", str(args.probe_epochs), *probe_batch, "--output_dir", str(run_dir), *common_transfer)
+        return python_module_command(
+            "finetune.main", "--data_path", path, *label_args, *init_args, "--model", model, "--epochs",
+            str(args.ft_epochs), "--warmup_epochs", str(min(2, args.ft_epochs)), "--batch_size",
+            str(args.ft_batch_size), "--blr", "5e-4", "--layer_decay", layer_decay, "--output_dir", str(run_dir),
+            *common_transfer)
+
     for encoder in args.encoders:
         mae_name = f"mae_{encoder}"
         pre_dir = out / "pretrain" / encoder
-        start = time.perf_counter()
-        run_stage(f"pretrain {mae_name}", python_module_command(
-            "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
-            "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size), "--epochs",
-            str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr", "1.5e-4",
-            "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000",
-            "--vis_every", "100000", "--output_dir", str(pre_dir)), log_path=pre_dir / "stage.log", quiet=True)
-        pretrain_seconds = time.perf_counter() - start
-        inits = {"mae": pre_dir / "encoder.safetensors",
-                 "random": export_random_encoder(mae_name, args.input_size, args.in_chans, out / "random" / encoder)}
-        for init, ckpt in inits.items():
-            for npz in args.datasets:
-                ds = Path(npz).stem
-                lp_dir = out / "linprobe" / encoder / init / ds
-                record(encoder, init, "linprobe", ds, python_module_command(
-                    "linprobe.main", "--data_path", npz, "--nb_classes", "2", "--finetune", str(ckpt), "--fast",
-                    "--global_pool", "--epochs", str(args.probe_epochs), "--output_dir", str(lp_dir),
-                    *common_transfer), lp_dir)
-                ft_dir = out / "finetune" / encoder / init / ds
-                record(encoder, init, "finetune", ds, python_module_command(
-                    "finetune.main", "--data_path", npz, "--nb_classes", "2", "--finetune", str(ckpt),
-                    "--model", encoder, "--epochs", str(args.ft_epochs), "--warmup_epochs", "2", "--batch_size",
-                    "128", "--blr", "5e-4", "--layer_decay", "0.65", "--output_dir", str(ft_dir),
-                    *common_transfer), ft_dir)
-        for r in runs:
-            if r["model"] == encoder and r["init"] == "mae":
-                r["pretrain_seconds"] = round(pretrain_seconds, 1)
-        runs_path.write_text(json.dumps(runs, indent=1))
+        ckpts = {}
+        blocked: dict[str, str | None] = {}
+        mae_pending = "mae" in args.inits and not all(
+            log.done((encoder, "mae", protocol, ds)) for ds in datasets for protocol in args.protocols)
+        if "mae" in args.inits:
+            ckpts["mae"] = pre_dir / "encoder.safetensors"
+            blocked["mae"] = None
+            if mae_pending:
+                pre = log.stage((encoder, "mae", PRETRAIN, POOL), python_module_command(
+                    "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size",
+                    str(args.input_size), "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size),
+                    "--epochs", str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)),
+                    "--blr", "1.5e-4", "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every",
+                    "100000", "--vis_every", "100000", "--output_dir", str(pre_dir)), pre_dir)
+                if pre is not None and row_status(pre) != "ok":
+                    blocked["mae"] = f"MAE pretraining of {encoder} {row_status(pre)}: " + (
+                        pre.get("reason") or pre.get("error", ""))
+        if "random" in args.inits:
+            ckpts["random"] = export_random_encoder(mae_name, args.input_size, args.in_chans,
+                                                    out / "random" / encoder)
+            blocked["random"] = None
+        for init, ckpt in ckpts.items():
+            for ds, (path, k, multilabel) in datasets.items():
+                for protocol in args.protocols:
+                    run_dir = out / protocol / encoder / init / ds
+                    row = log.stage((encoder, init, protocol, ds), transfer_command(
+                        protocol, path, k, multilabel, ["--finetune", str(ckpt)], encoder, "0.65", run_dir),
+                        run_dir, blocked=blocked[init])
+                    if row is not None and init == "mae":
+                        pre_rows = [r for r in log.rows if log.key(r) == (encoder, "mae", PRETRAIN, POOL)]
+                        if pre_rows and "seconds" in pre_rows[0]:
+                            log.put(row | {"pretrain_seconds": pre_rows[0]["seconds"]})
     for model in args.scratch_models:
-        for npz in args.datasets:
-            ds = Path(npz).stem
-            ft_dir = out / "scratch" / model / ds
-            record(model, "scratch", "finetune", ds, python_module_command(
-                "finetune.main", "--data_path", npz, "--nb_classes", "2", "--model", model, "--epochs",
-                str(args.ft_epochs), "--warmup_epochs", "2", "--batch_size", "128", "--blr", "5e-4",
-                "--layer_decay", "1.0", "--output_dir", str(ft_dir), *common_transfer), ft_dir)
-    print(f"results: {len(runs)} runs in {runs_path}")
+        for ds, (path, k, multilabel) in datasets.items():
+            run_dir = out / "scratch" / model / ds
+            log.stage((model, "scratch", "finetune", ds), transfer_command(
+                "finetune", path, k, multilabel, [], model, "1.0", run_dir), run_dir)
+    counts = {s: sum(row_status(r) == s for r in log.rows) for s in ("ok", "failed", "skipped")}
+    print(f"results: {len(log.rows)} rows in {log.path} ({counts['ok']} ok, {counts['failed']} failed, "
+          f"{counts['skipped']} skipped; {budget.elapsed():.0f} s)")
     return 0
 
 
 def baseline_rows(benchmarks: Path, dataset: str, input_size: int) -> list[tuple[str, float, float]]:
     """(method, ACC, AUC) rows: MedMNIST v2 ResNets and MedMNIST+ DINO ViT-B/16 linear probe at our size."""
+    base = medmnist_base(dataset)
     rows = []
     with open(benchmarks / "medmnist_v2_official_benchmark.csv") as fh:
         for r in csv.DictReader(fh):
-            if r["dataset"] == DATASET_NAMES[dataset] and r["method"].startswith("ResNet"):
+            if r["dataset"] == MEDMNIST_NAMES[base] and r["method"].startswith("ResNet"):
                 rows.append((f"MedMNIST v2 {r['method']}", float(r["ACC"]), float(r["AUC"])))
-    plus = benchmarks / f"medmnist_plus_doerrich2024_{dataset}.csv"
+    plus = benchmarks / f"medmnist_plus_doerrich2024_{base}.csv"
     if plus.exists():
         with open(plus) as fh:
             lines = [line for line in fh if not line.startswith("#")]
@@ -129,56 +230,177 @@ def baseline_rows(benchmarks: Path, dataset: str, input_size: int) -> list[tuple
     return list(dict.fromkeys(rows))
 
 
+def _cell(row: dict, metric: str) -> str:
+    value, ci = row.get(metric), row.get("ci95") or {}
+    if value is None:
+        return "n/a"
+    return f"{value:.3f} [{ci[metric][0]:.3f}, {ci[metric][1]:.3f}]" if metric in ci else f"{value:.3f}"
+
+
+def _table_row(r: dict) -> str:
+    status = row_status(r)
+    protocol = r["protocol"] + (" (val)" if r.get("evaluated_on") == "val" else "")
+    if status != "ok":
+        return f"| {r['model']} | {r['init']} | {protocol} | **{status}** | | |"
+    return f"| {r['model']} | {r['init']} | {protocol} | {_cell(r, 'acc')} | {_cell(r, 'auc')} | {r.get('seconds', '')} |"
+
+
+def table_lines(runs: list[dict], benchmarks: Path | None, input_size: int) -> list[str]:
+    """The markdown table: one section per dataset, then the pretraining stages, then why rows are missing."""
+    lines = []
+    transfer = [r for r in runs if r["protocol"] != PRETRAIN]
+    for ds in dict.fromkeys(r["dataset"] for r in transfer):
+        lines += [f"\n**{display_name(ds)}** (test split; ours at {input_size} px, 95% bootstrap CI)\n",
+                  "| model | init | protocol | ACC | AUC | time (s) |", "|---|---|---|---|---|---|"]
+        lines += [_table_row(r) for r in transfer if r["dataset"] == ds]
+        if benchmarks is not None and medmnist_base(ds) in MEDMNIST_NAMES:
+            for method, acc, auc in baseline_rows(benchmarks, ds, input_size):
+                lines.append(f"| {method} | published | | {acc:.3f} | {auc:.3f} | |")
+    pretrain = [r for r in runs if r["protocol"] == PRETRAIN]
+    if pretrain:
+        lines += ["\n**MAE pretraining**\n", "| encoder | status | time (s) |", "|---|---|---|"]
+        lines += [f"| {r['model']} | {row_status(r)} | {r.get('seconds', '')} |" for r in pretrain]
+    notes = [r for r in runs if row_status(r) != "ok"]
+    if notes:
+        lines.append("\nNot run to the end:\n")
+        for r in notes:
+            why = r.get("reason") or r.get("error", "")
+            lines.append(f"- {r['model']} {r['init']} {r['protocol']} {display_name(r['dataset'])}: "
+                         f"{row_status(r)}: {why.split(': /')[0]}")
+    return lines
+
+
 def table(args: argparse.Namespace) -> int:
     runs = json.loads((Path(args.out) / "runs.json").read_text())
-    lines = []
-    for ds in dict.fromkeys(r["dataset"] for r in runs):
-        lines += [f"\n**{DATASET_NAMES.get(ds, ds)}** (test split; ours at {args.input_size} px, 95% bootstrap CI)\n",
-                  "| model | init | protocol | ACC | AUC | time (s) |", "|---|---|---|---|---|---|"]
-        for r in (r for r in runs if r["dataset"] == ds):
-            if "error" in r:
-                lines.append(f"| {r['model']} | {r['init']} | {r['protocol']} | failed | | |")
-                continue
-            ci = r.get("ci95", {})
-
-            def cell(k: str, r: dict = r, ci: dict = ci) -> str:
-                v = r.get(k)
-                if v is None:
-                    return "n/a"
-                return f"{v:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else f"{v:.3f}"
-
-            lines.append(f"| {r['model']} | {r['init']} | {r['protocol']} | {cell('acc')} | {cell('auc')} | "
-                         f"{r.get('seconds', '')} |")
-        if args.benchmarks and ds in DATASET_NAMES:
-            for method, acc, auc in baseline_rows(Path(args.benchmarks), ds, args.input_size):
-                lines.append(f"| {method} | published | | {acc:.3f} | {auc:.3f} | |")
-    print("\n".join(lines))
+    print("\n".join(table_lines(runs, Path(args.benchmarks) if args.benchmarks else None, args.input_size)))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def kermany_csv(args: argparse.Namespace) -> int:
+    counts = write_kermany_csv(Path(args.src), Path(args.out_csv), args.val_fraction, args.seed)
+    print(f"results: wrote {args.out_csv}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+# --- Kermany chest X-ray: a CSV with a patient-level validation split -------------------------------------------
+
+KERMANY_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# Patient id from the file names of the Kermany release: ``person<N>_<bacteria|virus>_<image>`` (all images of
+# person N, bacterial or viral), ``IM-<patient>-<image>[-<part>]`` and ``NORMAL2-IM-<patient>-<image>[-<part>]``
+# (a second batch with its own patient numbering, kept as a separate namespace).
+KERMANY_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+$"),
+                            re.compile(r"^((?:NORMAL\d+-)?IM-\d+)-\d+(?:-\d+)?$"))
+
+
+def kermany_patient_id(file_name: str) -> str:
+    """``person1_bacteria_1.jpeg`` -> ``person1``; ``IM-0122-0001.jpeg`` -> ``IM-0122``."""
+    stem = Path(file_name).stem
+    for pattern in KERMANY_PATIENT_PATTERNS:
+        match = pattern.match(stem)
+        if match:
+            return match.group(1)
+    raise ValueError(f"{file_name}: no patient id in the file name (expected person<N>_bacteria|virus_<M> or "
+                     f"[NORMAL<k>-]IM-<patient>-<image>)")
+
+
+def _class_images(split_dir: Path) -> list[tuple[Path, str]]:
+    if not split_dir.is_dir():
+        raise ValueError(f"{split_dir}: missing (a Kermany folder holds train/<class>/ and test/<class>/)")
+    items = [(f, class_dir.name) for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir())
+             for f in sorted(class_dir.iterdir()) if f.suffix.lower() in KERMANY_IMAGE_SUFFIXES]
+    if not items:
+        raise ValueError(f"{split_dir}: no images in its class folders")
+    return items
+
+
+def patient_split(items: list[tuple[Path, str]], val_fraction: float, seed: int) -> dict[Path, str]:
+    """``train`` / ``val`` per image, whole patients at a time, stratified by class.
+
+    Within each class the patients are ordered by a hash of (seed, patient id), which depends on nothing else
+    (no file order, no Python hash seed), and taken into val until val holds ``val_fraction`` of the class's
+    images. A patient with images in several classes is one unit of its own stratum.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    patients: dict[str, list[tuple[Path, str]]] = {}
+    for file, label in items:
+        patients.setdefault(kermany_patient_id(file.name), []).append((file, label))
+    strata: dict[str, list[str]] = {}
+    for pid, images in patients.items():
+        strata.setdefault(";".join(sorted({label for _, label in images})), []).append(pid)
+    split = {}
+    for _, pids in sorted(strata.items()):
+        pids.sort(key=lambda pid: hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest())
+        want = val_fraction * sum(len(patients[pid]) for pid in pids)
+        taken = 0
+        for pid in pids:
+            part = "val" if taken < want and len(pids) > 1 else "train"
+            taken += len(patients[pid]) if part == "val" else 0
+            split.update((file, part) for file, _ in patients[pid])
+    return split
+
+
+def write_kermany_csv(src: Path, out_csv: Path, val_fraction: float, seed: int = 0) -> dict[str, int]:
+    """``path,label,split`` rows for ``src/train`` (split by patient into train / val) and ``src/test`` (as is).
+
+    Paths are written relative to the CSV's folder, which is how ``common.data`` resolves them. Returns the
+    number of images per split.
+    """
+    out_csv = out_csv.resolve()
+    train = _class_images(src / "train")
+    test = _class_images(src / "test")
+    split = patient_split(train, val_fraction, seed)
+    rows = [(f, label, split[f]) for f, label in train] + [(f, label, "test") for f, label in test]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "split"])
+    for file, label, part in rows:
+        writer.writerow([os.path.relpath(file.resolve(), out_csv.parent), label, part])
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_csv, buffer.getvalue())
+    return {part: sum(r[2] == part for r in rows) for part in ("train", "val", "test")}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="pretrain, probe and fine-tune (GPU)")
     r.add_argument("--pool", required=True, help="curated shard folder for MAE pretraining (train split)")
-    r.add_argument("--datasets", nargs="+", required=True, help="labeled MedMNIST .npz files")
+    r.add_argument("--datasets", nargs="+", required=True,
+                   help="labeled datasets with train / val (/ test) splits: MedMNIST .npz, ImageFolder, CSV")
     r.add_argument("--out", required=True)
     r.add_argument("--encoders", nargs="*", default=["vit_small_patch16", "vim_small_patch16"])
+    r.add_argument("--inits", nargs="+", default=["mae", "random"], choices=["mae", "random"])
+    r.add_argument("--protocols", nargs="+", default=["linprobe", "finetune"], choices=["linprobe", "finetune"])
     r.add_argument("--scratch_models", nargs="*", default=[])
     r.add_argument("--input_size", type=int, default=64)
     r.add_argument("--in_chans", type=int, default=1)
-    r.add_argument("--batch_size", type=int, default=256)
+    r.add_argument("--batch_size", type=int, default=256, help="MAE pretraining batch size")
+    r.add_argument("--probe_batch_size", type=int, default=0, help="linear-probe batch size (0: linprobe's default)")
+    r.add_argument("--ft_batch_size", type=int, default=128, help="fine-tuning batch size")
     r.add_argument("--pretrain_epochs", type=int, default=40)
     r.add_argument("--probe_epochs", type=int, default=90)
     r.add_argument("--ft_epochs", type=int, default=20)
     r.add_argument("--num_workers", type=int, default=12)
+    r.add_argument("--time_budget_s", type=float, default=None,
+                   help="wall-clock budget of the whole call: the running stage is stopped when it is used up "
+                        "and later stages are recorded as skipped, so runs.json is always complete")
     t = sub.add_parser("table", help="markdown table from OUT/runs.json")
     t.add_argument("out")
     t.add_argument("--benchmarks", default="", help="folder with the published benchmark CSVs")
     t.add_argument("--input_size", type=int, default=64)
-    args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else table(args)
+    k = sub.add_parser("kermany-csv", help="Kermany chest X-ray folder -> CSV with a patient-level val split")
+    k.add_argument("src", help="folder with train/{NORMAL,PNEUMONIA} and test/{NORMAL,PNEUMONIA}")
+    k.add_argument("out_csv", help="CSV to write (path,label,split; paths relative to its folder)")
+    k.add_argument("--val_fraction", type=float, default=0.1, help="share of train images moved to val")
+    k.add_argument("--seed", type=int, default=0, help="seed of the patient assignment")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"run": run, "table": table, "kermany-csv": kermany_csv}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""pipeline.results: the Kermany patient-level split, a tiny end-to-end run, and the time budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.results import kermany_patient_id, main, table_lines
+from pipeline.stages import REPO_ROOT
+
+KERMANY = REPO_ROOT.parent / "shared" / "data" / "xray" / "kermany_cxr_224"
+BREAST = REPO_ROOT / "sample_data" / "medmnist" / "breastmnist.npz"
+
+needs_kermany = pytest.mark.skipif(not KERMANY.is_dir(), reason=f"{KERMANY} not present")
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_patient_id_rule() -> None:
+    assert kermany_patient_id("person1_bacteria_1.jpeg") == "person1"
+    assert kermany_patient_id("person1_virus_7.jpeg") == "person1"
+    assert kermany_patient_id("IM-0122-0001.jpeg") == "IM-0122"
+    assert kermany_patient_id("IM-0011-0001-0002.jpeg") == "IM-0011"
+    assert kermany_patient_id("NORMAL2-IM-0123-0001.jpeg") == "NORMAL2-IM-0123"
+    with pytest.raises(ValueError, match="scan.jpeg"):
+        kermany_patient_id("scan.jpeg")
+
+
+@needs_kermany
+def test_kermany_csv_patient_disjoint_and_deterministic(tmp_path: Path) -> None:
+    first, second = tmp_path / "a" / "kermany.csv", tmp_path / "b" / "kermany.csv"
+    assert main(["kermany-csv", str(KERMANY), str(first), "--val_fraction", "0.1"]) == 0
+    assert main(["kermany-csv", str(KERMANY), str(second), "--val_fraction", "0.1"]) == 0
+    rows = read_rows(first)
+    assert [(r["path"], r["split"]) for r in rows] == [(r["path"], r["split"]) for r in read_rows(second)]
+    # every image once; the test folder is passed through untouched
+    n_train = sum(1 for _ in (KERMANY / "train").rglob("*.jpeg"))
+    n_test = sum(1 for _ in (KERMANY / "test").rglob("*.jpeg"))
+    assert len(rows) == len({r["path"] for r in rows}) == n_train + n_test
+    assert all(("/test/" in r["path"]) == (r["split"] == "test") for r in rows)
+    patients = {s: {kermany_patient_id(Path(r["path"]).name) for r in rows if r["split"] == s}
+                for s in ("train", "val")}
+    assert patients["train"] and patients["val"] and not patients["train"] & patients["val"]
+    for label in ("NORMAL", "PNEUMONIA"):  # stratified: each class gives about 10 % of its images
+        n_val = sum(r["split"] == "val" and r["label"] == label for r in rows)
+        n_all = sum(r["split"] != "test" and r["label"] == label for r in rows)
+        assert 0.09 <= n_val / n_all <= 0.12
+    # relative paths resolve from the CSV's folder through common.data
+    from common.data import build_dataset
+
+    val = build_dataset(str(first), split="val", labeled=True, in_chans=1)
+    assert len(val) == sum(r["split"] == "val" for r in rows) and val.labels.num_classes == 2
+    assert (first.parent / rows[0]["path"]).is_file()
+    # another seed moves patients, still disjointly
+    other = tmp_path / "c.csv"
+    assert main(["kermany-csv", str(KERMANY), str(other), "--seed", "1"]) == 0
+    assert [r["split"] for r in read_rows(other)] != [r["split"] for r in rows]
+
+
+def small_kermany_csv(tmp_path: Path, per_split_class: int) -> Path:
+    """The real Kermany CSV cut to a few images per (split, class), written in the same folder."""
+    full = tmp_path / "kermany_full.csv"
+    main(["kermany-csv", str(KERMANY), str(full), "--val_fraction", "0.1"])
+    taken: dict[tuple[str, str], int] = {}
+    small = []
+    for r in read_rows(full):
+        key = (r["split"], r["label"])
+        if taken.get(key, 0) < per_split_class:
+            taken[key] = taken.get(key, 0) + 1
+            small.append(r)
+    out = tmp_path / "kermany_small.csv"
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(small)
+    return out
+
+
+def curated_pool(tmp_path: Path) -> Path:
+    pool = tmp_path / "pool"
+    subprocess.run([sys.executable, "-m", "data_curation.cli", str(REPO_ROOT / "sample_data" / "xray" / "train"),
+                    "--output", str(pool), "--size_policy", "max:32", "--workers", "1"],
+                   cwd=REPO_ROOT, check=True, capture_output=True)
+    return pool
+
+
+TINY = ["--encoders", "test_vit", "--input_size", "32", "--batch_size", "8", "--pretrain_epochs", "1",
+        "--probe_epochs", "2", "--ft_epochs", "1", "--ft_batch_size", "8", "--probe_batch_size", "8", "--num_workers", "0"]
+
+
+@needs_kermany
+def test_run_tiny_end_to_end(tmp_path: Path) -> None:
+    kermany = small_kermany_csv(tmp_path, per_split_class=6)
+    out = tmp_path / "res"
+    assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
+                 "--out", str(out), "--inits", "mae", *TINY]) == 0
+    rows = json.loads((out / "runs.json").read_text())
+    transfer = [r for r in rows if r["protocol"] != "pretrain"]
+    assert {(r["protocol"], r["dataset"]) for r in transfer} == {
+        (p, d) for p in ("linprobe", "finetune") for d in ("breastmnist", "kermany_small")}
+    for r in rows:
+        assert r["status"] == "ok", r
+    for r in transfer:
+        assert isinstance(r["acc"], float) and isinstance(r["auc"], float) and r["evaluated_on"] == "test"
+        assert "--nb_classes" in r["command"] and r["command"][r["command"].index("--nb_classes") + 1] == "2"
+        assert isinstance(r["pretrain_seconds"], float)
+    text = "\n".join(table_lines(rows, None, 32))
+    assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
+
+
+def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
+    """A budget smaller than one stage: pretraining is stopped at it, everything after is recorded as skipped."""
+    out = tmp_path / "res"
+    assert main(["run", "--pool", str(tmp_path / "no_pool_needed"), "--datasets", str(BREAST), "--out", str(out),
+                 "--time_budget_s", "0.5", *TINY]) == 0
+    rows = json.loads((out / "runs.json").read_text())
+    by_key = {(r["init"], r["protocol"]): r for r in rows}
+    assert set(by_key) == {("mae", "pretrain"), ("mae", "linprobe"), ("mae", "finetune"),
+                           ("random", "linprobe"), ("random", "finetune")}
+    assert by_key[("mae", "pretrain")]["status"] == "failed"
+    assert "time limit" in by_key[("mae", "pretrain")]["error"]
+    for init, protocol in (("mae", "linprobe"), ("mae", "finetune")):
+        assert by_key[(init, protocol)]["status"] == "skipped"
+        assert "MAE pretraining of test_vit failed" in by_key[(init, protocol)]["reason"]
+    for protocol in ("linprobe", "finetune"):
+        assert by_key[("random", protocol)]["status"] == "skipped"
+        assert "time budget of 0.5 s used up" in by_key[("random", protocol)]["reason"]
+        assert by_key[("random", protocol)]["command"][:3] == [sys.executable, "-m", f"{protocol}.main"]
+    text = "\n".join(table_lines(rows, None, 32))
+    assert text.count("**skipped**") == 4 and "| test_vit | failed |" in text
+    # a rerun without the budget would retry these rows: none of them counts as done
+    from pipeline.results import RunLog
+    from pipeline.stages import TimeBudget
+
+    log = RunLog(out / "runs.json", TimeBudget(None))
+    assert not any(log.done(log.key(r)) for r in rows)
+
+
+def test_bad_dataset_stops_before_any_stage(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="missing.npz"):
+        main(["run", "--pool", str(tmp_path), "--datasets", str(tmp_path / "missing.npz"), "--out",
+              str(tmp_path / "res"), *TINY])
+    assert not (tmp_path / "res" / "runs.json").exists()
