@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.results import kermany_patient_id, main, table_lines
+from pipeline.kermany import kermany_patient_id
+from pipeline.results import main, table_lines
 from pipeline.stages import REPO_ROOT
 
 KERMANY = REPO_ROOT.parent / "shared" / "data" / "xray" / "kermany_cxr_224"
