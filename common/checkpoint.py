@@ -8,6 +8,7 @@ Namespace; the error says so and names the file.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,11 @@ class CheckpointError(RuntimeError):
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path,
                  metadata: dict[str, str] | None = None) -> Path:
     """Atomically save a flat tensor dict as safetensors (tensors made contiguous, shared storage split)."""
-    tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
-               for k, v in state_dict.items()}
+    # safetensors refuses tensors that share storage (tied weights): give those their own copy
+    users = Counter(v.untyped_storage().data_ptr() for v in state_dict.values())
+    tensors = {k: v.detach().contiguous().clone() if users[v.untyped_storage().data_ptr()] > 1
+               else v.detach().contiguous() for k, v in state_dict.items()}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
-
-
-def _shares_storage(t: torch.Tensor, sd: dict[str, torch.Tensor]) -> bool:
-    ptr = t.untyped_storage().data_ptr()
-    return sum(1 for v in sd.values() if v.untyped_storage().data_ptr() == ptr) > 1
 
 
 def load_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -138,13 +138,8 @@ def _flag_kwargs(name: str, tp: Any, help_text: str) -> dict[str, Any]:
     return kw
 
 
-def build_parser(cls: type, prog: str | None = None, description: str | None = None,
-                 aliases: dict[str, list[str]] | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--field`` flag per dataclass field (values are validated later).
-
-    ``aliases`` maps a field name to extra flag spellings (e.g. ``{"global_pool": ["--cls_token"]}`` is not
-    an alias but a switch; callers add such flags themselves).
-    """
+def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--field`` flag per dataclass field (values are validated later)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with settings (flags override it)")
@@ -153,8 +148,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         tp = _field_types(cls)[f.name]
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {getattr(defaults, f.name)!r})".replace("%", "%%")
-        flags = [f"--{f.name}"] + list((aliases or {}).get(f.name, []))
-        parser.add_argument(*flags, **_flag_kwargs(f.name, tp, help_text))
+        parser.add_argument(f"--{f.name}", **_flag_kwargs(f.name, tp, help_text))
     return parser
 
 

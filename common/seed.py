@@ -26,11 +26,6 @@ def set_deterministic(enabled: bool = True) -> None:
     torch.backends.cudnn.benchmark = not enabled
 
 
-def worker_seed(base_seed: int, rank: int, worker_id: int) -> int:
-    """A distinct, reproducible seed for each (rank, dataloader worker)."""
-    return (int(base_seed) * 1_000_003 + rank * 1009 + worker_id) % (2**31 - 1)
-
-
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: derive numpy/random seeds from torch's per-worker seed."""
     s = torch.initial_seed() % (2**32)

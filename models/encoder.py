@@ -107,8 +107,11 @@ class EncoderBase(nn.Module):
         """Encode only the patches ``ids_keep`` (B, K), raster indices in increasing order.
 
         Returns ``(patch_tokens (B, K, D), prefix_tokens (B, num_prefix_tokens, D))``, both normalised.
+        Encoders that cannot drop patches (convolutional hierarchies such as MedMamba or MambaMIC) keep this
+        default, which says why they cannot sit inside MAE.
         """
-        raise NotImplementedError  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} cannot encode a subset of patches, so it cannot be "
+                                  "used inside MAE (use a ViT or Vim encoder)")
 
     def get_classifier(self) -> nn.Module:
         return self.head

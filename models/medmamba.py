@@ -145,10 +145,6 @@ class MedMamba(EncoderBase):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_feature_map(x).flatten(1, 2)
 
-    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("MedMamba is a convolutional hierarchy; it cannot encode a subset of patches "
-                                  "and is not usable inside MAE")
-
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
 

@@ -137,3 +137,9 @@ def test_full_size_parameter_counts(name: str, params_millions: float) -> None:
         model = models.create_model(name)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     assert count == pytest.approx(params_millions, rel=0.005)
+
+
+def test_hierarchical_classifier_refuses_mae_with_a_reason() -> None:
+    model = models.create_model("test_medmamba", img_size=32, in_chans=1)
+    with pytest.raises(NotImplementedError, match="cannot be used inside MAE"):
+        model.forward_visible(torch.zeros(1, 1, 32, 32), torch.zeros(1, 2, dtype=torch.long))

@@ -57,7 +57,7 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, rank: int = 0, world
                  pin_memory: bool | None = None) -> ImageLoader:
     """Batches of ``batch_size`` for one rank (``rank`` / ``world_size`` come from accelerate or torchrun).
 
-    Each batch: ``image`` uint8 (B, C, canvas, canvas) with the picture letterboxed top-left, ``size``
+    Each batch: ``image`` uint8 (B, C, canvas, canvas) with the picture pasted top-left (shrunk if larger than the canvas), ``size``
     (B, 2) its valid height/width, ``key`` sample names and, in labeled mode, ``label`` (int64 (B,) or
     float32 (B, K) multi-hot). Feed ``image``/``size`` to ``gpu_augment`` or ``eval_transform``.
     """

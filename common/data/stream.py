@@ -64,9 +64,13 @@ def _rng(*words: int) -> np.random.Generator:
 
 
 def letterbox(image: torch.Tensor, canvas: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Scale (C, H, W) uint8 so its longer side is ``canvas`` (antialiased) and paste it top-left on zeros."""
+    """Paste (C, H, W) uint8 top-left on a zero ``canvas`` square, shrinking it (antialiased) if it is larger.
+
+    Smaller pictures are not enlarged: the GPU crop/resize reads only the valid region (``size``) and does the
+    one resampling, so upscaling here would cost loader time and resample twice.
+    """
     c, h, w = image.shape
-    scale = canvas / max(h, w)
+    scale = min(1.0, canvas / max(h, w))
     nh, nw = max(1, min(canvas, round(h * scale))), max(1, min(canvas, round(w * scale)))
     if (nh, nw) != (h, w):
         resized = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True,
