@@ -34,16 +34,9 @@ def is_main_process() -> bool:
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is now (test capture and redirection replace it after setup)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:  # noqa: ANN001
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
 
 
 def get_logger(name: str = "scanmae", level: int = logging.INFO) -> logging.Logger:
