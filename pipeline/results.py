@@ -18,6 +18,9 @@ import csv
 import json
 import re
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from common.io import atomic_write_json
@@ -94,6 +97,7 @@ class RunLog:
         self.path = path
         self.budget = budget
         self.rows: list[dict] = json.loads(path.read_text()) if path.exists() else []
+        self._lock = threading.Lock()  # stages may finish concurrently (--jobs)
 
     @staticmethod
     def key(row: dict) -> tuple[str, str, str, str]:
@@ -103,8 +107,13 @@ class RunLog:
         return any(self.key(r) == key and row_status(r) == "ok" for r in self.rows)
 
     def put(self, row: dict) -> None:
-        self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
-        atomic_write_json(self.path, self.rows, indent=1)
+        with self._lock:
+            self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
+            atomic_write_json(self.path, self.rows, indent=1)
+
+    def pretrain_seconds(self, encoder: str) -> float | None:
+        rows = [r for r in self.rows if self.key(r) == (encoder, "mae", PRETRAIN, POOL)]
+        return rows[0].get("seconds") if rows else None
 
     def stage(self, key: tuple[str, str, str, str], command: list[str], run_dir: Path,
               blocked: str | None = None) -> dict | None:
@@ -132,6 +141,17 @@ class RunLog:
         return row
 
 
+def _run_parallel(jobs: int, tasks: list) -> None:
+    """Run zero-argument callables, at most ``jobs`` at a time (each one is a subprocess stage)."""
+    if jobs <= 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(task) for task in tasks]:
+            future.result()
+
+
 def run(args: argparse.Namespace) -> int:
     budget = TimeBudget(args.time_budget_s)
     out = Path(args.out).resolve()
@@ -156,50 +176,66 @@ def run(args: argparse.Namespace) -> int:
                 "--epochs", str(args.probe_epochs), *probe_batch, "--output_dir", str(run_dir), *common_transfer)
         return python_module_command(
             "finetune.main", "--data_path", path, *label_args, *init_args, "--model", model, "--epochs",
-            str(args.ft_epochs), "--warmup_epochs", str(min(2, args.ft_epochs)), "--batch_size",
-            str(args.ft_batch_size), "--blr", "5e-4", "--layer_decay", layer_decay, "--output_dir", str(run_dir),
-            *common_transfer)
+            str(args.ft_epochs), "--warmup_epochs", str(max(1, min(5, args.ft_epochs // 10))), "--batch_size",
+            str(args.ft_batch_size), "--blr", str(args.ft_blr), "--layer_decay", layer_decay,
+            "--output_dir", str(run_dir), *common_transfer)
 
+    # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1), then the random-init twins.
+    blocked: dict[tuple[str, str], str | None] = {}
+    checkpoints: dict[tuple[str, str], Path] = {}
+    pretrain_tasks = []
     for encoder in args.encoders:
         mae_name = f"mae_{encoder}"
+        if "mae" not in args.inits:
+            continue
         pre_dir = out / "pretrain" / encoder
-        ckpts = {}
-        blocked: dict[str, str | None] = {}
-        mae_pending = "mae" in args.inits and not all(
-            log.done((encoder, "mae", protocol, ds)) for ds in datasets for protocol in args.protocols)
-        if "mae" in args.inits:
-            ckpts["mae"] = pre_dir / "encoder.safetensors"
-            blocked["mae"] = None
-            if mae_pending:
-                pre = log.stage((encoder, "mae", PRETRAIN, POOL), python_module_command(
-                    "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size",
-                    str(args.input_size), "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size),
-                    "--epochs", str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)),
-                    "--blr", "1.5e-4", "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every",
-                    "100000", "--vis_every", "100000", "--output_dir", str(pre_dir)), pre_dir)
-                if pre is not None and row_status(pre) != "ok":
-                    blocked["mae"] = f"MAE pretraining of {encoder} {row_status(pre)}: " + (
-                        pre.get("reason") or pre.get("error", ""))
-        if "random" in args.inits:
-            ckpts["random"] = export_random_encoder(mae_name, args.input_size, args.in_chans,
-                                                    out / "random" / encoder)
-            blocked["random"] = None
-        for init, ckpt in ckpts.items():
-            for ds, (path, k, multilabel) in datasets.items():
-                for protocol in args.protocols:
-                    run_dir = out / protocol / encoder / init / ds
-                    row = log.stage((encoder, init, protocol, ds), transfer_command(
-                        protocol, path, k, multilabel, ["--finetune", str(ckpt)], encoder, "0.65", run_dir),
-                        run_dir, blocked=blocked[init])
-                    if row is not None and init == "mae":
-                        pre_rows = [r for r in log.rows if log.key(r) == (encoder, "mae", PRETRAIN, POOL)]
-                        if pre_rows and "seconds" in pre_rows[0]:
-                            log.put(row | {"pretrain_seconds": pre_rows[0]["seconds"]})
-    for model in args.scratch_models:
-        for ds, (path, k, multilabel) in datasets.items():
-            run_dir = out / "scratch" / model / ds
-            log.stage((model, "scratch", "finetune", ds), transfer_command(
-                "finetune", path, k, multilabel, [], model, "1.0", run_dir), run_dir)
+        checkpoints[(encoder, "mae")] = pre_dir / "encoder.safetensors"
+        blocked[(encoder, "mae")] = None
+        if all(log.done((encoder, "mae", protocol, ds)) for ds in datasets for protocol in args.protocols):
+            continue
+        command = python_module_command(
+            "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
+            "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size), "--epochs",
+            str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr", "1.5e-4",
+            "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000", "--vis_every",
+            "100000", "--output_dir", str(pre_dir))
+
+        def pretrain(encoder: str = encoder, command: list[str] = command, pre_dir: Path = pre_dir) -> None:
+            pre = log.stage((encoder, "mae", PRETRAIN, POOL), command, pre_dir)
+            if pre is not None and row_status(pre) != "ok":
+                blocked[(encoder, "mae")] = f"MAE pretraining of {encoder} {row_status(pre)}: " + (
+                    pre.get("reason") or pre.get("error", ""))
+
+        pretrain_tasks.append(pretrain)
+    _run_parallel(args.jobs, pretrain_tasks)
+    if "random" in args.inits:
+        for encoder in args.encoders:
+            checkpoints[(encoder, "random")] = export_random_encoder(f"mae_{encoder}", args.input_size,
+                                                                     args.in_chans, out / "random" / encoder)
+            blocked[(encoder, "random")] = None
+
+    # Phase 2: every transfer stage and the from-scratch classifiers, at most --jobs at a time.
+    def transfer(encoder: str, init: str, protocol: str, ds: str) -> None:
+        path, k, multilabel = datasets[ds]
+        run_dir = out / protocol / encoder / init / ds
+        row = log.stage((encoder, init, protocol, ds), transfer_command(
+            protocol, path, k, multilabel, ["--finetune", str(checkpoints[(encoder, init)])], encoder, "0.65",
+            run_dir), run_dir, blocked=blocked[(encoder, init)])
+        if row is not None and init == "mae":
+            seconds = log.pretrain_seconds(encoder)
+            if seconds is not None:
+                log.put(row | {"pretrain_seconds": seconds})
+
+    def scratch(model: str, ds: str) -> None:
+        path, k, multilabel = datasets[ds]
+        run_dir = out / "scratch" / model / ds
+        log.stage((model, "scratch", "finetune", ds), transfer_command(
+            "finetune", path, k, multilabel, [], model, "1.0", run_dir), run_dir)
+
+    tasks = [partial(transfer, encoder, init, protocol, ds) for (encoder, init) in checkpoints
+             for ds in datasets for protocol in args.protocols]
+    tasks += [partial(scratch, model, ds) for model in args.scratch_models for ds in datasets]
+    _run_parallel(args.jobs, tasks)
     counts = {s: sum(row_status(r) == s for r in log.rows) for s in ("ok", "failed", "skipped")}
     print(f"results: {len(log.rows)} rows in {log.path} ({counts['ok']} ok, {counts['failed']} failed, "
           f"{counts['skipped']} skipped; {budget.elapsed():.0f} s)")
@@ -301,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrain_epochs", type=int, default=40)
     r.add_argument("--probe_epochs", type=int, default=90)
     r.add_argument("--ft_epochs", type=int, default=20)
-    r.add_argument("--num_workers", type=int, default=12)
+    r.add_argument("--ft_blr", type=float, default=5e-4, help="fine-tuning base learning rate")
+    r.add_argument("--num_workers", type=int, default=12, help="data loader workers of each stage")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="stages run at once: the encoders' pretrainings together, then the transfer stages "
+                        "(small models at low resolution leave most of a GPU idle; give each stage fewer workers)")
     r.add_argument("--time_budget_s", type=float, default=None,
                    help="wall-clock budget of the whole call: the running stage is stopped when it is used up "
                         "and later stages are recorded as skipped, so runs.json is always complete")

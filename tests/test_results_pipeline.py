@@ -102,7 +102,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     kermany = small_kermany_csv(tmp_path, per_split_class=6)
     out = tmp_path / "res"
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
-                 "--out", str(out), "--inits", "mae", *TINY]) == 0
+                 "--out", str(out), "--inits", "mae", "--jobs", "2", *TINY]) == 0
     rows = json.loads((out / "runs.json").read_text())
     transfer = [r for r in rows if r["protocol"] != "pretrain"]
     assert {(r["protocol"], r["dataset"]) for r in transfer} == {
