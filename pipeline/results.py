@@ -279,6 +279,12 @@ def _table_row(r: dict) -> str:
     return f"| {r['model']} | {r['init']} | {protocol} | {_cell(r, 'acc')} | {_cell(r, 'auc')} | {r.get('seconds', '')} |"
 
 
+def _row_order(row: dict) -> tuple:
+    """Table order: by model, then pretrained before random init before from scratch, linprobe before finetune."""
+    inits = ("mae", "random", "scratch")
+    return (row["model"], inits.index(row["init"]) if row["init"] in inits else len(inits), row["protocol"] != "linprobe")
+
+
 def table_lines(runs: list[dict], benchmarks: Path | None, input_size: int) -> list[str]:
     """The markdown table: one section per dataset, then the pretraining stages, then why rows are missing."""
     lines = []
@@ -286,7 +292,8 @@ def table_lines(runs: list[dict], benchmarks: Path | None, input_size: int) -> l
     for ds in dict.fromkeys(r["dataset"] for r in transfer):
         lines += [f"\n**{display_name(ds)}** (test split; ours at {input_size} px, 95% bootstrap CI)\n",
                   "| model | init | protocol | ACC | AUC | time (s) |", "|---|---|---|---|---|---|"]
-        lines += [_table_row(r) for r in transfer if r["dataset"] == ds]
+        rows = sorted((r for r in transfer if r["dataset"] == ds), key=_row_order)
+        lines += [_table_row(r) for r in rows]
         if benchmarks is not None and medmnist_base(ds) in MEDMNIST_NAMES:
             for method, acc, auc in baseline_rows(benchmarks, ds, input_size):
                 lines.append(f"| {method} | published | | {acc:.3f} | {auc:.3f} | |")

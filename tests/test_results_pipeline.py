@@ -150,3 +150,16 @@ def test_bad_dataset_stops_before_any_stage(tmp_path: Path) -> None:
         main(["run", "--pool", str(tmp_path), "--datasets", str(tmp_path / "missing.npz"), "--out",
               str(tmp_path / "res"), *TINY])
     assert not (tmp_path / "res" / "runs.json").exists()
+
+
+def test_table_orders_rows_by_model_init_protocol() -> None:
+    def row(model: str, init: str, protocol: str) -> dict:
+        return {"model": model, "init": init, "protocol": protocol, "dataset": "breastmnist", "status": "ok",
+                "acc": 0.5, "auc": 0.5}
+
+    runs = [row("vit_s", "random", "finetune"), row("vit_s", "mae", "finetune"), row("vit_s", "mae", "linprobe"),
+            row("medmamba", "scratch", "finetune"), row("vit_s", "random", "linprobe")]
+    body = [line for line in table_lines(runs, None, 64) if line.startswith("| ") and "---" not in line][1:]
+    assert [tuple(cell.strip() for cell in line.split("|")[1:4]) for line in body] == [
+        ("medmamba", "scratch", "finetune"), ("vit_s", "mae", "linprobe"), ("vit_s", "mae", "finetune"),
+        ("vit_s", "random", "linprobe"), ("vit_s", "random", "finetune")]
