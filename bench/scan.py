@@ -158,6 +158,35 @@ def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, Any]:
     }
 
 
+def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
+    """Time the seq2 options: forward alone per ``segments``; forward+backward per backward (segments,
+    maxnreg) behind the default forward. Short sequences sweep only the register cap."""
+    from kernels.selective_scan_triton import selective_scan_triton
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    length = inp["u"].shape[-1]
+    long_seq = length > 256
+    rows = []
+    for segments in (1, 2, 4, 8) if long_seq else (1,):
+        cfg = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments)
+        fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
+        t = time_backend(fn, inp, rep_ms, backward=False)
+        rows.append({"pass": "fwd", "segments": segments, "maxnreg": None, "ms": t["fwd_ms"]})
+    bwd_options = [(1, None), (1, 168), (1, 128)]
+    if long_seq:
+        bwd_options += [(2, None), (4, None), (8, None), (2, 168), (4, 168), (8, 168), (4, 128), (8, 128)]
+    for segments, maxnreg in bwd_options:
+        cfg = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments, maxnreg=maxnreg)
+        fn = (lambda c: lambda **kw: selective_scan_triton(**kw, bwd_config=c))(cfg)
+        try:
+            t = time_backend(fn, inp, rep_ms, forward=False)
+        except Exception as exc:  # a register cap that fails to compile is reported, not fatal
+            print(f"    bwd segments {segments} maxnreg {maxnreg}: {type(exc).__name__}: {str(exc)[-200:]}")
+            continue
+        rows.append({"pass": "fwd+bwd", "segments": segments, "maxnreg": maxnreg, "ms": t["fwd_bwd_ms"]})
+    return rows
+
+
 def previous_triton(**kw: Any) -> torch.Tensor:
     """The Triton path with the configuration that was the default before the seq2 kernels."""
     import triton
@@ -208,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     tuning: dict[str, Any] = {}
+    sweeps: dict[str, list[dict[str, Any]]] = {}
     for batch, dim, n_state, length in SHAPES:
         inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                                device="cuda")
@@ -220,6 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   flush=True)
             if tuning[shape]["best_fwd_bwd"] is not None:
                 shape_backends["triton_tuned"] = tuned_triton(tuning[shape])
+        if args.sweep:
+            sweeps[shape] = sweep_seq2(inp, rep_ms=max(20, args.rep_ms // 4))
+            print(f"swept {shape}: " + "; ".join(f"{r['pass']} seg {r['segments']} reg {r['maxnreg']}: "
+                                                 f"{r['ms']:.3f}" for r in sweeps[shape]), flush=True)
         for name, fn in shape_backends.items():
             if name == "naive_loop" and length > NAIVE_MAX_L:
                 continue
@@ -245,8 +279,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "device": device_name, "torch": torch.__version__, "triton": __import__("triton").__version__,
         "copy_bandwidth_GBps": bandwidth, "mamba_ssm": mamba_note, "dtype": "bfloat16",
-        "config": "D, z, delta_bias, delta_softplus=True", "rows": rows, "tuning": tuning,
+        "config": "D, z, delta_bias, delta_softplus=True", "rows": rows, "tuning": tuning, "sweeps": sweeps,
     }
+
+
+def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
+    """One line per shape and pass: ms per (segments, maxnreg), the fastest marked with *."""
+    lines = []
+    for shape, rows in sweeps.items():
+        for pass_name in ("fwd", "fwd+bwd"):
+            sel = [r for r in rows if r["pass"] == pass_name]
+            if not sel:
+                continue
+            best = min(r["ms"] for r in sel)
+            cells = [f"seg{r['segments']}/reg{r['maxnreg'] or '-'} {r['ms']:.3f}{'*' if r['ms'] == best else ''}"
+                     for r in sel]
+            lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -269,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune", action="store_true", help="also sweep the seq2 tile configurations")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="only these rows (triton, triton_prev, mamba_ssm, chunked_torch, naive_loop)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the seq2 options segments (forward, backward) and maxnreg (backward)")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", default=None, help="write the full results here")
     args = parser.parse_args(argv)
@@ -278,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     table = format_table(result)
     print(f"\n{result['device']}, copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s, bf16, "
           f"{result['config']}; mamba-ssm: {result['mamba_ssm']}\n{table}")
+    if result["sweeps"]:
+        print("\nseq2 sweep (ms; backward rows behind the default forward):\n" + format_sweep(result["sweeps"]))
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "table": table}, indent=1))
 

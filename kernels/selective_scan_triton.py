@@ -68,12 +68,14 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
 
 def launch_configs(
-    n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None
+    n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None,
+    rows: int | None = None,
 ) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
-    """Fill in default tile configs; the backward must use the forward's chunk length."""
+    """Fill in default tile configs (``rows`` = batch * dim picks the segments); the backward must use
+    the forward's chunk length."""
     n_pad = triton.next_power_of_2(n_state)
-    fwd = fwd_config or default_launch_config(n_pad, length, backward=False)
-    bwd = bwd_config or default_launch_config(n_pad, length, backward=True)
+    fwd = fwd_config or default_launch_config(n_pad, length, backward=False, rows=rows)
+    bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows)
     if bwd.kernel == "seq":
         raise ValueError("selective_scan: the 'seq' kernel is forward-only; use 'scan' or 'seq2' for the backward")
     if bwd.chunk != fwd.chunk:
@@ -106,7 +108,7 @@ def selective_scan_triton(
     groups_b = 1 if B.dim() == 3 else B.shape[1]
     groups_c = 1 if C.dim() == 3 else C.shape[1]
     groups = math.lcm(groups_b, groups_c)
-    fwd, bwd = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
+    fwd, bwd = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, rows=u.shape[0] * u.shape[1])
     out, last_state = SelectiveScanTritonFn.apply(
         u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(),
         _as_grouped(B, groups), _as_grouped(C, groups),

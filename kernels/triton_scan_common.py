@@ -38,12 +38,19 @@ class ScanLaunchConfig:
     taken as 32 * num_warps); "seq2" = kernels/triton_scan_seq.py, forward and backward, one warp per
     program, block_d <= 32 channels per warp (32 / block_d lanes per channel). The forward saves the
     state every CHUNK positions, so forward and backward configs must agree on ``chunk``.
+
+    seq2 only: ``segments`` > 1 splits the sequence into that many runs of whole chunks scanned in parallel
+    (a first pass sums each segment up as one linear step, the main pass folds the earlier segments'
+    summaries into its entry state or adjoint), for long sequences with few (batch, channel) programs.
+    ``maxnreg`` caps registers per thread (more resident warps, at the price of some recomputation).
     """
 
     block_d: int
     chunk: int
     num_warps: int
     kernel: str = "scan"
+    segments: int = 1
+    maxnreg: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_d", "chunk"):
@@ -54,14 +61,25 @@ class ScanLaunchConfig:
             raise ValueError(f"ScanLaunchConfig.kernel must be one of {SCAN_KERNELS}, got {self.kernel!r}")
         if self.kernel == "seq2" and (self.block_d > 32 or self.num_warps != 1):
             raise ValueError(f"ScanLaunchConfig: seq2 runs one warp per program with block_d <= 32, got {self}")
+        if self.segments < 1 or (self.kernel != "seq2" and (self.segments != 1 or self.maxnreg is not None)):
+            raise ValueError(f"ScanLaunchConfig: segments >= 1, and segments / maxnreg only for seq2, got {self}")
 
 
-def default_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:
+def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None) -> ScanLaunchConfig:
     """The seq2 kernels (kernels/triton_scan_seq.py) for forward and backward: 16 channels per warp (two
-    lanes per channel), a saved state every 4 positions. Chosen from the H200 sweep in bench/scan.py
-    (the README): fastest or within 5-10% of the fastest seq2 tile at every benchmark shape."""
+    lanes per channel), a saved state every 4 positions (from the H200 sweep in bench/scan.py, README).
+
+    ``rows`` = batch * dim. When the (batch, channel-block) programs are too few to fill a GPU, the
+    sequence is split into segments (at least 16 chunks each) until there are about 4096 forward programs
+    (72 registers: up to 32 one-warp programs per multiprocessor) or 2048 backward ones (254 registers:
+    8 per multiprocessor, two waves on 132 multiprocessors)."""
     chunk = min(4, triton.next_power_of_2(length))
-    return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2")
+    segments = 1
+    if rows is not None:
+        programs = max(1, rows // 16)
+        target = 2048 if backward else 4096
+        segments = max(1, min(triton.cdiv(length, chunk) // 16, round(target / programs)))
+    return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2", segments=segments)
 
 
 def previous_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:

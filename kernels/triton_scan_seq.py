@@ -48,16 +48,94 @@ def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
 
 
 @triton.jit
+def _segment_entry(SEG_LOCAL, SEG_SUMDT, A2, batch_idx, offs_n, offs_d, nd_mask, d_mask, dim, n_seg, n_state,
+                   x, j0, count, j_step):
+    """Fold ``count`` segment summaries into x, starting at segment j0 and moving by j_step:
+    x = exp(A * sum of dt over segment j) * x + local_j (the whole segment as one linear step)."""
+    for k in range(count):
+        j = j0 + k * j_step
+        sum_dt = tl.load(SEG_SUMDT + (batch_idx * n_seg + j).to(tl.int64) * dim + offs_d, mask=d_mask, other=0.0)
+        ptrs = ((batch_idx * n_seg + j) * n_state + offs_n[:, None]).to(tl.int64) * dim + offs_d[None, :]
+        x = tl.exp2(A2 * sum_dt[None, :]) * x + tl.load(SEG_LOCAL + ptrs, mask=nd_mask, other=0.0)
+    return x
+
+
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])
+def _segment_summary_kernel(
+    U, DELTA, A_T, BC, Z, DOUT, DELTA_BIAS, SEG_LOCAL, SEG_SUMDT,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, seg_chunks, n_seg,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    ADJOINT: tl.constexpr,
+):
+    """One segment as a single linear step, from a zero start, and its sum of dt.
+
+    Forward (ADJOINT False, segments 0 .. n_seg-2): the state at the segment's end, h = a*h + B*dt*u in
+    scan order. Adjoint (segments 1 .. n_seg-1): the adjoint leaving the segment at its start,
+    g = a*(g + C*dy) against scan order. Grid: (channel blocks, batch * groups, n_seg - 1)."""
+    pid_d = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    seg = tl.program_id(2) + ADJOINT
+    batch_idx = pid_bg // n_groups
+    group = pid_bg % n_groups
+    offs_in_group = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_in_group < dim_per_group
+    offs_d = group * dim_per_group + offs_in_group
+    offs_n = tl.arange(0, N_PAD)
+    n_mask = offs_n < n_state
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    A2 = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
+    seq_row = (batch_idx * dim + offs_d).to(tl.int64) * length
+    BC_seq = BC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+
+    n_pos = tl.minimum(seg_chunks, n_chunks - seg * seg_chunks) * CHUNK
+    x = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    sum_dt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t in range(n_pos):
+        if ADJOINT:
+            q = seg * seg_chunks * CHUNK + n_pos - 1 - t  # scan-order index, walked backwards
+        else:
+            q = seg * seg_chunks * CHUNK + t
+        if REVERSE:
+            pos = n_chunks * CHUNK - 1 - q
+        else:
+            pos = q
+        valid = pos < length
+        u, dt, _ = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
+        col = tl.load(BC_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[None, :] * A2)
+        sum_dt += dt
+        if ADJOINT:
+            dy = tl.load(DOUT + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
+                dy = dy * z * tl.sigmoid(z)
+            x = a * (x + col[:, None] * dy[None, :])
+        else:
+            x = a * x + col[:, None] * (dt * u)[None, :]
+    ptrs = ((batch_idx * n_seg + seg) * n_state + offs_n[:, None]).to(tl.int64) * dim + offs_d[None, :]
+    tl.store(SEG_LOCAL + ptrs, x, mask=nd_mask)
+    tl.store(SEG_SUMDT + (batch_idx * n_seg + seg).to(tl.int64) * dim + offs_d, sum_dt, mask=d_mask)
+
+
+# dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
+# (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level shuffles in every sum over N (sm_90 SASS,
+# bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480 instructions per position at dim 768).
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])
 def _scan_fwd_seq2_kernel(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
-    OUT, CHUNK_STATES, LAST_STATE,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    OUT, CHUNK_STATES, LAST_STATE, SEG_LOCAL, SEG_SUMDT,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, seg_chunks, n_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    pid_s = tl.program_id(2)  # segment of the sequence (scan order); 0 when not SEGMENTED
     batch_idx = pid_bg // n_groups
     group = pid_bg % n_groups
 
@@ -82,12 +160,15 @@ def _scan_fwd_seq2_kernel(
     # B and C come as (batch, groups, L, N): one position's N values are contiguous.
     B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    # This program's scan-order chunks: [first_chunk, first_chunk + my_chunks).
+    first_chunk = pid_s * seg_chunks
+    my_chunks = tl.minimum(seg_chunks, n_chunks - first_chunk)
     if REVERSE:
         step = -1
-        pos = n_chunks * CHUNK - 1
+        pos = n_chunks * CHUNK - 1 - first_chunk * CHUNK
     else:
         step = 1
-        pos = 0 * n_chunks
+        pos = first_chunk * CHUNK
 
     # Inputs of the first position; each step then loads the next position's before computing its own.
     u, dt, _ = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
@@ -99,12 +180,15 @@ def _scan_fwd_seq2_kernel(
         z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
 
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    for i in range(n_chunks):
+    if SEGMENTED:
+        h = _segment_entry(SEG_LOCAL, SEG_SUMDT, A2, batch_idx, offs_n, offs_d, nd_mask, d_mask, dim, n_seg,
+                           n_state, h, 0, pid_s, 1)
+    for i in range(my_chunks):
         if STORE_STATES:
             if REVERSE:
-                chunk_idx = n_chunks - 1 - i
+                chunk_idx = n_chunks - 1 - (first_chunk + i)
             else:
-                chunk_idx = i
+                chunk_idx = first_chunk + i
             state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
             tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
         for _t in range(CHUNK):
@@ -129,20 +213,21 @@ def _scan_fwd_seq2_kernel(
             pos = nxt
             u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
 
-    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask & (pid_s == n_seg - 1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see the forward
 def _scan_bwd_seq2_kernel(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
-    DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS, SEG_LOCAL, SEG_SUMDT,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, seg_chunks, n_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    pid_s = tl.program_id(2)  # segment of the sequence (scan order); 0 when not SEGMENTED
     batch_idx = pid_bg // n_groups
     group = pid_bg % n_groups
 
@@ -174,15 +259,23 @@ def _scan_bwd_seq2_kernel(
     g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     if HAS_DLAST:
         g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
+    if SEGMENTED:
+        # Adjoint entering this segment from its end: fold in the later segments, last one first.
+        g = _segment_entry(SEG_LOCAL, SEG_SUMDT, A2, batch_idx, offs_n, offs_d, nd_mask, d_mask, dim, n_seg,
+                           n_state, g, n_seg - 1, n_seg - 1 - pid_s, -1)
     dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    for i in range(n_chunks):
+    # This program's scan-order chunks, walked from the last: last_chunk, last_chunk - 1, ...
+    first_chunk = pid_s * seg_chunks
+    my_chunks = tl.minimum(seg_chunks, n_chunks - first_chunk)
+    last_chunk = first_chunk + my_chunks - 1
+    for i in range(my_chunks):
         if REVERSE:
-            chunk_idx = i
+            chunk_idx = n_chunks - 1 - (last_chunk - i)
         else:
-            chunk_idx = n_chunks - 1 - i
+            chunk_idx = last_chunk - i
         base = chunk_idx * CHUNK
         state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
         h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
@@ -270,6 +363,42 @@ def _scan_bwd_seq2_kernel(
         tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
 
 
+def _segment_split(n_chunks: int, segments: int) -> tuple[int, int]:
+    """(chunks per segment, number of segments) for at most ``segments`` equal runs of whole chunks."""
+    seg_chunks = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
+    return seg_chunks, triton.cdiv(n_chunks, seg_chunks)
+
+
+def _launch_options(config: ScanLaunchConfig) -> dict[str, int]:
+    options = {"num_warps": 1}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return options
+
+
+def _segment_summaries(
+    u: torch.Tensor, delta: torch.Tensor, A_t: torch.Tensor, bc: torch.Tensor, z: torch.Tensor | None,
+    dout: torch.Tensor | None, delta_bias: torch.Tensor | None, delta_softplus: bool, reverse: bool,
+    n_chunks: int, seg_chunks: int, n_seg: int, config: ScanLaunchConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each segment's zero-start end state (dout None) or start adjoint (dout given), and its sum of dt:
+    (batch, n_seg, N, dim) and (batch, n_seg, dim) float32."""
+    batch, dim, length = u.shape
+    n_groups, n_state = bc.shape[1], bc.shape[3]
+    local = torch.empty(batch, n_seg, n_state, dim, device=u.device, dtype=torch.float32)
+    sum_dt = torch.empty(batch, n_seg, dim, device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim // n_groups, config.block_d), batch * n_groups, n_seg - 1)
+    _segment_summary_kernel[grid](
+        u, delta, A_t, bc, z if z is not None else u, dout if dout is not None else u,
+        delta_bias if delta_bias is not None else sum_dt, local, sum_dt,
+        dim, length, dim // n_groups, n_groups, n_chunks, n_state, seg_chunks, n_seg,
+        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse,
+        ADJOINT=dout is not None, **_launch_options(config),
+    )
+    return local, sum_dt
+
+
 def selective_scan_fwd_seq2_launch(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -297,20 +426,26 @@ def selective_scan_fwd_seq2_launch(
     chunk_states = (
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
-    grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
+    A_t, B_t = A.t().contiguous(), B.transpose(-1, -2).contiguous()
+    seg_chunks, n_seg = _segment_split(n_chunks, config.segments)
+    seg_local = seg_sum_dt = last_state
+    if n_seg > 1:
+        seg_local, seg_sum_dt = _segment_summaries(u, delta, A_t, B_t, None, None, delta_bias, delta_softplus,
+                                                   reverse, n_chunks, seg_chunks, n_seg, config)
+    grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups, n_seg)
     _scan_fwd_seq2_kernel[grid](
-        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
+        u, delta, A_t, B_t, C.transpose(-1, -2).contiguous(),
         D if D is not None else last_state,
         z if z is not None else u,
         delta_bias if delta_bias is not None else last_state,
         out,
         chunk_states if chunk_states is not None else last_state,
-        last_state,
-        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        last_state, seg_local, seg_sum_dt,
+        dim, length, dim_per_group, n_groups, n_chunks, n_state, seg_chunks, n_seg,
         N_PAD=triton.next_power_of_2(n_state), BLOCK_D=block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,
-        num_warps=1,
+        SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states, SEGMENTED=n_seg > 1,
+        **_launch_options(config),
     )
     return out, last_state, chunk_states
 
@@ -352,9 +487,15 @@ def selective_scan_bwd_seq2_launch(
         "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
     }
     placeholder = grads["A"]
-    grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups)
+    A_t, C_t = A.t().contiguous(), C.transpose(-1, -2).contiguous()
+    seg_chunks, n_seg = _segment_split(n_chunks, config.segments)
+    seg_local = seg_sum_dt = placeholder
+    if n_seg > 1:
+        seg_local, seg_sum_dt = _segment_summaries(u, delta, A_t, C_t, z, dout, delta_bias, delta_softplus,
+                                                   reverse, n_chunks, seg_chunks, n_seg, config)
+    grid = (triton.cdiv(dim_per_group, block_d), batch * n_groups, n_seg)
     _scan_bwd_seq2_kernel[grid](
-        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
+        u, delta, A_t, B.transpose(-1, -2).contiguous(), C_t,
         D if D is not None else placeholder,
         z if z is not None else u,
         delta_bias if delta_bias is not None else placeholder,
@@ -364,12 +505,12 @@ def selective_scan_bwd_seq2_launch(
         grads["z"] if z is not None else grads["u"],
         grads["A"], grads["B"], grads["C"],
         grads["D"] if D is not None else placeholder,
-        grads["delta_bias"] if delta_bias is not None else placeholder,
-        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        grads["delta_bias"] if delta_bias is not None else placeholder, seg_local, seg_sum_dt,
+        dim, length, dim_per_group, n_groups, n_chunks, n_state, seg_chunks, n_seg,
         N_PAD=triton.next_power_of_2(n_state), BLOCK_D=block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
-        num_warps=1,
+        SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None, SEGMENTED=n_seg > 1,
+        **_launch_options(config),
     )
     grads["B"] = grads["B"].transpose(-1, -2)
     grads["C"] = grads["C"].transpose(-1, -2)

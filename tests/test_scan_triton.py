@@ -137,6 +137,37 @@ def test_triton_mixed_kernels_share_chunk_states(triton_scan, fwd_kernel, bwd_ke
                              with_optional=True, softplus=True, reverse=fwd_kernel == "scan", seed=5, config=config)
 
 
+# (L, groups, reverse, with_optional, fwd/bwd block_d, chunk, segments): segments that do not divide the
+# chunks, one segment, more segments than chunks (clamped), both directions, groups 1 and 2.
+SEGMENT_CASES = [
+    (37, None, False, True, 8, 4, 3),
+    (37, 2, True, True, 4, 4, 4),
+    (9, None, True, False, 8, 2, 8),
+    (16, None, False, True, 16, 4, 1),
+    (23, 2, False, True, 8, 1, 5),
+]
+
+
+@pytest.mark.parametrize("length,groups,reverse,with_optional,block_d,chunk,segments", SEGMENT_CASES)
+def test_triton_seq2_segments(triton_scan, length, groups, reverse, with_optional, block_d, chunk, segments):
+    """The sequence split into segments scanned in parallel: output, last state, every gradient."""
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    config = ScanLaunchConfig(block_d, chunk, 1, kernel="seq2", segments=segments)
+    _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
+                             dtype=torch.float32, with_optional=with_optional, softplus=with_optional,
+                             reverse=reverse, seed=length + segments, config=config)
+
+
+def test_default_config_splits_long_sequences_of_few_programs():
+    from kernels.triton_scan_common import default_launch_config
+
+    assert default_launch_config(16, 197, True, rows=128 * 768).segments == 1
+    assert default_launch_config(16, 4096, False, rows=16 * 768).segments > 1
+    assert default_launch_config(16, 4096, True, rows=16 * 768).segments > 1
+    assert default_launch_config(16, 40, False, rows=2 * 8).segments == 1  # too short to split
+
+
 def test_triton_forward_only_and_no_last_state(triton_scan):
     inp = make_scan_inputs(2, 4, 10, 4, groups=None, dtype=torch.float32, seed=11, device=DEVICE)
     with torch.no_grad():
@@ -156,6 +187,8 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
         ScanLaunchConfig(block_d=3, chunk=8, num_warps=4)
     with pytest.raises(ValueError, match="one warp per program"):
         ScanLaunchConfig(block_d=64, chunk=8, num_warps=1, kernel="seq2")
+    with pytest.raises(ValueError, match="segments / maxnreg only for seq2"):
+        ScanLaunchConfig(block_d=8, chunk=8, num_warps=4, segments=2)
     with pytest.raises(ValueError, match="kernel must be one of"):
         ScanLaunchConfig(block_d=8, chunk=8, num_warps=1, kernel="tiles")
     with pytest.raises(ValueError, match="forward-only"):
@@ -203,6 +236,20 @@ def test_triton_gpu_seq2_configs(triton_scan, fwd_block_d, block_d, chunk):
     _check_against_reference(triton_scan, batch=2, dim=100, length=300, n_state=16, groups=None,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=False,
                              seed=block_d + chunk, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("segments,maxnreg,reverse", [(3, None, False), (8, 168, True), (1, 128, False)])
+def test_triton_gpu_seq2_segments_and_register_caps(triton_scan, segments, maxnreg, reverse):
+    """Segments and register caps as the benchmark sweeps them, compiled, in bf16."""
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments)
+    bwd = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments, maxnreg=maxnreg)
+    _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
+                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                             seed=segments, config=(fwd, bwd))
 
 
 @pytest.mark.gpu

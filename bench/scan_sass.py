@@ -1,0 +1,203 @@
+"""Offline SASS report of the seq2 scan kernels: registers, spills, instruction histogram (no GPU needed).
+
+    python -m bench.scan_sass [--block-d 16 8] [--chunk 4] [--maxnreg 168] [--reverse] [--shape B D N L] [--dump DIR]
+
+Compiles the default-shaped kernels (bf16 u/delta/z/B/C/dout, N=16, D, z, delta_bias, softplus) for sm_90
+with the local Triton and its bundled ptxas, disassembles them with nvdisasm, and prints per kernel: the
+registers, spill bytes, the total SASS count, and for the hottest loop (the innermost backward branch with
+the most instructions) its size, the positions it covers and a histogram of opcode classes per position
+per warp. This is a static proxy for speed (fewer instructions and registers per position = faster);
+times still come from bench/scan.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+BF16_ARGS = {"U", "DELTA", "Z", "B", "C", "OUT", "DOUT", "DU", "DDELTA", "DZ"}
+# Opcode prefixes grouped into classes that explain where the time goes.
+CLASSES = [
+    ("shuffle", ("SHFL",)),
+    ("fp32 math", ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP", "FCHK")),
+    ("mufu", ("MUFU",)),
+    ("global load", ("LDG",)),
+    ("global store", ("STG",)),
+    ("atomic", ("RED", "ATOM")),
+    ("shared", ("LDS", "STS", "BAR", "LDSM")),
+    ("convert/pack", ("F2F", "I2F", "F2I", "PRMT", "F2FP", "HADD2", "HMUL2", "HFMA2")),
+    ("integer/predicate", ("IMAD", "IADD", "LEA", "ISETP", "LOP", "SHF", "SEL", "PLOP", "P2R", "R2P", "MOV",
+                           "IABS", "IMNMX", "SGXT", "VIADD", "UIADD", "UMOV", "ULDC", "ULEA", "UIMAD",
+                           "ULOP", "USHF", "USEL", "UISETP", "S2R", "S2UR", "CS2R", "VOTE", "POPC", "FLO")),
+    ("branch/control", ("BRA", "BSSY", "BSYNC", "WARPSYNC", "EXIT", "NOP", "YIELD", "CALL", "RET")),
+]
+
+
+def _signature(kernel: Any, ints: dict[str, int]) -> tuple[dict[str, str], dict[tuple[int], list]]:
+    """Pointer and integer argument types and the divisibility hints the launcher would specialise on
+    (pointers are 16-byte aligned; an integer divisible by 16 gets the hint, as at a real launch)."""
+    sig, attrs = {}, {}
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name[0].isupper():
+            sig[name] = "*bf16" if name in BF16_ARGS else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if ints.get(name, 1) % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_kernel(kernel: Any, constexprs: dict[str, Any], ints: dict[str, int], num_warps: int = 1,
+                   maxnreg: int | None = None) -> Any:
+    """triton.compile for sm_90 with the launch-time signature of the benchmark's bf16 inputs; ``ints``
+    gives the integer arguments' values (only their divisibility by 16 matters)."""
+    sig, attrs = _signature(kernel, ints)
+    src = triton.compiler.ASTSource(kernel, sig, constexprs, attrs)
+    options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _tool(name: str, cubin: bytes, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name), *flags,
+                               f.name], check=True, capture_output=True, text=True).stdout
+
+
+def resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, local-memory bytes per thread, i.e. spills) from cuobjdump's resource usage."""
+    text = _tool("cuobjdump", cubin, "--dump-resource-usage")
+    return int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"LOCAL:(\d+)", text).group(1))
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str, str]]:
+    """(address, label-or-empty, instruction text) for every SASS instruction."""
+    text = _tool("nvdisasm", cubin, "-c")
+    out, label = [], ""
+    for line in text.splitlines():
+        m = re.match(r"\s*(\.L_\w+):", line)
+        if m:
+            label = m.group(1)
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            out.append((int(m.group(1), 16), label, m.group(2).strip()))
+            label = ""
+    return out
+
+
+def opcode(instr: str) -> str:
+    instr = re.sub(r"^@!?U?P[T0-9]+\s+", "", instr)
+    return instr.split()[0].split(".")[0]
+
+
+def op_class(op: str) -> str:
+    for name, prefixes in CLASSES:
+        if op.startswith(prefixes):
+            return name
+    return "other"
+
+
+def loops(sass: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """(first, last) instruction indices of every backward branch's loop body."""
+    label_at = {lab: i for i, (_, lab, _) in enumerate(sass) if lab}
+    found = []
+    for i, (_, _, instr) in enumerate(sass):
+        m = re.search(r"\bBRA\b.*?`\((\.L_\w+)\)", instr)
+        if m and m.group(1) in label_at and label_at[m.group(1)] <= i:
+            found.append((label_at[m.group(1)], i))
+    return found
+
+
+def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None) -> dict[str, Any]:
+    """Print and return registers, spills and the per-position histogram of the hottest loop."""
+    sass = disassemble(compiled.asm["cubin"])
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{name}.sass").write_text("\n".join(f"{a:05x} {lab:10s} {s}" for a, lab, s in sass))
+        (dump / f"{name}.ttgir").write_text(compiled.asm["ttgir"])
+    body = loops(sass)
+    # The hottest loop: the largest among loops that contain no other loop.
+    inner = [lp for lp in body if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in body)]
+    first, last = max(inner, key=lambda lp: lp[1] - lp[0]) if inner else (0, len(sass) - 1)
+    ops = Counter(op_class(opcode(s)) for _, _, s in sass[first:last + 1])
+    n_loop = last - first + 1
+    md = compiled.metadata
+    regs, spills = resources(compiled.asm["cubin"])
+    res = {"kernel": name, "registers": regs, "spills": spills, "sass_total": len(sass),
+           "loop_instructions": n_loop, "positions_per_loop": positions_per_iter,
+           "per_position": n_loop / positions_per_iter,
+           "histogram_per_position": {k: v / positions_per_iter for k, v in ops.most_common()},
+           "shared_bytes": md.shared}
+    hist = ", ".join(f"{k} {v:.1f}" for k, v in res["histogram_per_position"].items())
+    print(f"{name}: {res['registers']} registers, {res['spills']} spill bytes, {md.shared} B shared, "
+          f"{len(sass)} SASS; hot loop {n_loop} instr / {positions_per_iter} positions = "
+          f"{res['per_position']:.0f} per position per warp\n    {hist}", flush=True)
+    return res
+
+
+def forward_kernels(seq: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """The forward kernels of kernels/triton_scan_seq.py with the constexprs of a training step."""
+    return [(seq._scan_fwd_seq2_kernel, dict(STORE_STATES=True, SEGMENTED=False, HAS_D=True)),
+            (seq._scan_fwd_seq2_kernel, dict(STORE_STATES=True, SEGMENTED=True, HAS_D=True)),
+            (seq._segment_summary_kernel, dict(ADJOINT=False))]
+
+
+def backward_kernels(seq: Any) -> list[tuple[Any, dict[str, Any]]]:
+    return [(seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=False, HAS_D=True)),
+            (seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=True, HAS_D=True)),
+            (seq._segment_summary_kernel, dict(ADJOINT=True))]
+
+
+def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
+    flags = "".join(f",{k.lower()}" for k in ("SEGMENTED", "ADJOINT") if extra.get(k))
+    return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from kernels import triton_scan_seq as seq
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block-d", type=int, nargs="+", default=[16])
+    parser.add_argument("--chunk", type=int, default=4)
+    parser.add_argument("--reverse", action="store_true")
+    parser.add_argument("--shape", type=int, nargs=4, default=[16, 768, 16, 1024], metavar=("BATCH", "DIM", "N", "L"),
+                        help="integer arguments as at this launch (their divisibility by 16 changes the code)")
+    parser.add_argument("--only", choices=["fwd", "bwd"], default=None)
+    parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
+    parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
+    args = parser.parse_args(argv)
+    common = dict(N_PAD=16, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
+    batch, dim, n_state, length = args.shape
+    ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
+                n_state=n_state, seg_chunks=7, n_seg=3)
+    results = []
+    for block_d in args.block_d:
+        consts = dict(common, BLOCK_D=block_d)
+        if args.only != "bwd":
+            for kernel, extra in forward_kernels(seq):
+                c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
+                results.append(report(_name(kernel, extra, block_d), c, 1, args.dump))
+        if args.only != "fwd":
+            for kernel, extra in backward_kernels(seq):
+                c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
+                # The backward unrolls a chunk per loop iteration; the other loops walk one position.
+                per_iter = args.chunk if kernel is seq._scan_bwd_seq2_kernel else 1
+                results.append(report(_name(kernel, extra, block_d), c, per_iter, args.dump))
+    return results
+
+
+if __name__ == "__main__":
+    main()
