@@ -33,6 +33,7 @@ CLASSES = [
     ("global store", ("STG",)),
     ("atomic", ("RED", "ATOM")),
     ("shared", ("LDS", "STS", "BAR", "LDSM")),
+    ("local (spill)", ("LDL", "STL")),
     ("convert/pack", ("F2F", "I2F", "F2I", "PRMT", "F2FP", "HADD2", "HMUL2", "HFMA2")),
     ("integer/predicate", ("IMAD", "IADD", "LEA", "ISETP", "LOP", "SHF", "SEL", "PLOP", "P2R", "R2P", "MOV",
                            "IABS", "IMNMX", "SGXT", "VIADD", "UIADD", "UMOV", "ULDC", "ULEA", "UIMAD",
@@ -133,16 +134,18 @@ def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None)
     inner = [lp for lp in body if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in body)]
     first, last = max(inner, key=lambda lp: lp[1] - lp[0]) if inner else (0, len(sass) - 1)
     ops = Counter(op_class(opcode(s)) for _, _, s in sass[first:last + 1])
+    local_ops = sum(opcode(s) in ("LDL", "STL") for _, _, s in sass)
     n_loop = last - first + 1
     md = compiled.metadata
     regs, spills = resources(compiled.asm["cubin"])
-    res = {"kernel": name, "registers": regs, "spills": spills, "sass_total": len(sass),
+    res = {"kernel": name, "registers": regs, "spills": spills, "local_ops": local_ops, "sass_total": len(sass),
            "loop_instructions": n_loop, "positions_per_loop": positions_per_iter,
            "per_position": n_loop / positions_per_iter,
            "histogram_per_position": {k: v / positions_per_iter for k, v in ops.most_common()},
            "shared_bytes": md.shared}
     hist = ", ".join(f"{k} {v:.1f}" for k, v in res["histogram_per_position"].items())
-    print(f"{name}: {res['registers']} registers, {res['spills']} spill bytes, {md.shared} B shared, "
+    print(f"{name}: {res['registers']} registers, {res['spills']} spill bytes ({local_ops} LDL/STL), "
+          f"{md.shared} B shared, "
           f"{len(sass)} SASS; hot loop {n_loop} instr / {positions_per_iter} positions = "
           f"{res['per_position']:.0f} per position per warp\n    {hist}", flush=True)
     return res
@@ -156,13 +159,14 @@ def forward_kernels(seq: Any) -> list[tuple[Any, dict[str, Any]]]:
 
 
 def backward_kernels(seq: Any) -> list[tuple[Any, dict[str, Any]]]:
-    return [(seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=False, HAS_D=True)),
-            (seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=True, HAS_D=True)),
+    return [(seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=False, HAS_D=True, PREFETCH=False)),
+            (seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=False, HAS_D=True, PREFETCH=True)),
+            (seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=True, HAS_D=True, PREFETCH=False)),
             (seq._segment_summary_kernel, dict(ADJOINT=True))]
 
 
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
-    flags = "".join(f",{k.lower()}" for k in ("SEGMENTED", "ADJOINT") if extra.get(k))
+    flags = "".join(f",{k.lower()}" for k in ("SEGMENTED", "ADJOINT", "PREFETCH") if extra.get(k))
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 

@@ -69,13 +69,15 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
 def launch_configs(
     n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None,
-    rows: int | None = None,
+    rows: int | None = None, multiprocessors: int | None = None,
 ) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
-    """Fill in default tile configs (``rows`` = batch * dim picks the segments); the backward must use
-    the forward's chunk length."""
+    """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
+    backward's register cap); the backward must use the forward's chunk length."""
     n_pad = triton.next_power_of_2(n_state)
-    fwd = fwd_config or default_launch_config(n_pad, length, backward=False, rows=rows)
-    bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows)
+    fwd = fwd_config or default_launch_config(n_pad, length, backward=False, rows=rows,
+                                              multiprocessors=multiprocessors)
+    bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
+                                              multiprocessors=multiprocessors)
     if bwd.kernel == "seq":
         raise ValueError("selective_scan: the 'seq' kernel is forward-only; use 'scan' or 'seq2' for the backward")
     if bwd.chunk != fwd.chunk:
@@ -108,7 +110,10 @@ def selective_scan_triton(
     groups_b = 1 if B.dim() == 3 else B.shape[1]
     groups_c = 1 if C.dim() == 3 else C.shape[1]
     groups = math.lcm(groups_b, groups_c)
-    fwd, bwd = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, rows=u.shape[0] * u.shape[1])
+    # The register cap depends on how many programs fit on the device at once (None under the interpreter).
+    sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else None
+    fwd, bwd = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, rows=u.shape[0] * u.shape[1],
+                              multiprocessors=sms)
     out, last_state = SelectiveScanTritonFn.apply(
         u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(),
         _as_grouped(B, groups), _as_grouped(C, groups),

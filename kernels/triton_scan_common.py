@@ -42,7 +42,10 @@ class ScanLaunchConfig:
     seq2 only: ``segments`` > 1 splits the sequence into that many runs of whole chunks scanned in parallel
     (a first pass sums each segment up as one linear step, the main pass folds the earlier segments'
     summaries into its entry state or adjoint), for long sequences with few (batch, channel) programs.
+    It lost or tied on the H200 at every benchmarked shape, so the defaults never pick it.
     ``maxnreg`` caps registers per thread (more resident warps, at the price of some recomputation).
+    ``prefetch`` (backward): load the next chunk's entry state, u, delta, dout and z before the current
+    chunk's arithmetic (hides L2 latency; costs ~25 registers, at the 255 limit, a few spills on sm_90).
     """
 
     block_d: int
@@ -51,6 +54,7 @@ class ScanLaunchConfig:
     kernel: str = "scan"
     segments: int = 1
     maxnreg: int | None = None
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_d", "chunk"):
@@ -61,25 +65,35 @@ class ScanLaunchConfig:
             raise ValueError(f"ScanLaunchConfig.kernel must be one of {SCAN_KERNELS}, got {self.kernel!r}")
         if self.kernel == "seq2" and (self.block_d > 32 or self.num_warps != 1):
             raise ValueError(f"ScanLaunchConfig: seq2 runs one warp per program with block_d <= 32, got {self}")
-        if self.segments < 1 or (self.kernel != "seq2" and (self.segments != 1 or self.maxnreg is not None)):
-            raise ValueError(f"ScanLaunchConfig: segments >= 1, and segments / maxnreg only for seq2, got {self}")
+        seq2_only = self.segments != 1 or self.maxnreg is not None or self.prefetch
+        if self.segments < 1 or (self.kernel != "seq2" and seq2_only):
+            raise ValueError(f"ScanLaunchConfig: segments >= 1, and segments / maxnreg / prefetch only for seq2, "
+                             f"got {self}")
 
 
-def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None) -> ScanLaunchConfig:
+# One-warp seq2 backward programs resident per multiprocessor without a register cap (about 250
+# registers per thread: 65536 / (250 * 32) = 8).
+BWD_RESIDENT_UNCAPPED = 8
+BWD_REGISTER_CAP = 168
+
+
+def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
+                          multiprocessors: int | None = None) -> ScanLaunchConfig:
     """The seq2 kernels (kernels/triton_scan_seq.py) for forward and backward: 16 channels per warp (two
-    lanes per channel), a saved state every 4 positions (from the H200 sweep in bench/scan.py, README).
+    lanes per channel), a saved state every 4 positions (from the H200 sweeps in bench/scan.py, README).
 
-    ``rows`` = batch * dim. When the (batch, channel-block) programs are too few to fill a GPU, the
-    sequence is split into segments (at least 16 chunks each) until there are about 4096 forward programs
-    (72 registers: up to 32 one-warp programs per multiprocessor) or 2048 backward ones (254 registers:
-    8 per multiprocessor, two waves on 132 multiprocessors)."""
+    ``segments`` is always 1: on the H200 sweep splitting the sequence lost or tied at every shape (the
+    forward got slower at 2/4/8 segments, forward+backward was at best equal), so the option stays for
+    experiments but is never chosen here. ``rows`` = batch * dim and ``multiprocessors`` (the device's
+    count) set the backward's register cap: when there are more one-warp programs than fit on the device
+    at once with ~250 registers each (multiprocessors x 8), capping at 168 registers (12 resident) was
+    faster (L=50 / 197 at batch 128); with fewer programs the cap only costs recomputation (batch 16)."""
     chunk = min(4, triton.next_power_of_2(length))
-    segments = 1
-    if rows is not None:
-        programs = max(1, rows // 16)
-        target = 2048 if backward else 4096
-        segments = max(1, min(triton.cdiv(length, chunk) // 16, round(target / programs)))
-    return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2", segments=segments)
+    maxnreg = None
+    if backward and rows is not None and multiprocessors is not None:
+        if triton.cdiv(rows, 16) > multiprocessors * BWD_RESIDENT_UNCAPPED:
+            maxnreg = BWD_REGISTER_CAP
+    return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2", maxnreg=maxnreg)
 
 
 def previous_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:

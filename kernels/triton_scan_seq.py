@@ -121,6 +121,35 @@ def _segment_summary_kernel(
     tl.store(SEG_SUMDT + (batch_idx * n_seg + seg).to(tl.int64) * dim + offs_d, sum_dt, mask=d_mask)
 
 
+@triton.jit
+def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d, n_mask, d_mask,
+                     nd_mask, batch_idx, chunk_idx, ok, length, n_chunks, n_state, dim,
+                     CHUNK: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
+    """The backward's per-channel reads for one chunk, as loaded (storage dtype): the saved entry state and,
+    per position in scan order, u, delta, dout and z. Issued one chunk ahead (``ok`` False past the
+    program's last chunk) so that their latency hides behind the current chunk's arithmetic. (B and C,
+    N values per position, would not fit: carried too, they spill.)"""
+    state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+    h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask & ok, other=0.0)
+    base = chunk_idx * CHUNK
+    loads = ()
+    for s in tl.static_range(CHUNK):
+        if REVERSE:
+            pos = base + (CHUNK - 1 - s)
+        else:
+            pos = base + s
+        valid = (pos < length) & ok
+        m = d_mask & valid
+        u = tl.load(U + seq_row + pos, mask=m, other=0.0)
+        delta = tl.load(DELTA + seq_row + pos, mask=m, other=0.0)
+        dout = tl.load(DOUT + seq_row + pos, mask=m, other=0.0)
+        z = u
+        if HAS_Z:
+            z = tl.load(Z + seq_row + pos, mask=m, other=0.0)
+        loads = loads + ((u, delta, dout, z),)
+    return h_in, loads
+
+
 # dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
 # (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level shuffles in every sum over N (sm_90 SASS,
 # bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480 instructions per position at dim 768).
@@ -224,6 +253,7 @@ def _scan_bwd_seq2_kernel(
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, SEGMENTED: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -238,8 +268,8 @@ def _scan_bwd_seq2_kernel(
     n_mask = offs_n < n_state
     nd_mask = n_mask[:, None] & d_mask[None, :]
 
-    A_t = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0)
-    A2 = A_t * 1.4426950408889634
+    # Only A * log2(e) is kept (one tile fewer of registers); sums over A * x are scaled by ln(2) after.
+    A2 = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
     D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
@@ -271,32 +301,77 @@ def _scan_bwd_seq2_kernel(
     first_chunk = pid_s * seg_chunks
     my_chunks = tl.minimum(seg_chunks, n_chunks - first_chunk)
     last_chunk = first_chunk + my_chunks - 1
+    if REVERSE:
+        chunk_idx = n_chunks - 1 - last_chunk
+    else:
+        chunk_idx = last_chunk
+    h_in_zero = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    ahead = (h_in_zero, ())
+    if PREFETCH:
+        ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d, n_mask,
+                                 d_mask, nd_mask, batch_idx, chunk_idx, my_chunks > 0, length, n_chunks, n_state,
+                                 dim, CHUNK, HAS_Z, REVERSE)
     for i in range(my_chunks):
         if REVERSE:
             chunk_idx = n_chunks - 1 - (last_chunk - i)
+            next_idx = chunk_idx + 1
         else:
             chunk_idx = last_chunk - i
+            next_idx = chunk_idx - 1
         base = chunk_idx * CHUNK
-        state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
-        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
+        if PREFETCH:
+            h_in, loads = ahead
+            # The next chunk's loads go out before this chunk's arithmetic.
+            ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d,
+                                     n_mask, d_mask, nd_mask, batch_idx, next_idx, i + 1 < my_chunks, length,
+                                     n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE)
+        else:
+            h_in, loads = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d,
+                                           n_mask, d_mask, nd_mask, batch_idx, chunk_idx, True, length,
+                                           n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE)
 
-        # Recompute the chunk's states and decays, kept in registers (index s = scan order in the chunk).
-        h = h_in
-        states = ()
-        decays = ()
-        steps = ()
+        # B and C of the whole chunk, loaded once for the recompute and the adjoint.
+        bc = ()
         for s in tl.static_range(CHUNK):
             if REVERSE:
                 pos = base + (CHUNK - 1 - s)
             else:
                 pos = base + s
-            u, dt, _ = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
-            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
+            bc_mask = n_mask & (pos < length)
+            bc = bc + ((tl.load(B_seq + pos * n_state + offs_n, mask=bc_mask, other=0.0),
+                        tl.load(C_seq + pos * n_state + offs_n, mask=bc_mask, other=0.0)),)
+
+        # Recompute the chunk's states and decays, kept in registers (index s = scan order in the chunk),
+        # with dt and softplus'(dt_raw) per position.
+        h = h_in
+        states = ()
+        decays = ()
+        steps = ()
+        slopes = ()
+        for s in tl.static_range(CHUNK):
+            u = loads[s][0].to(tl.float32)
+            dt_raw = loads[s][1].to(tl.float32)
+            if HAS_BIAS:
+                dt_raw += bias
+            if SOFTPLUS:
+                dt = softplus(dt_raw)
+            else:
+                dt = dt_raw
+            if REVERSE:
+                pos = base + (CHUNK - 1 - s)
+            else:
+                pos = base + s
+            dt = tl.where(d_mask & (pos < length), dt, 0.0)
             a = tl.exp2(dt[None, :] * A2)
-            h = a * h + B_col[:, None] * (dt * u)[None, :]
+            h = a * h + bc[s][0].to(tl.float32)[:, None] * (dt * u)[None, :]
             states = states + (h,)
             decays = decays + (a,)
             steps = steps + (dt,)
+            if SOFTPLUS:
+                # sigmoid(x) = exp(x - softplus(x)): one exp instead of an exp and a division.
+                slopes = slopes + (tl.exp(dt_raw - dt),)
+            else:
+                slopes = slopes + (dt,)
 
         # Adjoint, backwards through the chunk.
         for r in tl.static_range(CHUNK):
@@ -310,16 +385,16 @@ def _scan_bwd_seq2_kernel(
             h = states[CHUNK - 1 - r]
             a = decays[CHUNK - 1 - r]
             dt = steps[CHUNK - 1 - r]
+            u = loads[CHUNK - 1 - r][0].to(tl.float32)
             if CHUNK - 1 - r > 0:
                 h_prev = states[CHUNK - 2 - r]
             else:
                 h_prev = h_in
-            u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
-            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
-            C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
-            dout = tl.load(DOUT + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+            B_col = bc[CHUNK - 1 - r][0].to(tl.float32)
+            C_col = bc[CHUNK - 1 - r][1].to(tl.float32)
+            dout = loads[CHUNK - 1 - r][2].to(tl.float32)
             if HAS_Z:
-                z = tl.load(Z + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+                z = loads[CHUNK - 1 - r][3].to(tl.float32)
                 y = tl.sum(h * C_col[:, None], axis=0)
                 if HAS_D:
                     y += D_vec * u
@@ -333,17 +408,14 @@ def _scan_bwd_seq2_kernel(
             g = g + C_col[:, None] * dy[None, :]
             decayed_prev = a * h_prev
             g_dot_B = tl.sum(g * B_col[:, None], axis=0)
-            ddt = u * g_dot_B + tl.sum(g * decayed_prev * A_t, axis=0)
+            ddt = u * g_dot_B + tl.sum(g * decayed_prev * A2, axis=0) * 0.6931471805599453
             du = dt * g_dot_B
             if HAS_D:
                 du += D_vec * dy
                 dD_acc += dy * u
             dA_acc += g * decayed_prev * dt[None, :]
             if SOFTPLUS:
-                dt_raw = tl.load(DELTA + seq_row + pos, mask=m, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    dt_raw += bias
-                ddt = ddt * tl.sigmoid(dt_raw)
+                ddt = ddt * slopes[CHUNK - 1 - r]
             ddt = tl.where(m, ddt, 0.0)
             if HAS_BIAS:
                 dbias_acc += ddt
@@ -510,7 +582,7 @@ def selective_scan_bwd_seq2_launch(
         N_PAD=triton.next_power_of_2(n_state), BLOCK_D=block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None, SEGMENTED=n_seg > 1,
-        **_launch_options(config),
+        PREFETCH=config.prefetch, **_launch_options(config),
     )
     grads["B"] = grads["B"].transpose(-1, -2)
     grads["C"] = grads["C"].transpose(-1, -2)

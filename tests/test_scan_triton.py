@@ -159,13 +159,32 @@ def test_triton_seq2_segments(triton_scan, length, groups, reverse, with_optiona
                              reverse=reverse, seed=length + segments, config=config)
 
 
-def test_default_config_splits_long_sequences_of_few_programs():
+@pytest.mark.parametrize("length,groups,reverse,chunk,segments", [(1, None, False, 1, 1), (23, 2, True, 4, 1),
+                                                                  (37, None, False, 4, 3), (30, 2, True, 2, 2)])
+def test_triton_seq2_prefetch(triton_scan, length, groups, reverse, chunk, segments):
+    """The backward that loads the next chunk's inputs ahead: one chunk, a partial last chunk, segments."""
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(8, chunk, 1, kernel="seq2")
+    bwd = ScanLaunchConfig(8, chunk, 1, kernel="seq2", segments=segments, prefetch=True)
+    _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
+                             dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
+                             seed=length + 3 * segments, config=(fwd, bwd))
+
+
+def test_default_config_never_splits_and_caps_registers_of_crowded_backwards():
     from kernels.triton_scan_common import default_launch_config
 
-    assert default_launch_config(16, 197, True, rows=128 * 768).segments == 1
-    assert default_launch_config(16, 4096, False, rows=16 * 768).segments > 1
-    assert default_launch_config(16, 4096, True, rows=16 * 768).segments > 1
-    assert default_launch_config(16, 40, False, rows=2 * 8).segments == 1  # too short to split
+    for length, rows in ((50, 128 * 768), (197, 128 * 768), (1024, 16 * 768), (4096, 16 * 768)):
+        for backward in (False, True):
+            assert default_launch_config(16, length, backward, rows=rows, multiprocessors=132).segments == 1
+    # 6144 backward programs > 132 x 8 resident: capped; 768 programs: not; never the forward.
+    assert default_launch_config(16, 197, True, rows=128 * 768, multiprocessors=132).maxnreg == 168
+    assert default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=132).maxnreg is None
+    assert default_launch_config(16, 197, False, rows=128 * 768, multiprocessors=132).maxnreg is None
+    # The threshold follows the device: the same 768 programs crowd a 64-multiprocessor GPU.
+    assert default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=64).maxnreg == 168
+    assert default_launch_config(16, 197, True, rows=128 * 768).maxnreg is None  # no device (interpreter)
 
 
 def test_triton_forward_only_and_no_last_state(triton_scan):
@@ -187,7 +206,9 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
         ScanLaunchConfig(block_d=3, chunk=8, num_warps=4)
     with pytest.raises(ValueError, match="one warp per program"):
         ScanLaunchConfig(block_d=64, chunk=8, num_warps=1, kernel="seq2")
-    with pytest.raises(ValueError, match="segments / maxnreg only for seq2"):
+    with pytest.raises(ValueError, match="prefetch only for seq2"):
+        ScanLaunchConfig(block_d=8, chunk=8, num_warps=4, prefetch=True)
+    with pytest.raises(ValueError, match="segments / maxnreg / prefetch only for seq2"):
         ScanLaunchConfig(block_d=8, chunk=8, num_warps=4, segments=2)
     with pytest.raises(ValueError, match="kernel must be one of"):
         ScanLaunchConfig(block_d=8, chunk=8, num_warps=1, kernel="tiles")
@@ -240,13 +261,15 @@ def test_triton_gpu_seq2_configs(triton_scan, fwd_block_d, block_d, chunk):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("segments,maxnreg,reverse", [(3, None, False), (8, 168, True), (1, 128, False)])
-def test_triton_gpu_seq2_segments_and_register_caps(triton_scan, segments, maxnreg, reverse):
-    """Segments and register caps as the benchmark sweeps them, compiled, in bf16."""
+@pytest.mark.parametrize("segments,maxnreg,reverse,prefetch", [(3, None, False, False), (8, 168, True, False),
+                                                               (1, 128, False, False), (1, None, True, True),
+                                                               (1, 168, False, True), (3, None, False, True)])
+def test_triton_gpu_seq2_segments_and_register_caps(triton_scan, segments, maxnreg, reverse, prefetch):
+    """Segments, register caps and the prefetching backward as the benchmark sweeps them, compiled, in bf16."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
     fwd = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments)
-    bwd = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments, maxnreg=maxnreg)
+    bwd = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments, maxnreg=maxnreg, prefetch=prefetch)
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=segments, config=(fwd, bwd))
