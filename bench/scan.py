@@ -172,7 +172,8 @@ def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int, segments: bool = False
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
         t = time_backend(fn, inp, rep_ms, backward=False)
         rows.append({"pass": "fwd", "segments": n_seg, "maxnreg": None, "prefetch": False, "ms": t["fwd_ms"]})
-    bwd_options = [(1, None, False), (1, 168, False), (1, None, True), (1, 168, True)]
+    # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
+    bwd_options = [(1, None, False), (1, 168, False), (1, 200, False), (1, None, True), (1, 200, True)]
     if segments and long_seq:
         bwd_options += [(n, reg, False) for n in (2, 4, 8) for reg in (None, 168)]
     for n_seg, maxnreg, prefetch in bwd_options:
