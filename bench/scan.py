@@ -160,7 +160,7 @@ def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, Any]:
 
 def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int, segments: bool = False) -> list[dict[str, Any]]:
     """Time the seq2 backward options behind the default forward: forward+backward per (maxnreg,
-    prefetch) at one segment. ``segments`` adds the earlier sweep of 2/4/8 segments (forward alone and
+    prefetch) at one segment and block_d 16, and uncapped block_d 8 / 4 (more programs at small batch). ``segments`` adds the earlier sweep of 2/4/8 segments (forward alone and
     forward+backward; on the H200 they never won, so it is off by default)."""
     from kernels.selective_scan_triton import selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
@@ -171,21 +171,23 @@ def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int, segments: bool = False
         cfg = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=n_seg)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
         t = time_backend(fn, inp, rep_ms, backward=False)
-        rows.append({"pass": "fwd", "segments": n_seg, "maxnreg": None, "prefetch": False, "ms": t["fwd_ms"]})
+        rows.append({"pass": "fwd", "block_d": 16, "segments": n_seg, "maxnreg": None, "prefetch": False,
+                     "ms": t["fwd_ms"]})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
-    bwd_options = [(1, None, False), (1, 168, False), (1, 200, False), (1, None, True), (1, 200, True)]
+    bwd_options = [(16, 1, None, False), (16, 1, 168, False), (16, 1, 200, False), (16, 1, None, True),
+                   (16, 1, 200, True), (8, 1, None, False), (4, 1, None, False)]
     if segments and long_seq:
-        bwd_options += [(n, reg, False) for n in (2, 4, 8) for reg in (None, 168)]
-    for n_seg, maxnreg, prefetch in bwd_options:
-        cfg = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=n_seg, maxnreg=maxnreg, prefetch=prefetch)
+        bwd_options += [(16, n, reg, False) for n in (2, 4, 8) for reg in (None, 168)]
+    for block_d, n_seg, maxnreg, prefetch in bwd_options:
+        cfg = ScanLaunchConfig(block_d, 4, 1, kernel="seq2", segments=n_seg, maxnreg=maxnreg, prefetch=prefetch)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, bwd_config=c))(cfg)
         try:
             t = time_backend(fn, inp, rep_ms, forward=False)
         except Exception as exc:  # a variant that fails to compile is reported, not fatal
             print(f"    bwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
             continue
-        rows.append({"pass": "fwd+bwd", "segments": n_seg, "maxnreg": maxnreg, "prefetch": prefetch,
-                     "ms": t["fwd_bwd_ms"]})
+        rows.append({"pass": "fwd+bwd", "block_d": block_d, "segments": n_seg, "maxnreg": maxnreg,
+                     "prefetch": prefetch, "ms": t["fwd_bwd_ms"]})
     return rows
 
 
@@ -254,8 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 shape_backends["triton_tuned"] = tuned_triton(tuning[shape])
         if args.sweep:
             sweeps[shape] = sweep_seq2(inp, rep_ms=max(20, args.rep_ms // 4), segments=args.sweep_segments)
-            print(f"swept {shape}: " + "; ".join(f"{r['pass']} seg {r['segments']} reg {r['maxnreg']} "
-                                                 f"prefetch {r['prefetch']}: {r['ms']:.3f}"
+            print(f"swept {shape}: " + "; ".join(f"{r['pass']} bd {r['block_d']} seg {r['segments']} "
+                                                 f"reg {r['maxnreg']} prefetch {r['prefetch']}: {r['ms']:.3f}"
                                                  for r in sweeps[shape]), flush=True)
         for name, fn in shape_backends.items():
             if name == "naive_loop" and length > NAIVE_MAX_L:
@@ -287,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
-    """One line per shape and pass: ms per (segments, maxnreg, prefetch), the fastest marked with *."""
+    """One line per shape and pass: ms per (block_d, segments, maxnreg, prefetch), the fastest marked *."""
     lines = []
     for shape, rows in sweeps.items():
         for pass_name in ("fwd", "fwd+bwd"):
@@ -295,7 +297,8 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
             if not sel:
                 continue
             best = min(r["ms"] for r in sel)
-            cells = [f"seg{r['segments']}/reg{r['maxnreg'] or '-'}{'/pf' if r['prefetch'] else ''} "
+            cells = [("" if r["block_d"] == 16 else f"bd{r['block_d']}/") + f"seg{r['segments']}/"
+                     f"reg{r['maxnreg'] or '-'}{'/pf' if r['prefetch'] else ''} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="only these rows (triton, triton_prev, mamba_ssm, chunked_torch, naive_loop)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time the seq2 backward options maxnreg and prefetch")
+                        help="also time the seq2 backward options maxnreg, prefetch and block_d")
     parser.add_argument("--sweep-segments", action="store_true", help="with --sweep: also segments 2/4/8")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", default=None, help="write the full results here")
