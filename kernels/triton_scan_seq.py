@@ -18,8 +18,8 @@ registers each), then the adjoint runs backwards over them:
 The chunk's u, delta, dout and z are read once (the adjoint reuses u and softplus'(dt_raw) from the
 recompute), and with ScanLaunchConfig.prefetch one chunk ahead.
 
-dB and dC (sums over channels) are reduced inside the warp and added with relaxed float32 atomics, one per
-(n, l) per program; dA, dD and ddelta_bias are summed in registers and added once per program.
+dB and dC (sums over channels) are reduced inside the warp per position, collected into (N, CHUNK) tiles
+and added with relaxed float32 atomics once per chunk (one layout change per chunk, not per position); dA, dD and ddelta_bias are summed in registers and added once per program.
 """
 
 from __future__ import annotations
@@ -270,6 +270,7 @@ def _scan_bwd_seq2_kernel(
     offs_n = tl.arange(0, N_PAD)
     n_mask = offs_n < n_state
     nd_mask = n_mask[:, None] & d_mask[None, :]
+    offs_c = tl.arange(0, CHUNK)
 
     # Only A * log2(e) is kept (one tile fewer of registers); sums over A * x are scaled by ln(2) after.
     A2 = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
@@ -368,6 +369,8 @@ def _scan_bwd_seq2_kernel(
                 slopes = slopes + (dt,)
 
         # Adjoint, backwards through the chunk.
+        dB_chunk = tl.zeros((N_PAD, CHUNK), dtype=tl.float32)
+        dC_chunk = tl.zeros((N_PAD, CHUNK), dtype=tl.float32)
         for r in tl.static_range(CHUNK):
             # Scan-order index CHUNK - 1 - r (written out: a constexpr cannot be rebound in the loop).
             if REVERSE:
@@ -416,11 +419,21 @@ def _scan_bwd_seq2_kernel(
             tl.store(DU + seq_row + pos, du.to(DU.dtype.element_ty), mask=m)
             tl.store(DDELTA + seq_row + pos, ddt.to(DDELTA.dtype.element_ty), mask=m)
 
-            dB_part = tl.sum(g * (dt * u)[None, :], axis=1)
-            dC_part = tl.sum(h * dy[None, :], axis=1)
-            tl.atomic_add(DB_seq + pos * n_state + offs_n, dB_part, mask=n_mask & valid, sem="relaxed")
-            tl.atomic_add(DC_seq + pos * n_state + offs_n, dC_part, mask=n_mask & valid, sem="relaxed")
+            # Column r of the chunk's (N, CHUNK) dB / dC tiles (added once per chunk, below).
+            dB_chunk = tl.where(offs_c[None, :] == r, tl.sum(g * (dt * u)[None, :], axis=1)[:, None], dB_chunk)
+            dC_chunk = tl.where(offs_c[None, :] == r, tl.sum(h * dy[None, :], axis=1)[:, None], dC_chunk)
             g = a * g
+
+        # One layout change and one atomic per element per chunk instead of one per position: fewer
+        # barriers between the positions' reductions, so they can overlap.
+        if REVERSE:
+            chunk_pos = base + offs_c
+        else:
+            chunk_pos = base + (CHUNK - 1 - offs_c)
+        bc_ptrs = chunk_pos[None, :] * n_state + offs_n[:, None]
+        bc_mask = n_mask[:, None] & (chunk_pos < length)[None, :]
+        tl.atomic_add(DB_seq + bc_ptrs, dB_chunk, mask=bc_mask, sem="relaxed")
+        tl.atomic_add(DC_seq + bc_ptrs, dC_chunk, mask=bc_mask, sem="relaxed")
 
     tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
     if HAS_D:
