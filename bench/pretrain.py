@@ -5,12 +5,17 @@ Modes per row (model, input size, batch):
   loader     the real input pipeline (``common.data`` loader on ``--data_path`` + ``gpu_augment``) feeding it
   loader_only the pipeline without the model (once per input size): what the loader can deliver
 
-    python bench/pretrain.py --data_path OUT_OF_CURATE            # the standard table
+    python bench/pretrain.py --data_path OUT_OF_CURATE --canvas_size 64   # the standard table (~8 min, one H200)
     python bench/pretrain.py --models mae_vit_base_patch16 --input_sizes 224 --steps 30 --compile
 
-Prints a table and writes JSON (``--json``). A row that runs out of memory is reported as OOM and the
-benchmark continues. MFU = counted model FLOPs x img/s / peak bf16 FLOP/s of the GPU (``--peak_tflops``
-overrides the data-sheet value).
+Each row times up to ``--steps`` steps but stops after ``--row_seconds`` of timed steps (at least ``--min_steps``),
+so big rows cost no more than small ones. The step mirrors ``pretrain.engine``: pinned batches, crop parameters and
+masking noise drawn on the CPU and sent asynchronously, no host sync inside the timed loop. Loader rows read shards
+of whatever size they were stored at: ``--canvas_size`` (default: the input size) is the loader canvas and
+``gpu_augment`` resizes crops to the input size, as a training run with ``--canvas_size`` does. Prints a table and
+writes JSON (``--json``). A row that runs out of memory is retried with half the batch (``--oom_retries``), then
+reported as OOM, and the benchmark continues. MFU = counted model FLOPs x img/s / peak bf16 FLOP/s of the GPU
+(``--peak_tflops`` overrides the data-sheet value).
 """
 
 from __future__ import annotations
@@ -29,19 +34,21 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 from common.data import build_dataset, build_loader, default_normalization, gpu_augment  # noqa: E402
+from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
 from pretrain.schedule import build_optimizer  # noqa: E402
 
+# Batches chosen for ~140 GB (H200) with bf16 autocast; a row that still runs out of memory halves its batch.
 DEFAULT_ROWS: list[tuple[str, int, int]] = [
     ("mae_vit_small_patch16", 224, 256),
     ("mae_vit_base_patch16", 224, 256),
-    ("mae_vit_large_patch16", 224, 128),
+    ("mae_vit_large_patch16", 224, 256),
     ("mae_vim_small_patch16", 224, 256),
     ("mae_vim_base_patch16", 224, 256),
     ("mae_vit_base_patch16", 512, 64),
     ("mae_vim_base_patch16", 512, 64),
-    ("mae_vit_base_patch16", 1024, 8),
-    ("mae_vim_base_patch16", 1024, 8),
+    ("mae_vit_base_patch16", 1024, 16),
+    ("mae_vim_base_patch16", 1024, 16),
 ]
 MODES = ("synthetic", "loader", "loader_only")
 
@@ -58,6 +65,7 @@ class Row:
     tflops: float | None = None
     mfu: float | None = None
     peak_mem_gib: float | None = None
+    steps: int | None = None  # timed steps actually run (row time cap)
     error: str | None = None
 
 
@@ -70,9 +78,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data_path", default=None, help="curated shards (or any common.data path) for loader modes")
     p.add_argument("--num_workers", type=int, default=16)
     p.add_argument("--in_chans", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per row (compilation, loader start)")
+    p.add_argument("--canvas_size", type=int, default=0,
+                   help="loader canvas (0: the input size); e.g. the stored size of the shards, upsampled on the GPU")
+    p.add_argument("--steps", type=int, default=20, help="at most this many timed steps per row")
+    p.add_argument("--min_steps", type=int, default=3, help="at least this many timed steps per row")
+    p.add_argument("--row_seconds", type=float, default=10.0, help="stop a row's timed steps after this long")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation, loader start)")
+    p.add_argument("--oom_retries", type=int, default=2, help="halve the batch this many times on OOM")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile_mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,13 +120,13 @@ class Batches:
         self.device, self.real = device, real
         if real:
             ds = build_dataset(args.data_path, split="train", in_chans=args.in_chans)
-            self.it = iter(build_loader(ds, batch, num_workers=args.num_workers, infinite=True, canvas_size=size,
-                                        pin_memory=device.type == "cuda"))
+            self.it = iter(build_loader(ds, batch, num_workers=args.num_workers, infinite=True,
+                                        canvas_size=args.canvas_size or size, pin_memory=device.type == "cuda"))
         else:
             gen = torch.Generator().manual_seed(0)
             self.images = torch.randint(0, 256, (batch, args.in_chans, size, size), generator=gen,
                                         dtype=torch.uint8).to(device)
-            self.sizes = torch.full((batch, 2), size, dtype=torch.int64)
+            self.sizes = torch.full((batch, 2), size, dtype=torch.int32)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.real:
@@ -122,6 +136,16 @@ class Batches:
 
 
 def run_row(args: argparse.Namespace, mode: str, name: str, size: int, batch: int, device: torch.device) -> Row:
+    """One row; on CUDA out-of-memory the batch is halved up to ``--oom_retries`` times."""
+    for _ in range(args.oom_retries + 1):
+        row = _measure(args, mode, name, size, batch, device)
+        if row.status != "OOM" or batch == 1:
+            return row
+        batch = max(1, batch // 2)
+    return row
+
+
+def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: int, device: torch.device) -> Row:
     import models
 
     row = Row(mode=mode, model=name if mode != "loader_only" else "-", input_size=size, batch_size=batch)
@@ -136,27 +160,32 @@ def run_row(args: argparse.Namespace, mode: str, name: str, size: int, batch: in
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:
-                model.compile()
+                model.compile(mode=args.compile_mode)
         gen = torch.Generator().manual_seed(0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        steps, start = 0, 0.0
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 _sync(device)
                 start = time.perf_counter()
+            elif i > args.warmup and steps >= args.min_steps and time.perf_counter() - start > args.row_seconds:
+                break  # the host runs at most a few steps ahead of the GPU, so this is a fair time cap
             images, sizes = batches.next()
             x = gpu_augment(images, sizes, size, mean, std, generator=gen)
-            if model is None:
-                continue
-            with autocast:
-                loss, _, _ = model(x, mask_ratio=args.mask_ratio, generator=gen)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if model is not None:
+                noise = to_device_async(torch.rand(x.shape[0], model.num_patches, generator=gen), device)
+                with autocast:
+                    loss, _, _ = model(x, mask_ratio=args.mask_ratio, noise=noise)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            steps += i >= args.warmup
         _sync(device)
         seconds = time.perf_counter() - start
-        row.img_per_s = round(args.steps * batch / seconds, 1)
-        row.step_ms = round(1000 * seconds / args.steps, 2)
+        row.steps = steps
+        row.img_per_s = round(steps * batch / seconds, 1)
+        row.step_ms = round(1000 * seconds / steps, 2)
         if flops:
             row.tflops = float(f"{flops * row.img_per_s / 1e12:.4g}")
             peak = peak_flops(device, args.peak_tflops)
@@ -175,11 +204,11 @@ def run_row(args: argparse.Namespace, mode: str, name: str, size: int, batch: in
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["mode", "model", "size", "batch", "img/s", "ms/step", "TFLOP/s", "MFU", "mem GiB", "status"]
+    head = ["mode", "model", "size", "batch", "img/s", "ms/step", "TFLOP/s", "MFU", "mem GiB", "steps", "status"]
     lines = [head]
     for r in rows:
         lines.append([r.mode, r.model, str(r.input_size), str(r.batch_size), _f(r.img_per_s), _f(r.step_ms),
-                      _f(r.tflops), _f(r.mfu and round(100 * r.mfu, 1), "%"), _f(r.peak_mem_gib),
+                      _f(r.tflops), _f(r.mfu and round(100 * r.mfu, 1), "%"), _f(r.peak_mem_gib), _f(r.steps),
                       r.status if not r.error else f"{r.status}: {r.error[:60]}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
@@ -207,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
                 loader_sizes_done.add(size)
             row = run_row(args, mode, name, size, batch, device)
             rows.append(row)
-            print(f"{row.mode:11s} {row.model:24s} {size:5d} x{batch:<4d} {row.status:5s} {_f(row.img_per_s)} img/s",
+            print(f"{row.mode:11s} {row.model:24s} {size:5d} x{row.batch_size:<4d} {row.status:5s} {_f(row.img_per_s)} img/s",
                   flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\ndevice: {device_name}, torch {torch.__version__}, compile={args.compile}, steps={args.steps}")
+    print(f"\ndevice: {device_name}, torch {torch.__version__}, compile={args.compile and args.compile_mode}, steps<={args.steps} "
+          f"(cap {args.row_seconds} s/row), loader canvas {args.canvas_size or 'input size'}")
     print(format_table(rows))
     result = {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": [asdict(r) for r in rows]}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -46,7 +46,9 @@ class PretrainConfig:
     vis_every: int = field(default=1000, metadata=_h("reconstruction grid PNG every N steps (0: never)"))
     vis_samples: int = field(default=8, metadata=_h("images in the reconstruction grid"))
     log_every: int = field(default=20, metadata=_h("log.jsonl / TensorBoard record every N steps"))
-    compile: bool = field(default=False, metadata=_h("torch.compile the model"))
+    compile: bool = field(default=False, metadata=_h("torch.compile the model (fused AdamW stays eager)"))
+    compile_mode: str = field(default="default", metadata=_h("torch.compile mode: default, reduce-overhead (CUDA "
+                                                             "graphs), max-autotune, max-autotune-no-cudagraphs"))
     grad_checkpointing: bool = field(default=False, metadata=_h("activation checkpointing in the encoder"))
     clip_grad: float | None = field(default=None, metadata=_h("max gradient norm (none: no clipping)"))
     precision: str = field(default="auto", metadata=_h("'auto' (bf16 autocast on CUDA, else fp32), 'bf16', 'fp16', 'no'"))

@@ -1,6 +1,13 @@
 """The pretraining loop: one optimizer step = ``accum_iter`` micro-batches, then logging, visualisation,
 checkpointing and the preemption check.
 
+The steady-state step never waits for the GPU: losses stay on the device (``pretrain.health``), the masking
+noise and crop parameters travel in pinned asynchronous copies, and the non-finite and preemption checks are one
+collective every ``log_every`` steps and before every checkpoint, visualisation and the end. A NaN between two
+checks therefore still stops the run before anything is saved, and the message names the first bad step. A stop
+signal is acted on at the next check (at most ``log_every`` steps later); keep ``log_every x step time`` well
+under the scheduler's grace period (120 s on our clusters).
+
 Randomness per step (crop boxes, flips, masks) comes from generators seeded by (seed, step, micro-batch,
 rank), and the data position is ``step x accum_iter`` batches, so a resumed run repeats exactly what an
 uninterrupted run would have done.
@@ -8,7 +15,6 @@ uninterrupted run would have done.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ from common.data import ImageLoader, gpu_augment
 from common.logging import JsonlLogger, get_logger, progress
 from pretrain.checkpointing import CheckpointManager
 from pretrain.config import PretrainConfig
+from pretrain.health import CheckResult, StepHealth
 from pretrain.monitor import KnnMonitor
 from pretrain.precision import forward_autocast, model_input
 from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
@@ -36,6 +43,10 @@ _AUGMENT, _MASK = 0, 1
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing was saved after the last good checkpoint."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step  # the first optimizer step (1-based) whose loss was not finite
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, purpose: int) -> torch.Generator:
@@ -78,35 +89,49 @@ def train_state(ctx: TrainContext, step: int) -> dict[str, Any]:
             "lr": ctx.schedule.lr_at(max(0, step - 1))}
 
 
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, "sum").item() > 0)
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a sync: a pageable ``.to(cuda)`` waits for the stream, a pinned one queues."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
-def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int, lr: float) -> tuple[float, torch.Tensor]:
+def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
+                num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward/backward (and the optimizer step at the last micro-batch); returns the detached loss and input."""
     c, acc = ctx.cfg, ctx.accelerator
-    images = batch["image"].to(acc.device, non_blocking=True)
+    images = batch["image"].to(acc.device, non_blocking=True)  # pinned by the DataLoader on CUDA
     x = gpu_augment(images, batch["size"], c.input_size, ctx.mean, ctx.std,
                     generator=step_generator(c.seed, step, micro, acc.process_index, _AUGMENT),
                     scale=(c.min_crop_scale, 1.0), hflip=c.hflip, interpolation=c.interpolation,
                     intensity=c.intensity_aug)
+    # The same numbers the model would draw from this generator, made on the CPU and sent ahead asynchronously.
+    noise = torch.rand(images.shape[0], num_patches,
+                       generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
     with acc.accumulate(ctx.model):
-        loss, _, _ = ctx.model(model_input(acc, x), mask_ratio=c.mask_ratio,
-                               generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
-        value = acc.reduce(loss.detach().float(), "mean").item()
-        if not math.isfinite(value):
-            last = ctx.checkpoints.latest()
-            raise NonFiniteLossError(
-                f"non-finite loss ({value}) at step {step + 1} (micro-batch {micro}), lr {lr:.6g}; stopped without "
-                f"saving; last good checkpoint: {last if last else 'none (no checkpoint written yet)'}")
+        loss, _, _ = ctx.model(model_input(acc, x), mask_ratio=c.mask_ratio, noise=to_device_async(noise, acc.device))
         acc.backward(loss)
         if acc.sync_gradients and c.clip_grad:
-            acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)
+            acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)  # returns the norm as a tensor: no sync
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
-    return value, x
+    return loss.detach().float(), x
+
+
+def _check_due(ctx: TrainContext, step: int) -> bool:
+    """Steps where all ranks read the health state: logs, checkpoints, pictures and the end (same on every rank)."""
+    c = ctx.cfg
+    return (step % c.log_every == 0 or step == ctx.stop_step or step % c.save_every == 0
+            or bool(c.vis_every and step % c.vis_every == 0))
+
+
+def _non_finite(ctx: TrainContext, status: CheckResult, step: int) -> NonFiniteLossError:
+    last = ctx.checkpoints.latest()
+    lr = ctx.schedule.lr_at(status.first_bad_step - 1)
+    return NonFiniteLossError(
+        f"non-finite loss ({status.first_bad_loss}) at step {status.first_bad_step} (found at the check after "
+        f"step {step}), lr {lr:.6g}; stopped without saving; last good checkpoint: "
+        f"{last if last else 'none (no checkpoint written yet)'}", status.first_bad_step)
 
 
 def _record(ctx: TrainContext, step: int, loss: float, lr: float, steps: int, seconds: float) -> dict[str, Any]:
@@ -147,44 +172,50 @@ def train(ctx: TrainContext, start_step: int) -> int:
     c, acc = ctx.cfg, ctx.accelerator
     logger = get_logger("pretrain")
     step = start_step
+    num_patches = int(acc.unwrap_model(ctx.model).num_patches)
+    health = StepHealth(acc.device)
     batches = iter(ctx.loader)
     bar = progress(total=ctx.stop_step, initial=step, desc="pretrain", disable=not acc.is_main_process)
-    window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
+    t0 = time.perf_counter()
     postfix: dict[str, str] = {}
     try:
         while step < ctx.stop_step:
             lr = ctx.schedule.lr_at(step)
             for group in ctx.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = 0.0
+            step_loss = None
             for micro in range(c.accum_iter):
-                value, x = _micro_step(ctx, next(batches), step, micro, lr)
-                step_loss += value / c.accum_iter
+                loss, x = _micro_step(ctx, next(batches), step, micro, num_patches)
+                step_loss = loss if step_loss is None else step_loss + loss
             step += 1
-            window_loss += step_loss
-            window_steps += 1
+            health.add(step, step_loss / c.accum_iter)
             bar.update(1)
-            if step % c.log_every == 0 or step == ctx.stop_step:
-                rec = _record(ctx, step, window_loss / window_steps, lr, window_steps, time.perf_counter() - t0)
-                postfix.update(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
-                bar.set_postfix(postfix)
-                ctx.log.log(rec)
-                acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-                window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
-            if c.vis_every and (step % c.vis_every == 0 or step == ctx.stop_step):
-                _visualize(ctx, x, step)  # also at the last step, so every run ends with a picture
+            status = health.check(acc, ctx.preempt.requested) if _check_due(ctx, step) else None
+            if status is not None:
+                if status.first_bad_step:
+                    raise _non_finite(ctx, status, step)
+                if step % c.log_every == 0 or step == ctx.stop_step:
+                    rec = _record(ctx, step, status.loss, lr, health.steps, time.perf_counter() - t0)
+                    postfix.update(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.0f}")
+                    bar.set_postfix(postfix)
+                    ctx.log.log(rec)
+                    acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+                    health.reset_window()
+                    t0 = time.perf_counter()
+                if c.vis_every and (step % c.vis_every == 0 or step == ctx.stop_step):
+                    _visualize(ctx, x, step)  # also at the last step, so every run ends with a picture
             if ctx.monitor is not None and acc.is_main_process and ctx.monitor.due(step, ctx.stop_step):
                 _monitor(ctx, step, bar, postfix)
-            if _any_rank(acc, ctx.preempt.requested):
+            if status is not None and status.preempt:
                 path = ctx.checkpoints.save(acc, step, train_state(ctx, step))
                 logger.info(f"preemption signal received: checkpoint {path} saved, exiting with {EXIT_PREEMPTED}")
                 ctx.log.log({"event": "preempted", "step": step, "checkpoint": str(path)})
                 return EXIT_PREEMPTED
-            if step % c.save_every == 0 or step == ctx.stop_step:
+            if step % c.save_every == 0 or step == ctx.stop_step:  # always a check step (see _check_due)
                 ctx.checkpoints.save(acc, step, train_state(ctx, step))
     except NonFiniteLossError as exc:
         logger.error(str(exc))
-        ctx.log.log({"event": "non_finite_loss", "step": step + 1, "message": str(exc)})
+        ctx.log.log({"event": "non_finite_loss", "step": exc.step, "message": str(exc)})
         return EXIT_NONFINITE
     finally:
         bar.close()

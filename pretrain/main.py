@@ -32,6 +32,7 @@ from pretrain.preempt import PreemptionFlag  # noqa: E402
 from pretrain.schedule import Schedule, absolute_lr, build_optimizer  # noqa: E402
 
 EXIT_CONFIG = 2
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
@@ -45,6 +46,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.precision not in ("auto", "bf16", "fp16", "no"):
         raise ConfigError(f"precision must be auto, bf16, fp16 or no, got {cfg.precision!r}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.interpolation not in ("bicubic", "bilinear"):
         raise ConfigError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
@@ -125,8 +128,8 @@ def run(cfg: PretrainConfig) -> int:
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
     fused = accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None
     optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=fused)
-    if cfg.compile:
-        model.compile()
+    if cfg.compile:  # in place, so parameter names, checkpoints and unwrap_model stay those of the eager model
+        model.compile(mode=cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     checkpoints = CheckpointManager(out, cfg.keep_last)

@@ -166,6 +166,27 @@ def test_infinite_stream_resume_position(tmp_path: Path) -> None:
     assert resumed == full[9:]
 
 
+def test_batch_is_letterboxed_in_place_with_zero_padding(tmp_path: Path) -> None:
+    """Batches are written slot by slot into uninitialised memory: the padding must still be zero, big pictures
+    shrunk, and the valid region the decoded picture; through a worker the batch arrives in shared memory."""
+    root = breast_shards(tmp_path / "cur", n=8, per_shard=4)
+    ds = build_dataset(root, in_chans=1)
+    for canvas in (40, 20):  # the 28 px pictures padded, then shrunk
+        for workers in (0, 1):
+            batch = next(iter(build_loader(ds, 4, canvas_size=canvas, shuffle=False, num_workers=workers)))
+            assert batch["image"].shape == (4, 1, canvas, canvas) and batch["size"].dtype == torch.int32
+            for i, key in enumerate(batch["key"]):
+                h, w = batch["size"][i].tolist()
+                assert (h, w) == ((28, 28) if canvas == 40 else (20, 20))
+                slot = batch["image"][i]
+                assert slot[:, h:].eq(0).all() and slot[:, :, w:].eq(0).all()
+                if canvas == 40:
+                    raw = next(r for r in ds.source.iter_raw(i // 4) if ds.decode_for_batch(r)[2] == key)
+                    assert torch.equal(slot[:, :h, :w], ds.decode_for_batch(raw)[0])
+                else:
+                    assert slot.float().std() > 0  # a real shrunk picture, not an empty slot
+
+
 def test_gpu_augment_stays_in_valid_region_and_flips() -> None:
     canvas = torch.zeros((6, 1, 40, 40), dtype=torch.uint8)
     canvas[:, :, :20, :37] = 255  # letterboxed images of 20 x 37 with zero padding

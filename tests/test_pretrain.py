@@ -136,6 +136,27 @@ def test_non_finite_loss_stops_without_touching_last_checkpoint(curated: Path, t
     assert _files_digest(ckpt) == before
 
 
+def test_non_finite_loss_between_checks_stops_before_the_next_save(curated: Path, tmp_path: Path) -> None:
+    """Losses are read only at checks (every log_every steps and before saves): a NaN in between is still caught
+    before the next checkpoint, and the message names the first bad step, not the check step."""
+    out = tmp_path / "nan_between"
+    assert pretrain_main(args(curated, out, max_steps=4, save_every=2)) == 0
+    ckpt = out / "checkpoints" / "step_00000004"
+    before = _files_digest(ckpt)
+    # resumed at step 4: the first check is the save at step 8; lr 1e30 makes the loss non-finite from step 6 on
+    rc = pretrain_main(args(curated, out, max_steps=60, save_every=8, log_every=10, lr=1e30))
+    assert rc == 1
+    records = read_jsonl(out / "log.jsonl")
+    event = records[-1]
+    assert event["event"] == "non_finite_loss"
+    assert 5 <= event["step"] < 8, event
+    assert f"at step {event['step']} (found at the check after step 8)" in event["message"], event["message"]
+    assert str(ckpt) in event["message"]
+    assert max(r["step"] for r in records if "loss" in r) == 4  # nothing logged by the failing run either
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert _files_digest(ckpt) == before
+
+
 def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:
     cfg = parse_config(PretrainConfig, ["--config", str(DEMO_CONFIG), "--batch_size", "7", "--no-norm_pix_loss"])
     demo = load_yaml(DEMO_CONFIG)

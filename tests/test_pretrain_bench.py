@@ -17,7 +17,7 @@ def test_bench_rows_modes_and_error_isolation(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     rc = bench_main(["--models", "mae_test_vit", "mae_no_such_model", "--input_sizes", "32", "--batch_size", "4",
                      "--steps", "2", "--warmup", "1", "--data_path", str(shards), "--num_workers", "0",
-                     "--in_chans", "1", "--device", "cpu", "--json", str(out)])
+                     "--in_chans", "1", "--device", "cpu", "--json", str(out), "--canvas_size", "24"])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     by_key = {(r["mode"], r["model"]): r for r in rows}
@@ -26,3 +26,14 @@ def test_bench_rows_modes_and_error_isolation(tmp_path: Path) -> None:
         assert ok["status"] == "ok" and ok["img_per_s"] > 0 and ok["tflops"] > 0
         assert by_key[(mode, "mae_no_such_model")]["status"] == "error"
     assert by_key[("loader_only", "-")]["img_per_s"] > 0
+    assert all(r["steps"] == 2 for r in rows if r["status"] == "ok")
+
+
+def test_bench_row_time_cap_keeps_min_steps(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    rc = bench_main(["--models", "mae_test_vit", "--input_sizes", "32", "--batch_size", "2", "--steps", "50",
+                     "--min_steps", "2", "--row_seconds", "0", "--warmup", "0", "--modes", "synthetic",
+                     "--in_chans", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["steps"] == 2

@@ -61,30 +61,43 @@ def _sample_boxes(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[
     return boxes
 
 
-def _resample(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size: int,
-              interpolation: str) -> torch.Tensor:
-    """Crop ``boxes`` (pixels) out of the canvas and resize them to ``out_size`` with one grid_sample."""
-    b, _, hc, wc = images.shape
-    boxes = boxes.to(device=images.device, dtype=torch.float32)
-    y0, x0, h, w = boxes.unbind(1)
-    sx = w / wc
+def _theta(boxes: torch.Tensor, flip: torch.Tensor, canvas_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 6) float32 affine rows mapping the output grid onto ``boxes`` (pixels) of the canvas, mirrored where ``flip``."""
+    hc, wc = canvas_hw
+    y0, x0, h, w = boxes.to(torch.float32).unbind(1)
+    sx = torch.where(flip, -(w / wc), w / wc)
     sy = h / hc
     tx = (2 * x0 + w) / wc - 1
     ty = (2 * y0 + h) / hc - 1
-    sx = torch.where(flip.to(images.device), -sx, sx)
     zeros = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zeros, tx], 1), torch.stack([zeros, sy, ty], 1)], 1)
-    grid = F.affine_grid(theta, [b, images.shape[1], out_size, out_size], align_corners=False)
+    return torch.stack([sx, zeros, tx, zeros, sy, ty], dim=1)
+
+
+def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Move small CPU tensors to ``device`` in ONE asynchronous copy.
+
+    A plain ``.to(cuda)`` of pageable memory waits for the GPU stream to drain, which would stall the host once per
+    tensor and step; a pinned staging buffer lets the copy queue behind the running kernels instead.
+    """
+    flat = torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return list(flat.split([p.numel() for p in parts]))
+
+
+def _resample(images: torch.Tensor, theta: torch.Tensor, out_size: int, interpolation: str) -> torch.Tensor:
+    """Crop and resize with one grid_sample; ``theta`` (B, 6) on the images' device."""
+    b = images.shape[0]
+    grid = F.affine_grid(theta.view(b, 2, 3), [b, images.shape[1], out_size, out_size], align_corners=False)
     out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
     return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
 
 
-def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    if m.shape[1] != x.shape[1]:
-        raise ValueError(f"normalization has {m.shape[1]} channels, images have {x.shape[1]}")
-    return (x - m) / s
+def _check_channels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+    if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+        raise ValueError(f"normalization has {len(mean)} channels, images have {images.shape[1]}")
 
 
 def gpu_augment(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: Sequence[float],
@@ -93,24 +106,28 @@ def gpu_augment(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: 
                 hflip: float = 0.5, interpolation: str = "bicubic", intensity: float = 0.0) -> torch.Tensor:
     """uint8 (B, C, S, S) + valid sizes (B, 2) -> normalised float32 (B, C, out_size, out_size).
 
+    ``sizes`` should be the CPU tensor of the loader batch (the boxes are drawn on the CPU; a device tensor would
+    force a host sync). Nothing here waits for the GPU: all per-image numbers travel in one pinned, asynchronous copy.
     ``intensity`` > 0 multiplies contrast by U(1-i, 1+i) around each image's mean and adds a brightness
     shift U(-i, i) * 0.5 before normalisation (useful for modalities with arbitrary windowing).
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"gpu_augment expects uint8 images, got {images.dtype}")
+    _check_channels(images, mean, std)
     b = images.shape[0]
-    sizes = sizes.to("cpu")
-    boxes = _sample_boxes(sizes, scale, ratio, generator)
+    boxes = _sample_boxes(sizes.to("cpu"), scale, ratio, generator)
     flip = torch.rand(b, generator=generator) < hflip
-    x = images.float().div_(255.0)
-    out = _resample(x, boxes, flip, out_size, interpolation)
+    parts = [_theta(boxes, flip, images.shape[-2:]), torch.tensor(mean), torch.tensor(std)]
     if intensity > 0:
-        u = torch.rand((b, 2), generator=generator).to(out.device)
-        contrast = (1 - intensity + 2 * intensity * u[:, 0]).view(b, 1, 1, 1)
-        brightness = ((2 * u[:, 1] - 1) * intensity * 0.5).view(b, 1, 1, 1)
+        u = torch.rand((b, 2), generator=generator)
+        parts += [1 - intensity + 2 * intensity * u[:, 0], (2 * u[:, 1] - 1) * intensity * 0.5]
+    dev = _to_device(parts, images.device)
+    out = _resample(images.float().div_(255.0), dev[0], out_size, interpolation)
+    if intensity > 0:
+        contrast, brightness = dev[3].view(b, 1, 1, 1), dev[4].view(b, 1, 1, 1)
         mean_px = out.mean(dim=(1, 2, 3), keepdim=True)
         out = ((out - mean_px) * contrast + mean_px + brightness).clamp_(0.0, 1.0)
-    return _normalize(out, mean, std)
+    return (out - dev[1].view(1, -1, 1, 1)) / dev[2].view(1, -1, 1, 1)
 
 
 def eval_transform(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: Sequence[float],
@@ -121,12 +138,14 @@ def eval_transform(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mea
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"eval_transform expects uint8 images, got {images.dtype}")
+    _check_channels(images, mean, std)
     sizes = sizes.to("cpu").double()
     side = crop_pct * torch.minimum(sizes[:, 0], sizes[:, 1])
     boxes = torch.stack([(sizes[:, 0] - side) / 2, (sizes[:, 1] - side) / 2, side, side], dim=1)
     flip = torch.zeros(images.shape[0], dtype=torch.bool)
-    out = _resample(images.float().div_(255.0), boxes, flip, out_size, interpolation)
-    return _normalize(out, mean, std)
+    dev = _to_device([_theta(boxes, flip, images.shape[-2:]), torch.tensor(mean), torch.tensor(std)], images.device)
+    out = _resample(images.float().div_(255.0), dev[0], out_size, interpolation)
+    return (out - dev[1].view(1, -1, 1, 1)) / dev[2].view(1, -1, 1, 1)
 
 
 def eval_canvas_size(out_size: int, crop_pct: float = 0.875) -> int:

@@ -63,22 +63,40 @@ def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) for w in words])
 
 
-def letterbox(image: torch.Tensor, canvas: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Paste (C, H, W) uint8 top-left on a zero ``canvas`` square, shrinking it (antialiased) if it is larger.
+def _fit(h: int, w: int, canvas: int) -> tuple[int, int]:
+    scale = min(1.0, canvas / max(h, w))
+    return max(1, min(canvas, round(h * scale))), max(1, min(canvas, round(w * scale)))
+
+
+def _shrink(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def letterbox_into(out: torch.Tensor, image: torch.Tensor) -> tuple[int, int]:
+    """Write (C, H, W) uint8 top-left into the (C, S, S) slot ``out`` (shrunk, antialiased, if larger) and zero
+    the rest of the slot; returns the valid (h, w).
 
     Smaller pictures are not enlarged: the GPU crop/resize reads only the valid region (``size``) and does the
-    one resampling, so upscaling here would cost loader time and resample twice.
+    one resampling, so upscaling here would cost loader time and resample twice. Writing straight into the batch
+    slot saves the per-sample canvas and the ``stack`` copy.
     """
-    c, h, w = image.shape
-    scale = min(1.0, canvas / max(h, w))
-    nh, nw = max(1, min(canvas, round(h * scale))), max(1, min(canvas, round(w * scale)))
-    if (nh, nw) != (h, w):
-        resized = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True,
-                                align_corners=False)[0]
-        image = resized.round_().clamp_(0, 255).to(torch.uint8)
-    out = torch.zeros((c, canvas, canvas), dtype=torch.uint8)
+    canvas = out.shape[-1]
+    nh, nw = _fit(image.shape[1], image.shape[2], canvas)
+    if (nh, nw) != tuple(image.shape[1:]):
+        image = _shrink(image, (nh, nw))
     out[:, :nh, :nw] = image
-    return out, (nh, nw)
+    if nh < canvas:  # only the padding is cleared: the valid region is overwritten anyway
+        out[:, nh:].zero_()
+    if nw < canvas:
+        out[:, :nh, nw:].zero_()
+    return nh, nw
+
+
+def letterbox(image: torch.Tensor, canvas: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Paste (C, H, W) uint8 top-left on a zero ``canvas`` square (see ``letterbox_into``)."""
+    out = torch.empty((image.shape[0], canvas, canvas), dtype=torch.uint8)
+    return out, letterbox_into(out, image)
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -197,17 +215,20 @@ class BatchStream(IterableDataset):
             pass_index += 1
 
     def collate(self, raws: list[Any]) -> dict[str, Any]:
-        images, sizes, labels, keys = [], [], [], []
-        for raw in raws:
-            image, label, key = self.dataset.decode_for_batch(raw)
-            canvas, size = letterbox(image, self.cfg.canvas_size)
-            images.append(canvas)
-            sizes.append(size)
-            keys.append(key)
-            labels.append(label)
-        batch: dict[str, Any] = {"image": torch.stack(images), "size": torch.tensor(sizes, dtype=torch.int64),
-                                 "key": keys}
+        decoded = [self.dataset.decode_for_batch(raw) for raw in raws]
+        canvas = self.cfg.canvas_size
+        chans = decoded[0][0].shape[0]
+        # In a DataLoader worker the batch goes to the main process through shared memory; allocating it there
+        # directly saves the copy torch would make when sending a private tensor.
+        images = torch.empty((len(raws), chans, canvas, canvas), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            images.share_memory_()
+        sizes = [letterbox_into(images[i], image) for i, (image, _, _) in enumerate(decoded)]
+        # int32 sizes: they stay on the CPU (crop boxes are sampled there) and never need int64 range.
+        batch: dict[str, Any] = {"image": images, "size": torch.tensor(sizes, dtype=torch.int32),
+                                 "key": [key for _, _, key in decoded]}
         if self.dataset.labeled:
+            labels = [label for _, label, _ in decoded]
             if isinstance(labels[0], torch.Tensor):
                 batch["label"] = torch.stack(labels).float()
             else:
