@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min_steps", type=int, default=3, help="at least this many timed steps per row")
     p.add_argument("--row_seconds", type=float, default=10.0, help="stop a row's timed steps after this long")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation, loader start)")
+    p.add_argument("--sync_debug", default="default", choices=("default", "warn", "error"),
+                   help="torch.cuda.set_sync_debug_mode during the timed steps: 'error' fails a row whose step "
+                        "makes the host wait for the GPU (and names the call)")
     p.add_argument("--oom_retries", type=int, default=2, help="halve the batch this many times on OOM")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile_mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
@@ -95,14 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def select_rows(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    rows = list(DEFAULT_ROWS)
+    """The standard rows filtered by ``--models`` / ``--input_sizes``; requested pairs not in it are added."""
+    rows = [r for r in DEFAULT_ROWS if (not args.models or r[0] in args.models)
+            and (not args.input_sizes or r[1] in args.input_sizes)]
     if args.models:
-        known = {m for m, _, _ in DEFAULT_ROWS}
-        rows = [r for r in rows if r[0] in args.models]
-        sizes = args.input_sizes or [224]
-        rows += [(m, s, 64) for m in args.models if m not in known for s in sizes]
-    if args.input_sizes:
-        rows = [r for r in rows if r[1] in args.input_sizes]
+        have = {(m, s) for m, s, _ in rows}
+        rows += [(m, s, 256 if s <= 224 else 64) for m in args.models for s in (args.input_sizes or [224])
+                 if (m, s) not in have]
     if args.batch_size:
         rows = [(m, s, args.batch_size) for m, s, _ in rows]
     return rows
@@ -169,6 +171,8 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             if i == args.warmup:
                 _sync(device)
                 start = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(args.sync_debug)
             elif i > args.warmup and steps >= args.min_steps and time.perf_counter() - start > args.row_seconds:
                 break  # the host runs at most a few steps ahead of the GPU, so this is a fair time cap
             images, sizes = batches.next()
@@ -181,6 +185,8 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             steps += i >= args.warmup
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
         _sync(device)
         seconds = time.perf_counter() - start
         row.steps = steps
@@ -199,6 +205,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
     finally:
         del model, optimizer, batches
         if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
             torch.cuda.empty_cache()
     return row
 
