@@ -71,29 +71,31 @@ class ScanLaunchConfig:
                              f"got {self}")
 
 
-# One-warp seq2 backward programs resident per multiprocessor without a register cap (about 250
-# registers per thread: 65536 / (250 * 32) = 8).
-BWD_RESIDENT_UNCAPPED = 8
-BWD_REGISTER_CAP = 168
+# One-warp block_d-16 seq2 backward programs resident per multiprocessor (about 230 registers per thread:
+# 65536 / (256 * 32) = 8 after allocation rounding).
+BWD_RESIDENT_PROGRAMS = 8
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
                           multiprocessors: int | None = None) -> ScanLaunchConfig:
-    """The seq2 kernels (kernels/triton_scan_seq.py) for forward and backward: 16 channels per warp (two
-    lanes per channel), a saved state every 4 positions (from the H200 sweeps in bench/scan.py, README).
+    """The seq2 kernels (kernels/triton_scan_seq.py), a saved state every 4 positions, tiles from the second
+    H200 sweep of bench/scan.py (README, 2026-11-22).
 
-    ``segments`` is always 1: on the H200 sweep splitting the sequence lost or tied at every shape (the
-    forward got slower at 2/4/8 segments, forward+backward was at best equal), so the option stays for
-    experiments but is never chosen here. ``rows`` = batch * dim and ``multiprocessors`` (the device's
-    count) set the backward's register cap: when there are more one-warp programs than fit on the device
-    at once with ~250 registers each (multiprocessors x 8), capping at 168 registers (12 resident) was
-    faster (L=50 / 197 at batch 128); with fewer programs the cap only costs recomputation (batch 16)."""
+    Forward: 16 channels per warp. Backward: ``rows`` = batch * dim and ``multiprocessors`` (the device's
+    count) decide. A grid of block_d-16 programs that fills the device several times over (more than
+    multiprocessors x 8, the residency at ~230 registers) takes block_d 16 with the next chunk's inputs
+    prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
+    the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
+    tied in that sweep. ``segments`` stays 1: splitting the sequence lost or tied at every shape of the first
+    sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
     chunk = min(4, triton.next_power_of_2(length))
-    maxnreg = None
-    if backward and rows is not None and multiprocessors is not None:
-        if triton.cdiv(rows, 16) > multiprocessors * BWD_RESIDENT_UNCAPPED:
-            maxnreg = BWD_REGISTER_CAP
-    return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2", maxnreg=maxnreg)
+    if not backward:
+        return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2")
+    small_grid = (rows is not None and multiprocessors is not None
+                  and triton.cdiv(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
+    if small_grid:
+        return ScanLaunchConfig(block_d=8, chunk=chunk, num_warps=1, kernel="seq2")
+    return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2", prefetch=True)
 
 
 def previous_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:

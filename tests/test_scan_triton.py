@@ -172,19 +172,26 @@ def test_triton_seq2_prefetch(triton_scan, length, groups, reverse, chunk, segme
                              seed=length + 3 * segments, config=(fwd, bwd))
 
 
-def test_default_config_never_splits_and_caps_registers_of_crowded_backwards():
+def test_default_config_tiles_follow_the_grid_size():
     from kernels.triton_scan_common import default_launch_config
 
     for length, rows in ((50, 128 * 768), (197, 128 * 768), (1024, 16 * 768), (4096, 16 * 768)):
         for backward in (False, True):
-            assert default_launch_config(16, length, backward, rows=rows, multiprocessors=132).segments == 1
-    # 6144 backward programs > 132 x 8 resident: capped; 768 programs: not; never the forward.
-    assert default_launch_config(16, 197, True, rows=128 * 768, multiprocessors=132).maxnreg == 168
-    assert default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=132).maxnreg is None
-    assert default_launch_config(16, 197, False, rows=128 * 768, multiprocessors=132).maxnreg is None
+            cfg = default_launch_config(16, length, backward, rows=rows, multiprocessors=132)
+            assert (cfg.kernel, cfg.segments, cfg.maxnreg, cfg.chunk) == ("seq2", 1, None, 4)
+    # The forward: block_d 16 without prefetch at every size.
+    fwd = default_launch_config(16, 197, False, rows=128 * 768, multiprocessors=132)
+    assert (fwd.block_d, fwd.prefetch) == (16, False)
+    # 6144 block_d-16 backward programs > 132 x 8 resident: block_d 16 with prefetch; 768 programs: block_d 8.
+    crowded = default_launch_config(16, 197, True, rows=128 * 768, multiprocessors=132)
+    assert (crowded.block_d, crowded.prefetch) == (16, True)
+    small = default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=132)
+    assert (small.block_d, small.prefetch) == (8, False)
     # The threshold follows the device: the same 768 programs crowd a 64-multiprocessor GPU.
-    assert default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=64).maxnreg == 168
-    assert default_launch_config(16, 197, True, rows=128 * 768).maxnreg is None  # no device (interpreter)
+    assert default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=64).block_d == 16
+    # No device (the interpreter): the large-grid tiles.
+    assert default_launch_config(16, 197, True, rows=128 * 768).block_d == 16
+    assert default_launch_config(4, 1, True).chunk == 1
 
 
 def test_triton_forward_only_and_no_last_state(triton_scan):
