@@ -49,6 +49,9 @@ class PretrainConfig:
     compile: bool = field(default=False, metadata=_h("torch.compile the model (fused AdamW stays eager)"))
     compile_mode: str = field(default="default", metadata=_h("torch.compile mode: default, reduce-overhead (CUDA "
                                                              "graphs), max-autotune, max-autotune-no-cudagraphs"))
+    ddp_comm_hook: str = field(default="no", metadata=_h("DDP gradient all-reduce in 'no' (float32), 'bf16' or 'fp16' "
+                                                         "(half the bytes; multi-GPU DDP only)"))
+    ddp_bucket_mb: int = field(default=25, metadata=_h("DDP gradient bucket size in MB"))
     grad_checkpointing: bool = field(default=False, metadata=_h("activation checkpointing in the encoder"))
     clip_grad: float | None = field(default=None, metadata=_h("max gradient norm (none: no clipping)"))
     precision: str = field(default="auto", metadata=_h("'auto' (bf16 autocast on CUDA, else fp32), 'bf16', 'fp16', 'no'"))

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import ProjectConfiguration  # noqa: E402
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, ProjectConfiguration  # noqa: E402
 
 from common.config import ConfigError, build_parser, config_to_dict, parse_config, save_config  # noqa: E402
 from common.data import DataSourceError, build_dataset, build_loader, default_normalization  # noqa: E402
@@ -48,6 +48,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"precision must be auto, bf16, fp16 or no, got {cfg.precision!r}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
+    if cfg.ddp_comm_hook not in ("no", "bf16", "fp16") or cfg.ddp_bucket_mb < 1:
+        raise ConfigError(f"ddp_comm_hook must be no, bf16 or fp16 and ddp_bucket_mb >= 1, got "
+                          f"{cfg.ddp_comm_hook!r}, {cfg.ddp_bucket_mb}")
     if cfg.interpolation not in ("bicubic", "bilinear"):
         raise ConfigError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
@@ -74,8 +77,11 @@ def _mixed_precision(cfg: PretrainConfig) -> str | None:
 def build_accelerator(cfg: PretrainConfig) -> Accelerator:
     log_dir = cfg.log_dir or str(Path(cfg.output_dir) / "tb")
     trackers = (["tensorboard"] if cfg.tensorboard else []) + (["wandb"] if cfg.wandb else [])
+    # Only read when accelerate wraps the model in DDP; a half-precision all-reduce halves the bytes per step.
+    ddp = DistributedDataParallelKwargs(bucket_cap_mb=cfg.ddp_bucket_mb,
+                                        comm_hook=DDPCommunicationHookType(cfg.ddp_comm_hook))
     accelerator = Accelerator(gradient_accumulation_steps=cfg.accum_iter, mixed_precision=_mixed_precision(cfg),
-                              log_with=trackers or None,
+                              log_with=trackers or None, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir))
     ds_plugin = accelerator.state.deepspeed_plugin
     if ds_plugin is not None:  # fill the "auto" fields accelerate cannot infer without a prepared DataLoader
