@@ -138,14 +138,14 @@ def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, Any]:
 
     fwd_results = []
     for block_d in (8, 16, 32):
-        cfg = ScanLaunchConfig(block_d, 4, 1, kernel="seq2")
+        cfg = ScanLaunchConfig(block_d, 4)
         fwd_results.append({**cfg.__dict__, **timed(with_configs(cfg, None), backward=False)})
     ok_fwd = [r for r in fwd_results if "fwd_ms" in r]
     best_fwd_block = min(ok_fwd, key=lambda r: r["fwd_ms"])["block_d"] if ok_fwd else 8
     bwd_results = []
     for block_d, chunk in ((4, 4), (8, 4), (16, 4)):
-        fwd_cfg = ScanLaunchConfig(best_fwd_block, chunk, 1, kernel="seq2")
-        bwd_cfg = ScanLaunchConfig(block_d, chunk, 1, kernel="seq2")
+        fwd_cfg = ScanLaunchConfig(best_fwd_block, chunk)
+        bwd_cfg = ScanLaunchConfig(block_d, chunk)
         t = timed(with_configs(fwd_cfg, bwd_cfg), forward=False)
         bwd_results.append({"fwd": fwd_cfg.__dict__, "bwd": bwd_cfg.__dict__, **t})
         print(f"    fwd {fwd_cfg} bwd {bwd_cfg}: {t}", flush=True)
@@ -168,7 +168,7 @@ def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int, segments: bool = False
     long_seq = inp["u"].shape[-1] > 256
     rows = []
     for n_seg in (1, 2, 4, 8) if (segments and long_seq) else (1,):
-        cfg = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=n_seg)
+        cfg = ScanLaunchConfig(16, 4, segments=n_seg)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
         t = time_backend(fn, inp, rep_ms, backward=False)
         rows.append({"pass": "fwd", "block_d": 16, "segments": n_seg, "maxnreg": None, "prefetch": False,
@@ -179,7 +179,7 @@ def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int, segments: bool = False
     if segments and long_seq:
         bwd_options += [(16, n, reg, False) for n in (2, 4, 8) for reg in (None, 168)]
     for block_d, n_seg, maxnreg, prefetch in bwd_options:
-        cfg = ScanLaunchConfig(block_d, 4, 1, kernel="seq2", segments=n_seg, maxnreg=maxnreg, prefetch=prefetch)
+        cfg = ScanLaunchConfig(block_d, 4, segments=n_seg, maxnreg=maxnreg, prefetch=prefetch)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, bwd_config=c))(cfg)
         try:
             t = time_backend(fn, inp, rep_ms, forward=False)
@@ -191,18 +191,6 @@ def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int, segments: bool = False
     return rows
 
 
-def previous_triton(**kw: Any) -> torch.Tensor:
-    """The Triton path with the configuration that was the default before the seq2 kernels."""
-    import triton
-
-    from kernels.selective_scan_triton import selective_scan_triton
-    from kernels.triton_scan_common import previous_launch_config
-
-    n_pad, length = triton.next_power_of_2(kw["A"].shape[1]), kw["u"].shape[-1]
-    return selective_scan_triton(**kw, fwd_config=previous_launch_config(n_pad, length, False),
-                                 bwd_config=previous_launch_config(n_pad, length, True))
-
-
 def tuned_triton(tuning: dict[str, Any]) -> Callable[..., torch.Tensor]:
     """The Triton path with the sweep's fastest seq2 backward and, at its chunk, the fastest forward."""
     from kernels.selective_scan_triton import selective_scan_triton
@@ -210,7 +198,7 @@ def tuned_triton(tuning: dict[str, Any]) -> Callable[..., torch.Tensor]:
 
     bwd = ScanLaunchConfig(**tuning["best_fwd_bwd"]["bwd"])
     fwd_block = tuning["best_fwd"]["block_d"] if tuning["best_fwd"] else bwd.block_d
-    fwd = ScanLaunchConfig(fwd_block, bwd.chunk, 1, kernel="seq2")
+    fwd = ScanLaunchConfig(fwd_block, bwd.chunk)
     return lambda **kw: selective_scan_triton(**kw, fwd_config=fwd, bwd_config=bwd)
 
 
@@ -220,8 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth_gbs()
     print(f"device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read+write)", flush=True)
-    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton,
-                                                        "triton_prev": previous_triton}
+    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton}
     mamba_note = "not requested (--mamba-src)"
     if args.mamba_src:
         t0 = time.time()
@@ -323,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
     parser.add_argument("--tune", action="store_true", help="also sweep the seq2 tile configurations")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="only these rows (triton, triton_prev, mamba_ssm, chunked_torch, naive_loop)")
+                        help="only these rows (triton, mamba_ssm, chunked_torch, naive_loop)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the seq2 backward options maxnreg, prefetch and block_d")
     parser.add_argument("--sweep-segments", action="store_true", help="with --sweep: also segments 2/4/8")

@@ -9,9 +9,7 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import ScanLaunchConfig, default_launch_config
-from kernels.triton_scan_fwd import selective_scan_fwd_launch
 from kernels.triton_scan_seq import selective_scan_bwd_seq2_launch, selective_scan_fwd_seq2_launch
 
 
@@ -36,8 +34,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, fwd_config, bwd_config):
         needs_grad = any(ctx.needs_input_grad[:8])
-        launch = selective_scan_fwd_seq2_launch if fwd_config.kernel == "seq2" else selective_scan_fwd_launch
-        out, last_state, chunk_states = launch(
+        out, last_state, chunk_states = selective_scan_fwd_seq2_launch(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, needs_grad, fwd_config
         )
         if needs_grad:
@@ -54,8 +51,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
-        launch = selective_scan_bwd_seq2_launch if ctx.bwd_config.kernel == "seq2" else selective_scan_bwd_launch
-        grads = launch(
+        grads = selective_scan_bwd_seq2_launch(
             u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
             ctx.delta_softplus, ctx.reverse, ctx.bwd_config,
         )
@@ -72,14 +68,12 @@ def launch_configs(
     rows: int | None = None, multiprocessors: int | None = None,
 ) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
     """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
-    backward's register cap); the backward must use the forward's chunk length."""
+    backward's tiles); the backward must use the forward's chunk length."""
     n_pad = triton.next_power_of_2(n_state)
     fwd = fwd_config or default_launch_config(n_pad, length, backward=False, rows=rows,
                                               multiprocessors=multiprocessors)
     bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
                                               multiprocessors=multiprocessors)
-    if bwd.kernel == "seq":
-        raise ValueError("selective_scan: the 'seq' kernel is forward-only; use 'scan' or 'seq2' for the backward")
     if bwd.chunk != fwd.chunk:
         if bwd_config is not None:
             raise ValueError(f"selective_scan: backward chunk {bwd.chunk} must equal forward chunk {fwd.chunk}")
@@ -110,7 +104,7 @@ def selective_scan_triton(
     groups_b = 1 if B.dim() == 3 else B.shape[1]
     groups_c = 1 if C.dim() == 3 else C.shape[1]
     groups = math.lcm(groups_b, groups_c)
-    # The register cap depends on how many programs fit on the device at once (None under the interpreter).
+    # The backward's tiles depend on how many programs fit on the device at once (None under the interpreter).
     sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else None
     fwd, bwd = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, rows=u.shape[0] * u.shape[1],
                               multiprocessors=sms)

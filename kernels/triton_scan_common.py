@@ -1,4 +1,4 @@
-"""Triton helpers and launch configuration shared by the forward and backward scan kernels."""
+"""Triton helper and launch configuration of the seq2 scan kernels (kernels/triton_scan_seq.py)."""
 
 from __future__ import annotations
 
@@ -9,37 +9,18 @@ import triton.language as tl
 
 
 @triton.jit
-def linear_recurrence_combine(a_left, b_left, a_right, b_right):
-    """Compose two steps x -> a*x + b: first (a_left, b_left), then (a_right, b_right)."""
-    return a_left * a_right, b_left * a_right + b_right
-
-
-@triton.jit
 def softplus(x):
     """log(1 + exp(x)) without overflow for large x."""
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
-@triton.jit
-def column(tile, offs_t, index):
-    """tile[:, :, index] of a (BLOCK_D, N, CHUNK) register tile (a masked reduction: no dynamic indexing)."""
-    return tl.sum(tl.where(offs_t[None, None, :] == index, tile, 0.0), axis=2)
-
-
-SCAN_KERNELS = ("scan", "seq", "seq2")
-
-
 @dataclass(frozen=True)
 class ScanLaunchConfig:
-    """Which kernel runs and its tile sizes: BLOCK_D channels x N_PAD states, CHUNK positions per chunk.
+    """Tiles of the seq2 kernels (kernels/triton_scan_seq.py): one warp per program holding ``block_d`` <= 32
+    channels (32 / block_d lanes per channel). The forward saves the state every ``chunk`` positions, so
+    forward and backward configs must agree on ``chunk``.
 
-    ``kernel``: "scan" = chunk-scan tiles (BLOCK_D, N, CHUNK) with associative scans (forward and
-    backward); "seq" = the first one-channel-per-thread forward (forward only; block_d is ignored and
-    taken as 32 * num_warps); "seq2" = kernels/triton_scan_seq.py, forward and backward, one warp per
-    program, block_d <= 32 channels per warp (32 / block_d lanes per channel). The forward saves the
-    state every CHUNK positions, so forward and backward configs must agree on ``chunk``.
-
-    seq2 only: ``segments`` > 1 splits the sequence into that many runs of whole chunks scanned in parallel
+    ``segments`` > 1 splits the sequence into that many runs of whole chunks scanned in parallel
     (a first pass sums each segment up as one linear step, the main pass folds the earlier segments'
     summaries into its entry state or adjoint), for long sequences with few (batch, channel) programs.
     It lost or tied on the H200 at every benchmarked shape, so the defaults never pick it.
@@ -50,8 +31,6 @@ class ScanLaunchConfig:
 
     block_d: int
     chunk: int
-    num_warps: int
-    kernel: str = "scan"
     segments: int = 1
     maxnreg: int | None = None
     prefetch: bool = False
@@ -61,14 +40,10 @@ class ScanLaunchConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")
-        if self.kernel not in SCAN_KERNELS:
-            raise ValueError(f"ScanLaunchConfig.kernel must be one of {SCAN_KERNELS}, got {self.kernel!r}")
-        if self.kernel == "seq2" and (self.block_d > 32 or self.num_warps != 1):
-            raise ValueError(f"ScanLaunchConfig: seq2 runs one warp per program with block_d <= 32, got {self}")
-        seq2_only = self.segments != 1 or self.maxnreg is not None or self.prefetch
-        if self.segments < 1 or (self.kernel != "seq2" and seq2_only):
-            raise ValueError(f"ScanLaunchConfig: segments >= 1, and segments / maxnreg / prefetch only for seq2, "
-                             f"got {self}")
+        if self.block_d > 32:
+            raise ValueError(f"ScanLaunchConfig: one warp per program holds block_d <= 32 channels, got {self}")
+        if self.segments < 1:
+            raise ValueError(f"ScanLaunchConfig.segments must be >= 1, got {self}")
 
 
 # One-warp block_d-16 seq2 backward programs resident per multiprocessor (about 230 registers per thread:
@@ -90,21 +65,10 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
     chunk = min(4, triton.next_power_of_2(length))
     if not backward:
-        return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2")
+        return ScanLaunchConfig(block_d=16, chunk=chunk)
     small_grid = (rows is not None and multiprocessors is not None
                   and triton.cdiv(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
     if small_grid:
-        return ScanLaunchConfig(block_d=8, chunk=chunk, num_warps=1, kernel="seq2")
-    return ScanLaunchConfig(block_d=16, chunk=chunk, num_warps=1, kernel="seq2", prefetch=True)
+        return ScanLaunchConfig(block_d=8, chunk=chunk)
+    return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True)
 
-
-def previous_launch_config(n_state_padded: int, length: int, backward: bool) -> ScanLaunchConfig:
-    """The defaults before seq2 (kept for comparison in bench/scan.py): the first sequential forward and
-    the chunk-scan backward, tiles of about 1K fp32 elements, 4 warps; chunks of 16 positions for short
-    sequences, 32 for long ones."""
-    chunk = 16 if length <= 256 else 32
-    chunk = min(chunk, triton.next_power_of_2(length))
-    if not backward:
-        return ScanLaunchConfig(block_d=32, chunk=chunk, num_warps=1, kernel="seq")
-    block_d = max(1, min(64, 1024 // (n_state_padded * chunk)))
-    return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=4)

@@ -79,62 +79,46 @@ def _check_against_reference(triton_scan, *, batch, dim, length, n_state, groups
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
-def _config(kernel, block_d, chunk):
+def _config(block_d, chunk):
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    return ScanLaunchConfig(block_d=block_d, chunk=chunk, num_warps=1 if kernel == "seq2" else 4, kernel=kernel)
+    return ScanLaunchConfig(block_d=block_d, chunk=chunk)
 
 
-# (L, dim, N, groups, dtype, with_optional, softplus, reverse, kernel, block_d, chunk). Interpreter-sized:
-# each case covers several of the issue's axes (L=1, L % chunk != 0, L spanning several chunks,
-# dim % block != 0, N in {1, 3, 4, 16}, groups 1/2, optional inputs on/off, softplus on/off, reverse
-# on/off, dtypes) for the chunk-scan kernels ("scan"), the per-channel kernels ("seq2", every lane split:
-# block_d 4/8/16/32 = 8/4/2/1 lanes per channel) and the defaults (kernel None).
+# (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, chunk). Interpreter-sized: each
+# case covers several of the issue's axes (L=1, L % chunk != 0, L spanning several chunks, dim % block != 0,
+# N in {1, 3, 4, 16}, groups 1/2, optional inputs on/off, softplus on/off, reverse on/off, dtypes) for the
+# seq2 kernels at every lane split (block_d 4/8/16/32 = 8/4/2/1 lanes per channel) and the defaults
+# (block_d None).
 QUICK_CASES = [
-    (1, 4, 1, None, torch.float32, True, True, False, "scan", 4, 8),
-    (13, 6, 4, 2, torch.float32, True, True, True, "scan", 4, 8),
-    (29, 6, 16, None, torch.float32, False, False, False, "scan", 4, 8),
-    (20, 5, 4, None, torch.float32, True, False, True, "scan", 2, 4),
-    (11, 8, 4, 2, torch.bfloat16, True, True, False, "scan", 4, 4),
-    (9, 6, 3, None, torch.float16, True, True, True, "scan", 4, 8),
-    (1, 4, 1, None, torch.float32, True, True, True, "seq2", 8, 1),
-    (13, 6, 4, 2, torch.float32, True, True, True, "seq2", 4, 4),
-    (29, 10, 16, None, torch.float32, False, False, False, "seq2", 8, 8),
-    (20, 5, 3, None, torch.float32, True, False, True, "seq2", 16, 8),
-    (11, 40, 4, 2, torch.bfloat16, True, True, False, "seq2", 32, 4),
-    (9, 6, 16, None, torch.float16, True, True, False, "seq2", 8, 2),
-    (37, 4, 4, None, torch.float32, True, True, False, None, None, None),
-    (37, 4, 4, 2, torch.float32, True, True, True, None, None, None),
+    (1, 4, 1, None, torch.float32, True, True, True, 8, 1),
+    (13, 6, 4, 2, torch.float32, True, True, True, 4, 4),
+    (29, 10, 16, None, torch.float32, False, False, False, 8, 8),
+    (20, 5, 3, None, torch.float32, True, False, True, 16, 8),
+    (11, 40, 4, 2, torch.bfloat16, True, True, False, 32, 4),
+    (9, 6, 16, None, torch.float16, True, True, False, 8, 2),
+    (37, 4, 4, None, torch.float32, True, True, False, None, None),
+    (37, 4, 4, 2, torch.float32, True, True, True, None, None),
 ]
 
 
-@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,softplus,reverse,kernel,block_d,chunk",
+@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,softplus,reverse,block_d,chunk",
                          QUICK_CASES)
 def test_triton_matches_reference(triton_scan, length, dim, n_state, groups, dtype, with_optional, softplus,
-                                  reverse, kernel, block_d, chunk):
-    config = None if kernel is None else _config(kernel, block_d, chunk)
+                                  reverse, block_d, chunk):
+    config = None if block_d is None else _config(block_d, chunk)
     _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
                              dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
                              seed=length * 7 + dim, config=config)
 
 
-@pytest.mark.parametrize("length,n_state,groups,reverse", [(13, 4, 2, True), (29, 16, None, False), (1, 1, None, True)])
-def test_triton_sequential_forward_kernel(triton_scan, length, n_state, groups, reverse):
-    """The first one-position-at-a-time forward kernel ("seq"), with the chunk-scan backward on its states."""
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    fwd = ScanLaunchConfig(1, 8, 1, kernel="seq")
-    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=n_state, groups=groups,
-                             dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
-                             seed=length + 100, config=(fwd, ScanLaunchConfig(4, 8, 4)))
-
-
-@pytest.mark.parametrize("fwd_kernel,bwd_kernel", [("seq2", "scan"), ("scan", "seq2"), ("seq", "seq2")])
-def test_triton_mixed_kernels_share_chunk_states(triton_scan, fwd_kernel, bwd_kernel):
-    """Every forward saves the same chunk-entry states, so any backward can run behind it."""
-    config = (_config(fwd_kernel, 4, 4), _config(bwd_kernel, 4 if bwd_kernel == "scan" else 8, 4))
+@pytest.mark.parametrize("fwd_block_d,bwd_block_d", [(4, 8), (16, 4)])
+def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_block_d):
+    """The backward reads the forward's chunk-entry states whatever block_d each direction uses."""
+    config = (_config(fwd_block_d, 4), _config(bwd_block_d, 4))
     _check_against_reference(triton_scan, batch=2, dim=6, length=19, n_state=4, groups=2, dtype=torch.float32,
-                             with_optional=True, softplus=True, reverse=fwd_kernel == "scan", seed=5, config=config)
+                             with_optional=True, softplus=True, reverse=fwd_block_d > bwd_block_d, seed=5,
+                             config=config)
 
 
 # (L, groups, reverse, with_optional, fwd/bwd block_d, chunk, segments): segments that do not divide the
@@ -153,7 +137,7 @@ def test_triton_seq2_segments(triton_scan, length, groups, reverse, with_optiona
     """The sequence split into segments scanned in parallel: output, last state, every gradient."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    config = ScanLaunchConfig(block_d, chunk, 1, kernel="seq2", segments=segments)
+    config = ScanLaunchConfig(block_d, chunk, segments=segments)
     _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
                              dtype=torch.float32, with_optional=with_optional, softplus=with_optional,
                              reverse=reverse, seed=length + segments, config=config)
@@ -165,8 +149,8 @@ def test_triton_seq2_prefetch(triton_scan, length, groups, reverse, chunk, segme
     """The backward that loads the next chunk's inputs ahead: one chunk, a partial last chunk, segments."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(8, chunk, 1, kernel="seq2")
-    bwd = ScanLaunchConfig(8, chunk, 1, kernel="seq2", segments=segments, prefetch=True)
+    fwd = ScanLaunchConfig(8, chunk)
+    bwd = ScanLaunchConfig(8, chunk, segments=segments, prefetch=True)
     _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
                              dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
                              seed=length + 3 * segments, config=(fwd, bwd))
@@ -178,7 +162,7 @@ def test_default_config_tiles_follow_the_grid_size():
     for length, rows in ((50, 128 * 768), (197, 128 * 768), (1024, 16 * 768), (4096, 16 * 768)):
         for backward in (False, True):
             cfg = default_launch_config(16, length, backward, rows=rows, multiprocessors=132)
-            assert (cfg.kernel, cfg.segments, cfg.maxnreg, cfg.chunk) == ("seq2", 1, None, 4)
+            assert (cfg.segments, cfg.maxnreg, cfg.chunk) == (1, None, 4)
     # The forward: block_d 16 without prefetch at every size.
     fwd = default_launch_config(16, 197, False, rows=128 * 768, multiprocessors=132)
     assert (fwd.block_d, fwd.prefetch) == (16, False)
@@ -207,21 +191,16 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
 
     inp = make_scan_inputs(1, 4, 10, 4, groups=None, dtype=torch.float32, seed=12, device=DEVICE)
     with pytest.raises(ValueError, match="backward chunk"):
-        triton_scan.selective_scan_triton(**inp, fwd_config=ScanLaunchConfig(4, 8, 4),
-                                          bwd_config=ScanLaunchConfig(4, 4, 4))
+        triton_scan.selective_scan_triton(**inp, fwd_config=ScanLaunchConfig(4, 8),
+                                          bwd_config=ScanLaunchConfig(4, 4))
     with pytest.raises(ValueError, match="power of two"):
-        ScanLaunchConfig(block_d=3, chunk=8, num_warps=4)
+        ScanLaunchConfig(block_d=3, chunk=8)
+    with pytest.raises(ValueError, match="power of two"):
+        ScanLaunchConfig(block_d=8, chunk=0)
     with pytest.raises(ValueError, match="one warp per program"):
-        ScanLaunchConfig(block_d=64, chunk=8, num_warps=1, kernel="seq2")
-    with pytest.raises(ValueError, match="prefetch only for seq2"):
-        ScanLaunchConfig(block_d=8, chunk=8, num_warps=4, prefetch=True)
-    with pytest.raises(ValueError, match="segments / maxnreg / prefetch only for seq2"):
-        ScanLaunchConfig(block_d=8, chunk=8, num_warps=4, segments=2)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        ScanLaunchConfig(block_d=8, chunk=8, num_warps=1, kernel="tiles")
-    with pytest.raises(ValueError, match="forward-only"):
-        triton_scan.selective_scan_triton(**inp, fwd_config=ScanLaunchConfig(4, 4, 1, kernel="seq"),
-                                          bwd_config=ScanLaunchConfig(4, 4, 1, kernel="seq"))
+        ScanLaunchConfig(block_d=64, chunk=8)
+    with pytest.raises(ValueError, match="segments must be >= 1"):
+        ScanLaunchConfig(block_d=8, chunk=8, segments=0)
 
 
 GPU_SHAPES = [
@@ -236,22 +215,15 @@ GPU_SHAPES = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype,configs", [(torch.float32, "default"), (torch.float16, "default"),
-                                            (torch.bfloat16, "default"), (torch.bfloat16, "previous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,dim,length,n_state,groups", GPU_SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_triton_gpu_shapes(triton_scan, dtype, configs, batch, dim, length, n_state, groups, reverse):
-    """The defaults in every dtype; the configuration before seq2 ("previous") in bf16."""
-    from kernels.triton_scan_common import previous_launch_config
-
-    config = None
-    if configs == "previous":
-        n_pad = 1 << (n_state - 1).bit_length()
-        config = (previous_launch_config(n_pad, length, False), previous_launch_config(n_pad, length, True))
+def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse):
+    """The defaults in every dtype."""
     for with_optional, softplus in ((True, True), (False, False)):
         _check_against_reference(triton_scan, batch=batch, dim=dim, length=length, n_state=n_state,
                                  groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
-                                 reverse=reverse, seed=length + dim, config=config)
+                                 reverse=reverse, seed=length + dim)
 
 
 @pytest.mark.gpu
@@ -260,7 +232,7 @@ def test_triton_gpu_shapes(triton_scan, dtype, configs, batch, dim, length, n_st
 def test_triton_gpu_seq2_configs(triton_scan, fwd_block_d, block_d, chunk):
     """The seq2 tiles the benchmark sweeps (every forward block_d, every backward tile), compiled, in
     bf16 at a Mamba block's settings."""
-    config = (_config("seq2", fwd_block_d, chunk), _config("seq2", block_d, chunk))
+    config = (_config(fwd_block_d, chunk), _config(block_d, chunk))
     _check_against_reference(triton_scan, batch=2, dim=100, length=300, n_state=16, groups=None,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=False,
                              seed=block_d + chunk, config=config)
@@ -275,8 +247,8 @@ def test_triton_gpu_seq2_segments_and_register_caps(triton_scan, segments, maxnr
     """Segments, register caps and the prefetching backward as the benchmark sweeps them, compiled, in bf16."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments)
-    bwd = ScanLaunchConfig(16, 4, 1, kernel="seq2", segments=segments, maxnreg=maxnreg, prefetch=prefetch)
+    fwd = ScanLaunchConfig(16, 4, segments=segments)
+    bwd = ScanLaunchConfig(16, 4, segments=segments, maxnreg=maxnreg, prefetch=prefetch)
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=segments, config=(fwd, bwd))
