@@ -1,6 +1,6 @@
 """Selective-scan benchmark: Triton kernels vs mamba-ssm's CUDA kernel vs the naive loop (CUDA only).
 
-    python -m bench.scan [--mamba-src DIR] [--tune] [--json results.json]
+    python -m bench.scan [--mamba-src DIR] [--sweep] [--json results.json]
 
 Times forward and forward+backward in bf16 with ``triton.testing.do_bench`` (median), in a Mamba block's
 configuration (D, z, delta_bias, softplus). Achieved GB/s and the ratio to the HBM floor count only the
@@ -121,85 +121,33 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
     return times
 
 
-def tune_triton(inp: dict[str, torch.Tensor], rep_ms: int) -> dict[str, Any]:
-    """Sweep the seq2 tiles: forward alone per block_d, then forward+backward per (block_d, chunk) of the
-    backward behind the fastest forward (the chunk is shared: the forward saves a state every chunk)."""
+def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
+    """Time the tile options: the forward alone per block_d, then forward+backward (behind the default
+    forward) per backward option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with
+    prefetch, and uncapped block_d 8 / 4 (more programs at small batch)."""
     from kernels.selective_scan_triton import selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    def with_configs(fwd_cfg, bwd_cfg):
-        return lambda **kw: selective_scan_triton(**kw, fwd_config=fwd_cfg, bwd_config=bwd_cfg)
-
-    def timed(fn, **kw):
-        try:
-            return time_backend(fn, inp, rep_ms, **kw)
-        except Exception as exc:  # a tile that fails to compile or launch is reported, not fatal
-            return {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
-
-    fwd_results = []
+    rows = []
     for block_d in (8, 16, 32):
         cfg = ScanLaunchConfig(block_d, 4)
-        fwd_results.append({**cfg.__dict__, **timed(with_configs(cfg, None), backward=False)})
-    ok_fwd = [r for r in fwd_results if "fwd_ms" in r]
-    best_fwd_block = min(ok_fwd, key=lambda r: r["fwd_ms"])["block_d"] if ok_fwd else 8
-    bwd_results = []
-    for block_d, chunk in ((4, 4), (8, 4), (16, 4)):
-        fwd_cfg = ScanLaunchConfig(best_fwd_block, chunk)
-        bwd_cfg = ScanLaunchConfig(block_d, chunk)
-        t = timed(with_configs(fwd_cfg, bwd_cfg), forward=False)
-        bwd_results.append({"fwd": fwd_cfg.__dict__, "bwd": bwd_cfg.__dict__, **t})
-        print(f"    fwd {fwd_cfg} bwd {bwd_cfg}: {t}", flush=True)
-    ok_bwd = [r for r in bwd_results if "fwd_bwd_ms" in r]
-    return {
-        "best_fwd": min(ok_fwd, key=lambda r: r["fwd_ms"]) if ok_fwd else None,
-        "best_fwd_bwd": min(ok_bwd, key=lambda r: r["fwd_bwd_ms"]) if ok_bwd else None,
-        "forward": fwd_results,
-        "forward_backward": bwd_results,
-    }
-
-
-def sweep_seq2(inp: dict[str, torch.Tensor], rep_ms: int, segments: bool = False) -> list[dict[str, Any]]:
-    """Time the seq2 backward options behind the default forward: forward+backward per (maxnreg,
-    prefetch) at one segment and block_d 16, and uncapped block_d 8 / 4 (more programs at small batch). ``segments`` adds the earlier sweep of 2/4/8 segments (forward alone and
-    forward+backward; on the H200 they never won, so it is off by default)."""
-    from kernels.selective_scan_triton import selective_scan_triton
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    long_seq = inp["u"].shape[-1] > 256
-    rows = []
-    for n_seg in (1, 2, 4, 8) if (segments and long_seq) else (1,):
-        cfg = ScanLaunchConfig(16, 4, segments=n_seg)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
         t = time_backend(fn, inp, rep_ms, backward=False)
-        rows.append({"pass": "fwd", "block_d": 16, "segments": n_seg, "maxnreg": None, "prefetch": False,
-                     "ms": t["fwd_ms"]})
+        rows.append({"pass": "fwd", "block_d": block_d, "maxnreg": None, "prefetch": False, "ms": t["fwd_ms"]})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
-    bwd_options = [(16, 1, None, False), (16, 1, 168, False), (16, 1, 200, False), (16, 1, None, True),
-                   (16, 1, 200, True), (8, 1, None, False), (4, 1, None, False)]
-    if segments and long_seq:
-        bwd_options += [(16, n, reg, False) for n in (2, 4, 8) for reg in (None, 168)]
-    for block_d, n_seg, maxnreg, prefetch in bwd_options:
-        cfg = ScanLaunchConfig(block_d, 4, segments=n_seg, maxnreg=maxnreg, prefetch=prefetch)
+    bwd_options = [(16, None, False), (16, 168, False), (16, 200, False), (16, None, True), (16, 200, True),
+                   (8, None, False), (4, None, False)]
+    for block_d, maxnreg, prefetch in bwd_options:
+        cfg = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, bwd_config=c))(cfg)
         try:
             t = time_backend(fn, inp, rep_ms, forward=False)
         except Exception as exc:  # a variant that fails to compile is reported, not fatal
             print(f"    bwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
             continue
-        rows.append({"pass": "fwd+bwd", "block_d": block_d, "segments": n_seg, "maxnreg": maxnreg,
-                     "prefetch": prefetch, "ms": t["fwd_bwd_ms"]})
+        rows.append({"pass": "fwd+bwd", "block_d": block_d, "maxnreg": maxnreg, "prefetch": prefetch,
+                     "ms": t["fwd_bwd_ms"]})
     return rows
-
-
-def tuned_triton(tuning: dict[str, Any]) -> Callable[..., torch.Tensor]:
-    """The Triton path with the sweep's fastest seq2 backward and, at its chunk, the fastest forward."""
-    from kernels.selective_scan_triton import selective_scan_triton
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    bwd = ScanLaunchConfig(**tuning["best_fwd_bwd"]["bwd"])
-    fwd_block = tuning["best_fwd"]["block_d"] if tuning["best_fwd"] else bwd.block_d
-    fwd = ScanLaunchConfig(fwd_block, bwd.chunk)
-    return lambda **kw: selective_scan_triton(**kw, fwd_config=fwd, bwd_config=bwd)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,26 +175,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backends = {k: v for k, v in backends.items() if k in args.backends}
 
     rows: list[dict[str, Any]] = []
-    tuning: dict[str, Any] = {}
     sweeps: dict[str, list[dict[str, Any]]] = {}
     for batch, dim, n_state, length in SHAPES:
         inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                                device="cuda")
         fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
         shape = f"({batch}, {dim}, {n_state}, L={length})"
-        shape_backends = dict(backends)
-        if args.tune:
-            tuning[shape] = tune_triton(inp, rep_ms=max(20, args.rep_ms // 4))
-            print(f"tuned {shape}: fwd {tuning[shape]['best_fwd']}; fwd+bwd {tuning[shape]['best_fwd_bwd']}",
-                  flush=True)
-            if tuning[shape]["best_fwd_bwd"] is not None:
-                shape_backends["triton_tuned"] = tuned_triton(tuning[shape])
         if args.sweep:
-            sweeps[shape] = sweep_seq2(inp, rep_ms=max(20, args.rep_ms // 4), segments=args.sweep_segments)
-            print(f"swept {shape}: " + "; ".join(f"{r['pass']} bd {r['block_d']} seg {r['segments']} "
+            sweeps[shape] = sweep_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
+            print(f"swept {shape}: " + "; ".join(f"{r['pass']} bd {r['block_d']} "
                                                  f"reg {r['maxnreg']} prefetch {r['prefetch']}: {r['ms']:.3f}"
                                                  for r in sweeps[shape]), flush=True)
-        for name, fn in shape_backends.items():
+        for name, fn in backends.items():
             if name == "naive_loop" and length > NAIVE_MAX_L:
                 continue
             try:
@@ -271,12 +211,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "device": device_name, "torch": torch.__version__, "triton": __import__("triton").__version__,
         "copy_bandwidth_GBps": bandwidth, "mamba_ssm": mamba_note, "dtype": "bfloat16",
-        "config": "D, z, delta_bias, delta_softplus=True", "rows": rows, "tuning": tuning, "sweeps": sweeps,
+        "config": "D, z, delta_bias, delta_softplus=True", "rows": rows, "sweeps": sweeps,
     }
 
 
 def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
-    """One line per shape and pass: ms per (block_d, segments, maxnreg, prefetch), the fastest marked *."""
+    """One line per shape and pass: ms per (block_d, maxnreg, prefetch), the fastest marked *."""
     lines = []
     for shape, rows in sweeps.items():
         for pass_name in ("fwd", "fwd+bwd"):
@@ -284,8 +224,7 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
             if not sel:
                 continue
             best = min(r["ms"] for r in sel)
-            cells = [("" if r["block_d"] == 16 else f"bd{r['block_d']}/") + f"seg{r['segments']}/"
-                     f"reg{r['maxnreg'] or '-'}{'/pf' if r['prefetch'] else ''} "
+            cells = [f"bd{r['block_d']}/reg{r['maxnreg'] or '-'}{'/pf' if r['prefetch'] else ''} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)
@@ -308,12 +247,10 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
-    parser.add_argument("--tune", action="store_true", help="also sweep the seq2 tile configurations")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="only these rows (triton, mamba_ssm, chunked_torch, naive_loop)")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time the seq2 backward options maxnreg, prefetch and block_d")
-    parser.add_argument("--sweep-segments", action="store_true", help="with --sweep: also segments 2/4/8")
+                        help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", default=None, help="write the full results here")
     args = parser.parse_args(argv)
@@ -324,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{result['device']}, copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s, bf16, "
           f"{result['config']}; mamba-ssm: {result['mamba_ssm']}\n{table}")
     if result["sweeps"]:
-        print("\nseq2 sweep (ms; backward rows behind the default forward):\n" + format_sweep(result["sweeps"]))
+        print("\ntile sweep (ms; backward rows behind the default forward):\n" + format_sweep(result["sweeps"]))
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "table": table}, indent=1))
 

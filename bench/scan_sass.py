@@ -1,4 +1,4 @@
-"""Offline SASS report of the seq2 scan kernels: registers, spills, instruction histogram (no GPU needed).
+"""Offline SASS report of the scan kernels: registers, spills, instruction histogram (no GPU needed).
 
     python -m bench.scan_sass [--block-d 16 8] [--chunk 4] [--maxnreg 168] [--reverse] [--shape B D N L] [--dump DIR]
 
@@ -151,28 +151,27 @@ def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None)
     return res
 
 
-def forward_kernels(seq: Any) -> list[tuple[Any, dict[str, Any]]]:
-    """The forward kernels of kernels/triton_scan_seq.py with the constexprs of a training step."""
-    return [(seq._scan_fwd_seq2_kernel, dict(STORE_STATES=True, SEGMENTED=False, HAS_D=True)),
-            (seq._scan_fwd_seq2_kernel, dict(STORE_STATES=True, SEGMENTED=True, HAS_D=True)),
-            (seq._segment_summary_kernel, dict(ADJOINT=False))]
+def forward_kernels() -> list[tuple[Any, dict[str, Any]]]:
+    """The forward kernel (kernels/triton_scan_fwd.py) with the constexprs of a training step."""
+    from kernels.triton_scan_fwd import _scan_fwd_kernel
+
+    return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
-def backward_kernels(seq: Any) -> list[tuple[Any, dict[str, Any]]]:
-    return [(seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=False, HAS_D=True, PREFETCH=False)),
-            (seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=False, HAS_D=True, PREFETCH=True)),
-            (seq._scan_bwd_seq2_kernel, dict(HAS_DLAST=False, SEGMENTED=True, HAS_D=True, PREFETCH=False)),
-            (seq._segment_summary_kernel, dict(ADJOINT=True))]
+def backward_kernels() -> list[tuple[Any, dict[str, Any]]]:
+    """The backward kernel (kernels/triton_scan_bwd.py), without and with prefetch."""
+    from kernels.triton_scan_bwd import _scan_bwd_kernel
+
+    return [(_scan_bwd_kernel, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=False)),
+            (_scan_bwd_kernel, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=True))]
 
 
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
-    flags = "".join(f",{k.lower()}" for k in ("SEGMENTED", "ADJOINT", "PREFETCH") if extra.get(k))
+    flags = ",prefetch" if extra.get("PREFETCH") else ""
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from kernels import triton_scan_seq as seq
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-d", type=int, nargs="+", default=[16])
     parser.add_argument("--chunk", type=int, default=4)
@@ -186,20 +185,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     common = dict(N_PAD=16, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
     batch, dim, n_state, length = args.shape
     ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
-                n_state=n_state, seg_chunks=7, n_seg=3)
+                n_state=n_state)
     results = []
     for block_d in args.block_d:
         consts = dict(common, BLOCK_D=block_d)
         if args.only != "bwd":
-            for kernel, extra in forward_kernels(seq):
+            for kernel, extra in forward_kernels():
                 c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
                 results.append(report(_name(kernel, extra, block_d), c, 1, args.dump))
         if args.only != "fwd":
-            for kernel, extra in backward_kernels(seq):
+            for kernel, extra in backward_kernels():
                 c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
-                # The backward unrolls a chunk per loop iteration; the other loops walk one position.
-                per_iter = args.chunk if kernel is seq._scan_bwd_seq2_kernel else 1
-                results.append(report(_name(kernel, extra, block_d), c, per_iter, args.dump))
+                # The backward unrolls a chunk per loop iteration; the forward walks one position.
+                results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
     return results
 
 

@@ -9,8 +9,9 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
+from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import ScanLaunchConfig, default_launch_config
-from kernels.triton_scan_seq import selective_scan_bwd_seq2_launch, selective_scan_fwd_seq2_launch
+from kernels.triton_scan_fwd import selective_scan_fwd_launch
 
 
 def _as_grouped(bc: torch.Tensor, groups: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, fwd_config, bwd_config):
         needs_grad = any(ctx.needs_input_grad[:8])
-        out, last_state, chunk_states = selective_scan_fwd_seq2_launch(
+        out, last_state, chunk_states = selective_scan_fwd_launch(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, needs_grad, fwd_config
         )
         if needs_grad:
@@ -51,7 +52,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
-        grads = selective_scan_bwd_seq2_launch(
+        grads = selective_scan_bwd_launch(
             u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
             ctx.delta_softplus, ctx.reverse, ctx.bwd_config,
         )

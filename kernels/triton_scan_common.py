@@ -1,8 +1,9 @@
-"""Triton helper and launch configuration of the seq2 scan kernels (kernels/triton_scan_seq.py)."""
+"""Triton helpers and launch configuration shared by the scan kernels (kernels/triton_scan_fwd.py, _bwd.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -14,16 +15,43 @@ def softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
+@triton.jit
+def channel_block(n_groups, dim_per_group, n_state, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr):
+    """This program's (batch, group) and its BLOCK_D channels: grid axis 0 = channel block, axis 1 =
+    batch * groups. Returns batch_idx, group, offs_d (global channel indices), d_mask, offs_n, n_mask, nd_mask."""
+    pid_bg = tl.program_id(1)
+    batch_idx = pid_bg // n_groups
+    group = pid_bg % n_groups
+    offs_in_group = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_in_group < dim_per_group
+    offs_d = group * dim_per_group + offs_in_group
+    offs_n = tl.arange(0, N_PAD)
+    n_mask = offs_n < n_state
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    return batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask
+
+
+@triton.jit
+def channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The block's A * log2(e) as an (N, BLOCK_D) tile from A transposed to (N, dim) (each decay is then one
+    exp2), and its D and delta_bias (zeros when absent)."""
+    A2 = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
+    D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
+    return A2, D_vec, bias
+
+
 @dataclass(frozen=True)
 class ScanLaunchConfig:
-    """Tiles of the seq2 kernels (kernels/triton_scan_seq.py): one warp per program holding ``block_d`` <= 32
+    """Tiles of the scan kernels (kernels/triton_scan_fwd.py, _bwd.py): one warp per program holding ``block_d`` <= 32
     channels (32 / block_d lanes per channel). The forward saves the state every ``chunk`` positions, so
     forward and backward configs must agree on ``chunk``.
 
-    ``segments`` > 1 splits the sequence into that many runs of whole chunks scanned in parallel
-    (a first pass sums each segment up as one linear step, the main pass folds the earlier segments'
-    summaries into its entry state or adjoint), for long sequences with few (batch, channel) programs.
-    It lost or tied on the H200 at every benchmarked shape, so the defaults never pick it.
     ``maxnreg`` caps registers per thread (more resident warps, at the price of some recomputation).
     ``prefetch`` (backward): load the next chunk's entry state, u, delta, dout and z before the current
     chunk's arithmetic (hides L2 latency; sm_90: 251 registers instead of 231, spills under a register cap).
@@ -31,7 +59,6 @@ class ScanLaunchConfig:
 
     block_d: int
     chunk: int
-    segments: int = 1
     maxnreg: int | None = None
     prefetch: bool = False
 
@@ -42,18 +69,16 @@ class ScanLaunchConfig:
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")
         if self.block_d > 32:
             raise ValueError(f"ScanLaunchConfig: one warp per program holds block_d <= 32 channels, got {self}")
-        if self.segments < 1:
-            raise ValueError(f"ScanLaunchConfig.segments must be >= 1, got {self}")
 
 
-# One-warp block_d-16 seq2 backward programs resident per multiprocessor (about 230 registers per thread:
+# One-warp block_d-16 backward programs resident per multiprocessor (about 230 registers per thread:
 # 65536 / (256 * 32) = 8 after allocation rounding).
 BWD_RESIDENT_PROGRAMS = 8
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
                           multiprocessors: int | None = None) -> ScanLaunchConfig:
-    """The seq2 kernels (kernels/triton_scan_seq.py), a saved state every 4 positions, tiles from the second
+    """Tiles of the scan kernels, a saved state every 4 positions, tiles from the second
     H200 sweep of bench/scan.py (README, 2026-11-22).
 
     Forward: 16 channels per warp. Backward: ``rows`` = batch * dim and ``multiprocessors`` (the device's
@@ -61,8 +86,7 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     multiprocessors x 8, the residency at ~230 registers) takes block_d 16 with the next chunk's inputs
     prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
     the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
-    tied in that sweep. ``segments`` stays 1: splitting the sequence lost or tied at every shape of the first
-    sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
+    tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
     chunk = min(4, triton.next_power_of_2(length))
     if not backward:
         return ScanLaunchConfig(block_d=16, chunk=chunk)
@@ -72,3 +96,11 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
         return ScanLaunchConfig(block_d=8, chunk=chunk)
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True)
 
+
+
+def launch_options(config: ScanLaunchConfig) -> dict[str, Any]:
+    """Triton launch keywords: one warp per program, and the register cap when set."""
+    options: dict[str, Any] = {"num_warps": 1}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return options

@@ -88,7 +88,7 @@ def _config(block_d, chunk):
 # (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, chunk). Interpreter-sized: each
 # case covers several of the issue's axes (L=1, L % chunk != 0, L spanning several chunks, dim % block != 0,
 # N in {1, 3, 4, 16}, groups 1/2, optional inputs on/off, softplus on/off, reverse on/off, dtypes) for the
-# seq2 kernels at every lane split (block_d 4/8/16/32 = 8/4/2/1 lanes per channel) and the defaults
+# kernels at every lane split (block_d 4/8/16/32 = 8/4/2/1 lanes per channel) and the defaults
 # (block_d None).
 QUICK_CASES = [
     (1, 4, 1, None, torch.float32, True, True, True, 8, 1),
@@ -121,39 +121,17 @@ def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_
                              config=config)
 
 
-# (L, groups, reverse, with_optional, fwd/bwd block_d, chunk, segments): segments that do not divide the
-# chunks, one segment, more segments than chunks (clamped), both directions, groups 1 and 2.
-SEGMENT_CASES = [
-    (37, None, False, True, 8, 4, 3),
-    (37, 2, True, True, 4, 4, 4),
-    (9, None, True, False, 8, 2, 8),
-    (16, None, False, True, 16, 4, 1),
-    (23, 2, False, True, 8, 1, 5),
-]
-
-
-@pytest.mark.parametrize("length,groups,reverse,with_optional,block_d,chunk,segments", SEGMENT_CASES)
-def test_triton_seq2_segments(triton_scan, length, groups, reverse, with_optional, block_d, chunk, segments):
-    """The sequence split into segments scanned in parallel: output, last state, every gradient."""
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    config = ScanLaunchConfig(block_d, chunk, segments=segments)
-    _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
-                             dtype=torch.float32, with_optional=with_optional, softplus=with_optional,
-                             reverse=reverse, seed=length + segments, config=config)
-
-
-@pytest.mark.parametrize("length,groups,reverse,chunk,segments", [(1, None, False, 1, 1), (23, 2, True, 4, 1),
-                                                                  (37, None, False, 4, 3), (30, 2, True, 2, 2)])
-def test_triton_seq2_prefetch(triton_scan, length, groups, reverse, chunk, segments):
-    """The backward that loads the next chunk's inputs ahead: one chunk, a partial last chunk, segments."""
+@pytest.mark.parametrize("length,groups,reverse,chunk", [(1, None, False, 1), (23, 2, True, 4),
+                                                         (37, None, False, 4), (30, 2, True, 2)])
+def test_triton_prefetch(triton_scan, length, groups, reverse, chunk):
+    """The backward that loads the next chunk's inputs ahead: one chunk, a partial last chunk, many chunks."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
     fwd = ScanLaunchConfig(8, chunk)
-    bwd = ScanLaunchConfig(8, chunk, segments=segments, prefetch=True)
+    bwd = ScanLaunchConfig(8, chunk, prefetch=True)
     _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
                              dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
-                             seed=length + 3 * segments, config=(fwd, bwd))
+                             seed=length + chunk, config=(fwd, bwd))
 
 
 def test_default_config_tiles_follow_the_grid_size():
@@ -162,7 +140,7 @@ def test_default_config_tiles_follow_the_grid_size():
     for length, rows in ((50, 128 * 768), (197, 128 * 768), (1024, 16 * 768), (4096, 16 * 768)):
         for backward in (False, True):
             cfg = default_launch_config(16, length, backward, rows=rows, multiprocessors=132)
-            assert (cfg.segments, cfg.maxnreg, cfg.chunk) == (1, None, 4)
+            assert (cfg.maxnreg, cfg.chunk) == (None, 4)
     # The forward: block_d 16 without prefetch at every size.
     fwd = default_launch_config(16, 197, False, rows=128 * 768, multiprocessors=132)
     assert (fwd.block_d, fwd.prefetch) == (16, False)
@@ -199,8 +177,6 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
         ScanLaunchConfig(block_d=8, chunk=0)
     with pytest.raises(ValueError, match="one warp per program"):
         ScanLaunchConfig(block_d=64, chunk=8)
-    with pytest.raises(ValueError, match="segments must be >= 1"):
-        ScanLaunchConfig(block_d=8, chunk=8, segments=0)
 
 
 GPU_SHAPES = [
@@ -229,8 +205,8 @@ def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, grou
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("fwd_block_d,block_d,chunk", [(4, 4, 4), (16, 4, 8), (32, 8, 4), (8, 8, 8), (32, 16, 4)])
-def test_triton_gpu_seq2_configs(triton_scan, fwd_block_d, block_d, chunk):
-    """The seq2 tiles the benchmark sweeps (every forward block_d, every backward tile), compiled, in
+def test_triton_gpu_tile_configs(triton_scan, fwd_block_d, block_d, chunk):
+    """The tiles the benchmark sweeps (every forward block_d, every backward tile), compiled, in
     bf16 at a Mamba block's settings."""
     config = (_config(fwd_block_d, chunk), _config(block_d, chunk))
     _check_against_reference(triton_scan, batch=2, dim=100, length=300, n_state=16, groups=None,
@@ -240,18 +216,17 @@ def test_triton_gpu_seq2_configs(triton_scan, fwd_block_d, block_d, chunk):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("segments,maxnreg,reverse,prefetch", [(3, None, False, False), (8, 168, True, False),
-                                                               (1, 128, False, False), (1, None, True, True),
-                                                               (1, 200, False, True), (3, None, False, True)])
-def test_triton_gpu_seq2_segments_and_register_caps(triton_scan, segments, maxnreg, reverse, prefetch):
-    """Segments, register caps and the prefetching backward as the benchmark sweeps them, compiled, in bf16."""
+@pytest.mark.parametrize("maxnreg,reverse,prefetch", [(168, True, False), (128, False, False), (None, True, True),
+                                                    (200, False, True)])
+def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, prefetch):
+    """Register caps and the prefetching backward as the benchmark sweeps them, compiled, in bf16."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(16, 4, segments=segments)
-    bwd = ScanLaunchConfig(16, 4, segments=segments, maxnreg=maxnreg, prefetch=prefetch)
+    fwd = ScanLaunchConfig(16, 4)
+    bwd = ScanLaunchConfig(16, 4, maxnreg=maxnreg, prefetch=prefetch)
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
-                             seed=segments, config=(fwd, bwd))
+                             seed=maxnreg or 1, config=(fwd, bwd))
 
 
 @pytest.mark.gpu

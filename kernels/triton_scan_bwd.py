@@ -1,0 +1,293 @@
+"""Backward kernel of the selective scan and its launcher.
+
+One warp per program holding BLOCK_D channels of one (batch, group), as in the forward
+(kernels/triton_scan_fwd.py). Chunks are walked in the opposite scan order. Per chunk the CHUNK forward
+states and decays are recomputed from the saved chunk-entry state into registers (a statically unrolled
+tuple, so CHUNK * N_PAD * BLOCK_D / 32 registers each), then the adjoint runs backwards over them:
+
+    g = g_carry + C[l] * dy[l];  grads at l;  g_carry = a[l] * g
+
+The chunk's u, delta, dout and z are read once (the adjoint reuses u and softplus'(dt_raw) from the
+recompute), and with ScanLaunchConfig.prefetch one chunk ahead. dB and dC (sums over channels) are reduced
+inside the warp per position, collected into (N, CHUNK) tiles and added with relaxed float32 atomics once
+per chunk (one layout change per chunk, not per position); dA, dD and ddelta_bias are summed in registers
+and added once per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_scan_common import (
+    ScanLaunchConfig,
+    channel_block,
+    channel_params,
+    launch_options,
+    softplus,
+)
+
+
+@triton.jit
+def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d, n_mask, d_mask,
+                     nd_mask, batch_idx, chunk_idx, ok, length, n_chunks, n_state, dim,
+                     CHUNK: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
+    """The backward's per-channel reads for one chunk, as loaded (storage dtype): the saved entry state and,
+    per position in scan order, u, delta, dout and z. Issued one chunk ahead (``ok`` False past the
+    program's last chunk) so that their latency hides behind the current chunk's arithmetic. (B and C,
+    N values per position, would not fit: carried too, they spill.)"""
+    state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+    h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask & ok, other=0.0)
+    base = chunk_idx * CHUNK
+    loads = ()
+    for s in tl.static_range(CHUNK):
+        if REVERSE:
+            pos = base + (CHUNK - 1 - s)
+        else:
+            pos = base + s
+        valid = (pos < length) & ok
+        m = d_mask & valid
+        u = tl.load(U + seq_row + pos, mask=m, other=0.0)
+        delta = tl.load(DELTA + seq_row + pos, mask=m, other=0.0)
+        dout = tl.load(DOUT + seq_row + pos, mask=m, other=0.0)
+        z = u
+        if HAS_Z:
+            z = tl.load(Z + seq_row + pos, mask=m, other=0.0)
+        loads = loads + ((u, delta, dout, z),)
+    return h_in, loads
+
+
+# dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
+# (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level shuffles in every sum over N (sm_90 SASS,
+
+
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+def _scan_bwd_kernel(
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
+        n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
+    # Only A * log2(e) is kept (one tile fewer of registers); sums over A * x are scaled by ln(2) after.
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+                                     HAS_D, HAS_BIAS)
+    offs_c = tl.arange(0, CHUNK)
+    row = (batch_idx * dim + offs_d).to(tl.int64)
+    seq_row = row * length
+    # B and C come as (batch, groups, L, N): one position's N values are contiguous.
+    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+
+    # Adjoint of the state after the current position: starts as the last state's incoming gradient.
+    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_DLAST:
+        g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
+    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    # Chunks in the opposite scan order: scan-order index n_chunks - 1 first.
+    if REVERSE:
+        chunk_idx = 0 * n_chunks
+    else:
+        chunk_idx = n_chunks - 1
+    h_in_zero = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    ahead = (h_in_zero, ())
+    if PREFETCH:
+        ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d, n_mask,
+                                 d_mask, nd_mask, batch_idx, chunk_idx, True, length, n_chunks, n_state,
+                                 dim, CHUNK, HAS_Z, REVERSE)
+    for i in range(n_chunks):
+        if REVERSE:
+            chunk_idx = i
+            next_idx = chunk_idx + 1
+        else:
+            chunk_idx = n_chunks - 1 - i
+            next_idx = chunk_idx - 1
+        base = chunk_idx * CHUNK
+        if PREFETCH:
+            h_in, loads = ahead
+            # The next chunk's loads go out before this chunk's arithmetic.
+            ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d,
+                                     n_mask, d_mask, nd_mask, batch_idx, next_idx, i + 1 < n_chunks, length,
+                                     n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE)
+        else:
+            h_in, loads = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d,
+                                           n_mask, d_mask, nd_mask, batch_idx, chunk_idx, True, length,
+                                           n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE)
+
+        # Recompute the chunk's states and decays, kept in registers (index s = scan order in the chunk),
+        # with dt and softplus'(dt_raw) per position. B and C are read where they are used, not kept for
+        # the chunk: kept, they cost 64 registers (254, and 145 spill instructions under maxnreg 168).
+        h = h_in
+        states = ()
+        decays = ()
+        steps = ()
+        slopes = ()
+        for s in tl.static_range(CHUNK):
+            u = loads[s][0].to(tl.float32)
+            dt_raw = loads[s][1].to(tl.float32)
+            if HAS_BIAS:
+                dt_raw += bias
+            if SOFTPLUS:
+                dt = softplus(dt_raw)
+            else:
+                dt = dt_raw
+            if REVERSE:
+                pos = base + (CHUNK - 1 - s)
+            else:
+                pos = base + s
+            dt = tl.where(d_mask & (pos < length), dt, 0.0)
+            a = tl.exp2(dt[None, :] * A2)
+            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
+            h = a * h + B_col[:, None] * (dt * u)[None, :]
+            states = states + (h,)
+            decays = decays + (a,)
+            steps = steps + (dt,)
+            if SOFTPLUS:
+                # sigmoid(x) = exp(x - softplus(x)): one exp instead of an exp and a division.
+                slopes = slopes + (tl.exp(dt_raw - dt),)
+            else:
+                slopes = slopes + (dt,)
+
+        # Adjoint, backwards through the chunk.
+        dB_chunk = tl.zeros((N_PAD, CHUNK), dtype=tl.float32)
+        dC_chunk = tl.zeros((N_PAD, CHUNK), dtype=tl.float32)
+        for r in tl.static_range(CHUNK):
+            # Scan-order index CHUNK - 1 - r (written out: a constexpr cannot be rebound in the loop).
+            if REVERSE:
+                pos = base + r
+            else:
+                pos = base + (CHUNK - 1 - r)
+            valid = pos < length
+            m = d_mask & valid
+            h = states[CHUNK - 1 - r]
+            a = decays[CHUNK - 1 - r]
+            dt = steps[CHUNK - 1 - r]
+            u = loads[CHUNK - 1 - r][0].to(tl.float32)
+            if CHUNK - 1 - r > 0:
+                h_prev = states[CHUNK - 2 - r]
+            else:
+                h_prev = h_in
+            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+            dout = loads[CHUNK - 1 - r][2].to(tl.float32)
+            if HAS_Z:
+                z = loads[CHUNK - 1 - r][3].to(tl.float32)
+                y = tl.sum(h * C_col[:, None], axis=0)
+                if HAS_D:
+                    y += D_vec * u
+                sig_z = tl.sigmoid(z)
+                dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(DZ + seq_row + pos, dz.to(DZ.dtype.element_ty), mask=m)
+                dy = dout * z * sig_z
+            else:
+                dy = dout
+
+            g = g + C_col[:, None] * dy[None, :]
+            decayed_prev = a * h_prev
+            g_dot_B = tl.sum(g * B_col[:, None], axis=0)
+            ddt = u * g_dot_B + tl.sum(g * decayed_prev * A2, axis=0) * 0.6931471805599453
+            du = dt * g_dot_B
+            if HAS_D:
+                du += D_vec * dy
+                dD_acc += dy * u
+            dA_acc += g * decayed_prev * dt[None, :]
+            if SOFTPLUS:
+                ddt = ddt * slopes[CHUNK - 1 - r]
+            ddt = tl.where(m, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += ddt
+            tl.store(DU + seq_row + pos, du.to(DU.dtype.element_ty), mask=m)
+            tl.store(DDELTA + seq_row + pos, ddt.to(DDELTA.dtype.element_ty), mask=m)
+
+            # Column r of the chunk's (N, CHUNK) dB / dC tiles (added once per chunk, below).
+            dB_chunk = tl.where(offs_c[None, :] == r, tl.sum(g * (dt * u)[None, :], axis=1)[:, None], dB_chunk)
+            dC_chunk = tl.where(offs_c[None, :] == r, tl.sum(h * dy[None, :], axis=1)[:, None], dC_chunk)
+            g = a * g
+
+        # One layout change and one atomic per element per chunk instead of one per position: fewer
+        # barriers between the positions' reductions, so they can overlap.
+        if REVERSE:
+            chunk_pos = base + offs_c
+        else:
+            chunk_pos = base + (CHUNK - 1 - offs_c)
+        bc_ptrs = chunk_pos[None, :] * n_state + offs_n[:, None]
+        bc_mask = n_mask[:, None] & (chunk_pos < length)[None, :]
+        tl.atomic_add(DB_seq + bc_ptrs, dB_chunk, mask=bc_mask, sem="relaxed")
+        tl.atomic_add(DC_seq + bc_ptrs, dC_chunk, mask=bc_mask, sem="relaxed")
+
+    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
+
+
+
+def selective_scan_bwd_launch(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    chunk_states: torch.Tensor,
+    dlast: torch.Tensor | None,
+    delta_softplus: bool,
+    reverse: bool,
+    config: ScanLaunchConfig,
+) -> dict[str, torch.Tensor | None]:
+    """Gradients of every input from the forward's saved chunk states: dB/dC per group, float32 dA, dD and
+    ddelta_bias (summed over batch and L), the others in their input's dtype."""
+    batch, dim, length = u.shape
+    n_groups, n_state = B.shape[1], B.shape[2]
+    dim_per_group = dim // n_groups
+    n_chunks = chunk_states.shape[1]
+    if n_chunks != triton.cdiv(length, config.chunk):
+        raise ValueError("selective_scan backward: chunk size differs from the forward's")
+    f32 = dict(device=u.device, dtype=torch.float32)
+    grads: dict[str, torch.Tensor | None] = {
+        "u": torch.empty_like(u),
+        "delta": torch.empty_like(delta),
+        "z": torch.empty_like(z) if z is not None else None,
+        "A": torch.zeros(dim, n_state, **f32),
+        # (batch, groups, L, N) like the kernel's B and C; handed back as (batch, groups, N, L) views.
+        "B": torch.zeros(batch, n_groups, length, n_state, **f32),
+        "C": torch.zeros(batch, n_groups, length, n_state, **f32),
+        "D": torch.zeros(dim, **f32) if D is not None else None,
+        "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
+    }
+    placeholder = grads["A"]
+    grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
+    _scan_bwd_kernel[grid](
+        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
+        D if D is not None else placeholder,
+        z if z is not None else u,
+        delta_bias if delta_bias is not None else placeholder,
+        dout, chunk_states,
+        dlast if dlast is not None else placeholder,
+        grads["u"], grads["delta"],
+        grads["z"] if z is not None else grads["u"],
+        grads["A"], grads["B"], grads["C"],
+        grads["D"] if D is not None else placeholder,
+        grads["delta_bias"] if delta_bias is not None else placeholder,
+        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
+        PREFETCH=config.prefetch, **launch_options(config),
+    )
+    grads["B"] = grads["B"].transpose(-1, -2)
+    grads["C"] = grads["C"].transpose(-1, -2)
+    return grads

@@ -1,0 +1,156 @@
+"""Forward kernel of the selective scan and its launcher.
+
+Each program is one warp that owns BLOCK_D channels of one (batch, group) pair. Tiles are (N_PAD, BLOCK_D)
+with the channels fastest, so Triton gives each channel 32 / BLOCK_D lanes and each lane N_PAD * BLOCK_D / 32
+of its states: with BLOCK_D = 32 a thread holds all N states of one channel, with BLOCK_D = 8 four threads
+share a channel (four times the parallelism, two shuffle steps per sum over N). Positions are walked one by
+one; there are no shared-memory tiles and no layout conversions inside the loop. The next position's inputs
+are loaded before the current position is computed (one step of software prefetch), and the state entering
+every CHUNK positions is saved for the backward (kernels/triton_scan_bwd.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_scan_common import (
+    ScanLaunchConfig,
+    channel_block,
+    channel_params,
+    launch_options,
+    softplus,
+)
+
+
+@triton.jit
+def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u and the discretisation step dt of every channel at one position (zeros past either end, which makes
+    that position an identity step)."""
+    valid = (pos >= 0) & (pos < length)
+    m = d_mask & valid
+    u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+    dt = tl.load(DELTA + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += DELTA_BIAS_VEC
+    if SOFTPLUS:
+        dt = softplus(dt)
+    dt = tl.where(m, dt, 0.0)
+    return u, dt
+
+
+# dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
+# (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level shuffles in every sum over N (sm_90 SASS,
+# bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480 instructions per position at dim 768).
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])
+def _scan_fwd_kernel(
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
+    OUT, CHUNK_STATES, LAST_STATE,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
+):
+    batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
+        n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+                                     HAS_D, HAS_BIAS)
+    row = (batch_idx * dim + offs_d).to(tl.int64)
+    seq_row = row * length
+    # B and C come as (batch, groups, L, N): one position's N values are contiguous.
+    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    if REVERSE:
+        step = -1
+        pos = n_chunks * CHUNK - 1
+    else:
+        step = 1
+        pos = 0 * n_chunks
+
+    # Inputs of the first position; each step then loads the next position's before computing its own.
+    u, dt = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
+    valid = (pos >= 0) & (pos < length)
+    B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    z = u
+    if HAS_Z:
+        z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
+
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    for i in range(n_chunks):
+        if STORE_STATES:
+            if REVERSE:
+                chunk_idx = n_chunks - 1 - i
+            else:
+                chunk_idx = i
+            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+            tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+        for _t in range(CHUNK):
+            nxt = pos + step
+            nxt_valid = (nxt >= 0) & (nxt < length)
+            u_n, dt_n = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
+            B_n = tl.load(B_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            z_n = u_n
+            if HAS_Z:
+                z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
+
+            h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * C_col[:, None], axis=0)
+            if HAS_D:
+                y += D_vec * u
+            if HAS_Z:
+                y = y * z * tl.sigmoid(z)
+            valid = (pos >= 0) & (pos < length)
+            tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=d_mask & valid)
+
+            pos = nxt
+            u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
+
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
+
+
+def selective_scan_fwd_launch(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    reverse: bool,
+    store_states: bool,
+    config: ScanLaunchConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
+    chunk (batch, chunks, N, dim) for the backward. Inputs contiguous; B and C (batch, groups, N, L), copied to
+    (batch, groups, L, N) so that each position's states load from one place."""
+    batch, dim, length = u.shape
+    n_groups, n_state = B.shape[1], B.shape[2]
+    dim_per_group = dim // n_groups
+    n_chunks = triton.cdiv(length, config.chunk)
+    out = torch.empty_like(u)
+    last_state = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
+    chunk_states = (
+        torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
+    )
+    grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
+    _scan_fwd_kernel[grid](
+        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
+        D if D is not None else last_state,
+        z if z is not None else u,
+        delta_bias if delta_bias is not None else last_state,
+        out,
+        chunk_states if chunk_states is not None else last_state,
+        last_state,
+        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,
+        **launch_options(config),
+    )
+    return out, last_state, chunk_states
