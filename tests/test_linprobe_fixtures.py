@@ -74,10 +74,15 @@ def kermany_multilabel_csv(path: Path, per_class: dict[str, int]) -> Path:
             chosen = [r for r in rows if r["split"] == "train" and r["pneumonia_subtype"] == sub][offset:offset + n]
             out += [{"path": str(KERMANY / r["path"]), "label": findings[sub], "split": split} for r in chosen]
         offset += n
+    return write_split_csv(path, out)
+
+
+def write_split_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    """A labeled CSV as common.data reads it: columns path, label, split."""
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
         writer.writeheader()
-        writer.writerows(out)
+        writer.writerows(rows)
     return path
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_linprobe_fixtures import write_split_csv
 
 from pipeline.kermany import kermany_patient_id
 from pipeline.results import main, table_lines
@@ -77,12 +78,7 @@ def small_kermany_csv(tmp_path: Path, per_split_class: int) -> Path:
         if taken.get(key, 0) < per_split_class:
             taken[key] = taken.get(key, 0) + 1
             small.append(r)
-    out = tmp_path / "kermany_small.csv"
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(small)
-    return out
+    return write_split_csv(tmp_path / "kermany_small.csv", small)
 
 
 def curated_pool(tmp_path: Path) -> Path:
