@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -91,8 +92,13 @@ def test_usr1_reaches_the_ranks_under_the_real_torchrun_agent(tmp_path: Path) ->
     kill the ranks; every rank checkpoints; the job requeues."""
     fake = FakeSlurm(tmp_path, stubs=("srun", "scontrol", "sbatch"))
     (fake.repo / "pretrain" / "main.py").write_text(_RANK_SCRIPT)
-    job_id = 1000 + os.getpid() % 9000  # the rendezvous port derives from it: avoid a fixed, shared port
+    job_id = 1000 + os.getpid() % 9000
+    # A port that is free now (the job-id-derived default could meet a port another test or process holds).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = fake.env(2, 2, job_id=job_id, SLURM_JOB_NODELIST="localhost,localhost", MIXED_PRECISION="no",
+                   MAIN_PORT=str(port),
                    PATH=f"{fake.bin}:{Path(sys.executable).parent}:/usr/bin:/bin", OMP_NUM_THREADS="1")
     proc = fake.start("pretrain_multi_node.sbatch", env)
     ready = [fake.record_dir / f"rank{r}.ready" for r in range(4)]
