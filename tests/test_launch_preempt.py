@@ -71,17 +71,26 @@ def test_usr1_checkpoints_exits_75_requeues_and_resumes(tmp_path: Path) -> None:
     assert not [c for c in fake.calls("scontrol") if c["argv"][0] == "requeue"]
 
 
-# A stand-in for the training ranks under the real torchrun agent: checkpoint on SIGUSR1, exit 75.
+# A stand-in for the training ranks under the real torchrun agent: checkpoint on SIGUSR1, exit 75. Like the
+# real checkpoint (accelerate save_state between barriers) the save is collective: a rank leaves only when
+# every rank has written its part. Without that barrier the first rank out makes the agent SIGTERM a sibling
+# that the test's signal loop has not reached yet (seen in CI on 2 loaded cores).
 _RANK_SCRIPT = """
 import os, signal, sys, time
-state = os.path.join(os.environ["FAKE_SLURM_RECORD"], "rank%s" % os.environ["RANK"])
+record = os.environ["FAKE_SLURM_RECORD"]
+state = os.path.join(record, "rank%s" % os.environ["RANK"])
 stop = []
 signal.signal(signal.SIGUSR1, lambda s, f: stop.append(s))
 open(state + ".ready", "w").close()
 deadline = time.time() + 120
 while not stop and time.time() < deadline:
     time.sleep(0.05)
-open(state + ".checkpoint", "w").write(str(stop[0]) if stop else "none")
+open(state + ".checkpoint.tmp", "w").write(str(stop[0]) if stop else "none")
+os.replace(state + ".checkpoint.tmp", state + ".checkpoint")
+world = int(os.environ["WORLD_SIZE"])
+while time.time() < deadline + 60 and not all(
+        os.path.exists(os.path.join(record, "rank%d.checkpoint" % r)) for r in range(world)):
+    time.sleep(0.05)
 sys.exit(75 if stop else 3)
 """
 
