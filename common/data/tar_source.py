@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import braceexpand
 import numpy as np
 
 from common.data.source import DataSourceError, Decoded, LabelInfo, Source
+from common.data.tar_reader import TarFormatError, iter_tar_files
 from data_curation.format import decode_image, decode_meta
 
 MANIFEST = "manifest.json"
@@ -29,21 +29,17 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
     """Group consecutive tar members with the same key into ``{"__key__", ext: bytes, ...}``."""
     sample: dict[str, Any] = {}
     try:
-        with tarfile.open(path, "r|*") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, ext = _split_key(member.name)
-                if not ext:
-                    continue
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": str(path)}
-                handle = tf.extractfile(member)
-                sample[ext] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        for name, data in iter_tar_files(path):
+            key, ext = _split_key(name)
+            if not ext:
+                continue
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            if not sample:
+                sample = {"__key__": key, "__url__": str(path)}
+            sample[ext] = data
+    except (TarFormatError, OSError) as exc:
         raise DataSourceError(f"{path}: cannot read tar shard ({exc})") from exc
     if sample:
         yield sample
@@ -52,9 +48,9 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
 def count_tar_samples(path: Path) -> int:
     """Number of distinct keys in a tar (headers only; used when there is no manifest)."""
     try:
-        with tarfile.open(path, "r:*") as tf:
-            keys = {_split_key(m.name)[0] for m in tf.getmembers() if m.isfile() and "." in os.path.basename(m.name)}
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        keys = {_split_key(name)[0] for name, _ in iter_tar_files(path, read_data=False)
+                if "." in os.path.basename(name)}
+    except (TarFormatError, OSError) as exc:
         raise DataSourceError(f"{path}: cannot read tar shard ({exc})") from exc
     return len(keys)
 
