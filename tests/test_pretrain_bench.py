@@ -37,3 +37,16 @@ def test_bench_row_time_cap_keeps_min_steps(tmp_path: Path) -> None:
     assert rc == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["status"] == "ok" and row["steps"] == 2
+
+
+def test_loader_bench_counts_images_and_hand_off(tmp_path: Path) -> None:
+    from bench.loader import main as loader_main
+
+    breast_shards(tmp_path / "cur", n=40, per_shard=10)
+    out = tmp_path / "loader.json"
+    result = loader_main(["--data_path", str(tmp_path / "cur"), "--in_chans", "1", "--batch_size", "8",
+                          "--canvas_size", "28", "--num_workers", "2", "--batches", "6", "--prefill_seconds", "1",
+                          "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert result["img_per_s"] > 0 and 0 < result["handoff_ms_per_batch"] < 1e4
+    assert saved["img_per_s"] == result["img_per_s"] and saved["batches"] == 6
