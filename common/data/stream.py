@@ -115,7 +115,8 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) ->
 
 
 class BatchStream(IterableDataset):
-    """Batches of one rank: ``{"image": uint8 (B,C,S,S), "size": (B,2) valid h,w, "key": [...], "label"}``."""
+    """Batches of one rank: ``{"image": uint8 (B,C,S,S), "size": (B,2) valid h,w, "key": [...], "label"}``; sizes
+    and labels as numpy arrays here (``ImageLoader`` hands them out as tensors)."""
 
     def __init__(self, dataset: ImageDataset, cfg: StreamConfig, num_workers: int):
         super().__init__()
@@ -224,13 +225,15 @@ class BatchStream(IterableDataset):
         if get_worker_info() is not None:
             images.share_memory_()
         sizes = [letterbox_into(images[i], image) for i, (image, _, _) in enumerate(decoded)]
-        # int32 sizes: they stay on the CPU (crop boxes are sampled there) and never need int64 range.
-        batch: dict[str, Any] = {"image": images, "size": torch.tensor(sizes, dtype=torch.int32),
+        # Only the image travels as a shared tensor. Sizes and labels are small numpy arrays, pickled by value:
+        # every shared tensor costs the receiver a round trip to this worker (see common.data.loader), and
+        # ImageLoader turns them back into tensors. int32 sizes stay on the CPU (crop boxes are drawn there).
+        batch: dict[str, Any] = {"image": images, "size": np.asarray(sizes, dtype=np.int32),
                                  "key": [key for _, _, key in decoded]}
         if self.dataset.labeled:
             labels = [label for _, label, _ in decoded]
             if isinstance(labels[0], torch.Tensor):
-                batch["label"] = torch.stack(labels).float()
+                batch["label"] = torch.stack(labels).float().numpy()
             else:
-                batch["label"] = torch.tensor(labels, dtype=torch.int64)
+                batch["label"] = np.asarray(labels, dtype=np.int64)
         return batch
