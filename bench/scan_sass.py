@@ -151,14 +151,13 @@ def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None)
     return res
 
 
-def forward_kernels(chunk: int, block_d: int, n_pad: int) -> list[tuple[Any, dict[str, Any]]]:
+def forward_kernels(chunk: int) -> list[tuple[Any, dict[str, Any]]]:
     """The forward kernel (kernels/triton_scan_fwd.py) with the constexprs of a training step, loading one
     position ahead and (prefetch) one chunk ahead."""
     from kernels.triton_scan_fwd import _scan_fwd_kernel
 
-    lanes = dict(LANES_N=min(32 // block_d, n_pad))  # as the launcher sets it
-    return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True, AHEAD=1, **lanes)),
-            (_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True, AHEAD=chunk, **lanes))]
+    return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True, AHEAD=1)),
+            (_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True, AHEAD=chunk))]
 
 
 def backward_kernels() -> list[tuple[Any, dict[str, Any]]]:
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for block_d in args.block_d:
         consts = dict(common, BLOCK_D=block_d)
         if args.only != "bwd":
-            for kernel, extra in forward_kernels(args.chunk, block_d, common["N_PAD"]):
+            for kernel, extra in forward_kernels(args.chunk):
                 c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
                 results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
         if args.only != "fwd":

@@ -56,7 +56,7 @@ class ScanLaunchConfig:
     ``prefetch``: load the next chunk's inputs before the current chunk's arithmetic (hides L2/HBM latency at
     the price of registers). Backward: entry state, u, delta, dout and z (sm_90 block_d 16: 255 registers
     instead of 230, spills under a register cap; block_d 8: 168 instead of 162). Forward: u, delta, z, B and
-    C of all CHUNK positions instead of one position ahead (block_d 16: 168 registers instead of 72).
+    C of all CHUNK positions instead of one position ahead (block_d 16: 236 registers instead of 96).
     """
 
     block_d: int
@@ -76,8 +76,6 @@ class ScanLaunchConfig:
 # One-warp block_d-16 backward programs resident per multiprocessor (about 230 registers per thread:
 # 65536 / (256 * 32) = 8 after allocation rounding).
 BWD_RESIDENT_PROGRAMS = 8
-# The same for the prefetching block_d-16 forward (168 registers, sm_90 offline: 65536 / (168 * 32) = 12).
-FWD_PREFETCH_RESIDENT_PROGRAMS = 12
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
@@ -90,19 +88,12 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     multiprocessors x 8, the residency at ~230 registers) takes block_d 16 with the next chunk's inputs
     prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
     the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
-    tied in that sweep. The forward loads the next chunk ahead (prefetch) when all its programs are resident
-    at once (batch 16), where nothing else hides the load latency; a larger grid keeps one position ahead
-    (72 registers, more resident warps). That forward rule is from offline SASS only, not yet timed.
-    Without a device (the interpreter) both take the large-grid tiles."""
+    tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
     chunk = min(4, triton.next_power_of_2(length))
-
-    def grid_fits(resident: int) -> bool:
-        return (rows is not None and multiprocessors is not None
-                and triton.cdiv(rows, 16) <= multiprocessors * resident)
-
     if not backward:
-        return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=grid_fits(FWD_PREFETCH_RESIDENT_PROGRAMS))
-    small_grid = grid_fits(BWD_RESIDENT_PROGRAMS)
+        return ScanLaunchConfig(block_d=16, chunk=chunk)
+    small_grid = (rows is not None and multiprocessors is not None
+                  and triton.cdiv(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
     if small_grid:
         return ScanLaunchConfig(block_d=8, chunk=chunk)
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True)

@@ -1,12 +1,11 @@
 """Forward kernel of the selective scan and its launcher.
 
-Each program is one warp that owns BLOCK_D channels of one (batch, group) pair. The states are a
-(K, LANES_N, BLOCK_D) tile, LANES_N = 32 / BLOCK_D lanes per channel (capped at N_PAD) and K = N_PAD / LANES_N
-consecutive states per lane (state k + K * lane): a position's B and C rows then load as one vector per
-lane, with no shared-memory broadcast. With BLOCK_D = 32 a thread holds all N states of one channel, with
-BLOCK_D = 8 four threads share a channel (four times the parallelism, two shuffle steps per sum over N).
-Positions are walked in chunks of CHUNK (statically unrolled); the state entering every chunk is saved for
-the backward (kernels/triton_scan_bwd.py). Inputs are loaded AHEAD positions before their use, AHEAD = 1 (next position)
+Each program is one warp that owns BLOCK_D channels of one (batch, group) pair. Tiles are (N_PAD, BLOCK_D)
+with the channels fastest, so Triton gives each channel 32 / BLOCK_D lanes and each lane N_PAD * BLOCK_D / 32
+of its states: with BLOCK_D = 32 a thread holds all N states of one channel, with BLOCK_D = 8 four threads
+share a channel (four times the parallelism, two shuffle steps per sum over N). Positions are walked in
+chunks of CHUNK (statically unrolled); the state entering every chunk is saved for the backward
+(kernels/triton_scan_bwd.py). Inputs are loaded AHEAD positions before their use, AHEAD = 1 (next position)
 or, with ScanLaunchConfig.prefetch, CHUNK (the whole next chunk goes out before the current chunk is
 computed: CHUNK positions of arithmetic to hide each load's L2/HBM latency, at the price of registers).
 """
@@ -20,13 +19,14 @@ import triton.language as tl
 from kernels.triton_scan_common import (
     ScanLaunchConfig,
     channel_block,
+    channel_params,
     launch_options,
     softplus,
 )
 
 
 @triton.jit
-def _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, n3, n3_mask, d_mask, first, step, length, n_state,
+def _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, offs_n, n_mask, d_mask, first, step, length, n_state,
                COUNT: tl.constexpr, HAS_Z: tl.constexpr):
     """The inputs of COUNT positions from ``first`` on in scan order (``step`` +-1), as loaded (storage dtype):
     u, delta, B row, C row, z per position (zeros past either end). Nothing is converted here, so that
@@ -38,8 +38,8 @@ def _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, n3, n3_mask, d_mask, first, s
         m = d_mask & valid
         u = tl.load(U + seq_row + pos, mask=m, other=0.0)
         delta = tl.load(DELTA + seq_row + pos, mask=m, other=0.0)
-        B_row = tl.load(B_seq + pos * n_state + n3, mask=n3_mask & valid, other=0.0)
-        C_row = tl.load(C_seq + pos * n_state + n3, mask=n3_mask & valid, other=0.0)
+        B_row = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0)
+        C_row = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0)
         z = u
         if HAS_Z:
             z = tl.load(Z + seq_row + pos, mask=m, other=0.0)
@@ -49,31 +49,20 @@ def _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, n3, n3_mask, d_mask, first, s
 
 # dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
 # (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level shuffles in every sum over N (sm_90 SASS,
-# bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480 instructions per position at dim 768,
-# measured with the earlier (N_PAD, BLOCK_D) forward tile).
+# bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480 instructions per position at dim 768).
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])
 def _scan_fwd_kernel(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state,
-    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, LANES_N: tl.constexpr, CHUNK: tl.constexpr, AHEAD: tl.constexpr,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, AHEAD: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
 ):
-    batch_idx, group, offs_d, d_mask, _, _, _ = channel_block(n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    # States as a (K, LANES_N, BLOCK_D) tile, state n = k + K * lane: each lane holds K consecutive states of
-    # its channel, so a position's B and C rows load as one vector per lane.
-    K: tl.constexpr = N_PAD // LANES_N
-    n3 = tl.arange(0, K)[:, None, None] + K * tl.arange(0, LANES_N)[None, :, None]
-    n3_mask = n3 < n_state
-    nd3_mask = n3_mask & d_mask[None, None, :]
-    A2 = tl.load(A_T + n3 * dim + offs_d[None, None, :], mask=nd3_mask, other=0.0) * 1.4426950408889634
-    D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
+    batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
+        n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+                                     HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
     # B and C come as (batch, groups, L, N): one position's N values are contiguous.
@@ -88,21 +77,21 @@ def _scan_fwd_kernel(
 
     # Inputs are loaded AHEAD positions (1 or CHUNK) before their use: every AHEAD positions the next
     # AHEAD positions' loads go out, then the current ones are computed from the previous batch.
-    ahead = _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, n3, n3_mask, d_mask, pos, step, length, n_state,
+    ahead = _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, offs_n, n_mask, d_mask, pos, step, length, n_state,
                        AHEAD, HAS_Z)
-    h = tl.zeros((K, LANES_N, BLOCK_D), dtype=tl.float32)
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     for i in range(n_chunks):
         if STORE_STATES:
             if REVERSE:
                 chunk_idx = n_chunks - 1 - i
             else:
                 chunk_idx = i
-            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + n3).to(tl.int64) * dim
-            tl.store(CHUNK_STATES + state_ptrs + offs_d[None, None, :], h, mask=nd3_mask)
+            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+            tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
         for s in tl.static_range(CHUNK):
             if s % AHEAD == 0:
                 loads = ahead
-                ahead = _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, n3, n3_mask, d_mask, pos + AHEAD * step,
+                ahead = _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, offs_n, n_mask, d_mask, pos + AHEAD * step,
                                    step, length, n_state, AHEAD, HAS_Z)
             u = loads[s % AHEAD][0].to(tl.float32)
             dt = loads[s % AHEAD][1].to(tl.float32)
@@ -115,8 +104,8 @@ def _scan_fwd_kernel(
             dt = tl.where(m, dt, 0.0)
             B_row = loads[s % AHEAD][2].to(tl.float32)
             C_row = loads[s % AHEAD][3].to(tl.float32)
-            h = tl.exp2(dt[None, None, :] * A2) * h + B_row * (dt * u)[None, None, :]
-            y = tl.sum(tl.sum(h * C_row, axis=0), axis=0)
+            h = tl.exp2(dt[None, :] * A2) * h + B_row[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * C_row[:, None], axis=0)
             if HAS_D:
                 y += D_vec * u
             if HAS_Z:
@@ -125,7 +114,7 @@ def _scan_fwd_kernel(
             tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=m)
             pos += step
 
-    tl.store(LAST_STATE + row[None, None, :] * n_state + n3, h, mask=nd3_mask)
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
 
 
 def selective_scan_fwd_launch(
@@ -149,7 +138,6 @@ def selective_scan_fwd_launch(
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
     n_chunks = triton.cdiv(length, config.chunk)
-    n_pad = triton.next_power_of_2(n_state)
     out = torch.empty_like(u)
     last_state = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
     chunk_states = (
@@ -165,7 +153,7 @@ def selective_scan_fwd_launch(
         chunk_states if chunk_states is not None else last_state,
         last_state,
         dim, length, dim_per_group, n_groups, n_chunks, n_state,
-        N_PAD=n_pad, BLOCK_D=config.block_d, LANES_N=min(32 // config.block_d, n_pad), CHUNK=config.chunk,
+        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
         AHEAD=config.chunk if config.prefetch else 1,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,

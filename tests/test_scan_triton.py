@@ -142,13 +142,9 @@ def test_default_config_tiles_follow_the_grid_size():
         for backward in (False, True):
             cfg = default_launch_config(16, length, backward, rows=rows, multiprocessors=132)
             assert (cfg.maxnreg, cfg.chunk) == (None, 4)
-    # The forward: block_d 16, the next chunk loaded ahead only where all 768 programs are resident at once
-    # (132 x 12), and not under the interpreter.
+    # The forward: block_d 16 without prefetch at every size.
     fwd = default_launch_config(16, 197, False, rows=128 * 768, multiprocessors=132)
     assert (fwd.block_d, fwd.prefetch) == (16, False)
-    fwd = default_launch_config(16, 1024, False, rows=16 * 768, multiprocessors=132)
-    assert (fwd.block_d, fwd.prefetch) == (16, True)
-    assert not default_launch_config(16, 1024, False, rows=16 * 768).prefetch
     # 6144 block_d-16 backward programs > 132 x 8 resident: block_d 16 with prefetch; 768 programs: block_d 8.
     crowded = default_launch_config(16, 197, True, rows=128 * 768, multiprocessors=132)
     assert (crowded.block_d, crowded.prefetch) == (16, True)
