@@ -122,25 +122,21 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
 
 
 def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
-    """Time the tile options: the forward alone per block_d without and with prefetch (next position vs
-    next chunk loaded ahead), then forward+backward (behind the default forward) per backward option:
-    block_d 16 at maxnreg none / 168 / 200 without and none / 200 with prefetch, and uncapped block_d 8
-    without and with prefetch and block_d 4 (more programs at small batch)."""
+    """Time the tile options: the forward alone per block_d, then forward+backward (behind the default
+    forward) per backward option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with
+    prefetch, and uncapped block_d 8 / 4 (more programs at small batch)."""
     from kernels.selective_scan_triton import selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
     rows = []
     for block_d in (8, 16, 32):
-        for prefetch in (False, True):
-            cfg = ScanLaunchConfig(block_d, 4, prefetch=prefetch)
-            fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
-            t = time_backend(fn, inp, rep_ms, backward=False)
-            rows.append({"pass": "fwd", "block_d": block_d, "maxnreg": None, "prefetch": prefetch,
-                         "ms": t["fwd_ms"]})
+        cfg = ScanLaunchConfig(block_d, 4)
+        fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
+        t = time_backend(fn, inp, rep_ms, backward=False)
+        rows.append({"pass": "fwd", "block_d": block_d, "maxnreg": None, "prefetch": False, "ms": t["fwd_ms"]})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
-    # block_d 8 with prefetch: 168 registers without spills offline (162 without prefetch).
     bwd_options = [(16, None, False), (16, 168, False), (16, 200, False), (16, None, True), (16, 200, True),
-                   (8, None, False), (8, None, True), (4, None, False)]
+                   (8, None, False), (4, None, False)]
     for block_d, maxnreg, prefetch in bwd_options:
         cfg = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, bwd_config=c))(cfg)

@@ -151,13 +151,11 @@ def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None)
     return res
 
 
-def forward_kernels(chunk: int) -> list[tuple[Any, dict[str, Any]]]:
-    """The forward kernel (kernels/triton_scan_fwd.py) with the constexprs of a training step, loading one
-    position ahead and (prefetch) one chunk ahead."""
+def forward_kernels() -> list[tuple[Any, dict[str, Any]]]:
+    """The forward kernel (kernels/triton_scan_fwd.py) with the constexprs of a training step."""
     from kernels.triton_scan_fwd import _scan_fwd_kernel
 
-    return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True, AHEAD=1)),
-            (_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True, AHEAD=chunk))]
+    return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
 def backward_kernels() -> list[tuple[Any, dict[str, Any]]]:
@@ -169,7 +167,7 @@ def backward_kernels() -> list[tuple[Any, dict[str, Any]]]:
 
 
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
-    flags = ",prefetch" if extra.get("PREFETCH") or extra.get("AHEAD", 1) > 1 else ""
+    flags = ",prefetch" if extra.get("PREFETCH") else ""
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
@@ -192,12 +190,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for block_d in args.block_d:
         consts = dict(common, BLOCK_D=block_d)
         if args.only != "bwd":
-            for kernel, extra in forward_kernels(args.chunk):
+            for kernel, extra in forward_kernels():
                 c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
-                results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
+                results.append(report(_name(kernel, extra, block_d), c, 1, args.dump))
         if args.only != "fwd":
             for kernel, extra in backward_kernels():
                 c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
+                # The backward unrolls a chunk per loop iteration; the forward walks one position.
                 results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
     return results
 

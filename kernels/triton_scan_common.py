@@ -53,10 +53,8 @@ class ScanLaunchConfig:
     forward and backward configs must agree on ``chunk``.
 
     ``maxnreg`` caps registers per thread (more resident warps, at the price of some recomputation).
-    ``prefetch``: load the next chunk's inputs before the current chunk's arithmetic (hides L2/HBM latency at
-    the price of registers). Backward: entry state, u, delta, dout and z (sm_90 block_d 16: 255 registers
-    instead of 230, spills under a register cap; block_d 8: 168 instead of 162). Forward: u, delta, z, B and
-    C of all CHUNK positions instead of one position ahead (block_d 16: 236 registers instead of 96).
+    ``prefetch`` (backward): load the next chunk's entry state, u, delta, dout and z before the current
+    chunk's arithmetic (hides L2 latency; sm_90: 251 registers instead of 231, spills under a register cap).
     """
 
     block_d: int

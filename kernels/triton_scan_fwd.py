@@ -3,11 +3,10 @@
 Each program is one warp that owns BLOCK_D channels of one (batch, group) pair. Tiles are (N_PAD, BLOCK_D)
 with the channels fastest, so Triton gives each channel 32 / BLOCK_D lanes and each lane N_PAD * BLOCK_D / 32
 of its states: with BLOCK_D = 32 a thread holds all N states of one channel, with BLOCK_D = 8 four threads
-share a channel (four times the parallelism, two shuffle steps per sum over N). Positions are walked in
-chunks of CHUNK (statically unrolled); the state entering every chunk is saved for the backward
-(kernels/triton_scan_bwd.py). Inputs are loaded AHEAD positions before their use, AHEAD = 1 (next position)
-or, with ScanLaunchConfig.prefetch, CHUNK (the whole next chunk goes out before the current chunk is
-computed: CHUNK positions of arithmetic to hide each load's L2/HBM latency, at the price of registers).
+share a channel (four times the parallelism, two shuffle steps per sum over N). Positions are walked one by
+one; there are no shared-memory tiles and no layout conversions inside the loop. The next position's inputs
+are loaded before the current position is computed (one step of software prefetch), and the state entering
+every CHUNK positions is saved for the backward (kernels/triton_scan_bwd.py).
 """
 
 from __future__ import annotations
@@ -26,25 +25,20 @@ from kernels.triton_scan_common import (
 
 
 @triton.jit
-def _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, offs_n, n_mask, d_mask, first, step, length, n_state,
-               COUNT: tl.constexpr, HAS_Z: tl.constexpr):
-    """The inputs of COUNT positions from ``first`` on in scan order (``step`` +-1), as loaded (storage dtype):
-    u, delta, B row, C row, z per position (zeros past either end). Nothing is converted here, so that
-    issuing them does not wait for them."""
-    loads = ()
-    for s in tl.static_range(COUNT):
-        pos = first + s * step
-        valid = (pos >= 0) & (pos < length)
-        m = d_mask & valid
-        u = tl.load(U + seq_row + pos, mask=m, other=0.0)
-        delta = tl.load(DELTA + seq_row + pos, mask=m, other=0.0)
-        B_row = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0)
-        C_row = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0)
-        z = u
-        if HAS_Z:
-            z = tl.load(Z + seq_row + pos, mask=m, other=0.0)
-        loads = loads + ((u, delta, B_row, C_row, z),)
-    return loads
+def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u and the discretisation step dt of every channel at one position (zeros past either end, which makes
+    that position an identity step)."""
+    valid = (pos >= 0) & (pos < length)
+    m = d_mask & valid
+    u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+    dt = tl.load(DELTA + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += DELTA_BIAS_VEC
+    if SOFTPLUS:
+        dt = softplus(dt)
+    dt = tl.where(m, dt, 0.0)
+    return u, dt
 
 
 # dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
@@ -55,7 +49,7 @@ def _scan_fwd_kernel(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state,
-    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, AHEAD: tl.constexpr,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
 ):
@@ -75,10 +69,15 @@ def _scan_fwd_kernel(
         step = 1
         pos = 0 * n_chunks
 
-    # Inputs are loaded AHEAD positions (1 or CHUNK) before their use: every AHEAD positions the next
-    # AHEAD positions' loads go out, then the current ones are computed from the previous batch.
-    ahead = _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, offs_n, n_mask, d_mask, pos, step, length, n_state,
-                       AHEAD, HAS_Z)
+    # Inputs of the first position; each step then loads the next position's before computing its own.
+    u, dt = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
+    valid = (pos >= 0) & (pos < length)
+    B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    z = u
+    if HAS_Z:
+        z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
+
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     for i in range(n_chunks):
         if STORE_STATES:
@@ -88,31 +87,27 @@ def _scan_fwd_kernel(
                 chunk_idx = i
             state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
             tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
-        for s in tl.static_range(CHUNK):
-            if s % AHEAD == 0:
-                loads = ahead
-                ahead = _fwd_loads(U, DELTA, Z, B_seq, C_seq, seq_row, offs_n, n_mask, d_mask, pos + AHEAD * step,
-                                   step, length, n_state, AHEAD, HAS_Z)
-            u = loads[s % AHEAD][0].to(tl.float32)
-            dt = loads[s % AHEAD][1].to(tl.float32)
-            if HAS_BIAS:
-                dt += bias
-            if SOFTPLUS:
-                dt = softplus(dt)
-            m = d_mask & (pos >= 0) & (pos < length)
-            # dt = 0 past either end: an identity step (the last state is the state at the last position).
-            dt = tl.where(m, dt, 0.0)
-            B_row = loads[s % AHEAD][2].to(tl.float32)
-            C_row = loads[s % AHEAD][3].to(tl.float32)
-            h = tl.exp2(dt[None, :] * A2) * h + B_row[:, None] * (dt * u)[None, :]
-            y = tl.sum(h * C_row[:, None], axis=0)
+        for _t in range(CHUNK):
+            nxt = pos + step
+            nxt_valid = (nxt >= 0) & (nxt < length)
+            u_n, dt_n = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
+            B_n = tl.load(B_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            z_n = u_n
+            if HAS_Z:
+                z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
+
+            h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * C_col[:, None], axis=0)
             if HAS_D:
                 y += D_vec * u
             if HAS_Z:
-                z = loads[s % AHEAD][4].to(tl.float32)
                 y = y * z * tl.sigmoid(z)
-            tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=m)
-            pos += step
+            valid = (pos >= 0) & (pos < length)
+            tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=d_mask & valid)
+
+            pos = nxt
+            u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
 
     tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
 
@@ -154,7 +149,6 @@ def selective_scan_fwd_launch(
         last_state,
         dim, length, dim_per_group, n_groups, n_chunks, n_state,
         N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
-        AHEAD=config.chunk if config.prefetch else 1,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,
         **launch_options(config),

@@ -121,14 +121,13 @@ def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_
                              config=config)
 
 
-@pytest.mark.parametrize("length,groups,reverse,chunk,fwd_block_d", [(1, None, False, 1, 8), (23, 2, True, 4, 16),
-                                                                     (37, None, False, 4, 8), (30, 2, True, 2, 4)])
-def test_triton_prefetch(triton_scan, length, groups, reverse, chunk, fwd_block_d):
-    """Forward and backward (block_d 8) that load the next chunk's inputs ahead: one chunk, a partial last
-    chunk, many chunks, in both scan directions."""
+@pytest.mark.parametrize("length,groups,reverse,chunk", [(1, None, False, 1), (23, 2, True, 4),
+                                                         (37, None, False, 4), (30, 2, True, 2)])
+def test_triton_prefetch(triton_scan, length, groups, reverse, chunk):
+    """The backward that loads the next chunk's inputs ahead: one chunk, a partial last chunk, many chunks."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(fwd_block_d, chunk, prefetch=True)
+    fwd = ScanLaunchConfig(8, chunk)
     bwd = ScanLaunchConfig(8, chunk, prefetch=True)
     _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
                              dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
@@ -217,16 +216,14 @@ def test_triton_gpu_tile_configs(triton_scan, fwd_block_d, block_d, chunk):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("block_d,maxnreg,reverse,prefetch", [(16, 168, True, False), (16, 128, False, False),
-                                                            (16, None, True, True), (16, 200, False, True),
-                                                            (8, None, True, True), (8, None, False, True)])
-def test_triton_gpu_register_caps_and_prefetch(triton_scan, block_d, maxnreg, reverse, prefetch):
-    """Register caps and the prefetching forward and backward as the benchmark sweeps them, compiled, in
-    bf16."""
+@pytest.mark.parametrize("maxnreg,reverse,prefetch", [(168, True, False), (128, False, False), (None, True, True),
+                                                    (200, False, True)])
+def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, prefetch):
+    """Register caps and the prefetching backward as the benchmark sweeps them, compiled, in bf16."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch)
-    bwd = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch)
+    fwd = ScanLaunchConfig(16, 4)
+    bwd = ScanLaunchConfig(16, 4, maxnreg=maxnreg, prefetch=prefetch)
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=maxnreg or 1, config=(fwd, bwd))
