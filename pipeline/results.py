@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             "finetune.main", "--data_path", path, *label_args, *init_args, "--model", model, "--epochs",
             str(args.ft_epochs), "--warmup_epochs", str(max(1, min(5, args.ft_epochs // 10))), "--batch_size",
             str(args.ft_batch_size), "--blr", str(args.ft_blr), "--layer_decay", layer_decay,
+            *(["--class_weighted_loss"] if args.ft_class_weighted else []),
             "--output_dir", str(run_dir), *common_transfer)
 
     # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1), then the random-init twins.
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--probe_epochs", type=int, default=90)
     r.add_argument("--ft_epochs", type=int, default=20)
     r.add_argument("--ft_blr", type=float, default=5e-4, help="fine-tuning base learning rate")
+    r.add_argument("--ft_class_weighted", action="store_true",
+                   help="fine-tune with the loss weighted by inverse class frequency (finetune --class_weighted_loss); "
+                        "without it imbalanced sets such as BreastMNIST can collapse to the majority class")
     r.add_argument("--num_workers", type=int, default=12, help="data loader workers of each stage")
     r.add_argument("--jobs", type=int, default=1,
                    help="stages run at once: the encoders' pretrainings together, then the transfer stages "

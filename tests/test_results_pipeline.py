@@ -98,7 +98,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     kermany = small_kermany_csv(tmp_path, per_split_class=6)
     out = tmp_path / "res"
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
-                 "--out", str(out), "--inits", "mae", "--jobs", "2", *TINY]) == 0
+                 "--out", str(out), "--inits", "mae", "--jobs", "2", "--ft_class_weighted", *TINY]) == 0
     rows = json.loads((out / "runs.json").read_text())
     transfer = [r for r in rows if r["protocol"] != "pretrain"]
     assert {(r["protocol"], r["dataset"]) for r in transfer} == {
@@ -109,6 +109,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
         assert isinstance(r["acc"], float) and isinstance(r["auc"], float) and r["evaluated_on"] == "test"
         assert "--nb_classes" in r["command"] and r["command"][r["command"].index("--nb_classes") + 1] == "2"
         assert isinstance(r["pretrain_seconds"], float)
+        assert ("--class_weighted_loss" in r["command"]) == (r["protocol"] == "finetune")
     text = "\n".join(table_lines(rows, None, 32))
     assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
 
