@@ -42,11 +42,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     dataset = build_dataset(args.data_path, split=args.split, in_chans=args.in_chans)
 
-    def batches():
-        return iter(build_loader(dataset, args.batch_size, num_workers=args.num_workers, infinite=True,
-                                 canvas_size=args.canvas_size, pin_memory=args.pin_memory))
-
-    it = batches()
+    loader = build_loader(dataset, args.batch_size, num_workers=args.num_workers, infinite=True,
+                          canvas_size=args.canvas_size, pin_memory=args.pin_memory)
+    it = iter(loader)
     next(it)  # workers started, first batch decoded
     start, images = time.perf_counter(), 0
     for _ in range(args.batches):
@@ -55,10 +53,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = {"img_per_s": images / seconds, "ms_per_batch": 1e3 * seconds / args.batches}
     del it
     if args.prefill_seconds > 0 and args.num_workers > 0:
-        it = batches()
+        it = iter(loader)
         next(it)
         time.sleep(args.prefill_seconds)
-        queued = args.num_workers * 4 - 1  # the DataLoader's prefetch_factor (4) per worker, minus the one taken
+        queued = args.num_workers * loader.prefetch_factor - 1  # what the workers may hold, minus the one taken
         start = time.perf_counter()
         for _ in range(queued):
             next(it)

@@ -89,3 +89,18 @@ def test_curated_shards_read_the_same_and_a_bad_shard_names_its_file(tmp_path: P
     ds = build_dataset(tmp_path / "cur", split="train", in_chans=1)
     with pytest.raises(DataSourceError, match=rf"{shards[1].name}: cannot read tar shard \(truncated"):
         list(ds.source.iter_raw(1))
+
+
+def test_pax_size_and_path_records_and_global_headers(tmp_path: Path) -> None:
+    """pax records override the ustar fields (tarfile writes a size record for members of 8 GiB and more; here it
+    is forced on a small one) and a global header applies to no member by itself."""
+    members = _real_members()[:3]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo("ustar_name_ignored")
+            info.size = len(data)
+            info.pax_headers = {"size": str(len(data)), "path": "pax/" + name}
+            tf.addfile(info, io.BytesIO(data))
+    ours = list(iter_tar_files(path))
+    assert ours == _stdlib(path) == [("pax/" + n, d) for n, d in members]

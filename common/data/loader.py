@@ -92,9 +92,10 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, rank: int = 0, world
                  pin_memory: bool | None = None) -> ImageLoader:
     """Batches of ``batch_size`` for one rank (``rank`` / ``world_size`` come from accelerate or torchrun).
 
-    Each batch: ``image`` uint8 (B, C, canvas, canvas) with the picture pasted top-left (shrunk if larger than the canvas), ``size``
-    int32 (B, 2) its valid height/width (keep it on the CPU: crop boxes are drawn there), ``key`` sample names and, in labeled mode, ``label`` (int64 (B,) or
-    float32 (B, K) multi-hot). Feed ``image``/``size`` to ``gpu_augment`` or ``eval_transform``.
+    Each batch: ``image`` uint8 (B, C, canvas, canvas) with the picture pasted top-left (shrunk if larger than
+    the canvas), ``size`` int32 (B, 2) its valid height/width (keep it on the CPU: crop boxes are drawn there),
+    ``key`` sample names and, in labeled mode, ``label`` (int64 (B,) or float32 (B, K) multi-hot). Feed
+    ``image``/``size`` to ``gpu_augment`` or ``eval_transform``.
     """
     cfg = StreamConfig(batch_size=batch_size, rank=rank, world_size=world_size, shuffle=shuffle,
                        shuffle_buffer=shuffle_buffer, seed=seed, infinite=infinite, resampled=resampled,
