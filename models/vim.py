@@ -81,17 +81,18 @@ class BiMamba(KeepSSMParamsFp32):
             x = causal_conv1d_fn(x.flip(-1), weight, conv.bias, activation="silu").flip(-1)
         else:
             x = causal_conv1d_fn(x, weight, conv.bias, activation="silu")
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            x_dbl = F.linear(x.transpose(1, 2), x_proj.weight.float())  # (B, L, R + 2N)
-            dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-            dt = F.linear(dt, dt_proj.weight.float()).transpose(1, 2)
-            return selective_scan_fn(
-                x, dt, -torch.exp(a_log.float()), b_ssm.transpose(1, 2).contiguous(),
-                c_ssm.transpose(1, 2).contiguous(), d.float(), z=z.float(),
-                delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
-                backend=self.scan_backend,
-            )
+        # The projections run in the autocast dtype and the scan takes its inputs in that dtype, as upstream Mamba
+        # does; it accumulates in float32 and A, D and the dt bias stay float32 parameters (models.ssm).
+        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        x, z = x.to(dt.dtype), z.to(dt.dtype)
+        return selective_scan_fn(
+            x, dt, -torch.exp(a_log.float()), b_ssm.transpose(1, 2).contiguous(),
+            c_ssm.transpose(1, 2).contiguous(), d.float(), z=z,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
+            backend=self.scan_backend,
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)

@@ -89,7 +89,7 @@ def test_ssm_parameters_stay_float32_when_the_model_is_cast(name: str) -> None:
     assert model.float().forward_features(torch.randn(1, 3, 32, 32)).dtype == torch.float32
 
 
-def test_vim_scan_runs_in_float32_under_autocast(monkeypatch) -> None:
+def test_vim_scan_inputs_in_autocast_dtype_params_float32(monkeypatch) -> None:
     import models.vim as vim_module
 
     model = models.create_model("test_vim", num_classes=2)
@@ -97,6 +97,7 @@ def test_vim_scan_runs_in_float32_under_autocast(monkeypatch) -> None:
     real_scan = vim_module.selective_scan_fn
 
     def recording_scan(u, delta, A, B, C, D=None, **kwargs):
+        assert u.dtype == delta.dtype == B.dtype == C.dtype == kwargs["z"].dtype
         dtypes.append({u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype, D.dtype, kwargs["delta_bias"].dtype})
         return real_scan(u, delta, A, B, C, D, **kwargs)
 
@@ -104,7 +105,7 @@ def test_vim_scan_runs_in_float32_under_autocast(monkeypatch) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, 32, 32))
     out.float().sum().backward()
-    assert dtypes and all(d == {torch.float32} for d in dtypes)
+    assert dtypes and all(d == {torch.bfloat16, torch.float32} for d in dtypes)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
