@@ -78,10 +78,11 @@ BWD_RESIDENT_PROGRAMS = 8
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
                           multiprocessors: int | None = None) -> ScanLaunchConfig:
-    """Tiles of the scan kernels, a saved state every 4 positions, tiles from the second
-    H200 sweep of bench/scan.py (README, 2026-11-22).
+    """Tiles of the scan kernels, a saved state every 4 positions, tiles from the H200 sweeps of
+    bench/scan.py (README, 2026-11-22).
 
-    Forward: 16 channels per warp. Backward: ``rows`` = batch * dim and ``multiprocessors`` (the device's
+    Forward: 8 channels per warp (third sweep, forward alone: L=197 batch 128 0.39 vs 0.61 ms at block_d 16,
+    L=1024 0.375 vs 0.423, L=4096 1.48 vs 1.71, L=50 0.116 vs 0.113, a tie). Backward: ``rows`` = batch * dim and ``multiprocessors`` (the device's
     count) decide. A grid of block_d-16 programs that fills the device several times over (more than
     multiprocessors x 8, the residency at ~230 registers) takes block_d 16 with the next chunk's inputs
     prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
@@ -89,7 +90,7 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
     chunk = min(4, triton.next_power_of_2(length))
     if not backward:
-        return ScanLaunchConfig(block_d=16, chunk=chunk)
+        return ScanLaunchConfig(block_d=8, chunk=chunk)
     small_grid = (rows is not None and multiprocessors is not None
                   and triton.cdiv(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
     if small_grid:

@@ -141,9 +141,10 @@ def test_default_config_tiles_follow_the_grid_size():
         for backward in (False, True):
             cfg = default_launch_config(16, length, backward, rows=rows, multiprocessors=132)
             assert (cfg.maxnreg, cfg.chunk) == (None, 4)
-    # The forward: block_d 16 without prefetch at every size.
-    fwd = default_launch_config(16, 197, False, rows=128 * 768, multiprocessors=132)
-    assert (fwd.block_d, fwd.prefetch) == (16, False)
+    # The forward: block_d 8 without prefetch at every size.
+    for length, rows in ((50, 128 * 768), (197, 128 * 768), (4096, 16 * 768)):
+        fwd = default_launch_config(16, length, False, rows=rows, multiprocessors=132)
+        assert (fwd.block_d, fwd.prefetch) == (8, False)
     # 6144 block_d-16 backward programs > 132 x 8 resident: block_d 16 with prefetch; 768 programs: block_d 8.
     crowded = default_launch_config(16, 197, True, rows=128 * 768, multiprocessors=132)
     assert (crowded.block_d, crowded.prefetch) == (16, True)
