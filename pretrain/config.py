@@ -61,6 +61,8 @@ class PretrainConfig:
     intensity_aug: float = field(default=0.0, metadata=_h("brightness/contrast jitter strength (0: off)"))
     interpolation: str = field(default="bicubic", metadata=_h("'bicubic' or 'bilinear' crop resampling"))
     shuffle_buffer: int = field(default=2000, metadata=_h("samples in the shuffle buffer of each worker"))
+    interleave_shards: int = field(default=4, metadata=_h("shards each worker reads at once, one sample from each "
+                                                          "in turn, so a batch mixes shards (and sources)"))
     resampled: bool | None = field(default=None, metadata=_h("draw shards with replacement (default: when shards "
                                                               "< GPUs x workers)"))
     volume_slices: bool = field(default=False, metadata=_h("read 3D .npz volumes slice by slice"))

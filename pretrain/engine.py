@@ -85,7 +85,8 @@ def train_state(ctx: TrainContext, step: int) -> dict[str, Any]:
     c = ctx.cfg
     return {"step": step, "epoch": step / ctx.steps_per_epoch, "data_batches_per_rank": step * c.accum_iter,
             "batch_size": c.batch_size, "accum_iter": c.accum_iter, "world_size": ctx.accelerator.num_processes,
-            "num_workers": c.num_workers, "seed": c.seed, "data_path": c.data_path, "model": c.model,
+            "num_workers": c.num_workers, "seed": c.seed, "interleave_shards": c.interleave_shards,
+            "data_path": c.data_path, "model": c.model,
             "lr": ctx.schedule.lr_at(max(0, step - 1))}
 
 

@@ -145,7 +145,7 @@ def run(cfg: PretrainConfig) -> int:
         state = checkpoints.load(accelerator, resume_from)
         start_step = int(state["step"])
         geometry = {"batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "world_size": world,
-                    "num_workers": cfg.num_workers, "seed": cfg.seed}
+                    "num_workers": cfg.num_workers, "seed": cfg.seed, "interleave_shards": cfg.interleave_shards}
         changed = {k: (state.get(k), v) for k, v in geometry.items() if state.get(k) != v}
         if changed:
             logger.warning(f"resuming with changed {changed}: the data order is not the one of the original run")
@@ -156,6 +156,7 @@ def run(cfg: PretrainConfig) -> int:
                           num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed, infinite=True,
                           start_batch=start_step * cfg.accum_iter, canvas_size=cfg.canvas_size or cfg.input_size,
                           resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
+                          interleave_shards=cfg.interleave_shards,
                           pin_memory=cfg.pin_mem and torch.cuda.is_available())
     if cfg.tensorboard or cfg.wandb:
         accelerator.init_trackers("pretrain", config=_hparams(cfg))

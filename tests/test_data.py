@@ -140,6 +140,40 @@ def test_two_ranks_two_workers_see_each_sample_once(tmp_path: Path) -> None:
     assert _keys(l0) != _keys(l1)
 
 
+def test_interleave_yields_every_item_once_width_at_a_time() -> None:
+    from common.data.stream import interleave
+
+    parts = [iter("ab"), iter("cdef"), iter(""), iter("g")]
+    assert "".join(interleave(iter(parts), 2)) == "acbdefg"
+    assert "".join(interleave(iter([iter("ab"), iter("cd")]), 1)) == "abcd"
+    assert list(interleave(iter([]), 3)) == []
+
+
+def test_a_batch_mixes_shards_when_interleaving(tmp_path: Path) -> None:
+    """Curated shards hold their sources in input order and a batch comes from one worker: reading one shard at
+    a time gave one-shard batches; with interleave_shards=4 a batch holds samples of 4 shards."""
+    root = breast_shards(tmp_path / "cur", n=80, per_shard=10)
+
+    def shards_per_batch(width: int, shuffle: bool = True) -> list[int]:
+        loader = build_loader(build_dataset(root, in_chans=1), 8, num_workers=0, seed=5, canvas_size=28,
+                              shuffle=shuffle, shuffle_buffer=1, interleave_shards=width, resampled=False)
+        return [len({key.split(".tar:")[0] for key in batch["key"]}) for batch in loader]
+
+    assert shards_per_batch(4) == [4] * 10
+    assert max(shards_per_batch(1)) <= 2  # a batch of 8 straddles at most one shard boundary
+    assert max(shards_per_batch(4, shuffle=False)) <= 2  # evaluation order stays shard after shard
+    with pytest.raises(ValueError, match="interleave_shards must be >= 1"):
+        build_loader(build_dataset(root, in_chans=1), 8, interleave_shards=0)
+
+
+def test_resampled_pass_draws_enough_shards_to_mix(tmp_path: Path) -> None:
+    root = breast_shards(tmp_path / "cur", n=40, per_shard=10)  # 4 shards < 2 ranks x 4 workers
+    loader = build_loader(build_dataset(root, in_chans=1), 4, world_size=2, num_workers=4, infinite=True,
+                          canvas_size=28, interleave_shards=3)
+    assert loader.stream.resampled
+    assert all(len(loader.stream.shards_for(p, w)) == 3 for p in range(3) for w in range(4))
+
+
 def test_resampled_when_fewer_shards_than_workers(tmp_path: Path) -> None:
     root = breast_shards(tmp_path / "cur", n=12, per_shard=12)  # one shard, 2 ranks x 2 workers
     ds = build_dataset(root, in_chans=1)

@@ -88,8 +88,8 @@ def _with_tensors(batches: Iterator[dict[str, Any]], pin_memory: bool) -> Iterat
 def build_loader(dataset: ImageDataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, shuffle: bool = True, seed: int = 0, infinite: bool = False,
                  start_batch: int = 0, canvas_size: int = 224, drop_last: bool = False,
-                 resampled: bool | None = None, shuffle_buffer: int = 2000, epoch: int = 0,
-                 pin_memory: bool | None = None) -> ImageLoader:
+                 resampled: bool | None = None, shuffle_buffer: int = 2000, interleave_shards: int = 4,
+                 epoch: int = 0, pin_memory: bool | None = None) -> ImageLoader:
     """Batches of ``batch_size`` for one rank (``rank`` / ``world_size`` come from accelerate or torchrun).
 
     Each batch: ``image`` uint8 (B, C, canvas, canvas) with the picture pasted top-left (shrunk if larger than
@@ -98,7 +98,8 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, rank: int = 0, world
     ``image``/``size`` to ``gpu_augment`` or ``eval_transform``.
     """
     cfg = StreamConfig(batch_size=batch_size, rank=rank, world_size=world_size, shuffle=shuffle,
-                       shuffle_buffer=shuffle_buffer, seed=seed, infinite=infinite, resampled=resampled,
+                       shuffle_buffer=shuffle_buffer, interleave_shards=interleave_shards, seed=seed,
+                       infinite=infinite, resampled=resampled,
                        drop_last=drop_last, canvas_size=canvas_size, start_batch=start_batch, epoch=epoch)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

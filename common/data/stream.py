@@ -7,6 +7,10 @@ is reproducible and a resumed run can jump to any batch index without replaying 
   shards ``perm_p[g::G]`` (``perm_p`` a seeded permutation, identity without shuffling), so within a pass
   every sample is read by exactly one worker. With fewer shards than ``G`` (or ``resampled=True``) each
   worker instead draws ``ceil(S / G)`` shards with replacement per pass, so no worker idles and nothing hangs.
+* A worker reads ``interleave_shards`` of its shards at a time, one sample from each in turn, then the
+  shuffle buffer. A batch comes from a single worker, and curated shards hold their sources in input order, so
+  reading one shard after another gave batches (and loss values) of one source at a time. In resampled mode a
+  pass of an infinite stream draws at least ``interleave_shards`` shards for the same reason.
 * Raw (undecoded) samples go through a shuffle buffer, then are decoded, converted to ``in_chans``,
   letterboxed onto a fixed ``canvas`` and batched inside the worker.
 * **Infinite mode** (training) chains passes forever and yields only full batches. The DataLoader takes
@@ -33,6 +37,7 @@ from common.data.dataset import ImageDataset
 from common.data.source import RandomAccessSource
 
 _SHARD_ORDER, _RESAMPLE, _INDEX_ORDER, _BUFFER = 0, 1, 2, 3
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class StreamConfig:
     world_size: int = 1
     shuffle: bool = True
     shuffle_buffer: int = 2000
+    interleave_shards: int = 4  # shards a worker reads at once, one sample from each in turn
     seed: int = 0
     infinite: bool = False
     resampled: bool | None = None  # None: resample exactly when shards < ranks x workers
@@ -55,6 +61,8 @@ class StreamConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
+        if self.interleave_shards < 1:
+            raise ValueError(f"interleave_shards must be >= 1, got {self.interleave_shards}")
         if self.start_batch and not self.infinite:
             raise ValueError("start_batch (resume position) is only defined for the infinite training stream")
 
@@ -99,6 +107,25 @@ def letterbox(image: torch.Tensor, canvas: int) -> tuple[torch.Tensor, tuple[int
     return out, letterbox_into(out, image)
 
 
+def interleave(iterators: Iterable[Iterator[Any]], width: int) -> Iterator[Any]:
+    """Items of up to ``width`` iterators at a time, one from each in turn; the next iterator replaces one that
+    ends. Every item of every iterator comes out exactly once, in a deterministic order."""
+    pending = iter(iterators)
+    active = [it for it in (next(pending, None) for _ in range(width)) if it is not None]
+    while active:
+        still = []
+        for it in active:
+            item = next(it, _END)
+            if item is _END:
+                refill = next(pending, None)
+                if refill is not None:
+                    still.append(refill)
+                continue
+            yield item
+            still.append(it)
+        active = still
+
+
 def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """Classic reservoir-style shuffle: keep ``size`` items, emit a random one for every new item."""
     buf: list[Any] = []
@@ -137,6 +164,8 @@ class BatchStream(IterableDataset):
         n = len(self.counts)
         if self.resampled:
             draws = max(1, math.ceil(n / total))
+            if self.cfg.infinite:  # a pass is only a unit of drawing here; several shards mix sources
+                draws = max(draws, self.cfg.interleave_shards)
             return _rng(self.cfg.seed, pass_index, g, _RESAMPLE).integers(0, n, size=draws)
         order = _rng(self.cfg.seed, pass_index, _SHARD_ORDER).permutation(n) if self.cfg.shuffle else np.arange(n)
         return order[g::total]
@@ -159,13 +188,11 @@ class BatchStream(IterableDataset):
         if self.cfg.shuffle and isinstance(source, RandomAccessSource):
             order = _rng(self.cfg.seed, pass_index, _INDEX_ORDER).permutation(len(source))
 
-        def chained() -> Iterator[Any]:
-            for shard in self.shards_for(pass_index, worker):
-                yield from source.iter_raw(int(shard), order)
-
-        if not self.cfg.shuffle:
-            return chained()
-        return shuffle_buffer(chained(), self.cfg.shuffle_buffer, _rng(self.cfg.seed, pass_index, g, _BUFFER))
+        shards = (source.iter_raw(int(shard), order) for shard in self.shards_for(pass_index, worker))
+        if not self.cfg.shuffle:  # evaluation order: shard after shard
+            return interleave(shards, 1)
+        raws = interleave(shards, self.cfg.interleave_shards)
+        return shuffle_buffer(raws, self.cfg.shuffle_buffer, _rng(self.cfg.seed, pass_index, g, _BUFFER))
 
     # ---- iteration ----
     def _worker(self) -> int:
