@@ -9,7 +9,9 @@ Modes per row (model, input size, batch):
     python bench/pretrain.py --models mae_vit_base_patch16 --input_sizes 224 --steps 30 --compile
 
 Each row times up to ``--steps`` steps but stops after ``--row_seconds`` of timed steps (at least ``--min_steps``),
-so big rows cost no more than small ones. The step mirrors ``pretrain.engine``: pinned batches, crop parameters and
+so big rows cost no more than small ones. Loader rows first take, untimed, the batches the workers queued while the
+row was set up (workers x prefetch factor): a 20-step row would otherwise be served from that queue and show the
+hand-off, not what the workers sustain. The step mirrors ``pretrain.engine``: pinned batches, crop parameters and
 masking noise drawn on the CPU and sent asynchronously, no host sync inside the timed loop. Loader rows read shards
 of whatever size they were stored at: ``--canvas_size`` (default: the input size) is the loader canvas and
 ``gpu_augment`` resizes crops to the input size, as a training run with ``--canvas_size`` does. Prints a table and
@@ -120,15 +122,24 @@ class Batches:
 
     def __init__(self, args: argparse.Namespace, size: int, batch: int, device: torch.device, real: bool):
         self.device, self.real = device, real
+        self.queue_depth = 0  # batches the workers may hold ready before the first step
         if real:
             ds = build_dataset(args.data_path, split="train", in_chans=args.in_chans)
-            self.it = iter(build_loader(ds, batch, num_workers=args.num_workers, infinite=True,
-                                        canvas_size=args.canvas_size or size, pin_memory=device.type == "cuda"))
+            loader = build_loader(ds, batch, num_workers=args.num_workers, infinite=True,
+                                  canvas_size=args.canvas_size or size, pin_memory=device.type == "cuda")
+            self.queue_depth = args.num_workers * loader.prefetch_factor
+            self.it = iter(loader)
         else:
             gen = torch.Generator().manual_seed(0)
             self.images = torch.randint(0, 256, (batch, args.in_chans, size, size), generator=gen,
                                         dtype=torch.uint8).to(device)
             self.sizes = torch.full((batch, 2), size, dtype=torch.int32)
+
+    def drain(self) -> None:
+        """Take the batches queued while the row was set up, so the timed steps see the workers' steady rate
+        (with 14 workers x prefetch 4 the queue outlasts a 20-step row)."""
+        for _ in range(self.queue_depth):
+            next(self.it)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.real:
@@ -164,6 +175,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             if args.compile:
                 model.compile(mode=args.compile_mode)
         gen = torch.Generator().manual_seed(0)
+        batches.drain()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         steps, start = 0, 0.0

@@ -50,3 +50,21 @@ def test_loader_bench_counts_images_and_hand_off(tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     assert result["img_per_s"] > 0 and 0 < result["handoff_ms_per_batch"] < 1e4
     assert saved["img_per_s"] == result["img_per_s"] and saved["batches"] == 6
+
+
+def test_loader_rows_drain_the_prefilled_queue_before_timing(tmp_path: Path) -> None:
+    import argparse
+
+    import torch
+
+    from bench.pretrain import Batches
+
+    shards = breast_shards(tmp_path / "cur", n=40, per_shard=10)
+    args = argparse.Namespace(data_path=str(shards), in_chans=1, num_workers=2, canvas_size=24)
+    batches = Batches(args, 32, 2, torch.device("cpu"), real=True)
+    assert batches.queue_depth == 2 * 4  # workers x the loader's prefetch factor
+    taken = []
+    batches.it = (taken.append(i) or {"image": torch.zeros(2, 1, 24, 24), "size": None} for i in range(100))
+    batches.drain()
+    assert len(taken) == 8
+    assert Batches(args, 32, 2, torch.device("cpu"), real=False).queue_depth == 0
