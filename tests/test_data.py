@@ -186,8 +186,9 @@ def test_resampled_when_fewer_shards_than_workers(tmp_path: Path) -> None:
         del it
 
 
-def test_infinite_stream_resume_position(tmp_path: Path) -> None:
-    root = breast_shards(tmp_path / "cur", n=40, per_shard=10)
+@pytest.mark.parametrize("per_shard", [10, 20])  # 4 shards = 2 ranks x 2 workers; 2 shards: resampled passes
+def test_infinite_stream_resume_position(tmp_path: Path, per_shard: int) -> None:
+    root = breast_shards(tmp_path / "cur", n=40, per_shard=per_shard)
     ds = build_dataset(root, in_chans=1)
     kw = {"rank": 1, "world_size": 2, "num_workers": 2, "infinite": True, "canvas_size": 28, "seed": 7,
           "shuffle_buffer": 8}
