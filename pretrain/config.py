@@ -69,6 +69,9 @@ class PretrainConfig:
     tensorboard: bool = field(default=True, metadata=_h("log to TensorBoard through accelerate trackers"))
     wandb: bool = field(default=False, metadata=_h("also log to Weights & Biases (needs wandb installed)"))
     peak_tflops: float = field(default=0.0, metadata=_h("accelerator peak TFLOP/s for MFU (0: from the GPU name)"))
+    profile_steps: str = field(default="", metadata=_h("A:B: profile optimizer steps A..B (1-based) with torch.profiler "
+                                                        "into OUTPUT_DIR/profile/ (per rank; empty: off)"))
+    profile_trace: bool = field(default=False, metadata=_h("with --profile_steps, also write the Chrome trace"))
     deterministic: bool = field(default=False, metadata=_h("deterministic kernels (slower)"))
     export_encoder: bool = field(default=True, metadata=_h("write encoder.safetensors + encoder.json at the end"))
     monitor_data_path: str = field(default="", metadata=_h("labeled data (.npz, ImageFolder, CSV, curated shards) "

@@ -33,6 +33,7 @@ from pretrain.health import CheckResult, StepHealth
 from pretrain.monitor import KnnMonitor
 from pretrain.precision import forward_autocast, model_input
 from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
+from pretrain.profiling import StepProfiler
 from pretrain.schedule import Schedule
 from pretrain.visualize import save_reconstruction_grid
 
@@ -74,6 +75,7 @@ class TrainContext:
     preempt: PreemptionFlag
     visualize: bool = True
     monitor: KnnMonitor | None = None  # kNN monitor, run by rank 0 only
+    profiler: StepProfiler | None = None  # --profile_steps window
 
     @property
     def global_batch(self) -> int:
@@ -185,10 +187,14 @@ def train(ctx: TrainContext, start_step: int) -> int:
             for group in ctx.optimizer.param_groups:
                 group["lr"] = lr
             step_loss = None
+            if ctx.profiler is not None:
+                ctx.profiler.before_step(step + 1)
             for micro in range(c.accum_iter):
                 loss, x = _micro_step(ctx, next(batches), step, micro, num_patches)
                 step_loss = loss if step_loss is None else step_loss + loss
             step += 1
+            if ctx.profiler is not None and (report := ctx.profiler.after_step(step)) is not None:
+                logger.info(f"profile of steps {c.profile_steps} written to {report}")
             health.add(step, step_loss / c.accum_iter)
             bar.update(1)
             status = health.check(acc, ctx.preempt.requested) if _check_due(ctx, step) else None

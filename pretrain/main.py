@@ -29,6 +29,7 @@ from pretrain.export import export_final_encoder  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
 from pretrain.monitor import KnnMonitor  # noqa: E402
 from pretrain.preempt import PreemptionFlag  # noqa: E402
+from pretrain.profiling import ProfileSpecError, StepProfiler, parse_profile_steps  # noqa: E402
 from pretrain.schedule import Schedule, absolute_lr, build_optimizer  # noqa: E402
 
 EXIT_CONFIG = 2
@@ -60,6 +61,10 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
                           f"{cfg.monitor_every}, {cfg.monitor_k}, {cfg.monitor_max_samples}")
     if cfg.monitor_every and not cfg.monitor_data_path:
         raise ConfigError("--monitor_every needs --monitor_data_path (a labeled set with train and val splits)")
+    try:
+        parse_profile_steps(cfg.profile_steps)
+    except ProfileSpecError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.monitor_data_path and not Path(cfg.monitor_data_path).exists() \
             and (REPO_ROOT / cfg.monitor_data_path).exists():
         cfg.monitor_data_path = str(REPO_ROOT / cfg.monitor_data_path)
@@ -171,7 +176,10 @@ def run(cfg: PretrainConfig) -> int:
                        checkpoints=checkpoints, log=JsonlLogger(out / "log.jsonl", accelerator.is_main_process),
                        flops_per_image=flops, peak_flops=peak_flops(accelerator.device, cfg.peak_tflops),
                        preempt=PreemptionFlag().install(),
-                       visualize=not zero3, monitor=monitor)
+                       visualize=not zero3, monitor=monitor,
+                       profiler=StepProfiler(parse_profile_steps(cfg.profile_steps), out / "profile",
+                                             accelerator.process_index, cfg.profile_trace)
+                       if cfg.profile_steps else None)
     try:
         code = train(ctx, start_step)
         if code == EXIT_OK and cfg.export_encoder:

@@ -57,6 +57,26 @@ def test_cpu_one_process_vs_two_ranks_end_to_end(tmp_path: Path) -> None:
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fixed_micro_batch_accumulates_on_fewer_gpus(tmp_path: Path) -> None:
+    single, ddp, zero2 = build_variants(["1gpu", "ddp", "zero2"], 2, 16, micro_batch=4)
+    assert (single.per_gpu_batch, single.accum_iter, single.global_batch) == (4, 4, 16)
+    assert (ddp.per_gpu_batch, ddp.accum_iter, ddp.global_batch) == (4, 2, 16)
+    assert (zero2.processes, zero2.accum_iter) == (2, 2)
+    with pytest.raises(ScalingConfigError, match="--micro_batch 16 does not divide the 8 images per process of ddp"):
+        build_variants(["1gpu", "ddp"], 2, 16, micro_batch=16)
+    out = tmp_path / "micro"
+    argv = tiny_args(out, "--cpu", "--variants", "1gpu", "ddp", "--micro_batch", "4", "--plot", "none", "--",
+                     "--no-tensorboard")
+    assert scaling_main(argv) == 0
+    result = json.loads((out / "scaling.json").read_text())
+    single_run, ddp_run = result["runs"]
+    assert (single_run["per_gpu_batch"], single_run["accum_iter"]) == (4, 2)
+    assert (ddp_run["per_gpu_batch"], ddp_run["accum_iter"]) == (4, 1)
+    assert "effective batch: 8 (4 x 2 accum x 1 processes)" in (out / "1gpu" / "launcher.log").read_text()
+    assert "effective batch: 8 (4 x 1 accum x 2 processes)" in (out / "ddp" / "launcher.log").read_text()
+    assert "| 1gpu | 1 | 4 x 2 |" in result["table"]
+
+
 def test_a_failing_run_is_reported_with_its_log(tmp_path: Path) -> None:
     out = tmp_path / "fail"
     rc = scaling_main(tiny_args(out, "--cpu", "--variants", "1gpu", "--plot", "none", "--", "--no-tensorboard",

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--in_chans", type=int, default=1)
     p.add_argument("--global_batch", type=int, default=512, help="same for every run (per GPU = this / GPUs)")
+    p.add_argument("--micro_batch", type=int, default=None,
+                   help="fixed per-GPU batch per forward pass; variants with fewer GPUs accumulate gradients to "
+                        "the global batch (default: per GPU = global / GPUs, no accumulation)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (pretrain --max_steps)")
     p.add_argument("--epochs", type=int, default=400, help="pretrain --epochs (the LR schedule's length)")
     p.add_argument("--warmup_epochs", type=float, default=40)
@@ -127,7 +130,8 @@ def run_variant(variant: Variant, args: argparse.Namespace, extra: list[str], mi
     print(f"[scaling] {variant.name}: {user_command(command)}", flush=True)
     launched = run_logged(command, env, REPO_ROOT, out / "launcher.log", args.timeout)
     result: dict[str, Any] = {"name": variant.name, "config_file": variant.config_file, "processes": variant.processes,
-                              "per_gpu_batch": variant.per_gpu_batch, "global_batch": variant.global_batch,
+                              "per_gpu_batch": variant.per_gpu_batch, "accum_iter": variant.accum_iter,
+                              "global_batch": variant.global_batch,
                               "command": user_command(command), "status": launched.status,
                               "returncode": launched.returncode, "wall_s": round(launched.wall_s, 1),
                               "log": str(launched.log_path)}
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     try:
         targets = _targets(args.target)
-        variants = build_variants(args.variants, args.gpus, args.global_batch)
+        variants = build_variants(args.variants, args.gpus, args.global_batch, args.micro_batch)
         if args.cpu and any(v.deepspeed for v in variants):
             raise ScalingConfigError("zero2 needs CUDA GPUs: accelerate starts DeepSpeed on GPUs only (drop it "
                                      "from --variants with --cpu)")
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     mixed_precision = args.mixed_precision or ("no" if args.cpu else "bf16")
     device = "cpu" if args.cpu else device_description()
     env = _environment(args.cpu)
-    title = (f"{args.model} {args.input_size}px, global batch {args.global_batch}, {args.steps} steps, "
+    micro = f" (micro-batch {args.micro_batch} per GPU)" if args.micro_batch else ""
+    title = (f"{args.model} {args.input_size}px, global batch {args.global_batch}{micro}, {args.steps} steps, "
              f"{mixed_precision}, {device}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
-    header = ("| run | GPUs | batch/GPU | status | img/s | img/s per GPU | speed-up | target | TFLOP/s per GPU "
+    header = ("| run | GPUs | batch/GPU x accum | status | img/s | img/s per GPU | speed-up | target | TFLOP/s per GPU "
               "| MFU | final loss | loss vs 1 GPU (last quarter) | curve |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in runs:
@@ -21,7 +21,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         rel = r.get("loss_rel_diff_last_quarter")
         curve = "-" if r.get("loss_matches") is None else ("matches" if r["loss_matches"] else "DIFFERS")
         lines.append(
-            f"| {r['name']} | {r['processes']} | {r['per_gpu_batch']} | {r['status']} | {_num(r.get('img_per_s'), ',.0f')} "
+            f"| {r['name']} | {r['processes']} | {r['per_gpu_batch']} x {r.get('accum_iter', 1)} | {r['status']} | {_num(r.get('img_per_s'), ',.0f')} "
             f"| {_num(r.get('img_per_s_per_gpu'), ',.0f')} | {_num(r.get('speedup'), '.2f')}"
             f"{'x' if r.get('speedup') is not None else ''} | {target_text} | {_num(r.get('tflops_per_gpu'), '.1f')} "
             f"| {_num(r.get('mfu'), '.3f')} | {_num(r.get('final_loss'), '.4f')} "

@@ -1,7 +1,10 @@
 """The runs compared by the scaling benchmark and the exact `accelerate launch` commands that start them.
 
 Every variant runs ``pretrain/main.py`` through the accelerate config a user would pick from ``launch/accelerate/``
-at the same global batch: the per-GPU batch is ``global_batch / processes``.
+at the same global batch. By default the per-GPU batch is ``global_batch / processes`` (strong scaling: fewer images
+per GPU on more GPUs). With a fixed ``micro_batch`` every GPU runs that many images per forward pass and a variant
+with fewer processes accumulates gradients (``accum_iter``) to the same global batch, so the runs differ only in how
+the work is spread, not in the per-GPU batch each kernel sees.
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ class Variant:
     processes: int
     per_gpu_batch: int
     deepspeed: bool
+    accum_iter: int = 1
 
     @property
     def global_batch(self) -> int:
-        return self.per_gpu_batch * self.processes
+        return self.per_gpu_batch * self.accum_iter * self.processes
 
 
-def build_variants(names: list[str], gpus: int, global_batch: int) -> list[Variant]:
-    """One Variant per name; the global batch must split evenly over the processes of every variant."""
+def build_variants(names: list[str], gpus: int, global_batch: int, micro_batch: int | None = None) -> list[Variant]:
+    """One Variant per name; the global batch must split evenly over the processes (and, with ``micro_batch``,
+    into whole micro-batches) of every variant."""
     if gpus < 2:
         raise ScalingConfigError(f"--gpus must be >= 2 for a scaling comparison, got {gpus}")
     variants = []
@@ -60,7 +65,15 @@ def build_variants(names: list[str], gpus: int, global_batch: int) -> list[Varia
         if global_batch % processes:
             raise ScalingConfigError(f"--global_batch {global_batch} is not divisible by {processes} processes "
                                      f"({name}): the runs would not share one global batch")
-        variants.append(Variant(name, kind.config_file, processes, global_batch // processes, kind.deepspeed))
+        per_process = global_batch // processes
+        if micro_batch is None:
+            variants.append(Variant(name, kind.config_file, processes, per_process, kind.deepspeed))
+            continue
+        if micro_batch < 1 or per_process % micro_batch:
+            raise ScalingConfigError(f"--micro_batch {micro_batch} does not divide the {per_process} images per "
+                                     f"process of {name} (--global_batch {global_batch} over {processes})")
+        variants.append(Variant(name, kind.config_file, processes, micro_batch, kind.deepspeed,
+                                accum_iter=per_process // micro_batch))
     return variants
 
 
@@ -81,10 +94,10 @@ def user_command(command: list[str]) -> str:
 def pretrain_args(variant: Variant, *, model: str, data_path: str, output_dir: Path, input_size: int,
                   in_chans: int, steps: int, epochs: int, warmup_epochs: float, blr: float, num_workers: int,
                   log_every: int, seed: int, extra: list[str]) -> list[str]:
-    """Flags of ``pretrain/main.py`` for one variant; only the per-GPU batch differs between variants."""
+    """Flags of ``pretrain/main.py`` for one variant; only the per-GPU batch (or accumulation) differs."""
     args = ["--model", model, "--data_path", data_path, "--output_dir", str(output_dir),
             "--input_size", str(input_size), "--in_chans", str(in_chans), "--norm_pix_loss",
-            "--batch_size", str(variant.per_gpu_batch), "--accum_iter", "1",
+            "--batch_size", str(variant.per_gpu_batch), "--accum_iter", str(variant.accum_iter),
             "--epochs", str(epochs), "--warmup_epochs", str(warmup_epochs), "--blr", str(blr),
             "--max_steps", str(steps), "--num_workers", str(num_workers), "--log_every", str(log_every),
             "--seed", str(seed), "--resume", "none", "--vis_every", "0", "--save_every", str(steps),
