@@ -24,6 +24,7 @@ from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
 from pretrain.checkpointing import CheckpointManager  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
+from pretrain.deepspeed_settings import fill_script_fields  # noqa: E402
 from pretrain.engine import EXIT_OK, TrainContext, train  # noqa: E402
 from pretrain.export import export_final_encoder  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
@@ -89,12 +90,8 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
                               log_with=trackers or None, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir))
     ds_plugin = accelerator.state.deepspeed_plugin
-    if ds_plugin is not None:  # fill the "auto" fields accelerate cannot infer without a prepared DataLoader
-        ds_cfg = ds_plugin.deepspeed_config
-        if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
-            ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        if ds_cfg.get("gradient_clipping") == "auto":
-            ds_cfg["gradient_clipping"] = cfg.clip_grad or 0.0
+    if ds_plugin is not None:
+        fill_script_fields(ds_plugin.deepspeed_config, cfg.batch_size, cfg.clip_grad)
     return accelerator
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from test_launch_fakeslurm import LAUNCH, REPO
 
+from pretrain.deepspeed_settings import fill_script_fields
+
 ACCELERATE_CONFIGS = sorted((LAUNCH / "accelerate").glob("*.yaml"))
 DEEPSPEED_CONFIGS = sorted((LAUNCH / "deepspeed").glob("zero*.json"))
 
@@ -59,6 +61,8 @@ def test_deepspeed_auto_fields_take_the_script_settings(path: Path, monkeypatch:
     plugin = DeepSpeedPlugin(hf_ds_config=str(path))
     assert plugin.zero_stage == stage
     # what Accelerator.prepare fills in for a per-GPU batch of 64, 2 accumulation steps, 8 processes
+    # what pretrain/main.py fills before accelerate (batch per GPU 64, no clipping, a DeepSpeed that knows the key)
+    fill_script_fields(plugin.deepspeed_config, 64, None, bf16_fields={"enabled", "check_grad_overflow"})
     plugin.deepspeed_config_process(must_match=False, train_micro_batch_size_per_gpu=64,
                                     train_batch_size=64 * 2 * 8, gradient_accumulation_steps=2,
                                     gradient_clipping=0.0, **{"bf16.enabled": True, "fp16.enabled": False})
@@ -66,3 +70,18 @@ def test_deepspeed_auto_fields_take_the_script_settings(path: Path, monkeypatch:
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["train_batch_size"]) == (64, 1024)
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["bf16"]["enabled"] is True
     assert "auto" not in json.dumps(cfg), cfg
+    assert cfg["bf16"]["check_grad_overflow"] is False
+    # no host sync per step from DeepSpeed's throughput timer
+    assert cfg["timers"] == {"throughput": {"enabled": False}}
+
+
+@pytest.mark.parametrize("fields, expected", [({"enabled", "check_grad_overflow"}, {"enabled": "auto",
+                                                                                  "check_grad_overflow": False}),
+                                              ({"enabled"}, {"enabled": "auto"})])
+def test_overflow_check_follows_the_installed_deepspeed(fields: set[str], expected: dict) -> None:
+    ds_cfg = {"bf16": {"enabled": "auto", "check_grad_overflow": "auto"}, "gradient_clipping": "auto",
+              "train_micro_batch_size_per_gpu": "auto"}
+    fill_script_fields(ds_cfg, 32, 1.0, bf16_fields=fields)
+    assert ds_cfg == {"bf16": expected, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 32}
+    explicit = {"bf16": {"enabled": True, "check_grad_overflow": True}}  # a user's own choice is kept
+    assert fill_script_fields(explicit, 8, None, bf16_fields=fields)["bf16"]["check_grad_overflow"] is True
