@@ -64,7 +64,6 @@ def summarize(prof: profile, steps: int, wall_s: float, top: int = 25) -> dict[s
             by_kind[_kind(avg.key)] += device_us
         rows.append({"name": avg.key, "calls": int(avg.count), "self_device_ms": round(device_us / 1e3, 3),
                      "self_cpu_ms": round(cpu_us / 1e3, 3)})
-    rows.sort(key=lambda r: (r["self_device_ms"], r["self_cpu_ms"]), reverse=True)
     per_step = {k: round(v / 1e3 / steps, 3) for k, v in by_kind.items()}
     wall_ms = wall_s * 1e3 / steps
     busy = per_step["compute"] + per_step["copy"]
@@ -72,7 +71,9 @@ def summarize(prof: profile, steps: int, wall_s: float, top: int = 25) -> dict[s
             "device_ms_per_step": per_step,
             # kernels of the compute stream(s) against wall time: what is left is the GPU waiting (host, collectives)
             "compute_idle_fraction": round(max(0.0, 1.0 - busy / wall_ms), 4) if wall_ms > 0 else None,
-            "top": rows[:top]}
+            # where device time goes, and where the host spends its time (a sync shows up here as a long call)
+            "top_device": sorted(rows, key=lambda r: r["self_device_ms"], reverse=True)[:top],
+            "top_cpu": sorted(rows, key=lambda r: r["self_cpu_ms"], reverse=True)[:top]}
 
 
 class StepProfiler:

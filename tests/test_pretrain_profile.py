@@ -39,7 +39,8 @@ def test_profile_window_of_a_real_run(tmp_path: Path) -> None:
     report = json.loads((out / "profile" / "rank0.json").read_text())
     assert report["window"] == [3, 5] and report["steps"] == 3
     assert report["wall_ms_per_step"] > 0
-    names = [row["name"] for row in report["top"]]
+    names = [row["name"] for row in report["top_cpu"]]
+    assert len(report["top_device"]) == len(report["top_cpu"])
     # the model's own work shows up: linear layers of the tiny ViT and the optimizer step
     assert any("linear" in n or "addmm" in n or "mm" == n.split("::")[-1] for n in names), names
     assert any("Optimizer.step" in n or "adamw" in n.lower() for n in names), names
