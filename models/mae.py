@@ -134,7 +134,7 @@ class MaskedAutoencoder(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch, averaged over the masked patches only."""
-        target = self.patchify(imgs)
+        target = self.patchify(imgs.float())
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -145,7 +145,11 @@ class MaskedAutoencoder(nn.Module):
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         masking = self.random_masking(imgs.shape[0], mask_ratio, imgs.device, generator, noise)
-        patch_tokens, prefix_tokens = self.encoder.forward_visible(imgs, masking.ids_keep)
+        # Without autocast (DeepSpeed's bf16 mode holds the weights in bf16) the encoder takes the weights' dtype,
+        # while the target and its per-patch normalisation stay in float32 from the original pixels.
+        weight_dtype = self.decoder_pred.weight.dtype
+        encoder_in = imgs.to(weight_dtype) if imgs.is_floating_point() else imgs
+        patch_tokens, prefix_tokens = self.encoder.forward_visible(encoder_in, masking.ids_keep)
         pred = self.forward_decoder(patch_tokens, prefix_tokens, masking.ids_keep)
         loss = self.forward_loss(imgs, pred, masking.mask)
         return loss, pred, masking.mask

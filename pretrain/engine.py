@@ -31,7 +31,7 @@ from pretrain.checkpointing import CheckpointManager
 from pretrain.config import PretrainConfig
 from pretrain.health import CheckResult, StepHealth
 from pretrain.monitor import KnnMonitor
-from pretrain.precision import forward_autocast, model_input
+from pretrain.precision import forward_autocast
 from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.profiling import StepProfiler
 from pretrain.schedule import Schedule
@@ -112,7 +112,7 @@ def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
     noise = torch.rand(images.shape[0], num_patches,
                        generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
     with acc.accumulate(ctx.model):
-        loss, _, _ = ctx.model(model_input(acc, x), mask_ratio=c.mask_ratio, noise=to_device_async(noise, acc.device))
+        loss, _, _ = ctx.model(x, mask_ratio=c.mask_ratio, noise=to_device_async(noise, acc.device))
         acc.backward(loss)
         if acc.sync_gradients and c.clip_grad:
             acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)  # returns the norm as a tensor: no sync

@@ -5,8 +5,9 @@ it does not: with ``bf16``/``fp16`` enabled the engine casts the weights to 16 b
 in the ZeRO optimizer) and leaves the inputs alone, so the float32 batch from ``gpu_augment`` would meet bf16
 weights in the patch embedding ("Input type (float) and bias type (BFloat16) should be the same"). An outer
 ``torch.autocast`` does not help: the engine switches CUDA autocast off around the module unless its own
-``torch_autocast`` section is enabled. So the batch is cast to the weights' dtype and the model runs in 16 bits,
-which is DeepSpeed's bf16/fp16 mode.
+``torch_autocast`` section is enabled. So the MAE wrapper (models/mae.py) casts the encoder's input to the
+weights' dtype and the model runs in 16 bits, which is DeepSpeed's bf16/fp16 mode; the reconstruction target and
+the loss stay in float32, computed from the float32 batch.
 """
 
 from __future__ import annotations
@@ -27,12 +28,6 @@ def deepspeed_half_dtype(accelerator: Accelerator) -> torch.dtype | None:
         if str(config.get(key, {}).get("enabled", False)).lower() == "true":
             return dtype
     return None
-
-
-def model_input(accelerator: Accelerator, images: torch.Tensor) -> torch.Tensor:
-    """The batch as the prepared model takes it: cast to bf16/fp16 under DeepSpeed half precision."""
-    dtype = deepspeed_half_dtype(accelerator)
-    return images if dtype is None else images.to(dtype)
 
 
 def forward_autocast(accelerator: Accelerator) -> contextlib.AbstractContextManager:

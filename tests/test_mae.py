@@ -102,3 +102,20 @@ def test_decoder_is_configurable_and_the_encoder_is_a_registry_encoder() -> None
         full = models.create_model("mae_vit_base_patch16", img_size=224, in_chans=1, norm_pix_loss=True)
     assert full.decoder_embed.out_features == 512 and len(full.decoder_blocks) == 8
     assert full.decoder_blocks[0].attn.num_heads == 16 and full.decoder_pred.out_features == 16 * 16 * 1
+
+
+def test_bf16_weights_take_float32_images_and_keep_the_target_in_float32() -> None:
+    """DeepSpeed's bf16 mode (no autocast): the encoder gets bf16 input, the norm-pix target is not rounded."""
+    torch.manual_seed(0)
+    mae = models.create_model("mae_test_vit", norm_pix_loss=True).bfloat16()
+    imgs = torch.rand(2, 3, 32, 32) * 4 + 100  # large mean, small spread: bf16 rounding of pixels hurts here
+    noise = torch.rand(2, mae.num_patches)
+    loss, pred, mask = mae(imgs, noise=noise)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    target = mae.patchify(imgs.double())
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    exact = (((pred.double() - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+    # Control: the same model fed pre-rounded bf16 pixels computes a visibly different target.
+    rounded, _, _ = mae(imgs.bfloat16(), noise=noise)
+    assert abs(rounded.item() - exact.item()) > 1e-3 * exact.item()
