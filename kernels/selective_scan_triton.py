@@ -1,4 +1,13 @@
-"""Triton backend of the selective scan: the autograd.Function around the fused kernels."""
+"""Triton backend of the selective scan: the fused kernels as torch.library custom ops with autograd.
+
+``scanmae::selective_scan_fwd`` and ``scanmae::selective_scan_bwd`` wrap the launchers of
+kernels/triton_scan_fwd.py and _bwd.py; the backward is registered as the forward's autograd formula. Custom ops
+are opaque to torch.compile: dynamo records them in the graph (shapes from the fake implementations below)
+instead of breaking the graph at a Python autograd.Function, so a compiled Vim block fuses the projections,
+norms and gates around the scan. Launch configurations cross the op boundary as int lists
+(block_d, chunk, maxnreg or 0, prefetch); an empty backward list means "the defaults for this device",
+resolved when the backward runs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,7 @@ import math
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import ScanLaunchConfig, default_launch_config
@@ -29,57 +38,112 @@ def _optional_contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = Non
     return (t.to(dtype) if dtype is not None else t).contiguous()
 
 
-class SelectiveScanTritonFn(torch.autograd.Function):
-    """Forward and backward through the fused Triton kernels; saves inputs plus per-chunk states."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, fwd_config, bwd_config):
-        needs_grad = any(ctx.needs_input_grad[:8])
-        out, last_state, chunk_states = selective_scan_fwd_launch(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, needs_grad, fwd_config
-        )
-        if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
-        ctx.delta_softplus = delta_softplus
-        ctx.reverse = reverse
-        ctx.bwd_config = bwd_config
-        ctx.set_materialize_grads(False)
-        return out, last_state
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-        dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
-        grads = selective_scan_bwd_launch(
-            u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
-            ctx.delta_softplus, ctx.reverse, ctx.bwd_config,
-        )
-        dD = grads["D"].to(D.dtype) if D is not None else None
-        dbias = grads["delta_bias"].to(delta_bias.dtype) if delta_bias is not None else None
-        return (
-            grads["u"], grads["delta"], grads["A"].to(A.dtype), grads["B"].to(B.dtype), grads["C"].to(C.dtype),
-            dD, grads["z"], dbias, None, None, None, None,
-        )
+def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
+    """A launch config as the op's int list; None -> [] (device defaults)."""
+    if config is None:
+        return []
+    return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch)]
 
 
-def launch_configs(
-    n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None,
-    rows: int | None = None, multiprocessors: int | None = None,
-) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
-    """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
-    backward's tiles); the backward must use the forward's chunk length."""
-    n_pad = triton.next_power_of_2(n_state)
-    fwd = fwd_config or default_launch_config(n_pad, length, backward=False, rows=rows,
-                                              multiprocessors=multiprocessors)
-    bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
-                                              multiprocessors=multiprocessors)
-    if bwd.chunk != fwd.chunk:
-        if bwd_config is not None:
-            raise ValueError(f"selective_scan: backward chunk {bwd.chunk} must equal forward chunk {fwd.chunk}")
-        bwd = dataclasses.replace(bwd, chunk=fwd.chunk)
-    return fwd, bwd
+def config_from_ints(values: list[int]) -> ScanLaunchConfig | None:
+    if not values:
+        return None
+    block_d, chunk, maxnreg, prefetch = values
+    return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch))
+
+
+def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) -> ScanLaunchConfig:
+    """The backward's tiles: given, or the defaults for this device and grid (batch * dim rows); the chunk is
+    always the forward's, whose saved states the backward reads."""
+    config = config_from_ints(bwd_config)
+    if config is None:
+        sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else None
+        config = default_launch_config(triton.next_power_of_2(n_state), u.shape[-1], backward=True,
+                                       rows=u.shape[0] * u.shape[1], multiprocessors=sms)
+    return dataclasses.replace(config, chunk=chunk)
+
+
+def _empty_f32(like: Tensor) -> Tensor:
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("scanmae::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd_op(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, delta_softplus: bool, reverse: bool, store_states: bool,
+    fwd_config: list[int], bwd_config: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """out, float32 last state, float32 chunk states (empty unless ``store_states``). ``bwd_config`` is not
+    used here: it travels with the forward's inputs so the autograd formula can hand it to the backward."""
+    out, last_state, chunk_states = selective_scan_fwd_launch(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, config_from_ints(fwd_config))
+    return out, last_state, chunk_states if chunk_states is not None else _empty_f32(u)
+
+
+@selective_scan_fwd_op.register_fake
+def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states,
+                             fwd_config, bwd_config):
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    chunk = fwd_config[1]
+    out = torch.empty_like(u)
+    last_state = u.new_empty((batch, dim, n_state), dtype=torch.float32)
+    if not store_states:
+        return out, last_state, _empty_f32(u)
+    n_chunks = (length + chunk - 1) // chunk
+    return out, last_state, u.new_empty((batch, n_chunks, n_state, dim), dtype=torch.float32)
+
+
+@torch.library.custom_op("scanmae::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd_op(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, dout: Tensor, chunk_states: Tensor, dlast: Tensor | None, delta_softplus: bool,
+    reverse: bool, chunk: int, bwd_config: list[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, each in its input's dtype (B/C grouped, contiguous); the
+    gradient of an absent optional input is an empty tensor."""
+    grads = selective_scan_bwd_launch(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
+                                      delta_softplus, reverse, backward_config(bwd_config, chunk, u, A.shape[1]))
+    # a fresh empty tensor per absent gradient: outputs of a custom op may not alias each other
+    return (grads["u"], grads["delta"], grads["A"].to(A.dtype), grads["B"].to(B.dtype).contiguous(),
+            grads["C"].to(C.dtype).contiguous(),
+            grads["D"].to(D.dtype) if D is not None else _empty_f32(u),
+            grads["z"] if z is not None else _empty_f32(u),
+            grads["delta_bias"].to(delta_bias.dtype) if delta_bias is not None else _empty_f32(u))
+
+
+@selective_scan_bwd_op.register_fake
+def _selective_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, delta_softplus,
+                             reverse, chunk, bwd_config):
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), torch.empty_like(D) if D is not None else _empty_f32(u),
+            torch.empty_like(z) if z is not None else _empty_f32(u),
+            torch.empty_like(delta_bias) if delta_bias is not None else _empty_f32(u))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, _store, fwd_config, bwd_config = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
+    ctx.chunk, ctx.bwd_config = fwd_config[1], bwd_config
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlast, _dstates):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    if chunk_states.numel() == 0:
+        raise RuntimeError("selective_scan: backward through a forward that did not keep its states "
+                           "(no input required grad when it ran)")
+    dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+    dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
+    du, ddelta, dA, dB, dC, dD, dz, dbias = selective_scan_bwd_op(
+        u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, ctx.delta_softplus, ctx.reverse,
+        ctx.chunk, ctx.bwd_config)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None, None, None, None, None)
+
+
+selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan_triton(
@@ -100,20 +164,19 @@ def selective_scan_triton(
     """Selective scan through the fused Triton kernels (inputs already validated by the caller).
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. ``fwd_config`` /
-    ``bwd_config`` override the tile sizes (benchmarks and tuning).
+    ``bwd_config`` override the tile sizes (benchmarks and tuning); the backward must use the forward's chunk.
     """
     groups_b = 1 if B.dim() == 3 else B.shape[1]
     groups_c = 1 if C.dim() == 3 else C.shape[1]
     groups = math.lcm(groups_b, groups_c)
-    # The backward's tiles depend on how many programs fit on the device at once (None under the interpreter).
-    sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else None
-    fwd, bwd = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, rows=u.shape[0] * u.shape[1],
-                              multiprocessors=sms)
-    out, last_state = SelectiveScanTritonFn.apply(
-        u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(),
-        _as_grouped(B, groups), _as_grouped(C, groups),
-        _optional_contiguous(D, torch.float32), _optional_contiguous(z),
-        _optional_contiguous(delta_bias, torch.float32),
-        delta_softplus, reverse, fwd, bwd,
-    )
+    fwd = fwd_config or default_launch_config(triton.next_power_of_2(A.shape[1]), u.shape[-1], backward=False)
+    if bwd_config is not None and bwd_config.chunk != fwd.chunk:
+        raise ValueError(f"selective_scan: backward chunk {bwd_config.chunk} must equal forward chunk {fwd.chunk}")
+    inputs = (u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(), _as_grouped(B, groups),
+              _as_grouped(C, groups), _optional_contiguous(D, torch.float32), _optional_contiguous(z),
+              _optional_contiguous(delta_bias, torch.float32))
+    # The chunk states cost memory: keep them only when a backward can follow.
+    store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    out, last_state, _ = selective_scan_fwd_op(*inputs, delta_softplus, reverse, store_states,
+                                               config_to_ints(fwd), config_to_ints(bwd_config))
     return (out, last_state) if return_last_state else out

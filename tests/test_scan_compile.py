@@ -1,0 +1,77 @@
+"""The Triton scan as torch.library custom ops: torch.compile traces through it without graph breaks, and the
+compiled and eager results (output, last state, every gradient) agree. CPU: kernels under the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import models
+from kernels import selective_scan_fn
+from kernels.testing import make_scan_inputs
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@pytest.fixture(autouse=True)
+def _triton_ready():
+    pytest.importorskip("triton")
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _scan(reverse: bool, with_optional: bool):
+    def run(u, delta, A, B, C, D, z, delta_bias):
+        out, last = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
+                                      return_last_state=True, reverse=reverse, backend="triton")
+        # a torch op on each side of the custom op, so the graph has something to fuse around it
+        return (out.float() * 2).sum() + last.square().sum()
+    return run
+
+
+@pytest.mark.parametrize("reverse, with_optional, groups", [(False, True, 1), (True, True, 2), (False, False, 1)])
+def test_fullgraph_compile_matches_eager_with_gradients(reverse: bool, with_optional: bool, groups: int) -> None:
+    inputs = make_scan_inputs(2, 8, 11, 4, groups=groups, dtype=torch.float32, seed=3, device=DEVICE,
+                              requires_grad=True, with_optional=with_optional)
+    args = [inputs[k] for k in GRAD_NAMES]
+    fn = _scan(reverse, with_optional)
+    eager = fn(*args)
+    eager_grads = torch.autograd.grad(eager, [a for a in args if a is not None])
+    # fullgraph=True raises on any graph break; aot_eager also traces the backward through the custom ops
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    compiled_grads = torch.autograd.grad(compiled, [a for a in args if a is not None])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_ops_pass_torch_library_checks() -> None:
+    """Schemas, fake (meta) implementations and the autograd registration are consistent with the real op."""
+    from kernels.selective_scan_triton import config_to_ints, selective_scan_fwd_op
+    from kernels.triton_scan_common import default_launch_config
+
+    inputs = make_scan_inputs(1, 4, 6, 2, groups=None, dtype=torch.float32, seed=1, device=DEVICE,
+                              requires_grad=True, with_optional=True)
+    grouped = {k: (v.unsqueeze(1).detach().requires_grad_() if k in ("B", "C") else v) for k, v in inputs.items()}
+    fwd = config_to_ints(default_launch_config(2, 6, backward=False))
+    args = (*[grouped[k] for k in GRAD_NAMES], True, False, True, fwd, [])
+    torch.library.opcheck(selective_scan_fwd_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_tiny_vim_has_no_graph_break_with_the_triton_scan() -> None:
+    torch.manual_seed(0)
+    mae = models.create_model("mae_test_vim", img_size=32, in_chans=1).to(DEVICE)
+    mae.encoder.set_scan_backend("triton")
+    imgs = torch.randn(2, 1, 32, 32, device=DEVICE)
+    noise = torch.rand(2, mae.num_patches, device=DEVICE)
+    explanation = torch._dynamo.explain(mae)(imgs, noise=noise)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
