@@ -15,6 +15,9 @@ import torch.nn.functional as F
 ACTIVATIONS = (None, "silu", "swish")
 
 
+# A constant for torch.compile: dynamo skips importlib, so tracing the lookup on every call broke the graph
+# at each conv of a compiled Vim on CUDA.
+@torch.compiler.assume_constant_result
 def causal_conv1d_available() -> bool:
     """Whether the optional ``causal_conv1d`` CUDA package can be imported."""
     return importlib.util.find_spec("causal_conv1d") is not None

@@ -13,6 +13,7 @@ from kernels.selective_scan_ref import selective_scan_ref
 BACKENDS = ("auto", "triton", "chunked", "reference", "mamba_ssm")
 
 
+@torch.compiler.assume_constant_result  # importlib is skipped by dynamo (a graph break per call otherwise)
 def mamba_ssm_available() -> bool:
     """Whether mamba-ssm's compiled selective scan can be imported."""
     return importlib.util.find_spec("mamba_ssm") is not None and importlib.util.find_spec("selective_scan_cuda") is not None

@@ -73,5 +73,6 @@ def test_tiny_vim_has_no_graph_break_with_the_triton_scan() -> None:
     imgs = torch.randn(2, 1, 32, 32, device=DEVICE)
     noise = torch.rand(2, mae.num_patches, device=DEVICE)
     explanation = torch._dynamo.explain(mae)(imgs, noise=noise)
-    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    reasons = [f"{b.reason} at {[str(frame) for frame in b.user_stack[-2:]]}" for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, reasons
     assert explanation.graph_count == 1
