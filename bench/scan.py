@@ -12,6 +12,7 @@ copy bandwidth measured in the same run. ``--mamba-src`` points at an unpacked m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -124,30 +125,55 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
 def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
     """Time the tile options: the forward alone per block_d, then forward+backward (behind the default
     forward) per backward option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with
-    prefetch, and uncapped block_d 8 / 4 (more programs at small batch)."""
-    from kernels.selective_scan_triton import selective_scan_triton
+    prefetch, and uncapped block_d 8 / 4 (more programs at small batch). Then the same for the "v2" kernels
+    (ScanLaunchConfig.variant): forward block_d 8 / 16, and forward+backward behind the v2 default forward
+    at backward block_d 16 with and without prefetch and block_d 8 with and without."""
+    from kernels.selective_scan_triton import launch_configs, selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
     rows = []
-    for block_d in (8, 16, 32):
-        cfg = ScanLaunchConfig(block_d, 4)
+    fwd_options = [(8, "v1"), (16, "v1"), (32, "v1"), (8, "v2"), (16, "v2")]
+    for block_d, variant in fwd_options:
+        cfg = ScanLaunchConfig(block_d, 4, variant=variant)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
         t = time_backend(fn, inp, rep_ms, backward=False)
-        rows.append({"pass": "fwd", "block_d": block_d, "maxnreg": None, "prefetch": False, "ms": t["fwd_ms"]})
+        rows.append({"pass": "fwd", "variant": variant, "block_d": block_d, "maxnreg": None, "prefetch": False,
+                     "ms": t["fwd_ms"]})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
-    bwd_options = [(16, None, False), (16, 168, False), (16, 200, False), (16, None, True), (16, 200, True),
-                   (8, None, False), (4, None, False)]
-    for block_d, maxnreg, prefetch in bwd_options:
-        cfg = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch)
-        fn = (lambda c: lambda **kw: selective_scan_triton(**kw, bwd_config=c))(cfg)
+    bwd_options = [(16, None, False, "v1"), (16, 168, False, "v1"), (16, 200, False, "v1"), (16, None, True, "v1"),
+                   (16, 200, True, "v1"), (8, None, False, "v1"), (4, None, False, "v1"),
+                   (16, None, False, "v2"), (16, None, True, "v2"), (8, None, False, "v2"), (8, None, True, "v2")]
+    # Each variant's backward runs behind the same variant's default forward.
+    default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
+    for block_d, maxnreg, prefetch, variant in bwd_options:
+        cfg = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
+        fwd_cfg = dataclasses.replace(default_fwd, variant=variant)
+        fn = (lambda f, c: lambda **kw: selective_scan_triton(**kw, fwd_config=f, bwd_config=c))(fwd_cfg, cfg)
         try:
             t = time_backend(fn, inp, rep_ms, forward=False)
         except Exception as exc:  # a variant that fails to compile is reported, not fatal
             print(f"    bwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
             continue
-        rows.append({"pass": "fwd+bwd", "block_d": block_d, "maxnreg": maxnreg, "prefetch": prefetch,
-                     "ms": t["fwd_bwd_ms"]})
+        rows.append({"pass": "fwd+bwd", "variant": variant, "block_d": block_d, "maxnreg": maxnreg,
+                     "prefetch": prefetch, "ms": t["fwd_bwd_ms"]})
     return rows
+
+
+def triton_variant_fn(variant: str) -> Callable[..., torch.Tensor]:
+    """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``."""
+    from kernels.selective_scan_triton import launch_configs, selective_scan_triton
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def run(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+        fwd, bwd = launch_configs(A.shape[1], u.shape[-1], None, None, rows=u.shape[0] * u.shape[1],
+                                  multiprocessors=sms)
+        return selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus,
+                                     fwd_config=dataclasses.replace(fwd, variant=variant),
+                                     bwd_config=dataclasses.replace(bwd, variant=variant))
+
+    return run
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth_gbs()
     print(f"device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read+write)", flush=True)
-    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton}
+    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton,
+                                                        "triton_v2": triton_variant_fn("v2")}
     mamba_note = "not requested (--mamba-src)"
     if args.mamba_src:
         t0 = time.time()
@@ -183,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shape = f"({batch}, {dim}, {n_state}, L={length})"
         if args.sweep:
             sweeps[shape] = sweep_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
-            print(f"swept {shape}: " + "; ".join(f"{r['pass']} bd {r['block_d']} "
+            print(f"swept {shape}: " + "; ".join(f"{r['pass']} {r['variant']} bd {r['block_d']} "
                                                  f"reg {r['maxnreg']} prefetch {r['prefetch']}: {r['ms']:.3f}"
                                                  for r in sweeps[shape]), flush=True)
         for name, fn in backends.items():
@@ -216,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
-    """One line per shape and pass: ms per (block_d, maxnreg, prefetch), the fastest marked *."""
+    """One line per shape and pass: ms per (variant, block_d, maxnreg, prefetch), the fastest marked *."""
     lines = []
     for shape, rows in sweeps.items():
         for pass_name in ("fwd", "fwd+bwd"):
@@ -224,7 +251,8 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
             if not sel:
                 continue
             best = min(r["ms"] for r in sel)
-            cells = [f"bd{r['block_d']}/reg{r['maxnreg'] or '-'}{'/pf' if r['prefetch'] else ''} "
+            cells = [f"{r.get('variant', 'v1')}/bd{r['block_d']}/reg{r['maxnreg'] or '-'}"
+                     f"{'/pf' if r['prefetch'] else ''} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)
@@ -248,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="only these rows (triton, mamba_ssm, chunked_torch, naive_loop)")
+                        help="only these rows (triton, triton_v2, mamba_ssm, chunked_torch, naive_loop)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
@@ -261,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{result['device']}, copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s, bf16, "
           f"{result['config']}; mamba-ssm: {result['mamba_ssm']}\n{table}")
     if result["sweeps"]:
-        print("\ntile sweep (ms; backward rows behind the default forward):\n" + format_sweep(result["sweeps"]))
+        print("\ntile sweep (ms; backward rows behind their variant's default forward):\n"
+              + format_sweep(result["sweeps"]))
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "table": table}, indent=1))
 

@@ -1,6 +1,7 @@
 """Offline SASS report of the scan kernels: registers, spills, instruction histogram (no GPU needed).
 
-    python -m bench.scan_sass [--block-d 16 8] [--chunk 4] [--maxnreg 168] [--reverse] [--shape B D N L] [--dump DIR]
+    python -m bench.scan_sass [--block-d 16 8] [--variant v1 v2] [--chunk 4] [--maxnreg 168] [--reverse]
+                              [--shape B D N L] [--dump DIR]
 
 Compiles the default-shaped kernels (bf16 u/delta/z/B/C/dout, N=16, D, z, delta_bias, softplus) for sm_90
 with the local Triton and its bundled ptxas, disassembles them with nvdisasm, and prints per kernel: the
@@ -122,8 +123,10 @@ def loops(sass: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return found
 
 
-def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None) -> dict[str, Any]:
-    """Print and return registers, spills and the per-position histogram of the hottest loop."""
+def report(name: str, compiled: Any, positions_per_iter: int | None, dump: Path | None) -> dict[str, Any]:
+    """Print and return registers, spills and the per-position histogram of the hottest loop. With
+    ``positions_per_iter`` None (the forward) the loop's positions are its 16-bit stores (one bf16 output
+    per position; the chunk states are float32)."""
     sass = disassemble(compiled.asm["cubin"])
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
@@ -134,6 +137,9 @@ def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None)
     inner = [lp for lp in body if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in body)]
     first, last = max(inner, key=lambda lp: lp[1] - lp[0]) if inner else (0, len(sass) - 1)
     ops = Counter(op_class(opcode(s)) for _, _, s in sass[first:last + 1])
+    if positions_per_iter is None:
+        positions_per_iter = max(1, sum(re.search(r"\bSTG\.E\.U16\b", s) is not None
+                                        for _, _, s in sass[first:last + 1]))
     local_ops = sum(opcode(s) in ("LDL", "STL") for _, _, s in sass)
     n_loop = last - first + 1
     md = compiled.metadata
@@ -151,19 +157,30 @@ def report(name: str, compiled: Any, positions_per_iter: int, dump: Path | None)
     return res
 
 
-def forward_kernels() -> list[tuple[Any, dict[str, Any]]]:
-    """The forward kernel (kernels/triton_scan_fwd.py) with the constexprs of a training step."""
-    from kernels.triton_scan_fwd import _scan_fwd_kernel
+# Constexprs the v2 kernels add, as the launcher sets them for a CUDA launch at dim 768, N=16 (v1: none).
+V2_FLAGS = dict(EVEN_D=True, EVEN_N=True, FAST=True)
 
+
+def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
+    """The forward kernel (kernels/triton_scan_fwd.py, or _fwd2.py for v2) with a training step's constexprs."""
+    from kernels.triton_scan_fwd import _scan_fwd_kernel
+    from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
+
+    if variant == "v2":
+        return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, **V2_FLAGS))]
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
-def backward_kernels() -> list[tuple[Any, dict[str, Any]]]:
-    """The backward kernel (kernels/triton_scan_bwd.py), without and with prefetch."""
-    from kernels.triton_scan_bwd import _scan_bwd_kernel
 
-    return [(_scan_bwd_kernel, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=False)),
-            (_scan_bwd_kernel, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=True))]
+def backward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
+    """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch."""
+    from kernels.triton_scan_bwd import _scan_bwd_kernel
+    from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
+
+    if variant == "v2":
+        return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p, **V2_FLAGS))
+                for p in (False, True)]
+    return [(_scan_bwd_kernel, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p)) for p in (False, True)]
 
 
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
@@ -181,23 +198,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None)
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
+    parser.add_argument("--variant", nargs="+", choices=["v1", "v2"], default=["v1"],
+                        help="kernel variants (ScanLaunchConfig.variant) to report")
     args = parser.parse_args(argv)
-    common = dict(N_PAD=16, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
+    from kernels.triton_scan_fast import scatter_levels
+
+    n_state_pad = 16
+    common = dict(N_PAD=n_state_pad, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
     batch, dim, n_state, length = args.shape
     ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
                 n_state=n_state)
     results = []
-    for block_d in args.block_d:
-        consts = dict(common, BLOCK_D=block_d)
-        if args.only != "bwd":
-            for kernel, extra in forward_kernels():
-                c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
-                results.append(report(_name(kernel, extra, block_d), c, 1, args.dump))
-        if args.only != "fwd":
-            for kernel, extra in backward_kernels():
-                c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
-                # The backward unrolls a chunk per loop iteration; the forward walks one position.
-                results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
+    for variant in args.variant:
+        for block_d in args.block_d:
+            consts = dict(common, BLOCK_D=block_d)
+            if args.only != "bwd":
+                for kernel, extra in forward_kernels(variant):
+                    c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
+                    # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's.
+                    results.append(report(_name(kernel, extra, block_d), c, None, args.dump))
+            if args.only != "fwd":
+                for kernel, extra in backward_kernels(variant):
+                    if variant == "v2":
+                        extra = dict(extra, LEVELS=scatter_levels(n_state_pad, block_d))
+                    c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
+                    # The backward unrolls a chunk per loop iteration; the forward walks one position.
+                    results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
     return results
 
 

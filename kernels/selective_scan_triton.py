@@ -5,7 +5,7 @@ kernels/triton_scan_fwd.py and _bwd.py; the backward is registered as the forwar
 are opaque to torch.compile: dynamo records them in the graph (shapes from the fake implementations below)
 instead of breaking the graph at a Python autograd.Function, so a compiled Vim block fuses the projections,
 norms and gates around the scan. Launch configurations cross the op boundary as int lists
-(block_d, chunk, maxnreg or 0, prefetch); an empty backward list means "the defaults for this device",
+(block_d, chunk, maxnreg or 0, prefetch, index of the kernel variant); an empty backward list means "the defaults for this device",
 resolved when the backward runs.
 """
 
@@ -19,7 +19,7 @@ import triton
 from torch import Tensor
 
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
-from kernels.triton_scan_common import ScanLaunchConfig, default_launch_config
+from kernels.triton_scan_common import SCAN_VARIANTS, ScanLaunchConfig, default_launch_config
 from kernels.triton_scan_fwd import selective_scan_fwd_launch
 
 
@@ -42,14 +42,33 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
     """A launch config as the op's int list; None -> [] (device defaults)."""
     if config is None:
         return []
-    return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch)]
+    return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch),
+            SCAN_VARIANTS.index(config.variant)]
 
 
 def config_from_ints(values: list[int]) -> ScanLaunchConfig | None:
     if not values:
         return None
-    block_d, chunk, maxnreg, prefetch = values
-    return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch))
+    block_d, chunk, maxnreg, prefetch, variant = values
+    return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch),
+                            variant=SCAN_VARIANTS[variant])
+
+
+def launch_configs(
+    n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None,
+    rows: int | None = None, multiprocessors: int | None = None,
+) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
+    """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
+    backward's tiles); the backward must use the forward's chunk length."""
+    n_pad = triton.next_power_of_2(n_state)
+    fwd = fwd_config or default_launch_config(n_pad, length, backward=False)
+    bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
+                                              multiprocessors=multiprocessors)
+    if bwd.chunk != fwd.chunk:
+        if bwd_config is not None:
+            raise ValueError(f"selective_scan: backward chunk {bwd.chunk} must equal forward chunk {fwd.chunk}")
+        bwd = dataclasses.replace(bwd, chunk=fwd.chunk)
+    return fwd, bwd
 
 
 def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) -> ScanLaunchConfig:
@@ -58,8 +77,8 @@ def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) 
     config = config_from_ints(bwd_config)
     if config is None:
         sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else None
-        config = default_launch_config(triton.next_power_of_2(n_state), u.shape[-1], backward=True,
-                                       rows=u.shape[0] * u.shape[1], multiprocessors=sms)
+        _, config = launch_configs(n_state, u.shape[-1], None, None, rows=u.shape[0] * u.shape[1],
+                                   multiprocessors=sms)
     return dataclasses.replace(config, chunk=chunk)
 
 
@@ -169,9 +188,8 @@ def selective_scan_triton(
     groups_b = 1 if B.dim() == 3 else B.shape[1]
     groups_c = 1 if C.dim() == 3 else C.shape[1]
     groups = math.lcm(groups_b, groups_c)
-    fwd = fwd_config or default_launch_config(triton.next_power_of_2(A.shape[1]), u.shape[-1], backward=False)
-    if bwd_config is not None and bwd_config.chunk != fwd.chunk:
-        raise ValueError(f"selective_scan: backward chunk {bwd_config.chunk} must equal forward chunk {fwd.chunk}")
+    # the backward's default tiles depend on the device: resolved when the backward runs
+    fwd, _ = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
     inputs = (u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(), _as_grouped(B, groups),
               _as_grouped(C, groups), _optional_contiguous(D, torch.float32), _optional_contiguous(z),
               _optional_contiguous(delta_bias, torch.float32))

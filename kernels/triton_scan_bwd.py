@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_common import (
     ScanLaunchConfig,
     channel_block,
@@ -27,6 +28,7 @@ from kernels.triton_scan_common import (
     launch_options,
     softplus,
 )
+from kernels.triton_scan_fast import scatter_levels
 
 
 @triton.jit
@@ -270,7 +272,14 @@ def selective_scan_bwd_launch(
     }
     placeholder = grads["A"]
     grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
-    _scan_bwd_kernel[grid](
+    n_pad = triton.next_power_of_2(n_state)
+    kernel, extra = _scan_bwd_kernel, {}
+    if config.variant == "v2":
+        # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
+        kernel = _scan_bwd_kernel_v2
+        extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
+                     LEVELS=scatter_levels(n_pad, config.block_d))
+    kernel[grid](
         u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
         D if D is not None else placeholder,
         z if z is not None else u,
@@ -283,10 +292,10 @@ def selective_scan_bwd_launch(
         grads["D"] if D is not None else placeholder,
         grads["delta_bias"] if delta_bias is not None else placeholder,
         dim, length, dim_per_group, n_groups, n_chunks, n_state,
-        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
+        N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
-        PREFETCH=config.prefetch, **launch_options(config),
+        PREFETCH=config.prefetch, **extra, **launch_options(config),
     )
     grads["B"] = grads["B"].transpose(-1, -2)
     grads["C"] = grads["C"].transpose(-1, -2)

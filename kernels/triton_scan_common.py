@@ -46,6 +46,9 @@ def channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLO
     return A2, D_vec, bias
 
 
+SCAN_VARIANTS = ("v1", "v2")
+
+
 @dataclass(frozen=True)
 class ScanLaunchConfig:
     """Tiles of the scan kernels (kernels/triton_scan_fwd.py, _bwd.py): one warp per program holding ``block_d`` <= 32
@@ -55,12 +58,16 @@ class ScanLaunchConfig:
     ``maxnreg`` caps registers per thread (more resident warps, at the price of some recomputation).
     ``prefetch`` (backward): load the next chunk's entry state, u, delta, dout and z before the current
     chunk's arithmetic (hides L2 latency; sm_90: 251 registers instead of 231, spills under a register cap).
+    ``variant``: "v1" the kernels of kernels/triton_scan_fwd.py / _bwd.py; "v2" those of
+    kernels/triton_scan_fwd2.py / _bwd2.py (same tiles and results, fewer instructions per position: unmasked
+    clamped reads, approximate-math softplus / sigmoid on CUDA, backward dB / dC summed by reduce-scatter).
     """
 
     block_d: int
     chunk: int
     maxnreg: int | None = None
     prefetch: bool = False
+    variant: str = "v1"
 
     def __post_init__(self) -> None:
         for name in ("block_d", "chunk"):
@@ -69,6 +76,8 @@ class ScanLaunchConfig:
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")
         if self.block_d > 32:
             raise ValueError(f"ScanLaunchConfig: one warp per program holds block_d <= 32 channels, got {self}")
+        if self.variant not in SCAN_VARIANTS:
+            raise ValueError(f"ScanLaunchConfig.variant must be one of {SCAN_VARIANTS}, got {self.variant!r}")
 
 
 # One-warp block_d-16 backward programs resident per multiprocessor (about 230 registers per thread:

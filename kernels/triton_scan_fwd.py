@@ -22,6 +22,7 @@ from kernels.triton_scan_common import (
     launch_options,
     softplus,
 )
+from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
 
 
 @triton.jit
@@ -139,7 +140,13 @@ def selective_scan_fwd_launch(
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
     grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
-    _scan_fwd_kernel[grid](
+    n_pad = triton.next_power_of_2(n_state)
+    kernel, extra = _scan_fwd_kernel, {}
+    if config.variant == "v2":
+        # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
+        kernel = _scan_fwd_kernel_v2
+        extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
+    kernel[grid](
         u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
         D if D is not None else last_state,
         z if z is not None else u,
@@ -148,9 +155,9 @@ def selective_scan_fwd_launch(
         chunk_states if chunk_states is not None else last_state,
         last_state,
         dim, length, dim_per_group, n_groups, n_chunks, n_state,
-        N_PAD=triton.next_power_of_2(n_state), BLOCK_D=config.block_d, CHUNK=config.chunk,
+        N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,
-        **launch_options(config),
+        **extra, **launch_options(config),
     )
     return out, last_state, chunk_states

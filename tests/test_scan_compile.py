@@ -76,3 +76,12 @@ def test_tiny_vim_has_no_graph_break_with_the_triton_scan() -> None:
     reasons = [f"{b.reason} at {[str(frame) for frame in b.user_stack[-2:]]}" for b in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("config", [None, (8, 4, None, False, "v1"), (16, 2, 200, True, "v2")])
+def test_launch_configs_survive_the_op_boundary(config) -> None:
+    from kernels.selective_scan_triton import config_from_ints, config_to_ints
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    cfg = None if config is None else ScanLaunchConfig(*config)
+    assert config_from_ints(config_to_ints(cfg)) == cfg

@@ -7,6 +7,7 @@ compiled, plus the larger ``gpu``-marked cases.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -79,10 +80,23 @@ def _check_against_reference(triton_scan, *, batch, dim, length, n_state, groups
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
-def _config(block_d, chunk):
+def _config(block_d, chunk, variant="v1"):
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    return ScanLaunchConfig(block_d=block_d, chunk=chunk)
+    return ScanLaunchConfig(block_d=block_d, chunk=chunk, variant=variant)
+
+
+def _default_configs(triton_scan, variant, n_state, length, rows):
+    """The default tiles (as selective_scan_triton picks them on this device) in ``variant``; None for v1
+    (the call then takes its own defaults)."""
+    if variant == "v1":
+        return None
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if HAS_CUDA else None
+    fwd, bwd = triton_scan.launch_configs(n_state, length, None, None, rows=rows, multiprocessors=sms)
+    return dataclasses.replace(fwd, variant=variant), dataclasses.replace(bwd, variant=variant)
+
+
+VARIANTS = ["v1", "v2"]
 
 
 # (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, chunk). Interpreter-sized: each
@@ -102,36 +116,64 @@ QUICK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,softplus,reverse,block_d,chunk",
                          QUICK_CASES)
-def test_triton_matches_reference(triton_scan, length, dim, n_state, groups, dtype, with_optional, softplus,
-                                  reverse, block_d, chunk):
-    config = None if block_d is None else _config(block_d, chunk)
+def test_triton_matches_reference(triton_scan, variant, length, dim, n_state, groups, dtype, with_optional,
+                                  softplus, reverse, block_d, chunk):
+    if block_d is None:
+        config = _default_configs(triton_scan, variant, n_state, length, rows=2 * dim)
+    else:
+        config = _config(block_d, chunk, variant)
     _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
                              dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
                              seed=length * 7 + dim, config=config)
 
 
-@pytest.mark.parametrize("fwd_block_d,bwd_block_d", [(4, 8), (16, 4)])
-def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_block_d):
-    """The backward reads the forward's chunk-entry states whatever block_d each direction uses."""
-    config = (_config(fwd_block_d, 4), _config(bwd_block_d, 4))
+@pytest.mark.parametrize("fwd_block_d,bwd_block_d,fwd_variant,bwd_variant",
+                         [(4, 8, "v1", "v1"), (16, 4, "v1", "v1"), (4, 8, "v2", "v1"), (16, 4, "v1", "v2")])
+def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_block_d, fwd_variant, bwd_variant):
+    """The backward reads the forward's chunk-entry states whatever block_d and variant each direction uses."""
+    config = (_config(fwd_block_d, 4, fwd_variant), _config(bwd_block_d, 4, bwd_variant))
     _check_against_reference(triton_scan, batch=2, dim=6, length=19, n_state=4, groups=2, dtype=torch.float32,
                              with_optional=True, softplus=True, reverse=fwd_block_d > bwd_block_d, seed=5,
                              config=config)
 
 
-@pytest.mark.parametrize("length,groups,reverse,chunk", [(1, None, False, 1), (23, 2, True, 4),
-                                                         (37, None, False, 4), (30, 2, True, 2)])
-def test_triton_prefetch(triton_scan, length, groups, reverse, chunk):
+@pytest.mark.parametrize("length,groups,reverse,chunk,variant", [
+    (1, None, False, 1, "v1"), (23, 2, True, 4, "v1"), (37, None, False, 4, "v1"), (30, 2, True, 2, "v1"),
+    (1, None, False, 1, "v2"), (23, 2, True, 4, "v2")])  # more v2 prefetch in FULL_TILE_CASES
+def test_triton_prefetch(triton_scan, length, groups, reverse, chunk, variant):
     """The backward that loads the next chunk's inputs ahead: one chunk, a partial last chunk, many chunks."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(8, chunk)
-    bwd = ScanLaunchConfig(8, chunk, prefetch=True)
+    fwd = ScanLaunchConfig(8, chunk, variant=variant)
+    bwd = ScanLaunchConfig(8, chunk, prefetch=True, variant=variant)
     _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
                              dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
                              seed=length + chunk, config=(fwd, bwd))
+
+
+# v2 only: channel blocks that fill the group (EVEN_D) and N a power of two (EVEN_N), where the v2 kernels
+# drop every channel / state mask; (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, prefetch).
+FULL_TILE_CASES = [
+    (21, 16, 16, 2, torch.float32, True, True, False, 8, False),
+    (10, 32, 4, None, torch.bfloat16, False, False, True, 16, True),
+    (7, 8, 1, None, torch.float32, True, True, True, 4, False),
+    (9, 64, 16, 2, torch.float32, True, True, True, 32, True),
+]
+
+
+@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,softplus,reverse,block_d,prefetch",
+                         FULL_TILE_CASES)
+def test_triton_v2_full_tiles(triton_scan, length, dim, n_state, groups, dtype, with_optional, softplus, reverse,
+                              block_d, prefetch):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    config = (ScanLaunchConfig(block_d, 4, variant="v2"), ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant="v2"))
+    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
+                             dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
+                             seed=length + dim, config=config)
 
 
 def test_default_config_tiles_follow_the_grid_size():
@@ -178,6 +220,8 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
         ScanLaunchConfig(block_d=8, chunk=0)
     with pytest.raises(ValueError, match="one warp per program"):
         ScanLaunchConfig(block_d=64, chunk=8)
+    with pytest.raises(ValueError, match="variant"):
+        ScanLaunchConfig(block_d=8, chunk=4, variant="v3")
 
 
 GPU_SHAPES = [
@@ -195,36 +239,40 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,dim,length,n_state,groups", GPU_SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse):
-    """The defaults in every dtype."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse, variant):
+    """The default tiles in every dtype, in each kernel variant."""
+    config = _default_configs(triton_scan, variant, n_state, length, rows=batch * dim)
     for with_optional, softplus in ((True, True), (False, False)):
         _check_against_reference(triton_scan, batch=batch, dim=dim, length=length, n_state=n_state,
                                  groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
-                                 reverse=reverse, seed=length + dim)
+                                 reverse=reverse, seed=length + dim, config=config)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("fwd_block_d,block_d,chunk", [(4, 4, 4), (16, 4, 8), (32, 8, 4), (8, 8, 8), (32, 16, 4)])
-def test_triton_gpu_tile_configs(triton_scan, fwd_block_d, block_d, chunk):
+@pytest.mark.parametrize("variant,dim", [("v1", 100), ("v2", 100), ("v2", 128)])
+def test_triton_gpu_tile_configs(triton_scan, fwd_block_d, block_d, chunk, variant, dim):
     """The tiles the benchmark sweeps (every forward block_d, every backward tile), compiled, in
-    bf16 at a Mamba block's settings."""
-    config = (_config(fwd_block_d, chunk), _config(block_d, chunk))
-    _check_against_reference(triton_scan, batch=2, dim=100, length=300, n_state=16, groups=None,
+    bf16 at a Mamba block's settings; v2 also with full channel blocks (dim 128)."""
+    config = (_config(fwd_block_d, chunk, variant), _config(block_d, chunk, variant))
+    _check_against_reference(triton_scan, batch=2, dim=dim, length=300, n_state=16, groups=None,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=False,
                              seed=block_d + chunk, config=config)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("maxnreg,reverse,prefetch", [(168, True, False), (128, False, False), (None, True, True),
-                                                    (200, False, True)])
-def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, prefetch):
+@pytest.mark.parametrize("maxnreg,reverse,prefetch,variant", [
+    (168, True, False, "v1"), (128, False, False, "v1"), (None, True, True, "v1"), (200, False, True, "v1"),
+    (None, True, True, "v2"), (None, False, False, "v2"), (200, False, True, "v2")])
+def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, prefetch, variant):
     """Register caps and the prefetching backward as the benchmark sweeps them, compiled, in bf16."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(16, 4)
-    bwd = ScanLaunchConfig(16, 4, maxnreg=maxnreg, prefetch=prefetch)
+    fwd = ScanLaunchConfig(16, 4, variant=variant)
+    bwd = ScanLaunchConfig(16, 4, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=maxnreg or 1, config=(fwd, bwd))

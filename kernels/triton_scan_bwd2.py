@@ -1,0 +1,218 @@
+"""Backward kernel of the selective scan, variant "v2" (ScanLaunchConfig.variant): the v1 kernel
+(kernels/triton_scan_bwd.py; same tiles, chunk recompute and adjoint, optional prefetch) with less work per
+position:
+
+- dB and dC, sums over the warp's channels, by reduce-scatter (kernels/triton_scan_fast.py): BLOCK_D 16 needs
+  8 shuffles per tile and lane instead of a 32-shuffle butterfly; each position's sums then go out as one
+  relaxed atomic per lane (no per-chunk layout change through shared memory);
+- reads unmasked: positions clamped into [0, length), channels into the group (a clamped channel copies the
+  last real one; its dout is zeroed, so its adjoint and every gradient it adds to are zero), chunk indices
+  into [0, chunks); stores keep the position mask and drop the channel mask when ``EVEN_D``;
+- softplus, sigmoid(z) and softplus' with ``FAST`` approximate math.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_scan_common import channel_block, channel_params
+from kernels.triton_scan_fast import LOG2E, channel_sum_scatter, scatter_rows, sigmoid2, softplus2
+
+
+@triton.jit
+def _chunk_position(base, s, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """Position of the chunk's s-th step in scan order."""
+    if REVERSE:
+        return base + (CHUNK - 1 - s)
+    else:
+        return base + s
+
+
+@triton.jit
+def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask, batch_idx,
+                      chunk_idx, length, n_chunks, n_state, dim, CHUNK: tl.constexpr, HAS_Z: tl.constexpr,
+                      REVERSE: tl.constexpr, EVEN_ND: tl.constexpr):
+    """One chunk's reads as stored (entry state; per position in scan order u, delta, dout, z), unmasked:
+    the chunk index and positions are clamped (a prefetch past the last chunk reads the first one again)."""
+    chunk_idx = tl.minimum(tl.maximum(chunk_idx, 0), n_chunks - 1)
+    state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+    if EVEN_ND:
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :])
+    else:
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
+    loads = ()
+    for s in tl.static_range(CHUNK):
+        at = tl.minimum(_chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)
+        u = tl.load(U_row + at)
+        delta = tl.load(DELTA_row + at)
+        dout = tl.load(DOUT_row + at)
+        z = u
+        if HAS_Z:
+            z = tl.load(Z_row + at)
+        loads = loads + ((u, delta, dout, z),)
+    return h_in, loads
+
+
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+def _scan_bwd_kernel_v2(
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, LEVELS: tl.constexpr,
+):
+    batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
+        n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+                                     HAS_D, HAS_BIAS)
+    offs_read = offs_d
+    if not EVEN_D:
+        offs_read = tl.minimum(offs_d, group * dim_per_group + dim_per_group - 1)
+    seq_row = (batch_idx * dim + offs_read).to(tl.int64) * length
+    U_row = U + seq_row
+    DELTA_row = DELTA + seq_row
+    Z_row = Z + seq_row
+    DOUT_row = DOUT + seq_row
+    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    # Where each lane's dB / dC sums go (state index) and which lanes write them.
+    lane_d = tl.arange(0, BLOCK_D)
+    sum_rows, sum_owner = scatter_rows(lane_d, N_PAD, BLOCK_D, LEVELS)
+    if not EVEN_N:
+        sum_owner = sum_owner & (sum_rows < n_state)
+
+    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_DLAST:
+        g = tl.load(DLAST + ((batch_idx * dim + offs_d).to(tl.int64) * n_state)[None, :] + offs_n[:, None],
+                    mask=nd_mask, other=0.0)
+    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    if REVERSE:
+        chunk_idx = 0 * n_chunks
+        chunk_step = 1
+    else:
+        chunk_idx = n_chunks - 1
+        chunk_step = -1
+    if PREFETCH:
+        ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask,
+                                  batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE,
+                                  EVEN_D and EVEN_N)
+    for _i in range(n_chunks):
+        base = chunk_idx * CHUNK
+        if PREFETCH:
+            h_in, loads = ahead
+            ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask,
+                                      batch_idx, chunk_idx + chunk_step, length, n_chunks, n_state, dim, CHUNK,
+                                      HAS_Z, REVERSE, EVEN_D and EVEN_N)
+        else:
+            h_in, loads = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d,
+                                            nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK,
+                                            HAS_Z, REVERSE, EVEN_D and EVEN_N)
+
+        # Recompute the chunk's states and decays (index s = scan order in the chunk), as in v1.
+        h = h_in
+        states = ()
+        decays = ()
+        steps = ()
+        slopes = ()
+        for s in tl.static_range(CHUNK):
+            pos = _chunk_position(base, s, CHUNK, REVERSE)
+            at = tl.minimum(pos, length - 1)
+            u = loads[s][0].to(tl.float32)
+            dt_raw = loads[s][1].to(tl.float32)
+            if HAS_BIAS:
+                dt_raw += bias
+            if SOFTPLUS:
+                dt = softplus2(dt_raw, FAST)
+            else:
+                dt = dt_raw
+            dt = tl.where(pos < length, dt, 0.0)
+            a = tl.exp2(dt[None, :] * A2)
+            if EVEN_N:
+                B_col = tl.load(B_seq + at * n_state + offs_n).to(tl.float32)
+            else:
+                B_col = tl.load(B_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            h = a * h + B_col[:, None] * (dt * u)[None, :]
+            states = states + (h,)
+            decays = decays + (a,)
+            steps = steps + (dt,)
+            if SOFTPLUS:
+                # softplus'(x) = sigmoid(x) = exp(x - softplus(x)).
+                slopes = slopes + (tl.exp2((dt_raw - dt) * LOG2E),)
+            else:
+                slopes = slopes + (dt,)
+
+        # Adjoint, backwards through the chunk.
+        for r in tl.static_range(CHUNK):
+            pos = _chunk_position(base, CHUNK - 1 - r, CHUNK, REVERSE)
+            at = tl.minimum(pos, length - 1)
+            valid = pos < length
+            m = valid
+            if not EVEN_D:
+                m = m & d_mask
+            h = states[CHUNK - 1 - r]
+            a = decays[CHUNK - 1 - r]
+            dt = steps[CHUNK - 1 - r]
+            u = loads[CHUNK - 1 - r][0].to(tl.float32)
+            if CHUNK - 1 - r > 0:
+                h_prev = states[CHUNK - 2 - r]
+            else:
+                h_prev = h_in
+            if EVEN_N:
+                B_col = tl.load(B_seq + at * n_state + offs_n).to(tl.float32)
+                C_col = tl.load(C_seq + at * n_state + offs_n).to(tl.float32)
+            else:
+                B_col = tl.load(B_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                C_col = tl.load(C_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            # Past the end (and on clamped channels) dout is zero: no adjoint input, no dB / dC / dD.
+            dout = tl.where(m, loads[CHUNK - 1 - r][2].to(tl.float32), 0.0)
+            if HAS_Z:
+                z = loads[CHUNK - 1 - r][3].to(tl.float32)
+                y = tl.sum(h * C_col[:, None], axis=0)
+                if HAS_D:
+                    y += D_vec * u
+                sig_z = sigmoid2(z, FAST)
+                dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(DZ + seq_row + at, dz.to(DZ.dtype.element_ty), mask=m)
+                dy = dout * z * sig_z
+            else:
+                dy = dout
+
+            g = g + C_col[:, None] * dy[None, :]
+            decayed_prev = a * h_prev
+            g_dot_B = tl.sum(g * B_col[:, None], axis=0)
+            ddt = u * g_dot_B + tl.sum(g * decayed_prev * A2, axis=0) * 0.6931471805599453
+            du = dt * g_dot_B
+            if HAS_D:
+                du += D_vec * dy
+                dD_acc += dy * u
+            dA_acc += g * decayed_prev * dt[None, :]
+            if SOFTPLUS:
+                ddt = ddt * slopes[CHUNK - 1 - r]
+            ddt = tl.where(m, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += ddt
+            tl.store(DU + seq_row + at, du.to(DU.dtype.element_ty), mask=m)
+            tl.store(DDELTA + seq_row + at, ddt.to(DDELTA.dtype.element_ty), mask=m)
+
+            # dB / dC of this position: reduce-scattered over the channels, one atomic per owning lane.
+            dB_part = channel_sum_scatter(g * (dt * u)[None, :], lane_d, N_PAD, BLOCK_D, LEVELS)
+            dC_part = channel_sum_scatter(h * dy[None, :], lane_d, N_PAD, BLOCK_D, LEVELS)
+            bc_ptrs = at * n_state + sum_rows
+            tl.atomic_add(DB_seq + bc_ptrs, dB_part, mask=sum_owner & valid, sem="relaxed")
+            tl.atomic_add(DC_seq + bc_ptrs, dC_part, mask=sum_owner & valid, sem="relaxed")
+            g = a * g
+        chunk_idx += chunk_step
+
+    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")

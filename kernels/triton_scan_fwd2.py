@@ -1,0 +1,123 @@
+"""Forward kernel of the selective scan, variant "v2" (ScanLaunchConfig.variant): the v1 kernel
+(kernels/triton_scan_fwd.py; same tiles, same order of operations, one position of prefetch) with less work
+per position:
+
+- no per-position masks on the loads: the position is clamped into [0, length) and the channel into the
+  group (a clamped channel computes a copy of the last real one), so only the output store keeps a mask, and
+  it drops the channel test when ``EVEN_D`` (dim_per_group a multiple of BLOCK_D); positions past the end
+  still take an identity step (dt = 0);
+- softplus and sigmoid with ``FAST`` approximate math (kernels/triton_scan_fast.py).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_scan_common import channel_block, channel_params
+from kernels.triton_scan_fast import sigmoid2, softplus2
+
+
+@triton.jit
+def _clamp_position(pos, length, REVERSE: tl.constexpr):
+    """A position to read at: in range for every position the loop can reach (0 .. chunks * CHUNK, or -1)."""
+    if REVERSE:
+        return tl.maximum(tl.minimum(pos, length - 1), 0)
+    else:
+        return tl.minimum(pos, length - 1)
+
+
+@triton.jit
+def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n, n_mask, n_state,
+                 HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
+                 REVERSE: tl.constexpr, FAST: tl.constexpr):
+    """u, dt (0 past the end), B, C and z at one position."""
+    at = _clamp_position(pos, length, REVERSE)
+    u = tl.load(U_row + at).to(tl.float32)
+    dt = tl.load(DELTA_row + at).to(tl.float32)
+    if EVEN_N:
+        B_col = tl.load(B_seq + at * n_state + offs_n).to(tl.float32)
+        C_col = tl.load(C_seq + at * n_state + offs_n).to(tl.float32)
+    else:
+        B_col = tl.load(B_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        C_col = tl.load(C_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    z = u
+    if HAS_Z:
+        z = tl.load(Z_row + at).to(tl.float32)
+    if HAS_BIAS:
+        dt += bias
+    if SOFTPLUS:
+        dt = softplus2(dt, FAST)
+    dt = tl.where(pos < length, dt, 0.0)
+    return u, dt, B_col, C_col, z
+
+
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+def _scan_fwd_kernel_v2(
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
+    OUT, CHUNK_STATES, LAST_STATE,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+):
+    batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
+        n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+                                     HAS_D, HAS_BIAS)
+    # Reads of a channel past the group's end go to its last channel (never stored).
+    offs_read = offs_d
+    if not EVEN_D:
+        offs_read = tl.minimum(offs_d, group * dim_per_group + dim_per_group - 1)
+    seq_row = (batch_idx * dim + offs_read).to(tl.int64) * length
+    U_row = U + seq_row
+    DELTA_row = DELTA + seq_row
+    Z_row = Z + seq_row
+    OUT_row = OUT + seq_row
+    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    if REVERSE:
+        step = -1
+        pos = n_chunks * CHUNK - 1
+    else:
+        step = 1
+        pos = 0 * n_chunks
+
+    u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
+                                          n_mask, n_state, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N, REVERSE, FAST)
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    for i in range(n_chunks):
+        if STORE_STATES:
+            if REVERSE:
+                chunk_idx = n_chunks - 1 - i
+            else:
+                chunk_idx = i
+            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+            if EVEN_D and EVEN_N:
+                tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h)
+            else:
+                tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+        # A runtime loop, as in v1 (statically unrolled, Triton loads B and C in the (N, BLOCK_D) layout: 8
+        # loads per lane instead of one and a shared-memory broadcast); LLVM unrolls it.
+        for _t in range(CHUNK):
+            u_n, dt_n, B_n, C_n, z_n = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos + step, length, bias,
+                                                    offs_n, n_mask, n_state, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
+                                                    REVERSE, FAST)
+
+            h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * C_col[:, None], axis=0)
+            if HAS_D:
+                y += D_vec * u
+            if HAS_Z:
+                y = y * z * sigmoid2(z, FAST)
+            out_mask = pos < length
+            if not EVEN_D:
+                out_mask = out_mask & d_mask
+            tl.store(OUT_row + _clamp_position(pos, length, REVERSE), y.to(OUT.dtype.element_ty), mask=out_mask)
+
+            pos = pos + step
+            u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
+
+    row = (batch_idx * dim + offs_d).to(tl.int64)
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
