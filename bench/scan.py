@@ -127,12 +127,14 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     forward) per backward option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with
     prefetch, and uncapped block_d 8 / 4 (more programs at small batch). Then the same for the "v2" kernels
     (ScanLaunchConfig.variant): forward block_d 8 / 16, and forward+backward behind the v2 default forward
-    at backward block_d 16 with and without prefetch and block_d 8 with and without."""
+    at backward block_d 16 with and without prefetch and block_d 8 with and without. Then the "v3" kernels (one
+    lane per channel): forward block_d 16 / 32 / 64 at chunk 4, and forward+backward (behind the v3 forward of the
+    same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at block_d 32."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
     rows = []
-    fwd_options = [(8, "v1"), (16, "v1"), (32, "v1"), (8, "v2"), (16, "v2")]
+    fwd_options = [(8, "v1"), (16, "v1"), (32, "v1"), (8, "v2"), (16, "v2"), (16, "v3"), (32, "v3"), (64, "v3")]
     for block_d, variant in fwd_options:
         cfg = ScanLaunchConfig(block_d, 4, variant=variant)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
@@ -143,11 +145,16 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     bwd_options = [(16, None, False, "v1"), (16, 168, False, "v1"), (16, 200, False, "v1"), (16, None, True, "v1"),
                    (16, 200, True, "v1"), (8, None, False, "v1"), (4, None, False, "v1"),
                    (16, None, False, "v2"), (16, None, True, "v2"), (8, None, False, "v2"), (8, None, True, "v2")]
-    # Each variant's backward runs behind the same variant's default forward.
+    bwd_options = [opt + (4,) for opt in bwd_options] + [
+        (32, None, False, "v3", 2), (32, None, True, "v3", 2), (32, None, False, "v3", 4), (32, None, True, "v3", 4),
+        (16, None, False, "v3", 2), (16, None, False, "v3", 4), (64, None, False, "v3", 2)]
+    # Each v1 / v2 backward runs behind the same variant's default forward, a v3 one behind its own tiles.
     default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
-    for block_d, maxnreg, prefetch, variant in bwd_options:
-        cfg = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
+    for block_d, maxnreg, prefetch, variant, chunk in bwd_options:
+        cfg = ScanLaunchConfig(block_d, chunk, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
         fwd_cfg = dataclasses.replace(default_fwd, variant=variant)
+        if variant == "v3":
+            fwd_cfg = ScanLaunchConfig(block_d, chunk, variant=variant)
         fn = (lambda f, c: lambda **kw: selective_scan_triton(**kw, fwd_config=f, bwd_config=c))(fwd_cfg, cfg)
         try:
             t = time_backend(fn, inp, rep_ms, forward=False)
@@ -155,12 +162,13 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
             print(f"    bwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
             continue
         rows.append({"pass": "fwd+bwd", "variant": variant, "block_d": block_d, "maxnreg": maxnreg,
-                     "prefetch": prefetch, "ms": t["fwd_bwd_ms"]})
+                     "prefetch": prefetch, "chunk": chunk, "ms": t["fwd_bwd_ms"]})
     return rows
 
 
 def triton_variant_fn(variant: str) -> Callable[..., torch.Tensor]:
-    """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``."""
+    """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``; v3
+    at block_d 32 (one lane per channel)."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -168,10 +176,11 @@ def triton_variant_fn(variant: str) -> Callable[..., torch.Tensor]:
     def run(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
         fwd, bwd = launch_configs(A.shape[1], u.shape[-1], None, None, rows=u.shape[0] * u.shape[1],
                                   multiprocessors=sms)
+        tiles = dict(block_d=32) if variant == "v3" else {}
         return selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=delta_softplus,
-                                     fwd_config=dataclasses.replace(fwd, variant=variant),
-                                     bwd_config=dataclasses.replace(bwd, variant=variant))
+                                     fwd_config=dataclasses.replace(fwd, variant=variant, **tiles),
+                                     bwd_config=dataclasses.replace(bwd, variant=variant, **tiles))
 
     return run
 
@@ -183,7 +192,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = copy_bandwidth_gbs()
     print(f"device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read+write)", flush=True)
     backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton,
-                                                        "triton_v2": triton_variant_fn("v2")}
+                                                        "triton_v2": triton_variant_fn("v2"),
+                                                        "triton_v3": triton_variant_fn("v3")}
     mamba_note = "not requested (--mamba-src)"
     if args.mamba_src:
         t0 = time.time()
@@ -252,7 +262,7 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
                 continue
             best = min(r["ms"] for r in sel)
             cells = [f"{r.get('variant', 'v1')}/bd{r['block_d']}/reg{r['maxnreg'] or '-'}"
-                     f"{'/pf' if r['prefetch'] else ''} "
+                     f"{'/pf' if r['prefetch'] else ''}{'/ch%d' % r['chunk'] if r.get('chunk', 4) != 4 else ''} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="only these rows (triton, triton_v2, mamba_ssm, chunked_torch, naive_loop)")
+                        help="only these rows (triton, triton_v2, triton_v3, mamba_ssm, chunked_torch, naive_loop)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")

@@ -51,7 +51,9 @@ def _signature(kernel: Any, ints: dict[str, int]) -> tuple[dict[str, str], dict[
         if param.is_constexpr:
             sig[name] = "constexpr"
         elif name[0].isupper():
-            sig[name] = "*bf16" if name in BF16_ARGS else "*fp32"
+            # The v3 launchers hand B and C over as float32 (kernels/triton_scan_fwd3.py).
+            bf16 = name in BF16_ARGS and not (kernel.__name__.endswith("_v3") and name in ("B", "C"))
+            sig[name] = "*bf16" if bf16 else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
@@ -165,7 +167,10 @@ def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     """The forward kernel (kernels/triton_scan_fwd.py, or _fwd2.py for v2) with a training step's constexprs."""
     from kernels.triton_scan_fwd import _scan_fwd_kernel
     from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
+    from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3
 
+    if variant == "v3":
+        return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True))]
     if variant == "v2":
         return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, **V2_FLAGS))]
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
@@ -176,7 +181,11 @@ def backward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch."""
     from kernels.triton_scan_bwd import _scan_bwd_kernel
     from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
+    from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 
+    if variant == "v3":
+        return [(_scan_bwd_kernel_v3, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p, FAST=True))
+                for p in (False, True)]
     if variant == "v2":
         return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p, **V2_FLAGS))
                 for p in (False, True)]
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None)
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
-    parser.add_argument("--variant", nargs="+", choices=["v1", "v2"], default=["v1"],
+    parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
     args = parser.parse_args(argv)
     from kernels.triton_scan_fast import scatter_levels
@@ -212,16 +221,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for variant in args.variant:
         for block_d in args.block_d:
             consts = dict(common, BLOCK_D=block_d)
+            warps = max(1, block_d // 32) if variant == "v3" else 1
             if args.only != "bwd":
                 for kernel, extra in forward_kernels(variant):
-                    c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
-                    # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's.
-                    results.append(report(_name(kernel, extra, block_d), c, None, args.dump))
+                    c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
+                    # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's;
+                    # v3 walks a chunk per pass and stores it as one vector per lane.
+                    per_pass = args.chunk if variant == "v3" else None
+                    results.append(report(_name(kernel, extra, block_d), c, per_pass, args.dump))
             if args.only != "fwd":
                 for kernel, extra in backward_kernels(variant):
                     if variant == "v2":
                         extra = dict(extra, LEVELS=scatter_levels(n_state_pad, block_d))
-                    c = compile_kernel(kernel, {**consts, **extra}, ints, maxnreg=args.maxnreg)
+                    elif variant == "v3":
+                        extra = dict(extra, LEVELS=scatter_levels(2 * n_state_pad, block_d))
+                    c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
                     # The backward unrolls a chunk per loop iteration; the forward walks one position.
                     results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
     return results

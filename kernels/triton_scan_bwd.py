@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
+from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 from kernels.triton_scan_common import (
     ScanLaunchConfig,
     channel_block,
@@ -29,6 +30,7 @@ from kernels.triton_scan_common import (
     softplus,
 )
 from kernels.triton_scan_fast import scatter_levels
+from kernels.triton_scan_fwd3 import padded_float32
 
 
 @triton.jit
@@ -265,22 +267,32 @@ def selective_scan_bwd_launch(
         "z": torch.empty_like(z) if z is not None else None,
         "A": torch.zeros(dim, n_state, **f32),
         # (batch, groups, L, N) like the kernel's B and C; handed back as (batch, groups, N, L) views.
-        "B": torch.zeros(batch, n_groups, length, n_state, **f32),
-        "C": torch.zeros(batch, n_groups, length, n_state, **f32),
+        "B": torch.zeros(batch, n_groups, length, n_state, **f32) if config.variant != "v3" else None,
+        "C": torch.zeros(batch, n_groups, length, n_state, **f32) if config.variant != "v3" else None,
         "D": torch.zeros(dim, **f32) if D is not None else None,
         "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
     }
     placeholder = grads["A"]
     grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
     n_pad = triton.next_power_of_2(n_state)
-    kernel, extra = _scan_bwd_kernel, {}
-    if config.variant == "v2":
-        # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
-        kernel = _scan_bwd_kernel_v2
-        extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
-                     LEVELS=scatter_levels(n_pad, config.block_d))
+    if config.variant == "v3":
+        # B and C float32 and zero-padded to N_PAD; dB and dC summed side by side, (batch, groups, L, 2, N_PAD).
+        B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
+        dbc = torch.zeros(batch, n_groups, length, 2, n_pad, **f32)
+        kernel = _scan_bwd_kernel_v3
+        outputs = (grads["A"], dbc)
+        extra = dict(FAST=u.is_cuda, LEVELS=scatter_levels(2 * n_pad, config.block_d))
+    else:
+        B_arg, C_arg = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
+        outputs = (grads["A"], grads["B"], grads["C"])
+        kernel, extra = _scan_bwd_kernel, {}
+        if config.variant == "v2":
+            # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
+            kernel = _scan_bwd_kernel_v2
+            extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
+                         LEVELS=scatter_levels(n_pad, config.block_d))
     kernel[grid](
-        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
+        u, delta, A.t().contiguous(), B_arg, C_arg,
         D if D is not None else placeholder,
         z if z is not None else u,
         delta_bias if delta_bias is not None else placeholder,
@@ -288,7 +300,7 @@ def selective_scan_bwd_launch(
         dlast if dlast is not None else placeholder,
         grads["u"], grads["delta"],
         grads["z"] if z is not None else grads["u"],
-        grads["A"], grads["B"], grads["C"],
+        *outputs,
         grads["D"] if D is not None else placeholder,
         grads["delta_bias"] if delta_bias is not None else placeholder,
         dim, length, dim_per_group, n_groups, n_chunks, n_state,
@@ -297,6 +309,10 @@ def selective_scan_bwd_launch(
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
         PREFETCH=config.prefetch, **extra, **launch_options(config),
     )
-    grads["B"] = grads["B"].transpose(-1, -2)
-    grads["C"] = grads["C"].transpose(-1, -2)
+    if config.variant == "v3":
+        grads["B"] = dbc[:, :, :, 0, :n_state].transpose(-1, -2)
+        grads["C"] = dbc[:, :, :, 1, :n_state].transpose(-1, -2)
+    else:
+        grads["B"] = grads["B"].transpose(-1, -2)
+        grads["C"] = grads["C"].transpose(-1, -2)
     return grads

@@ -46,7 +46,7 @@ def channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLO
     return A2, D_vec, bias
 
 
-SCAN_VARIANTS = ("v1", "v2")
+SCAN_VARIANTS = ("v1", "v2", "v3")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ class ScanLaunchConfig:
     chunk's arithmetic (hides L2 latency; sm_90: 251 registers instead of 231, spills under a register cap).
     ``variant``: "v1" the kernels of kernels/triton_scan_fwd.py / _bwd.py; "v2" those of
     kernels/triton_scan_fwd2.py / _bwd2.py (same tiles and results, fewer instructions per position: unmasked
-    clamped reads, approximate-math softplus / sigmoid on CUDA, backward dB / dC summed by reduce-scatter).
+    clamped reads, approximate-math softplus / sigmoid on CUDA, backward dB / dC summed by reduce-scatter);
+    "v3" those of kernels/triton_scan_fwd3.py / _bwd3.py (one lane per channel with all its N states, positions
+    read and written a chunk at a time; block_d = 32 per warp).
     """
 
     block_d: int
@@ -74,8 +76,9 @@ class ScanLaunchConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")
-        if self.block_d > 32:
-            raise ValueError(f"ScanLaunchConfig: one warp per program holds block_d <= 32 channels, got {self}")
+        if self.block_d > (128 if self.variant == "v3" else 32):
+            raise ValueError(f"ScanLaunchConfig: block_d is at most 32 (one warp per program; v3: 128, a warp per "
+                             f"32 channels), got {self}")
         if self.variant not in SCAN_VARIANTS:
             raise ValueError(f"ScanLaunchConfig.variant must be one of {SCAN_VARIANTS}, got {self.variant!r}")
 
@@ -109,8 +112,8 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
 
 
 def launch_options(config: ScanLaunchConfig) -> dict[str, Any]:
-    """Triton launch keywords: one warp per program, and the register cap when set."""
-    options: dict[str, Any] = {"num_warps": 1}
+    """Triton launch keywords: one warp per program (v3: one per 32 channels), and the register cap when set."""
+    options: dict[str, Any] = {"num_warps": max(1, config.block_d // 32) if config.variant == "v3" else 1}
     if config.maxnreg is not None:
         options["maxnreg"] = config.maxnreg
     return options

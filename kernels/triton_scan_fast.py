@@ -119,3 +119,4 @@ def scatter_levels(n_state_padded: int, block_d: int) -> int:
     while (n_state_padded >> levels) > lanes_n and (1 << levels) < block_d:
         levels += 1
     return levels
+

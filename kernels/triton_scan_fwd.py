@@ -23,6 +23,7 @@ from kernels.triton_scan_common import (
     softplus,
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
+from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3, padded_float32
 
 
 @triton.jit
@@ -136,18 +137,24 @@ def selective_scan_fwd_launch(
     n_chunks = triton.cdiv(length, config.chunk)
     out = torch.empty_like(u)
     last_state = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
+    n_pad = triton.next_power_of_2(n_state)
     chunk_states = (
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
-    grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
-    n_pad = triton.next_power_of_2(n_state)
-    kernel, extra = _scan_fwd_kernel, {}
-    if config.variant == "v2":
-        # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
-        kernel = _scan_fwd_kernel_v2
-        extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
+    if config.variant == "v3":
+        kernel = _scan_fwd_kernel_v3
+        extra = dict(FAST=u.is_cuda)
+        B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
+    else:
+        kernel, extra = _scan_fwd_kernel, {}
+        if config.variant == "v2":
+            # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
+            kernel = _scan_fwd_kernel_v2
+            extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
+        B_arg, C_arg = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
     kernel[grid](
-        u, delta, A.t().contiguous(), B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous(),
+        u, delta, A.t().contiguous(), B_arg, C_arg,
         D if D is not None else last_state,
         z if z is not None else u,
         delta_bias if delta_bias is not None else last_state,

@@ -93,10 +93,13 @@ def _default_configs(triton_scan, variant, n_state, length, rows):
         return None
     sms = torch.cuda.get_device_properties(0).multi_processor_count if HAS_CUDA else None
     fwd, bwd = triton_scan.launch_configs(n_state, length, None, None, rows=rows, multiprocessors=sms)
+    if variant == "v3":  # one lane per channel: a warp holds 32 channels
+        return (dataclasses.replace(fwd, variant=variant, block_d=32),
+                dataclasses.replace(bwd, variant=variant, block_d=32, chunk=fwd.chunk))
     return dataclasses.replace(fwd, variant=variant), dataclasses.replace(bwd, variant=variant)
 
 
-VARIANTS = ["v1", "v2"]
+VARIANTS = ["v1", "v2", "v3"]
 
 
 # (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, chunk). Interpreter-sized: each
@@ -131,7 +134,8 @@ def test_triton_matches_reference(triton_scan, variant, length, dim, n_state, gr
 
 
 @pytest.mark.parametrize("fwd_block_d,bwd_block_d,fwd_variant,bwd_variant",
-                         [(4, 8, "v1", "v1"), (16, 4, "v1", "v1"), (4, 8, "v2", "v1"), (16, 4, "v1", "v2")])
+                         [(4, 8, "v1", "v1"), (16, 4, "v1", "v1"), (4, 8, "v2", "v1"), (16, 4, "v1", "v2"),
+                          (32, 8, "v3", "v1"), (16, 32, "v2", "v3"), (64, 16, "v3", "v3")])
 def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_block_d, fwd_variant, bwd_variant):
     """The backward reads the forward's chunk-entry states whatever block_d and variant each direction uses."""
     config = (_config(fwd_block_d, 4, fwd_variant), _config(bwd_block_d, 4, bwd_variant))
@@ -142,13 +146,15 @@ def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_
 
 @pytest.mark.parametrize("length,groups,reverse,chunk,variant", [
     (1, None, False, 1, "v1"), (23, 2, True, 4, "v1"), (37, None, False, 4, "v1"), (30, 2, True, 2, "v1"),
-    (1, None, False, 1, "v2"), (23, 2, True, 4, "v2")])  # more v2 prefetch in FULL_TILE_CASES
+    (1, None, False, 1, "v2"), (23, 2, True, 4, "v2"), (1, None, False, 1, "v3"), (23, 2, True, 4, "v3"),
+    (30, 2, True, 2, "v3")])  # more v2 prefetch in FULL_TILE_CASES
 def test_triton_prefetch(triton_scan, length, groups, reverse, chunk, variant):
     """The backward that loads the next chunk's inputs ahead: one chunk, a partial last chunk, many chunks."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(8, chunk, variant=variant)
-    bwd = ScanLaunchConfig(8, chunk, prefetch=True, variant=variant)
+    block_d = 32 if variant == "v3" else 8  # v3: one lane per channel, 22 of 32 lanes masked at dim 10
+    fwd = ScanLaunchConfig(block_d, chunk, variant=variant)
+    bwd = ScanLaunchConfig(block_d, chunk, prefetch=True, variant=variant)
     _check_against_reference(triton_scan, batch=2, dim=10, length=length, n_state=4, groups=groups,
                              dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
                              seed=length + chunk, config=(fwd, bwd))
@@ -220,8 +226,10 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
         ScanLaunchConfig(block_d=8, chunk=0)
     with pytest.raises(ValueError, match="one warp per program"):
         ScanLaunchConfig(block_d=64, chunk=8)
+    with pytest.raises(ValueError, match="one warp per program"):
+        ScanLaunchConfig(block_d=256, chunk=8, variant="v3")
     with pytest.raises(ValueError, match="variant"):
-        ScanLaunchConfig(block_d=8, chunk=4, variant="v3")
+        ScanLaunchConfig(block_d=8, chunk=4, variant="v4")
 
 
 GPU_SHAPES = [
@@ -251,8 +259,9 @@ def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, grou
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("fwd_block_d,block_d,chunk", [(4, 4, 4), (16, 4, 8), (32, 8, 4), (8, 8, 8), (32, 16, 4)])
-@pytest.mark.parametrize("variant,dim", [("v1", 100), ("v2", 100), ("v2", 128)])
+@pytest.mark.parametrize("fwd_block_d,block_d,chunk", [(4, 4, 4), (16, 4, 8), (32, 8, 4), (8, 8, 8), (32, 16, 4),
+                                                       (32, 32, 2), (64, 64, 4)])
+@pytest.mark.parametrize("variant,dim", [("v1", 100), ("v2", 100), ("v2", 128), ("v3", 100), ("v3", 128)])
 def test_triton_gpu_tile_configs(triton_scan, fwd_block_d, block_d, chunk, variant, dim):
     """The tiles the benchmark sweeps (every forward block_d, every backward tile), compiled, in
     bf16 at a Mamba block's settings; v2 also with full channel blocks (dim 128)."""
@@ -266,13 +275,15 @@ def test_triton_gpu_tile_configs(triton_scan, fwd_block_d, block_d, chunk, varia
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("maxnreg,reverse,prefetch,variant", [
     (168, True, False, "v1"), (128, False, False, "v1"), (None, True, True, "v1"), (200, False, True, "v1"),
-    (None, True, True, "v2"), (None, False, False, "v2"), (200, False, True, "v2")])
+    (None, True, True, "v2"), (None, False, False, "v2"), (200, False, True, "v2"), (None, True, True, "v3"),
+    (None, False, False, "v3")])
 def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, prefetch, variant):
     """Register caps and the prefetching backward as the benchmark sweeps them, compiled, in bf16."""
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(16, 4, variant=variant)
-    bwd = ScanLaunchConfig(16, 4, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
+    block_d = 32 if variant == "v3" else 16
+    fwd = ScanLaunchConfig(block_d, 4, variant=variant)
+    bwd = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=maxnreg or 1, config=(fwd, bwd))

@@ -1,0 +1,150 @@
+"""Backward kernel of the selective scan, variant "v3" (ScanLaunchConfig.variant): one lane per channel, as in
+its forward (kernels/triton_scan_fwd3.py).
+
+Per chunk (in the opposite scan order) the chunk's states are recomputed from the saved entry state and kept in
+registers; the decays are not kept but recomputed in the adjoint (one exp2 per state costs less than
+CHUNK * N registers), and the decayed previous state the adjoint needs is h - B * dt * u, so the entry state
+is not kept either. Sums over N stay in each lane's registers. dB and dC, sums over channels, are stacked
+into one (2 * N_PAD, BLOCK_D) tile per position and reduce-scattered over the warp
+(kernels/triton_scan_fast.py): with N_PAD = 16 every lane ends with one of the 32 sums and adds it with one
+relaxed atomic. dA, dD and ddelta_bias are summed in registers and added once per program.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_scan_common import channel_block, channel_params
+from kernels.triton_scan_fast import LN2, LOG2E, channel_sum_scatter, scatter_rows, sigmoid2
+from kernels.triton_scan_fwd3 import chunk_loads, chunk_position, discretize, state_offsets
+
+
+@triton.jit
+def _stack_rows(top, bottom, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Two (N_PAD, BLOCK_D) tiles as one (2 * N_PAD, BLOCK_D) tile, ``top`` first."""
+    return tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (2 * N_PAD, BLOCK_D))
+
+
+@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+def _scan_bwd_kernel_v3(
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    DU, DDELTA, DZ, DA, DBC, DD, DDELTA_BIAS,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
+    FAST: tl.constexpr, LEVELS: tl.constexpr,
+):
+    batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
+        n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+                                     HAS_D, HAS_BIAS)
+    row = (batch_idx * dim + offs_d).to(tl.int64)
+    seq_row = row * length
+    last_channel = group * dim_per_group + dim_per_group - 1
+    read_row = (batch_idx * dim + tl.minimum(offs_d, last_channel)).to(tl.int64) * length
+    bg = (batch_idx * n_groups + group).to(tl.int64)
+    B_seq = B + bg * length * N_PAD
+    C_seq = C + bg * length * N_PAD
+    # dB and dC of a position side by side: (batch, groups, L, 2, N_PAD).
+    DBC_seq = DBC + bg * length * 2 * N_PAD
+    rows = (U, DELTA, DOUT, Z) if HAS_Z else (U, DELTA, DOUT)
+    # Where each lane's dB / dC sum goes (row of the stacked tile) and which lanes write it.
+    sum_rows, sum_owner = scatter_rows(tl.arange(0, BLOCK_D), 2 * N_PAD, BLOCK_D, LEVELS)
+
+    # Adjoint of the state after the current position: starts as the last state's incoming gradient.
+    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_DLAST:
+        g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
+    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    # Chunks in the opposite scan order.
+    if REVERSE:
+        chunk_idx = 0 * n_chunks
+        chunk_step = 1
+    else:
+        chunk_idx = n_chunks - 1
+        chunk_step = -1
+    if PREFETCH:
+        ahead = chunk_loads(rows, read_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
+    for _i in range(n_chunks):
+        if PREFETCH:
+            current = ahead
+            ahead = chunk_loads(rows, read_row, chunk_idx + chunk_step, n_chunks, length, CHUNK, REVERSE)
+        else:
+            current = chunk_loads(rows, read_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
+        h = tl.load(CHUNK_STATES + state_offsets(batch_idx, chunk_idx, n_chunks, n_state, dim, offs_d, offs_n),
+                    mask=nd_mask, other=0.0)
+
+        # Recompute the chunk's states (index s = scan order in the chunk) and each position's dt.
+        states = ()
+        steps = ()
+        for s in tl.static_range(CHUNK):
+            at = tl.minimum(chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)
+            valid = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE) < length
+            dt, dt_raw = discretize(current[s][1], bias, valid & d_mask, HAS_BIAS, SOFTPLUS, FAST)
+            B_col = tl.load(B_seq + at * N_PAD + offs_n)
+            h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * current[s][0].to(tl.float32))[None, :]
+            states = states + (h,)
+            steps = steps + ((dt, dt_raw),)
+
+        # Adjoint, backwards through the chunk.
+        for r in tl.static_range(CHUNK):
+            pos = chunk_position(chunk_idx * CHUNK, CHUNK - 1 - r, CHUNK, REVERSE)
+            at = tl.minimum(pos, length - 1)
+            valid = pos < length
+            m = valid & d_mask
+            h = states[CHUNK - 1 - r]
+            dt = steps[CHUNK - 1 - r][0]
+            loaded = current[CHUNK - 1 - r]
+            u = loaded[0].to(tl.float32)
+            B_col = tl.load(B_seq + at * N_PAD + offs_n)
+            C_col = tl.load(C_seq + at * N_PAD + offs_n)
+            # Past the end and on clamped channels dout is zero: no adjoint input, no dB / dC / dD.
+            dout = tl.where(m, loaded[2].to(tl.float32), 0.0)
+            if HAS_Z:
+                z = loaded[3].to(tl.float32)
+                y = tl.sum(h * C_col[:, None], axis=0)
+                if HAS_D:
+                    y += D_vec * u
+                sig_z = sigmoid2(z, FAST)
+                dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(DZ + seq_row + at, dz.to(DZ.dtype.element_ty), mask=m)
+                dy = dout * z * sig_z
+            else:
+                dy = dout
+
+            dtu = dt * u
+            g = g + C_col[:, None] * dy[None, :]
+            # a * h_prev from this position's state: h = a * h_prev + B * dt * u.
+            q = g * (h - B_col[:, None] * dtu[None, :])
+            g_dot_B = tl.sum(g * B_col[:, None], axis=0)
+            ddt = u * g_dot_B + tl.sum(q * A2, axis=0) * LN2
+            du = dt * g_dot_B
+            if HAS_D:
+                du += D_vec * dy
+                dD_acc += dy * u
+            dA_acc += q * dt[None, :]
+            if SOFTPLUS:
+                # softplus'(x) = sigmoid(x) = exp(x - softplus(x)).
+                ddt = ddt * tl.exp2((steps[CHUNK - 1 - r][1] - dt) * LOG2E)
+            ddt = tl.where(m, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += ddt
+            tl.store(DU + seq_row + at, du.to(DU.dtype.element_ty), mask=m)
+            tl.store(DDELTA + seq_row + at, ddt.to(DDELTA.dtype.element_ty), mask=m)
+
+            sums = channel_sum_scatter(_stack_rows(g * dtu[None, :], h * dy[None, :], N_PAD, BLOCK_D),
+                                       tl.arange(0, BLOCK_D), 2 * N_PAD, BLOCK_D, LEVELS)
+            tl.atomic_add(DBC_seq + at * 2 * N_PAD + sum_rows, sums, mask=sum_owner & valid, sem="relaxed")
+            g = tl.exp2(dt[None, :] * A2) * g
+        chunk_idx += chunk_step
+
+    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
