@@ -252,6 +252,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _chunk_tag(row: dict[str, Any]) -> str:
+    chunk = row.get("chunk", 4)
+    return "" if chunk == 4 else f"/ch{chunk}"
+
+
 def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
     """One line per shape and pass: ms per (variant, block_d, maxnreg, prefetch), the fastest marked *."""
     lines = []
@@ -262,7 +267,7 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
                 continue
             best = min(r["ms"] for r in sel)
             cells = [f"{r.get('variant', 'v1')}/bd{r['block_d']}/reg{r['maxnreg'] or '-'}"
-                     f"{'/pf' if r['prefetch'] else ''}{'/ch%d' % r['chunk'] if r.get('chunk', 4) != 4 else ''} "
+                     f"{'/pf' if r['prefetch'] else ''}{_chunk_tag(r)} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)
