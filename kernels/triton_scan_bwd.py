@@ -24,6 +24,8 @@ from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 from kernels.triton_scan_common import (
     ScanLaunchConfig,
+    backward_finish,
+    backward_start,
     channel_block,
     channel_params,
     launch_options,
@@ -89,19 +91,9 @@ def _scan_bwd_kernel(
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
-    # Adjoint of the state after the current position: starts as the last state's incoming gradient.
-    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    if HAS_DLAST:
-        g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
-    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-
     # Chunks in the opposite scan order: scan-order index n_chunks - 1 first.
-    if REVERSE:
-        chunk_idx = 0 * n_chunks
-    else:
-        chunk_idx = n_chunks - 1
+    g, dA_acc, dD_acc, dbias_acc, chunk_idx, _chunk_step = backward_start(
+        DLAST, row, n_state, offs_n, nd_mask, n_chunks, N_PAD, BLOCK_D, HAS_DLAST, REVERSE)
     h_in_zero = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     ahead = (h_in_zero, ())
     if PREFETCH:
@@ -228,11 +220,8 @@ def _scan_bwd_kernel(
         tl.atomic_add(DB_seq + bc_ptrs, dB_chunk, mask=bc_mask, sem="relaxed")
         tl.atomic_add(DC_seq + bc_ptrs, dC_chunk, mask=bc_mask, sem="relaxed")
 
-    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
-    if HAS_D:
-        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
-    if HAS_BIAS:
-        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
+    backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs_n, n_state, d_mask, nd_mask,
+                    HAS_D, HAS_BIAS)
 
 
 

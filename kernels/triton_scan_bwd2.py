@@ -16,17 +16,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_common import channel_block, channel_params
+from kernels.triton_scan_common import (
+    backward_finish,
+    backward_start,
+    channel_block,
+    channel_params,
+    chunk_position,
+)
 from kernels.triton_scan_fast import LOG2E, channel_sum_scatter, scatter_rows, sigmoid2, softplus2
-
-
-@triton.jit
-def _chunk_position(base, s, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """Position of the chunk's s-th step in scan order."""
-    if REVERSE:
-        return base + (CHUNK - 1 - s)
-    else:
-        return base + s
 
 
 @triton.jit
@@ -43,7 +40,7 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, o
         h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
     loads = ()
     for s in tl.static_range(CHUNK):
-        at = tl.minimum(_chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)
+        at = tl.minimum(chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)
         u = tl.load(U_row + at)
         delta = tl.load(DELTA_row + at)
         dout = tl.load(DOUT_row + at)
@@ -86,20 +83,9 @@ def _scan_bwd_kernel_v2(
     if not EVEN_N:
         sum_owner = sum_owner & (sum_rows < n_state)
 
-    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    if HAS_DLAST:
-        g = tl.load(DLAST + ((batch_idx * dim + offs_d).to(tl.int64) * n_state)[None, :] + offs_n[:, None],
-                    mask=nd_mask, other=0.0)
-    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-
-    if REVERSE:
-        chunk_idx = 0 * n_chunks
-        chunk_step = 1
-    else:
-        chunk_idx = n_chunks - 1
-        chunk_step = -1
+    g, dA_acc, dD_acc, dbias_acc, chunk_idx, chunk_step = backward_start(
+        DLAST, (batch_idx * dim + offs_d).to(tl.int64), n_state, offs_n, nd_mask, n_chunks, N_PAD, BLOCK_D,
+        HAS_DLAST, REVERSE)
     if PREFETCH:
         ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask,
                                   batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE,
@@ -123,7 +109,7 @@ def _scan_bwd_kernel_v2(
         steps = ()
         slopes = ()
         for s in tl.static_range(CHUNK):
-            pos = _chunk_position(base, s, CHUNK, REVERSE)
+            pos = chunk_position(base, s, CHUNK, REVERSE)
             at = tl.minimum(pos, length - 1)
             u = loads[s][0].to(tl.float32)
             dt_raw = loads[s][1].to(tl.float32)
@@ -151,7 +137,7 @@ def _scan_bwd_kernel_v2(
 
         # Adjoint, backwards through the chunk.
         for r in tl.static_range(CHUNK):
-            pos = _chunk_position(base, CHUNK - 1 - r, CHUNK, REVERSE)
+            pos = chunk_position(base, CHUNK - 1 - r, CHUNK, REVERSE)
             at = tl.minimum(pos, length - 1)
             valid = pos < length
             m = valid
@@ -211,8 +197,5 @@ def _scan_bwd_kernel_v2(
             g = a * g
         chunk_idx += chunk_step
 
-    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
-    if HAS_D:
-        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
-    if HAS_BIAS:
-        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
+    backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs_n, n_state, d_mask, nd_mask,
+                    HAS_D, HAS_BIAS)

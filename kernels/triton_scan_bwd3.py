@@ -15,9 +15,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_common import channel_block, channel_params
+from kernels.triton_scan_common import (
+    backward_finish,
+    backward_start,
+    channel_block,
+    channel_params,
+    chunk_position,
+)
 from kernels.triton_scan_fast import LN2, LOG2E, channel_sum_scatter, scatter_rows, sigmoid2
-from kernels.triton_scan_fwd3 import chunk_loads, chunk_position, discretize, state_offsets
+from kernels.triton_scan_fwd3 import chunk_loads, discretize, state_offsets
 
 
 @triton.jit
@@ -53,21 +59,8 @@ def _scan_bwd_kernel_v3(
     # Where each lane's dB / dC sum goes (row of the stacked tile) and which lanes write it.
     sum_rows, sum_owner = scatter_rows(tl.arange(0, BLOCK_D), 2 * N_PAD, BLOCK_D, LEVELS)
 
-    # Adjoint of the state after the current position: starts as the last state's incoming gradient.
-    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    if HAS_DLAST:
-        g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
-    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-
-    # Chunks in the opposite scan order.
-    if REVERSE:
-        chunk_idx = 0 * n_chunks
-        chunk_step = 1
-    else:
-        chunk_idx = n_chunks - 1
-        chunk_step = -1
+    g, dA_acc, dD_acc, dbias_acc, chunk_idx, chunk_step = backward_start(
+        DLAST, row, n_state, offs_n, nd_mask, n_chunks, N_PAD, BLOCK_D, HAS_DLAST, REVERSE)
     if PREFETCH:
         ahead = chunk_loads(rows, read_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
     for _i in range(n_chunks):
@@ -143,8 +136,5 @@ def _scan_bwd_kernel_v3(
             g = tl.exp2(dt[None, :] * A2) * g
         chunk_idx += chunk_step
 
-    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
-    if HAS_D:
-        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
-    if HAS_BIAS:
-        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
+    backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs_n, n_state, d_mask, nd_mask,
+                    HAS_D, HAS_BIAS)

@@ -46,6 +46,47 @@ def channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLO
     return A2, D_vec, bias
 
 
+@triton.jit
+def chunk_position(base, s, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """Position of the s-th step of the chunk starting at ``base``, in scan order."""
+    if REVERSE:
+        return base + (CHUNK - 1 - s)
+    else:
+        return base + s
+
+
+@triton.jit
+def backward_start(DLAST, row, n_state, offs_n, nd_mask, n_chunks, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_DLAST: tl.constexpr, REVERSE: tl.constexpr):
+    """A backward program's starting point: the adjoint of the state after the last position (the last state's
+    incoming gradient, or zeros), zeroed dA / dD / ddelta_bias accumulators, and the first chunk and the step of
+    its walk (the opposite of the scan order)."""
+    g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_DLAST:
+        g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
+    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if REVERSE:
+        chunk_idx = 0 * n_chunks
+        chunk_step = 1
+    else:
+        chunk_idx = n_chunks - 1
+        chunk_step = -1
+    return g, dA_acc, dD_acc, dbias_acc, chunk_idx, chunk_step
+
+
+@triton.jit
+def backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs_n, n_state, d_mask, nd_mask,
+                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Add a program's dA, dD and ddelta_bias sums (over its positions) into the float32 outputs."""
+    tl.atomic_add(DA + offs_d[None, :] * n_state + offs_n[:, None], dA_acc, mask=nd_mask, sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(DD + offs_d, dD_acc, mask=d_mask, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
+
+
 SCAN_VARIANTS = ("v1", "v2", "v3")
 
 

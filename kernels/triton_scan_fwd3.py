@@ -19,17 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_common import channel_block, channel_params
+from kernels.triton_scan_common import channel_block, channel_params, chunk_position
 from kernels.triton_scan_fast import sigmoid2, softplus2
-
-
-@triton.jit
-def chunk_position(base, s, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """Position of the s-th step of the chunk starting at ``base``, in scan order."""
-    if REVERSE:
-        return base + (CHUNK - 1 - s)
-    else:
-        return base + s
 
 
 @triton.jit
