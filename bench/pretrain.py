@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 from common.data import build_dataset, build_loader, default_normalization, gpu_augment  # noqa: E402
+from kernels.selective_scan_interface import BACKENDS  # noqa: E402
 from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
 from pretrain.schedule import build_optimizer  # noqa: E402
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile_mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
     p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--scan_backend", default="auto", choices=BACKENDS,
+                   help="selective-scan backend of the Mamba models (e.g. triton_v3: an opt-in kernel variant)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="bench_pretrain.json", help="where to write the results")
@@ -110,6 +113,14 @@ def select_rows(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     if args.batch_size:
         rows = [(m, s, args.batch_size) for m, s, _ in rows]
     return rows
+
+
+def set_scan_backend(model: torch.nn.Module, backend: str) -> None:
+    """Put every module of ``model`` that runs a selective scan (Vim and SS2D mixers, encoder and decoder) on
+    ``backend``."""
+    for module in model.modules():
+        if hasattr(module, "scan_backend"):
+            module.scan_backend = backend
 
 
 def _sync(device: torch.device) -> None:
@@ -170,6 +181,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
         flops = None
         if mode != "loader_only":
             model = models.create_model(name, img_size=size, in_chans=args.in_chans, norm_pix_loss=True).to(device)
+            set_scan_backend(model, args.scan_backend)
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:

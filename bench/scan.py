@@ -167,20 +167,13 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
 
 
 def triton_variant_fn(variant: str) -> Callable[..., torch.Tensor]:
-    """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``; v3
-    at block_d 32 (one lane per channel)."""
-    from kernels.selective_scan_triton import launch_configs, selective_scan_triton
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``."""
+    from kernels.selective_scan_triton import selective_scan_triton, variant_configs
 
     def run(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
-        fwd, bwd = launch_configs(A.shape[1], u.shape[-1], None, None, rows=u.shape[0] * u.shape[1],
-                                  multiprocessors=sms)
-        tiles = dict(block_d=32) if variant == "v3" else {}
+        fwd, bwd = variant_configs(variant, A.shape[1], u.shape[-1], u.shape[0] * u.shape[1], u.device)
         return selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                     delta_softplus=delta_softplus,
-                                     fwd_config=dataclasses.replace(fwd, variant=variant, **tiles),
-                                     bwd_config=dataclasses.replace(bwd, variant=variant, **tiles))
+                                     delta_softplus=delta_softplus, fwd_config=fwd, bwd_config=bwd)
 
     return run
 

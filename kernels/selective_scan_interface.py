@@ -10,7 +10,9 @@ from kernels.selective_scan_checks import check_scan_inputs
 from kernels.selective_scan_chunked import selective_scan_chunked
 from kernels.selective_scan_ref import selective_scan_ref
 
-BACKENDS = ("auto", "triton", "chunked", "reference", "mamba_ssm")
+# "triton_v2" / "triton_v3": the Triton kernels in that variant (kernels/triton_scan_common.py: ScanLaunchConfig),
+# opt-in until a GPU benchmark makes one the default.
+BACKENDS = ("auto", "triton", "triton_v2", "triton_v3", "chunked", "reference", "mamba_ssm")
 
 
 @torch.compiler.assume_constant_result  # importlib is skipped by dynamo (a graph break per call otherwise)
@@ -65,7 +67,8 @@ def selective_scan_fn(
     accumulation are float32; ``out`` (batch, dim, L) comes back in u's dtype, and with
     ``return_last_state`` also the float32 final state (batch, dim, N). ``reverse`` scans right to left.
     ``backend``: "triton", "chunked" (pure torch, fast on CPU), "reference" (explicit loop),
-    "mamba_ssm" (when installed), or "auto" (triton on CUDA, chunked otherwise).
+    "mamba_ssm" (when installed), or "auto" (triton on CUDA, chunked otherwise); "triton_v2" / "triton_v3" run
+    the opt-in kernel variants with their default tiles.
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     chosen = resolve_backend(backend, u.device)
@@ -76,6 +79,10 @@ def selective_scan_fn(
         return selective_scan_chunked(*args)
     if chosen == "mamba_ssm":
         return _mamba_ssm_scan(*args)
-    from kernels.selective_scan_triton import selective_scan_triton
+    from kernels.selective_scan_triton import selective_scan_triton, variant_configs
 
-    return selective_scan_triton(*args)
+    if chosen == "triton":
+        return selective_scan_triton(*args)
+    fwd, bwd = variant_configs(chosen.removeprefix("triton_"), A.shape[1], u.shape[-1], u.shape[0] * u.shape[1],
+                               u.device)
+    return selective_scan_triton(*args, fwd_config=fwd, bwd_config=bwd)

@@ -71,6 +71,17 @@ def launch_configs(
     return fwd, bwd
 
 
+def variant_configs(variant: str, n_state: int, length: int, rows: int,
+                    device: torch.device) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
+    """The default tiles for ``rows`` = batch * dim sequences of ``length`` on ``device`` in kernel ``variant``;
+    v3 takes block_d 32 (one lane per channel, a warp per 32 channels)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    fwd, bwd = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=sms)
+    tiles = dict(block_d=32) if variant == "v3" else {}
+    return (dataclasses.replace(fwd, variant=variant, **tiles),
+            dataclasses.replace(bwd, variant=variant, chunk=fwd.chunk, **tiles))
+
+
 def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) -> ScanLaunchConfig:
     """The backward's tiles: given, or the defaults for this device and grid (batch * dim rows); the chunk is
     always the forward's, whose saved states the backward reads."""

@@ -68,3 +68,23 @@ def test_loader_rows_drain_the_prefilled_queue_before_timing(tmp_path: Path) -> 
     batches.drain()
     assert len(taken) == 8
     assert Batches(args, 32, 2, torch.device("cpu"), real=False).queue_depth == 0
+
+
+def test_scan_backend_flag_reaches_every_mixer(tmp_path: Path) -> None:
+    """--scan_backend puts the Vim MAE's encoder and decoder mixers on that backend (a synthetic CPU row with the
+    reference loop runs, so the flag is honoured end to end)."""
+    import models
+    from bench.pretrain import set_scan_backend
+
+    model = models.create_model("mae_test_vim", img_size=32, in_chans=1)
+    set_scan_backend(model, "reference")
+    backends = {m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")}
+    assert backends == {"reference"}
+    out = tmp_path / "bench.json"
+    rc = bench_main(["--models", "mae_test_vim", "--input_sizes", "32", "--batch_size", "2", "--steps", "1",
+                     "--warmup", "0", "--min_steps", "1", "--modes", "synthetic", "--in_chans", "1",
+                     "--device", "cpu", "--scan_backend", "reference", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["args"]["scan_backend"] == "reference"
+    assert [r["status"] for r in result["rows"]] == ["ok"]
