@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The scan kernels' GPU check in one call: every gpu-marked scan test (all kernel variants), then bench/scan.py
-# with mamba-ssm's CUDA scan built from its sdist beside ours and the tile sweep.
+# The scan kernels' GPU check in one call: every gpu-marked scan test (all kernel variants), bench/scan.py with
+# mamba-ssm's CUDA scan built from its sdist beside ours and the tile sweep, then the Vim-S MAE training step
+# (bench/pretrain.py, synthetic data) on the default kernels and on the opt-in v3 kernels.
 #
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh prepare
-#       downloads mamba-ssm's sdist into .gpu_run/ (git-ignored; a new checkout starts without it)
+#       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand)
+#       into .gpu_run/ (git-ignored; a new checkout starts without it)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run      (carry .gpu_run)
-#       writes $OUT/scan_tests.log and $OUT/scan.json and prints the tables
+#       writes $OUT/scan_tests.log, $OUT/scan.json and $OUT/vim_{triton,triton_v3}.json and prints the tables
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
@@ -20,6 +22,7 @@ meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/mamba-ssm/json"))
 url = next(u["url"] for u in meta["releases"][sys.argv[1]] if u["packagetype"] == "sdist")
 urllib.request.urlretrieve(url, f".gpu_run/mamba_ssm-{sys.argv[1]}.tar.gz")
 PY
+    python3 -m pip download --no-deps -q -d .gpu_run/whl webdataset braceexpand
     tar -xzf .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz -C .gpu_run
     rm .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz
     du -sh .gpu_run
@@ -28,6 +31,9 @@ run)
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    if [ -d .gpu_run/whl ]; then
+        python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
+    fi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py tests/test_scan_variant.py \
         tests/test_scan_compile.py 2>&1 | tee "$out/scan_tests.log" | tail -15 || true
@@ -36,6 +42,10 @@ run)
         mamba=(--mamba-src ".gpu_run/mamba_ssm-${MAMBA_VERSION}")
     fi
     python3 -m bench.scan --sweep "${mamba[@]}" --json "$out/scan.json"
+    for backend in triton triton_v3; do
+        python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+            --scan_backend "$backend" --json "$out/vim_${backend}.json" || true
+    done
     ;;
 *)
     echo "usage: bash bench/gpu_scan_session.sh prepare|run" >&2
