@@ -129,7 +129,7 @@ def test_triton_matches_reference(triton_scan, variant, length, dim, n_state, gr
 
 @pytest.mark.parametrize("fwd_block_d,bwd_block_d,fwd_variant,bwd_variant",
                          [(4, 8, "v1", "v1"), (16, 4, "v1", "v1"), (4, 8, "v2", "v1"), (16, 4, "v1", "v2"),
-                          (32, 8, "v3", "v1"), (16, 32, "v2", "v3"), (64, 16, "v3", "v3")])
+                          (32, 8, "v3", "v1"), (16, 32, "v2", "v3"), (64, 16, "v3", "v3"), (32, 64, "v3", "v3")])
 def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_block_d, fwd_variant, bwd_variant):
     """The backward reads the forward's chunk-entry states whatever block_d and variant each direction uses."""
     config = (_config(fwd_block_d, 4, fwd_variant), _config(bwd_block_d, 4, bwd_variant))
