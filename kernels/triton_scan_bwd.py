@@ -255,9 +255,6 @@ def selective_scan_bwd_launch(
         "delta": torch.empty_like(delta),
         "z": torch.empty_like(z) if z is not None else None,
         "A": torch.zeros(dim, n_state, **f32),
-        # (batch, groups, L, N) like the kernel's B and C; handed back as (batch, groups, N, L) views.
-        "B": torch.zeros(batch, n_groups, length, n_state, **f32) if config.variant != "v3" else None,
-        "C": torch.zeros(batch, n_groups, length, n_state, **f32) if config.variant != "v3" else None,
         "D": torch.zeros(dim, **f32) if D is not None else None,
         "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
     }
@@ -268,13 +265,14 @@ def selective_scan_bwd_launch(
         # B and C float32 and zero-padded to N_PAD; dB and dC summed side by side, (batch, groups, L, 2, N_PAD).
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
         dbc = torch.zeros(batch, n_groups, length, 2, n_pad, **f32)
-        kernel = _scan_bwd_kernel_v3
-        outputs = (grads["A"], dbc)
+        dB_sums, dC_sums = dbc[:, :, :, 0, :n_state], dbc[:, :, :, 1, :n_state]
+        kernel, outputs = _scan_bwd_kernel_v3, (grads["A"], dbc)
         extra = dict(FAST=u.is_cuda, LEVELS=scatter_levels(2 * n_pad, config.block_d))
     else:
+        # (batch, groups, L, N) like the kernel's B and C.
         B_arg, C_arg = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
-        outputs = (grads["A"], grads["B"], grads["C"])
-        kernel, extra = _scan_bwd_kernel, {}
+        dB_sums, dC_sums = (torch.zeros(batch, n_groups, length, n_state, **f32) for _ in range(2))
+        kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_bwd_kernel_v2
@@ -298,10 +296,6 @@ def selective_scan_bwd_launch(
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
         PREFETCH=config.prefetch, **extra, **launch_options(config),
     )
-    if config.variant == "v3":
-        grads["B"] = dbc[:, :, :, 0, :n_state].transpose(-1, -2)
-        grads["C"] = dbc[:, :, :, 1, :n_state].transpose(-1, -2)
-    else:
-        grads["B"] = grads["B"].transpose(-1, -2)
-        grads["C"] = grads["C"].transpose(-1, -2)
+    # Handed back as (batch, groups, N, L) views.
+    grads["B"], grads["C"] = dB_sums.transpose(-1, -2), dC_sums.transpose(-1, -2)
     return grads

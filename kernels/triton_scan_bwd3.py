@@ -76,9 +76,9 @@ def _scan_bwd_kernel_v3(
         states = ()
         steps = ()
         for s in tl.static_range(CHUNK):
-            at = tl.minimum(chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)
-            valid = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE) < length
-            dt, dt_raw = discretize(current[s][1], bias, valid & d_mask, HAS_BIAS, SOFTPLUS, FAST)
+            pos = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE)
+            at = tl.minimum(pos, length - 1)
+            dt, dt_raw = discretize(current[s][1], bias, (pos < length) & d_mask, HAS_BIAS, SOFTPLUS, FAST)
             B_col = tl.load(B_seq + at * N_PAD + offs_n)
             h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * current[s][0].to(tl.float32))[None, :]
             states = states + (h,)

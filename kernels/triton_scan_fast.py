@@ -119,4 +119,3 @@ def scatter_levels(n_state_padded: int, block_d: int) -> int:
     while (n_state_padded >> levels) > lanes_n and (1 << levels) < block_d:
         levels += 1
     return levels
-

@@ -6,8 +6,8 @@ are (N_PAD, BLOCK_D) with BLOCK_D = 32 * num_warps: a lane holds all N states of
 stay in its registers, and per-channel work happens once.
 
 The launcher (kernels/triton_scan_fwd.py) hands B and C over as float32 (batch, groups, L, N_PAD), zero-padded
-to N_PAD states: a position's B is one contiguous vector load with no conversions and no state mask (a padded
-state has A = 0 and B = C = 0, so it stays 0 and adds nothing). A chunk's u / delta / z are loaded for all its
+to N_PAD states: a position's B is contiguous in each lane (16-byte vector loads) with no conversions and no state
+mask (a padded state has A = 0 and B = C = 0, so it stays 0 and adds nothing). A chunk's u / delta / z are loaded for all its
 positions before its arithmetic, and the next chunk's one chunk ahead; reads are unmasked (clamped positions and
 channels), so that they need no predicates or zero fills. The state entering each chunk is saved
 for the backward in the layout of every variant, (batch, chunks, N, dim).
