@@ -122,6 +122,10 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
     return times
 
 
+# Sequence segments swept for v3 (forward and backward alike) at every shape.
+SWEEP_SEGMENTS = (2, 4, 8, 16)
+
+
 def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
     """Time the tile options: the forward alone per block_d, then forward+backward (behind the default
     forward) per backward option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with
@@ -129,32 +133,36 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     (ScanLaunchConfig.variant): forward block_d 8 / 16, and forward+backward behind the v2 default forward
     at backward block_d 16 with and without prefetch and block_d 8 with and without. Then the "v3" kernels (one
     lane per channel): forward block_d 16 / 32 / 64 at chunk 4, and forward+backward (behind the v3 forward of the
-    same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at block_d 32."""
+    same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at block_d 32; and v3
+    at block_d 32 with each sequence split into SWEEP_SEGMENTS segments (forward, and forward+backward with the
+    same count on both sides)."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
     rows = []
-    fwd_options = [(8, "v1"), (16, "v1"), (32, "v1"), (8, "v2"), (16, "v2"), (16, "v3"), (32, "v3"), (64, "v3")]
-    for block_d, variant in fwd_options:
-        cfg = ScanLaunchConfig(block_d, 4, variant=variant)
+    fwd_options = [(8, "v1", 1), (16, "v1", 1), (32, "v1", 1), (8, "v2", 1), (16, "v2", 1), (16, "v3", 1),
+                   (32, "v3", 1), (64, "v3", 1)] + [(32, "v3", segments) for segments in SWEEP_SEGMENTS]
+    for block_d, variant, segments in fwd_options:
+        cfg = ScanLaunchConfig(block_d, 4, variant=variant, segments=segments)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
         t = time_backend(fn, inp, rep_ms, backward=False)
         rows.append({"pass": "fwd", "variant": variant, "block_d": block_d, "maxnreg": None, "prefetch": False,
-                     "ms": t["fwd_ms"]})
+                     "segments": segments, "ms": t["fwd_ms"]})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
     bwd_options = [(16, None, False, "v1"), (16, 168, False, "v1"), (16, 200, False, "v1"), (16, None, True, "v1"),
                    (16, 200, True, "v1"), (8, None, False, "v1"), (4, None, False, "v1"),
                    (16, None, False, "v2"), (16, None, True, "v2"), (8, None, False, "v2"), (8, None, True, "v2")]
-    bwd_options = [opt + (4,) for opt in bwd_options] + [
-        (32, None, False, "v3", 2), (32, None, True, "v3", 2), (32, None, False, "v3", 4), (32, None, True, "v3", 4),
-        (16, None, False, "v3", 2), (16, None, False, "v3", 4), (64, None, False, "v3", 2)]
+    bwd_options = [opt + (4, 1) for opt in bwd_options] + [
+        (32, None, False, "v3", 2, 1), (32, None, True, "v3", 2, 1), (32, None, False, "v3", 4, 1),
+        (32, None, True, "v3", 4, 1), (16, None, False, "v3", 2, 1), (16, None, False, "v3", 4, 1),
+        (64, None, False, "v3", 2, 1)] + [(32, None, False, "v3", 4, segments) for segments in SWEEP_SEGMENTS]
     # Each v1 / v2 backward runs behind the same variant's default forward, a v3 one behind its own tiles.
     default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
-    for block_d, maxnreg, prefetch, variant, chunk in bwd_options:
-        cfg = ScanLaunchConfig(block_d, chunk, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
+    for block_d, maxnreg, prefetch, variant, chunk, segments in bwd_options:
+        cfg = ScanLaunchConfig(block_d, chunk, maxnreg=maxnreg, prefetch=prefetch, variant=variant, segments=segments)
         fwd_cfg = dataclasses.replace(default_fwd, variant=variant)
         if variant == "v3":
-            fwd_cfg = ScanLaunchConfig(block_d, chunk, variant=variant)
+            fwd_cfg = ScanLaunchConfig(block_d, chunk, variant=variant, segments=segments)
         fn = (lambda f, c: lambda **kw: selective_scan_triton(**kw, fwd_config=f, bwd_config=c))(fwd_cfg, cfg)
         try:
             t = time_backend(fn, inp, rep_ms, forward=False)
@@ -162,7 +170,7 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
             print(f"    bwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
             continue
         rows.append({"pass": "fwd+bwd", "variant": variant, "block_d": block_d, "maxnreg": maxnreg,
-                     "prefetch": prefetch, "chunk": chunk, "ms": t["fwd_bwd_ms"]})
+                     "prefetch": prefetch, "chunk": chunk, "segments": segments, "ms": t["fwd_bwd_ms"]})
     return rows
 
 
@@ -260,7 +268,8 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
                 continue
             best = min(r["ms"] for r in sel)
             cells = [f"{r.get('variant', 'v1')}/bd{r['block_d']}/reg{r['maxnreg'] or '-'}"
-                     f"{'/pf' if r['prefetch'] else ''}{_chunk_tag(r)} "
+                     f"{'/pf' if r['prefetch'] else ''}{_chunk_tag(r)}"
+                     f"{'/seg' + str(r['segments']) if r.get('segments', 1) > 1 else ''} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)

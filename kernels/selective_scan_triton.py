@@ -19,7 +19,12 @@ import triton
 from torch import Tensor
 
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
-from kernels.triton_scan_common import SCAN_VARIANTS, ScanLaunchConfig, default_launch_config
+from kernels.triton_scan_common import (
+    SCAN_VARIANTS,
+    ScanLaunchConfig,
+    default_launch_config,
+    default_segments,
+)
 from kernels.triton_scan_fwd import selective_scan_fwd_launch
 
 
@@ -43,15 +48,15 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
     if config is None:
         return []
     return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch),
-            SCAN_VARIANTS.index(config.variant)]
+            SCAN_VARIANTS.index(config.variant), config.segments]
 
 
 def config_from_ints(values: list[int]) -> ScanLaunchConfig | None:
     if not values:
         return None
-    block_d, chunk, maxnreg, prefetch, variant = values
+    block_d, chunk, maxnreg, prefetch, variant, segments = values
     return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch),
-                            variant=SCAN_VARIANTS[variant])
+                            variant=SCAN_VARIANTS[variant], segments=segments)
 
 
 def launch_configs(
@@ -74,12 +79,16 @@ def launch_configs(
 def variant_configs(variant: str, n_state: int, length: int, rows: int,
                     device: torch.device) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
     """The default tiles for ``rows`` = batch * dim sequences of ``length`` on ``device`` in kernel ``variant``;
-    v3 takes block_d 32 (one lane per channel, a warp per 32 channels)."""
+    v3 takes block_d 32 (one lane per channel, a warp per 32 channels) and splits the sequences of grids too
+    small for the device into segments (default_segments)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     fwd, bwd = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=sms)
-    tiles = dict(block_d=32) if variant == "v3" else {}
-    return (dataclasses.replace(fwd, variant=variant, **tiles),
-            dataclasses.replace(bwd, variant=variant, chunk=fwd.chunk, **tiles))
+    if variant != "v3":
+        return (dataclasses.replace(fwd, variant=variant), dataclasses.replace(bwd, variant=variant, chunk=fwd.chunk))
+    programs, n_chunks = triton.cdiv(rows, 32), triton.cdiv(length, fwd.chunk)
+    return tuple(dataclasses.replace(cfg, variant=variant, block_d=32, chunk=fwd.chunk,
+                                     segments=default_segments(programs, n_chunks, backward, sms))
+                 for cfg, backward in ((fwd, False), (bwd, True)))
 
 
 def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) -> ScanLaunchConfig:

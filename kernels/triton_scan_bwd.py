@@ -33,6 +33,7 @@ from kernels.triton_scan_common import (
 )
 from kernels.triton_scan_fast import scatter_levels
 from kernels.triton_scan_fwd3 import padded_float32
+from kernels.triton_scan_segments import plan_segments, segment_summaries
 
 
 @triton.jit
@@ -261,12 +262,25 @@ def selective_scan_bwd_launch(
     placeholder = grads["A"]
     grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
     n_pad = triton.next_power_of_2(n_state)
+    A_T = A.t().contiguous()
+    inputs = (D if D is not None else placeholder, z if z is not None else u,
+              delta_bias if delta_bias is not None else placeholder, dout, chunk_states,
+              dlast if dlast is not None else placeholder)
+    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state)
     if config.variant == "v3":
         # B and C float32 and zero-padded to N_PAD; dB and dC summed side by side, (batch, groups, L, 2, N_PAD).
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
         dbc = torch.zeros(batch, n_groups, length, 2, n_pad, **f32)
         dB_sums, dC_sums = dbc[:, :, :, 0, :n_state], dbc[:, :, :, 1, :n_state]
+        n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)
+        seg_adjoints = seg_dtsum = placeholder
+        if n_seg > 1:
+            seg_adjoints, seg_dtsum = segment_summaries(u, delta, A_T, C_arg, delta_bias, dout, z, delta_softplus,
+                                                        reverse, config, n_seg, chunks_per_seg, n_groups, n_state)
         kernel, outputs = _scan_bwd_kernel_v3, (grads["A"], dbc)
+        inputs = inputs + (seg_adjoints, seg_dtsum)
+        sizes = sizes + (n_seg, chunks_per_seg)
+        grid = grid + (n_seg,)
         extra = dict(FAST=u.is_cuda, LEVELS=scatter_levels(2 * n_pad, config.block_d))
     else:
         # (batch, groups, L, N) like the kernel's B and C.
@@ -279,18 +293,13 @@ def selective_scan_bwd_launch(
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d))
     kernel[grid](
-        u, delta, A.t().contiguous(), B_arg, C_arg,
-        D if D is not None else placeholder,
-        z if z is not None else u,
-        delta_bias if delta_bias is not None else placeholder,
-        dout, chunk_states,
-        dlast if dlast is not None else placeholder,
+        u, delta, A_T, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],
         grads["z"] if z is not None else grads["u"],
         *outputs,
         grads["D"] if D is not None else placeholder,
         grads["delta_bias"] if delta_bias is not None else placeholder,
-        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,

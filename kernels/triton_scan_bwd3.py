@@ -18,12 +18,15 @@ import triton.language as tl
 from kernels.triton_scan_common import (
     backward_finish,
     backward_start,
+    carry_in,
     channel_block,
     channel_params,
     chunk_position,
+    segment_walk,
+    state_offsets,
 )
 from kernels.triton_scan_fast import LN2, LOG2E, channel_sum_scatter, scatter_rows, sigmoid2
-from kernels.triton_scan_fwd3 import chunk_loads, discretize, state_offsets
+from kernels.triton_scan_fwd3 import chunk_loads, discretize
 
 
 @triton.jit
@@ -34,9 +37,9 @@ def _stack_rows(top, bottom, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
 def _scan_bwd_kernel_v3(
-    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST, SEG_ADJOINTS, SEG_DTSUM,
     DU, DDELTA, DZ, DA, DBC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, n_seg, chunks_per_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -59,11 +62,17 @@ def _scan_bwd_kernel_v3(
     # Where each lane's dB / dC sum goes (row of the stacked tile) and which lanes write it.
     sum_rows, sum_owner = scatter_rows(tl.arange(0, BLOCK_D), 2 * N_PAD, BLOCK_D, LEVELS)
 
-    g, dA_acc, dD_acc, dbias_acc, chunk_idx, chunk_step = backward_start(
+    g, dA_acc, dD_acc, dbias_acc, _first, _step = backward_start(
         DLAST, row, n_state, offs_n, nd_mask, n_chunks, N_PAD, BLOCK_D, HAS_DLAST, REVERSE)
+    # Grid axis 2: the segment (kernels/triton_scan_segments.py), entered with the adjoint that the later
+    # segments carry in.
+    seg = tl.program_id(2)
+    chunk_idx, chunk_step, count = segment_walk(seg, chunks_per_seg, n_chunks, REVERSE, True)
+    g = carry_in(g, SEG_ADJOINTS, SEG_DTSUM, n_seg - 1, n_seg - 1 - seg, -1, batch_idx, n_seg, n_state, dim, A2,
+                 offs_d, offs_n, d_mask, nd_mask)
     if PREFETCH:
         ahead = chunk_loads(rows, read_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
-    for _i in range(n_chunks):
+    for _i in range(count):
         if PREFETCH:
             current = ahead
             ahead = chunk_loads(rows, read_row, chunk_idx + chunk_step, n_chunks, length, CHUNK, REVERSE)

@@ -56,6 +56,49 @@ def chunk_position(base, s, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def state_offsets(batch_idx, chunk_idx, n_chunks, n_state, dim, offs_d, offs_n):
+    """Offsets of one chunk's (N_PAD, BLOCK_D) entry states in the (batch, chunks, N, dim) buffer of every
+    variant (dim fastest: each state row is one coalesced access, in the lanes-over-channels layout)."""
+    first = (batch_idx * n_chunks + chunk_idx).to(tl.int64) * n_state * dim
+    return first + offs_n[:, None] * dim + offs_d[None, :]
+
+
+@triton.jit
+def segment_walk(seg, chunks_per_seg, n_chunks, REVERSE: tl.constexpr, BACKWARD: tl.constexpr):
+    """The first chunk a program of segment ``seg`` visits, the step to the next one and how many it visits.
+    Segments are runs of chunks in scan order; a forward walk goes in scan order, a backward walk against it."""
+    first = seg * chunks_per_seg
+    count = tl.minimum(n_chunks - first, chunks_per_seg)
+    if BACKWARD:
+        step_in_scan = first + count - 1
+    else:
+        step_in_scan = first
+    if REVERSE:
+        chunk_idx = n_chunks - 1 - step_in_scan
+    else:
+        chunk_idx = step_in_scan
+    if REVERSE == BACKWARD:
+        chunk_step = 1
+    else:
+        chunk_step = -1
+    return chunk_idx, chunk_step, count
+
+
+@triton.jit
+def carry_in(x, SEG_STATES, SEG_DTSUM, first, count, step, batch_idx, n_seg, n_state, dim, A2, offs_d, offs_n,
+             d_mask, nd_mask):
+    """``x`` carried through ``count`` segment summaries, from segment ``first`` in steps of ``step``: each one
+    decays it by exp(A * sum dt) and adds the segment's own end value."""
+    for i in range(count):
+        seg = first + i * step
+        end = tl.load(SEG_STATES + state_offsets(batch_idx, seg, n_seg, n_state, dim, offs_d, offs_n),
+                      mask=nd_mask, other=0.0)
+        dt_sum = tl.load(SEG_DTSUM + (batch_idx * n_seg + seg).to(tl.int64) * dim + offs_d, mask=d_mask, other=0.0)
+        x = tl.exp2(dt_sum[None, :] * A2) * x + end
+    return x
+
+
+@triton.jit
 def backward_start(DLAST, row, n_state, offs_n, nd_mask, n_chunks, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_DLAST: tl.constexpr, REVERSE: tl.constexpr):
     """A backward program's starting point: the adjoint of the state after the last position (the last state's
@@ -104,6 +147,8 @@ class ScanLaunchConfig:
     clamped reads, approximate-math softplus / sigmoid on CUDA, backward dB / dC summed by reduce-scatter);
     "v3" those of kernels/triton_scan_fwd3.py / _bwd3.py (one lane per channel with all its N states, positions
     read and written a chunk at a time; block_d = 32 per warp).
+    ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
+    after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
     """
 
     block_d: int
@@ -111,9 +156,10 @@ class ScanLaunchConfig:
     maxnreg: int | None = None
     prefetch: bool = False
     variant: str = "v1"
+    segments: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_d", "chunk"):
+        for name in ("block_d", "chunk", "segments"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")
@@ -122,6 +168,8 @@ class ScanLaunchConfig:
                              f"32 channels), got {self}")
         if self.variant not in SCAN_VARIANTS:
             raise ValueError(f"ScanLaunchConfig.variant must be one of {SCAN_VARIANTS}, got {self.variant!r}")
+        if self.segments > 1 and self.variant != "v3":
+            raise ValueError(f"ScanLaunchConfig: segments need the v3 kernels, got {self}")
 
 
 # One-warp block_d-16 backward programs resident per multiprocessor (about 230 registers per thread:
@@ -150,6 +198,26 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
         return ScanLaunchConfig(block_d=8, chunk=chunk)
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True)
 
+
+
+# Resident one-warp v3 programs per multiprocessor that a grid should reach before sequences are split
+# (sm_90, offline: forward 128 registers per thread -> 16 warps, backward 213 -> 9).
+V3_RESIDENT_PROGRAMS = {False: 16, True: 8}
+# A segment costs a summary pass over its inputs and a carry-in per later segment: keep them long.
+MIN_SEGMENT_CHUNKS = 16
+
+
+def default_segments(programs: int, n_chunks: int, backward: bool, multiprocessors: int | None) -> int:
+    """Segments per sequence for a v3 grid of ``programs`` one-warp programs (kernels/triton_scan_segments.py):
+    the fewest (a power of two) that fill ``multiprocessors`` x the resident programs, each segment at least
+    MIN_SEGMENT_CHUNKS chunks. One without a device (the interpreter) and for grids that fill the device."""
+    if multiprocessors is None:
+        return 1
+    segments = 1
+    while (programs * segments < multiprocessors * V3_RESIDENT_PROGRAMS[backward]
+           and n_chunks // (2 * segments) >= MIN_SEGMENT_CHUNKS):
+        segments *= 2
+    return segments
 
 
 def launch_options(config: ScanLaunchConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from kernels.triton_scan_common import (
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
 from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3, padded_float32
+from kernels.triton_scan_segments import plan_segments, segment_summaries
 
 
 @triton.jit
@@ -142,10 +143,22 @@ def selective_scan_fwd_launch(
     chunk_states = (
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
+    A_T = A.t().contiguous()
+    inputs = (D if D is not None else last_state, z if z is not None else u,
+              delta_bias if delta_bias is not None else last_state)
+    results = (out, chunk_states if chunk_states is not None else last_state, last_state)
+    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state)
     if config.variant == "v3":
-        kernel = _scan_fwd_kernel_v3
-        extra = dict(FAST=u.is_cuda)
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
+        n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)
+        seg_states = seg_dtsum = last_state
+        if n_seg > 1:
+            seg_states, seg_dtsum = segment_summaries(u, delta, A_T, B_arg, delta_bias, None, None, delta_softplus,
+                                                      reverse, config, n_seg, chunks_per_seg, n_groups, n_state)
+        kernel, extra = _scan_fwd_kernel_v3, dict(FAST=u.is_cuda)
+        results = results + (seg_states, seg_dtsum)
+        sizes = sizes + (n_seg, chunks_per_seg)
+        grid = grid + (n_seg,)
     else:
         kernel, extra = _scan_fwd_kernel, {}
         if config.variant == "v2":
@@ -154,14 +167,7 @@ def selective_scan_fwd_launch(
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
         B_arg, C_arg = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
     kernel[grid](
-        u, delta, A.t().contiguous(), B_arg, C_arg,
-        D if D is not None else last_state,
-        z if z is not None else u,
-        delta_bias if delta_bias is not None else last_state,
-        out,
-        chunk_states if chunk_states is not None else last_state,
-        last_state,
-        dim, length, dim_per_group, n_groups, n_chunks, n_state,
+        u, delta, A_T, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,

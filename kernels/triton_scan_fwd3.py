@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_common import channel_block, channel_params, chunk_position
+from kernels.triton_scan_common import (
+    carry_in,
+    channel_block,
+    channel_params,
+    chunk_position,
+    segment_walk,
+    state_offsets,
+)
 from kernels.triton_scan_fast import sigmoid2, softplus2
 
 
@@ -51,19 +58,11 @@ def discretize(delta, bias, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
     return tl.where(valid, dt, 0.0), dt_raw
 
 
-@triton.jit
-def state_offsets(batch_idx, chunk_idx, n_chunks, n_state, dim, offs_d, offs_n):
-    """Offsets of one chunk's (N_PAD, BLOCK_D) entry states in the (batch, chunks, N, dim) buffer of every
-    variant (dim fastest: each state row is one coalesced access, in the lanes-over-channels layout)."""
-    first = (batch_idx * n_chunks + chunk_idx).to(tl.int64) * n_state * dim
-    return first + offs_n[:, None] * dim + offs_d[None, :]
-
-
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
 def _scan_fwd_kernel_v3(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
-    OUT, CHUNK_STATES, LAST_STATE,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    OUT, CHUNK_STATES, LAST_STATE, SEG_STATES, SEG_DTSUM,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, n_seg, chunks_per_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr, FAST: tl.constexpr,
@@ -80,15 +79,13 @@ def _scan_fwd_kernel_v3(
     C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * N_PAD
     rows = (U, DELTA, Z) if HAS_Z else (U, DELTA)
 
-    if REVERSE:
-        chunk_idx = n_chunks - 1
-        chunk_step = -1
-    else:
-        chunk_idx = 0 * n_chunks
-        chunk_step = 1
+    # Grid axis 2: the segment of the sequence (kernels/triton_scan_segments.py; one segment = the whole of it).
+    seg = tl.program_id(2)
+    chunk_idx, chunk_step, count = segment_walk(seg, chunks_per_seg, n_chunks, REVERSE, False)
     ahead = chunk_loads(rows, seq_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
-    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    for _i in range(n_chunks):
+    h = carry_in(tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32), SEG_STATES, SEG_DTSUM, 0, seg, 1, batch_idx, n_seg,
+                 n_state, dim, A2, offs_d, offs_n, d_mask, nd_mask)
+    for _i in range(count):
         current = ahead
         ahead = chunk_loads(rows, seq_row, chunk_idx + chunk_step, n_chunks, length, CHUNK, REVERSE)
         if STORE_STATES:
@@ -113,7 +110,7 @@ def _scan_fwd_kernel_v3(
             tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=d_mask & valid)
         chunk_idx += chunk_step
 
-    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask & (seg == n_seg - 1))
 
 
 def padded_float32(bc: torch.Tensor, n_pad: int) -> torch.Tensor:

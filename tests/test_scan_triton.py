@@ -154,6 +154,61 @@ def test_triton_prefetch(triton_scan, length, groups, reverse, chunk, variant):
                              seed=length + chunk, config=(fwd, bwd))
 
 
+# v3 with sequence segments (kernels/triton_scan_segments.py): (L, chunk, forward segments, backward segments,
+# groups, with_optional, softplus, reverse, prefetch, dtype). Segment counts that divide the chunks evenly, leave
+# a short last segment, exceed the chunk count (capped: one chunk each), differ between forward and backward,
+# and one segment (the plain kernel) on one side only.
+SEGMENT_CASES = [
+    (29, 4, 2, 2, None, True, True, False, False, torch.float32),
+    (29, 4, 4, 8, 2, True, True, True, True, torch.float32),
+    (37, 2, 8, 1, None, False, False, False, False, torch.float32),
+    (13, 4, 1, 4, 2, True, False, True, False, torch.float32),
+    (9, 1, 16, 16, None, True, True, False, True, torch.bfloat16),
+    (3, 4, 4, 4, None, True, True, True, False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("length,chunk,fwd_segments,bwd_segments,groups,with_optional,softplus,reverse,prefetch,dtype",
+                         SEGMENT_CASES)
+def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segments, groups, with_optional, softplus,
+                            reverse, prefetch, dtype):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(32, chunk, variant="v3", segments=fwd_segments)
+    bwd = ScanLaunchConfig(32, chunk, prefetch=prefetch, variant="v3", segments=bwd_segments)
+    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
+                             with_optional=with_optional, softplus=softplus, reverse=reverse,
+                             seed=3 * length + fwd_segments, config=(fwd, bwd))
+
+
+def test_default_segments_split_only_grids_too_small_for_the_device():
+    from kernels.triton_scan_common import default_segments
+
+    # The benchmark shapes on 132 multiprocessors: batch 128 x 768 channels = 3072 one-warp programs fill it;
+    # batch 16 (384 programs) gets 8 forward / 4 backward segments.
+    for length, batch, fwd, bwd in ((50, 128, 1, 1), (197, 128, 1, 1), (1024, 16, 8, 4), (4096, 16, 8, 4)):
+        programs, n_chunks = batch * 768 // 32, -(-length // 4)
+        assert default_segments(programs, n_chunks, False, 132) == fwd
+        assert default_segments(programs, n_chunks, True, 132) == bwd
+    # Segments stay at least 16 chunks long; no device, no segments.
+    assert default_segments(1, 40, False, 132) == 2
+    assert default_segments(384, 4096, True, None) == 1
+
+
+def test_plan_segments_uses_whole_chunks_and_no_empty_segment():
+    from kernels.triton_scan_segments import plan_segments
+
+    assert plan_segments(8, 1) == (1, 8)
+    assert plan_segments(8, 4) == (4, 2)
+    assert plan_segments(7, 4) == (4, 2)  # 2 + 2 + 2 + 1
+    assert plan_segments(9, 4) == (3, 3)  # 3 chunks each: 4 segments of 3 would leave one empty
+    assert plan_segments(3, 16) == (3, 1)
+    for n_chunks in range(1, 40):
+        for segments in (1, 2, 4, 8, 16):
+            n_seg, per = plan_segments(n_chunks, segments)
+            assert n_seg <= segments and (n_seg - 1) * per < n_chunks <= n_seg * per
+
+
 # v2 only: channel blocks that fill the group (EVEN_D) and N a power of two (EVEN_N), where the v2 kernels
 # drop every channel / state mask; (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, prefetch).
 FULL_TILE_CASES = [
@@ -281,6 +336,21 @@ def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, pr
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=maxnreg or 1, config=(fwd, bwd))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fwd_segments,bwd_segments,reverse", [(8, 4, False), (16, 16, True), (4, 32, False)])
+def test_triton_gpu_v3_segments(triton_scan, fwd_segments, bwd_segments, reverse):
+    """Sequence segments compiled, in bf16 at a Mamba block's settings over a long sequence (2001 positions:
+    a short last segment)."""
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(32, 4, variant="v3", segments=fwd_segments)
+    bwd = ScanLaunchConfig(32, 4, prefetch=True, variant="v3", segments=bwd_segments)
+    _check_against_reference(triton_scan, batch=2, dim=100, length=2001, n_state=16, groups=2,
+                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                             seed=fwd_segments, config=(fwd, bwd))
 
 
 @pytest.mark.gpu
