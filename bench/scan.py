@@ -145,7 +145,11 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     for block_d, variant, segments in fwd_options:
         cfg = ScanLaunchConfig(block_d, 4, variant=variant, segments=segments)
         fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
-        t = time_backend(fn, inp, rep_ms, backward=False)
+        try:
+            t = time_backend(fn, inp, rep_ms, backward=False)
+        except Exception as exc:  # a variant that fails to compile is reported, not fatal
+            print(f"    fwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
+            continue
         rows.append({"pass": "fwd", "variant": variant, "block_d": block_d, "maxnreg": None, "prefetch": False,
                      "segments": segments, "ms": t["fwd_ms"]})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
@@ -219,11 +223,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                device="cuda")
         fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
         shape = f"({batch}, {dim}, {n_state}, L={length})"
-        if args.sweep:
-            sweeps[shape] = sweep_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
-            print(f"swept {shape}: " + "; ".join(f"{r['pass']} {r['variant']} bd {r['block_d']} "
-                                                 f"reg {r['maxnreg']} prefetch {r['prefetch']}: {r['ms']:.3f}"
-                                                 for r in sweeps[shape]), flush=True)
         for name, fn in backends.items():
             if name == "naive_loop" and length > NAIVE_MAX_L:
                 continue
@@ -240,6 +239,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "fwd_bwd_x_floor": t["fwd_bwd_ms"] / (fb_bytes / (bandwidth * 1e9) * 1e3),
             })
             print(f"  {shape} {name}: fwd {t['fwd_ms']:.3f} ms, fwd+bwd {t['fwd_bwd_ms']:.3f} ms", flush=True)
+        # After the backend rows, so that a run cut short still has them.
+        if args.sweep:
+            sweeps[shape] = sweep_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
+            print(f"swept {shape}: " + "; ".join(f"{r['pass']} {r['variant']} bd {r['block_d']} "
+                                                 f"reg {r['maxnreg']} prefetch {r['prefetch']} "
+                                                 f"seg {r['segments']}: {r['ms']:.3f}"
+                                                 for r in sweeps[shape]), flush=True)
         del inp
         torch.cuda.empty_cache()
     for row in rows:
