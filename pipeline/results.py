@@ -53,14 +53,22 @@ def display_name(key: str) -> str:
     return key
 
 
-def label_space(path: str) -> tuple[int, bool]:
-    """(number of classes, multi-label?) declared by the train split of ``path``; errors name the path."""
+def label_space(path: str) -> tuple[int, bool, int]:
+    """(number of classes, multi-label?, training samples) of the train split of ``path``; errors name the path."""
     from common.data import build_dataset
 
-    labels = build_dataset(path, split="train", labeled=True, in_chans=1).labels
-    if labels.num_classes is None:
+    train = build_dataset(path, split="train", labeled=True, in_chans=1)
+    if train.labels.num_classes is None:
         raise ValueError(f"{path}: the train split does not declare its classes")
-    return labels.num_classes, labels.multilabel
+    return train.labels.num_classes, train.labels.multilabel, len(train)
+
+
+def finetune_epochs(epochs: int, min_steps: int, train_samples: int, batch_size: int) -> int:
+    """``epochs``, raised so that fine-tuning takes at least ``min_steps`` optimizer steps (finetune uses full
+    batches only): a small set (BreastMNIST, 546 images = 4 steps of 128 per epoch) gets too few steps in a
+    recipe sized for larger ones."""
+    steps_per_epoch = max(1, train_samples // batch_size)
+    return max(epochs, -(-min_steps // steps_per_epoch))
 
 
 def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir: Path) -> Path:
@@ -167,16 +175,17 @@ def run(args: argparse.Namespace) -> int:
 
     probe_batch = ["--batch_size", str(args.probe_batch_size)] if args.probe_batch_size else []
 
-    def transfer_command(protocol: str, path: str, k: int, multilabel: bool, init_args: list[str],
+    def transfer_command(protocol: str, path: str, k: int, multilabel: bool, n_train: int, init_args: list[str],
                          model: str, layer_decay: str, run_dir: Path) -> list[str]:
         label_args = ["--nb_classes", str(k), *(["--multilabel"] if multilabel else [])]
         if protocol == "linprobe":
             return python_module_command(
                 "linprobe.main", "--data_path", path, *label_args, *init_args, "--fast", "--global_pool",
                 "--epochs", str(args.probe_epochs), *probe_batch, "--output_dir", str(run_dir), *common_transfer)
+        epochs = finetune_epochs(args.ft_epochs, args.ft_min_steps, n_train, args.ft_batch_size)
         return python_module_command(
             "finetune.main", "--data_path", path, *label_args, *init_args, "--model", model, "--epochs",
-            str(args.ft_epochs), "--warmup_epochs", str(max(1, min(5, args.ft_epochs // 10))), "--batch_size",
+            str(epochs), "--warmup_epochs", str(max(1, min(5, epochs // 10))), "--batch_size",
             str(args.ft_batch_size), "--blr", str(args.ft_blr), "--layer_decay", layer_decay,
             *(["--class_weighted_loss"] if args.ft_class_weighted else []),
             "--output_dir", str(run_dir), *common_transfer)
@@ -217,10 +226,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Phase 2: every transfer stage and the from-scratch classifiers, at most --jobs at a time.
     def transfer(encoder: str, init: str, protocol: str, ds: str) -> None:
-        path, k, multilabel = datasets[ds]
+        path, k, multilabel, n_train = datasets[ds]
         run_dir = out / protocol / encoder / init / ds
         row = log.stage((encoder, init, protocol, ds), transfer_command(
-            protocol, path, k, multilabel, ["--finetune", str(checkpoints[(encoder, init)])], encoder, "0.65",
+            protocol, path, k, multilabel, n_train, ["--finetune", str(checkpoints[(encoder, init)])], encoder, "0.65",
             run_dir), run_dir, blocked=blocked[(encoder, init)])
         if row is not None and init == "mae":
             seconds = log.pretrain_seconds(encoder)
@@ -228,10 +237,10 @@ def run(args: argparse.Namespace) -> int:
                 log.put(row | {"pretrain_seconds": seconds})
 
     def scratch(model: str, ds: str) -> None:
-        path, k, multilabel = datasets[ds]
+        path, k, multilabel, n_train = datasets[ds]
         run_dir = out / "scratch" / model / ds
         log.stage((model, "scratch", "finetune", ds), transfer_command(
-            "finetune", path, k, multilabel, [], model, "1.0", run_dir), run_dir)
+            "finetune", path, k, multilabel, n_train, [], model, "1.0", run_dir), run_dir)
 
     tasks = [partial(transfer, encoder, init, protocol, ds) for (encoder, init) in checkpoints
              for ds in datasets for protocol in args.protocols]
@@ -345,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrain_epochs", type=int, default=40)
     r.add_argument("--probe_epochs", type=int, default=90)
     r.add_argument("--ft_epochs", type=int, default=20)
+    r.add_argument("--ft_min_steps", type=int, default=0,
+                   help="fine-tune each dataset for at least this many optimizer steps (more epochs on small sets)")
     r.add_argument("--ft_blr", type=float, default=5e-4, help="fine-tuning base learning rate")
     r.add_argument("--ft_class_weighted", action="store_true",
                    help="fine-tune with the loss weighted by inverse class frequency (finetune --class_weighted_loss); "

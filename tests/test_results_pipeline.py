@@ -12,7 +12,7 @@ import pytest
 from test_linprobe_fixtures import write_split_csv
 
 from pipeline.kermany import kermany_patient_id
-from pipeline.results import main, table_lines
+from pipeline.results import finetune_epochs, label_space, main, table_lines
 from pipeline.stages import REPO_ROOT
 
 KERMANY = REPO_ROOT.parent / "shared" / "data" / "xray" / "kermany_cxr_224"
@@ -98,7 +98,8 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     kermany = small_kermany_csv(tmp_path, per_split_class=6)
     out = tmp_path / "res"
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
-                 "--out", str(out), "--inits", "mae", "--jobs", "2", "--ft_class_weighted", *TINY]) == 0
+                 "--out", str(out), "--inits", "mae", "--jobs", "2", "--ft_class_weighted", "--ft_min_steps", "20",
+                 *TINY]) == 0
     rows = json.loads((out / "runs.json").read_text())
     transfer = [r for r in rows if r["protocol"] != "pretrain"]
     assert {(r["protocol"], r["dataset"]) for r in transfer} == {
@@ -110,6 +111,12 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
         assert "--nb_classes" in r["command"] and r["command"][r["command"].index("--nb_classes") + 1] == "2"
         assert isinstance(r["pretrain_seconds"], float)
         assert ("--class_weighted_loss" in r["command"]) == (r["protocol"] == "finetune")
+        if r["protocol"] == "finetune":
+            # --ft_min_steps 20 at batch 8: BreastMNIST (68 full batches) keeps --ft_epochs 1, the 12 Kermany
+            # images (one full batch) get 20 epochs.
+            n_train = label_space(str(BREAST) if r["dataset"] == "breastmnist" else str(kermany))[2]
+            epochs = int(r["command"][r["command"].index("--epochs") + 1])
+            assert epochs == (1 if n_train == 546 else 20) == finetune_epochs(1, 20, n_train, 8)
     text = "\n".join(table_lines(rows, None, 32))
     assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
 
@@ -147,6 +154,13 @@ def test_bad_dataset_stops_before_any_stage(tmp_path: Path) -> None:
         main(["run", "--pool", str(tmp_path), "--datasets", str(tmp_path / "missing.npz"), "--out",
               str(tmp_path / "res"), *TINY])
     assert not (tmp_path / "res" / "runs.json").exists()
+
+
+def test_finetune_epochs_reach_the_minimum_steps() -> None:
+    assert finetune_epochs(30, 0, 546, 128) == 30
+    assert finetune_epochs(30, 1000, 546, 128) == 250  # 4 full batches per epoch
+    assert finetune_epochs(30, 1000, 4708, 128) == 30  # 36 per epoch: 1080 steps already
+    assert finetune_epochs(1, 3, 5, 8) == 3  # fewer samples than a batch: finetune itself reports that
 
 
 def test_table_orders_rows_by_model_init_protocol() -> None:
