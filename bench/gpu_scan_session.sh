@@ -45,12 +45,12 @@ run)
 load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     fi
     # Each stage is bounded so that a slow one leaves time for the rest of a 10-minute call.
-    timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \
         tests/test_scan_variant.py tests/test_scan_compile.py 2>&1 | tee "$out/scan_tests.log" | tail -15 || true
     wait
-    timeout 300 python3 -m bench.scan --sweep "${mamba[@]}" --json "$out/scan.json" || true
+    timeout 230 python3 -m bench.scan --sweep "${mamba[@]}" --json "$out/scan.json" || true
     for backend in triton triton_v3; do
-        timeout 50 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+        timeout 35 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
             --scan_backend "$backend" --row_seconds 6 --json "$out/vim_${backend}.json" || true
     done
     ;;
