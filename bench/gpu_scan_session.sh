@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The scan kernels' GPU check in one call: every gpu-marked scan test (all kernel variants), bench/scan.py with
-# mamba-ssm's CUDA scan built from its sdist beside ours and the tile sweep, then the Vim-S MAE training step
-# (bench/pretrain.py, synthetic data) on the default kernels and on the opt-in v3 kernels.
+# The scan kernels' GPU check in one call: every gpu-marked scan test (all kernel variants), bench/scan.py's
+# backends beside mamba-ssm's CUDA scan (built from its sdist), the Vim-S MAE training step (bench/pretrain.py,
+# synthetic data) on the default and on the opt-in v3 kernels, then as much of the tile sweep as time allows.
 #
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh prepare
 #       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand)
