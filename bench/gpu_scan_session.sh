@@ -45,18 +45,18 @@ run)
         python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
 load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     fi
-    # Each stage is bounded so that a slow one leaves time for the rest of one call (about 7 minutes):
+    # Each stage is bounded so that a slow one leaves time for the rest of one call (about 5 minutes):
     # correctness first, then the backends side by side, the Vim-S step, and the tile sweep last.
-    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \
+    timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \
         tests/test_scan_variant.py tests/test_scan_compile.py 2>&1 | tee "$out/scan_tests.log" | tail -15 || true
     wait
-    timeout 120 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 triton_v3 mamba_ssm \
+    timeout 90 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 triton_v3 mamba_ssm \
         --json "$out/scan.json" || true
     for backend in triton triton_v3; do
-        timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+        timeout 25 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
             --scan_backend "$backend" --row_seconds 5 --json "$out/vim_${backend}.json" || true
     done
-    timeout 110 python3 -m bench.scan --sweep --backends triton --json "$out/scan_sweep.json" || true
+    timeout 60 python3 -m bench.scan --sweep --backends triton --json "$out/scan_sweep.json" || true
     ;;
 *)
     echo "usage: bash bench/gpu_scan_session.sh prepare|run" >&2
