@@ -29,6 +29,7 @@ from kernels.triton_scan_common import (
     channel_block,
     channel_params,
     launch_options,
+    segment_walk,
     softplus,
 )
 from kernels.triton_scan_fast import scatter_levels
@@ -93,8 +94,8 @@ def _scan_bwd_kernel(
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
     # Chunks in the opposite scan order: scan-order index n_chunks - 1 first.
-    g, dA_acc, dD_acc, dbias_acc, chunk_idx, _chunk_step = backward_start(
-        DLAST, row, n_state, offs_n, nd_mask, n_chunks, N_PAD, BLOCK_D, HAS_DLAST, REVERSE)
+    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, row, n_state, offs_n, nd_mask, N_PAD, BLOCK_D, HAS_DLAST)
+    chunk_idx, _step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
     h_in_zero = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     ahead = (h_in_zero, ())
     if PREFETCH:

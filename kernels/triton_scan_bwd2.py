@@ -22,6 +22,7 @@ from kernels.triton_scan_common import (
     channel_block,
     channel_params,
     chunk_position,
+    segment_walk,
 )
 from kernels.triton_scan_fast import LOG2E, channel_sum_scatter, scatter_rows, sigmoid2, softplus2
 
@@ -83,9 +84,9 @@ def _scan_bwd_kernel_v2(
     if not EVEN_N:
         sum_owner = sum_owner & (sum_rows < n_state)
 
-    g, dA_acc, dD_acc, dbias_acc, chunk_idx, chunk_step = backward_start(
-        DLAST, (batch_idx * dim + offs_d).to(tl.int64), n_state, offs_n, nd_mask, n_chunks, N_PAD, BLOCK_D,
-        HAS_DLAST, REVERSE)
+    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, (batch_idx * dim + offs_d).to(tl.int64), n_state, offs_n,
+                                                  nd_mask, N_PAD, BLOCK_D, HAS_DLAST)
+    chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
     if PREFETCH:
         ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask,
                                   batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE,

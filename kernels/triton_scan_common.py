@@ -99,24 +99,18 @@ def carry_in(x, SEG_STATES, SEG_DTSUM, first, count, step, batch_idx, n_seg, n_s
 
 
 @triton.jit
-def backward_start(DLAST, row, n_state, offs_n, nd_mask, n_chunks, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                   HAS_DLAST: tl.constexpr, REVERSE: tl.constexpr):
+def backward_start(DLAST, row, n_state, offs_n, nd_mask, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_DLAST: tl.constexpr):
     """A backward program's starting point: the adjoint of the state after the last position (the last state's
-    incoming gradient, or zeros), zeroed dA / dD / ddelta_bias accumulators, and the first chunk and the step of
-    its walk (the opposite of the scan order)."""
+    incoming gradient, or zeros) and zeroed dA / dD / ddelta_bias accumulators. Its chunk walk is
+    segment_walk(..., BACKWARD=True)."""
     g = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     if HAS_DLAST:
         g = tl.load(DLAST + row[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0)
     dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if REVERSE:
-        chunk_idx = 0 * n_chunks
-        chunk_step = 1
-    else:
-        chunk_idx = n_chunks - 1
-        chunk_step = -1
-    return g, dA_acc, dD_acc, dbias_acc, chunk_idx, chunk_step
+    return g, dA_acc, dD_acc, dbias_acc
 
 
 @triton.jit

@@ -55,6 +55,7 @@ def _scan_segment_summary_v3(
     adjoint at its start (ADJOINT: g <- a * (g + C * dy) against scan order, BC = C), and its sum of dt."""
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
+    # No D here (HAS_D False): A_T only fills its pointer slot.
     A2, _d, bias = channel_params(A_T, A_T, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
                                   False, HAS_BIAS)
     last_channel = group * dim_per_group + dim_per_group - 1
