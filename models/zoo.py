@@ -21,6 +21,9 @@ VIT_SIZES = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 VIT_PATCHES = (8, 14, 16)
+# MAE and Vim come with 16-pixel patches (the papers') and 8-pixel ones, which give small images (64 px: 64
+# patches instead of 16) enough tokens for masking to leave a useful visible set.
+MAE_PATCHES = (8, 16)
 TEST_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 # MAE's decoder (512 dim, 8 blocks, 16 heads) for every size; a 2-block 32-dim one for the test model.
 MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -48,8 +51,9 @@ def register_vit(registry: ModelRegistry) -> None:
     for size, arch in VIT_SIZES.items():
         for patch in VIT_PATCHES:
             registry.register(f"vit_{size}_patch{patch}", VisionTransformer, patch_size=patch, **arch)
-        registry.register(f"mae_vit_{size}_patch16", partial(build_mae, f"vit_{size}_patch16"), kind="mae",
-                          **MAE_DECODER)
+        for patch in MAE_PATCHES:
+            registry.register(f"mae_vit_{size}_patch{patch}", partial(build_mae, f"vit_{size}_patch{patch}"),
+                              kind="mae", **MAE_DECODER)
     # MAE's ViT-H uses 14-pixel patches.
     registry.register("mae_vit_huge_patch14", partial(build_mae, "vit_huge_patch14"), kind="mae", **MAE_DECODER)
     registry.register("test_vit", VisionTransformer, **TEST_VIT)
@@ -60,9 +64,10 @@ def register_vim(registry: ModelRegistry) -> None:
     from models.vim import VisionMamba
 
     for size, arch in VIM_SIZES.items():
-        registry.register(f"vim_{size}_patch16", VisionMamba, patch_size=16, **arch)
-        registry.register(f"mae_vim_{size}_patch16", partial(build_mae, f"vim_{size}_patch16"), kind="mae",
-                          **MAE_DECODER)
+        for patch in MAE_PATCHES:
+            registry.register(f"vim_{size}_patch{patch}", VisionMamba, patch_size=patch, **arch)
+            registry.register(f"mae_vim_{size}_patch{patch}", partial(build_mae, f"vim_{size}_patch{patch}"),
+                              kind="mae", **MAE_DECODER)
     registry.register("test_vim", VisionMamba, **TEST_VIM)
     registry.register("mae_test_vim", partial(build_mae, "test_vim"), kind="mae", **TEST_DECODER)
 

@@ -115,6 +115,7 @@ def test_registry_names_and_timm_bridge() -> None:
         assert {f"vit_{size}_patch16", f"vit_{size}_patch8", f"vit_{size}_patch14", f"mae_vit_{size}_patch16"} <= names
     for size in ("tiny", "small", "base"):
         assert {f"vim_{size}_patch16", f"mae_vim_{size}_patch16", f"medmamba_{size}"} <= names
+        assert {f"vim_{size}_patch8", f"mae_vim_{size}_patch8", f"mae_vit_{size}_patch8"} <= names
     assert {"test_vit", "test_vim", "mae_test_vit", "mae_test_vim", "test_medmamba"} <= names
     assert models.list_models("mae_*", kind="mae") == models.list_models("mae_*")
     with pytest.raises(KeyError, match="unknown model"):
@@ -137,6 +138,13 @@ def test_full_size_parameter_counts(name: str, params_millions: float) -> None:
         model = models.create_model(name)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     assert count == pytest.approx(params_millions, rel=0.005)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_small_patch8", "mae_vim_small_patch8"])
+def test_patch8_mae_gives_small_images_four_times_the_tokens(name: str) -> None:
+    with torch.device("meta"):
+        mae = models.create_model(name, img_size=64, in_chans=1)
+    assert mae.patch_size == 8 and mae.encoder.patch_embed.num_patches == 64
 
 
 def test_hierarchical_classifier_refuses_mae_with_a_reason() -> None:
