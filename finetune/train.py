@@ -78,7 +78,7 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
     if ema is not None:
         resumable["ema"] = ema.module
     parts = FitParts(model=model, optimizer=optimizer,
-                     loss_fn=build_loss(labels.multilabel, mix is not None, cfg.smoothing, weights),
+                     loss_fn=build_loss(labels.multilabel, mix is not None, cfg.smoothing, weights).to(acc.device),
                      scored=scored, best=scored, resumable=resumable, batch_transform=mix,
                      after_step=(lambda: ema.update(plain)) if ema is not None else None,
                      best_meta={**classifier_meta(plain, spec), "lr": lr, "ema": ema is not None,

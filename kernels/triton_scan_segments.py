@@ -72,8 +72,10 @@ def _scan_segment_summary_v3(
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for _i in range(count):
         current = chunk_loads(rows, read_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
-        for r in tl.static_range(CHUNK):
-            s = CHUNK - 1 - r if ADJOINT else r
+        # Through the chunk in scan order, or against it for the adjoint. The step index is the loop's own
+        # variable: a tuple index must be a compile-time constant, and Triton's compiler turns an int assigned
+        # to a name into a tensor (the interpreter does not).
+        for s in tl.static_range(CHUNK - 1 if ADJOINT else 0, -1 if ADJOINT else CHUNK, -1 if ADJOINT else 1):
             pos = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE)
             valid = pos < length
             at = tl.minimum(pos, length - 1)

@@ -23,7 +23,7 @@ from test_linprobe_fixtures import (
 
 from common.checkpoint import load_weights
 from common.transfer.encoder import build_model, resolve_spec
-from common.transfer.losses import inverse_frequency_weights, positive_weights
+from common.transfer.losses import build_loss, inverse_frequency_weights, positive_weights
 from common.transfer.param_groups import layer_decay_groups
 from finetune.main import main
 
@@ -246,6 +246,17 @@ def test_class_weights() -> None:
     np.testing.assert_allclose(w.numpy(), compute_class_weight("balanced", classes=np.array([0, 1]), y=y), rtol=1e-6)
     multi = np.array([[1, 0], [1, 0], [1, 1], [0, 0]])
     np.testing.assert_allclose(positive_weights(multi).numpy(), [1 / 3, 3.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("multilabel,mixup", [(False, False), (False, True), (True, False)])
+def test_class_weighted_losses_move_with_the_criterion(multilabel: bool, mixup: bool) -> None:
+    # The weights are computed on the CPU; finetune moves the criterion to the model's device (the GPU run failed
+    # with the weight left on the CPU). The meta device stands in for a GPU here.
+    loss = build_loss(multilabel, mixup, 0.1, torch.tensor([0.5, 2.0])).to("meta")
+    tensors = list(loss.buffers())
+    assert len(tensors) == 1 and tensors[0].device.type == "meta"
+    logits, targets = torch.randn(4, 2, device="meta"), torch.rand(4, 2, device="meta")
+    assert loss(logits, targets if multilabel or mixup else targets[:, 0].long()).device.type == "meta"
 
 
 def test_runs_as_a_script_with_mae_flags_and_defaults() -> None:

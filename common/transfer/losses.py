@@ -35,7 +35,7 @@ class SoftTargetCrossEntropy(nn.Module):
         log_probs = F.log_softmax(logits.float(), dim=-1)
         t = soft_targets.float()
         if self.weight is not None:
-            t = t * self.weight.to(t.device)
+            t = t * self.weight
         return -(t * log_probs).sum(dim=-1).mean()
 
 
@@ -47,13 +47,13 @@ class MultiLabelBCE(nn.Module):
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        pw = self.pos_weight.to(logits.device) if self.pos_weight is not None else None
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=pw)
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=self.pos_weight)
 
 
 def build_loss(multilabel: bool, mixup: bool, smoothing: float, class_weights: torch.Tensor | None) -> nn.Module:
     """The fine-tuning criterion; ``class_weights`` are per-class weights (single-label) or
-    ``pos_weight`` (multi-label). With mixup, label smoothing is already in the mixed targets."""
+    ``pos_weight`` (multi-label), held as buffers: move the criterion to the model's device with ``.to``.
+    With mixup, label smoothing is already in the mixed targets."""
     if multilabel:
         return MultiLabelBCE(class_weights)
     if mixup:
