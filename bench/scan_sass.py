@@ -170,7 +170,10 @@ def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3
 
     if variant == "v3":
-        return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True))]
+        from kernels.triton_scan_segments import _scan_segment_summary_v3
+
+        return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True)),
+                (_scan_segment_summary_v3, dict(ADJOINT=False, FAST=True))]
     if variant == "v2":
         return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, **V2_FLAGS))]
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
@@ -184,8 +187,10 @@ def backward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 
     if variant == "v3":
+        from kernels.triton_scan_segments import _scan_segment_summary_v3
+
         return [(_scan_bwd_kernel_v3, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p, FAST=True))
-                for p in (False, True)]
+                for p in (False, True)] + [(_scan_segment_summary_v3, dict(ADJOINT=True, FAST=True))]
     if variant == "v2":
         return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p, **V2_FLAGS))
                 for p in (False, True)]
@@ -193,7 +198,7 @@ def backward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
 
 
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
-    flags = ",prefetch" if extra.get("PREFETCH") else ""
+    flags = (",prefetch" if extra.get("PREFETCH") else "") + (",adjoint" if extra.get("ADJOINT") else "")
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
@@ -231,10 +236,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     results.append(report(_name(kernel, extra, block_d), c, per_pass, args.dump))
             if args.only != "fwd":
                 for kernel, extra in backward_kernels(variant):
-                    if variant == "v2":
-                        extra = dict(extra, LEVELS=scatter_levels(n_state_pad, block_d))
-                    elif variant == "v3":
-                        extra = dict(extra, LEVELS=scatter_levels(2 * n_state_pad, block_d))
+                    if "LEVELS" in kernel.arg_names:
+                        # v2 reduce-scatters dB and dC one at a time, v3 stacked.
+                        rows = n_state_pad if variant == "v2" else 2 * n_state_pad
+                        extra = dict(extra, LEVELS=scatter_levels(rows, block_d))
                     c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
                     # The backward unrolls a chunk per loop iteration; the forward walks one position.
                     results.append(report(_name(kernel, extra, block_d), c, args.chunk, args.dump))
