@@ -15,15 +15,16 @@ import dataclasses
 import math
 
 import torch
-import triton
 from torch import Tensor
 
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import (
     SCAN_VARIANTS,
     ScanLaunchConfig,
+    ceil_div,
     default_launch_config,
     default_segments,
+    next_power_of_2,
 )
 from kernels.triton_scan_fwd import selective_scan_fwd_launch
 
@@ -65,7 +66,7 @@ def launch_configs(
 ) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
     """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
     backward's tiles); the backward must use the forward's chunk length."""
-    n_pad = triton.next_power_of_2(n_state)
+    n_pad = next_power_of_2(n_state)
     fwd = fwd_config or default_launch_config(n_pad, length, backward=False)
     bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
                                               multiprocessors=multiprocessors)
@@ -85,7 +86,7 @@ def variant_configs(variant: str, n_state: int, length: int, rows: int,
     fwd, bwd = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=sms)
     if variant != "v3":
         return (dataclasses.replace(fwd, variant=variant), dataclasses.replace(bwd, variant=variant, chunk=fwd.chunk))
-    programs, n_chunks = triton.cdiv(rows, 32), triton.cdiv(length, fwd.chunk)
+    programs, n_chunks = ceil_div(rows, 32), ceil_div(length, fwd.chunk)
     return tuple(dataclasses.replace(cfg, variant=variant, block_d=32, chunk=fwd.chunk,
                                      segments=default_segments(programs, n_chunks, backward, sms))
                  for cfg, backward in ((fwd, False), (bwd, True)))

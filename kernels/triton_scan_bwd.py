@@ -26,9 +26,11 @@ from kernels.triton_scan_common import (
     ScanLaunchConfig,
     backward_finish,
     backward_start,
+    ceil_div,
     channel_block,
     channel_params,
     launch_options,
+    next_power_of_2,
     segment_walk,
     softplus,
 )
@@ -249,7 +251,7 @@ def selective_scan_bwd_launch(
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
     n_chunks = chunk_states.shape[1]
-    if n_chunks != triton.cdiv(length, config.chunk):
+    if n_chunks != ceil_div(length, config.chunk):
         raise ValueError("selective_scan backward: chunk size differs from the forward's")
     f32 = dict(device=u.device, dtype=torch.float32)
     grads: dict[str, torch.Tensor | None] = {
@@ -261,8 +263,8 @@ def selective_scan_bwd_launch(
         "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
     }
     placeholder = grads["A"]
-    grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
-    n_pad = triton.next_power_of_2(n_state)
+    grid = (ceil_div(dim_per_group, config.block_d), batch * n_groups)
+    n_pad = next_power_of_2(n_state)
     A_T = A.t().contiguous()
     inputs = (D if D is not None else placeholder, z if z is not None else u,
               delta_bias if delta_bias is not None else placeholder, dout, chunk_states,

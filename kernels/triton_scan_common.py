@@ -127,6 +127,16 @@ def backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs
 SCAN_VARIANTS = ("v1", "v2", "v3")
 
 
+# Host-side integer helpers for the launchers: since Triton 3.8, triton.cdiv and triton.next_power_of_2 are
+# constexpr functions whose host calls cost microseconds each, a dozen times per forward + backward.
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class ScanLaunchConfig:
     """Tiles of the scan kernels (kernels/triton_scan_fwd.py, _bwd.py): one warp per program holding ``block_d`` <= 32
@@ -183,11 +193,11 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
     the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
     tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
-    chunk = min(4, triton.next_power_of_2(length))
+    chunk = min(4, next_power_of_2(length))
     if not backward:
         return ScanLaunchConfig(block_d=8, chunk=chunk)
     small_grid = (rows is not None and multiprocessors is not None
-                  and triton.cdiv(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
+                  and ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
     if small_grid:
         return ScanLaunchConfig(block_d=8, chunk=chunk)
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True)

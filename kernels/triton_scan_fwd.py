@@ -17,9 +17,11 @@ import triton.language as tl
 
 from kernels.triton_scan_common import (
     ScanLaunchConfig,
+    ceil_div,
     channel_block,
     channel_params,
     launch_options,
+    next_power_of_2,
     softplus,
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -135,11 +137,11 @@ def selective_scan_fwd_launch(
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
-    n_chunks = triton.cdiv(length, config.chunk)
+    n_chunks = ceil_div(length, config.chunk)
     out = torch.empty_like(u)
     last_state = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
-    grid = (triton.cdiv(dim_per_group, config.block_d), batch * n_groups)
-    n_pad = triton.next_power_of_2(n_state)
+    grid = (ceil_div(dim_per_group, config.block_d), batch * n_groups)
+    n_pad = next_power_of_2(n_state)
     chunk_states = (
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )

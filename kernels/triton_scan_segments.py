@@ -26,6 +26,7 @@ import triton.language as tl
 
 from kernels.triton_scan_common import (
     ScanLaunchConfig,
+    ceil_div,
     channel_block,
     channel_params,
     chunk_position,
@@ -38,8 +39,8 @@ from kernels.triton_scan_fwd3 import chunk_loads, discretize
 
 def plan_segments(n_chunks: int, segments: int) -> tuple[int, int]:
     """(segments actually used, chunks per segment): at most ``segments`` runs of whole chunks, none empty."""
-    per_segment = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
-    return triton.cdiv(n_chunks, per_segment), per_segment
+    per_segment = ceil_div(n_chunks, max(1, min(segments, n_chunks)))
+    return ceil_div(n_chunks, per_segment), per_segment
 
 
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
@@ -104,11 +105,11 @@ def segment_summaries(
     """Float32 (batch, segments, N, dim) end states (or start adjoints, with ``dout``) and (batch, segments, dim)
     dt sums of every segment a carry-in reads: all but the last (forward) or the first (backward)."""
     batch, dim, length = u.shape
-    n_chunks = triton.cdiv(length, config.chunk)
+    n_chunks = ceil_div(length, config.chunk)
     states = u.new_zeros((batch, n_seg, n_state, dim), dtype=torch.float32)
     dt_sums = u.new_zeros((batch, n_seg, dim), dtype=torch.float32)
     adjoint = dout is not None
-    grid = (triton.cdiv(dim // n_groups, config.block_d), batch * n_groups, n_seg - 1)
+    grid = (ceil_div(dim // n_groups, config.block_d), batch * n_groups, n_seg - 1)
     _scan_segment_summary_v3[grid](
         u, delta, A_T, bc_padded, delta_bias if delta_bias is not None else dt_sums,
         dout if adjoint else u, z if z is not None else u,

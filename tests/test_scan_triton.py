@@ -195,6 +195,17 @@ def test_default_segments_split_only_grids_too_small_for_the_device():
     assert default_segments(384, 4096, True, None) == 1
 
 
+def test_host_integer_helpers_match_triton():
+    import triton
+
+    from kernels.triton_scan_common import ceil_div, next_power_of_2
+
+    for a in range(1, 600):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 4, 7, 8, 16, 32, 33):
+            assert ceil_div(a, b) == triton.cdiv(a, b), (a, b)
+
+
 def test_plan_segments_uses_whole_chunks_and_no_empty_segment():
     from kernels.triton_scan_segments import plan_segments
 
