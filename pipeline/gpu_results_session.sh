@@ -8,6 +8,9 @@
 #   on the GPU machine:            bash pipeline/gpu_results_session.sh run [extra pipeline.results run flags]
 #       (carry .gpu_run) runs pipeline.results with the recipe below under RESULTS_BUDGET_S seconds (default
 #       540) and writes $OUT/runs.json, $OUT/table.md and $OUT/logs.tar.gz (every stage's log)
+#   Split over several calls (a machine's files do not outlive it): run one encoder per call
+#   (`run --encoders vit_small_patch8`), and copy each call's returned runs.json to .gpu_run/results/runs.json
+#   before the next; a call starts from that file, keeps its finished rows and adds its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=.gpu_run/results
@@ -42,7 +45,10 @@ run)
     shift
     out="${OUT:-/tmp/gpu_results_out}"
     res=/tmp/results_run
-    mkdir -p "$out"
+    mkdir -p "$out" "$res"
+    if [ -f "$data/runs.json" ]; then
+        cp "$data/runs.json" "$res/runs.json"
+    fi
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     if [ -d .gpu_run/whl ]; then
         python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
