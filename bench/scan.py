@@ -5,7 +5,8 @@
 Times forward and forward+backward in bf16 with ``triton.testing.do_bench`` (median), in a Mamba block's
 configuration (D, z, delta_bias, softplus). Achieved GB/s and the ratio to the HBM floor count only the
 bytes that must move (every input read once, every output written once), against a device-to-device
-copy bandwidth measured in the same run. ``--mamba-src`` points at an unpacked mamba-ssm sdist whose
+copy bandwidth measured in the same run. The last column, GPU-busy ms, sums the kernels' own times from
+torch.profiler: where it is well below the wall-clock column the shape is bound by the host. ``--mamba-src`` points at an unpacked mamba-ssm sdist whose
 ``csrc/selective_scan`` is compiled here with ``torch.utils.cpp_extension.load``.
 """
 
@@ -96,6 +97,25 @@ def mamba_scan_fn(ext: Any) -> Callable[..., torch.Tensor]:
     return run
 
 
+def profiled_ms(fn: Callable[[], Any], iters: int = 20, device: bool = True) -> float:
+    """Milliseconds per call summed over the operations' own times in torch.profiler: on the GPU (``device``) the
+    kernels' time without the gaps in which the GPU waits for the host, which do_bench's wall clock includes at
+    short shapes (L=50 is host-bound); ``device=False`` sums CPU time instead (tests)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if device:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if device else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        if device:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    total_us = sum(e.self_device_time_total if device else e.self_cpu_time_total for e in events)
+    return total_us / iters / 1e3
+
+
 def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], rep_ms: int,
                  forward: bool = True, backward: bool = True) -> dict[str, float]:
     """Median forward and forward+backward milliseconds (fresh autograd graph per iteration)."""
@@ -119,6 +139,10 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
     grads = [v for v in leaves.values()]
     times["fwd_bwd_ms"] = triton.testing.do_bench(fwd_bwd, warmup=max(25, rep_ms // 4), rep=rep_ms,
                                                   grad_to_none=grads, return_mode="median")
+    try:
+        times["fwd_bwd_gpu_ms"] = profiled_ms(lambda: ([setattr(v, "grad", None) for v in grads], fwd_bwd()))
+    except Exception as exc:  # a diagnostic column: never lose the row for it
+        print(f"  (no GPU-time column: {type(exc).__name__}: {exc})", flush=True)
     return times
 
 
@@ -283,14 +307,16 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     head = ("| shape (batch, dim, N, L) | backend | fwd ms | fwd GB/s | fwd / floor | fwd speedup vs mamba-ssm | "
-            "fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / floor | fwd+bwd speedup vs mamba-ssm |")
-    lines = [head, "|" + "---|" * 10]
+            "fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / floor | fwd+bwd speedup vs mamba-ssm | fwd+bwd GPU-busy ms |")
+    lines = [head, "|" + "---|" * 11]
     for r in result["rows"]:
         fwd_speed = f"{r['fwd_speedup_vs_mamba']:.2f}x" if r["fwd_speedup_vs_mamba"] else "n/a"
         speed = f"{r['fwd_bwd_speedup_vs_mamba']:.2f}x" if r["fwd_bwd_speedup_vs_mamba"] else "n/a"
+        gpu_busy = f"{r['fwd_bwd_gpu_ms']:.3f}" if r.get("fwd_bwd_gpu_ms") is not None else "n/a"
         lines.append(
             f"| {r['shape']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_GBps']:.0f} | {r['fwd_x_floor']:.1f}x"
-            f" | {fwd_speed} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} | {r['fwd_bwd_x_floor']:.1f}x | {speed} |"
+            f" | {fwd_speed} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} | {r['fwd_bwd_x_floor']:.1f}x | {speed}"
+            f" | {gpu_busy} |"
         )
     return "\n".join(lines)
 
