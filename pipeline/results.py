@@ -140,7 +140,8 @@ class RunLog:
                                   timeout_s=self.budget.remaining())
             except StageError as exc:
                 print(f"results: {exc}", file=sys.stderr)
-                row = base | {"status": "failed", "error": str(exc), "command": command}
+                row = base | {"status": "failed", "error": str(exc), "cause": exc.cause,
+                              "log": str(run_dir / "stage.log"), "command": command}
             else:
                 row = base | {"status": "ok", "seconds": round(stage.seconds, 1), "command": stage.command}
                 if key[2] != PRETRAIN:
@@ -315,9 +316,12 @@ def table_lines(runs: list[dict], benchmarks: Path | None, input_size: int) -> l
     if notes:
         lines.append("\nNot run to the end:\n")
         for r in notes:
-            why = r.get("reason") or r.get("error", "")
+            if r.get("cause"):
+                why = f"{r['cause']} (log: {r['log']})"
+            else:
+                why = (r.get("reason") or r.get("error", "")).split(": /")[0]
             lines.append(f"- {r['model']} {r['init']} {r['protocol']} {display_name(r['dataset'])}: "
-                         f"{row_status(r)}: {why.split(': /')[0]}")
+                         f"{row_status(r)}: {why}")
     return lines
 
 

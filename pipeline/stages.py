@@ -16,7 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class StageError(RuntimeError):
-    """A pipeline stage exited with a non-zero code."""
+    """A pipeline stage exited with a non-zero code; ``cause`` is the stage's last line of output, which for our
+    commands (and for a Python traceback) says what went wrong."""
+
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause
 
 
 class StageTimeout(StageError):
@@ -49,6 +54,17 @@ class TimeBudget:
 
     def skip_reason(self) -> str:
         return f"time budget of {self.seconds:g} s used up ({self.elapsed():.0f} s elapsed) before the stage started"
+
+
+def last_output_line(log_path: Path, max_chars: int = 300) -> str:
+    """The last non-empty line of a stage's log (read from its end), shortened to ``max_chars``."""
+    with open(log_path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 16384))
+        lines = [line.strip() for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if len(lines[-1]) <= max_chars else lines[-1][:max_chars - 3] + "..."
 
 
 def python_module_command(module: str, *args: str) -> list[str]:
@@ -114,5 +130,7 @@ def run_stage(name: str, command: list[str], log_path: Path | None = None, quiet
         raise StageTimeout(f"stage '{name}' stopped at its time limit of {timeout_s:.0f} s{where}: "
                            f"{shlex.join(command)}")
     if proc.returncode != 0:
-        raise StageError(f"stage '{name}' failed with exit code {proc.returncode}{where}: {shlex.join(command)}")
+        cause = last_output_line(log_path) if log_path else ""
+        raise StageError(f"stage '{name}' failed with exit code {proc.returncode}{where}: {shlex.join(command)}"
+                         + (f"\n  last output: {cause}" if cause else ""), cause)
     return StageResult(name, command, seconds)

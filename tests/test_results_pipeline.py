@@ -174,3 +174,18 @@ def test_table_orders_rows_by_model_init_protocol() -> None:
     assert [tuple(cell.strip() for cell in line.split("|")[1:4]) for line in body] == [
         ("medmamba", "scratch", "finetune"), ("vit_s", "mae", "linprobe"), ("vit_s", "mae", "finetune"),
         ("vit_s", "random", "linprobe"), ("vit_s", "random", "finetune")]
+
+
+def test_a_failed_stage_records_its_last_output_line_and_the_table_shows_it(tmp_path: Path) -> None:
+    from pipeline.results import RunLog
+    from pipeline.stages import TimeBudget
+
+    log = RunLog(tmp_path / "runs.json", TimeBudget(None))
+    crash = [sys.executable, "-c", "print('epoch 0'); raise RuntimeError('weight is on cpu, logits on cuda:0')"]
+    row = log.stage(("vit_s", "mae", "finetune", "breastmnist"), crash, tmp_path / "ft")
+    assert row["status"] == "failed" and row["cause"] == "RuntimeError: weight is on cpu, logits on cuda:0"
+    assert row["log"] == str(tmp_path / "ft" / "stage.log") and "epoch 0" in Path(row["log"]).read_text()
+    assert "last output: RuntimeError" in row["error"]
+    notes = [line for line in table_lines(log.rows, None, 64) if line.startswith("- ")]
+    assert notes == [f"- vit_s mae finetune BreastMNIST: failed: RuntimeError: weight is on cpu, logits on cuda:0 "
+                     f"(log: {tmp_path / 'ft' / 'stage.log'})"]
