@@ -150,6 +150,36 @@ class RunLog:
         return row
 
 
+def preflight(args: argparse.Namespace, datasets: dict, random_encoders: dict[str, Path], transfer_command,
+              out: Path) -> None:
+    """One epoch of every transfer stage kind (each encoder's linprobe and finetune from its random twin, each
+    from-scratch model) on the smallest dataset, before any pretraining: a stage that cannot run at all (a bad
+    flag, a device mismatch only the GPU shows) stops the call within a minute instead of after the pretraining.
+    Nothing here goes into runs.json."""
+    smallest = min(datasets, key=lambda ds: datasets[ds][3])
+    path, k, multilabel, n_train = datasets[smallest]
+    checks = [(f"{encoder} {protocol}", protocol, ["--finetune", str(checkpoint)], encoder, "0.65",
+               out / protocol / encoder)
+              for encoder, checkpoint in random_encoders.items() for protocol in args.protocols]
+    checks += [(f"{model} scratch", "finetune", [], model, "1.0", out / "scratch" / model)
+               for model in args.scratch_models]
+    failures: list[str] = []
+
+    def check(name: str, protocol: str, init_args: list[str], model: str, layer_decay: str, run_dir: Path) -> None:
+        command = transfer_command(protocol, path, k, multilabel, n_train, init_args, model, layer_decay, run_dir,
+                                   epochs=1)
+        try:
+            run_stage(f"preflight {name} ({smallest}, 1 epoch)", command, log_path=run_dir / "stage.log",
+                      quiet=True)
+        except StageError as exc:
+            failures.append(f"{name}: {exc.cause or exc} (log: {run_dir / 'stage.log'})")
+
+    _run_parallel(args.jobs, [partial(check, *c) for c in checks])
+    if failures:
+        raise SystemExit("results: the preflight failed, nothing was pretrained (--no_preflight skips it):\n  "
+                         + "\n  ".join(failures))
+
+
 def _run_parallel(jobs: int, tasks: list) -> None:
     """Run zero-argument callables, at most ``jobs`` at a time (each one is a subprocess stage)."""
     if jobs <= 1:
@@ -177,13 +207,15 @@ def run(args: argparse.Namespace) -> int:
     probe_batch = ["--batch_size", str(args.probe_batch_size)] if args.probe_batch_size else []
 
     def transfer_command(protocol: str, path: str, k: int, multilabel: bool, n_train: int, init_args: list[str],
-                         model: str, layer_decay: str, run_dir: Path) -> list[str]:
+                         model: str, layer_decay: str, run_dir: Path, epochs: int | None = None) -> list[str]:
+        """The stage's command; ``epochs`` overrides the recipe's (the preflight's one-epoch runs)."""
         label_args = ["--nb_classes", str(k), *(["--multilabel"] if multilabel else [])]
         if protocol == "linprobe":
             return python_module_command(
                 "linprobe.main", "--data_path", path, *label_args, *init_args, "--fast", "--global_pool",
-                "--epochs", str(args.probe_epochs), *probe_batch, "--output_dir", str(run_dir), *common_transfer)
-        epochs = finetune_epochs(args.ft_epochs, args.ft_min_steps, n_train, args.ft_batch_size)
+                "--epochs", str(epochs or args.probe_epochs), *probe_batch, "--output_dir", str(run_dir),
+                *common_transfer)
+        epochs = epochs or finetune_epochs(args.ft_epochs, args.ft_min_steps, n_train, args.ft_batch_size)
         return python_module_command(
             "finetune.main", "--data_path", path, *label_args, *init_args, "--model", model, "--epochs",
             str(epochs), "--warmup_epochs", str(max(1, min(5, epochs // 10))), "--batch_size",
@@ -191,9 +223,16 @@ def run(args: argparse.Namespace) -> int:
             *(["--class_weighted_loss"] if args.ft_class_weighted else []),
             "--output_dir", str(run_dir), *common_transfer)
 
-    # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1), then the random-init twins.
+    # The random-init twins first: the random-init rows need them, and so does the preflight.
     blocked: dict[tuple[str, str], str | None] = {}
     checkpoints: dict[tuple[str, str], Path] = {}
+    random_encoders = {encoder: export_random_encoder(f"mae_{encoder}", args.input_size, args.in_chans,
+                                                      out / "random" / encoder)
+                       for encoder in args.encoders if "random" in args.inits or args.preflight}
+    if args.preflight:
+        preflight(args, datasets, random_encoders, transfer_command, out / "preflight")
+
+    # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1).
     pretrain_tasks = []
     for encoder in args.encoders:
         mae_name = f"mae_{encoder}"
@@ -221,8 +260,7 @@ def run(args: argparse.Namespace) -> int:
     _run_parallel(args.jobs, pretrain_tasks)
     if "random" in args.inits:
         for encoder in args.encoders:
-            checkpoints[(encoder, "random")] = export_random_encoder(f"mae_{encoder}", args.input_size,
-                                                                     args.in_chans, out / "random" / encoder)
+            checkpoints[(encoder, "random")] = random_encoders[encoder]
             blocked[(encoder, "random")] = None
 
     # Phase 2: every transfer stage and the from-scratch classifiers, at most --jobs at a time.
@@ -368,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, default=1,
                    help="stages run at once: the encoders' pretrainings together, then the transfer stages "
                         "(small models at low resolution leave most of a GPU idle; give each stage fewer workers)")
+    r.add_argument("--no_preflight", dest="preflight", action="store_false",
+                   help="skip the preflight: one epoch of each transfer stage kind on the smallest dataset before "
+                        "any pretraining, which stops the call early when a stage cannot run at all")
     r.add_argument("--time_budget_s", type=float, default=None,
                    help="wall-clock budget of the whole call: the running stage is stopped when it is used up "
                         "and later stages are recorded as skipped, so runs.json is always complete")

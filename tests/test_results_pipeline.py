@@ -125,7 +125,7 @@ def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
     """A budget smaller than one stage: pretraining is stopped at it, everything after is recorded as skipped."""
     out = tmp_path / "res"
     assert main(["run", "--pool", str(tmp_path / "no_pool_needed"), "--datasets", str(BREAST), "--out", str(out),
-                 "--time_budget_s", "0.5", *TINY]) == 0
+                 "--time_budget_s", "0.5", "--no_preflight", *TINY]) == 0
     rows = json.loads((out / "runs.json").read_text())
     by_key = {(r["init"], r["protocol"]): r for r in rows}
     assert set(by_key) == {("mae", "pretrain"), ("mae", "linprobe"), ("mae", "finetune"),
@@ -147,6 +147,20 @@ def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
 
     log = RunLog(out / "runs.json", TimeBudget(None))
     assert not any(log.done(log.key(r)) for r in rows)
+
+
+def test_preflight_stops_the_call_before_any_pretraining(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A stage that cannot run (here a from-scratch model that does not exist) fails its one-epoch preflight, and
+    the call stops before the pretraining it would otherwise have waited for."""
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit, match="preflight failed") as stop:
+        main(["run", "--pool", str(tmp_path / "never_read"), "--datasets", str(BREAST), "--out", str(out),
+              "--scratch_models", "no_such_model", "--jobs", "3", *TINY])
+    message = str(stop.value)
+    assert "no_such_model scratch:" in message and "no_such_model" in message.split("scratch:")[1]
+    assert "test_vit linprobe" not in message and "test_vit finetune" not in message  # those two passed
+    assert (out / "preflight" / "scratch" / "no_such_model" / "stage.log").is_file()
+    assert not (out / "pretrain").exists() and not (out / "runs.json").exists()
 
 
 def test_bad_dataset_stops_before_any_stage(tmp_path: Path) -> None:
