@@ -5,7 +5,8 @@ folder), exports a randomly initialised twin, and runs ``linprobe --fast`` and `
 dataset (any path ``common.data`` reads: MedMNIST ``.npz``, ImageFolder, CSV with a split column; the class count
 comes from the data) for both initialisations; ``--scratch_models`` adds classifiers trained from scratch with
 the same finetune recipe. Every stage is a real CLI call, echoed so it can be rerun; ``OUT/runs.json`` collects
-one row per stage: its metrics, or why it failed or was skipped (``--time_budget_s``).
+one row per stage: its metrics, or why it failed or was skipped (``--time_budget_s``). A one-epoch preflight of
+every transfer stage kind runs before the pretraining (``--no_preflight`` skips it).
 ``python -m pipeline.results kermany-csv SRC OUT.csv`` writes the Kermany chest X-ray set as a CSV with a
 patient-level train / val split. ``python -m pipeline.results table OUT --benchmarks DIR`` prints the markdown
 table with the published MedMNIST v2 and MedMNIST+ rows beside ours.
