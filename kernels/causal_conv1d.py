@@ -1,8 +1,9 @@
 """Depthwise causal 1-D convolution for Mamba blocks.
 
-Output position l sees inputs l-W+1..l only. The torch path pads on the left and runs one grouped
-``F.conv1d`` (no extra outputs computed then cropped); on CUDA the ``causal_conv1d`` package is used
-when it is installed.
+Output position l sees inputs l-W+1..l only (``reverse=True``: l..l+W-1, the causal conv of the reversed
+sequence, reversed back). The torch path pads one side and runs one grouped ``F.conv1d`` (no extra outputs
+computed then cropped, no flipped copies of the sequence); on CUDA the ``causal_conv1d`` package is used when
+it is installed.
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
 
 
 def causal_conv1d_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+    reverse: bool = False,
 ) -> torch.Tensor:
-    """Explicit sum over the kernel taps; the definition the fast path is tested against."""
+    """Explicit sum over the kernel taps; the definition the fast path is tested against. ``reverse``: tap k
+    reads position l + (W-1-k) instead of l - (W-1-k)."""
     _check(x, weight, bias, activation)
     width = weight.shape[1]
     length = x.shape[-1]
-    padded = F.pad(x, (width - 1, 0))
-    out = sum(padded[:, :, k : k + length] * weight[:, k, None] for k in range(width))
+    if reverse:
+        padded = F.pad(x, (0, width - 1))
+        out = sum(padded[:, :, width - 1 - k : width - 1 - k + length] * weight[:, k, None] for k in range(width))
+    else:
+        padded = F.pad(x, (width - 1, 0))
+        out = sum(padded[:, :, k : k + length] * weight[:, k, None] for k in range(width))
     if bias is not None:
         out = out + bias[:, None]
     return F.silu(out) if activation is not None else out
@@ -54,11 +61,13 @@ def causal_conv1d_fn(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     backend: str = "auto",
+    reverse: bool = False,
 ) -> torch.Tensor:
     """Causal depthwise conv: x (batch, dim, L), weight (dim, width), bias (dim,) -> (batch, dim, L).
 
     ``activation`` is None or "silu"/"swish". ``backend``: "torch", "causal_conv1d" (CUDA package),
-    or "auto" (the package on CUDA when installed, torch otherwise).
+    or "auto" (the package on CUDA when installed, torch otherwise). ``reverse``: anti-causal (each output
+    sees itself and the W-1 positions after it), for the backward direction of a bidirectional block.
     """
     _check(x, weight, bias, activation)
     if backend not in ("auto", "torch", "causal_conv1d"):
@@ -71,7 +80,13 @@ def causal_conv1d_fn(
             raise ValueError("causal_conv1d: the causal_conv1d backend needs CUDA tensors")
         from causal_conv1d import causal_conv1d_fn as package_fn
 
+        if reverse:  # the package has no anti-causal mode
+            return package_fn(x.flip(-1), weight, bias, activation).flip(-1)
         return package_fn(x, weight, bias, activation)
     width = weight.shape[1]
-    out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    if reverse:
+        # Right padding and the taps in the opposite order: output l = sum_j weight[W-1-j] * x[l + j].
+        out = F.conv1d(F.pad(x, (0, width - 1)), weight.flip(-1).unsqueeze(1), bias, groups=x.shape[1])
+    else:
+        out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
     return F.silu(out) if activation is not None else out

@@ -75,12 +75,8 @@ class BiMamba(KeepSSMParamsFp32):
         x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
         a_log, d = (self.A_b_log, self.D_b) if reverse else (self.A_log, self.D)
-        weight = conv.weight.squeeze(1)
-        if reverse:
-            # An anti-causal conv is the causal conv of the reversed sequence, reversed back.
-            x = causal_conv1d_fn(x.flip(-1), weight, conv.bias, activation="silu").flip(-1)
-        else:
-            x = causal_conv1d_fn(x, weight, conv.bias, activation="silu")
+        # Backward direction: the anti-causal conv (the causal conv of the reversed sequence, without flipped copies).
+        x = causal_conv1d_fn(x, conv.weight.squeeze(1), conv.bias, activation="silu", reverse=reverse)
         # The projections run in the autocast dtype and the scan takes its inputs in that dtype, as upstream Mamba
         # does; it accumulates in float32 and A, D and the dt bias stay float32 parameters (models.ssm).
         x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)

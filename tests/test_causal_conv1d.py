@@ -12,14 +12,18 @@ from kernels.causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_explicit_taps_with_grads(width, activation, with_bias):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_matches_explicit_taps_with_grads(width, activation, with_bias, reverse):
     gen = torch.Generator().manual_seed(width)
     x = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, width, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
-    got = causal_conv1d_fn(x, w, b, activation, backend="torch")
-    want = causal_conv1d_ref(x, w, b, activation)
+    got = causal_conv1d_fn(x, w, b, activation, backend="torch", reverse=reverse)
+    want = causal_conv1d_ref(x, w, b, activation, reverse=reverse)
     torch.testing.assert_close(got, want)
+    if reverse:
+        # The anti-causal conv is the causal conv of the reversed sequence, reversed back.
+        torch.testing.assert_close(got, causal_conv1d_ref(x.flip(-1), w, b, activation).flip(-1))
     g = torch.randn_like(got)
     inputs = [t for t in (x, w, b) if t is not None]
     for a, r in zip(torch.autograd.grad((got * g).sum(), inputs), torch.autograd.grad((want * g).sum(), inputs)):
@@ -35,6 +39,16 @@ def test_output_is_causal_and_equals_cropped_symmetric_conv():
     x2 = x.clone()
     x2[..., 6:] += 100.0  # changing the future must not change the past
     torch.testing.assert_close(causal_conv1d_fn(x2, w)[..., :6], out[..., :6])
+
+
+def test_reverse_output_sees_only_itself_and_the_future():
+    x = torch.randn(1, 3, 9)
+    w = torch.randn(3, 4)
+    out = causal_conv1d_fn(x, w, reverse=True)
+    x2 = x.clone()
+    x2[..., :3] += 100.0  # changing the past must not change positions 3 onwards
+    torch.testing.assert_close(causal_conv1d_fn(x2, w, reverse=True)[..., 3:], out[..., 3:])
+    assert not torch.allclose(causal_conv1d_fn(x2, w, reverse=True)[..., :3], out[..., :3])
 
 
 def test_bad_inputs_raise():
