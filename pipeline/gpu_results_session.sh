@@ -18,16 +18,21 @@ data=.gpu_run/results
 case "${1:-}" in
 prepare)
     shared=../shared/data
+    # The project's environment (README quick start) when there is one here.
+    py=python3
+    if [ -x .venv/bin/python ]; then
+        py=.venv/bin/python
+    fi
     mkdir -p "$data"
     rm -rf "$data/pool"
     # BreastMNIST and AdrenalMNIST3D at their 64 px / 28 px releases; the 64 px AdrenalMNIST3D slices would
     # not fit the transfer limit.
-    curate "$shared/medmnist/pneumoniamnist.npz" "$shared/medmnist/breastmnist_64.npz" \
+    "$py" -m data_curation.cli "$shared/medmnist/pneumoniamnist.npz" "$shared/medmnist/breastmnist_64.npz" \
         "$shared/medmnist/adrenalmnist3d.npz" "$shared/xray/kermany_cxr_224/train" "$shared/nifti/dipy" \
         --output "$data/pool" --size_policy max:64 --workers 2
     # MAE pretraining reads only the train split; the val / test shards stay here.
     rm -f "$data"/pool/shards/val-* "$data"/pool/shards/test-* "$data/pool/.curate_state.jsonl"
-    python3 - "$shared/xray/kermany_cxr_224" "$data/kermany96" <<'PY'
+    "$py" - "$shared/xray/kermany_cxr_224" "$data/kermany96" <<'PY'
 import sys
 from pathlib import Path
 from PIL import Image
@@ -37,7 +42,7 @@ for f in sorted(src.glob("*/*/*.jpeg")):
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.open(f).convert("L").resize((96, 96), Image.BICUBIC).save(out, quality=95)
 PY
-    python3 -m pipeline.results kermany-csv "$data/kermany96" "$data/kermany.csv" --val_fraction 0.1
+    "$py" -m pipeline.results kermany-csv "$data/kermany96" "$data/kermany.csv" --val_fraction 0.1
     cp "$shared/medmnist/breastmnist_64.npz" "$shared/medmnist/pneumoniamnist.npz" "$data/"
     du -sh .gpu_run
     ;;
