@@ -45,9 +45,9 @@ run)
         python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
 load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     fi
-    # Each stage is bounded so that a slow one leaves time for the rest of one call (about 5 minutes):
-    # correctness first, then the backends side by side, the Vim-S step, and the tile sweep last.
-    # The v3 segment kernels first: they have not passed on a GPU yet (the first build failed, eighth session).
+    # Each stage is bounded so that a slow one leaves time for the rest of one call (about 8 minutes):
+    # correctness first (the v3 segment kernels before the rest: they have not passed on a GPU yet), then the
+    # backends side by side, the Vim-S step, and the tile sweep last.
     timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py -k segments 2>&1 \
         | tee "$out/scan_tests.log" | tail -5 || true
     timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \

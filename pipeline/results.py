@@ -15,22 +15,19 @@ table with the published MedMNIST v2 and MedMNIST+ rows beside ours.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from common.io import atomic_write_json
 from pipeline.kermany import write_kermany_csv
+from pipeline.results_table import PRETRAIN, row_status, table_lines
 from pipeline.stages import StageError, TimeBudget, python_module_command, run_stage
 
-MEDMNIST_NAMES = {"breastmnist": "BreastMNIST", "pneumoniamnist": "PneumoniaMNIST"}
-KERMANY_NAME = "Kermany pediatric chest X-ray (normal vs pneumonia)"
-PRETRAIN = "pretrain"
 POOL = "(pool)"
 
 
@@ -40,18 +37,13 @@ def dataset_key(path: str) -> str:
     return p.stem if p.suffix.lower() in (".npz", ".csv") else p.name
 
 
-def medmnist_base(key: str) -> str:
-    """``breastmnist_64`` -> ``breastmnist`` (the MedMNIST size variants share the published rows)."""
-    return re.sub(r"_\d+$", "", key)
+class LabeledSet(NamedTuple):
+    """A labeled dataset of the study: its path and what the stages' command lines need from it."""
 
-
-def display_name(key: str) -> str:
-    base = medmnist_base(key)
-    if base in MEDMNIST_NAMES:
-        return MEDMNIST_NAMES[base] + (f" ({key[len(base) + 1:]} px source)" if key != base else "")
-    if key.lower().startswith("kermany"):
-        return KERMANY_NAME
-    return key
+    path: str
+    num_classes: int
+    multilabel: bool
+    n_train: int
 
 
 def label_space(path: str) -> tuple[int, bool, int]:
@@ -72,6 +64,26 @@ def finetune_epochs(epochs: int, min_steps: int, train_samples: int, batch_size:
     return max(epochs, -(-min_steps // steps_per_epoch))
 
 
+def transfer_command(args: argparse.Namespace, protocol: str, data: LabeledSet, init_args: list[str], model: str,
+                     layer_decay: str, run_dir: Path, epochs: int | None = None) -> list[str]:
+    """The linprobe / finetune command of one stage; ``epochs`` overrides the recipe's (the preflight's one-epoch
+    runs)."""
+    label_args = ["--nb_classes", str(data.num_classes), *(["--multilabel"] if data.multilabel else [])]
+    common = ["--input_size", str(args.input_size), "--in_chans", str(args.in_chans),
+              "--num_workers", str(args.num_workers), "--output_dir", str(run_dir)]
+    if protocol == "linprobe":
+        probe_batch = ["--batch_size", str(args.probe_batch_size)] if args.probe_batch_size else []
+        return python_module_command(
+            "linprobe.main", "--data_path", data.path, *label_args, *init_args, "--fast", "--global_pool",
+            "--epochs", str(epochs or args.probe_epochs), *probe_batch, *common)
+    epochs = epochs or finetune_epochs(args.ft_epochs, args.ft_min_steps, data.n_train, args.ft_batch_size)
+    return python_module_command(
+        "finetune.main", "--data_path", data.path, *label_args, *init_args, "--model", model, "--epochs",
+        str(epochs), "--warmup_epochs", str(max(1, min(5, epochs // 10))), "--batch_size",
+        str(args.ft_batch_size), "--blr", str(args.ft_blr), "--layer_decay", layer_decay,
+        *(["--class_weighted_loss"] if args.ft_class_weighted else []), *common)
+
+
 def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir: Path) -> Path:
     """A randomly initialised encoder, exported exactly like a pretrained one (the 'random init' baseline)."""
     import torch
@@ -89,11 +101,6 @@ def _metrics(results_path: Path) -> dict:
     r = json.loads(results_path.read_text())
     return ({k: r.get(k) for k in ("acc", "balanced_acc", "auc", "f1")}
             | {"ci95": r.get("ci95", {}), "evaluated_on": r.get("evaluated_on", "test")})
-
-
-def row_status(row: dict) -> str:
-    """``ok``, ``failed`` or ``skipped`` (rows written before the status field: failed iff they hold an error)."""
-    return row.get("status") or ("failed" if "error" in row else "ok")
 
 
 class RunLog:
@@ -151,14 +158,13 @@ class RunLog:
         return row
 
 
-def preflight(args: argparse.Namespace, datasets: dict, random_encoders: dict[str, Path], transfer_command,
+def preflight(args: argparse.Namespace, datasets: dict[str, LabeledSet], random_encoders: dict[str, Path],
               out: Path) -> None:
     """One epoch of every transfer stage kind (each encoder's linprobe and finetune from its random twin, each
     from-scratch model) on the smallest dataset, before any pretraining: a stage that cannot run at all (a bad
     flag, a device mismatch only the GPU shows) stops the call within a minute instead of after the pretraining.
     Nothing here goes into runs.json."""
-    smallest = min(datasets, key=lambda ds: datasets[ds][3])
-    path, k, multilabel, n_train = datasets[smallest]
+    smallest = min(datasets, key=lambda ds: datasets[ds].n_train)
     checks = [(f"{encoder} {protocol}", protocol, ["--finetune", str(checkpoint)], encoder, "0.65",
                out / protocol / encoder)
               for encoder, checkpoint in random_encoders.items() for protocol in args.protocols]
@@ -167,7 +173,7 @@ def preflight(args: argparse.Namespace, datasets: dict, random_encoders: dict[st
     failures: list[str] = []
 
     def check(name: str, protocol: str, init_args: list[str], model: str, layer_decay: str, run_dir: Path) -> None:
-        command = transfer_command(protocol, path, k, multilabel, n_train, init_args, model, layer_decay, run_dir,
+        command = transfer_command(args, protocol, datasets[smallest], init_args, model, layer_decay, run_dir,
                                    epochs=1)
         try:
             run_stage(f"preflight {name} ({smallest}, 1 epoch)", command, log_path=run_dir / "stage.log",
@@ -198,31 +204,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out / "runs.json", budget)
     # Read every dataset's label space first, so a bad path stops the run before any GPU time is spent.
-    datasets = {dataset_key(p): (p, *label_space(p)) for p in args.datasets}
+    datasets = {dataset_key(p): LabeledSet(p, *label_space(p)) for p in args.datasets}
     if len(datasets) != len(args.datasets):
         raise SystemExit(f"results: two --datasets share a name ({sorted(datasets)}); rename one file")
-
-    common_transfer = ["--input_size", str(args.input_size), "--in_chans", str(args.in_chans),
-                       "--num_workers", str(args.num_workers)]
-
-    probe_batch = ["--batch_size", str(args.probe_batch_size)] if args.probe_batch_size else []
-
-    def transfer_command(protocol: str, path: str, k: int, multilabel: bool, n_train: int, init_args: list[str],
-                         model: str, layer_decay: str, run_dir: Path, epochs: int | None = None) -> list[str]:
-        """The stage's command; ``epochs`` overrides the recipe's (the preflight's one-epoch runs)."""
-        label_args = ["--nb_classes", str(k), *(["--multilabel"] if multilabel else [])]
-        if protocol == "linprobe":
-            return python_module_command(
-                "linprobe.main", "--data_path", path, *label_args, *init_args, "--fast", "--global_pool",
-                "--epochs", str(epochs or args.probe_epochs), *probe_batch, "--output_dir", str(run_dir),
-                *common_transfer)
-        epochs = epochs or finetune_epochs(args.ft_epochs, args.ft_min_steps, n_train, args.ft_batch_size)
-        return python_module_command(
-            "finetune.main", "--data_path", path, *label_args, *init_args, "--model", model, "--epochs",
-            str(epochs), "--warmup_epochs", str(max(1, min(5, epochs // 10))), "--batch_size",
-            str(args.ft_batch_size), "--blr", str(args.ft_blr), "--layer_decay", layer_decay,
-            *(["--class_weighted_loss"] if args.ft_class_weighted else []),
-            "--output_dir", str(run_dir), *common_transfer)
 
     # The random-init twins first: the random-init rows need them, and so does the preflight.
     blocked: dict[tuple[str, str], str | None] = {}
@@ -231,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                                                       out / "random" / encoder)
                        for encoder in args.encoders if "random" in args.inits or args.preflight}
     if args.preflight:
-        preflight(args, datasets, random_encoders, transfer_command, out / "preflight")
+        preflight(args, datasets, random_encoders, out / "preflight")
 
     # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1).
     pretrain_tasks = []
@@ -266,10 +250,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Phase 2: every transfer stage and the from-scratch classifiers, at most --jobs at a time.
     def transfer(encoder: str, init: str, protocol: str, ds: str) -> None:
-        path, k, multilabel, n_train = datasets[ds]
         run_dir = out / protocol / encoder / init / ds
         row = log.stage((encoder, init, protocol, ds), transfer_command(
-            protocol, path, k, multilabel, n_train, ["--finetune", str(checkpoints[(encoder, init)])], encoder, "0.65",
+            args, protocol, datasets[ds], ["--finetune", str(checkpoints[(encoder, init)])], encoder, "0.65",
             run_dir), run_dir, blocked=blocked[(encoder, init)])
         if row is not None and init == "mae":
             seconds = log.pretrain_seconds(encoder)
@@ -277,10 +260,9 @@ def run(args: argparse.Namespace) -> int:
                 log.put(row | {"pretrain_seconds": seconds})
 
     def scratch(model: str, ds: str) -> None:
-        path, k, multilabel, n_train = datasets[ds]
         run_dir = out / "scratch" / model / ds
         log.stage((model, "scratch", "finetune", ds), transfer_command(
-            "finetune", path, k, multilabel, n_train, [], model, "1.0", run_dir), run_dir)
+            args, "finetune", datasets[ds], [], model, "1.0", run_dir), run_dir)
 
     tasks = [partial(transfer, encoder, init, protocol, ds) for (encoder, init) in checkpoints
              for ds in datasets for protocol in args.protocols]
@@ -290,78 +272,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {len(log.rows)} rows in {log.path} ({counts['ok']} ok, {counts['failed']} failed, "
           f"{counts['skipped']} skipped; {budget.elapsed():.0f} s)")
     return 0
-
-
-def baseline_rows(benchmarks: Path, dataset: str, input_size: int) -> list[tuple[str, float, float]]:
-    """(method, ACC, AUC) rows: MedMNIST v2 ResNets and MedMNIST+ DINO ViT-B/16 linear probe at our size."""
-    base = medmnist_base(dataset)
-    rows = []
-    with open(benchmarks / "medmnist_v2_official_benchmark.csv") as fh:
-        for r in csv.DictReader(fh):
-            if r["dataset"] == MEDMNIST_NAMES[base] and r["method"].startswith("ResNet"):
-                rows.append((f"MedMNIST v2 {r['method']}", float(r["ACC"]), float(r["AUC"])))
-    plus = benchmarks / f"medmnist_plus_doerrich2024_{base}.csv"
-    if plus.exists():
-        with open(plus) as fh:
-            lines = [line for line in fh if not line.startswith("#")]
-        for r in csv.DictReader(lines):
-            if r["scheme"] == "linear-probing" and r["model"] == "DINO ViT-B/16":
-                for size in (28, input_size):
-                    acc, auc = r.get(f"ACC_{size}"), r.get(f"AUC_{size}")
-                    if acc and auc:
-                        rows.append((f"MedMNIST+ DINO ViT-B/16 linear probe ({size})",
-                                     float(acc.split("±")[0]) / 100, float(auc.split("±")[0]) / 100))
-    return list(dict.fromkeys(rows))
-
-
-def _cell(row: dict, metric: str) -> str:
-    value, ci = row.get(metric), row.get("ci95") or {}
-    if value is None:
-        return "n/a"
-    return f"{value:.3f} [{ci[metric][0]:.3f}, {ci[metric][1]:.3f}]" if metric in ci else f"{value:.3f}"
-
-
-def _table_row(r: dict) -> str:
-    status = row_status(r)
-    protocol = r["protocol"] + (" (val)" if r.get("evaluated_on") == "val" else "")
-    if status != "ok":
-        return f"| {r['model']} | {r['init']} | {protocol} | **{status}** | | |"
-    return f"| {r['model']} | {r['init']} | {protocol} | {_cell(r, 'acc')} | {_cell(r, 'auc')} | {r.get('seconds', '')} |"
-
-
-def _row_order(row: dict) -> tuple:
-    """Table order: by model, then pretrained before random init before from scratch, linprobe before finetune."""
-    inits = ("mae", "random", "scratch")
-    return (row["model"], inits.index(row["init"]) if row["init"] in inits else len(inits), row["protocol"] != "linprobe")
-
-
-def table_lines(runs: list[dict], benchmarks: Path | None, input_size: int) -> list[str]:
-    """The markdown table: one section per dataset, then the pretraining stages, then why rows are missing."""
-    lines = []
-    transfer = [r for r in runs if r["protocol"] != PRETRAIN]
-    for ds in dict.fromkeys(r["dataset"] for r in transfer):
-        lines += [f"\n**{display_name(ds)}** (test split; ours at {input_size} px, 95% bootstrap CI)\n",
-                  "| model | init | protocol | ACC | AUC | time (s) |", "|---|---|---|---|---|---|"]
-        rows = sorted((r for r in transfer if r["dataset"] == ds), key=_row_order)
-        lines += [_table_row(r) for r in rows]
-        if benchmarks is not None and medmnist_base(ds) in MEDMNIST_NAMES:
-            for method, acc, auc in baseline_rows(benchmarks, ds, input_size):
-                lines.append(f"| {method} | published | | {acc:.3f} | {auc:.3f} | |")
-    pretrain = [r for r in runs if r["protocol"] == PRETRAIN]
-    if pretrain:
-        lines += ["\n**MAE pretraining**\n", "| encoder | status | time (s) |", "|---|---|---|"]
-        lines += [f"| {r['model']} | {row_status(r)} | {r.get('seconds', '')} |" for r in pretrain]
-    notes = [r for r in runs if row_status(r) != "ok"]
-    if notes:
-        lines.append("\nNot run to the end:\n")
-        for r in notes:
-            if r.get("cause"):
-                why = f"{r['cause']} (log: {r['log']})"
-            else:
-                why = (r.get("reason") or r.get("error", "")).split(": /")[0]
-            lines.append(f"- {r['model']} {r['init']} {r['protocol']} {display_name(r['dataset'])}: "
-                         f"{row_status(r)}: {why}")
-    return lines
 
 
 def table(args: argparse.Namespace) -> int:

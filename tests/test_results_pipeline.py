@@ -12,7 +12,8 @@ import pytest
 from test_linprobe_fixtures import write_split_csv
 
 from pipeline.kermany import kermany_patient_id
-from pipeline.results import finetune_epochs, label_space, main, table_lines
+from pipeline.results import finetune_epochs, label_space, main
+from pipeline.results_table import table_lines
 from pipeline.stages import REPO_ROOT
 
 KERMANY = REPO_ROOT.parent / "shared" / "data" / "xray" / "kermany_cxr_224"
