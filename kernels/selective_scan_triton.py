@@ -12,6 +12,7 @@ resolved when the backward runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -60,6 +61,13 @@ def config_from_ints(values: list[int]) -> ScanLaunchConfig | None:
                             variant=SCAN_VARIANTS[variant], segments=segments)
 
 
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int | None:
+    """The CUDA device's multiprocessor count (None off CUDA), looked up once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=1024)
 def launch_configs(
     n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None,
     rows: int | None = None, multiprocessors: int | None = None,
@@ -77,12 +85,13 @@ def launch_configs(
     return fwd, bwd
 
 
+@functools.lru_cache(maxsize=1024)
 def variant_configs(variant: str, n_state: int, length: int, rows: int,
                     device: torch.device) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
     """The default tiles for ``rows`` = batch * dim sequences of ``length`` on ``device`` in kernel ``variant``;
     v3 takes block_d 32 (one lane per channel, a warp per 32 channels) and splits the sequences of grids too
     small for the device into segments (default_segments)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    sms = multiprocessor_count(device)
     fwd, bwd = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=sms)
     if variant != "v3":
         return (dataclasses.replace(fwd, variant=variant), dataclasses.replace(bwd, variant=variant, chunk=fwd.chunk))
@@ -97,18 +106,23 @@ def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) 
     always the forward's, whose saved states the backward reads."""
     config = config_from_ints(bwd_config)
     if config is None:
-        sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else None
+        sms = multiprocessor_count(u.device)
         _, config = launch_configs(n_state, u.shape[-1], None, None, rows=u.shape[0] * u.shape[1],
                                    multiprocessors=sms)
     return dataclasses.replace(config, chunk=chunk)
+
+
+def _contiguous_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy of ``t`` in ``dtype``, in one kernel (``.to().contiguous()`` of a transposed view copies
+    twice); always a new tensor, so dB and dC never share storage (custom-op outputs may not alias)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 def _empty_f32(like: Tensor) -> Tensor:
     return like.new_empty((0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("scanmae::selective_scan_fwd", mutates_args=())
-def selective_scan_fwd_op(
+def _scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, delta_softplus: bool, reverse: bool, store_states: bool,
     fwd_config: list[int], bwd_config: list[int],
@@ -118,6 +132,9 @@ def selective_scan_fwd_op(
     out, last_state, chunk_states = selective_scan_fwd_launch(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, config_from_ints(fwd_config))
     return out, last_state, chunk_states if chunk_states is not None else _empty_f32(u)
+
+
+selective_scan_fwd_op = torch.library.custom_op("scanmae::selective_scan_fwd", _scan_fwd, mutates_args=())
 
 
 @selective_scan_fwd_op.register_fake
@@ -134,8 +151,7 @@ def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus
     return out, last_state, u.new_empty((batch, n_chunks, n_state, dim), dtype=torch.float32)
 
 
-@torch.library.custom_op("scanmae::selective_scan_bwd", mutates_args=())
-def selective_scan_bwd_op(
+def _scan_bwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, dout: Tensor, chunk_states: Tensor, dlast: Tensor | None, delta_softplus: bool,
     reverse: bool, chunk: int, bwd_config: list[int],
@@ -145,11 +161,14 @@ def selective_scan_bwd_op(
     grads = selective_scan_bwd_launch(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
                                       delta_softplus, reverse, backward_config(bwd_config, chunk, u, A.shape[1]))
     # a fresh empty tensor per absent gradient: outputs of a custom op may not alias each other
-    return (grads["u"], grads["delta"], grads["A"].to(A.dtype), grads["B"].to(B.dtype).contiguous(),
-            grads["C"].to(C.dtype).contiguous(),
+    return (grads["u"], grads["delta"], grads["A"].to(A.dtype), _contiguous_as(grads["B"], B.dtype),
+            _contiguous_as(grads["C"], C.dtype),
             grads["D"].to(D.dtype) if D is not None else _empty_f32(u),
             grads["z"] if z is not None else _empty_f32(u),
             grads["delta_bias"].to(delta_bias.dtype) if delta_bias is not None else _empty_f32(u))
+
+
+selective_scan_bwd_op = torch.library.custom_op("scanmae::selective_scan_bwd", _scan_bwd, mutates_args=())
 
 
 @selective_scan_bwd_op.register_fake
@@ -169,18 +188,40 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlast, _dstates):
+def _backward_with(scan_bwd, ctx, dout, dlast):
     u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
     if chunk_states.numel() == 0:
         raise RuntimeError("selective_scan: backward through a forward that did not keep its states "
                            "(no input required grad when it ran)")
     dout = torch.zeros_like(u) if dout is None else dout.contiguous()
     dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
-    du, ddelta, dA, dB, dC, dD, dz, dbias = selective_scan_bwd_op(
+    du, ddelta, dA, dB, dC, dD, dz, dbias = scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, ctx.delta_softplus, ctx.reverse,
         ctx.chunk, ctx.bwd_config)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if delta_bias is not None else None, None, None, None, None, None)
+
+
+def _backward(ctx, dout, dlast, _dstates):
+    return _backward_with(selective_scan_bwd_op, ctx, dout, dlast)
+
+
+class _EagerScan(torch.autograd.Function):
+    """The same forward, setup and backward as the custom ops, without the custom-op dispatch: in eager mode
+    that dispatch costs tens of microseconds of host time per call (schema handling in Python), which is most of
+    a short scan's time (L=50 is bound by the host). torch.compile sees the custom ops instead. The forward
+    takes ``ctx`` itself: a separate ``setup_context`` makes every call bind default arguments through
+    ``inspect``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _scan_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlast, _dstates):
+        return _backward_with(_scan_bwd, ctx, dout, dlast)
 
 
 selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -216,6 +257,10 @@ def selective_scan_triton(
               _optional_contiguous(delta_bias, torch.float32))
     # The chunk states cost memory: keep them only when a backward can follow.
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    out, last_state, _ = selective_scan_fwd_op(*inputs, delta_softplus, reverse, store_states,
-                                               config_to_ints(fwd), config_to_ints(bwd_config))
+    if torch.compiler.is_compiling():
+        scan = selective_scan_fwd_op
+    else:
+        scan = _EagerScan.apply if store_states else _scan_fwd  # no autograd node without a backward to come
+    out, last_state, _ = scan(*inputs, delta_softplus, reverse, store_states, config_to_ints(fwd),
+                              config_to_ints(bwd_config))
     return (out, last_state) if return_last_state else out

@@ -85,3 +85,19 @@ def test_launch_configs_survive_the_op_boundary(config) -> None:
 
     cfg = None if config is None else ScanLaunchConfig(*config)
     assert config_from_ints(config_to_ints(cfg)) == cfg
+
+
+def test_eager_calls_skip_the_custom_op_dispatch() -> None:
+    """Eager mode runs the kernels through a plain autograd.Function (the custom ops' dispatch is host time a
+    short scan cannot afford); without a backward to come there is no autograd node at all."""
+    inputs = make_scan_inputs(2, 8, 11, 4, groups=None, dtype=torch.float32, seed=5, device=DEVICE,
+                              requires_grad=True, with_optional=True)
+    args = [inputs[k] for k in GRAD_NAMES]
+    out = selective_scan_fn(*args, delta_softplus=True, backend="triton")
+    assert type(out.grad_fn).__name__ == "_EagerScanBackward"
+    with torch.no_grad():
+        assert selective_scan_fn(*args, delta_softplus=True, backend="triton").grad_fn is None
+    # dB and dC come back as separate, contiguous tensors in their inputs' dtype
+    out.float().square().sum().backward()
+    assert inputs["B"].grad.is_contiguous() and inputs["C"].grad.is_contiguous()
+    assert inputs["B"].grad.untyped_storage().data_ptr() != inputs["C"].grad.untyped_storage().data_ptr()
