@@ -26,7 +26,7 @@ from typing import NamedTuple
 from common.io import atomic_write_json
 from pipeline.kermany import write_kermany_csv
 from pipeline.results_table import PRETRAIN, row_status, table_lines
-from pipeline.stages import StageError, TimeBudget, python_module_command, run_stage
+from pipeline.stages import StageError, StageTimeout, TimeBudget, python_module_command, run_stage
 
 POOL = "(pool)"
 
@@ -122,6 +122,11 @@ class RunLog:
     def done(self, key: tuple[str, str, str, str]) -> bool:
         return any(self.key(r) == key and row_status(r) == "ok" for r in self.rows)
 
+    def drop(self, key: tuple[str, str, str, str]) -> None:
+        with self._lock:
+            self.rows = [r for r in self.rows if self.key(r) != key]
+            atomic_write_json(self.path, self.rows, indent=1)
+
     def put(self, row: dict) -> None:
         with self._lock:
             self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
@@ -146,6 +151,12 @@ class RunLog:
             try:
                 stage = run_stage(" ".join(key), command, log_path=run_dir / "stage.log", quiet=True,
                                   timeout_s=self.budget.remaining())
+            except StageTimeout as exc:
+                # Stopped only because the call's budget ran out while it ran: nothing is known to be wrong
+                # with it, so it is skipped (and retried by a rerun), not failed.
+                print(f"results: {exc}", file=sys.stderr)
+                row = base | {"status": "skipped", "reason": self.budget.stopped_reason(),
+                              "log": str(run_dir / "stage.log"), "command": command}
             except StageError as exc:
                 print(f"results: {exc}", file=sys.stderr)
                 row = base | {"status": "failed", "error": str(exc), "cause": exc.cause,
@@ -226,6 +237,13 @@ def run(args: argparse.Namespace) -> int:
         pre_dir = out / "pretrain" / encoder
         checkpoints[(encoder, "mae")] = pre_dir / "encoder.safetensors"
         blocked[(encoder, "mae")] = None
+        pretrain_key = (encoder, "mae", PRETRAIN, POOL)
+        if log.done(pretrain_key) and not checkpoints[(encoder, "mae")].is_file():
+            # runs.json came from another machine (a GPU call's files do not outlive it): the encoder must be
+            # pretrained again before any of its missing rows can run.
+            print(f"results: MAE pretraining of {encoder} is recorded but {checkpoints[(encoder, 'mae')]} is "
+                  "missing: pretraining it again", file=sys.stderr)
+            log.drop(pretrain_key)
         if all(log.done((encoder, "mae", protocol, ds)) for ds in datasets for protocol in args.protocols):
             continue
         command = python_module_command(

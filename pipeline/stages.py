@@ -55,6 +55,9 @@ class TimeBudget:
     def skip_reason(self) -> str:
         return f"time budget of {self.seconds:g} s used up ({self.elapsed():.0f} s elapsed) before the stage started"
 
+    def stopped_reason(self) -> str:
+        return f"stopped when the time budget of {self.seconds:g} s ran out while it ran"
+
 
 def last_output_line(log_path: Path, max_chars: int = 300) -> str:
     """The last non-empty line of a stage's log (read from its end), shortened to ``max_chars``."""

@@ -121,6 +121,21 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     text = "\n".join(table_lines(rows, None, 32))
     assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
 
+    # A rerun on a machine without the pretrained encoder (runs.json carried over from an earlier GPU call):
+    # the recorded pretraining runs again before the row still to do, and the finished rows are kept.
+    (out / "pretrain" / "test_vit" / "encoder.safetensors").unlink()
+    redo = next(r for r in rows if r["protocol"] == "linprobe" and r["init"] == "mae")
+    (out / "runs.json").write_text(json.dumps([r for r in rows if r is not redo]))
+    kept = {(r["protocol"], r["dataset"]): r["seconds"] for r in rows if r is not redo and r["protocol"] != "pretrain"}
+    assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
+                 "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "20",
+                 *TINY]) == 0
+    again = json.loads((out / "runs.json").read_text())
+    assert all(r["status"] == "ok" for r in again) and len(again) == len(rows)
+    assert (out / "pretrain" / "test_vit" / "encoder.safetensors").is_file()
+    assert {(r["protocol"], r["dataset"]): r["seconds"] for r in again
+            if r["protocol"] != "pretrain" and (r["protocol"], r["dataset"]) in kept} == kept
+
 
 def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
     """A budget smaller than one stage: pretraining is stopped at it, everything after is recorded as skipped."""
@@ -131,23 +146,38 @@ def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
     by_key = {(r["init"], r["protocol"]): r for r in rows}
     assert set(by_key) == {("mae", "pretrain"), ("mae", "linprobe"), ("mae", "finetune"),
                            ("random", "linprobe"), ("random", "finetune")}
-    assert by_key[("mae", "pretrain")]["status"] == "failed"
-    assert "time limit" in by_key[("mae", "pretrain")]["error"]
+    # stopped by the call's budget (or not started), not by an error of its own: skipped
+    assert by_key[("mae", "pretrain")]["status"] == "skipped"
+    assert "time budget of 0.5 s" in by_key[("mae", "pretrain")]["reason"]
     for init, protocol in (("mae", "linprobe"), ("mae", "finetune")):
         assert by_key[(init, protocol)]["status"] == "skipped"
-        assert "MAE pretraining of test_vit failed" in by_key[(init, protocol)]["reason"]
+        assert "MAE pretraining of test_vit skipped: " in by_key[(init, protocol)]["reason"]
     for protocol in ("linprobe", "finetune"):
         assert by_key[("random", protocol)]["status"] == "skipped"
         assert "time budget of 0.5 s used up" in by_key[("random", protocol)]["reason"]
         assert by_key[("random", protocol)]["command"][:3] == [sys.executable, "-m", f"{protocol}.main"]
     text = "\n".join(table_lines(rows, None, 32))
-    assert text.count("**skipped**") == 4 and "| test_vit | failed |" in text
+    assert text.count("**skipped**") == 4 and "| test_vit | skipped |" in text and "failed" not in text
     # a rerun without the budget would retry these rows: none of them counts as done
     from pipeline.results import RunLog
     from pipeline.stages import TimeBudget
 
     log = RunLog(out / "runs.json", TimeBudget(None))
     assert not any(log.done(log.key(r)) for r in rows)
+
+
+def test_a_stage_stopped_by_the_budget_is_skipped_not_failed(tmp_path: Path) -> None:
+    """The budget ran out while the stage ran: a rerun should retry it, and the table should not call it broken."""
+    from pipeline.results import RunLog
+    from pipeline.stages import TimeBudget
+
+    log = RunLog(tmp_path / "runs.json", TimeBudget(1.0))
+    row = log.stage(("m", "mae", "linprobe", "d"), [sys.executable, "-c", "import time; time.sleep(60)"],
+                    tmp_path / "stage")
+    assert row is not None and row["status"] == "skipped", row
+    assert row["reason"] == "stopped when the time budget of 1 s ran out while it ran"
+    assert Path(row["log"]).is_file() and not log.done(log.key(row))
+    assert "failed" not in "\n".join(table_lines(json.loads((tmp_path / "runs.json").read_text()), None, 32))
 
 
 def test_preflight_stops_the_call_before_any_pretraining(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
