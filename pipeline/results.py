@@ -56,6 +56,14 @@ def label_space(path: str) -> tuple[int, bool, int]:
     return train.labels.num_classes, train.labels.multilabel, len(train)
 
 
+# finetune flags of each --ft_recipe. The ninth session's 64 px fine-tunes under MAE's ImageNet recipe ended below
+# the same encoders' linear probes, their validation AUC flat from the first epoch (README, end-to-end results).
+FT_RECIPES: dict[str, list[str]] = {
+    "mae": [],
+    "light": ["--aa", "none", "--reprob", "0", "--smoothing", "0"],
+}
+
+
 def finetune_epochs(epochs: int, min_steps: int, train_samples: int, batch_size: int) -> int:
     """``epochs``, raised so that fine-tuning takes at least ``min_steps`` optimizer steps (finetune uses full
     batches only): a small set (BreastMNIST, 546 images = 4 steps of 128 per epoch) gets too few steps in a
@@ -81,7 +89,7 @@ def transfer_command(args: argparse.Namespace, protocol: str, data: LabeledSet, 
         "finetune.main", "--data_path", data.path, *label_args, *init_args, "--model", model, "--epochs",
         str(epochs), "--warmup_epochs", str(max(1, min(5, epochs // 10))), "--batch_size",
         str(args.ft_batch_size), "--blr", str(args.ft_blr), "--layer_decay", layer_decay,
-        *(["--class_weighted_loss"] if args.ft_class_weighted else []), *common)
+        *(["--class_weighted_loss"] if args.ft_class_weighted else []), *FT_RECIPES[args.ft_recipe], *common)
 
 
 def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir: Path) -> Path:
@@ -331,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ft_class_weighted", action="store_true",
                    help="fine-tune with the loss weighted by inverse class frequency (finetune --class_weighted_loss); "
                         "without it imbalanced sets such as BreastMNIST can collapse to the majority class")
+    r.add_argument("--ft_recipe", choices=sorted(FT_RECIPES), default="mae",
+                   help="fine-tuning regularisation: 'mae' (finetune's defaults, MAE's ImageNet recipe: RandAugment, "
+                        "random erasing, label smoothing) or 'light' (random resized crop and flip only, no label "
+                        "smoothing), for small low-resolution sets")
     r.add_argument("--num_workers", type=int, default=12, help="data loader workers of each stage")
     r.add_argument("--jobs", type=int, default=1,
                    help="stages run at once: the encoders' pretrainings together, then the transfer stages "

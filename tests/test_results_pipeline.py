@@ -208,6 +208,26 @@ def test_finetune_epochs_reach_the_minimum_steps() -> None:
     assert finetune_epochs(1, 3, 5, 8) == 3  # fewer samples than a batch: finetune itself reports that
 
 
+def test_the_light_fine_tune_recipe_reaches_finetune_and_its_config() -> None:
+    """--ft_recipe light turns MAE's augmentation off in the finetune command, and finetune accepts the flags."""
+    import argparse
+
+    from common.config import parse_config
+    from finetune.config import FinetuneConfig
+    from pipeline.results import FT_RECIPES, LabeledSet, transfer_command
+
+    args = argparse.Namespace(input_size=64, in_chans=1, num_workers=0, ft_epochs=3, ft_min_steps=0,
+                              ft_batch_size=8, ft_blr=5e-4, ft_class_weighted=False, ft_recipe="light")
+    data = LabeledSet(path="x.npz", num_classes=2, multilabel=False, n_train=100)
+    command = transfer_command(args, "finetune", data, [], "vit_small_patch8", "0.65", Path("run"))
+    flags = command[command.index("finetune.main") + 1:]
+    assert all(flag in flags for flag in FT_RECIPES["light"])
+    cfg = parse_config(FinetuneConfig, flags)
+    assert cfg.aa in (None, "none") and cfg.reprob == 0 and cfg.smoothing == 0
+    args.ft_recipe = "mae"
+    assert "--aa" not in transfer_command(args, "finetune", data, [], "vit_small_patch8", "0.65", Path("run"))
+
+
 def test_table_orders_rows_by_model_init_protocol() -> None:
     def row(model: str, init: str, protocol: str) -> dict:
         return {"model": model, "init": init, "protocol": protocol, "dataset": "breastmnist", "status": "ok",
