@@ -91,7 +91,8 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
                 f"{len(train_loader)} steps/epoch" + (", class-weighted loss" if weights is not None else ""))
     state = fit(parts, train_loader, sampler, loaders["val"], acc,
                 LrSchedule(lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs), labels, ctx.out_dir, cfg.epochs,
-                cfg.accum_iter, cfg.clip_grad, cfg.select_metric, cfg.dist_eval, state, ctx.log)
+                cfg.accum_iter, cfg.clip_grad, cfg.select_metric, cfg.dist_eval, state, ctx.log,
+                save_every_s=cfg.save_every_s)
     if state.best_epoch < 0:
         raise TransferUsageError("no epoch was trained (--epochs 0, or --start_epoch >= --epochs)")
     results = score_best(parts, ctx.out_dir, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)

@@ -57,7 +57,7 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
     state = fit(parts, train_loader, sampler, loaders["val"], acc, LrSchedule(lr, cfg.min_lr, cfg.warmup_epochs,
                                                                              cfg.epochs),
                 labels, ctx.out_dir, cfg.epochs, cfg.accum_iter, None, cfg.select_metric, cfg.dist_eval, state,
-                ctx.log)
+                ctx.log, save_every_s=cfg.save_every_s)
     if state.best_epoch < 0:
         raise TransferUsageError("no epoch was trained (--epochs 0, or --start_epoch >= --epochs)")
     scored = score_best(parts, ctx.out_dir, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)

@@ -323,3 +323,24 @@ def test_pretraining_checkpoint_directory_is_understood(tmp_path: Path) -> None:
     for key, value in encoder.state_dict().items():
         if not key.startswith(("head.", "fc_norm.")):
             torch.testing.assert_close(value, own[key], msg=key)
+
+
+@pytest.mark.parametrize("save_every_s, writes", [("0", [0, 1, 2]), ("3600", [2])])
+def test_the_last_checkpoint_is_written_by_time_and_after_the_final_epoch(
+        encoder_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, save_every_s: str,
+        writes: list[int]) -> None:
+    """Short epochs do not each pay for a full model + optimizer copy; the final state is always on disk."""
+    import common.transfer.loop as loop
+
+    written: list[int] = []
+    real = loop.save_last
+
+    def counting(path, parts, accelerator, epoch, state):
+        written.append(epoch)
+        real(path, parts, accelerator, epoch, state)
+
+    monkeypatch.setattr(loop, "save_last", counting)
+    main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--batch_size", "128", "--epochs", "3",
+          "--save_every_s", save_every_s, "--output_dir", str(tmp_path), *FAST])
+    assert written == writes
+    assert torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)["epoch"] == 2

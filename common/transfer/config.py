@@ -55,6 +55,10 @@ class TransferConfig:
     resume: str = field(default="", metadata=_h("checkpoint-last.pt to continue from (or to evaluate "
                                                 "with --eval)"))
     start_epoch: int = field(default=0, metadata=_h("first epoch (overridden by --resume)"))
+    save_every_s: float = field(default=60.0, metadata=_h(
+        "write checkpoint-last.pt after an epoch once this many seconds have passed since the last write, and "
+        "always after the last epoch (0: after every epoch); each write copies the model and optimizer state, "
+        "which dominates short epochs"))
     eval: bool = field(default=False, metadata=_h("only evaluate the --resume checkpoint on val and test"))
     dist_eval: bool = field(default=False, metadata=_h(
         "shard evaluation across processes (otherwise every process evaluates everything)"))

@@ -4,6 +4,7 @@ checkpoint for ``--resume``, and score the best weights on the test split."""
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,12 @@ def load_best_weights(module: nn.Module, path: str | Path) -> None:
 def fit(parts: FitParts, train_loader: Any, train_sampler: Any, val_loader: Any, accelerator: Accelerator,
         schedule: LrSchedule, labels: LabelSpace, out_dir: Path, epochs: int, accum_iter: int,
         clip_grad: float | None, select_metric: str, dist_eval: bool, state: FitState,
-        log: JsonlLogger) -> FitState:
-    """Train ``epochs`` epochs from ``state.start_epoch``; the best validation epoch is saved as it occurs."""
+        log: JsonlLogger, save_every_s: float = 0.0) -> FitState:
+    """Train ``epochs`` epochs from ``state.start_epoch``; the best validation epoch is saved as it occurs, the
+    last state (for ``--resume``) after the final epoch and whenever ``save_every_s`` seconds have passed."""
     logger = get_logger("scanmae.transfer")
     main = accelerator.is_main_process
+    last_write = time.monotonic()
     for epoch in progress(range(state.start_epoch, epochs), total=epochs - state.start_epoch, desc="epochs"):
         train_sampler.set_epoch(epoch)
         train = train_one_epoch(parts.model, train_loader, parts.optimizer, parts.loss_fn, accelerator, epoch,
@@ -127,8 +130,9 @@ def fit(parts: FitParts, train_loader: Any, train_sampler: Any, val_loader: Any,
                 best = accelerator.unwrap_model(parts.best)
                 save_weights_with_config(best.state_dict(), {**parts.best_meta, "epoch": epoch,
                                                              "val": headline(val)}, out_dir / BEST_NAME)
-        if main:
+        if main and (epoch + 1 == epochs or time.monotonic() - last_write >= save_every_s):
             save_last(out_dir / LAST_NAME, parts, accelerator, epoch, state)
+            last_write = time.monotonic()
         log.log({"epoch": epoch, "train_loss": train["loss"], "lr": train["lr"],
                  **{f"val_{k}": v for k, v in headline(val).items()}, "best": improved})
         logger.info(f"epoch {epoch}: train loss {train['loss']:.4f}, val {select_metric} "

@@ -52,16 +52,18 @@ class RunContext:
         return IndexedSplit(self.splits[split], t, self.labels.num_classes)
 
     def eval_loader(self, split: str, batch_size: int, num_workers: int, pin_mem: bool,
-                    dist_eval: bool) -> Any:
+                    dist_eval: bool, persistent: bool = False) -> Any:
         ds = self.eval_split(split)
         acc = self.accelerator
         sampler = StridedSampler(len(ds), acc.process_index if dist_eval else 0,
                                  acc.num_processes if dist_eval else 1)
-        return make_loader(ds, batch_size, sampler, num_workers, pin_mem)
+        return make_loader(ds, batch_size, sampler, num_workers, pin_mem, persistent=persistent)
 
     def eval_loaders(self, cfg: TransferConfig) -> dict[str, Any]:
-        """An evaluation loader for every split but train (val, and test where the data has one)."""
-        return {s: self.eval_loader(s, cfg.batch_size, cfg.num_workers, cfg.pin_mem, cfg.dist_eval)
+        """An evaluation loader for every split but train (val, and test where the data has one). Validation
+        runs after every epoch, so its workers stay up between epochs instead of starting again each time."""
+        return {s: self.eval_loader(s, cfg.batch_size, cfg.num_workers, cfg.pin_mem, cfg.dist_eval,
+                                    persistent=s == "val")
                 for s in self.splits if s != "train"}
 
     def train_loader(self, transform: Transform, cfg: TransferConfig) -> tuple[Any, EpochShuffleSampler]:
