@@ -344,3 +344,26 @@ def test_the_last_checkpoint_is_written_by_time_and_after_the_final_epoch(
           "--save_every_s", save_every_s, "--output_dir", str(tmp_path), *FAST])
     assert written == writes
     assert torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_the_fused_optimizer_updates_like_the_default_one() -> None:
+    """finetune uses fused AdamW on CUDA; same groups, same update as the default implementation."""
+    import models
+    from finetune.config import FinetuneConfig
+    from finetune.train import build_optimizer
+
+    cfg = FinetuneConfig(layer_decay=0.75, weight_decay=0.05)
+    models_, steps = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = models.create_model("test_vit", img_size=32, in_chans=1, num_classes=2)
+        opt = build_optimizer(model, cfg, 1e-3, fused=fused)
+        assert opt.defaults.get("fused") is (True if fused else None)
+        torch.manual_seed(1)
+        model(torch.randn(4, 1, 32, 32)).sum().backward()
+        opt.step()
+        models_.append(model)
+        steps.append([g["lr_scale"] if "lr_scale" in g else g["lr"] for g in opt.param_groups])
+    assert steps[0] == steps[1]
+    for a, b in zip(models_[0].parameters(), models_[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
