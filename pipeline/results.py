@@ -127,8 +127,11 @@ class RunLog:
     def key(row: dict) -> tuple[str, str, str, str]:
         return row["model"], row["init"], row["protocol"], row["dataset"]
 
-    def done(self, key: tuple[str, str, str, str]) -> bool:
-        return any(self.key(r) == key and row_status(r) == "ok" for r in self.rows)
+    def done(self, key: tuple[str, str, str, str], command: list[str] | None = None) -> bool:
+        """An ``ok`` row for ``key``, run with the same ``command`` when one is given (a changed recipe runs the
+        stage again; the interpreter's path, which differs between machines, is not compared)."""
+        return any(self.key(r) == key and row_status(r) == "ok"
+                   and (command is None or r.get("command", [])[1:] == command[1:]) for r in self.rows)
 
     def drop(self, key: tuple[str, str, str, str]) -> None:
         with self._lock:
@@ -147,7 +150,7 @@ class RunLog:
     def stage(self, key: tuple[str, str, str, str], command: list[str], run_dir: Path,
               blocked: str | None = None) -> dict | None:
         """Run one stage unless done already, blocked (``blocked`` is the reason) or out of budget; record it."""
-        if self.done(key):
+        if self.done(key, command):
             return None
         base = dict(zip(("model", "init", "protocol", "dataset"), key))
         if blocked is None and self.budget.exhausted():
@@ -236,6 +239,12 @@ def run(args: argparse.Namespace) -> int:
     if args.preflight:
         preflight(args, datasets, random_encoders, out / "preflight")
 
+    def transfer_stage(encoder: str, init: str, protocol: str, ds: str) -> tuple[list[str], Path]:
+        """The command and folder of one transfer stage from an encoder's checkpoint."""
+        run_dir = out / protocol / encoder / init / ds
+        return transfer_command(args, protocol, datasets[ds], ["--finetune", str(checkpoints[(encoder, init)])],
+                                encoder, "0.65", run_dir), run_dir
+
     # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1).
     pretrain_tasks = []
     for encoder in args.encoders:
@@ -252,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"results: MAE pretraining of {encoder} is recorded but {checkpoints[(encoder, 'mae')]} is "
                   "missing: pretraining it again", file=sys.stderr)
             log.drop(pretrain_key)
-        if all(log.done((encoder, "mae", protocol, ds)) for ds in datasets for protocol in args.protocols):
+        if all(log.done((encoder, "mae", protocol, ds), transfer_stage(encoder, "mae", protocol, ds)[0])
+               for ds in datasets for protocol in args.protocols):
             continue
         command = python_module_command(
             "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
@@ -276,10 +286,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Phase 2: every transfer stage and the from-scratch classifiers, at most --jobs at a time.
     def transfer(encoder: str, init: str, protocol: str, ds: str) -> None:
-        run_dir = out / protocol / encoder / init / ds
-        row = log.stage((encoder, init, protocol, ds), transfer_command(
-            args, protocol, datasets[ds], ["--finetune", str(checkpoints[(encoder, init)])], encoder, "0.65",
-            run_dir), run_dir, blocked=blocked[(encoder, init)])
+        command, run_dir = transfer_stage(encoder, init, protocol, ds)
+        row = log.stage((encoder, init, protocol, ds), command, run_dir, blocked=blocked[(encoder, init)])
         if row is not None and init == "mae":
             seconds = log.pretrain_seconds(encoder)
             if seconds is not None:

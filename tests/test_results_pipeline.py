@@ -122,19 +122,25 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
 
     # A rerun on a machine without the pretrained encoder (runs.json carried over from an earlier GPU call):
-    # the recorded pretraining runs again before the row still to do, and the finished rows are kept.
+    # the recorded pretraining runs again before the rows still to do, and the finished rows are kept. The rerun
+    # also raises --ft_min_steps to 21: the Kermany fine-tune's command changes (21 epochs), so it runs again,
+    # while BreastMNIST's (1 epoch either way) is kept.
     (out / "pretrain" / "test_vit" / "encoder.safetensors").unlink()
-    redo = next(r for r in rows if r["protocol"] == "linprobe" and r["init"] == "mae")
+    redo = next(r for r in rows if r["protocol"] == "linprobe" and r["dataset"] == "breastmnist")
     (out / "runs.json").write_text(json.dumps([r for r in rows if r is not redo]))
-    kept = {(r["protocol"], r["dataset"]): r["seconds"] for r in rows if r is not redo and r["protocol"] != "pretrain"}
+    rerun = {("linprobe", "breastmnist"), ("finetune", "kermany_small")}
+    kept = {(r["protocol"], r["dataset"]): r["seconds"] for r in rows
+            if r["protocol"] != "pretrain" and (r["protocol"], r["dataset"]) not in rerun}
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
-                 "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "20",
+                 "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
                  *TINY]) == 0
     again = json.loads((out / "runs.json").read_text())
     assert all(r["status"] == "ok" for r in again) and len(again) == len(rows)
     assert (out / "pretrain" / "test_vit" / "encoder.safetensors").is_file()
-    assert {(r["protocol"], r["dataset"]): r["seconds"] for r in again
-            if r["protocol"] != "pretrain" and (r["protocol"], r["dataset"]) in kept} == kept
+    by_stage = {(r["protocol"], r["dataset"]): r for r in again}
+    assert {k: by_stage[k]["seconds"] for k in kept} == kept
+    kermany_ft = by_stage[("finetune", "kermany_small")]["command"]
+    assert kermany_ft[kermany_ft.index("--epochs") + 1] == "21"
 
 
 def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
