@@ -31,12 +31,13 @@ from kernels.triton_scan_fwd import selective_scan_fwd_launch
 
 
 def _as_grouped(bc: torch.Tensor, groups: int) -> torch.Tensor:
-    """(batch, N, L) or (batch, g, N, L) -> contiguous (batch, groups, N, L); differentiable (torch ops)."""
+    """(batch, N, L) or (batch, g, N, L) -> (batch, groups, N, L); differentiable (torch ops). Not copied: the
+    launchers read B and C through their strides where they can (``position_major``)."""
     if bc.dim() == 3:
         bc = bc.unsqueeze(1)
     if bc.shape[1] != groups:
         bc = bc.repeat_interleave(groups // bc.shape[1], dim=1)
-    return bc.contiguous()
+    return bc
 
 
 def _optional_contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -174,8 +175,9 @@ selective_scan_bwd_op = torch.library.custom_op("scanmae::selective_scan_bwd", _
 @selective_scan_bwd_op.register_fake
 def _selective_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, delta_softplus,
                              reverse, chunk, bwd_config):
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), torch.empty_like(D) if D is not None else _empty_f32(u),
+    # dB / dC are contiguous whatever B / C's strides (_contiguous_as)
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), B.new_empty(B.shape),
+            C.new_empty(C.shape), torch.empty_like(D) if D is not None else _empty_f32(u),
             torch.empty_like(z) if z is not None else _empty_f32(u),
             torch.empty_like(delta_bias) if delta_bias is not None else _empty_f32(u))
 

@@ -31,6 +31,7 @@ from kernels.triton_scan_common import (
     channel_params,
     launch_options,
     next_power_of_2,
+    position_major,
     segment_walk,
     softplus,
 )
@@ -76,7 +77,7 @@ def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, off
 def _scan_bwd_kernel(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -89,9 +90,10 @@ def _scan_bwd_kernel(
     offs_c = tl.arange(0, CHUNK)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    # B and C come as (batch, groups, L, N): one position's N values are contiguous.
-    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
-    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    # B and C come as (batch, groups, L, N) views (see the forward kernel); dB and dC are summed into
+    # contiguous (batch, groups, L, N) float32 buffers.
+    B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
+    C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
@@ -146,7 +148,7 @@ def _scan_bwd_kernel(
                 pos = base + s
             dt = tl.where(d_mask & (pos < length), dt, 0.0)
             a = tl.exp2(dt[None, :] * A2)
-            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
             h = a * h + B_col[:, None] * (dt * u)[None, :]
             states = states + (h,)
             decays = decays + (a,)
@@ -176,8 +178,8 @@ def _scan_bwd_kernel(
                 h_prev = states[CHUNK - 2 - r]
             else:
                 h_prev = h_in
-            B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
-            C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_col = tl.load(C_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
             dout = loads[CHUNK - 1 - r][2].to(tl.float32)
             if HAS_Z:
                 z = loads[CHUNK - 1 - r][3].to(tl.float32)
@@ -287,7 +289,8 @@ def selective_scan_bwd_launch(
         extra = dict(FAST=u.is_cuda, LEVELS=scatter_levels(2 * n_pad, config.block_d))
     else:
         # (batch, groups, L, N) like the kernel's B and C.
-        B_arg, C_arg = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
+        B_arg, C_arg, bc_strides = position_major(B, C)
+        sizes = sizes + bc_strides
         dB_sums, dC_sums = (torch.zeros(batch, n_groups, length, n_state, **f32) for _ in range(2))
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":

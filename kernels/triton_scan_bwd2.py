@@ -56,7 +56,7 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, o
 def _scan_bwd_kernel_v2(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -74,8 +74,8 @@ def _scan_bwd_kernel_v2(
     DELTA_row = DELTA + seq_row
     Z_row = Z + seq_row
     DOUT_row = DOUT + seq_row
-    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
-    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
+    C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     # Where each lane's dB / dC sums go (state index) and which lanes write them.
@@ -123,9 +123,9 @@ def _scan_bwd_kernel_v2(
             dt = tl.where(pos < length, dt, 0.0)
             a = tl.exp2(dt[None, :] * A2)
             if EVEN_N:
-                B_col = tl.load(B_seq + at * n_state + offs_n).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
             else:
-                B_col = tl.load(B_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             h = a * h + B_col[:, None] * (dt * u)[None, :]
             states = states + (h,)
             decays = decays + (a,)
@@ -153,11 +153,11 @@ def _scan_bwd_kernel_v2(
             else:
                 h_prev = h_in
             if EVEN_N:
-                B_col = tl.load(B_seq + at * n_state + offs_n).to(tl.float32)
-                C_col = tl.load(C_seq + at * n_state + offs_n).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
             else:
-                B_col = tl.load(B_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                C_col = tl.load(C_seq + at * n_state + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             # Past the end (and on clamped channels) dout is zero: no adjoint input, no dB / dC / dD.
             dout = tl.where(m, loads[CHUNK - 1 - r][2].to(tl.float32), 0.0)
             if HAS_Z:

@@ -224,6 +224,17 @@ def default_segments(programs: int, n_chunks: int, backward: bool, multiprocesso
     return segments
 
 
+def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
+    """B and C, (batch, groups, N, L), as the (batch, groups, L, N) views the v1 / v2 kernels read (one position's
+    N values contiguous), with their shared (batch, group, position) strides. No copy when both already have unit
+    stride over N and the same strides: a Mamba block's B and C are slices of one x_proj output, (batch, L,
+    dt_rank + 2N), whose position stride is dt_rank + 2N. Anything else is copied to contiguous."""
+    b_t, c_t = B.transpose(-1, -2), C.transpose(-1, -2)
+    if b_t.stride(-1) != 1 or b_t.stride() != c_t.stride():
+        b_t, c_t = b_t.contiguous(), c_t.contiguous()
+    return b_t, c_t, (b_t.stride(0), b_t.stride(1), b_t.stride(2))
+
+
 def launch_options(config: ScanLaunchConfig) -> dict[str, Any]:
     """Triton launch keywords: one warp per program (v3: one per 32 channels), and the register cap when set."""
     options: dict[str, Any] = {"num_warps": max(1, config.block_d // 32) if config.variant == "v3" else 1}

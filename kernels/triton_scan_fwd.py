@@ -22,6 +22,7 @@ from kernels.triton_scan_common import (
     channel_params,
     launch_options,
     next_power_of_2,
+    position_major,
     softplus,
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -53,7 +54,7 @@ def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
 def _scan_fwd_kernel(
     U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
@@ -64,9 +65,10 @@ def _scan_fwd_kernel(
                                      HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    # B and C come as (batch, groups, L, N): one position's N values are contiguous.
-    B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
-    C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
+    # B and C come as (batch, groups, L, N) views: one position's N values are contiguous, positions
+    # bc_pos_stride apart (N for a copy, dt_rank + 2N for slices of a Mamba block's x_proj output).
+    B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
+    C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     if REVERSE:
         step = -1
         pos = n_chunks * CHUNK - 1
@@ -77,8 +79,8 @@ def _scan_fwd_kernel(
     # Inputs of the first position; each step then loads the next position's before computing its own.
     u, dt = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
     valid = (pos >= 0) & (pos < length)
-    B_col = tl.load(B_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
-    C_col = tl.load(C_seq + pos * n_state + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_col = tl.load(C_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
         z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
@@ -96,8 +98,8 @@ def _scan_fwd_kernel(
             nxt = pos + step
             nxt_valid = (nxt >= 0) & (nxt < length)
             u_n, dt_n = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
-            B_n = tl.load(B_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
-            C_n = tl.load(C_seq + nxt * n_state + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            B_n = tl.load(B_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
             z_n = u_n
             if HAS_Z:
                 z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
@@ -167,7 +169,8 @@ def selective_scan_fwd_launch(
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_fwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
-        B_arg, C_arg = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
+        B_arg, C_arg, bc_strides = position_major(B, C)
+        sizes = sizes + bc_strides
     kernel[grid](
         u, delta, A_T, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,

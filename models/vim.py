@@ -83,9 +83,9 @@ class BiMamba(KeepSSMParamsFp32):
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
         x, z = x.to(dt.dtype), z.to(dt.dtype)
+        # B and C stay strided views of x_dbl: the Triton scan reads them in place (other backends copy).
         return selective_scan_fn(
-            x, dt, -torch.exp(a_log.float()), b_ssm.transpose(1, 2).contiguous(),
-            c_ssm.transpose(1, 2).contiguous(), d.float(), z=z,
+            x, dt, -torch.exp(a_log.float()), b_ssm.transpose(1, 2), c_ssm.transpose(1, 2), d.float(), z=z,
             delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
             backend=self.scan_backend,
         )

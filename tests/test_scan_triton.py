@@ -181,6 +181,47 @@ def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
                              seed=3 * length + fwd_segments, config=(fwd, bwd))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reverse,shared", [(False, True), (True, True), (False, False)])
+def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
+    """B and C as a Mamba block passes them: transposed slices of one (batch, L, dt_rank + 2N) projection, read in
+    place (v1 / v2), or C from another tensor (strides differ: copied). Output and every gradient as the reference."""
+    from kernels.triton_scan_common import position_major
+
+    batch, dim, length, n_state, rank = 2, 6, 13, 4, 3
+    inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.float32, seed=11, device=DEVICE)
+    x_dbl = torch.cat([torch.randn(batch, length, rank, device=DEVICE), inp["B"].transpose(1, 2),
+                       inp["C"].transpose(1, 2)], dim=-1).requires_grad_()
+    c_other = inp["C"].clone().requires_grad_()
+    B = x_dbl[..., rank:rank + n_state].transpose(1, 2)
+    C = x_dbl[..., rank + n_state:].transpose(1, 2) if shared else c_other
+    if shared:
+        b_t, c_t, strides = position_major(B.unsqueeze(1), C.unsqueeze(1))
+        assert b_t.data_ptr() == B.data_ptr() and strides[2] == rank + 2 * n_state  # no copy
+    rest = {k: inp[k].detach().requires_grad_() for k in ("u", "delta", "A", "D", "z", "delta_bias")}
+    kw = dict(delta_softplus=True, reverse=reverse)
+    cfg = {}
+    if variant != "v1":
+        fwd, bwd = triton_scan.variant_configs(variant, n_state, length, batch * dim, torch.device(DEVICE))
+        cfg = dict(fwd_config=fwd, bwd_config=bwd)
+    out = triton_scan.selective_scan_triton(B=B, C=C, **rest, **kw, **cfg)
+    ref_rest = {k: v.detach().double().requires_grad_() for k, v in rest.items()}
+    ref_B, ref_C = (inp[k].detach().double().requires_grad_() for k in ("B", "C"))
+    out_ref = selective_scan_ref(B=ref_B, C=ref_C, **ref_rest, **kw)
+    torch.testing.assert_close(out.double(), out_ref, rtol=6e-4, atol=2e-3)
+    g = torch.randn(out.shape, device=DEVICE)
+    leaves = [x_dbl, *([] if shared else [c_other]), *rest.values()]
+    grads = dict(zip(["x_dbl", *([] if shared else ["C"]), *rest], torch.autograd.grad((out * g).sum(), leaves)))
+    want = dict(zip(["B", "C", *ref_rest], torch.autograd.grad((out_ref * g.double()).sum(),
+                                                               [ref_B, ref_C, *ref_rest.values()])))
+    got_B = grads["x_dbl"][..., rank:rank + n_state].transpose(1, 2)
+    got_C = grads["x_dbl"][..., rank + n_state:].transpose(1, 2) if shared else grads["C"]
+    assert not grads["x_dbl"][..., :rank].any()  # the dt columns get no gradient from the scan
+    for name, got in (("B", got_B), ("C", got_C), *((k, grads[k]) for k in rest)):
+        torch.testing.assert_close(got.double(), want[name], rtol=5e-3, atol=1e-2,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
 def test_default_segments_split_only_grids_too_small_for_the_device():
     from kernels.triton_scan_common import default_segments
 
