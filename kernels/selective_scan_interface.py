@@ -83,6 +83,7 @@ def selective_scan_fn(
 
     if chosen == "triton":
         return selective_scan_triton(*args)
-    fwd, bwd = variant_configs(chosen.removeprefix("triton_"), A.shape[1], u.shape[-1], u.shape[0] * u.shape[1],
+    configs = variant_configs.__wrapped__ if torch.compiler.is_compiling() else variant_configs  # as launch_configs
+    fwd, bwd = configs(chosen.removeprefix("triton_"), A.shape[1], u.shape[-1], u.shape[0] * u.shape[1],
                                u.device)
     return selective_scan_triton(*args, fwd_config=fwd, bwd_config=bwd)

@@ -253,7 +253,9 @@ def selective_scan_triton(
     groups_c = 1 if C.dim() == 3 else C.shape[1]
     groups = math.lcm(groups_b, groups_c)
     # the backward's default tiles depend on the device: resolved when the backward runs
-    fwd, _ = launch_configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
+    # cached in eager mode; dynamo traces the plain function (it warns about lru_cache wrappers)
+    configs = launch_configs.__wrapped__ if torch.compiler.is_compiling() else launch_configs
+    fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
     inputs = (u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(), _as_grouped(B, groups),
               _as_grouped(C, groups), _optional_contiguous(D, torch.float32), _optional_contiguous(z),
               _optional_contiguous(delta_bias, torch.float32))
