@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The scan kernels' GPU check in one call: every gpu-marked scan test (all kernel variants), bench/scan.py's
 # backends beside mamba-ssm's CUDA scan (built from its sdist), the Vim-S MAE training step (bench/pretrain.py,
-# synthetic data) eager and compiled with CUDA graphs, then as much of the tile sweep as time allows.
+# synthetic data) eager and compiled with CUDA graphs, and, when a baseline revision is prepared, the default
+# backend and the eager Vim-S step of that revision in the same call (an A/B on one machine).
 #
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh prepare
 #       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand)
 #       into .gpu_run/ (git-ignored; a new checkout starts without it)
-#   on the GPU machine:        bash bench/gpu_scan_session.sh run      (carry .gpu_run)
-#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/vim_{eager,cudagraphs}.json and $OUT/scan_sweep.json
-#       and prints the tables
+#   here (CPU):                bash bench/gpu_scan_session.sh baseline [REV]     (default f298d61)
+#       exports revision REV of this repository into .gpu_run/baseline (about 3 MB)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh run
+#       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
+#       results data, is over the 64 MiB a call carries)
+#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/vim_{eager,cudagraphs}.json, with a baseline
+#       $OUT/scan_baseline.json and $OUT/vim_eager_baseline.json, and prints the tables
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
@@ -27,6 +32,14 @@ PY
     tar -xzf .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz -C .gpu_run
     rm .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz
     du -sh .gpu_run
+    ;;
+baseline)
+    rev="${2:-f298d61}"
+    rm -rf .gpu_run/baseline
+    mkdir -p .gpu_run/baseline
+    git archive "$rev" | tar -x -C .gpu_run/baseline
+    git rev-parse --short "$rev" > .gpu_run/baseline/REVISION
+    du -sh .gpu_run/baseline
     ;;
 run)
     out="${OUT:-/tmp/gpu_scan_out}"
@@ -54,19 +67,29 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
         tests/test_scan_variant.py tests/test_scan_compile.py -k "not segments" 2>&1 | tee -a "$out/scan_tests.log" \
         | tail -15 || true
     wait
-    timeout 90 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 triton_v3 mamba_ssm \
+    timeout 75 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 mamba_ssm \
         --json "$out/scan.json" || true
+    if [ -f .gpu_run/baseline/REVISION ]; then
+        # The same benchmark from the baseline revision's own tree, in this call: host-path changes show at L=50.
+        echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.scan --backends triton"
+        (cd .gpu_run/baseline && timeout 45 python3 -m bench.scan --backends triton \
+            --json "$out/scan_baseline.json") || true
+    fi
     # The Vim-S MAE step eager, then compiled with CUDA graphs: the eager step seems bound by the host's kernel
     # launches (1,636 img/s in the fifth session, 1,115 in the eighth on another host, with the same scan times at
     # L=197 and 4096), which CUDA graphs remove.
     timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
         --row_seconds 8 --json "$out/vim_eager.json" || true
+    if [ -f .gpu_run/baseline/REVISION ]; then
+        echo "== baseline revision $(cat .gpu_run/baseline/REVISION): Vim-S eager"
+        (cd .gpu_run/baseline && timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 \
+            --input_sizes 224 --modes synthetic --row_seconds 8 --json "$out/vim_eager_baseline.json") || true
+    fi
     timeout 150 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
         --compile --compile_mode reduce-overhead --warmup 8 --row_seconds 10 --json "$out/vim_cudagraphs.json" || true
-    timeout 60 python3 -m bench.scan --sweep --backends triton --json "$out/scan_sweep.json" || true
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|run" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|baseline [REV]|run" >&2
     exit 2
     ;;
 esac
