@@ -105,11 +105,15 @@ def variant_configs(variant: str, n_state: int, length: int, rows: int,
 def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) -> ScanLaunchConfig:
     """The backward's tiles: given, or the defaults for this device and grid (batch * dim rows); the chunk is
     always the forward's, whose saved states the backward reads."""
-    config = config_from_ints(bwd_config)
+    return _backward_config(tuple(bwd_config), chunk, u.device, u.shape[-1], u.shape[0] * u.shape[1], n_state)
+
+
+@functools.lru_cache(maxsize=1024)  # dataclasses.replace alone costs about 10 us per call
+def _backward_config(bwd_config: tuple[int, ...], chunk: int, device: torch.device, length: int, rows: int,
+                     n_state: int) -> ScanLaunchConfig:
+    config = config_from_ints(list(bwd_config))
     if config is None:
-        sms = multiprocessor_count(u.device)
-        _, config = launch_configs(n_state, u.shape[-1], None, None, rows=u.shape[0] * u.shape[1],
-                                   multiprocessors=sms)
+        _, config = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=multiprocessor_count(device))
     return dataclasses.replace(config, chunk=chunk)
 
 
