@@ -222,45 +222,6 @@ def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
                                    msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
-def test_default_segments_split_only_grids_too_small_for_the_device():
-    from kernels.triton_scan_common import default_segments
-
-    # The benchmark shapes on 132 multiprocessors: batch 128 x 768 channels = 3072 one-warp programs fill it;
-    # batch 16 (384 programs) gets 8 forward / 4 backward segments.
-    for length, batch, fwd, bwd in ((50, 128, 1, 1), (197, 128, 1, 1), (1024, 16, 8, 4), (4096, 16, 8, 4)):
-        programs, n_chunks = batch * 768 // 32, -(-length // 4)
-        assert default_segments(programs, n_chunks, False, 132) == fwd
-        assert default_segments(programs, n_chunks, True, 132) == bwd
-    # Segments stay at least 16 chunks long; no device, no segments.
-    assert default_segments(1, 40, False, 132) == 2
-    assert default_segments(384, 4096, True, None) == 1
-
-
-def test_host_integer_helpers_match_triton():
-    import triton
-
-    from kernels.triton_scan_common import ceil_div, next_power_of_2
-
-    for a in range(1, 600):
-        assert next_power_of_2(a) == triton.next_power_of_2(a), a
-        for b in (1, 2, 3, 4, 7, 8, 16, 32, 33):
-            assert ceil_div(a, b) == triton.cdiv(a, b), (a, b)
-
-
-def test_plan_segments_uses_whole_chunks_and_no_empty_segment():
-    from kernels.triton_scan_segments import plan_segments
-
-    assert plan_segments(8, 1) == (1, 8)
-    assert plan_segments(8, 4) == (4, 2)
-    assert plan_segments(7, 4) == (4, 2)  # 2 + 2 + 2 + 1
-    assert plan_segments(9, 4) == (3, 3)  # 3 chunks each: 4 segments of 3 would leave one empty
-    assert plan_segments(3, 16) == (3, 1)
-    for n_chunks in range(1, 40):
-        for segments in (1, 2, 4, 8, 16):
-            n_seg, per = plan_segments(n_chunks, segments)
-            assert n_seg <= segments and (n_seg - 1) * per < n_chunks <= n_seg * per
-
-
 # v2 only: channel blocks that fill the group (EVEN_D) and N a power of two (EVEN_N), where the v2 kernels
 # drop every channel / state mask; (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, prefetch).
 FULL_TILE_CASES = [
@@ -281,29 +242,6 @@ def test_triton_v2_full_tiles(triton_scan, length, dim, n_state, groups, dtype, 
     _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
                              dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
                              seed=length + dim, config=config)
-
-
-def test_default_config_tiles_follow_the_grid_size():
-    from kernels.triton_scan_common import default_launch_config
-
-    for length, rows in ((50, 128 * 768), (197, 128 * 768), (1024, 16 * 768), (4096, 16 * 768)):
-        for backward in (False, True):
-            cfg = default_launch_config(16, length, backward, rows=rows, multiprocessors=132)
-            assert (cfg.maxnreg, cfg.chunk) == (None, 4)
-    # The forward: block_d 8 without prefetch at every size.
-    for length, rows in ((50, 128 * 768), (197, 128 * 768), (4096, 16 * 768)):
-        fwd = default_launch_config(16, length, False, rows=rows, multiprocessors=132)
-        assert (fwd.block_d, fwd.prefetch) == (8, False)
-    # 6144 block_d-16 backward programs > 132 x 8 resident: block_d 16 with prefetch; 768 programs: block_d 8.
-    crowded = default_launch_config(16, 197, True, rows=128 * 768, multiprocessors=132)
-    assert (crowded.block_d, crowded.prefetch) == (16, True)
-    small = default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=132)
-    assert (small.block_d, small.prefetch) == (8, False)
-    # The threshold follows the device: the same 768 programs crowd a 64-multiprocessor GPU.
-    assert default_launch_config(16, 1024, True, rows=16 * 768, multiprocessors=64).block_d == 16
-    # No device (the interpreter): the large-grid tiles.
-    assert default_launch_config(16, 197, True, rows=128 * 768).block_d == 16
-    assert default_launch_config(4, 1, True).chunk == 1
 
 
 def test_triton_forward_only_and_no_last_state(triton_scan):
