@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
             SCAN_VARIANTS.index(config.variant), config.segments]
 
 
-def config_from_ints(values: list[int]) -> ScanLaunchConfig | None:
+def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
     if not values:
         return None
     block_d, chunk, maxnreg, prefetch, variant, segments = values
@@ -111,7 +112,7 @@ def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) 
 @functools.lru_cache(maxsize=1024)  # dataclasses.replace alone costs about 10 us per call
 def _backward_config(bwd_config: tuple[int, ...], chunk: int, device: torch.device, length: int, rows: int,
                      n_state: int) -> ScanLaunchConfig:
-    config = config_from_ints(list(bwd_config))
+    config = config_from_ints(bwd_config)
     if config is None:
         _, config = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=multiprocessor_count(device))
     return dataclasses.replace(config, chunk=chunk)
@@ -256,16 +257,17 @@ def selective_scan_triton(
     groups_b = 1 if B.dim() == 3 else B.shape[1]
     groups_c = 1 if C.dim() == 3 else C.shape[1]
     groups = math.lcm(groups_b, groups_c)
-    # the backward's default tiles depend on the device: resolved when the backward runs
-    # cached in eager mode; dynamo traces the plain function (it warns about lru_cache wrappers)
-    configs = launch_configs.__wrapped__ if torch.compiler.is_compiling() else launch_configs
+    compiling = torch.compiler.is_compiling()
+    # The backward's default tiles depend on the device: resolved when the backward runs. Cached in eager mode;
+    # dynamo traces the plain function (it warns about lru_cache wrappers).
+    configs = launch_configs.__wrapped__ if compiling else launch_configs
     fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
     inputs = (u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(), _as_grouped(B, groups),
               _as_grouped(C, groups), _optional_contiguous(D, torch.float32), _optional_contiguous(z),
               _optional_contiguous(delta_bias, torch.float32))
     # The chunk states cost memory: keep them only when a backward can follow.
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if torch.compiler.is_compiling():
+    if compiling:
         scan = selective_scan_fwd_op
     else:
         scan = _EagerScan.apply if store_states else _scan_fwd  # no autograd node without a backward to come

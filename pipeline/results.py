@@ -133,14 +133,15 @@ class RunLog:
         return any(self.key(r) == key and row_status(r) == "ok"
                    and (command is None or r.get("command", [])[1:] == command[1:]) for r in self.rows)
 
-    def drop(self, key: tuple[str, str, str, str]) -> None:
-        with self._lock:
-            self.rows = [r for r in self.rows if self.key(r) != key]
-            atomic_write_json(self.path, self.rows, indent=1)
-
     def put(self, row: dict) -> None:
+        self._replace(self.key(row), [row])
+
+    def drop(self, key: tuple[str, str, str, str]) -> None:
+        self._replace(key, [])
+
+    def _replace(self, key: tuple[str, str, str, str], rows: list[dict]) -> None:
         with self._lock:
-            self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
+            self.rows = [r for r in self.rows if self.key(r) != key] + rows
             atomic_write_json(self.path, self.rows, indent=1)
 
     def pretrain_seconds(self, encoder: str) -> float | None:

@@ -110,7 +110,7 @@ def load_best_weights(module: nn.Module, path: str | Path) -> None:
 def fit(parts: FitParts, train_loader: Any, train_sampler: Any, val_loader: Any, accelerator: Accelerator,
         schedule: LrSchedule, labels: LabelSpace, out_dir: Path, epochs: int, accum_iter: int,
         clip_grad: float | None, select_metric: str, dist_eval: bool, state: FitState,
-        log: JsonlLogger, save_every_s: float = 0.0) -> FitState:
+        log: JsonlLogger, save_every_s: float) -> FitState:
     """Train ``epochs`` epochs from ``state.start_epoch``; the best validation epoch is saved as it occurs, the
     last state (for ``--resume``) after the final epoch and whenever ``save_every_s`` seconds have passed."""
     logger = get_logger("scanmae.transfer")
