@@ -75,7 +75,7 @@ def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, off
 
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
 def _scan_bwd_kernel(
-    U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -85,7 +85,7 @@ def _scan_bwd_kernel(
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
     # Only A * log2(e) is kept (one tile fewer of registers); sums over A * x are scaled by ln(2) after.
-    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, n_state, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
                                      HAS_D, HAS_BIAS)
     offs_c = tl.arange(0, CHUNK)
     row = (batch_idx * dim + offs_d).to(tl.int64)
@@ -267,6 +267,7 @@ def selective_scan_bwd_launch(
     placeholder = grads["A"]
     grid = (ceil_div(dim_per_group, config.block_d), batch * n_groups)
     n_pad = next_power_of_2(n_state)
+    A_T = A.t().contiguous()
     inputs = (D if D is not None else placeholder, z if z is not None else u,
               delta_bias if delta_bias is not None else placeholder, dout, chunk_states,
               dlast if dlast is not None else placeholder)
@@ -279,7 +280,7 @@ def selective_scan_bwd_launch(
         n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)
         seg_adjoints = seg_dtsum = placeholder
         if n_seg > 1:
-            seg_adjoints, seg_dtsum = segment_summaries(u, delta, A, C_arg, delta_bias, dout, z, delta_softplus,
+            seg_adjoints, seg_dtsum = segment_summaries(u, delta, A_T, C_arg, delta_bias, dout, z, delta_softplus,
                                                         reverse, config, n_seg, chunks_per_seg, n_groups, n_state)
         kernel, outputs = _scan_bwd_kernel_v3, (grads["A"], dbc)
         inputs = inputs + (seg_adjoints, seg_dtsum)
@@ -298,7 +299,7 @@ def selective_scan_bwd_launch(
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d))
     kernel[grid](
-        u, delta, A, B_arg, C_arg, *inputs,
+        u, delta, A_T, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],
         grads["z"] if z is not None else grads["u"],
         *outputs,

@@ -37,7 +37,7 @@ def _stack_rows(top, bottom, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
 def _scan_bwd_kernel_v3(
-    U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST, SEG_ADJOINTS, SEG_DTSUM,
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST, SEG_ADJOINTS, SEG_DTSUM,
     DU, DDELTA, DZ, DA, DBC, DD, DDELTA_BIAS,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, n_seg, chunks_per_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -47,7 +47,7 @@ def _scan_bwd_kernel_v3(
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, n_state, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
                                      HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length

@@ -32,12 +32,15 @@ def channel_block(n_groups, dim_per_group, n_state, BLOCK_D: tl.constexpr, N_PAD
 
 
 @triton.jit
-def channel_params(A, D, DELTA_BIAS, n_state, offs_n, offs_d, nd_mask, d_mask, BLOCK_D: tl.constexpr,
+def channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D: tl.constexpr,
                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The block's A * log2(e) as an (N, BLOCK_D) tile read from A as it comes, (dim, N) contiguous (each decay
-    is then one exp2; once per program, so no transposed copy is worth its launch), and its D and delta_bias
-    (zeros when absent)."""
-    A2 = tl.load(A + offs_d[None, :] * n_state + offs_n[:, None], mask=nd_mask, other=0.0) * 1.4426950408889634
+    """The block's A * log2(e) as an (N, BLOCK_D) tile from A transposed to (N, dim) (each decay is then one
+    exp2), and its D and delta_bias (zeros when absent). Why the transposed copy, though the tile is read once per
+    program: Triton lays out a loaded tile along its contiguous axis and the scan loop inherits that layout.
+    Read from (dim, N) the loop ran along N, with redundant exp2s and spills: 456 -> 670 SASS instructions per
+    position in the v1 backward (bench/scan_sass.py) and 2.08 -> 2.90 ms fwd+bwd at L=197 (H100, tenth session).
+    """
+    A2 = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
     D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)

@@ -52,7 +52,7 @@ def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
 # bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480 instructions per position at dim 768).
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])
 def _scan_fwd_kernel(
-    U, DELTA, A, B, C, D, Z, DELTA_BIAS,
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -61,7 +61,7 @@ def _scan_fwd_kernel(
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, n_state, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
                                      HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
@@ -147,6 +147,7 @@ def selective_scan_fwd_launch(
     chunk_states = (
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
+    A_T = A.t().contiguous()
     inputs = (D if D is not None else last_state, z if z is not None else u,
               delta_bias if delta_bias is not None else last_state)
     results = (out, chunk_states if chunk_states is not None else last_state, last_state)
@@ -156,7 +157,7 @@ def selective_scan_fwd_launch(
         n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)
         seg_states = seg_dtsum = last_state
         if n_seg > 1:
-            seg_states, seg_dtsum = segment_summaries(u, delta, A, B_arg, delta_bias, None, None, delta_softplus,
+            seg_states, seg_dtsum = segment_summaries(u, delta, A_T, B_arg, delta_bias, None, None, delta_softplus,
                                                       reverse, config, n_seg, chunks_per_seg, n_groups, n_state)
         kernel, extra = _scan_fwd_kernel_v3, dict(FAST=u.is_cuda)
         results = results + (seg_states, seg_dtsum)
@@ -171,7 +172,7 @@ def selective_scan_fwd_launch(
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
     kernel[grid](
-        u, delta, A, B_arg, C_arg, *inputs, *results, *sizes,
+        u, delta, A_T, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,

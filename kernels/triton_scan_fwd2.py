@@ -54,7 +54,7 @@ def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_
 
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
 def _scan_fwd_kernel_v2(
-    U, DELTA, A, B, C, D, Z, DELTA_BIAS,
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -64,7 +64,7 @@ def _scan_fwd_kernel_v2(
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, n_state, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
                                      HAS_D, HAS_BIAS)
     # Reads of a channel past the group's end go to its last channel (never stored).
     offs_read = offs_d

@@ -60,7 +60,7 @@ def discretize(delta, bias, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
 
 @triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
 def _scan_fwd_kernel_v3(
-    U, DELTA, A, B, C, D, Z, DELTA_BIAS,
+    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE, SEG_STATES, SEG_DTSUM,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, n_seg, chunks_per_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
@@ -69,7 +69,7 @@ def _scan_fwd_kernel_v3(
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, n_state, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
+    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
                                      HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     # Reads of a channel past the group's end go to its last channel (never stored).
