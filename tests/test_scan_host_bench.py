@@ -21,3 +21,13 @@ def test_stubbed_kernels_are_restored_and_the_measure_runs() -> None:
     assert fwd._scan_fwd_kernel is real and not isinstance(bwd._scan_bwd_kernel, _NoLaunch)
     row = measure("triton", iters=5)
     assert row["fwd_us"] > 0 and row["fwd_bwd_us"] > row["fwd_us"]
+
+
+def test_the_gpu_host_profile_runs_on_the_cpu_with_stubbed_kernels() -> None:
+    from bench.scan_host import measure_cuda, stubbed_kernels
+
+    with stubbed_kernels():
+        row = measure_cuda("triton", iters=5, shape=(2, 32), device="cpu")
+    assert row["fwd_bwd_us"] > row["fwd_us"] > 0 and row["syncs"] is None
+    names = [name for name, _, _ in row["top_ops"]]
+    assert len(names) == 12 and all(us >= 0 for _, us, _ in row["top_ops"])
