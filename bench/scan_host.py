@@ -144,7 +144,8 @@ def measure_cuda(backend: str, iters: int, length: int = 50, top: int = 12, shap
                 forward_backward()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        row["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+        # not the "debug mode is a prototype feature" notice that turning the mode on prints
+        row["syncs"] = sum("called a synchronizing" in str(w.message) for w in caught)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(20):
             forward_backward()
