@@ -119,12 +119,6 @@ def _backward_config(bwd_config: tuple[int, ...], chunk: int, device: torch.devi
     return dataclasses.replace(config, chunk=chunk)
 
 
-def _contiguous_as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """A contiguous copy of ``t`` in ``dtype``, in one kernel (``.to().contiguous()`` of a transposed view copies
-    twice); always a new tensor, so dB and dC never share storage (custom-op outputs may not alias)."""
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
-
-
 def _empty_f32(like: Tensor) -> Tensor:
     return like.new_empty((0,), dtype=torch.float32)
 
@@ -164,24 +158,38 @@ def _scan_bwd(
     reverse: bool, chunk: int, bwd_config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, each in its input's dtype (B/C grouped, contiguous); the
-    gradient of an absent optional input is an empty tensor."""
+    gradient of an absent optional input is an empty tensor. dB and dC share one buffer (one cast from the
+    float32 sums), as do dA, dD and ddelta_bias (one fill): fine for autograd, not for a custom op
+    (``_scan_bwd_unaliased``)."""
     grads = selective_scan_bwd_launch(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
                                       delta_softplus, reverse, backward_config(bwd_config, chunk, u, A.shape[1]))
-    # a fresh empty tensor per absent gradient: outputs of a custom op may not alias each other
-    return (grads["u"], grads["delta"], grads["A"].to(A.dtype), _contiguous_as(grads["B"], B.dtype),
-            _contiguous_as(grads["C"], C.dtype),
+    dB, dC = torch.empty((2, *B.shape), dtype=B.dtype, device=B.device).copy_(grads["BC"]).unbind(0)
+    return (grads["u"], grads["delta"], grads["A"].to(A.dtype), dB, dC,
             grads["D"].to(D.dtype) if D is not None else _empty_f32(u),
             grads["z"] if z is not None else _empty_f32(u),
             grads["delta_bias"].to(delta_bias.dtype) if delta_bias is not None else _empty_f32(u))
 
 
-selective_scan_bwd_op = torch.library.custom_op("scanmae::selective_scan_bwd", _scan_bwd, mutates_args=())
+def _scan_bwd_unaliased(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, dout: Tensor, chunk_states: Tensor, dlast: Tensor | None, delta_softplus: bool,
+    reverse: bool, chunk: int, bwd_config: list[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_scan_bwd`` with no two outputs sharing storage, as a custom op's must: dC, dD and ddelta_bias copied
+    out of the buffers they share with dB and dA (small; under torch.compile only)."""
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states,
+                                                      dlast, delta_softplus, reverse, chunk, bwd_config)
+    return du, ddelta, dA, dB, dC.clone(), dD.clone(), dz, dbias.clone()
+
+
+selective_scan_bwd_op = torch.library.custom_op("scanmae::selective_scan_bwd", _scan_bwd_unaliased,
+                                                mutates_args=())
 
 
 @selective_scan_bwd_op.register_fake
 def _selective_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, delta_softplus,
                              reverse, chunk, bwd_config):
-    # dB / dC are contiguous whatever B / C's strides (_contiguous_as)
+    # dB / dC are contiguous whatever B / C's strides (one fresh buffer in _scan_bwd)
     return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), B.new_empty(B.shape),
             C.new_empty(C.shape), torch.empty_like(D) if D is not None else _empty_f32(u),
             torch.empty_like(z) if z is not None else _empty_f32(u),

@@ -260,10 +260,13 @@ def selective_scan_bwd_launch(
         "u": torch.empty_like(u),
         "delta": torch.empty_like(delta),
         "z": torch.empty_like(z) if z is not None else None,
-        "A": torch.zeros(dim, n_state, **f32),
-        "D": torch.zeros(dim, **f32) if D is not None else None,
-        "delta_bias": torch.zeros(dim, **f32) if delta_bias is not None else None,
     }
+    # dA, dD and ddelta_bias are summed by atomics into one zero-filled buffer (one fill; the host's time per
+    # torch call is what L=50 is bound by).
+    param_sums = torch.zeros(dim * (n_state + 2), **f32)
+    grads["A"] = param_sums[:dim * n_state].view(dim, n_state)
+    grads["D"] = param_sums[dim * n_state:dim * (n_state + 1)] if D is not None else None
+    grads["delta_bias"] = param_sums[dim * (n_state + 1):] if delta_bias is not None else None
     placeholder = grads["A"]
     grid = (ceil_div(dim_per_group, config.block_d), batch * n_groups)
     n_pad = next_power_of_2(n_state)
@@ -276,7 +279,7 @@ def selective_scan_bwd_launch(
         # B and C float32 and zero-padded to N_PAD; dB and dC summed side by side, (batch, groups, L, 2, N_PAD).
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
         dbc = torch.zeros(batch, n_groups, length, 2, n_pad, **f32)
-        dB_sums, dC_sums = dbc[:, :, :, 0, :n_state], dbc[:, :, :, 1, :n_state]
+        dbc_sums = dbc[..., :n_state].permute(3, 0, 1, 2, 4)  # (2, batch, groups, L, N)
         n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)
         seg_adjoints = seg_dtsum = placeholder
         if n_seg > 1:
@@ -291,7 +294,8 @@ def selective_scan_bwd_launch(
         # (batch, groups, L, N) like the kernel's B and C.
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
-        dB_sums, dC_sums = torch.zeros(2, batch, n_groups, length, n_state, **f32).unbind(0)  # one fill
+        dbc_sums = torch.zeros(2, batch, n_groups, length, n_state, **f32)  # one fill
+        dB_sums, dC_sums = dbc_sums.unbind(0)
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
@@ -311,6 +315,7 @@ def selective_scan_bwd_launch(
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
         PREFETCH=config.prefetch, **extra, **launch_options(config),
     )
-    # Handed back as (batch, groups, N, L) views.
-    grads["B"], grads["C"] = dB_sums.transpose(-1, -2), dC_sums.transpose(-1, -2)
+    # Handed back as (batch, groups, N, L) views, and both as one (2, batch, groups, N, L) view ("BC": one cast).
+    grads["BC"] = dbc_sums.transpose(-1, -2)
+    grads["B"], grads["C"] = grads["BC"].unbind(0)
     return grads
