@@ -15,6 +15,8 @@ table with the published MedMNIST v2 and MedMNIST+ rows beside ours.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import sys
 import threading
@@ -105,6 +107,21 @@ def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir
     return out_dir / "encoder.safetensors"
 
 
+def encoder_digest(path: Path) -> str:
+    """The first 16 hex digits of the checkpoint's sha256: which encoder a transfer row was measured on."""
+    stat = path.stat()
+    return _file_digest(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: Path, mtime_ns: int, size: int) -> str:  # keyed on mtime and size: a rewrite is re-read
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _metrics(results_path: Path) -> dict:
     r = json.loads(results_path.read_text())
     return ({k: r.get(k) for k in ("acc", "balanced_acc", "auc", "f1")}
@@ -114,7 +131,10 @@ def _metrics(results_path: Path) -> dict:
 class RunLog:
     """``runs.json``: one row per (model, init, protocol, dataset), rewritten after every change.
 
-    Rows that succeeded in an earlier call are kept and not rerun; failed or skipped ones are tried again.
+    Rows that succeeded in an earlier call are kept and not rerun; failed or skipped ones are tried again. A
+    transfer row records the digest of the encoder it was measured on and counts as done only for that encoder:
+    a pretraining that ran again (a changed recipe, or a GPU run, which is not bit-exact) reruns its rows, so a
+    table never mixes two pretraining runs.
     """
 
     def __init__(self, path: Path, budget: TimeBudget):
@@ -127,11 +147,14 @@ class RunLog:
     def key(row: dict) -> tuple[str, str, str, str]:
         return row["model"], row["init"], row["protocol"], row["dataset"]
 
-    def done(self, key: tuple[str, str, str, str], command: list[str] | None = None) -> bool:
+    def done(self, key: tuple[str, str, str, str], command: list[str] | None = None,
+             digest: str | None = None) -> bool:
         """An ``ok`` row for ``key``, run with the same ``command`` when one is given (a changed recipe runs the
-        stage again; the interpreter's path, which differs between machines, is not compared)."""
+        stage again; the interpreter's path, which differs between machines, is not compared) and on the encoder
+        of ``digest`` when one is given."""
         return any(self.key(r) == key and row_status(r) == "ok"
-                   and (command is None or r.get("command", [])[1:] == command[1:]) for r in self.rows)
+                   and (command is None or r.get("command", [])[1:] == command[1:])
+                   and (digest is None or r.get("encoder_digest") == digest) for r in self.rows)
 
     def put(self, row: dict) -> None:
         self._replace(self.key(row), [row])
@@ -149,9 +172,10 @@ class RunLog:
         return rows[0].get("seconds") if rows else None
 
     def stage(self, key: tuple[str, str, str, str], command: list[str], run_dir: Path,
-              blocked: str | None = None) -> dict | None:
-        """Run one stage unless done already, blocked (``blocked`` is the reason) or out of budget; record it."""
-        if self.done(key, command):
+              blocked: str | None = None, digest: str | None = None) -> dict | None:
+        """Run one stage unless done already (on the encoder of ``digest``, when given), blocked (``blocked`` is
+        the reason) or out of budget; record it."""
+        if self.done(key, command, digest):
             return None
         base = dict(zip(("model", "init", "protocol", "dataset"), key))
         if blocked is None and self.budget.exhausted():
@@ -175,6 +199,8 @@ class RunLog:
                               "log": str(run_dir / "stage.log"), "command": command}
             else:
                 row = base | {"status": "ok", "seconds": round(stage.seconds, 1), "command": stage.command}
+                if digest is not None:
+                    row["encoder_digest"] = digest
                 if key[2] != PRETRAIN:
                     row |= _metrics(run_dir / "results.json")
         self.put(row)
@@ -256,21 +282,26 @@ def run(args: argparse.Namespace) -> int:
         checkpoints[(encoder, "mae")] = pre_dir / "encoder.safetensors"
         blocked[(encoder, "mae")] = None
         pretrain_key = (encoder, "mae", PRETRAIN, POOL)
-        if log.done(pretrain_key) and not checkpoints[(encoder, "mae")].is_file():
-            # runs.json came from another machine (a GPU call's files do not outlive it): the encoder must be
-            # pretrained again before any of its missing rows can run.
-            print(f"results: MAE pretraining of {encoder} is recorded but {checkpoints[(encoder, 'mae')]} is "
-                  "missing: pretraining it again", file=sys.stderr)
-            log.drop(pretrain_key)
-        if all(log.done((encoder, "mae", protocol, ds), transfer_stage(encoder, "mae", protocol, ds)[0])
-               for ds in datasets for protocol in args.protocols):
-            continue
         command = python_module_command(
             "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
             "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size), "--epochs",
             str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr", "1.5e-4",
             "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000", "--vis_every",
             "100000", "--output_dir", str(pre_dir))
+        # Nothing to do when this recipe's pretraining is recorded and every row is done on the encoder at hand,
+        # or, with the encoder gone (runs.json from another machine), every row is recorded.
+        checkpoint = checkpoints[(encoder, "mae")]
+        digest = encoder_digest(checkpoint) if checkpoint.is_file() else None
+        if log.done(pretrain_key, command) and all(
+                log.done((encoder, "mae", protocol, ds), transfer_stage(encoder, "mae", protocol, ds)[0], digest)
+                for ds in datasets for protocol in args.protocols):
+            continue
+        if log.done(pretrain_key, command) and not checkpoint.is_file():
+            # runs.json came from another machine (a GPU call's files do not outlive it): the encoder must be
+            # pretrained again before any of its missing rows can run (and those rows then all run on it).
+            print(f"results: MAE pretraining of {encoder} is recorded but {checkpoint} is missing: pretraining it "
+                  "again", file=sys.stderr)
+            log.drop(pretrain_key)
 
         def pretrain(encoder: str = encoder, command: list[str] = command, pre_dir: Path = pre_dir) -> None:
             pre = log.stage((encoder, "mae", PRETRAIN, POOL), command, pre_dir)
@@ -288,7 +319,10 @@ def run(args: argparse.Namespace) -> int:
     # Phase 2: every transfer stage and the from-scratch classifiers, at most --jobs at a time.
     def transfer(encoder: str, init: str, protocol: str, ds: str) -> None:
         command, run_dir = transfer_stage(encoder, init, protocol, ds)
-        row = log.stage((encoder, init, protocol, ds), command, run_dir, blocked=blocked[(encoder, init)])
+        block, checkpoint = blocked[(encoder, init)], checkpoints[(encoder, init)]
+        # No file and not blocked: every row of it was recorded, on an encoder that is not on this machine.
+        digest = encoder_digest(checkpoint) if block is None and checkpoint.is_file() else None
+        row = log.stage((encoder, init, protocol, ds), command, run_dir, blocked=block, digest=digest)
         if row is not None and init == "mae":
             seconds = log.pretrain_seconds(encoder)
             if seconds is not None:

@@ -12,7 +12,7 @@ import pytest
 from test_linprobe_fixtures import write_split_csv
 
 from pipeline.kermany import kermany_patient_id
-from pipeline.results import finetune_epochs, label_space, main
+from pipeline.results import encoder_digest, finetune_epochs, label_space, main
 from pipeline.results_table import table_lines
 from pipeline.stages import REPO_ROOT
 
@@ -141,6 +141,21 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     assert {k: by_stage[k]["seconds"] for k in kept} == kept
     kermany_ft = by_stage[("finetune", "kermany_small")]["command"]
     assert kermany_ft[kermany_ft.index("--epochs") + 1] == "21"
+    # (On the CPU the pretraining repeats bit for bit, so the kept rows stand on the same encoder.)
+    encoder = out / "pretrain" / "test_vit" / "encoder.safetensors"
+    first_digest = encoder_digest(encoder)
+    assert {r["encoder_digest"] for r in again if r["protocol"] != "pretrain"} == {first_digest}
+
+    # A pretraining that runs again on a different encoder (here a changed recipe: 2 epochs) reruns every MAE row,
+    # though their own commands are unchanged: a table never mixes two pretraining runs.
+    assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
+                 "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
+                 *TINY, "--pretrain_epochs", "2"]) == 0
+    third = json.loads((out / "runs.json").read_text())
+    assert all(r["status"] == "ok" for r in third) and len(third) == len(rows)
+    second_digest = encoder_digest(encoder)
+    assert second_digest != first_digest
+    assert {r["encoder_digest"] for r in third if r["protocol"] != "pretrain"} == {second_digest}
 
 
 def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
