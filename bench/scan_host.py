@@ -72,11 +72,14 @@ def host_us(fn: Callable[[], object], iters: int) -> float:
     return sorted(rounds)[2]
 
 
-def measure(backend: str, iters: int, length: int = 50) -> dict[str, float]:
-    """Host microseconds of a bf16 forward (no grad) and forward+backward in a Mamba block's configuration."""
+def scan_calls(backend: str, shape: tuple[int, int], length: int,
+               device: str = "cpu") -> tuple[Callable[[], None], Callable[[], None]]:
+    """A bf16 forward (no grad) and a forward+backward in a Mamba block's configuration, (batch, dim) = ``shape``,
+    N=16, as two argument-less calls."""
     from kernels import selective_scan_fn
 
-    inputs = make_scan_inputs(2, 32, length, 16, groups=None, dtype=torch.bfloat16, seed=0, requires_grad=True)
+    inputs = make_scan_inputs(*shape, length, 16, groups=None, dtype=torch.bfloat16, seed=0, device=device,
+                              requires_grad=True)
     leaves = [t for t in inputs.values() if t is not None]
     dout = torch.randn_like(inputs["u"])
 
@@ -89,6 +92,12 @@ def measure(backend: str, iters: int, length: int = 50) -> dict[str, float]:
             t.grad = None
         selective_scan_fn(**inputs, delta_softplus=True, backend=backend).backward(dout)
 
+    return forward, forward_backward
+
+
+def measure(backend: str, iters: int, length: int = 50) -> dict[str, float]:
+    """Host microseconds of a bf16 forward (no grad) and forward+backward in a Mamba block's configuration."""
+    forward, forward_backward = scan_calls(backend, (2, 32), length)
     with stubbed_kernels():
         return {"fwd_us": host_us(forward, iters), "fwd_bwd_us": host_us(forward_backward, iters)}
 
@@ -103,23 +112,9 @@ def measure_cuda(backend: str, iters: int, length: int = 50, top: int = 12, shap
 
     from torch.profiler import ProfilerActivity, profile
 
-    from kernels import selective_scan_fn
-
     cuda = device == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
-    inputs = make_scan_inputs(*shape, length, 16, groups=None, dtype=torch.bfloat16, seed=0, device=device,
-                              requires_grad=True)
-    leaves = [t for t in inputs.values() if t is not None]
-    dout = torch.randn_like(inputs["u"])
-
-    def forward() -> None:
-        with torch.no_grad():
-            selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
-
-    def forward_backward() -> None:
-        for t in leaves:
-            t.grad = None
-        selective_scan_fn(**inputs, delta_softplus=True, backend=backend).backward(dout)
+    forward, forward_backward = scan_calls(backend, shape, length, device)
 
     def enqueue_us(fn: Callable[[], object]) -> float:
         times = []
