@@ -180,8 +180,9 @@ def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
 
 
 
-def backward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
-    """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch."""
+def backward_kernels(variant: str, dlast: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+    """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch; ``dlast``:
+    as when the last state has a gradient."""
     from kernels.triton_scan_bwd import _scan_bwd_kernel
     from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
     from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
@@ -189,12 +190,12 @@ def backward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     if variant == "v3":
         from kernels.triton_scan_segments import _scan_segment_summary_v3
 
-        return [(_scan_bwd_kernel_v3, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p, FAST=True))
+        return [(_scan_bwd_kernel_v3, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, FAST=True))
                 for p in (False, True)] + [(_scan_segment_summary_v3, dict(ADJOINT=True, FAST=True))]
     if variant == "v2":
-        return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p, **V2_FLAGS))
+        return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, **V2_FLAGS))
                 for p in (False, True)]
-    return [(_scan_bwd_kernel, dict(HAS_DLAST=False, HAS_D=True, PREFETCH=p)) for p in (False, True)]
+    return [(_scan_bwd_kernel, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p)) for p in (False, True)]
 
 
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="integer arguments as at this launch (their divisibility by 16 changes the code)")
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None)
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
+    parser.add_argument("--dlast", action="store_true", help="backward kernels with a last-state gradient")
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
     parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     per_pass = args.chunk if variant == "v3" else None
                     results.append(report(_name(kernel, extra, block_d), c, per_pass, args.dump))
             if args.only != "fwd":
-                for kernel, extra in backward_kernels(variant):
+                for kernel, extra in backward_kernels(variant, args.dlast):
                     if "LEVELS" in kernel.arg_names:
                         # v2 reduce-scatters dB and dC one at a time, v3 stacked.
                         rows = n_state_pad if variant == "v2" else 2 * n_state_pad

@@ -210,7 +210,7 @@ def _backward_with(scan_bwd, ctx, dout, dlast):
         raise RuntimeError("selective_scan: backward through a forward that did not keep its states "
                            "(no input required grad when it ran)")
     dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-    dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
+    dlast = None if dlast is None else dlast.to(torch.float32)  # the launcher transposes it
     du, ddelta, dA, dB, dC, dD, dz, dbias = scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, ctx.delta_softplus, ctx.reverse,
         ctx.chunk, ctx.bwd_config)

@@ -98,7 +98,8 @@ def _scan_bwd_kernel(
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
     # Chunks in the opposite scan order: scan-order index n_chunks - 1 first.
-    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, row, n_state, offs_n, nd_mask, N_PAD, BLOCK_D, HAS_DLAST)
+    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD, BLOCK_D,
+                                                  HAS_DLAST)
     chunk_idx, _step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
     h_in_zero = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     ahead = (h_in_zero, ())
@@ -273,7 +274,7 @@ def selective_scan_bwd_launch(
     A_T = A.t().contiguous()
     inputs = (D if D is not None else placeholder, z if z is not None else u,
               delta_bias if delta_bias is not None else placeholder, dout, chunk_states,
-              dlast if dlast is not None else placeholder)
+              dlast.transpose(-1, -2).contiguous() if dlast is not None else placeholder)  # see backward_start
     sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state)
     if config.variant == "v3":
         # B and C float32 and zero-padded to N_PAD; dB and dC summed side by side, (batch, groups, L, 2, N_PAD).

@@ -43,12 +43,14 @@ SASS_BUDGETS = {"scan_fwd_kernel[bd16]": 160, "scan_bwd_kernel[bd16]": 500, "sca
                 "scan_bwd_kernel_v2[bd16,prefetch]": 365}
 
 
-def test_scan_hot_loops_stay_within_their_instruction_budgets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dlast", [False, True])  # the last state's gradient read the same bad way once
+def test_scan_hot_loops_stay_within_their_instruction_budgets(tmp_path: Path, dlast: bool) -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-m", "bench.scan_sass", "--variant", "v1", "v2", "--shape", "128", "768",
-                           "16", "197"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "16", "197", *(["--dlast"] if dlast else [])],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = {m["kernel"]: (float(m["per_position"]), int(m["spills"])) for m in re.finditer(
         r"^(?P<kernel>\S+): \d+ registers, (?P<spills>\d+) spill bytes .*= (?P<per_position>\d+) per position",
