@@ -7,13 +7,14 @@
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh prepare
 #       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand)
 #       into .gpu_run/ (git-ignored; a new checkout starts without it)
-#   here (CPU):                bash bench/gpu_scan_session.sh baseline [REV]     (default f298d61)
+#   here (CPU):                bash bench/gpu_scan_session.sh baseline [REV]     (default 8c09aba)
 #       exports revision REV of this repository into .gpu_run/baseline (about 3 MB)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
-#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/vim_{eager,cudagraphs}.json, with a baseline
-#       $OUT/scan_baseline.json and $OUT/vim_eager_baseline.json, and prints the tables
+#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/scan_host.log, $OUT/vim_{eager,cudagraphs}.json, with a
+#       baseline $OUT/scan_baseline.json, $OUT/scan_host_baseline.log and $OUT/vim_eager_baseline.json, and prints
+#       the tables
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
@@ -34,7 +35,8 @@ PY
     du -sh .gpu_run
     ;;
 baseline)
-    rev="${2:-f298d61}"
+    # 8c09aba: the tenth session's timed kernels and host path (as 140c035), with bench/scan_host.py --cuda.
+    rev="${2:-8c09aba}"
     rm -rf .gpu_run/baseline
     mkdir -p .gpu_run/baseline
     git archive "$rev" | tar -x -C .gpu_run/baseline
@@ -74,6 +76,14 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
         echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.scan --backends triton"
         (cd .gpu_run/baseline && timeout 45 python3 -m bench.scan --backends triton \
             --json "$out/scan_baseline.json") || true
+    fi
+    # Where the host's time goes at L=50 (the wall clock there is the host's), here and in the baseline.
+    timeout 40 python3 -m bench.scan_host --cuda --iters 100 --backends triton 2>&1 | tee "$out/scan_host.log" \
+        | grep -v "USDT" || true
+    if [ -f .gpu_run/baseline/bench/scan_host.py ] && grep -q -- "--cuda" .gpu_run/baseline/bench/scan_host.py; then
+        echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.scan_host --cuda"
+        (cd .gpu_run/baseline && timeout 40 python3 -m bench.scan_host --cuda --iters 100 --backends triton 2>&1 \
+            | tee "$out/scan_host_baseline.log" | grep -v "USDT") || true
     fi
     # The Vim-S MAE step eager, then compiled with CUDA graphs: the eager step seems bound by the host's kernel
     # launches (1,636 img/s in the fifth session, 1,115 in the eighth on another host, with the same scan times at
