@@ -249,6 +249,24 @@ def test_the_light_fine_tune_recipe_reaches_finetune_and_its_config() -> None:
     assert "--aa" not in transfer_command(args, "finetune", data, [], "vit_small_patch8", "0.65", Path("run"))
 
 
+def test_pretrain_command_takes_the_recipe_and_compile_flag(tmp_path: Path) -> None:
+    """--pretrain_epochs sets the schedule (warmup 5 %) and --pretrain_compile adds --compile; pretrain.main's
+    config parser accepts the whole command."""
+    import argparse
+
+    from common.config import parse_config
+    from pipeline.results import pretrain_command
+    from pretrain.config import PretrainConfig
+
+    args = argparse.Namespace(pool=str(tmp_path), input_size=64, in_chans=1, batch_size=256, pretrain_epochs=64,
+                              num_workers=4, pretrain_compile=True)
+    command = pretrain_command(args, "mae_vit_small_patch8", tmp_path / "pre")
+    cfg = parse_config(PretrainConfig, command[command.index("pretrain.main") + 1:])
+    assert cfg.compile and cfg.epochs == 64 and cfg.warmup_epochs == 3 and cfg.batch_size == 256
+    args.pretrain_compile = False
+    assert "--compile" not in pretrain_command(args, "mae_vit_small_patch8", tmp_path / "pre")
+
+
 def test_table_orders_rows_by_model_init_protocol() -> None:
     def row(model: str, init: str, protocol: str) -> dict:
         return {"model": model, "init": init, "protocol": protocol, "dataset": "breastmnist", "status": "ok",
