@@ -134,8 +134,9 @@ def selective_scan_fwd_launch(
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
-    chunk (batch, chunks, N, dim) for the backward. Inputs contiguous; B and C (batch, groups, N, L), copied to
-    (batch, groups, L, N) so that each position's states load from one place."""
+    chunk (batch, chunks, N, dim) for the backward. Inputs contiguous; B and C (batch, groups, N, L), read
+    position-major (each position's states from one place; ``position_major`` copies them only when their strides
+    need it)."""
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
