@@ -114,7 +114,8 @@ def pretrain_command(args: argparse.Namespace, mae_name: str, pre_dir: Path) -> 
         "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size), "--epochs",
         str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr", "1.5e-4",
         "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000", "--vis_every",
-        "100000", *(["--compile"] if args.pretrain_compile else []), "--output_dir", str(pre_dir))
+        "100000", *(["--compile", "--compile_mode", args.pretrain_compile] if args.pretrain_compile else []),
+        "--output_dir", str(pre_dir))
 
 
 def encoder_digest(path: Path) -> str:
@@ -379,9 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--probe_batch_size", type=int, default=0, help="linear-probe batch size (0: linprobe's default)")
     r.add_argument("--ft_batch_size", type=int, default=128, help="fine-tuning batch size")
     r.add_argument("--pretrain_epochs", type=int, default=40)
-    r.add_argument("--pretrain_compile", action="store_true",
-                   help="torch.compile the MAE pretraining (at 64 px and batch 256 an eager step is bound by the "
-                        "host's launches: the tenth session's ViT-S/8 ran 11 steps/s on an H100)")
+    r.add_argument("--pretrain_compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the MAE pretraining, in torch.compile mode MODE (default: default; "
+                        "reduce-overhead adds CUDA graphs). At 64 px and batch 256 an eager step is bound by the "
+                        "host's launches: the tenth session's ViT-S/8 ran 11 steps/s on an H100")
     r.add_argument("--probe_epochs", type=int, default=90)
     r.add_argument("--ft_epochs", type=int, default=20)
     r.add_argument("--ft_min_steps", type=int, default=0,

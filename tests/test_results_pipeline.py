@@ -250,8 +250,8 @@ def test_the_light_fine_tune_recipe_reaches_finetune_and_its_config() -> None:
 
 
 def test_pretrain_command_takes_the_recipe_and_compile_flag(tmp_path: Path) -> None:
-    """--pretrain_epochs sets the schedule (warmup 5 %) and --pretrain_compile adds --compile; pretrain.main's
-    config parser accepts the whole command."""
+    """--pretrain_epochs sets the schedule (warmup 5 %) and --pretrain_compile MODE adds --compile in that mode;
+    pretrain.main's config parser accepts the whole command, and the flag alone means mode "default"."""
     import argparse
 
     from common.config import parse_config
@@ -259,12 +259,17 @@ def test_pretrain_command_takes_the_recipe_and_compile_flag(tmp_path: Path) -> N
     from pretrain.config import PretrainConfig
 
     args = argparse.Namespace(pool=str(tmp_path), input_size=64, in_chans=1, batch_size=256, pretrain_epochs=64,
-                              num_workers=4, pretrain_compile=True)
+                              num_workers=4, pretrain_compile="reduce-overhead")
     command = pretrain_command(args, "mae_vit_small_patch8", tmp_path / "pre")
     cfg = parse_config(PretrainConfig, command[command.index("pretrain.main") + 1:])
-    assert cfg.compile and cfg.epochs == 64 and cfg.warmup_epochs == 3 and cfg.batch_size == 256
-    args.pretrain_compile = False
+    assert cfg.compile and cfg.compile_mode == "reduce-overhead"
+    assert cfg.epochs == 64 and cfg.warmup_epochs == 3 and cfg.batch_size == 256
+    args.pretrain_compile = None
     assert "--compile" not in pretrain_command(args, "mae_vit_small_patch8", tmp_path / "pre")
+    from pipeline.results import build_parser
+
+    parsed = build_parser().parse_args(["run", "--pool", "p", "--datasets", "d.npz", "--out", "o", "--pretrain_compile"])
+    assert parsed.pretrain_compile == "default"
 
 
 def test_table_orders_rows_by_model_init_protocol() -> None:
