@@ -48,6 +48,10 @@ def _optional_contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = Non
     return (t.to(dtype) if dtype is not None else t).contiguous()
 
 
+# Where config_to_ints puts the variant's index: read straight from the list on the eager hot path.
+VARIANT_INT = 4
+
+
 def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
     """A launch config as the op's int list; None -> [] (device defaults)."""
     if config is None:
@@ -222,15 +226,17 @@ def _backward(ctx, dout, dlast, _dstates):
     return _backward_with(selective_scan_bwd_op, ctx, dout, dlast)
 
 
-def _in_kernel_layouts(u, delta, A, B, C, *rest):
-    """A and (outside v3) B and C as views of copies in the layouts the kernels read, A over (N, dim) storage and
-    B, C position-major (``position_major``), so that both launchers find them ready: the backward then copies
-    none of them again. On the H100's host each such copy costs about 25 us, and L=50 is bound by the host."""
+def _in_kernel_layouts(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, fwd_config,
+                       bwd_config):
+    """The scan's arguments with A and (outside v3) B and C as views of copies in the layouts the kernels read, A
+    over (N, dim) storage and B, C position-major (``position_major``), so that both launchers find them ready: the
+    backward then copies none of them again. On the H100's host each such copy costs about 25 us, and L=50 is
+    bound by the host."""
     A = A.t().contiguous().t()
-    if SCAN_VARIANTS[rest[-2][4]] != "v3":  # rest[-2]: the forward's config as ints; v3 pads B and C itself
+    if SCAN_VARIANTS[fwd_config[VARIANT_INT]] != "v3":  # v3 pads B and C itself
         B, C, _ = position_major(B, C)
         B, C = B.transpose(-1, -2), C.transpose(-1, -2)
-    return (u, delta, A, B, C, *rest)
+    return (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, fwd_config, bwd_config)
 
 
 class _EagerScan(torch.autograd.Function):

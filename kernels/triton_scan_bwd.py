@@ -316,7 +316,6 @@ def selective_scan_bwd_launch(
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
         PREFETCH=config.prefetch, **extra, **launch_options(config),
     )
-    # Handed back as (batch, groups, N, L) views, and both as one (2, batch, groups, N, L) view ("BC": one cast).
+    # dB and dC handed back together as one (2, batch, groups, N, L) view, so that the caller casts them in one copy.
     grads["BC"] = dbc_sums.transpose(-1, -2)
-    grads["B"], grads["C"] = grads["BC"].unbind(0)
     return grads
