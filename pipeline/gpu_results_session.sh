@@ -6,8 +6,9 @@
 #       96 px grayscale JPEGs with a patient-level val split (kermany.csv), and copies the labeled MedMNIST
 #       files, all into .gpu_run/results/ (git-ignored; what travels to the GPU machine is capped at 64 MiB)
 #   on the GPU machine:            bash pipeline/gpu_results_session.sh run [extra pipeline.results run flags]
-#       (carry .gpu_run/results and .gpu_run/whl) runs pipeline.results with the recipe below under RESULTS_BUDGET_S seconds (default
-#       540) and writes $OUT/runs.json, $OUT/table.md and $OUT/logs.tar.gz (every stage's log)
+#       (carry .gpu_run/results and .gpu_run/whl) runs pipeline.results with the recipe below under
+#       RESULTS_BUDGET_S seconds (default 540) and writes $OUT/runs.json, $OUT/table.md and $OUT/logs.tar.gz
+#       (every stage's log)
 #   Split over several calls (a machine's files do not outlive it): run one encoder per call
 #   (`run --encoders vit_small_patch8`), and copy each call's returned runs.json to .gpu_run/results/runs.json
 #   before the next; a call starts from that file, keeps its finished rows and adds its own.

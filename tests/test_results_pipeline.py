@@ -12,8 +12,9 @@ import pytest
 from test_linprobe_fixtures import write_split_csv
 
 from pipeline.kermany import kermany_patient_id
-from pipeline.results import encoder_digest, finetune_epochs, label_space, main
+from pipeline.results import finetune_epochs, label_space, main
 from pipeline.results_table import table_lines
+from pipeline.run_log import encoder_digest
 from pipeline.stages import REPO_ROOT
 
 KERMANY = REPO_ROOT.parent / "shared" / "data" / "xray" / "kermany_cxr_224"
@@ -180,7 +181,7 @@ def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
     text = "\n".join(table_lines(rows, None, 32))
     assert text.count("**skipped**") == 4 and "| test_vit | skipped |" in text and "failed" not in text
     # a rerun without the budget would retry these rows: none of them counts as done
-    from pipeline.results import RunLog
+    from pipeline.run_log import RunLog
     from pipeline.stages import TimeBudget
 
     log = RunLog(out / "runs.json", TimeBudget(None))
@@ -189,7 +190,7 @@ def test_time_budget_stops_and_skips(tmp_path: Path) -> None:
 
 def test_a_stage_stopped_by_the_budget_is_skipped_not_failed(tmp_path: Path) -> None:
     """The budget ran out while the stage ran: a rerun should retry it, and the table should not call it broken."""
-    from pipeline.results import RunLog
+    from pipeline.run_log import RunLog
     from pipeline.stages import TimeBudget
 
     log = RunLog(tmp_path / "runs.json", TimeBudget(1.0))
@@ -286,7 +287,7 @@ def test_table_orders_rows_by_model_init_protocol() -> None:
 
 
 def test_a_failed_stage_records_its_last_output_line_and_the_table_shows_it(tmp_path: Path) -> None:
-    from pipeline.results import RunLog
+    from pipeline.run_log import RunLog
     from pipeline.stages import TimeBudget
 
     log = RunLog(tmp_path / "runs.json", TimeBudget(None))
