@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from common.logging import get_logger
+from common.optim import adamw, use_fused_adamw
 from common.transfer.classifier_export import classifier_meta
 from common.transfer.engine import LrSchedule
 from common.transfer.errors import TransferUsageError
@@ -53,10 +54,9 @@ def class_weights(cfg: FinetuneConfig, ctx: RunContext) -> torch.Tensor | None:
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float, fused: bool) -> torch.optim.Optimizer:
-    """AdamW over the layer-decay groups; ``fused`` (CUDA) updates each group in one kernel instead of a dozen
-    foreach kernels, which matters because layer decay makes about two groups per block and a small model's
-    step is bound by its launches."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=lr, **({"fused": True} if fused else {}))
+    """AdamW over the layer-decay groups (about two per block, so the fused kernels of
+    ``common.optim.use_fused_adamw`` save many launches)."""
+    return adamw(param_groups(model, cfg), lr, fused)
 
 
 def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -64,7 +64,7 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
     acc, spec, labels = ctx.accelerator, ctx.spec, ctx.labels
     logger = get_logger("scanmae.finetune")
     lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, acc.num_processes)
-    optimizer = build_optimizer(model, cfg, lr, fused=acc.device.type == "cuda" and acc.state.deepspeed_plugin is None)
+    optimizer = build_optimizer(model, cfg, lr, fused=use_fused_adamw(acc))
     model, optimizer = acc.prepare(model, optimizer)
     plain = acc.unwrap_model(model)
     ema = None

@@ -21,6 +21,7 @@ from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKw
 from common.config import ConfigError, build_parser, config_to_dict, parse_config, save_config  # noqa: E402
 from common.data import DataSourceError, build_dataset, build_loader, default_normalization  # noqa: E402
 from common.logging import JsonlLogger, get_logger  # noqa: E402
+from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
 from pretrain.checkpointing import CheckpointManager  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
@@ -134,8 +135,7 @@ def run(cfg: PretrainConfig) -> int:
         model.set_grad_checkpointing(True)
     model.to(accelerator.device)
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
-    fused = accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None
-    optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=fused)
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=use_fused_adamw(accelerator))
     if cfg.compile:  # in place, so parameter names, checkpoints and unwrap_model stay those of the eager model
         model.compile(mode=cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.optim import adamw
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -46,6 +48,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.Optimizer:
-    """AdamW with MAE's betas (0.9, 0.95); fused kernels on CUDA."""
-    kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), **kwargs)
+    """AdamW with MAE's betas (0.9, 0.95); fused kernels on CUDA (``common.optim.use_fused_adamw``)."""
+    return adamw(param_groups(model, weight_decay), lr, fused, betas=(0.9, 0.95))
