@@ -120,7 +120,7 @@ def preflight(args: argparse.Namespace, datasets: dict[str, LabeledSet], random_
     flag, a device mismatch only the GPU shows) stops the call within a minute instead of after the pretraining.
     Nothing here goes into runs.json."""
     smallest = min(datasets, key=lambda ds: datasets[ds].n_train)
-    checks = [(f"{encoder} {protocol}", protocol, ["--finetune", str(checkpoint)], encoder, "0.65",
+    checks = [(f"{encoder} {protocol}", protocol, ["--finetune", str(checkpoint)], encoder, str(args.ft_layer_decay),
                out / protocol / encoder)
               for encoder, checkpoint in random_encoders.items() for protocol in args.protocols]
     checks += [(f"{model} scratch", "finetune", [], model, "1.0", out / "scratch" / model)
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         """The command and folder of one transfer stage from an encoder's checkpoint."""
         run_dir = out / protocol / encoder / init / ds
         return transfer_command(args, protocol, datasets[ds], ["--finetune", str(checkpoints[(encoder, init)])],
-                                encoder, "0.65", run_dir), run_dir
+                                encoder, str(args.ft_layer_decay), run_dir), run_dir
 
     # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1).
     pretrain_tasks = []
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ft_min_steps", type=int, default=0,
                    help="fine-tune each dataset for at least this many optimizer steps (more epochs on small sets)")
     r.add_argument("--ft_blr", type=float, default=5e-4, help="fine-tuning base learning rate")
+    r.add_argument("--ft_layer_decay", type=float, default=0.65,
+                   help="fine-tuning layer-wise lr decay of the pretrained and random-init encoders (MAE's ViT-B "
+                        "value by default; from-scratch models use none)")
     r.add_argument("--ft_class_weighted", action="store_true",
                    help="fine-tune with the loss weighted by inverse class frequency (finetune --class_weighted_loss); "
                         "without it imbalanced sets such as BreastMNIST can collapse to the majority class")

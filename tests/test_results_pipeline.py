@@ -101,7 +101,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "res"
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
                  "--out", str(out), "--inits", "mae", "--jobs", "2", "--ft_class_weighted", "--ft_min_steps", "20",
-                 *TINY]) == 0
+                 "--ft_layer_decay", "0.8", *TINY]) == 0
     rows = json.loads((out / "runs.json").read_text())
     transfer = [r for r in rows if r["protocol"] != "pretrain"]
     assert {(r["protocol"], r["dataset"]) for r in transfer} == {
@@ -114,6 +114,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
         assert isinstance(r["pretrain_seconds"], float)
         assert ("--class_weighted_loss" in r["command"]) == (r["protocol"] == "finetune")
         if r["protocol"] == "finetune":
+            assert r["command"][r["command"].index("--layer_decay") + 1] == "0.8"
             # --ft_min_steps 20 at batch 8: BreastMNIST (68 full batches) keeps --ft_epochs 1, the 12 Kermany
             # images (one full batch) get 20 epochs.
             n_train = label_space(str(BREAST) if r["dataset"] == "breastmnist" else str(kermany))[2]
@@ -134,7 +135,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
             if r["protocol"] != "pretrain" and (r["protocol"], r["dataset"]) not in rerun}
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
                  "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
-                 *TINY]) == 0
+                 "--ft_layer_decay", "0.8", *TINY]) == 0
     again = json.loads((out / "runs.json").read_text())
     assert all(r["status"] == "ok" for r in again) and len(again) == len(rows)
     assert (out / "pretrain" / "test_vit" / "encoder.safetensors").is_file()
@@ -151,7 +152,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     # though their own commands are unchanged: a table never mixes two pretraining runs.
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
                  "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
-                 *TINY, "--pretrain_epochs", "2"]) == 0
+                 "--ft_layer_decay", "0.8", *TINY, "--pretrain_epochs", "2"]) == 0
     third = json.loads((out / "runs.json").read_text())
     assert all(r["status"] == "ok" for r in third) and len(third) == len(rows)
     second_digest = encoder_digest(encoder)
