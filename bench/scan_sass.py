@@ -1,7 +1,7 @@
 """Offline SASS report of the scan kernels: registers, spills, instruction histogram (no GPU needed).
 
     python -m bench.scan_sass [--block-d 16 8] [--variant v1 v2] [--chunk 4] [--maxnreg 168] [--reverse]
-                              [--shape B D N L] [--dump DIR]
+                              [--shape B D N L] [--bc-layout block|mamba] [--dump DIR]
 
 Compiles the default-shaped kernels (bf16 u/delta/z/B/C/dout, N=16, D, z, delta_bias, softplus) for sm_90
 with the local Triton and its bundled ptxas, disassembles them with nvdisasm, and prints per kernel: the
@@ -44,11 +44,12 @@ CLASSES = [
 
 
 def _signature(kernel: Any, ints: dict[str, int]) -> tuple[dict[str, str], dict[tuple[int], list]]:
-    """Pointer and integer argument types and the divisibility hints the launcher would specialise on
-    (pointers are 16-byte aligned; an integer divisible by 16 gets the hint, as at a real launch)."""
+    """Pointer and integer argument types and the hints the launcher would specialise on (pointers are 16-byte
+    aligned; an integer divisible by 16 gets the divisibility hint and one equal to 1 becomes a constant, as at a
+    real launch, unless the kernel opts out with ``do_not_specialize``)."""
     sig, attrs = {}, {}
     for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-        if param.is_constexpr:
+        if param.is_constexpr or (ints.get(name) == 1 and not param.do_not_specialize):
             sig[name] = "constexpr"
         elif name[0].isupper():
             # The v3 launchers hand B and C over as float32 (kernels/triton_scan_fwd3.py).
@@ -67,7 +68,8 @@ def compile_kernel(kernel: Any, constexprs: dict[str, Any], ints: dict[str, int]
     """triton.compile for sm_90 with the launch-time signature of the benchmark's bf16 inputs; ``ints``
     gives the integer arguments' values (only their divisibility by 16 matters)."""
     sig, attrs = _signature(kernel, ints)
-    src = triton.compiler.ASTSource(kernel, sig, constexprs, attrs)
+    unit_ints = {name: 1 for name, kind in sig.items() if kind == "constexpr" and name not in constexprs}
+    src = triton.compiler.ASTSource(kernel, sig, {**constexprs, **unit_ints}, attrs)
     options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None)
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
     parser.add_argument("--dlast", action="store_true", help="backward kernels with a last-state gradient")
+    parser.add_argument("--bc-layout", choices=["block", "mamba"], default="block",
+                        help="B / C strides: slices of a Mamba block's x_proj output (state stride 1) or mamba-ssm's "
+                             "(batch, N, L) layout (position stride 1)")
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
     parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
@@ -223,8 +228,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     common = dict(N_PAD=n_state_pad, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
     batch, dim, n_state, length = args.shape
     ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
-                n_state=n_state, bc_batch_stride=length * n_state, bc_group_stride=length * n_state,
-                bc_pos_stride=n_state)  # B and C as the launchers' contiguous (batch, groups, L, N) copies
+                n_state=n_state, a_dim_stride=n_state, a_state_stride=1)
+    if args.bc_layout == "mamba":  # B and C (batch, N, L) contiguous, as mamba-ssm takes them
+        ints.update(bc_batch_stride=n_state * length, bc_group_stride=n_state * length, bc_pos_stride=1,
+                    bc_state_stride=length)
+    else:  # slices of a Mamba block's (batch, L, dt_rank + 2N) x_proj output (dt_rank 48 at dim 768)
+        ints.update(bc_batch_stride=length * (48 + 2 * n_state), bc_group_stride=0, bc_pos_stride=48 + 2 * n_state,
+                    bc_state_stride=1)
     results = []
     for variant in args.variant:
         for block_d in args.block_d:

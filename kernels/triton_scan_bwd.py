@@ -23,15 +23,16 @@ import triton.language as tl
 from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 from kernels.triton_scan_common import (
+    UNSPECIALIZED,
     ScanLaunchConfig,
     backward_finish,
     backward_start,
+    bc_views,
     ceil_div,
     channel_block,
     channel_params,
     launch_options,
     next_power_of_2,
-    position_major,
     segment_walk,
     softplus,
 )
@@ -69,15 +70,12 @@ def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, off
     return h_in, loads
 
 
-# dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
-# (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level shuffles in every sum over N (sm_90 SASS,
-
-
-@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_bwd_kernel(
-    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
+    bc_batch_stride, bc_group_stride, bc_pos_stride, bc_state_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -85,8 +83,8 @@ def _scan_bwd_kernel(
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
     # Only A * log2(e) is kept (one tile fewer of registers); sums over A * x are scaled by ln(2) after.
-    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
-                                     HAS_D, HAS_BIAS)
+    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+                                     d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     offs_c = tl.arange(0, CHUNK)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
@@ -94,6 +92,7 @@ def _scan_bwd_kernel(
     # contiguous (batch, groups, L, N) float32 buffers.
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
+    offs_bc = offs_n * bc_state_stride
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
@@ -149,7 +148,7 @@ def _scan_bwd_kernel(
                 pos = base + s
             dt = tl.where(d_mask & (pos < length), dt, 0.0)
             a = tl.exp2(dt[None, :] * A2)
-            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
             h = a * h + B_col[:, None] * (dt * u)[None, :]
             states = states + (h,)
             decays = decays + (a,)
@@ -179,8 +178,8 @@ def _scan_bwd_kernel(
                 h_prev = states[CHUNK - 2 - r]
             else:
                 h_prev = h_in
-            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
-            C_col = tl.load(C_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_col = tl.load(C_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
             dout = loads[CHUNK - 1 - r][2].to(tl.float32)
             if HAS_Z:
                 z = loads[CHUNK - 1 - r][3].to(tl.float32)
@@ -232,6 +231,19 @@ def _scan_bwd_kernel(
 
 
 
+# Bytes of dB / dC sums up to which dA, dD and ddelta_bias are handed back as views of the same buffer (pinning it
+# for as long as a parameter's .grad holds them); beyond, they are copied out (``selective_scan_bwd_launch``).
+PINNED_SUMS_LIMIT = 1 << 20
+
+
+def _param_grads(param_sums: torch.Tensor, dim: int, n_state: int, has_d: bool,
+                 has_bias: bool) -> dict[str, torch.Tensor | None]:
+    """dA (dim, N), dD and ddelta_bias (dim,) as views of one float32 buffer of dim * (N + 2) sums."""
+    return {"A": param_sums[:dim * n_state].view(dim, n_state),
+            "D": param_sums[dim * n_state:dim * (n_state + 1)] if has_d else None,
+            "delta_bias": param_sums[dim * (n_state + 1):] if has_bias else None}
+
+
 def selective_scan_bwd_launch(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -262,29 +274,30 @@ def selective_scan_bwd_launch(
         "delta": torch.empty_like(delta),
         "z": torch.empty_like(z) if z is not None else None,
     }
-    # dA, dD and ddelta_bias are summed by atomics into one zero-filled buffer (one fill; the host's time per
-    # torch call is what L=50 is bound by).
-    param_sums = torch.zeros(dim * (n_state + 2), **f32)
-    grads["A"] = param_sums[:dim * n_state].view(dim, n_state)
-    grads["D"] = param_sums[dim * n_state:dim * (n_state + 1)] if D is not None else None
-    grads["delta_bias"] = param_sums[dim * (n_state + 1):] if delta_bias is not None else None
+    n_pad = next_power_of_2(n_state)
+    # dA, dD, ddelta_bias and the dB / dC sums are summed by atomics into one zero-filled buffer: one allocation and
+    # one fill, since the host's time per torch call is what L=50 is bound by. The dB / dC sums start 128-byte
+    # aligned, as a buffer of their own would.
+    dbc_offset = ceil_div(dim * (n_state + 2), 32) * 32
+    dbc_numel = batch * n_groups * length * 2 * (n_pad if config.variant == "v3" else n_state)
+    sums = torch.zeros(dbc_offset + dbc_numel, **f32)
+    param_sums, dbc_flat = sums[:dim * (n_state + 2)], sums[dbc_offset:]
+    grads.update(_param_grads(param_sums, dim, n_state, D is not None, delta_bias is not None))
     placeholder = grads["A"]
     grid = (ceil_div(dim_per_group, config.block_d), batch * n_groups)
-    n_pad = next_power_of_2(n_state)
-    A_T = A.t().contiguous()
     inputs = (D if D is not None else placeholder, z if z is not None else u,
               delta_bias if delta_bias is not None else placeholder, dout, chunk_states,
               dlast.transpose(-1, -2).contiguous() if dlast is not None else placeholder)  # see backward_start
-    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state)
+    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state, A.stride(0), A.stride(1))
     if config.variant == "v3":
         # B and C float32 and zero-padded to N_PAD; dB and dC summed side by side, (batch, groups, L, 2, N_PAD).
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
-        dbc = torch.zeros(batch, n_groups, length, 2, n_pad, **f32)
+        dbc = dbc_flat.view(batch, n_groups, length, 2, n_pad)
         dbc_sums = dbc[..., :n_state].permute(3, 0, 1, 2, 4)  # (2, batch, groups, L, N)
         n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)
         seg_adjoints = seg_dtsum = placeholder
         if n_seg > 1:
-            seg_adjoints, seg_dtsum = segment_summaries(u, delta, A_T, C_arg, delta_bias, dout, z, delta_softplus,
+            seg_adjoints, seg_dtsum = segment_summaries(u, delta, A, C_arg, delta_bias, dout, z, delta_softplus,
                                                         reverse, config, n_seg, chunks_per_seg, n_groups, n_state)
         kernel, outputs = _scan_bwd_kernel_v3, (grads["A"], dbc)
         inputs = inputs + (seg_adjoints, seg_dtsum)
@@ -293,9 +306,9 @@ def selective_scan_bwd_launch(
         extra = dict(FAST=u.is_cuda, LEVELS=scatter_levels(2 * n_pad, config.block_d))
     else:
         # (batch, groups, L, N) like the kernel's B and C.
-        B_arg, C_arg, bc_strides = position_major(B, C)
+        B_arg, C_arg, bc_strides = bc_views(B, C)
         sizes = sizes + bc_strides
-        dbc_sums = torch.zeros(2, batch, n_groups, length, n_state, **f32)  # one fill
+        dbc_sums = dbc_flat.view(2, batch, n_groups, length, n_state)
         dB_sums, dC_sums = dbc_sums.unbind(0)
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
@@ -304,7 +317,7 @@ def selective_scan_bwd_launch(
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d))
     kernel[grid](
-        u, delta, A_T, B_arg, C_arg, *inputs,
+        u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],
         grads["z"] if z is not None else grads["u"],
         *outputs,
@@ -316,6 +329,10 @@ def selective_scan_bwd_launch(
         SOFTPLUS=delta_softplus, REVERSE=reverse, HAS_DLAST=dlast is not None,
         PREFETCH=config.prefetch, **extra, **launch_options(config),
     )
+    if dbc_numel * 4 > PINNED_SUMS_LIMIT:
+        # A parameter's .grad may be this very view and would keep the dB / dC sums alive with it: where those are
+        # large (long sequences, bound by the GPU, not the host) the small parameter sums are copied out.
+        grads.update(_param_grads(param_sums.clone(), dim, n_state, D is not None, delta_bias is not None))
     # dB and dC handed back together as one (2, batch, groups, N, L) view, so that the caller casts them in one copy.
     grads["BC"] = dbc_sums.transpose(-1, -2)
     return grads

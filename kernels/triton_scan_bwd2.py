@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_scan_common import (
+    UNSPECIALIZED,
     backward_finish,
     backward_start,
     channel_block,
@@ -52,11 +53,12 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, o
     return h_in, loads
 
 
-@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_bwd_kernel_v2(
-    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
+    bc_batch_stride, bc_group_stride, bc_pos_stride, bc_state_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -64,8 +66,8 @@ def _scan_bwd_kernel_v2(
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
-                                     HAS_D, HAS_BIAS)
+    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+                                     d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     offs_read = offs_d
     if not EVEN_D:
         offs_read = tl.minimum(offs_d, group * dim_per_group + dim_per_group - 1)
@@ -76,6 +78,7 @@ def _scan_bwd_kernel_v2(
     DOUT_row = DOUT + seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
+    offs_bc = offs_n * bc_state_stride
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     # Where each lane's dB / dC sums go (state index) and which lanes write them.
@@ -123,9 +126,9 @@ def _scan_bwd_kernel_v2(
             dt = tl.where(pos < length, dt, 0.0)
             a = tl.exp2(dt[None, :] * A2)
             if EVEN_N:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
             else:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
             h = a * h + B_col[:, None] * (dt * u)[None, :]
             states = states + (h,)
             decays = decays + (a,)
@@ -153,11 +156,11 @@ def _scan_bwd_kernel_v2(
             else:
                 h_prev = h_in
             if EVEN_N:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
-                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
+                C_col = tl.load(C_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
             else:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
+                C_col = tl.load(C_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
             # Past the end (and on clamped channels) dout is zero: no adjoint input, no dB / dC / dD.
             dout = tl.where(m, loads[CHUNK - 1 - r][2].to(tl.float32), 0.0)
             if HAS_Z:

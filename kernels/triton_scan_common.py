@@ -31,16 +31,29 @@ def channel_block(n_groups, dim_per_group, n_state, BLOCK_D: tl.constexpr, N_PAD
     return batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask
 
 
+# Integer arguments every scan kernel takes unspecialised (``do_not_specialize``). dim and dim_per_group: with their
+# divisibility by 16 known, Triton vectorises the (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level
+# shuffles in every sum over N (sm_90 SASS, bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480
+# instructions per position at dim 768). A's strides: see channel_params.
+UNSPECIALIZED = ["dim", "dim_per_group", "a_dim_stride", "a_state_stride"]
+
+
 @triton.jit
-def channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D: tl.constexpr,
-                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The block's A * log2(e) as an (N, BLOCK_D) tile from A transposed to (N, dim) (each decay is then one
-    exp2), and its D and delta_bias (zeros when absent). Why the transposed copy, though the tile is read once per
-    program: Triton lays out a loaded tile along its contiguous axis and the scan loop inherits that layout.
-    Read from (dim, N) the loop ran along N, with redundant exp2s and spills: 456 -> 670 SASS instructions per
-    position in the v1 backward (bench/scan_sass.py) and 2.08 -> 2.90 ms fwd+bwd at L=197 (H100, tenth session).
+def channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask, d_mask,
+                   BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The block's A * log2(e) as an (N, BLOCK_D) tile (each decay is then one exp2), read through A's strides,
+    and its D and delta_bias (zeros when absent).
+
+    The kernels take both strides unspecialised (``do_not_specialize``), so Triton never learns that A, a
+    contiguous (dim, N) parameter, is contiguous along N. Triton lays a loaded tile out along its contiguous axis
+    and the scan loop inherits that layout: read from (dim, N) with the unit stride known, the loop ran along N,
+    with redundant exp2s and spills (456 -> 670 SASS instructions per position in the v1 backward,
+    bench/scan_sass.py; 2.08 -> 2.90 ms fwd+bwd at L=197 on the H100 in the tenth session). The tile is read
+    once per program, so its uncoalesced read costs nothing measurable, and the launchers need no transposed
+    copy of A (one launch less each way; L=50 is bound by the host's launches).
     """
-    A2 = tl.load(A_T + offs_n[:, None] * dim + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
+    A2 = tl.load(A + offs_n[:, None] * a_state_stride + offs_d[None, :] * a_dim_stride, mask=nd_mask,
+                 other=0.0) * 1.4426950408889634
     D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
@@ -230,15 +243,16 @@ def default_segments(programs: int, n_chunks: int, backward: bool, multiprocesso
     return segments
 
 
-def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
-    """B and C, (batch, groups, N, L), as the (batch, groups, L, N) views the v1 / v2 kernels read (one position's
-    N values contiguous), with their shared (batch, group, position) strides. No copy when both already have unit
-    stride over N and the same strides: a Mamba block's B and C are slices of one x_proj output, (batch, L,
-    dt_rank + 2N), whose position stride is dt_rank + 2N. Anything else is copied to contiguous."""
+def bc_views(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int, int]]:
+    """B and C, (batch, groups, N, L), as the (batch, groups, L, N) views the v1 / v2 kernels index, with their
+    shared (batch, group, position, state) strides. The kernels read any strides, so nothing is copied when B and
+    C share theirs: mamba-ssm's contiguous (batch, N, L) layout, or a Mamba block's slices of one x_proj output,
+    (batch, L, dt_rank + 2N), whose position stride is dt_rank + 2N and state stride 1. Otherwise both are copied
+    to contiguous (batch, groups, L, N)."""
     b_t, c_t = B.transpose(-1, -2), C.transpose(-1, -2)
-    if b_t.stride(-1) != 1 or b_t.stride() != c_t.stride():
+    if b_t.stride() != c_t.stride():
         b_t, c_t = b_t.contiguous(), c_t.contiguous()
-    return b_t, c_t, (b_t.stride(0), b_t.stride(1), b_t.stride(2))
+    return b_t, c_t, tuple(b_t.stride())
 
 
 def launch_options(config: ScanLaunchConfig) -> dict[str, Any]:

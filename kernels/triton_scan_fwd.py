@@ -16,13 +16,14 @@ import triton
 import triton.language as tl
 
 from kernels.triton_scan_common import (
+    UNSPECIALIZED,
     ScanLaunchConfig,
+    bc_views,
     ceil_div,
     channel_block,
     channel_params,
     launch_options,
     next_power_of_2,
-    position_major,
     softplus,
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -47,28 +48,28 @@ def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
     return u, dt
 
 
-# dim and dim_per_group are not specialised on divisibility by 16: with that hint Triton vectorises the
-# (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level shuffles in every sum over N (sm_90 SASS,
-# bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480 instructions per position at dim 768).
-@triton.jit(do_not_specialize=["dim", "dim_per_group"])
+@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_fwd_kernel(
-    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
+    U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, bc_batch_stride, bc_group_stride, bc_pos_stride,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
+    bc_batch_stride, bc_group_stride, bc_pos_stride, bc_state_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
-                                     HAS_D, HAS_BIAS)
+    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+                                     d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    # B and C come as (batch, groups, L, N) views: one position's N values are contiguous, positions
-    # bc_pos_stride apart (N for a copy, dt_rank + 2N for slices of a Mamba block's x_proj output).
+    # B and C come as (batch, groups, L, N) views with any strides (bc_views): a Mamba block's x_proj slices have
+    # state stride 1 (Triton specialises it, so each position's states are one vector load) and position stride
+    # dt_rank + 2N; mamba-ssm's (batch, N, L) layout has position stride 1 and state stride L.
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
+    offs_bc = offs_n * bc_state_stride
     if REVERSE:
         step = -1
         pos = n_chunks * CHUNK - 1
@@ -79,8 +80,8 @@ def _scan_fwd_kernel(
     # Inputs of the first position; each step then loads the next position's before computing its own.
     u, dt = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
     valid = (pos >= 0) & (pos < length)
-    B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
-    C_col = tl.load(C_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    B_col = tl.load(B_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_col = tl.load(C_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
         z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
@@ -98,8 +99,8 @@ def _scan_fwd_kernel(
             nxt = pos + step
             nxt_valid = (nxt >= 0) & (nxt < length)
             u_n, dt_n = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
-            B_n = tl.load(B_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
-            C_n = tl.load(C_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            B_n = tl.load(B_seq + nxt * bc_pos_stride + offs_bc, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C_seq + nxt * bc_pos_stride + offs_bc, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
             z_n = u_n
             if HAS_Z:
                 z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
@@ -134,9 +135,8 @@ def selective_scan_fwd_launch(
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
-    chunk (batch, chunks, N, dim) for the backward. Inputs contiguous; B and C (batch, groups, N, L), read
-    position-major (each position's states from one place; ``position_major`` copies them only when their strides
-    need it)."""
+    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous; A (dim, N) and B, C (batch, groups,
+    N, L) read through their strides (``bc_views`` copies B and C only when their strides differ)."""
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
@@ -148,17 +148,16 @@ def selective_scan_fwd_launch(
     chunk_states = (
         torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
     )
-    A_T = A.t().contiguous()
     inputs = (D if D is not None else last_state, z if z is not None else u,
               delta_bias if delta_bias is not None else last_state)
     results = (out, chunk_states if chunk_states is not None else last_state, last_state)
-    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state)
+    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state, A.stride(0), A.stride(1))
     if config.variant == "v3":
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
         n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)
         seg_states = seg_dtsum = last_state
         if n_seg > 1:
-            seg_states, seg_dtsum = segment_summaries(u, delta, A_T, B_arg, delta_bias, None, None, delta_softplus,
+            seg_states, seg_dtsum = segment_summaries(u, delta, A, B_arg, delta_bias, None, None, delta_softplus,
                                                       reverse, config, n_seg, chunks_per_seg, n_groups, n_state)
         kernel, extra = _scan_fwd_kernel_v3, dict(FAST=u.is_cuda)
         results = results + (seg_states, seg_dtsum)
@@ -170,10 +169,10 @@ def selective_scan_fwd_launch(
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_fwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
-        B_arg, C_arg, bc_strides = position_major(B, C)
+        B_arg, C_arg, bc_strides = bc_views(B, C)
         sizes = sizes + bc_strides
     kernel[grid](
-        u, delta, A_T, B_arg, C_arg, *inputs, *results, *sizes,
+        u, delta, A, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, REVERSE=reverse, STORE_STATES=store_states,

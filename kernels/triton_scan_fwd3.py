@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_scan_common import (
+    UNSPECIALIZED,
     carry_in,
     channel_block,
     channel_params,
@@ -58,19 +59,19 @@ def discretize(delta, bias, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
     return tl.where(valid, dt, 0.0), dt_raw
 
 
-@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_fwd_kernel_v3(
-    U, DELTA, A_T, B, C, D, Z, DELTA_BIAS,
+    U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE, SEG_STATES, SEG_DTSUM,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, n_seg, chunks_per_seg,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride, n_seg, chunks_per_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr, FAST: tl.constexpr,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A_T, D, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
-                                     HAS_D, HAS_BIAS)
+    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+                                     d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     # Reads of a channel past the group's end go to its last channel (never stored).
     last_channel = group * dim_per_group + dim_per_group - 1

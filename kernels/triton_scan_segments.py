@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_scan_common import (
+    UNSPECIALIZED,
     ScanLaunchConfig,
     ceil_div,
     channel_block,
@@ -43,11 +44,11 @@ def plan_segments(n_chunks: int, segments: int) -> tuple[int, int]:
     return ceil_div(n_chunks, per_segment), per_segment
 
 
-@triton.jit(do_not_specialize=["dim", "dim_per_group"])  # see kernels/triton_scan_fwd.py
+@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_segment_summary_v3(
-    U, DELTA, A_T, BC, DELTA_BIAS, DOUT, Z,
+    U, DELTA, A, BC, DELTA_BIAS, DOUT, Z,
     SEG_STATES, SEG_DTSUM,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, n_seg, chunks_per_seg, first_seg,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride, n_seg, chunks_per_seg, first_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
     ADJOINT: tl.constexpr, FAST: tl.constexpr,
@@ -56,9 +57,9 @@ def _scan_segment_summary_v3(
     adjoint at its start (ADJOINT: g <- a * (g + C * dy) against scan order, BC = C), and its sum of dt."""
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    # No D here (HAS_D False): A_T only fills its pointer slot.
-    A2, _d, bias = channel_params(A_T, A_T, DELTA_BIAS, dim, offs_n, offs_d, nd_mask, d_mask, BLOCK_D,
-                                  False, HAS_BIAS)
+    # No D here (HAS_D False): A only fills its pointer slot.
+    A2, _d, bias = channel_params(A, A, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+                                  d_mask, BLOCK_D, False, HAS_BIAS)
     last_channel = group * dim_per_group + dim_per_group - 1
     read_row = (batch_idx * dim + tl.minimum(offs_d, last_channel)).to(tl.int64) * length
     BC_seq = BC + (batch_idx * n_groups + group).to(tl.int64) * length * N_PAD
@@ -98,7 +99,7 @@ def _scan_segment_summary_v3(
 
 
 def segment_summaries(
-    u: torch.Tensor, delta: torch.Tensor, A_T: torch.Tensor, bc_padded: torch.Tensor, delta_bias: torch.Tensor | None,
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, bc_padded: torch.Tensor, delta_bias: torch.Tensor | None,
     dout: torch.Tensor | None, z: torch.Tensor | None, delta_softplus: bool, reverse: bool,
     config: ScanLaunchConfig, n_seg: int, chunks_per_seg: int, n_groups: int, n_state: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +112,11 @@ def segment_summaries(
     adjoint = dout is not None
     grid = (ceil_div(dim // n_groups, config.block_d), batch * n_groups, n_seg - 1)
     _scan_segment_summary_v3[grid](
-        u, delta, A_T, bc_padded, delta_bias if delta_bias is not None else dt_sums,
+        u, delta, A, bc_padded, delta_bias if delta_bias is not None else dt_sums,
         dout if adjoint else u, z if z is not None else u,
         states, dt_sums,
-        dim, length, dim // n_groups, n_groups, n_chunks, n_state, n_seg, chunks_per_seg, int(adjoint),
+        dim, length, dim // n_groups, n_groups, n_chunks, n_state, A.stride(0), A.stride(1), n_seg, chunks_per_seg,
+        int(adjoint),
         N_PAD=bc_padded.shape[-1], BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_Z=adjoint and z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         REVERSE=reverse, ADJOINT=adjoint, FAST=u.is_cuda, num_warps=max(1, config.block_d // 32),
