@@ -1,7 +1,7 @@
 """Offline SASS report of the scan kernels: registers, spills, instruction histogram (no GPU needed).
 
     python -m bench.scan_sass [--block-d 16 8] [--variant v1 v2] [--chunk 4] [--maxnreg 168] [--reverse]
-                              [--shape B D N L] [--bc-layout block|mamba] [--dump DIR]
+                              [--shape B D N L] [--dump DIR]
 
 Compiles the default-shaped kernels (bf16 u/delta/z/B/C/dout, N=16, D, z, delta_bias, softplus) for sm_90
 with the local Triton and its bundled ptxas, disassembles them with nvdisasm, and prints per kernel: the
@@ -215,9 +215,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None)
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
     parser.add_argument("--dlast", action="store_true", help="backward kernels with a last-state gradient")
-    parser.add_argument("--bc-layout", choices=["block", "mamba"], default="block",
-                        help="B / C strides: slices of a Mamba block's x_proj output (state stride 1) or mamba-ssm's "
-                             "(batch, N, L) layout (position stride 1)")
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
     parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
@@ -228,13 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     common = dict(N_PAD=n_state_pad, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
     batch, dim, n_state, length = args.shape
     ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
-                n_state=n_state, a_dim_stride=n_state, a_state_stride=1)
-    if args.bc_layout == "mamba":  # B and C (batch, N, L) contiguous, as mamba-ssm takes them
-        ints.update(bc_batch_stride=n_state * length, bc_group_stride=n_state * length, bc_pos_stride=1,
-                    bc_state_stride=length)
-    else:  # slices of a Mamba block's (batch, L, dt_rank + 2N) x_proj output (dt_rank 48 at dim 768)
-        ints.update(bc_batch_stride=length * (48 + 2 * n_state), bc_group_stride=0, bc_pos_stride=48 + 2 * n_state,
-                    bc_state_stride=1)
+                n_state=n_state, a_dim_stride=n_state, a_state_stride=1,  # A as the (dim, N) parameter it is
+                bc_batch_stride=length * n_state, bc_group_stride=length * n_state,
+                bc_pos_stride=n_state)  # B and C as the launchers' contiguous (batch, groups, L, N) copies
     results = []
     for variant in args.variant:
         for block_d in args.block_d:

@@ -27,12 +27,12 @@ from kernels.triton_scan_common import (
     ScanLaunchConfig,
     backward_finish,
     backward_start,
-    bc_views,
     ceil_div,
     channel_block,
     channel_params,
     launch_options,
     next_power_of_2,
+    position_major,
     segment_walk,
     softplus,
 )
@@ -75,7 +75,7 @@ def _scan_bwd_kernel(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
-    bc_batch_stride, bc_group_stride, bc_pos_stride, bc_state_stride,
+    bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -92,7 +92,6 @@ def _scan_bwd_kernel(
     # contiguous (batch, groups, L, N) float32 buffers.
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
-    offs_bc = offs_n * bc_state_stride
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
@@ -148,7 +147,7 @@ def _scan_bwd_kernel(
                 pos = base + s
             dt = tl.where(d_mask & (pos < length), dt, 0.0)
             a = tl.exp2(dt[None, :] * A2)
-            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & (pos < length), other=0.0).to(tl.float32)
             h = a * h + B_col[:, None] * (dt * u)[None, :]
             states = states + (h,)
             decays = decays + (a,)
@@ -178,8 +177,8 @@ def _scan_bwd_kernel(
                 h_prev = states[CHUNK - 2 - r]
             else:
                 h_prev = h_in
-            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
-            C_col = tl.load(C_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
+            B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_col = tl.load(C_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
             dout = loads[CHUNK - 1 - r][2].to(tl.float32)
             if HAS_Z:
                 z = loads[CHUNK - 1 - r][3].to(tl.float32)
@@ -306,7 +305,7 @@ def selective_scan_bwd_launch(
         extra = dict(FAST=u.is_cuda, LEVELS=scatter_levels(2 * n_pad, config.block_d))
     else:
         # (batch, groups, L, N) like the kernel's B and C.
-        B_arg, C_arg, bc_strides = bc_views(B, C)
+        B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
         dbc_sums = dbc_flat.view(2, batch, n_groups, length, n_state)
         dB_sums, dC_sums = dbc_sums.unbind(0)

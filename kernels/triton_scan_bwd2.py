@@ -58,7 +58,7 @@ def _scan_bwd_kernel_v2(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
-    bc_batch_stride, bc_group_stride, bc_pos_stride, bc_state_stride,
+    bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -78,7 +78,6 @@ def _scan_bwd_kernel_v2(
     DOUT_row = DOUT + seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
-    offs_bc = offs_n * bc_state_stride
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
     # Where each lane's dB / dC sums go (state index) and which lanes write them.
@@ -126,9 +125,9 @@ def _scan_bwd_kernel_v2(
             dt = tl.where(pos < length, dt, 0.0)
             a = tl.exp2(dt[None, :] * A2)
             if EVEN_N:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
             else:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             h = a * h + B_col[:, None] * (dt * u)[None, :]
             states = states + (h,)
             decays = decays + (a,)
@@ -156,11 +155,11 @@ def _scan_bwd_kernel_v2(
             else:
                 h_prev = h_in
             if EVEN_N:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
-                C_col = tl.load(C_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
             else:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
-                C_col = tl.load(C_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
+                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             # Past the end (and on clamped channels) dout is zero: no adjoint input, no dB / dC / dD.
             dout = tl.where(m, loads[CHUNK - 1 - r][2].to(tl.float32), 0.0)
             if HAS_Z:

@@ -18,12 +18,12 @@ import triton.language as tl
 from kernels.triton_scan_common import (
     UNSPECIALIZED,
     ScanLaunchConfig,
-    bc_views,
     ceil_div,
     channel_block,
     channel_params,
     launch_options,
     next_power_of_2,
+    position_major,
     softplus,
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -53,7 +53,7 @@ def _scan_fwd_kernel(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
-    bc_batch_stride, bc_group_stride, bc_pos_stride, bc_state_stride,
+    bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
@@ -64,12 +64,10 @@ def _scan_fwd_kernel(
                                      d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
-    # B and C come as (batch, groups, L, N) views with any strides (bc_views): a Mamba block's x_proj slices have
-    # state stride 1 (Triton specialises it, so each position's states are one vector load) and position stride
-    # dt_rank + 2N; mamba-ssm's (batch, N, L) layout has position stride 1 and state stride L.
+    # B and C come as (batch, groups, L, N) views: one position's N values are contiguous, positions
+    # bc_pos_stride apart (N for a copy, dt_rank + 2N for slices of a Mamba block's x_proj output).
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
-    offs_bc = offs_n * bc_state_stride
     if REVERSE:
         step = -1
         pos = n_chunks * CHUNK - 1
@@ -80,8 +78,8 @@ def _scan_fwd_kernel(
     # Inputs of the first position; each step then loads the next position's before computing its own.
     u, dt = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
     valid = (pos >= 0) & (pos < length)
-    B_col = tl.load(B_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
-    C_col = tl.load(C_seq + pos * bc_pos_stride + offs_bc, mask=n_mask & valid, other=0.0).to(tl.float32)
+    B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_col = tl.load(C_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
         z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
@@ -99,8 +97,8 @@ def _scan_fwd_kernel(
             nxt = pos + step
             nxt_valid = (nxt >= 0) & (nxt < length)
             u_n, dt_n = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
-            B_n = tl.load(B_seq + nxt * bc_pos_stride + offs_bc, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
-            C_n = tl.load(C_seq + nxt * bc_pos_stride + offs_bc, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            B_n = tl.load(B_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
             z_n = u_n
             if HAS_Z:
                 z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
@@ -135,8 +133,9 @@ def selective_scan_fwd_launch(
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
-    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous; A (dim, N) and B, C (batch, groups,
-    N, L) read through their strides (``bc_views`` copies B and C only when their strides differ)."""
+    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous; A (dim, N) read through its strides;
+    B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
+    copies them only when their strides need it)."""
     batch, dim, length = u.shape
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
@@ -169,7 +168,7 @@ def selective_scan_fwd_launch(
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_fwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
-        B_arg, C_arg, bc_strides = bc_views(B, C)
+        B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
     kernel[grid](
         u, delta, A, B_arg, C_arg, *inputs, *results, *sizes,

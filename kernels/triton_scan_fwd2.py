@@ -28,7 +28,7 @@ def _clamp_position(pos, length, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_bc, n_mask, bc_pos_stride,
+def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n, n_mask, bc_pos_stride,
                  HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
                  REVERSE: tl.constexpr, FAST: tl.constexpr):
     """u, dt (0 past the end), B, C and z at one position."""
@@ -36,11 +36,11 @@ def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_
     u = tl.load(U_row + at).to(tl.float32)
     dt = tl.load(DELTA_row + at).to(tl.float32)
     if EVEN_N:
-        B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
-        C_col = tl.load(C_seq + at * bc_pos_stride + offs_bc).to(tl.float32)
+        B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+        C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
     else:
-        B_col = tl.load(B_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
-        C_col = tl.load(C_seq + at * bc_pos_stride + offs_bc, mask=n_mask, other=0.0).to(tl.float32)
+        B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
         z = tl.load(Z_row + at).to(tl.float32)
@@ -57,7 +57,7 @@ def _scan_fwd_kernel_v2(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
-    bc_batch_stride, bc_group_stride, bc_pos_stride, bc_state_stride,
+    bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
@@ -78,7 +78,6 @@ def _scan_fwd_kernel_v2(
     OUT_row = OUT + seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
-    offs_bc = offs_n * bc_state_stride
     if REVERSE:
         step = -1
         pos = n_chunks * CHUNK - 1
@@ -86,7 +85,7 @@ def _scan_fwd_kernel_v2(
         step = 1
         pos = 0 * n_chunks
 
-    u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_bc,
+    u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
                                           n_mask, bc_pos_stride, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N, REVERSE, FAST)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     for i in range(n_chunks):
@@ -104,7 +103,7 @@ def _scan_fwd_kernel_v2(
         # loads per lane instead of one and a shared-memory broadcast); LLVM unrolls it.
         for _t in range(CHUNK):
             u_n, dt_n, B_n, C_n, z_n = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos + step, length, bias,
-                                                    offs_bc, n_mask, bc_pos_stride, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
+                                                    offs_n, n_mask, bc_pos_stride, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
                                                     REVERSE, FAST)
 
             h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]

@@ -186,7 +186,7 @@ def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
 def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
     """B and C as a Mamba block passes them: transposed slices of one (batch, L, dt_rank + 2N) projection, read in
     place (v1 / v2), or C from another tensor (strides differ: copied). Output and every gradient as the reference."""
-    from kernels.triton_scan_common import bc_views
+    from kernels.triton_scan_common import position_major
 
     batch, dim, length, n_state, rank = 2, 6, 13, 4, 3
     inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.float32, seed=11, device=DEVICE)
@@ -196,7 +196,7 @@ def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
     B = x_dbl[..., rank:rank + n_state].transpose(1, 2)
     C = x_dbl[..., rank + n_state:].transpose(1, 2) if shared else c_other
     if shared:
-        b_t, c_t, strides = bc_views(B.unsqueeze(1), C.unsqueeze(1))
+        b_t, c_t, strides = position_major(B.unsqueeze(1), C.unsqueeze(1))
         assert b_t.data_ptr() == B.data_ptr() and strides[2] == rank + 2 * n_state  # no copy
     rest = {k: inp[k].detach().requires_grad_() for k in ("u", "delta", "A", "D", "z", "delta_bias")}
     kw = dict(delta_softplus=True, reverse=reverse)
