@@ -181,7 +181,6 @@ def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
-
 def backward_kernels(variant: str, dlast: bool = False) -> list[tuple[Any, dict[str, Any]]]:
     """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch; ``dlast``:
     as when the last state has a gradient."""

@@ -287,7 +287,7 @@ def selective_scan_triton(
     # dynamo traces the plain function (it warns about lru_cache wrappers).
     configs = launch_configs.__wrapped__ if compiling else launch_configs
     fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
-    inputs = (u.contiguous(), delta.contiguous(), A.to(torch.float32).contiguous(), _as_grouped(B, groups),
+    inputs = (u.contiguous(), delta.contiguous(), A.to(torch.float32), _as_grouped(B, groups),
               _as_grouped(C, groups), _optional_contiguous(D, torch.float32), _optional_contiguous(z),
               _optional_contiguous(delta_bias, torch.float32))
     # The chunk states cost memory: keep them only when a backward can follow.

@@ -229,7 +229,6 @@ def _scan_bwd_kernel(
                     HAS_D, HAS_BIAS)
 
 
-
 # Bytes of dB / dC sums up to which dA, dD and ddelta_bias are handed back as views of the same buffer (pinning it
 # for as long as a parameter's .grad holds them); beyond, they are copied out (``selective_scan_bwd_launch``).
 PINNED_SUMS_LIMIT = 1 << 20

@@ -222,7 +222,6 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True)
 
 
-
 # Resident one-warp v3 programs per multiprocessor that a grid should reach before sequences are split
 # (sm_90, offline: forward 128 registers per thread -> 16 warps, backward 213 -> 9).
 V3_RESIDENT_PROGRAMS = {False: 16, True: 8}

@@ -185,7 +185,8 @@ def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
 @pytest.mark.parametrize("reverse,shared", [(False, True), (True, True), (False, False)])
 def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
     """B and C as a Mamba block passes them: transposed slices of one (batch, L, dt_rank + 2N) projection, read in
-    place (v1 / v2), or C from another tensor (strides differ: copied). Output and every gradient as the reference."""
+    place (v1 / v2), or C from another tensor (strides differ: copied) with A transposed in memory. Output and every
+    gradient as the reference."""
     from kernels.triton_scan_common import position_major
 
     batch, dim, length, n_state, rank = 2, 6, 13, 4, 3
@@ -199,6 +200,8 @@ def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
         b_t, c_t, strides = position_major(B.unsqueeze(1), C.unsqueeze(1))
         assert b_t.data_ptr() == B.data_ptr() and strides[2] == rank + 2 * n_state  # no copy
     rest = {k: inp[k].detach().requires_grad_() for k in ("u", "delta", "A", "D", "z", "delta_bias")}
+    if not shared:  # and A over (N, dim) storage: the kernels read A through its strides too, no copy
+        rest["A"] = inp["A"].detach().t().contiguous().t().requires_grad_()
     kw = dict(delta_softplus=True, reverse=reverse)
     cfg = {}
     if variant != "v1":
