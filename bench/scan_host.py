@@ -2,6 +2,7 @@
 
     python -m bench.scan_host [--iters 2000] [--backends triton triton_v2 triton_v3]
     python -m bench.scan_host --cuda [--backends ...]     (on a GPU: the real path at the benchmark's shape)
+    python -m bench.scan_host --cuda --python-profile 25  (and the Python functions with the most own time)
 
 At short sequences (L=50, batch 128) a forward+backward on the GPU takes less time than the host needs to
 launch it, so the wall clock there is the host's: argument handling, launch configuration, allocations and the
@@ -150,11 +151,40 @@ def measure_cuda(backend: str, iters: int, length: int = 50, top: int = 12, shap
     return row
 
 
+def python_profile(backend: str, top: int, iters: int = 200, length: int = 50,
+                   shape: tuple[int, int] = (128, 768), device: str = "cuda") -> str:
+    """cProfile of ``iters`` forward+backward calls on CUDA: the ``top`` functions by own time, per call. Shows how
+    the host's time splits between the project's Python, Triton's launch path and torch's bindings (the torch
+    profiler sees only torch operations and lumps the rest into the autograd nodes' self time). ``device`` "cpu": tests, with stubbed kernels."""
+    import cProfile
+    import io
+    import pstats
+
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    _, forward_backward = scan_calls(backend, shape, length, device)
+    for _ in range(5):
+        forward_backward()
+    synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        forward_backward()
+    profiler.disable()
+    synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"cProfile, {iters} forward+backward calls (times in the table are totals; divide by {iters})\n")
+    stats.sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--backends", nargs="+", default=["triton", "triton_v2", "triton_v3"])
     parser.add_argument("--cuda", action="store_true", help="real kernels on the GPU (see the module docstring)")
+    parser.add_argument("--python-profile", type=int, default=0, metavar="TOP",
+                        help="with --cuda: also print the TOP Python functions by own time (cProfile)")
     args = parser.parse_args(argv)
     if args.cuda:
         print(f"host time per call with the real kernels, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -166,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
             print("| op (host self time per fwd+bwd) | us | calls |\n|---|---|---|")
             for name, us, calls in row["top_ops"]:
                 print(f"| {name} | {us:.1f} | {calls:g} |", flush=True)
+            if args.python_profile:
+                print(python_profile(backend, args.python_profile), flush=True)
         return
     print(f"host time per call, kernels stubbed, torch {torch.__version__} on the CPU, L=50, bf16")
     print("| backend | fwd us | fwd+bwd us |\n|---|---|---|")

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import compiled_launcher
 from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 from kernels.triton_scan_common import (
@@ -314,7 +315,7 @@ def selective_scan_bwd_launch(
             kernel = _scan_bwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d))
-    kernel[grid](
+    compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],
         grads["z"] if z is not None else grads["u"],

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import compiled_launcher
 from kernels.triton_scan_common import (
     UNSPECIALIZED,
     ScanLaunchConfig,
@@ -170,7 +171,7 @@ def selective_scan_fwd_launch(
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
-    kernel[grid](
+    compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import compiled_launcher
 from kernels.triton_scan_common import (
     UNSPECIALIZED,
     ScanLaunchConfig,
@@ -111,7 +112,7 @@ def segment_summaries(
     dt_sums = u.new_zeros((batch, n_seg, dim), dtype=torch.float32)
     adjoint = dout is not None
     grid = (ceil_div(dim // n_groups, config.block_d), batch * n_groups, n_seg - 1)
-    _scan_segment_summary_v3[grid](
+    compiled_launcher(_scan_segment_summary_v3)[grid](
         u, delta, A, bc_padded, delta_bias if delta_bias is not None else dt_sums,
         dout if adjoint else u, z if z is not None else u,
         states, dt_sums,

@@ -76,3 +76,12 @@ def test_an_eager_scan_copies_only_b_c_and_its_db_dc_cast() -> None:
         # (mixed: autograd copies dB into B's transposed layout itself)
         assert ops["clone"] == clones and ops["copy_"] <= (2 if layout == "mixed" else 1), (layout, ops)
         assert max(ops["zeros"], ops["zero_"]) + ops["fill_"] <= 1, (layout, ops)  # zeros may be empty + zero_
+
+
+def test_python_profile_names_the_scan_path():
+    from bench.scan_host import python_profile, stubbed_kernels
+
+    with stubbed_kernels():
+        text = python_profile("triton", top=40, iters=3, shape=(2, 32), device="cpu")
+    assert "3 forward+backward calls" in text
+    assert "selective_scan_bwd_launch" in text and "selective_scan_fwd_launch" in text
