@@ -8,7 +8,8 @@
 #   on the GPU machine:            bash pipeline/gpu_results_session.sh run [extra pipeline.results run flags]
 #       (carry .gpu_run/results and .gpu_run/whl) runs pipeline.results with the recipe below under
 #       RESULTS_BUDGET_S seconds (default 540) and writes $OUT/runs.json, $OUT/table.md and $OUT/logs.tar.gz
-#       (every stage's log)
+#       (every stage's log). The fine-tunes use the class-weighted loss (--ft_class_weighted); FT_CLASS_WEIGHTED=0
+#       drops it (e.g. to compare the unweighted loss under the same recipe); any other value or unset keeps it
 #   Split over several calls (a machine's files do not outlive it): run one encoder per call
 #   (`run --encoders vit_small_patch8`), and copy each call's returned runs.json to .gpu_run/results/runs.json
 #   before the next; a call starts from that file, keeps its finished rows and adds its own.
@@ -62,11 +63,17 @@ run)
     if [ -d .gpu_run/whl ]; then
         python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
     fi
+    # Class-weighted fine-tuning stays the default (unweighted, imbalanced BreastMNIST can collapse to the
+    # majority class); FT_CLASS_WEIGHTED=0 turns it off without editing the recipe.
+    class_weighted=(--ft_class_weighted)
+    if [ "${FT_CLASS_WEIGHTED:-1}" = 0 ]; then
+        class_weighted=()
+    fi
     # 8-pixel patches: a 64 px image is 64 tokens (16 visible under 75 % masking) instead of 16.
     python3 -m pipeline.results run --pool "$data/pool" \
         --datasets "$data/breastmnist_64.npz" "$data/pneumoniamnist.npz" "$data/kermany.csv" --out "$res" \
         --input_size 64 --encoders vit_small_patch8 vim_small_patch8 --pretrain_epochs 16 --ft_epochs 30 \
-        --ft_min_steps 500 --ft_class_weighted --probe_epochs 90 --jobs 4 --num_workers 4 \
+        --ft_min_steps 500 "${class_weighted[@]}" --probe_epochs 90 --jobs 4 --num_workers 4 \
         --time_budget_s "${RESULTS_BUDGET_S:-540}" "$@" || true
     cp "$res/runs.json" "$out/" || true
     benchmarks=()

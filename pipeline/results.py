@@ -53,6 +53,11 @@ def label_space(path: str) -> tuple[int, bool, int]:
     return train.labels.num_classes, train.labels.multilabel, len(train)
 
 
+# finetune's and linprobe's --select_metric choices (common.transfer.results.SELECT_METRICS; a test keeps the two
+# equal), spelled out here because importing that module loads torch, which the table / kermany-csv commands and
+# the parser do not need.
+SELECT_METRICS = ("acc", "balanced_acc", "auc", "f1", "loss")
+
 # finetune flags of each --ft_recipe. The ninth session's 64 px fine-tunes under MAE's ImageNet recipe ended below
 # the same encoders' linear probes, their validation AUC flat from the first epoch (README, end-to-end results).
 FT_RECIPES: dict[str, list[str]] = {
@@ -78,15 +83,19 @@ def transfer_command(args: argparse.Namespace, protocol: str, data: LabeledSet, 
               "--num_workers", str(args.num_workers), "--output_dir", str(run_dir)]
     if protocol == "linprobe":
         probe_batch = ["--batch_size", str(args.probe_batch_size)] if args.probe_batch_size else []
+        # Only a metric other than linprobe's own default goes on the command line: runs.json keeps a row whose
+        # command is unchanged, so probes recorded before this flag existed are not run again for nothing.
+        probe_select = [] if args.probe_select_metric == "auc" else ["--select_metric", args.probe_select_metric]
         return python_module_command(
             "linprobe.main", "--data_path", data.path, *label_args, *init_args, "--fast", "--global_pool",
-            "--epochs", str(epochs or args.probe_epochs), *probe_batch, *common)
+            "--epochs", str(epochs or args.probe_epochs), *probe_select, *probe_batch, *common)
     epochs = epochs or finetune_epochs(args.ft_epochs, args.ft_min_steps, data.n_train, args.ft_batch_size)
     return python_module_command(
         "finetune.main", "--data_path", data.path, *label_args, *init_args, "--model", model, "--epochs",
         str(epochs), "--warmup_epochs", str(max(1, min(5, epochs // 10))), "--batch_size",
         str(args.ft_batch_size), "--blr", str(args.ft_blr), "--layer_decay", layer_decay,
-        *(["--class_weighted_loss"] if args.ft_class_weighted else []), *FT_RECIPES[args.ft_recipe], *common)
+        "--select_metric", args.ft_select_metric, *(["--class_weighted_loss"] if args.ft_class_weighted else []),
+        *FT_RECIPES[args.ft_recipe], *common)
 
 
 def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir: Path) -> Path:
@@ -280,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "reduce-overhead adds CUDA graphs). At 64 px and batch 256 an eager step is bound by the "
                         "host's launches: the tenth session's ViT-S/8 ran 11 steps/s on an H100")
     r.add_argument("--probe_epochs", type=int, default=90)
+    r.add_argument("--probe_select_metric", choices=SELECT_METRICS, default="auc",
+                   help="validation metric that picks each linear probe's LR and epoch (linprobe --select_metric); "
+                        "linprobe's auc by default: the selection analysis behind --ft_select_metric covered "
+                        "fine-tunes only")
     r.add_argument("--ft_epochs", type=int, default=20)
     r.add_argument("--ft_min_steps", type=int, default=0,
                    help="fine-tune each dataset for at least this many optimizer steps (more epochs on small sets)")
@@ -290,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ft_class_weighted", action="store_true",
                    help="fine-tune with the loss weighted by inverse class frequency (finetune --class_weighted_loss); "
                         "without it imbalanced sets such as BreastMNIST can collapse to the majority class")
+    r.add_argument("--ft_select_metric", choices=SELECT_METRICS, default="balanced_acc",
+                   help="validation metric that picks each fine-tune's best epoch (finetune --select_metric). "
+                        "balanced_acc by default, not finetune's auc: in the eleventh session's fine-tunes under "
+                        "the class-weighted loss, AUC picked checkpoints whose argmax threshold was still off (MAE "
+                        "PneumoniaMNIST: epoch 6 of 30, val ACC 0.677 vs 0.824 at the balanced-ACC pick, for 0.008 "
+                        "less val AUC; docs/results/transfer_h100_s11_selection_analysis.md)")
     r.add_argument("--ft_recipe", choices=sorted(FT_RECIPES), default="mae",
                    help="fine-tuning regularisation: 'mae' (finetune's defaults, MAE's ImageNet recipe: RandAugment, "
                         "random erasing, label smoothing) or 'light' (random resized crop and flip only, no label "

@@ -101,7 +101,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "res"
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
                  "--out", str(out), "--inits", "mae", "--jobs", "2", "--ft_class_weighted", "--ft_min_steps", "20",
-                 "--ft_layer_decay", "0.8", *TINY]) == 0
+                 "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY]) == 0
     rows = json.loads((out / "runs.json").read_text())
     transfer = [r for r in rows if r["protocol"] != "pretrain"]
     assert {(r["protocol"], r["dataset"]) for r in transfer} == {
@@ -113,6 +113,11 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
         assert "--nb_classes" in r["command"] and r["command"][r["command"].index("--nb_classes") + 1] == "2"
         assert isinstance(r["pretrain_seconds"], float)
         assert ("--class_weighted_loss" in r["command"]) == (r["protocol"] == "finetune")
+        # --ft_select_metric reaches the fine-tunes; the probes keep linprobe's default metric, left implicit
+        if r["protocol"] == "finetune":
+            assert r["command"][r["command"].index("--select_metric") + 1] == "loss"
+        else:
+            assert "--select_metric" not in r["command"]
         if r["protocol"] == "finetune":
             assert r["command"][r["command"].index("--layer_decay") + 1] == "0.8"
             # --ft_min_steps 20 at batch 8: BreastMNIST (68 full batches) keeps --ft_epochs 1, the 12 Kermany
@@ -135,7 +140,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
             if r["protocol"] != "pretrain" and (r["protocol"], r["dataset"]) not in rerun}
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
                  "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
-                 "--ft_layer_decay", "0.8", *TINY]) == 0
+                 "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY]) == 0
     again = json.loads((out / "runs.json").read_text())
     assert all(r["status"] == "ok" for r in again) and len(again) == len(rows)
     assert (out / "pretrain" / "test_vit" / "encoder.safetensors").is_file()
@@ -152,7 +157,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     # though their own commands are unchanged: a table never mixes two pretraining runs.
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
                  "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
-                 "--ft_layer_decay", "0.8", *TINY, "--pretrain_epochs", "2"]) == 0
+                 "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY, "--pretrain_epochs", "2"]) == 0
     third = json.loads((out / "runs.json").read_text())
     assert all(r["status"] == "ok" for r in third) and len(third) == len(rows)
     second_digest = encoder_digest(encoder)
@@ -240,7 +245,8 @@ def test_the_light_fine_tune_recipe_reaches_finetune_and_its_config() -> None:
     from pipeline.results import FT_RECIPES, LabeledSet, transfer_command
 
     args = argparse.Namespace(input_size=64, in_chans=1, num_workers=0, ft_epochs=3, ft_min_steps=0,
-                              ft_batch_size=8, ft_blr=5e-4, ft_class_weighted=False, ft_recipe="light")
+                              ft_batch_size=8, ft_blr=5e-4, ft_class_weighted=False, ft_recipe="light",
+                              ft_select_metric="auc")
     data = LabeledSet(path="x.npz", num_classes=2, multilabel=False, n_train=100)
     command = transfer_command(args, "finetune", data, [], "vit_small_patch8", "0.65", Path("run"))
     flags = command[command.index("finetune.main") + 1:]
@@ -249,6 +255,46 @@ def test_the_light_fine_tune_recipe_reaches_finetune_and_its_config() -> None:
     assert cfg.aa in (None, "none") and cfg.reprob == 0 and cfg.smoothing == 0
     args.ft_recipe = "mae"
     assert "--aa" not in transfer_command(args, "finetune", data, [], "vit_small_patch8", "0.65", Path("run"))
+
+
+def test_select_metrics_reach_every_finetune_and_linprobe_command(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ft_select_metric / --probe_select_metric reach the finetune / linprobe commands of the table and of the
+    preflight, and the stages' own config parsers read them back (their defaults, auc, would otherwise win)."""
+    import pipeline.results as results
+    from common.config import parse_config
+    from common.transfer.results import SELECT_METRICS
+    from finetune.config import FinetuneConfig
+    from linprobe.config import LinprobeConfig
+
+    assert results.SELECT_METRICS == SELECT_METRICS  # the CLI's choices are the stages' choices
+    base = ["run", "--pool", "p", "--datasets", "d.npz", "--out", str(tmp_path / "o"), *TINY]
+    data = results.LabeledSet(path="d.npz", num_classes=2, multilabel=False, n_train=100)
+
+    def config(command: list[str]) -> FinetuneConfig | LinprobeConfig:
+        module = next(part for part in command if part.endswith(".main"))
+        flags = command[command.index(module) + 1:]
+        return parse_config(FinetuneConfig if module == "finetune.main" else LinprobeConfig, flags)
+
+    args = results.build_parser().parse_args(base)
+    assert (args.ft_select_metric, args.probe_select_metric) == ("balanced_acc", "auc")
+    assert config(results.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
+                  ).select_metric == "balanced_acc"
+    # the probes' default is linprobe's own, so their commands (and the rows recorded with them) stay as they were
+    probe = results.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
+    assert "--select_metric" not in probe and config(probe).select_metric == "auc"
+    args = results.build_parser().parse_args([*base, "--ft_select_metric", "loss", "--probe_select_metric", "f1"])
+    assert config(results.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
+                  ).select_metric == "loss"
+    assert config(results.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
+                  ).select_metric == "f1"
+
+    # The preflight builds its one-epoch commands itself: record them instead of running them.
+    commands: list[list[str]] = []
+    monkeypatch.setattr(results, "run_stage", lambda name, command, **kw: commands.append(command))
+    args.scratch_models = ["test_vit"]
+    results.preflight(args, {"d": data}, {"test_vit": tmp_path / "encoder.safetensors"}, tmp_path / "pre")
+    assert sorted(config(c).select_metric for c in commands) == ["f1", "loss", "loss"]  # probe, finetune, scratch
 
 
 def test_pretrain_command_takes_the_recipe_and_compile_flag(tmp_path: Path) -> None:
