@@ -14,7 +14,7 @@
 #       results data, is over the 64 MiB a call carries)
 #       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/scan_host.log, $OUT/vim_{eager,cudagraphs}.json, with a
 #       baseline $OUT/scan_baseline.json, $OUT/scan_host_baseline.log and $OUT/vim_eager_baseline.json, and prints
-#       the tables
+#       the tables; VIM_CUDAGRAPHS=0 skips the compiled Vim-S step (about 2.5 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
@@ -60,13 +60,13 @@ run)
         python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
 load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     fi
-    # Each stage is bounded so that a slow one leaves time for the rest of one call (about 8 minutes):
-    # correctness first (the v3 segment kernels before the rest: they have not passed on a GPU yet), then the
-    # backends side by side, the Vim-S step, and the tile sweep last.
-    timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py -k segments 2>&1 \
+    # Each stage is bounded so that a slow one leaves time for the rest of one call (about 8 minutes): correctness
+    # first (the newest GPU-only tests, the launch cache's, before the rest), then the backends side by side, the
+    # host's profile and the Vim-S step.
+    timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_launch.py 2>&1 \
         | tee "$out/scan_tests.log" | tail -5 || true
     timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \
-        tests/test_scan_variant.py tests/test_scan_compile.py -k "not segments" 2>&1 | tee -a "$out/scan_tests.log" \
+        tests/test_scan_variant.py tests/test_scan_compile.py 2>&1 | tee -a "$out/scan_tests.log" \
         | tail -15 || true
     wait
     timeout 75 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 mamba_ssm \
@@ -78,7 +78,8 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
             --json "$out/scan_baseline.json") || true
     fi
     # Where the host's time goes at L=50 (the wall clock there is the host's), here and in the baseline.
-    timeout 40 python3 -m bench.scan_host --cuda --iters 100 --backends triton 2>&1 | tee "$out/scan_host.log" \
+    timeout 50 python3 -m bench.scan_host --cuda --iters 100 --backends triton --python-profile 30 2>&1 \
+        | tee "$out/scan_host.log" \
         | grep -v "USDT" || true
     if [ -f .gpu_run/baseline/bench/scan_host.py ] && grep -q -- "--cuda" .gpu_run/baseline/bench/scan_host.py; then
         echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.scan_host --cuda"
@@ -95,8 +96,11 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
         (cd .gpu_run/baseline && timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 \
             --input_sizes 224 --modes synthetic --row_seconds 8 --json "$out/vim_eager_baseline.json") || true
     fi
-    timeout 150 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
-        --compile --compile_mode reduce-overhead --warmup 8 --row_seconds 10 --json "$out/vim_cudagraphs.json" || true
+    if [ "${VIM_CUDAGRAPHS:-1}" != 0 ]; then
+        timeout 150 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+            --compile --compile_mode reduce-overhead --warmup 8 --row_seconds 10 --json "$out/vim_cudagraphs.json" \
+            || true
+    fi
     ;;
 *)
     echo "usage: bash bench/gpu_scan_session.sh prepare|baseline [REV]|run" >&2

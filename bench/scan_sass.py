@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     common = dict(N_PAD=n_state_pad, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
     batch, dim, n_state, length = args.shape
     ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
-                n_state=n_state, a_dim_stride=n_state, a_state_stride=1,  # A as the (dim, N) parameter it is
+                n_state=n_state, a_state_stride=dim,  # A as the launchers' dim-major copy
                 bc_batch_stride=length * n_state, bc_group_stride=length * n_state,
                 bc_pos_stride=n_state)  # B and C as the launchers' contiguous (batch, groups, L, N) copies
     results = []

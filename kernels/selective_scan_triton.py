@@ -26,6 +26,7 @@ from kernels.triton_scan_common import (
     ceil_div,
     default_launch_config,
     default_segments,
+    dim_major,
     next_power_of_2,
     position_major,
 )
@@ -230,7 +231,9 @@ def _in_kernel_layouts(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
                        bwd_config):
     """The scan's arguments with (outside v3) B and C as position-major views (``position_major``, a copy unless
     they already are), so that both launchers find them ready: the backward then copies neither again. On the
-    H100's host each such copy costs about 25 us, and L=50 is bound by the host. A is read as it comes."""
+    H100's host each such copy costs about 25 us, and L=50 is bound by the host. A likewise, with its channels
+    adjacent (``dim_major``), once for both directions."""
+    A = dim_major(A)
     if SCAN_VARIANTS[fwd_config[VARIANT_INT]] != "v3":  # v3 pads B and C itself
         B, C, _ = position_major(B, C)
         B, C = B.transpose(-1, -2), C.transpose(-1, -2)

@@ -31,6 +31,7 @@ from kernels.triton_scan_common import (
     ceil_div,
     channel_block,
     channel_params,
+    dim_major,
     launch_options,
     next_power_of_2,
     position_major,
@@ -75,7 +76,7 @@ def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, off
 def _scan_bwd_kernel(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -84,7 +85,7 @@ def _scan_bwd_kernel(
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
     # Only A * log2(e) is kept (one tile fewer of registers); sums over A * x are scaled by ln(2) after.
-    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask,
                                      d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     offs_c = tl.arange(0, CHUNK)
     row = (batch_idx * dim + offs_d).to(tl.int64)
@@ -262,6 +263,7 @@ def selective_scan_bwd_launch(
     """Gradients of every input from the forward's saved chunk states: dB/dC per group, float32 dA, dD and
     ddelta_bias (summed over batch and L), the others in their input's dtype."""
     batch, dim, length = u.shape
+    A = dim_major(A)  # a no-op on the eager path, which converted it once for both directions
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
     n_chunks = chunk_states.shape[1]
@@ -287,7 +289,7 @@ def selective_scan_bwd_launch(
     inputs = (D if D is not None else placeholder, z if z is not None else u,
               delta_bias if delta_bias is not None else placeholder, dout, chunk_states,
               dlast.transpose(-1, -2).contiguous() if dlast is not None else placeholder)  # see backward_start
-    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state, A.stride(0), A.stride(1))
+    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state, A.stride(1))
     if config.variant == "v3":
         # B and C float32 and zero-padded to N_PAD; dB and dC summed side by side, (batch, groups, L, 2, N_PAD).
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)

@@ -34,26 +34,25 @@ def channel_block(n_groups, dim_per_group, n_state, BLOCK_D: tl.constexpr, N_PAD
 # Integer arguments every scan kernel takes unspecialised (``do_not_specialize``). dim and dim_per_group: with their
 # divisibility by 16 known, Triton vectorises the (N, BLOCK_D) tiles 4 channels per thread, which costs 3-level
 # shuffles in every sum over N (sm_90 SASS, bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480
-# instructions per position at dim 768). A's strides: see channel_params.
-UNSPECIALIZED = ["dim", "dim_per_group", "a_dim_stride", "a_state_stride"]
+# instructions per position at dim 768). A's state stride: see channel_params.
+UNSPECIALIZED = ["dim", "dim_per_group", "a_state_stride"]
 
 
 @triton.jit
-def channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask, d_mask,
+def channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask, d_mask,
                    BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The block's A * log2(e) as an (N, BLOCK_D) tile (each decay is then one exp2), read through A's strides,
-    and its D and delta_bias (zeros when absent).
+    """The block's A * log2(e) as an (N, BLOCK_D) tile (each decay is then one exp2), from an A whose channels are
+    adjacent in memory (``dim_major``; the state stride is an argument), and its D and delta_bias (zeros when
+    absent).
 
-    The kernels take both strides unspecialised (``do_not_specialize``), so Triton never learns that A, a
-    contiguous (dim, N) parameter, is contiguous along N. Triton lays a loaded tile out along its contiguous axis
-    and the scan loop inherits that layout: read from (dim, N) with the unit stride known, the loop ran along N,
-    with redundant exp2s and spills (456 -> 670 SASS instructions per position in the v1 backward,
-    bench/scan_sass.py; 2.08 -> 2.90 ms fwd+bwd at L=197 on the H100 in the tenth session). The tile is read
-    once per program, so its uncoalesced read costs nothing measurable, and the launchers need no transposed
-    copy of A (one launch less each way; L=50 is bound by the host's launches).
+    Why channels adjacent: Triton lays a loaded tile out along the axis it knows to be contiguous, and the scan
+    loop inherits that layout. Read from the (dim, N) parameter as it is, the loop ran along N, with redundant
+    exp2s and spills: 456 -> 670 SASS instructions per position in the v1 backward (bench/scan_sass.py) and 2.08
+    -> 2.90 ms fwd+bwd at L=197 on the H100 (tenth session). Through two unspecialised strides (no contiguity
+    known either way) Triton 3.8 kept the channel layout but Triton 3.6, the GPU machine's, did not: 466 -> 692
+    with spills offline, and 2.03 -> 2.91 ms on the H100 in the twelfth session.
     """
-    A2 = tl.load(A + offs_n[:, None] * a_state_stride + offs_d[None, :] * a_dim_stride, mask=nd_mask,
-                 other=0.0) * 1.4426950408889634
+    A2 = tl.load(A + offs_n[:, None] * a_state_stride + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
     D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
@@ -240,6 +239,12 @@ def default_segments(programs: int, n_chunks: int, backward: bool, multiprocesso
            and n_chunks // (2 * segments) >= MIN_SEGMENT_CHUNKS):
         segments *= 2
     return segments
+
+
+def dim_major(A: Any) -> Any:
+    """A (dim, N) with its channels adjacent in memory (unit stride over dim), as the kernels read it
+    (``channel_params``): a transposed copy of the contiguous parameter, or A itself when it already is."""
+    return A if A.stride(0) == 1 else A.t().contiguous().t()
 
 
 def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:

@@ -22,6 +22,7 @@ from kernels.triton_scan_common import (
     ceil_div,
     channel_block,
     channel_params,
+    dim_major,
     launch_options,
     next_power_of_2,
     position_major,
@@ -53,7 +54,7 @@ def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
 def _scan_fwd_kernel(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -61,7 +62,7 @@ def _scan_fwd_kernel(
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+    A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask,
                                      d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = row * length
@@ -138,6 +139,7 @@ def selective_scan_fwd_launch(
     B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
     copies them only when their strides need it)."""
     batch, dim, length = u.shape
+    A = dim_major(A)  # a no-op on the eager path, which converted it once for both directions
     n_groups, n_state = B.shape[1], B.shape[2]
     dim_per_group = dim // n_groups
     n_chunks = ceil_div(length, config.chunk)
@@ -151,7 +153,7 @@ def selective_scan_fwd_launch(
     inputs = (D if D is not None else last_state, z if z is not None else u,
               delta_bias if delta_bias is not None else last_state)
     results = (out, chunk_states if chunk_states is not None else last_state, last_state)
-    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state, A.stride(0), A.stride(1))
+    sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state, A.stride(1))
     if config.variant == "v3":
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
         n_seg, chunks_per_seg = plan_segments(n_chunks, config.segments)

@@ -49,7 +49,7 @@ def plan_segments(n_chunks: int, segments: int) -> tuple[int, int]:
 def _scan_segment_summary_v3(
     U, DELTA, A, BC, DELTA_BIAS, DOUT, Z,
     SEG_STATES, SEG_DTSUM,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_dim_stride, a_state_stride, n_seg, chunks_per_seg, first_seg,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride, n_seg, chunks_per_seg, first_seg,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
     ADJOINT: tl.constexpr, FAST: tl.constexpr,
@@ -59,7 +59,7 @@ def _scan_segment_summary_v3(
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
     # No D here (HAS_D False): A only fills its pointer slot.
-    A2, _d, bias = channel_params(A, A, DELTA_BIAS, a_dim_stride, a_state_stride, offs_n, offs_d, nd_mask,
+    A2, _d, bias = channel_params(A, A, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask,
                                   d_mask, BLOCK_D, False, HAS_BIAS)
     last_channel = group * dim_per_group + dim_per_group - 1
     read_row = (batch_idx * dim + tl.minimum(offs_d, last_channel)).to(tl.int64) * length
@@ -116,7 +116,7 @@ def segment_summaries(
         u, delta, A, bc_padded, delta_bias if delta_bias is not None else dt_sums,
         dout if adjoint else u, z if z is not None else u,
         states, dt_sums,
-        dim, length, dim // n_groups, n_groups, n_chunks, n_state, A.stride(0), A.stride(1), n_seg, chunks_per_seg,
+        dim, length, dim // n_groups, n_groups, n_chunks, n_state, A.stride(1), n_seg, chunks_per_seg,
         int(adjoint),
         N_PAD=bc_padded.shape[-1], BLOCK_D=config.block_d, CHUNK=config.chunk,
         HAS_Z=adjoint and z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,

@@ -162,8 +162,13 @@ def test_cached_launch_matches_triton_launch(backend, batch, length, monkeypatch
     monkeypatch.setattr(triton_launch.knobs.runtime.launch_enter_hook, "calls", [lambda metadata: None])
     reference = run()
     for name, a, b, c in zip(["out", *inputs], first, cached, reference):
-        # the backward sums dA, dB, dC, dD and ddelta_bias with atomics, in no fixed order
-        exact = name in ("out", "u", "delta", "z")
-        tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+        # The backward sums dA, dB, dC, dD and ddelta_bias with float32 atomics, in no fixed order: the float32
+        # sums may differ in their last bits, and dB / dC, cast to bfloat16, by one bfloat16 step.
+        if name in ("out", "u", "delta", "z"):
+            tol = dict(rtol=0, atol=0)
+        elif c.dtype == torch.bfloat16:
+            tol = dict(rtol=2 ** -7, atol=1e-5)
+        else:
+            tol = dict(rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b, c, **tol, msg=name)
         torch.testing.assert_close(a, c, **tol, msg=name)
