@@ -64,6 +64,11 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
 def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
     if not values:
         return None
+    return _config_from_ints(tuple(values))
+
+
+@functools.lru_cache(maxsize=256)  # a ScanLaunchConfig costs microseconds to build, once per scan call otherwise
+def _config_from_ints(values: tuple[int, ...]) -> ScanLaunchConfig:
     block_d, chunk, maxnreg, prefetch, variant, segments = values
     return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch),
                             variant=SCAN_VARIANTS[variant], segments=segments)

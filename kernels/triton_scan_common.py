@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
@@ -251,12 +252,16 @@ def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
     """B and C, (batch, groups, N, L), as the (batch, groups, L, N) views the v1 / v2 kernels read (one position's
     N values contiguous), with their shared (batch, group, position) strides. No copy when both already have unit
     stride over N and the same strides: a Mamba block's B and C are slices of one x_proj output, (batch, L,
-    dt_rank + 2N), whose position stride is dt_rank + 2N. Anything else is copied to contiguous. (Read in place
-    in mamba-ssm's (batch, N, L) layout, with the state stride as a kernel argument, the kernels ran 2x slower on
-    the H100 in the eleventh session, for about the same instruction count: 16 scattered loads per position.)"""
+    dt_rank + 2N), whose position stride is dt_rank + 2N. Anything else is copied (into one buffer when B and C
+    share a dtype). (Read in place in mamba-ssm's (batch, N, L) layout, with the state stride as a kernel
+    argument, the kernels ran 2x slower on the H100 in the eleventh session, for about the same instruction count:
+    16 scattered loads per position.)"""
     b_t, c_t = B.transpose(-1, -2), C.transpose(-1, -2)
     if b_t.stride(-1) != 1 or b_t.stride() != c_t.stride():
-        b_t, c_t = b_t.contiguous(), c_t.contiguous()
+        if B.dtype == C.dtype:  # both in one copy: one launch, and L=50 is bound by the host's time per torch call
+            b_t, c_t = torch.stack((b_t, c_t)).unbind(0)
+        else:
+            b_t, c_t = b_t.contiguous(), c_t.contiguous()
     return b_t, c_t, (b_t.stride(0), b_t.stride(1), b_t.stride(2))
 
 

@@ -63,19 +63,20 @@ def _copy_ops_of_one_fwd_bwd(bc_layout: str) -> dict[str, int]:
     dout = torch.randn_like(inputs["u"])
     with stubbed_kernels(), Count() as counter:
         selective_scan_fn(**inputs, delta_softplus=True, backend="triton").backward(dout)
-    return {op: counter.ops[op] for op in ("clone", "copy_", "zeros", "zero_", "fill_")}
+    return {op: counter.ops[op] for op in ("clone", "stack", "copy_", "zeros", "zero_", "fill_")}
 
 
 def test_an_eager_scan_copies_only_a_b_c_and_its_db_dc_cast() -> None:
     """The host path L=50 is bound by: A made dim-major once per forward+backward (the kernels need its channels
-    adjacent, see channel_params), B and C made position-major once (not at all when they already are, as in a
-    Vim block), dB and dC cast in one copy, every gradient sum zero-filled in one call. The ninth session's path
-    made 8 copies and 4 fills, the tenth's 4 and 2."""
-    expected_clones = {"mamba": 3, "vim": 1, "mixed": 2}  # A, and B / C where not position-major already
-    for layout, clones in expected_clones.items():
+    adjacent, see channel_params), B and C made position-major once, together in one copy (not at all when they
+    already are, as in a Vim block), dB and dC cast in one copy, every gradient sum zero-filled in one call. The
+    ninth session's path made 8 copies and 4 fills, the tenth's 4 and 2."""
+    expected = {"mamba": (1, 1), "vim": (1, 0), "mixed": (1, 1)}  # (clones: A, stacks: B with C)
+    for layout, (clones, stacks) in expected.items():
         ops = _copy_ops_of_one_fwd_bwd(layout)
         # (mixed: autograd copies dB into B's transposed layout itself)
-        assert ops["clone"] == clones and ops["copy_"] <= (2 if layout == "mixed" else 1), (layout, ops)
+        assert (ops["clone"], ops["stack"]) == (clones, stacks), (layout, ops)
+        assert ops["copy_"] <= (2 if layout == "mixed" else 1), (layout, ops)
         assert max(ops["zeros"], ops["zero_"]) + ops["fill_"] <= 1, (layout, ops)  # zeros may be empty + zero_
 
 
