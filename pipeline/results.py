@@ -111,12 +111,24 @@ def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir
     return out_dir / "encoder.safetensors"
 
 
+def positive_number(text: str) -> str:
+    """An argparse type: a positive number, kept as written (it goes into a recorded command)."""
+    try:
+        ok = float(text) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return text
+
+
 def pretrain_command(args: argparse.Namespace, mae_name: str, pre_dir: Path) -> list[str]:
-    """The MAE pretraining command of one encoder (MAE's recipe: blr 1.5e-4, 5 % warmup, normalised pixel loss)."""
+    """The MAE pretraining command of one encoder (MAE's recipe: blr 1.5e-4 unless --pretrain_blr, 5 % warmup,
+    normalised pixel loss)."""
     return python_module_command(
         "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
         "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size), "--epochs",
-        str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr", "1.5e-4",
+        str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr", args.pretrain_blr,
         "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000", "--vis_every",
         "100000", *(["--compile", "--compile_mode", args.pretrain_compile] if args.pretrain_compile else []),
         "--output_dir", str(pre_dir))
@@ -284,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--probe_batch_size", type=int, default=0, help="linear-probe batch size (0: linprobe's default)")
     r.add_argument("--ft_batch_size", type=int, default=128, help="fine-tuning batch size")
     r.add_argument("--pretrain_epochs", type=int, default=40)
+    r.add_argument("--pretrain_blr", type=positive_number, default="1.5e-4",
+                   help="MAE pretraining base learning rate (lr = blr x batch / 256), passed on as written: a "
+                        "recorded pretraining is reused only when its command is the same")
     r.add_argument("--pretrain_compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile the MAE pretraining, in torch.compile mode MODE (default: default; "
                         "reduce-overhead adds CUDA graphs). At 64 px and batch 256 an eager step is bound by the "
