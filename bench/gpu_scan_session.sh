@@ -7,6 +7,10 @@
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh prepare
 #       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand)
 #       into .gpu_run/ (git-ignored; a new checkout starts without it)
+#   here (CPU, with network):  bash bench/gpu_scan_session.sh sass [bench.scan_sass flags]
+#       the offline SASS report (bench/scan_sass.py) compiled with the GPU image's Triton (DEVICE_TRITON below, unpacked
+#       once into .gpu_run/) instead of this machine's: the twelfth session found a kernel whose hot loops were the
+#       same as before under Triton 3.8 here and 40 % longer, with spills, under the image's 3.6
 #   here (CPU):                bash bench/gpu_scan_session.sh baseline [REV]     (default 8c09aba)
 #       exports revision REV of this repository into .gpu_run/baseline (about 3 MB)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
@@ -18,6 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
+DEVICE_TRITON=3.6.0  # the GPU image's (torch 2.11); kernels must be checked with it, not only with ours
 
 case "${1:-}" in
 prepare)
@@ -33,6 +38,22 @@ PY
     tar -xzf .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz -C .gpu_run
     rm .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz
     du -sh .gpu_run
+    ;;
+sass)
+    shift
+    py=python3
+    if [ -x .venv/bin/python ]; then
+        py=.venv/bin/python
+    fi
+    lib=.gpu_run/triton-$DEVICE_TRITON
+    if [ ! -d "$lib/triton" ]; then
+        wheels=$(mktemp -d)
+        "$py" -m pip download --no-deps -q -d "$wheels" "triton==$DEVICE_TRITON"
+        "$py" -m pip install -q --no-deps --target "$lib" "$wheels"/triton-*.whl
+        rm -rf "$wheels"
+    fi
+    PYTHONPATH="$lib:$PWD" "$py" -c "import triton; print('triton', triton.__version__, 'from', triton.__file__)"
+    PYTHONPATH="$lib:$PWD" "$py" -m bench.scan_sass "$@"
     ;;
 baseline)
     # 8c09aba: the tenth session's timed kernels and host path (as 140c035), with bench/scan_host.py --cuda.
@@ -103,7 +124,7 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     fi
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|baseline [REV]|run" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run" >&2
     exit 2
     ;;
 esac
