@@ -10,7 +10,8 @@ specialisation call that kernel's launcher directly.
 The specialisation key here is at least as fine as Triton's own: every tensor's dtype and 16-byte alignment, every
 integer's (== 1, divisible by 16, 32- or 64-bit) class, booleans, the keyword arguments (constexprs and launch
 options) and the device. Two calls Triton would compile apart never share an entry, so a hit launches exactly the
-kernel Triton would have chosen (``tests/test_scan_launch.py`` checks that on a GPU).
+kernel Triton would have chosen (``tests/test_scan_launch.py`` checks that on a GPU). Triton's process-wide
+settings (``knobs``: debug, instrumentation, environment) are taken as fixed while a process runs.
 
 Triton's path is kept whenever its launch hooks are set (profilers such as proton use them), off CUDA (the
 interpreter, CPU tensors) and for anything that is not a ``triton.JITFunction`` (e.g. a test's stub).
