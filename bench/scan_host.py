@@ -155,7 +155,8 @@ def python_profile(backend: str, top: int, iters: int = 200, length: int = 50,
                    shape: tuple[int, int] = (128, 768), device: str = "cuda") -> str:
     """cProfile of ``iters`` forward+backward calls on CUDA: the ``top`` functions by own time, per call. Shows how
     the host's time splits between the project's Python, Triton's launch path and torch's bindings (the torch
-    profiler sees only torch operations and lumps the rest into the autograd nodes' self time). ``device`` "cpu": tests, with stubbed kernels."""
+    profiler sees only torch operations and lumps the rest into the autograd nodes' self time). ``device`` "cpu":
+    tests, with stubbed kernels."""
     import cProfile
     import io
     import pstats

@@ -98,8 +98,8 @@ def _scan_bwd_kernel(
     DC_seq = DC + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
 
     # Chunks in the opposite scan order: scan-order index n_chunks - 1 first.
-    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD, BLOCK_D,
-                                                  HAS_DLAST)
+    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD,
+                                                  BLOCK_D, HAS_DLAST)
     chunk_idx, _step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
     h_in_zero = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     ahead = (h_in_zero, ())

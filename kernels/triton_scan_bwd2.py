@@ -86,8 +86,8 @@ def _scan_bwd_kernel_v2(
     if not EVEN_N:
         sum_owner = sum_owner & (sum_rows < n_state)
 
-    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD, BLOCK_D,
-                                                  HAS_DLAST)
+    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD,
+                                                  BLOCK_D, HAS_DLAST)
     chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
     if PREFETCH:
         ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask,

@@ -63,8 +63,8 @@ def _scan_bwd_kernel_v3(
     # Where each lane's dB / dC sum goes (row of the stacked tile) and which lanes write it.
     sum_rows, sum_owner = scatter_rows(tl.arange(0, BLOCK_D), 2 * N_PAD, BLOCK_D, LEVELS)
 
-    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD, BLOCK_D,
-                                                  HAS_DLAST)
+    g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD,
+                                                  BLOCK_D, HAS_DLAST)
     # Grid axis 2: the segment (kernels/triton_scan_segments.py), entered with the adjoint that the later
     # segments carry in.
     seg = tl.program_id(2)

@@ -53,7 +53,8 @@ def channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask, d_
     known either way) Triton 3.8 kept the channel layout but Triton 3.6, the GPU machine's, did not: 466 -> 692
     with spills offline, and 2.03 -> 2.91 ms on the H100 in the twelfth session.
     """
-    A2 = tl.load(A + offs_n[:, None] * a_state_stride + offs_d[None, :], mask=nd_mask, other=0.0) * 1.4426950408889634
+    A2 = tl.load(A + offs_n[:, None] * a_state_stride + offs_d[None, :], mask=nd_mask, other=0.0)
+    A2 = A2 * 1.4426950408889634
     D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)

@@ -135,8 +135,8 @@ def selective_scan_fwd_launch(
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
-    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous; A (dim, N) read through its strides;
-    B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
+    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous; A (dim, N) read dim-major
+    (``dim_major`` copies it unless its channels are already adjacent); B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
     copies them only when their strides need it)."""
     batch, dim, length = u.shape
     A = dim_major(A)  # a no-op on the eager path, which converted it once for both directions

@@ -128,8 +128,8 @@ def pretrain_command(args: argparse.Namespace, mae_name: str, pre_dir: Path) -> 
     return python_module_command(
         "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
         "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size), "--epochs",
-        str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr", args.pretrain_blr,
-        "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000", "--vis_every",
+        str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr",
+        args.pretrain_blr, "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000", "--vis_every",
         "100000", *(["--compile", "--compile_mode", args.pretrain_compile] if args.pretrain_compile else []),
         "--output_dir", str(pre_dir))
 
