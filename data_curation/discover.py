@@ -69,12 +69,55 @@ def _check_file(path: Path, source: str, rel: str) -> InputFile | Rejected:
     return InputFile(str(path), source, rel, kind)
 
 
+def _tail(path: Path, parts: int) -> str:
+    """The last ``parts`` components of ``path`` joined by "/" (the whole path when it has fewer)."""
+    names = [p for p in path.parts if p != path.anchor]
+    return "/".join(names[-parts:]) if len(names) >= parts else str(path)
+
+
+def _overlap(a: str, b: str) -> bool:
+    # Item ids are "<source>/<rel>": two sources can produce the same id only when one equals the other or is a
+    # path prefix of it ("siteA" and "siteA/scans").
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def source_names(roots: list[Path]) -> list[str | None]:
+    """A distinct source name per input root (None for a root given again): its directory or file name, as
+    always, unless another root shares that name; then the shortest tail of each such root's resolved path that
+    tells them apart ("siteA/scans", "siteB/scans"). The name prefixes every item id, and item ids key the
+    samples, the resume ledger and the manifest's per-source counts: two roots under one name would give two
+    files one id, whose samples then share a key in the shards (the reader keeps only one of them)."""
+    resolved = [r.resolve() for r in roots]
+    names: list[str | None] = []
+    depth: list[int] = []
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            names.append(None)
+            depth.append(0)
+        else:
+            names.append(path.name or "root")
+            depth.append(1)
+    live = [i for i, n in enumerate(names) if n is not None]
+    while True:
+        # Every root of a clash grows by one component at once, so that each ends up named alike.
+        clashing = [i for i in live if any(_overlap(names[i], names[j]) for j in live if j != i)]
+        grown = False
+        for i in clashing:
+            longer = _tail(resolved[i], depth[i] + 1)
+            if longer != names[i]:
+                names[i], depth[i], grown = longer, depth[i] + 1, True
+        if not grown:  # none left, or only whole paths, which clash only when one root holds the other
+            return names
+
+
 def walk_inputs(inputs: list[str], exclude: Path) -> Iterator[InputFile | Rejected]:
-    """Recursively list ``inputs`` in sorted order, following symlinks but never looping."""
+    """Recursively list ``inputs`` in sorted order, following symlinks but never looping; a root given twice
+    is walked once."""
     exclude = exclude.resolve()
-    for root in inputs:
-        root_path = Path(root).expanduser()
-        source = root_path.resolve().name or "root"
+    roots = [Path(root).expanduser() for root in inputs]
+    for root_path, source in zip(roots, source_names(roots)):
+        if source is None:
+            continue
         if root_path.is_file():
             yield _check_file(root_path, source, root_path.name)
             continue
