@@ -135,8 +135,10 @@ def fit(parts: FitParts, train_loader: Any, train_sampler: Any, val_loader: Any,
             last_write = time.monotonic()
         log.log({"epoch": epoch, "train_loss": train["loss"], "lr": train["lr"],
                  **{f"val_{k}": v for k, v in headline(val).items()}, "best": improved})
+        shown = val.get(select_metric)
+        shown = f"{shown:.4f}" if isinstance(shown, float) else shown  # None or NaN when undefined on this split
         logger.info(f"epoch {epoch}: train loss {train['loss']:.4f}, val {select_metric} "
-                    f"{val.get(select_metric)} (best {state.best_value:.4f} @ {state.best_epoch})")
+                    f"{shown} (best {state.best_value:.4f} @ {state.best_epoch})")
         accelerator.wait_for_everyone()
     return state
 
