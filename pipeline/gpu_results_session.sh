@@ -9,7 +9,22 @@
 #       (carry .gpu_run/results and .gpu_run/whl) runs pipeline.results with the recipe below under
 #       RESULTS_BUDGET_S seconds (default 540) and writes $OUT/runs.json, $OUT/table.md and $OUT/logs.tar.gz
 #       (every stage's log). The fine-tunes use the class-weighted loss (--ft_class_weighted); FT_CLASS_WEIGHTED=0
-#       drops it (e.g. to compare the unweighted loss under the same recipe); any other value or unset keeps it
+#       drops it (e.g. to compare the unweighted loss under the same recipe); any other value or unset keeps it.
+#       The stages work in RESULTS_RUN_DIR (default /tmp/results_run), which the recorded commands name
+#       (--output_dir, --finetune): a runs.json is reused only under the directory it was recorded in
+#   Several GPUs: the recipe's --jobs 4 stages are spread over every GPU the call sees (pipeline.results run
+#       --gpus, by default the ids of CUDA_VISIBLE_DEVICES or all GPUs): each stage sees one GPU, the least loaded,
+#       at most ceil(4 / GPUs) per GPU (two pretrainings on two GPUs: one each); `run --gpus 1` keeps to GPU 1.
+#       Or two sessions side by side, one per GPU, each with its own work directory and output, e.g.
+#         export RESULTS_BUDGET_S=540
+#         CUDA_VISIBLE_DEVICES=0 RESULTS_RUN_DIR=/tmp/results_a OUT=/tmp/out_a \
+#             bash pipeline/gpu_results_session.sh run --encoders vit_small_patch8 --jobs 2 --num_workers 4 &
+#         sleep 30  # both install .gpu_run/whl: let the first finish that
+#         CUDA_VISIBLE_DEVICES=1 RESULTS_RUN_DIR=/tmp/results_b OUT=/tmp/out_b \
+#             bash pipeline/gpu_results_session.sh run --encoders vim_small_patch8 --jobs 2 --num_workers 4
+#         wait
+#       Each writes its own runs.json (merge the two lists by hand); --jobs 2 each keeps the machine's cores
+#       as busy as one session's --jobs 4.
 #   Split over several calls (a machine's files do not outlive it): run one encoder per call
 #   (`run --encoders vit_small_patch8`), and copy each call's returned runs.json to .gpu_run/results/runs.json
 #   before the next; a call starts from that file, keeps its finished rows and adds its own.
@@ -54,7 +69,7 @@ PY
 run)
     shift
     out="${OUT:-/tmp/gpu_results_out}"
-    res=/tmp/results_run
+    res="${RESULTS_RUN_DIR:-/tmp/results_run}"
     mkdir -p "$out" "$res"
     if [ -f "$data/runs.json" ]; then
         cp "$data/runs.json" "$res/runs.json"

@@ -6,7 +6,8 @@ dataset (any path ``common.data`` reads: MedMNIST ``.npz``, ImageFolder, CSV wit
 comes from the data) for both initialisations; ``--scratch_models`` adds classifiers trained from scratch with
 the same finetune recipe. Every stage is a real CLI call, echoed so it can be rerun; ``OUT/runs.json`` collects
 one row per stage: its metrics, or why it failed or was skipped (``--time_budget_s``). A one-epoch preflight of
-every transfer stage kind runs before the pretraining (``--no_preflight`` skips it).
+every transfer stage kind runs before the pretraining (``--no_preflight`` skips it). ``--jobs N`` runs up to N
+stages at once; on several GPUs (``--gpus``, by default every GPU the process sees) each stage gets one of them.
 ``python -m pipeline.results kermany-csv SRC OUT.csv`` writes the Kermany chest X-ray set as a CSV with a
 patient-level train / val split. ``python -m pipeline.results table OUT --benchmarks DIR`` prints the markdown
 table with the published MedMNIST v2 and MedMNIST+ rows beside ours.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -25,7 +27,7 @@ from typing import NamedTuple
 from pipeline.kermany import write_kermany_csv
 from pipeline.results_table import PRETRAIN, row_status, table_lines
 from pipeline.run_log import POOL, RunLog, encoder_digest
-from pipeline.stages import StageError, TimeBudget, python_module_command, run_stage
+from pipeline.stages import GpuSlots, StageError, TimeBudget, python_module_command, run_stage, visible_gpus
 
 
 def dataset_key(path: str) -> str:
@@ -135,11 +137,12 @@ def pretrain_command(args: argparse.Namespace, mae_name: str, pre_dir: Path) -> 
 
 
 def preflight(args: argparse.Namespace, datasets: dict[str, LabeledSet], random_encoders: dict[str, Path],
-              out: Path) -> None:
+              out: Path, gpus: GpuSlots | None = None) -> None:
     """One epoch of every transfer stage kind (each encoder's linprobe and finetune from its random twin, each
     from-scratch model) on the smallest dataset, before any pretraining: a stage that cannot run at all (a bad
     flag, a device mismatch only the GPU shows) stops the call within a minute instead of after the pretraining.
-    Nothing here goes into runs.json."""
+    Nothing here goes into runs.json. Its stages are spread over ``gpus`` like the real ones."""
+    gpus = gpus or GpuSlots()
     smallest = min(datasets, key=lambda ds: datasets[ds].n_train)
     checks = [(f"{encoder} {protocol}", protocol, ["--finetune", str(checkpoint)], encoder, str(args.ft_layer_decay),
                out / protocol / encoder)
@@ -152,8 +155,9 @@ def preflight(args: argparse.Namespace, datasets: dict[str, LabeledSet], random_
         command = transfer_command(args, protocol, datasets[smallest], init_args, model, layer_decay, run_dir,
                                    epochs=1)
         try:
-            run_stage(f"preflight {name} ({smallest}, 1 epoch)", command, log_path=run_dir / "stage.log",
-                      quiet=True)
+            with gpus.take() as gpu:
+                run_stage(f"preflight {name} ({smallest}, 1 epoch)", command, log_path=run_dir / "stage.log",
+                          quiet=True, gpu=gpus.pinned(gpu))
         except StageError as exc:
             failures.append(f"{name}: {exc.cause or exc} (log: {run_dir / 'stage.log'})")
 
@@ -174,11 +178,34 @@ def _run_parallel(jobs: int, tasks: list) -> None:
             future.result()
 
 
+def device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def stage_gpus(requested: list[str] | None, jobs: int) -> GpuSlots:
+    """The GPU slots of the call's stages: ``--gpus`` when given (each stage pinned to one of them), else every GPU
+    this process sees, pinned only when there are several: with one GPU or none, stages inherit the environment."""
+    visible = visible_gpus(os.environ, device_count)
+    if requested is None:
+        return GpuSlots(visible, jobs, pin=len(visible) > 1)
+    if "CUDA_VISIBLE_DEVICES" in os.environ and not set(requested) <= set(visible):
+        # --gpus names the machine's GPUs, as CUDA_VISIBLE_DEVICES does, not the indices inside this process.
+        print(f"results: --gpus {' '.join(requested)} names GPUs outside CUDA_VISIBLE_DEVICES="
+              f"{os.environ['CUDA_VISIBLE_DEVICES']}; each stage gets the id as given", file=sys.stderr)
+    try:
+        return GpuSlots(requested, jobs)
+    except ValueError as exc:
+        raise SystemExit(f"results: --gpus: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     budget = TimeBudget(args.time_budget_s)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out / "runs.json", budget)
+    gpus = stage_gpus(args.gpus, args.jobs)
+    log = RunLog(out / "runs.json", budget, gpus)
     # Read every dataset's label space first, so a bad path stops the run before any GPU time is spent.
     datasets = {dataset_key(p): LabeledSet(p, *label_space(p)) for p in args.datasets}
     if len(datasets) != len(args.datasets):
@@ -191,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                                                       out / "random" / encoder)
                        for encoder in args.encoders if "random" in args.inits or args.preflight}
     if args.preflight:
-        preflight(args, datasets, random_encoders, out / "preflight")
+        preflight(args, datasets, random_encoders, out / "preflight", gpus)
 
     def transfer_stage(encoder: str, init: str, protocol: str, ds: str) -> tuple[list[str], Path]:
         """The command and folder of one transfer stage from an encoder's checkpoint."""
@@ -332,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, default=1,
                    help="stages run at once: the encoders' pretrainings together, then the transfer stages "
                         "(small models at low resolution leave most of a GPU idle; give each stage fewer workers)")
+    r.add_argument("--gpus", nargs="*", default=None, metavar="ID",
+                   help="GPUs the stages may use, as CUDA_VISIBLE_DEVICES names them (default: every GPU this "
+                        "process sees). Each running stage sees one of them (CUDA_VISIBLE_DEVICES in its "
+                        "environment), the least loaded, with at most ceil(jobs / GPUs) stages on a GPU at once; "
+                        "with one GPU or none by default, stages run as before, on what the process sees")
     r.add_argument("--no_preflight", dest="preflight", action="store_false",
                    help="skip the preflight: one epoch of each transfer stage kind on the smallest dataset before "
                         "any pretraining, which stops the call early when a stage cannot run at all")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.io import atomic_write_json
 from pipeline.results_table import PRETRAIN, row_status
-from pipeline.stages import StageError, StageTimeout, TimeBudget, run_stage
+from pipeline.stages import GpuSlots, StageError, StageTimeout, TimeBudget, run_stage
 
 # The dataset of a pretraining row in runs.json.
 POOL = "(pool)"
@@ -47,12 +47,14 @@ class RunLog:
     Rows that succeeded in an earlier call are kept and not rerun; failed or skipped ones are tried again. A
     transfer row records the digest of the encoder it was measured on and counts as done only for that encoder:
     a pretraining that ran again (a changed recipe, or a GPU run, which is not bit-exact) reruns its rows, so a
-    table never mixes two pretraining runs.
+    table never mixes two pretraining runs. A stage that ran on a GPU records its id (``gpu``; rows of older files
+    and of CPU runs have none): which GPU it ran on does not change what counts as done.
     """
 
-    def __init__(self, path: Path, budget: TimeBudget):
+    def __init__(self, path: Path, budget: TimeBudget, gpus: GpuSlots | None = None):
         self.path = path
         self.budget = budget
+        self.gpus = gpus or GpuSlots()
         self.rows: list[dict] = json.loads(path.read_text()) if path.exists() else []
         self._lock = threading.Lock()  # stages may finish concurrently (--jobs)
 
@@ -97,24 +99,34 @@ class RunLog:
             print(f"results: skipped {' '.join(key)}: {blocked}", file=sys.stderr)
             row = base | {"status": "skipped", "reason": blocked, "command": command}
         else:
-            try:
-                stage = run_stage(" ".join(key), command, log_path=run_dir / "stage.log", quiet=True,
-                                  timeout_s=self.budget.remaining())
-            except StageTimeout as exc:
-                # Stopped only because the call's budget ran out while it ran: nothing is known to be wrong
-                # with it, so it is skipped (and retried by a rerun), not failed.
-                print(f"results: {exc}", file=sys.stderr)
-                row = base | {"status": "skipped", "reason": self.budget.stopped_reason(),
-                              "log": str(run_dir / "stage.log"), "command": command}
-            except StageError as exc:
-                print(f"results: {exc}", file=sys.stderr)
-                row = base | {"status": "failed", "error": str(exc), "cause": exc.cause,
-                              "log": str(run_dir / "stage.log"), "command": command}
-            else:
-                row = base | {"status": "ok", "seconds": round(stage.seconds, 1), "command": stage.command}
-                if digest is not None:
-                    row["encoder_digest"] = digest
-                if key[2] != PRETRAIN:
-                    row |= _metrics(run_dir / "results.json")
+            # The GPU is taken only now, so rows that are done, blocked or out of budget hold no slot.
+            with self.gpus.take() as gpu:
+                row = self._run(key, command, run_dir, digest, gpu)
+            if gpu is not None:
+                row["gpu"] = gpu
         self.put(row)
+        return row
+
+    def _run(self, key: tuple[str, str, str, str], command: list[str], run_dir: Path, digest: str | None,
+             gpu: str | None) -> dict:
+        """Run one stage (on ``gpu``, when stages are pinned) and return its row: ok, failed or skipped."""
+        base = dict(zip(("model", "init", "protocol", "dataset"), key))
+        try:
+            stage = run_stage(" ".join(key), command, log_path=run_dir / "stage.log", quiet=True,
+                              timeout_s=self.budget.remaining(), gpu=self.gpus.pinned(gpu))
+        except StageTimeout as exc:
+            # Stopped only because the call's budget ran out while it ran: nothing is known to be wrong
+            # with it, so it is skipped (and retried by a rerun), not failed.
+            print(f"results: {exc}", file=sys.stderr)
+            return base | {"status": "skipped", "reason": self.budget.stopped_reason(),
+                           "log": str(run_dir / "stage.log"), "command": command}
+        except StageError as exc:
+            print(f"results: {exc}", file=sys.stderr)
+            return base | {"status": "failed", "error": str(exc), "cause": exc.cause,
+                           "log": str(run_dir / "stage.log"), "command": command}
+        row = base | {"status": "ok", "seconds": round(stage.seconds, 1), "command": stage.command}
+        if digest is not None:
+            row["encoder_digest"] = digest
+        if key[2] != PRETRAIN:
+            row |= _metrics(run_dir / "results.json")
         return row

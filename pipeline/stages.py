@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +73,61 @@ def last_output_line(log_path: Path, max_chars: int = 300) -> str:
     return lines[-1] if len(lines[-1]) <= max_chars else lines[-1][:max_chars - 3] + "..."
 
 
+def visible_gpus(environ: Mapping[str, str], device_count: Callable[[], int]) -> list[str]:
+    """The GPU ids this process can use, as ``CUDA_VISIBLE_DEVICES`` names them: its entries when it is set (up to
+    the first negative one, where CUDA stops reading it: ``-1`` hides every GPU), else ``0 .. device_count() - 1``.
+    """
+    if "CUDA_VISIBLE_DEVICES" not in environ:
+        return [str(i) for i in range(device_count())]
+    gpus = []
+    for entry in environ["CUDA_VISIBLE_DEVICES"].split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        gpus.append(entry)
+    return gpus
+
+
+class GpuSlots:
+    """Places concurrent stages on GPUs: each stage takes the least-loaded GPU (earliest in ``gpus`` on a tie),
+    and a GPU hosts at most ``ceil(jobs / len(gpus))`` stages at once, so ``jobs`` stages fill every GPU evenly.
+
+    With ``pin`` a stage sees only its GPU (``CUDA_VISIBLE_DEVICES``); without it (one GPU that the process would
+    use anyway) its environment is left as it is. No GPUs: every stage gets ``None`` and nothing changes.
+    """
+
+    def __init__(self, gpus: Sequence[str] = (), jobs: int = 1, pin: bool = True):
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"a GPU is named twice: {list(gpus)}")
+        self.gpus = list(gpus)
+        self.pin = pin and bool(self.gpus)
+        self.per_gpu = math.ceil(max(1, jobs) / len(self.gpus)) if self.gpus else 0
+        self.load = dict.fromkeys(self.gpus, 0)
+        self._free = threading.Condition()
+
+    @contextmanager
+    def take(self) -> Iterator[str | None]:
+        """Hold a slot of the least-loaded GPU while the block runs (waiting while every GPU is full); the slot is
+        given back however the block ends (done, failed, timed out, interrupted)."""
+        if not self.gpus:
+            yield None
+            return
+        with self._free:
+            self._free.wait_for(lambda: min(self.load.values()) < self.per_gpu)
+            gpu = min(self.gpus, key=self.load.__getitem__)
+            self.load[gpu] += 1
+        try:
+            yield gpu
+        finally:
+            with self._free:
+                self.load[gpu] -= 1
+                self._free.notify()
+
+    def pinned(self, gpu: str | None) -> str | None:
+        """The GPU a stage's environment should name: ``gpu`` when stages are pinned, else ``None``."""
+        return gpu if self.pin else None
+
+
 def python_module_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -82,14 +140,22 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def stage_environment(gpu: str | None) -> dict[str, str] | None:
+    """The environment of a stage pinned to ``gpu`` (this process's, with only that GPU visible); ``None`` (inherit
+    this process's unchanged) when it is not pinned."""
+    return None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+
+
 def run_stage(name: str, command: list[str], log_path: Path | None = None, quiet: bool = False,
-              timeout_s: float | None = None) -> StageResult:
+              timeout_s: float | None = None, gpu: str | None = None) -> StageResult:
     """Run one stage; its output goes to the console (and to ``log_path`` when given).
 
     With ``timeout_s`` the stage (and every process it started) is killed after that many seconds and
-    :class:`StageTimeout` is raised.
+    :class:`StageTimeout` is raised. With ``gpu`` it sees only that GPU (``CUDA_VISIBLE_DEVICES``).
     """
-    print(f"\n==> {name}: {shlex.join(command)}", flush=True)
+    # The echoed line names the GPU as a shell assignment, so it still reruns the stage as it ran.
+    pin = f"CUDA_VISIBLE_DEVICES={shlex.quote(gpu)} " if gpu is not None else ""
+    print(f"\n==> {name}: {pin}{shlex.join(command)}", flush=True)
     start = time.perf_counter()
     timed_out = threading.Event()
     log = None
@@ -97,7 +163,8 @@ def run_stage(name: str, command: list[str], log_path: Path | None = None, quiet
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "w")
     try:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, start_new_session=True, text=True, bufsize=1,
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=stage_environment(gpu), start_new_session=True,
+                                text=True, bufsize=1,
                                 stdout=subprocess.PIPE if log else None,
                                 stderr=subprocess.STDOUT if log else None)
         timer = None
