@@ -65,6 +65,11 @@ class PretrainConfig:
                                                           "in turn, so a batch mixes shards (and sources)"))
     resampled: bool | None = field(default=None, metadata=_h("draw shards with replacement (default: when shards "
                                                               "< GPUs x workers)"))
+    data_on_device: bool = field(default=False, metadata=_h("decode the whole split once and hold it on the "
+                                                             "training device, instead of streaming it through "
+                                                             "loader workers (small sets: see data_on_device_max_gb)"))
+    data_on_device_max_gb: float = field(default=4.0, metadata=_h("largest split, as uint8 canvases, that "
+                                                                  "--data_on_device accepts (GB)"))
     volume_slices: bool = field(default=False, metadata=_h("read 3D .npz volumes slice by slice"))
     tensorboard: bool = field(default=True, metadata=_h("log to TensorBoard through accelerate trackers"))
     wandb: bool = field(default=False, metadata=_h("also log to Weights & Biases (needs wandb installed)"))

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.data import ImageLoader, gpu_augment
+from common.data.resident import ResidentLoader
 from common.logging import JsonlLogger, get_logger, progress
 from pretrain.checkpointing import CheckpointManager
 from pretrain.config import PretrainConfig
@@ -62,7 +63,7 @@ class TrainContext:
     accelerator: Accelerator
     model: nn.Module  # prepared (possibly DDP / DeepSpeed wrapped)
     optimizer: torch.optim.Optimizer
-    loader: ImageLoader
+    loader: ImageLoader | ResidentLoader
     schedule: Schedule
     steps_per_epoch: int
     stop_step: int
@@ -88,6 +89,7 @@ def train_state(ctx: TrainContext, step: int) -> dict[str, Any]:
     return {"step": step, "epoch": step / ctx.steps_per_epoch, "data_batches_per_rank": step * c.accum_iter,
             "batch_size": c.batch_size, "accum_iter": c.accum_iter, "world_size": ctx.accelerator.num_processes,
             "num_workers": c.num_workers, "seed": c.seed, "interleave_shards": c.interleave_shards,
+            "data_on_device": c.data_on_device,
             "data_path": c.data_path, "model": c.model,
             "lr": ctx.schedule.lr_at(max(0, step - 1))}
 

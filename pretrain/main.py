@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -19,7 +20,15 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, ProjectConfiguration  # noqa: E402
 
 from common.config import ConfigError, build_parser, config_to_dict, parse_config, save_config  # noqa: E402
-from common.data import DataSourceError, build_dataset, build_loader, default_normalization  # noqa: E402
+from common.data import (  # noqa: E402
+    DataSourceError,
+    ImageDataset,
+    ImageLoader,
+    build_dataset,
+    build_loader,
+    default_normalization,
+)
+from common.data.resident import ResidentLoader, decode_all, resident_bytes  # noqa: E402
 from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
@@ -147,19 +156,18 @@ def run(cfg: PretrainConfig) -> int:
         state = checkpoints.load(accelerator, resume_from)
         start_step = int(state["step"])
         geometry = {"batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "world_size": world,
-                    "num_workers": cfg.num_workers, "seed": cfg.seed, "interleave_shards": cfg.interleave_shards}
-        changed = {k: (state.get(k), v) for k, v in geometry.items() if state.get(k) != v}
+                    "seed": cfg.seed, "data_on_device": cfg.data_on_device}
+        if not cfg.data_on_device:  # the resident order depends on neither
+            geometry.update(num_workers=cfg.num_workers, interleave_shards=cfg.interleave_shards)
+        # Checkpoints written before --data_on_device existed streamed their data.
+        changed = {k: (state.get(k, False if k == "data_on_device" else None), v) for k, v in geometry.items()
+                   if state.get(k, False if k == "data_on_device" else None) != v}
         if changed:
             logger.warning(f"resuming with changed {changed}: the data order is not the one of the original run")
         logger.info(f"resumed from {resume_from} at step {start_step}")
 
     mean, std = default_normalization(cfg.in_chans)
-    loader = build_loader(dataset, cfg.batch_size, rank=accelerator.process_index, world_size=world,
-                          num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed, infinite=True,
-                          start_batch=start_step * cfg.accum_iter, canvas_size=cfg.canvas_size or cfg.input_size,
-                          resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
-                          interleave_shards=cfg.interleave_shards,
-                          pin_memory=cfg.pin_mem and torch.cuda.is_available())
+    loader = build_train_loader(cfg, dataset, accelerator, start_batch=start_step * cfg.accum_iter)
     if cfg.tensorboard or cfg.wandb:
         accelerator.init_trackers("pretrain", config=_hparams(cfg))
     ds_plugin = accelerator.state.deepspeed_plugin
@@ -185,6 +193,33 @@ def run(cfg: PretrainConfig) -> int:
         ctx.preempt.uninstall()
         accelerator.end_training()
     return code
+
+
+def build_train_loader(cfg: PretrainConfig, dataset: ImageDataset, accelerator: Accelerator,
+                       start_batch: int) -> ImageLoader | ResidentLoader:
+    """This rank's infinite training stream from ``start_batch`` on: streamed by loader workers, or cut from
+    the whole split decoded onto the device (``--data_on_device``)."""
+    canvas = cfg.canvas_size or cfg.input_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if not cfg.data_on_device:
+        return build_loader(dataset, cfg.batch_size, rank=rank, world_size=world, num_workers=cfg.num_workers,
+                            shuffle=True, seed=cfg.seed, infinite=True, start_batch=start_batch,
+                            canvas_size=canvas, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
+                            interleave_shards=cfg.interleave_shards,
+                            pin_memory=cfg.pin_mem and torch.cuda.is_available())
+    need = resident_bytes(len(dataset), cfg.in_chans, canvas)
+    if need > cfg.data_on_device_max_gb * 1e9:
+        raise ConfigError(f"--data_on_device: {cfg.data_path} split {cfg.split!r} is {need / 1e9:.1f} GB as "
+                          f"{len(dataset)} uint8 {cfg.in_chans}x{canvas}x{canvas} canvases, over "
+                          f"--data_on_device_max_gb {cfg.data_on_device_max_gb:g}; stream it (drop the flag), "
+                          f"lower --canvas_size, or raise the limit")
+    start = time.perf_counter()
+    images, sizes = decode_all(dataset, canvas, num_workers=cfg.num_workers)
+    images = images.to(accelerator.device)
+    get_logger("pretrain").info(f"data on {accelerator.device}: {images.shape[0]} samples, {need / 1e6:.0f} MB, "
+                                f"decoded in {time.perf_counter() - start:.1f} s")
+    return ResidentLoader(images, sizes, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed,
+                          start_batch=start_batch)
 
 
 def _build_monitor(cfg: PretrainConfig, mean: list[float], std: list[float]) -> KnnMonitor | None:

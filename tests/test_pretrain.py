@@ -44,7 +44,7 @@ def args(data: Path, out: Path, **over: object) -> list[str]:
     opts.update(over)
     argv = ["--norm_pix_loss", "--no-tensorboard"]
     for key, value in opts.items():
-        argv += [f"--{key}", str(value)]
+        argv += [f"--{key}"] if value is None else [f"--{key}", str(value)]  # None: a boolean flag
     return argv
 
 
@@ -107,6 +107,28 @@ def test_sigkill_then_resume_is_bitwise_exact(curated: Path, tmp_path: Path) -> 
     resumed = [r for r in read_jsonl(run / "log.jsonl") if "loss" in r and r["step"] > 5]
     reference = {r["step"]: r["loss"] for r in read_jsonl(ref / "log.jsonl") if "loss" in r}
     assert all(reference[r["step"]] == r["loss"] for r in resumed)
+
+
+def test_data_on_device_learns_and_resumes_exactly(curated: Path, tmp_path: Path,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """--data_on_device: the split decoded once and cut into batches in place; a run stopped by --max_steps and
+    resumed (with another worker count, which must not matter here) ends with the uninterrupted run's weights."""
+    common = {"save_every": 5, "epochs": 4, "data_on_device": None}  # 6 steps/epoch -> 24 steps
+    ref = tmp_path / "ref"
+    assert pretrain_main(args(curated, ref, num_workers=2, **common)) == 0
+    assert "data on cpu: 24 samples" in capfd.readouterr().out  # the resident path ran, not the streaming one
+    losses = [r["loss"] for r in read_jsonl(ref / "log.jsonl") if "loss" in r]
+    assert len(losses) == 24 and all(torch.isfinite(torch.tensor(losses)))
+    run = tmp_path / "stopped"
+    assert pretrain_main(args(curated, run, num_workers=2, max_steps=10, **common)) == 0
+    assert pretrain_main(args(curated, run, num_workers=0, **common)) == 0
+    final = "step_00000024"
+    assert _files_digest(ref / "checkpoints" / final) == _files_digest(run / "checkpoints" / final)
+    assert (ref / "encoder.safetensors").read_bytes() == (run / "encoder.safetensors").read_bytes()
+    capfd.readouterr()
+    assert pretrain_main(args(curated, tmp_path / "big", data_on_device_max_gb=1e-6, **common)) == 2
+    said = capfd.readouterr().out
+    assert "over --data_on_device_max_gb" in said and "24 uint8 1x32x32 canvases" in said
 
 
 def test_sigusr1_saves_and_exits_75(curated: Path, tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ is reproducible and a resumed run can jump to any batch index without replaying 
 
 * **Pass** ``p`` of global worker ``g`` (rank r, worker w of W: ``g = r * W + w`` out of ``G``) reads the
   shards ``perm_p[g::G]`` (``perm_p`` a seeded permutation, identity without shuffling), so within a pass
-  every sample is read by exactly one worker. With fewer shards than ``G`` (or ``resampled=True``) each
-  worker instead draws ``ceil(S / G)`` shards with replacement per pass, so no worker idles and nothing hangs.
+  every sample is read by exactly one worker. In infinite mode with fewer shards than ``G`` (or with
+  ``resampled=True``) each worker instead draws ``ceil(S / G)`` shards with replacement per pass, so no
+  worker idles and nothing hangs.
 * A worker reads ``interleave_shards`` of its shards at a time, one sample from each in turn, then the
   shuffle buffer. A batch comes from a single worker, and curated shards hold their sources in input order, so
   reading one shard after another gave batches (and loss values) of one source at a time. In resampled mode a
@@ -152,7 +153,10 @@ class BatchStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.counts = np.asarray(dataset.source.shard_counts, dtype=np.int64)
         total_workers = cfg.world_size * self.num_workers
-        self.resampled = cfg.resampled if cfg.resampled is not None else len(self.counts) < total_workers
+        # Only a training stream resamples by default: a finite pass (evaluation, decoding a whole split) must
+        # read every sample exactly once, and idle workers cost it nothing.
+        self.resampled = cfg.resampled if cfg.resampled is not None else (
+            cfg.infinite and len(self.counts) < total_workers)
         if cfg.infinite and not self.resampled and len(self.counts) < total_workers:
             raise ValueError(f"{dataset.source.path}: {len(self.counts)} shards < {cfg.world_size} ranks x "
                              f"{self.num_workers} workers; use resampled mode or fewer workers")
