@@ -10,6 +10,8 @@
 #       RESULTS_BUDGET_S seconds (default 540) and writes $OUT/runs.json, $OUT/table.md and $OUT/logs.tar.gz
 #       (every stage's log). The fine-tunes use the class-weighted loss (--ft_class_weighted); FT_CLASS_WEIGHTED=0
 #       drops it (e.g. to compare the unweighted loss under the same recipe); any other value or unset keeps it.
+#       The MAE pretrainings read the pool decoded once onto the GPU (--pretrain_data_on_device, about 63 MB);
+#       PRETRAIN_DATA_ON_DEVICE=0 streams it through loader workers instead, as the twelfth session's runs did.
 #       The stages work in RESULTS_RUN_DIR (default /tmp/results_run), which the recorded commands name
 #       (--output_dir, --finetune): a runs.json is reused only under the directory it was recorded in
 #   Several GPUs: the recipe's --jobs 4 stages are spread over every GPU the call sees (pipeline.results run
@@ -84,11 +86,15 @@ run)
     if [ "${FT_CLASS_WEIGHTED:-1}" = 0 ]; then
         class_weighted=()
     fi
+    on_device=(--pretrain_data_on_device)
+    if [ "${PRETRAIN_DATA_ON_DEVICE:-1}" = 0 ]; then
+        on_device=()
+    fi
     # 8-pixel patches: a 64 px image is 64 tokens (16 visible under 75 % masking) instead of 16.
     python3 -m pipeline.results run --pool "$data/pool" \
         --datasets "$data/breastmnist_64.npz" "$data/pneumoniamnist.npz" "$data/kermany.csv" --out "$res" \
         --input_size 64 --encoders vit_small_patch8 vim_small_patch8 --pretrain_epochs 16 --ft_epochs 30 \
-        --ft_min_steps 500 "${class_weighted[@]}" --probe_epochs 90 --jobs 4 --num_workers 4 \
+        --ft_min_steps 500 "${class_weighted[@]}" "${on_device[@]}" --probe_epochs 90 --jobs 4 --num_workers 4 \
         --time_budget_s "${RESULTS_BUDGET_S:-540}" "$@" || true
     cp "$res/runs.json" "$out/" || true
     benchmarks=()

@@ -307,14 +307,16 @@ def test_pretrain_command_takes_the_recipe_and_compile_flag(tmp_path: Path) -> N
     from pretrain.config import PretrainConfig
 
     args = argparse.Namespace(pool=str(tmp_path), input_size=64, in_chans=1, batch_size=256, pretrain_epochs=64,
-                              num_workers=4, pretrain_compile="reduce-overhead", pretrain_blr="3.75e-5")
+                              num_workers=4, pretrain_compile="reduce-overhead", pretrain_blr="3.75e-5",
+                              pretrain_data_on_device=True)
     command = pretrain_command(args, "mae_vit_small_patch8", tmp_path / "pre")
     cfg = parse_config(PretrainConfig, command[command.index("pretrain.main") + 1:])
-    assert cfg.compile and cfg.compile_mode == "reduce-overhead"
+    assert cfg.compile and cfg.compile_mode == "reduce-overhead" and cfg.data_on_device
     assert cfg.epochs == 64 and cfg.warmup_epochs == 3 and cfg.batch_size == 256 and cfg.blr == 3.75e-5
     assert command[command.index("--blr") + 1] == "3.75e-5"  # as written: recorded commands compare as text
-    args.pretrain_compile = None
-    assert "--compile" not in pretrain_command(args, "mae_vit_small_patch8", tmp_path / "pre")
+    args.pretrain_compile, args.pretrain_data_on_device = None, False
+    plain = pretrain_command(args, "mae_vit_small_patch8", tmp_path / "pre")
+    assert "--compile" not in plain and "--data_on_device" not in plain  # earlier recorded commands stay valid
     from pipeline.results import build_parser
 
     parsed = build_parser().parse_args(["run", "--pool", "p", "--datasets", "d.npz", "--out", "o", "--pretrain_compile"])
