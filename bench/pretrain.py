@@ -3,6 +3,8 @@
 Modes per row (model, input size, batch):
   synthetic  GPU-resident random images: the model alone
   loader     the real input pipeline (``common.data`` loader on ``--data_path`` + ``gpu_augment``) feeding it
+  resident   the real images of ``--data_path`` decoded once onto the GPU (``pretrain --data_on_device``), with
+             ``gpu_augment``: the small-set path, no loader workers during the steps
   loader_only the pipeline without the model (once per input size): what the loader can deliver
 
     python bench/pretrain.py --data_path OUT_OF_CURATE --canvas_size 64   # the standard table (~8 min, one H200)
@@ -36,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 from common.data import build_dataset, build_loader, default_normalization, gpu_augment  # noqa: E402
+from common.data.resident import ResidentLoader, decode_all  # noqa: E402
 from kernels.selective_scan_interface import BACKENDS  # noqa: E402
 from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
@@ -53,7 +56,7 @@ DEFAULT_ROWS: list[tuple[str, int, int]] = [
     ("mae_vit_base_patch16", 1024, 16),
     ("mae_vim_base_patch16", 1024, 16),
 ]
-MODES = ("synthetic", "loader", "loader_only")
+MODES = ("synthetic", "loader", "resident", "loader_only")
 
 
 @dataclass
@@ -129,12 +132,17 @@ def _sync(device: torch.device) -> None:
 
 
 class Batches:
-    """Endless uint8 letterboxed batches + sizes, from the real loader or resident on the device."""
+    """Endless uint8 letterboxed batches + sizes: from the real loader (modes loader, loader_only), from the real
+    images decoded onto the device (resident), or random ones on the device (synthetic)."""
 
-    def __init__(self, args: argparse.Namespace, size: int, batch: int, device: torch.device, real: bool):
-        self.device, self.real = device, real
+    def __init__(self, args: argparse.Namespace, size: int, batch: int, device: torch.device, mode: str):
+        self.device, self.real = device, mode != "synthetic"
         self.queue_depth = 0  # batches the workers may hold ready before the first step
-        if real:
+        if mode == "resident":
+            ds = build_dataset(args.data_path, split="train", in_chans=args.in_chans)
+            images, sizes = decode_all(ds, args.canvas_size or size, num_workers=args.num_workers)
+            self.it = iter(ResidentLoader(images.to(device), sizes, batch, seed=0))
+        elif self.real:
             ds = build_dataset(args.data_path, split="train", in_chans=args.in_chans)
             loader = build_loader(ds, batch, num_workers=args.num_workers, infinite=True,
                                   canvas_size=args.canvas_size or size, pin_memory=device.type == "cuda")
@@ -177,7 +185,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model = optimizer = batches = None
     try:
-        batches = Batches(args, size, batch, device, real=mode != "synthetic")
+        batches = Batches(args, size, batch, device, mode)
         flops = None
         if mode != "loader_only":
             model = models.create_model(name, img_size=size, in_chans=args.in_chans, norm_pix_loss=True).to(device)

@@ -21,7 +21,7 @@ def test_bench_rows_modes_and_error_isolation(tmp_path: Path) -> None:
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     by_key = {(r["mode"], r["model"]): r for r in rows}
-    for mode in ("synthetic", "loader"):
+    for mode in ("synthetic", "loader", "resident"):
         ok = by_key[(mode, "mae_test_vit")]
         assert ok["status"] == "ok" and ok["img_per_s"] > 0 and ok["tflops"] > 0
         assert by_key[(mode, "mae_no_such_model")]["status"] == "error"
@@ -61,13 +61,17 @@ def test_loader_rows_drain_the_prefilled_queue_before_timing(tmp_path: Path) -> 
 
     shards = breast_shards(tmp_path / "cur", n=40, per_shard=10)
     args = argparse.Namespace(data_path=str(shards), in_chans=1, num_workers=2, canvas_size=24)
-    batches = Batches(args, 32, 2, torch.device("cpu"), real=True)
+    batches = Batches(args, 32, 2, torch.device("cpu"), "loader")
     assert batches.queue_depth == 2 * 4  # workers x the loader's prefetch factor
     taken = []
     batches.it = (taken.append(i) or {"image": torch.zeros(2, 1, 24, 24), "size": None} for i in range(100))
     batches.drain()
     assert len(taken) == 8
-    assert Batches(args, 32, 2, torch.device("cpu"), real=False).queue_depth == 0
+    assert Batches(args, 32, 2, torch.device("cpu"), "synthetic").queue_depth == 0
+    resident = Batches(args, 32, 2, torch.device("cpu"), "resident")  # decoded once, nothing queued
+    assert resident.queue_depth == 0
+    images, sizes = resident.next()
+    assert images.shape == (2, 1, 24, 24) and images.dtype == torch.uint8 and sizes.shape == (2, 2)
 
 
 def test_scan_backend_flag_reaches_every_mixer(tmp_path: Path) -> None:
