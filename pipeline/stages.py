@@ -55,11 +55,15 @@ class TimeBudget:
         remaining = self.remaining()
         return remaining is not None and remaining <= 0
 
+    def _limit(self) -> str:
+        # Never None where these reasons are given (only an exhausted budget gives them); no crash if it were.
+        return "unlimited" if self.seconds is None else f"{self.seconds:g} s"
+
     def skip_reason(self) -> str:
-        return f"time budget of {self.seconds:g} s used up ({self.elapsed():.0f} s elapsed) before the stage started"
+        return f"time budget of {self._limit()} used up ({self.elapsed():.0f} s elapsed) before the stage started"
 
     def stopped_reason(self) -> str:
-        return f"stopped when the time budget of {self.seconds:g} s ran out while it ran"
+        return f"stopped when the time budget of {self._limit()} ran out while it ran"
 
 
 def last_output_line(log_path: Path, max_chars: int = 300) -> str:
