@@ -258,3 +258,13 @@ def test_two_rank_ddp_preempt_one_rank_then_resume_exact(curated: Path, tmp_path
     assert _files_digest(tmp_path / "ref" / "checkpoints" / "step_00000012") == \
         _files_digest(run / "checkpoints" / "step_00000012")
 
+
+def test_two_rank_ddp_with_data_on_device(curated: Path, tmp_path: Path) -> None:
+    """Each rank holds the whole split and reads its own share of every pass: the run ends on both ranks."""
+    proc = _torchrun(args(curated, tmp_path / "run", epochs=2, data_on_device=None))
+    out = _finish(proc, 300)
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("data on cpu:0: 24 samples") == 1  # logged by rank 0; rank 1 decoded its own copy
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))  # 24 / (4 x 2 ranks) x 2 epochs
+
