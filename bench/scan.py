@@ -165,7 +165,8 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     (ScanLaunchConfig.variant): forward block_d 8 / 16, and forward+backward behind the v2 default forward
     at backward block_d 16 with and without prefetch and block_d 8 with and without. Then the "v3" kernels (one
     lane per channel): forward block_d 16 / 32 / 64 at chunk 4, and forward+backward (behind the v3 forward of the
-    same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at block_d 32; and v3
+    same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at block_d 32, and at
+    block_d 32, chunk 2 capped at 168 registers with and without prefetch; and v3
     at block_d 32 with each sequence split into SWEEP_SEGMENTS segments (forward, and forward+backward with the
     same count on both sides)."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
@@ -191,7 +192,10 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     bwd_options = [opt + (4, 1) for opt in bwd_options] + [
         (32, None, False, "v3", 2, 1), (32, None, True, "v3", 2, 1), (32, None, False, "v3", 4, 1),
         (32, None, True, "v3", 4, 1), (16, None, False, "v3", 2, 1), (16, None, False, "v3", 4, 1),
-        (64, None, False, "v3", 2, 1)] + [(32, None, False, "v3", 4, segments) for segments in SWEEP_SEGMENTS]
+        (64, None, False, "v3", 2, 1),
+        # 168 registers: 12 resident warps instead of 9, without spills offline at chunk 2 (thirteenth session).
+        (32, 168, False, "v3", 2, 1), (32, 168, True, "v3", 2, 1),
+    ] + [(32, None, False, "v3", 4, segments) for segments in SWEEP_SEGMENTS]
     # Each v1 / v2 backward runs behind the same variant's default forward, a v3 one behind its own tiles.
     default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
     for block_d, maxnreg, prefetch, variant, chunk, segments in bwd_options:

@@ -224,7 +224,8 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
 
 
 # Resident one-warp v3 programs per multiprocessor that a grid should reach before sequences are split
-# (sm_90, offline: forward 128 registers per thread -> 16 warps, backward 213 -> 9).
+# (sm_90, offline: forward 128 registers per thread -> 16 warps; backward, Triton 3.6 after the thirteenth
+# session's cut, 202-208 at chunk 2 -> 9, 255 at chunk 4 -> 8).
 V3_RESIDENT_PROGRAMS = {False: 16, True: 8}
 # A segment costs a summary pass over its inputs and a carry-in per later segment: keep them long.
 MIN_SEGMENT_CHUNKS = 16

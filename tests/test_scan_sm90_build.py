@@ -56,9 +56,11 @@ def test_scan_hot_loops_stay_within_their_instruction_budgets(tmp_path: Path, dl
                            "16", "197", *(["--dlast"] if dlast else [])],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    measured = {m["kernel"]: (float(m["per_position"]), int(m["spills"])) for m in re.finditer(
-        r"^(?P<kernel>\S+): \d+ registers, (?P<spills>\d+) spill bytes .*= (?P<per_position>\d+) per position",
-        proc.stdout, re.MULTILINE)}
+    # Spills counted both ways: cuobjdump's spill bytes, and the LDL / STL instructions in the SASS, which the
+    # thirteenth session saw in v3 kernels that cuobjdump reported with 0 spill bytes.
+    measured = {m["kernel"]: (float(m["per_position"]), int(m["spills"]) + int(m["local_ops"])) for m in re.finditer(
+        r"^(?P<kernel>\S+): \d+ registers, (?P<spills>\d+) spill bytes \((?P<local_ops>\d+) LDL/STL\)"
+        r".*= (?P<per_position>\d+) per position", proc.stdout, re.MULTILINE)}
     assert set(measured) == set(SASS_BUDGETS), proc.stdout[-2000:]
     over = {k: (v, SASS_BUDGETS[k]) for k, v in measured.items() if v[0] > SASS_BUDGETS[k] or v[1] > 0}
-    assert not over, f"(instructions per position, spill bytes) over budget: {over}"
+    assert not over, f"(instructions per position, spill bytes + local-memory instructions) over budget: {over}"
