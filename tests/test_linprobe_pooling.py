@@ -12,7 +12,8 @@ import pytest
 import torch
 from test_linprobe_fixtures import BREAST_NPZ, fails_with, read_results
 
-from common.transfer.data import make_loader, usable_workers
+from common.data.loader import usable_workers
+from common.transfer.data import make_loader
 from common.transfer.encoder import resolve_spec
 from common.transfer.errors import TransferUsageError
 from linprobe.main import main as linprobe_main

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -104,3 +105,17 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, rank: int = 0, world
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ImageLoader(dataset, cfg, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers capped to the CPUs this process may use, shared by the processes of
+    its node (``LOCAL_WORLD_SIZE``): more workers than CPUs only add start-up time and memory (and make
+    PyTorch warn). 0 (load in the main process) stays 0."""
+    if requested <= 0:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    return max(1, min(requested, cpus // local_processes))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common.data.dataset import ImageDataset
-from common.data.loader import build_loader
+from common.data.loader import build_loader, usable_workers
 
 _RESIDENT_ORDER = 4  # rng stream id, distinct from common.data.stream's
 
@@ -37,8 +37,9 @@ def decode_all(dataset: ImageDataset, canvas_size: int, num_workers: int = 0,
     (N, C, S, S) and int32 valid sizes (N, 2) on the CPU. Workers hand their batches over in an order that
     depends on their number; sorting by key makes the training order (an index permutation of this tensor)
     independent of it. Decoding errors surface as the streaming loader's do."""
-    loader = build_loader(dataset, batch_size, num_workers=num_workers, shuffle=False, infinite=False,
-                          canvas_size=canvas_size, pin_memory=False)
+    # More workers than CPUs only cost start-up time here; the key order makes the count irrelevant to the result.
+    loader = build_loader(dataset, batch_size, num_workers=usable_workers(num_workers), shuffle=False,
+                          infinite=False, canvas_size=canvas_size, pin_memory=False)
     images, sizes, keys = [], [], []
     for batch in loader:
         images.append(batch["image"])

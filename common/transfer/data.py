@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.data.dataset import ImageDataset, build_dataset, detect_kind
+from common.data.loader import usable_workers
 from common.data.source import DataSourceError, RandomAccessSource
 from common.data.tar_source import MANIFEST
 from common.logging import progress
@@ -139,20 +139,6 @@ class IndexedSplit(Dataset):
             raise DataSourceError(f"{self.dataset.source.path} sample {index}: label {label} outside "
                                   f"0..{self.num_classes - 1}")
         return self.transform(image), label
-
-
-def usable_workers(requested: int) -> int:
-    """``requested`` DataLoader workers capped to the CPUs this process may use, shared by the processes of
-    its node (``LOCAL_WORLD_SIZE``): more workers than CPUs only add start-up time and memory (and make
-    PyTorch warn). 0 (load in the main process) stays 0."""
-    if requested <= 0:
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local_processes = 1
-    return max(1, min(requested, cpus // local_processes))
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int, pin_memory: bool,
