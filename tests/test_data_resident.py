@@ -66,3 +66,18 @@ def test_too_few_samples_for_a_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="fewer than one batch"):
         ResidentLoader(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, 2, dtype=torch.int32), 4,
                        rank=0, world_size=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resident_batches_on_cuda_equal_the_cpu_ones() -> None:
+    """On CUDA the pass's indices travel in one pinned, non-blocking copy: the batches must still be exactly
+    those of the CPU path, across a pass boundary, with sizes left on the CPU."""
+    n = 37
+    images = torch.randint(0, 255, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    sizes = torch.randint(1, 9, (n, 2), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    cpu = _take(ResidentLoader(images, sizes, 5, rank=1, world_size=2, seed=11, start_batch=2), 9)
+    gpu = _take(ResidentLoader(images.cuda(), sizes, 5, rank=1, world_size=2, seed=11, start_batch=2), 9)
+    for a, b in zip(cpu, gpu):
+        assert b["image"].is_cuda and not b["size"].is_cuda
+        assert torch.equal(a["image"], b["image"].cpu()) and torch.equal(a["size"], b["size"])
