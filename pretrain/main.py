@@ -160,8 +160,8 @@ def run(cfg: PretrainConfig) -> int:
         if not cfg.data_on_device:  # the resident order depends on neither
             geometry.update(num_workers=cfg.num_workers, interleave_shards=cfg.interleave_shards)
         # Checkpoints written before --data_on_device existed streamed their data.
-        changed = {k: (state.get(k, False if k == "data_on_device" else None), v) for k, v in geometry.items()
-                   if state.get(k, False if k == "data_on_device" else None) != v}
+        recorded = {k: state.get(k, False if k == "data_on_device" else None) for k in geometry}
+        changed = {k: (recorded[k], v) for k, v in geometry.items() if recorded[k] != v}
         if changed:
             logger.warning(f"resuming with changed {changed}: the data order is not the one of the original run")
         logger.info(f"resumed from {resume_from} at step {start_step}")
