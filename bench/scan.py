@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read+write)", flush=True)
     backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton,
                                                         "triton_v2": triton_variant_fn("v2"),
-                                                        "triton_v3": triton_variant_fn("v3")}
+                                                        "triton_v3": triton_variant_fn("v3"),
+                                                        # the v4 forward (parallel over positions), v2 backward
+                                                        "triton_v4": triton_variant_fn("v4")}
     mamba_note = "not requested (--mamba-src)"
     if args.mamba_src:
         t0 = time.time()
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="only these rows (triton, triton_v2, triton_v3, mamba_ssm, chunked_torch, naive_loop)")
+                        help="only these rows (triton, triton_v2, triton_v3, triton_v4, mamba_ssm, chunked_torch, "
+                             "naive_loop)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")

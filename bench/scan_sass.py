@@ -1,13 +1,15 @@
 """Offline SASS report of the scan kernels: registers, spills, instruction histogram (no GPU needed).
 
     python -m bench.scan_sass [--block-d 16 8] [--variant v1 v2] [--chunk 4] [--maxnreg 168] [--reverse]
-                              [--shape B D N L] [--dump DIR]
+                              [--shape B D N L] [--dump DIR] [--block-l 128 256]
 
 Compiles the default-shaped kernels (bf16 u/delta/z/B/C/dout, N=16, D, z, delta_bias, softplus) for sm_90
 with the local Triton and its bundled ptxas, disassembles them with nvdisasm, and prints per kernel: the
 registers, spill bytes, the total SASS count, and for the hottest loop (the innermost backward branch with
 the most instructions) its size, the positions it covers and a histogram of opcode classes per position
-per warp. This is a static proxy for speed (fewer instructions and registers per position = faster);
+per warp. The v4 forward (kernels/triton_scan_fwd4.py, a forward only) walks a span of --block-l positions per
+pass with several warps: its line also gives thread-instructions per (channel, position, state) element, the unit
+of docs/scan_kernels.md's issue-rate budget. This is a static proxy for speed (fewer instructions and registers per position = faster);
 times still come from bench/scan.py on a GPU.
 """
 
@@ -170,7 +172,10 @@ def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     from kernels.triton_scan_fwd import _scan_fwd_kernel
     from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
     from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3
+    from kernels.triton_scan_fwd4 import _scan_fwd_kernel_v4
 
+    if variant == "v4":
+        return [(_scan_fwd_kernel_v4, dict(STORE_STATES=True, HAS_D=True))]
     if variant == "v3":
         from kernels.triton_scan_segments import _scan_segment_summary_v3
 
@@ -188,6 +193,8 @@ def backward_kernels(variant: str, dlast: bool = False) -> list[tuple[Any, dict[
     from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
     from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 
+    if variant == "v4":
+        return []  # forward only: a v4 forward runs with a v1 or v2 backward
     if variant == "v3":
         from kernels.triton_scan_segments import _scan_segment_summary_v3
 
@@ -201,6 +208,7 @@ def backward_kernels(variant: str, dlast: bool = False) -> list[tuple[Any, dict[
 
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
     flags = (",prefetch" if extra.get("PREFETCH") else "") + (",adjoint" if extra.get("ADJOINT") else "")
+    flags += f",bl{extra['BLOCK_L']}" if "BLOCK_L" in extra else ""
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
@@ -215,9 +223,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
     parser.add_argument("--dlast", action="store_true", help="backward kernels with a last-state gradient")
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
-    parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3"], default=["v1"],
+    parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3", "v4"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
+    parser.add_argument("--block-l", type=int, nargs="+", default=[128],
+                        help="v4: positions per span (ScanLaunchConfig.block_l)")
     args = parser.parse_args(argv)
+    from kernels.triton_scan_common import ScanLaunchConfig, v4_warps
     from kernels.triton_scan_fast import scatter_levels
 
     n_state_pad = 16
@@ -226,13 +237,36 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
                 n_state=n_state, a_state_stride=dim,  # A as the launchers' dim-major copy
                 bc_batch_stride=length * n_state, bc_group_stride=length * n_state,
-                bc_pos_stride=n_state)  # B and C as the launchers' contiguous (batch, groups, L, N) copies
+                bc_pos_stride=n_state,  # B and C as the launchers' contiguous (batch, groups, L, N) copies
+                bc_state_stride=length)  # v4: (batch, groups, N, L), unit position stride
     results = []
     for variant in args.variant:
         for block_d in args.block_d:
             consts = dict(common, BLOCK_D=block_d)
             warps = max(1, block_d // 32) if variant == "v3" else 1
-            if args.only != "bwd":
+            if args.only != "bwd" and variant == "v4":
+                for block_l in args.block_l:
+                    cfg = ScanLaunchConfig(block_d, args.chunk, variant="v4", block_l=block_l)
+                    for kernel, extra in forward_kernels(variant):
+                        extra = dict(extra, BLOCK_L=block_l)
+                        warps4 = v4_warps(cfg)
+                        c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps4, maxnreg=args.maxnreg)
+                        # The hot loop is the state loop: one pass covers one state of block_l positions of
+                        # block_d channels, spread over the program's warps.
+                        per_warp = block_l * block_d / warps4
+                        res = report(_name(kernel, extra, block_d), c, per_warp, args.dump)
+                        res["per_element"] = res["per_position"] * 32
+                        # Per span, outside the state loop: loads of u / delta / z, softplus, gate, output store.
+                        body = loops(disassemble(c.asm["cubin"]))
+                        outer = max((hi - lo + 1 for lo, hi in body), default=0)
+                        inner = res["loop_instructions"]
+                        res["span_overhead_per_element"] = (outer - inner) * warps4 * 32 / (block_l * block_d * n_state)
+                        hist = ", ".join(f"{k} {v * 32:.1f}" for k, v in res["histogram_per_position"].items())
+                        print(f"    {warps4} warps; state loop: {res['per_element']:.1f} thread-instructions per (channel, "
+                              f"position, state) ({hist}); per span outside it: {outer - inner} instr = "
+                              f"{res['span_overhead_per_element']:.1f} more per element at N={n_state}", flush=True)
+                        results.append(res)
+            elif args.only != "bwd":
                 for kernel, extra in forward_kernels(variant):
                     c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
                     # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's;

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import (
+    FORWARD_ONLY_VARIANTS,
     SCAN_VARIANTS,
     ScanLaunchConfig,
     ceil_div,
@@ -58,7 +59,7 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
     if config is None:
         return []
     return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch),
-            SCAN_VARIANTS.index(config.variant), config.segments]
+            SCAN_VARIANTS.index(config.variant), config.segments, config.block_l]
 
 
 def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
@@ -69,9 +70,9 @@ def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
 
 @functools.lru_cache(maxsize=256)  # a ScanLaunchConfig costs microseconds to build, once per scan call otherwise
 def _config_from_ints(values: tuple[int, ...]) -> ScanLaunchConfig:
-    block_d, chunk, maxnreg, prefetch, variant, segments = values
+    block_d, chunk, maxnreg, prefetch, variant, segments, block_l = values
     return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch),
-                            variant=SCAN_VARIANTS[variant], segments=segments)
+                            variant=SCAN_VARIANTS[variant], segments=segments, block_l=block_l)
 
 
 @functools.cache
@@ -86,7 +87,11 @@ def launch_configs(
     rows: int | None = None, multiprocessors: int | None = None,
 ) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
     """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
-    backward's tiles); the backward must use the forward's chunk length."""
+    backward's tiles); the backward must use the forward's chunk length, and a forward-only variant (v4) cannot
+    be the backward's."""
+    if bwd_config is not None and bwd_config.variant in FORWARD_ONLY_VARIANTS:
+        raise ValueError(f"selective_scan: variant {bwd_config.variant!r} has no backward kernel; give a v1 or v2 "
+                         f"backward config (its forward saves the chunk states they read)")
     n_pad = next_power_of_2(n_state)
     fwd = fwd_config or default_launch_config(n_pad, length, backward=False)
     bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
@@ -98,14 +103,25 @@ def launch_configs(
     return fwd, bwd
 
 
+# The v4 forward's default tiles (kernels/triton_scan_fwd4.py): 8 channels per program, so that each saved chunk
+# state row is a 32-byte write, and spans of 128 positions (a multiple of every chunk the defaults use). Not yet
+# timed on a GPU: bench.scan --sweep times the alternatives.
+V4_BLOCK_D, V4_BLOCK_L = 8, 128
+
+
 @functools.lru_cache(maxsize=1024)
 def variant_configs(variant: str, n_state: int, length: int, rows: int,
                     device: torch.device) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
     """The default tiles for ``rows`` = batch * dim sequences of ``length`` on ``device`` in kernel ``variant``;
     v3 takes block_d 32 (one lane per channel, a warp per 32 channels) and splits the sequences of grids too
-    small for the device into segments (default_segments)."""
+    small for the device into segments (default_segments). v4 is a forward only: its default tiles are v4 block_d 8
+    with spans of V4_BLOCK_L positions, and its backward falls back to the v2 backward with v2's default tiles
+    (both read the chunk states every variant saves)."""
     sms = multiprocessor_count(device)
     fwd, bwd = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=sms)
+    if variant == "v4":
+        return (dataclasses.replace(fwd, variant="v4", block_d=V4_BLOCK_D, block_l=V4_BLOCK_L),
+                dataclasses.replace(bwd, variant="v2", chunk=fwd.chunk))
     if variant != "v3":
         return (dataclasses.replace(fwd, variant=variant), dataclasses.replace(bwd, variant=variant, chunk=fwd.chunk))
     programs, n_chunks = ceil_div(rows, 32), ceil_div(length, fwd.chunk)
@@ -239,7 +255,7 @@ def _in_kernel_layouts(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     H100's host each such copy costs about 25 us, and L=50 is bound by the host. A likewise, with its channels
     adjacent (``dim_major``), once for both directions."""
     A = dim_major(A)
-    if SCAN_VARIANTS[fwd_config[VARIANT_INT]] != "v3":  # v3 pads B and C itself
+    if SCAN_VARIANTS[fwd_config[VARIANT_INT]] not in ("v3", "v4"):  # v3 pads B and C itself, v4 reads them L-major
         B, C, _ = position_major(B, C)
         B, C = B.transpose(-1, -2), C.transpose(-1, -2)
     return (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, fwd_config, bwd_config)

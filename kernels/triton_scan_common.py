@@ -144,7 +144,9 @@ def backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs
         tl.atomic_add(DDELTA_BIAS + offs_d, dbias_acc, mask=d_mask, sem="relaxed")
 
 
-SCAN_VARIANTS = ("v1", "v2", "v3")
+SCAN_VARIANTS = ("v1", "v2", "v3", "v4")
+# Variants with a forward kernel only: their saved chunk states feed a v1 or v2 backward.
+FORWARD_ONLY_VARIANTS = ("v4",)
 
 
 # Host-side integer helpers for the launchers: since Triton 3.8, triton.cdiv and triton.next_power_of_2 are
@@ -170,7 +172,9 @@ class ScanLaunchConfig:
     kernels/triton_scan_fwd2.py / _bwd2.py (same tiles and results, fewer instructions per position: unmasked
     clamped reads, approximate-math softplus / sigmoid on CUDA, backward dB / dC summed by reduce-scatter);
     "v3" those of kernels/triton_scan_fwd3.py / _bwd3.py (one lane per channel with all its N states, positions
-    read and written a chunk at a time; block_d = 32 per warp).
+    read and written a chunk at a time; block_d = 32 per warp); "v4" the forward of kernels/triton_scan_fwd4.py
+    (parallel over positions: spans of ``block_l`` positions scanned with tl.associative_scan, block_d channels per
+    program), forward only: its backward is a v1 or v2 config.
     ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
     after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
     """
@@ -181,9 +185,10 @@ class ScanLaunchConfig:
     prefetch: bool = False
     variant: str = "v1"
     segments: int = 1
+    block_l: int = 256  # v4: positions per span (a power of two; ignored by the other variants)
 
     def __post_init__(self) -> None:
-        for name in ("block_d", "chunk", "segments"):
+        for name in ("block_d", "chunk", "segments", "block_l"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")
@@ -267,9 +272,20 @@ def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
     return b_t, c_t, (b_t.stride(0), b_t.stride(1), b_t.stride(2))
 
 
+def v4_warps(config: ScanLaunchConfig) -> int:
+    """Warps of a v4 program: 4, fewer for spans too short to give each lane a position."""
+    return max(1, min(4, config.block_l // 32))
+
+
 def launch_options(config: ScanLaunchConfig) -> dict[str, Any]:
     """Triton launch keywords: one warp per program (v3: one per 32 channels), and the register cap when set."""
-    options: dict[str, Any] = {"num_warps": max(1, config.block_d // 32) if config.variant == "v3" else 1}
+    if config.variant == "v3":
+        warps = max(1, config.block_d // 32)
+    elif config.variant == "v4":
+        warps = v4_warps(config)
+    else:
+        warps = 1
+    options: dict[str, Any] = {"num_warps": warps}
     if config.maxnreg is not None:
         options["maxnreg"] = config.maxnreg
     return options

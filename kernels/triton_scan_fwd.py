@@ -30,6 +30,7 @@ from kernels.triton_scan_common import (
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
 from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3, padded_float32
+from kernels.triton_scan_fwd4 import _scan_fwd_kernel_v4, position_contiguous
 from kernels.triton_scan_segments import plan_segments, segment_summaries
 
 
@@ -165,6 +166,11 @@ def selective_scan_fwd_launch(
         results = results + (seg_states, seg_dtsum)
         sizes = sizes + (n_seg, chunks_per_seg)
         grid = grid + (n_seg,)
+    elif config.variant == "v4":
+        # Parallel over positions: B and C with unit position stride (kernels/triton_scan_fwd4.py).
+        B_arg, C_arg, bc_strides = position_contiguous(B, C)
+        kernel, extra = _scan_fwd_kernel_v4, dict(BLOCK_L=config.block_l)
+        sizes = sizes + bc_strides
     else:
         kernel, extra = _scan_fwd_kernel, {}
         if config.variant == "v2":

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = ("scan_fwd_kernel[", "scan_bwd_kernel[", "scan_bwd_kernel[bd32,prefetch]", "scan_fwd_kernel_v2[",
            "scan_bwd_kernel_v2[", "scan_fwd_kernel_v3[", "scan_bwd_kernel_v3[", "scan_segment_summary_v3[bd32]",
-           "scan_segment_summary_v3[bd32,adjoint]")
+           "scan_segment_summary_v3[bd32,adjoint]", "scan_fwd_kernel_v4[bd32,bl")
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -26,7 +26,7 @@ def test_every_scan_kernel_compiles_for_sm90(tmp_path: Path, reverse: bool) -> N
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a fresh build, not one cached by an earlier run
-    proc = subprocess.run([sys.executable, "-m", "bench.scan_sass", "--variant", "v1", "v2", "v3", "--block-d", "32",
+    proc = subprocess.run([sys.executable, "-m", "bench.scan_sass", "--variant", "v1", "v2", "v3", "v4", "--block-d", "32",
                            "--shape", "2", "96", "16", "37", *(["--reverse"] if reverse else [])],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

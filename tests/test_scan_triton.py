@@ -271,7 +271,7 @@ def test_triton_rejects_mismatched_chunks(triton_scan):
     with pytest.raises(ValueError, match="one warp per program"):
         ScanLaunchConfig(block_d=256, chunk=8, variant="v3")
     with pytest.raises(ValueError, match="variant"):
-        ScanLaunchConfig(block_d=8, chunk=4, variant="v4")
+        ScanLaunchConfig(block_d=8, chunk=4, variant="v5")
 
 
 GPU_SHAPES = [
@@ -358,9 +358,9 @@ def test_public_auto_backend_uses_triton_on_cuda():
     torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("backend", ["triton_v2", "triton_v3"])
+@pytest.mark.parametrize("backend", ["triton_v2", "triton_v3", "triton_v4"])
 def test_public_variant_backends_match_reference(triton_scan, backend):
-    """selective_scan_fn(backend="triton_v2" / "triton_v3"): the opt-in kernel variants through the public
+    """selective_scan_fn(backend="triton_v2" / "triton_v3" / "triton_v4"): the opt-in kernel variants through the public
     function, forward and gradients against the float64 reference (on CPU under the interpreter)."""
     from kernels.selective_scan_interface import selective_scan_fn
 
