@@ -89,8 +89,13 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \
         tests/test_scan_variant.py tests/test_scan_compile.py 2>&1 | tee -a "$out/scan_tests.log" \
         | tail -15 || true
+    # The v4 forward (parallel over positions, thirteenth session) compiled for the first time: its reverse scan
+    # and the v1 / v2 backward behind it on sm_90; and the resident pretraining loader's pinned index copy.
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_scan_v4.py tests/test_data_resident.py 2>&1 \
+        | tee -a "$out/scan_tests.log" | tail -5 || true
     wait
-    timeout 75 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 mamba_ssm \
+    # v3 with the thirteenth session's register cut and the v4 forward (behind the v2 backward) beside the rest.
+    timeout 110 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 triton_v3 triton_v4 mamba_ssm \
         --json "$out/scan.json" || true
     if [ -f .gpu_run/baseline/REVISION ]; then
         # The same benchmark from the baseline revision's own tree, in this call: host-path changes show at L=50.
