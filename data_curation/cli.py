@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 from common.config import ConfigError, build_parser, parse_config
 from data_curation.config import CurateConfig
 from data_curation.deid import SaltError
-from data_curation.manifest import summary_table
+from data_curation.manifest import source_names, summary_table
 from data_curation.merge import merge
 from data_curation.run import curate
+from data_curation.state import replay_ledger
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SaltError, ValueError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr)
         return 2
-    print(summary_table(manifest))
+    # The readable names come from the ledger (operator-only); the manifest holds their labels.
+    print(summary_table(manifest, source_names(replay_ledger(Path(cfg.output).expanduser()))))
     return 0
 
 

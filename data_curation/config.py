@@ -47,6 +47,9 @@ class CurateConfig:
                                      "(and counted)")
     # policy
     reject_burned_in: bool = _f(True, "reject DICOM files with BurnedInAnnotation=YES")
+    public_source_names: bool = _f(False, "write the input folder / file names into shards and manifest as the "
+                                          "samples' source (only where they identify no one, e.g. public "
+                                          "datasets); by default a keyed digest of the name")
     split_fractions: list[float] = _f([0.9, 0.05, 0.05], "train/val/test fractions for subjects "
                                                           "without a given split")
     near_duplicates: bool = _f(False, "also drop near duplicates: samples whose perceptual hash lies within "

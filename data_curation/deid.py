@@ -56,6 +56,14 @@ def salted_hash(salt: bytes, *parts: object, digest_size: int = 12) -> str:
     return h.hexdigest()
 
 
+def source_label(salt: bytes, name: str, public: bool = False) -> str:
+    """What shards and the manifest call an input root: a keyed digest of its name (``src-`` + 12 hex digits),
+    or, with ``public``, the name itself. Input folders are often named after patients (PACS exports, one
+    folder per subject), and their names would otherwise reach every sample; the operator's files (ledger,
+    rejects.jsonl) and the console summary keep the readable name."""
+    return name if public else "src-" + salted_hash(salt, "source", name, digest_size=6)
+
+
 def salt_fingerprint(salt: bytes) -> str:
     """A short keyed digest that tells whether two outputs used the same salt without revealing it."""
     return salted_hash(salt, "salt-fingerprint", digest_size=8)

@@ -27,16 +27,27 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+# Settings that name places on the operator's machine (input folders, often named after patients, the output and
+# salt files, merged parts): the ledger keeps them, the manifest, which is distributed with the shards, does not.
+PATH_KEYS = frozenset({"inputs", "output", "salt_file", "merge", "config"})
+
+
+def source_key(rec: dict[str, Any]) -> str:
+    """A ledger record's source as shards and the manifest name it (``deid.source_label``); ledgers written
+    before labels existed have only the readable name."""
+    return rec.get("source_id", rec["source"])
+
+
 def build_manifest(state: LedgerState, config: dict[str, Any], extra: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """Counts over every input ever curated into OUT; each file is exactly one of used/rejected/duplicate.
-    ``extra`` adds top-level keys (``salt_id``, ``merged_from``)."""
+    ``extra`` adds top-level keys (``salt_id``, ``merged_from``). ``config`` is recorded without PATH_KEYS."""
     status = Counter(rec["status"] for rec in state.items.values())
     per_source: dict[str, Counter] = defaultdict(Counter)
     per_modality: Counter = Counter()
     skipped = 0
     for item_id, rec in state.items.items():
-        src = per_source[rec["source"]]
+        src = per_source[source_key(rec)]
         src["files_seen"] += 1
         src[f"files_{rec['status']}"] += 1
         src["samples_written"] += state.written[item_id]
@@ -61,7 +72,7 @@ def build_manifest(state: LedgerState, config: dict[str, Any], extra: dict[str, 
         "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
         "samples_per_modality": dict(sorted(per_modality.items())),
         "shards": [{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in shards],
-        "config": config,
+        "config": {k: v for k, v in config.items() if k not in PATH_KEYS},
         "versions": library_versions(),
         **(extra or {}),
     }
@@ -81,10 +92,19 @@ def write_outputs(out: Path, state: LedgerState, config: dict[str, Any], extra: 
     return manifest
 
 
-def summary_table(manifest: dict[str, Any]) -> str:
+def source_names(state: LedgerState) -> dict[str, str]:
+    """Each source label of the ledger -> the readable name of its input root (for the operator's console)."""
+    return {source_key(rec): rec["source"] for rec in state.items.values()}
+
+
+def summary_table(manifest: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """The console summary; ``names`` (``source_names``) shows each source's readable name beside its label."""
+    names = names or {}
     rows = [("source", "seen", "used", "rejected", "duplicate", "samples")]
-    for name, c in manifest["per_source"].items():
-        rows.append((name, c.get("files_seen", 0), c.get("files_used", 0), c.get("files_rejected", 0),
+    for label, c in manifest["per_source"].items():
+        name = names.get(label, label)
+        rows.append((name if name == label else f"{name} ({label})", c.get("files_seen", 0), c.get("files_used", 0),
+                     c.get("files_rejected", 0),
                      c.get("files_duplicate", 0), c.get("samples_written", 0)))
     rows.append(("TOTAL", manifest["files_seen"], manifest["files_used"], manifest["files_rejected"],
                  manifest["files_duplicate"], manifest["samples_written"]))

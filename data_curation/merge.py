@@ -131,7 +131,7 @@ def _check_compatible(parts: list[_Part]) -> None:
             raise MergeError(f"part {part.path} was curated with other settings than {first.path}: {shown}")
 
 
-def plan_merge(parts: list[_Part], out: Path) -> MergePlan:
+def plan_merge(parts: list[_Part]) -> MergePlan:
     """Which shards go where, which samples are dropped, and the item records of the merged dataset."""
     plan = MergePlan(salt_id=parts[0].manifest["salt_id"])
     owner_part: dict[str, Path] = {}  # item id -> part that contributes it
@@ -188,10 +188,8 @@ def plan_merge(parts: list[_Part], out: Path) -> MergePlan:
             rec.update(status="duplicate", reason="exact duplicate of pixel content written by an earlier part"
                        if not rec.get("near_dup_samples") else
                        "near duplicate (perceptual hash) of images written by an earlier part")
-    config = dict(parts[0].manifest.get("config", {}))
-    config.update(inputs=[i for p in parts for i in p.manifest.get("config", {}).get("inputs", [])],
-                  output=str(out), merge=[str(p.path) for p in parts])
-    plan.config = config
+    # The parts' shared settings; their inputs and folders stay in their ledgers (the manifest names no paths).
+    plan.config = dict(parts[0].manifest.get("config", {}))
     return plan
 
 
@@ -299,7 +297,7 @@ def merge(part_dirs: list[str], output: str, show_progress: bool = True) -> dict
                          f"merge into a new folder")
     loaded = [_load_part(p) for p in parts]
     _check_compatible(loaded)
-    plan = plan_merge(loaded, out)
+    plan = plan_merge(loaded)
     out.mkdir(parents=True, exist_ok=True)
     shard_dir.mkdir(exist_ok=True)
     for tmp in shard_dir.glob(".tmp-*"):
@@ -319,7 +317,7 @@ def merge(part_dirs: list[str], output: str, show_progress: bool = True) -> dict
     atomic_write(out / LEDGER_NAME, lambda p: p.write_text(
         "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines)))
     manifest = write_outputs(out, state, plan.config, {
-        "salt_id": plan.salt_id, "merged_from": {"parts": [str(p) for p in parts], "fingerprint": fingerprint}})
+        "salt_id": plan.salt_id, "merged_from": {"parts": [p.name for p in parts], "fingerprint": fingerprint}})
     marker.unlink()
     log.info("merged %d parts into %s: %d shards, %d samples", len(parts), out, len(state.shards),
              manifest["samples_written"])

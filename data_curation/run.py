@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 from common.config import config_to_dict
 from common.logging import get_logger, progress
 from data_curation.config import CurateConfig
-from data_curation.deid import load_salt, salt_fingerprint
+from data_curation.deid import load_salt, salt_fingerprint, source_label
 from data_curation.discover import InputFile, Rejected, walk_inputs
 from data_curation.manifest import write_outputs
 from data_curation.plan import plan_tasks
@@ -23,16 +23,18 @@ from data_curation.tasks import TaskResult, run_task
 from data_curation.writer import ShardSink
 
 
-def _reject_record(r: Rejected) -> dict[str, Any]:
-    return {"t": "item", "id": r.item_id, "path": r.path, "source": r.source, "status": "rejected",
-            "reason": r.reason, "modality": None, "samples": 0, "dup_samples": 0, "skipped": 0}
+def _reject_record(r: Rejected, label: Callable[[str], str]) -> dict[str, Any]:
+    return {"t": "item", "id": r.item_id, "path": r.path, "source": r.source, "source_id": label(r.source),
+            "status": "rejected", "reason": r.reason, "modality": None, "samples": 0, "dup_samples": 0,
+            "skipped": 0}
 
 
 class _ItemAssembler:
     """Collects the task results of an item; commits the item once all its parts have arrived."""
 
-    def __init__(self, state: LedgerState, ledger: Ledger, sink: ShardSink, files: dict[str, InputFile]):
-        self.state, self.ledger, self.sink, self.files = state, ledger, sink, files
+    def __init__(self, state: LedgerState, ledger: Ledger, sink: ShardSink, files: dict[str, InputFile],
+                 label: Callable[[str], str]):
+        self.state, self.ledger, self.sink, self.files, self.label = state, ledger, sink, files, label
         self.pending: dict[str, list[TaskResult]] = {}
 
     def add(self, res: TaskResult) -> None:
@@ -45,7 +47,8 @@ class _ItemAssembler:
         f = self.files[parts[0].item_id]
         parts.sort(key=lambda r: r.part)
         skipped = sum(r.stats.get("slices_skipped_background", 0) for r in parts)
-        rec = {"t": "item", "id": f.item_id, "path": f.path, "source": f.source, "reason": None,
+        rec = {"t": "item", "id": f.item_id, "path": f.path, "source": f.source, "source_id": self.label(f.source),
+               "reason": None,
                "modality": next((r.modality for r in parts if r.modality), None), "skipped": skipped}
         resliced = sum(len(r.samples) for r in parts if f.kind == "dicom" and r.part > 0)
         note = next((r.note for r in parts if r.note), None)
@@ -114,12 +117,14 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     sink = ShardSink(out, state, ledger, cfg.shard_maxcount, cfg.shard_maxsize)
     todo: list[InputFile] = []
     already = 0
+    # The ledger keeps both names (operator-only); shards and the manifest get the label (deid.source_label).
+    label = partial(source_label, salt, public=cfg.public_source_names)
     for entry in walk_inputs(list(cfg.inputs), out):
         if state.item_done(entry.item_id):
             already += 1
             continue
         if isinstance(entry, Rejected):
-            ledger.append(rec := _reject_record(entry))
+            ledger.append(rec := _reject_record(entry, label))
             state.items[entry.item_id] = rec
         else:
             todo.append(entry)
@@ -129,11 +134,11 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
         headers = dict(zip(dicoms, imap(read_header, dicoms)))
         tasks, plan_rejects = plan_tasks(todo, cfg, headers, cfg.image_modality)
         for r in plan_rejects:
-            ledger.append(rec := _reject_record(r))
+            ledger.append(rec := _reject_record(r, label))
             state.items[r.item_id] = rec
         log.info("%d new or unfinished inputs -> %d tasks (%d already curated)", len(todo), len(tasks),
                  already)
-        assembler = _ItemAssembler(state, ledger, sink, {f.item_id: f for f in todo})
+        assembler = _ItemAssembler(state, ledger, sink, {f.item_id: f for f in todo}, label)
         results: Iterable[TaskResult] = imap(partial(run_task, cfg=cfg, salt=salt), tasks)
         for res in _bar(results, len(tasks), cfg.progress):
             assembler.add(res)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from data_curation.config import CurateConfig
-from data_curation.deid import allowlisted, salted_hash, split_for_subject
+from data_curation.deid import allowlisted, salted_hash, source_label, split_for_subject
 from data_curation.discover import InputFile
 from data_curation.format import encode_image, encode_meta
 from data_curation.intensity import resize, target_size
@@ -82,7 +82,7 @@ def _finish(slice_: Slice, ident: Identity, task: Task, cfg: CurateConfig, salt:
         split=split, subject=subject,
         study=salted_hash(salt, "study", ident.study) if ident.study else None,
         series=salted_hash(salt, "series", ident.series) if ident.series else None,
-        source=task.file.source, size=list(img.shape[:2]),
+        source=source_label(salt, task.file.source, cfg.public_source_names), size=list(img.shape[:2]),
     )
     meta.setdefault("label", task.args.get("label"))
     meta.setdefault("label_name", task.args.get("label_name"))

@@ -88,8 +88,9 @@ def test_curate_drops_near_duplicates_and_counts_them_separately(tmp_path, monke
     volume.mkdir()
     shutil.copy(NIBABEL_DATA / "anatomical.nii", volume / "anatomical.nii")  # adjacent slices look alike
 
-    plain = _curate([originals, copies, volume], tmp_path / "plain")
-    m = _curate([originals, copies, volume], tmp_path / "near", "--near_duplicates")
+    # Readable source names in the manifest, to look up the volume's folder below.
+    plain = _curate([originals, copies, volume], tmp_path / "plain", "--public_source_names")
+    m = _curate([originals, copies, volume], tmp_path / "near", "--near_duplicates", "--public_source_names")
     assert plain["samples_near_duplicate"] == 0 and plain["samples_written"] == m["samples_written"] + 2
     assert m["samples_near_duplicate"] == 2 and m["files_near_duplicate"] == 2
     assert m["files_duplicate"] == plain["files_duplicate"] + 2 and m["samples_duplicate"] == plain["samples_duplicate"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from data_curation import writer as writer_mod
 from data_curation.cli import main as curate_main
-from data_curation.deid import SaltError, load_salt
+from data_curation.deid import SaltError, load_salt, source_label
 from data_curation.format import decode_image, encode_image
 
 SITE = Path(pydicom.__file__).parent.parent
@@ -68,6 +69,28 @@ def test_no_patient_identifier_reaches_shards_or_manifest(tmp_path, monkeypatch)
         assert not any(value == s or (len(value) >= 4 and value in s) for s in strings), value
     for name in ("PatientName", "PatientID", "StudyInstanceUID", "InstitutionName", "AccessionNumber"):
         assert all(name.encode() not in blob for blob in blobs)
+
+
+def test_input_folder_named_after_a_patient_reaches_neither_shards_nor_manifest(tmp_path, monkeypatch, capsys):
+    """PACS exports name folders after patients: the folder's name and path stay in the operator's files (the
+    console summary, the ledger), shards and manifest get a keyed label; --public_source_names opts out."""
+    monkeypatch.setenv("SCANMAE_CURATE_SALT", SALT)
+    name = "DOE^JANE_MRN4417"
+    folder = tmp_path / "exports" / name
+    folder.mkdir(parents=True)
+    for dcm in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(DICOM_DIRS[0] / dcm, folder / dcm)
+    out = tmp_path / "out"
+    assert curate_main([str(folder), "--output", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert name in capsys.readouterr().out  # the operator still sees which folder is which
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples_written"] == 2 and list(manifest["per_source"]) == [source_label(SALT.encode(), name)]
+    for blob in [p.read_bytes() for p in (out / "shards").glob("*.tar")] + [(out / "manifest.json").read_bytes()]:
+        assert b"MRN4417" not in blob and str(tmp_path).encode() not in blob  # no name, no path (config included)
+    public = tmp_path / "public"
+    assert curate_main([str(folder), "--output", str(public), "--workers", "1", "--no-progress",
+                        "--public_source_names"]) == 0
+    assert list(json.loads((public / "manifest.json").read_text())["per_source"]) == [name]
 
 
 def _json_strings(obj) -> list[str]:
