@@ -50,6 +50,10 @@ class CurateConfig:
     public_source_names: bool = _f(False, "write the input folder / file names into shards and manifest as the "
                                           "samples' source (only where they identify no one, e.g. public "
                                           "datasets); by default a keyed digest of the name")
+    subject_key: str = _f("patient", "what one subject is for the patient-level split of DICOM data: 'patient' "
+                                     "(PatientID, else PatientName, else the study), 'study' (StudyInstanceUID) or "
+                                     "'series' (SeriesInstanceUID); e.g. 'study' when an anonymiser gave every "
+                                     "patient the same PatientID")
     split_fractions: list[float] = _f([0.9, 0.05, 0.05], "train/val/test fractions for subjects "
                                                           "without a given split")
     near_duplicates: bool = _f(False, "also drop near duplicates: samples whose perceptual hash lies within "

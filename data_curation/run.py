@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from data_curation.plan import plan_tasks
 from data_curation.readers.dicom import read_header
 from data_curation.reslice import PLANES
 from data_curation.state import Ledger, LedgerState, load_ledger
-from data_curation.tasks import TaskResult, run_task
+from data_curation.tasks import SUBJECT_KEYS, TaskResult, run_task
 from data_curation.writer import ShardSink
 
 
@@ -36,6 +37,7 @@ class _ItemAssembler:
                  label: Callable[[str], str]):
         self.state, self.ledger, self.sink, self.files, self.label = state, ledger, sink, files, label
         self.pending: dict[str, list[TaskResult]] = {}
+        self.per_subject: Counter = Counter()  # samples written by this run, per subject hash
 
     def add(self, res: TaskResult) -> None:
         parts = self.pending.setdefault(res.item_id, [])
@@ -74,6 +76,7 @@ class _ItemAssembler:
                     samples += 1
                     if owner is None:  # owner == this item: already in a recorded shard from an earlier run
                         self.sink.write(s, f.item_id)
+                        self.per_subject[s.subject] += 1
         if reject is not None:
             rec.update(status="rejected", reason=reject)
         elif samples:
@@ -88,6 +91,25 @@ class _ItemAssembler:
             rec["near_dup_samples"] = near
         self.ledger.append(rec)
         self.state.items[f.item_id] = rec
+
+
+# A run whose samples are at least this many, this share of them from one subject, is worth a warning.
+ONE_SUBJECT_MIN_SAMPLES, ONE_SUBJECT_SHARE = 200, 0.8
+
+
+def _warn_if_one_subject(per_subject: Counter, subject_key: str) -> None:
+    """Every sample of a subject goes to one split: if nearly all of a run's samples share a subject (a PatientID
+    blanked to one value by an anonymiser, say), the split is not the one asked for. Says so, with the remedy."""
+    total = sum(per_subject.values())
+    if total < ONE_SUBJECT_MIN_SAMPLES or not per_subject:
+        return
+    largest = max(per_subject.values())
+    if largest >= ONE_SUBJECT_SHARE * total:
+        finer = {"patient": "study", "study": "series"}.get(subject_key)
+        remedy = f"; if they are not one {subject_key}, rerun into a new output with --subject_key {finer}" \
+            if finer else ""
+        get_logger("curate").warning("%d of the %d samples written belong to one subject (--subject_key %s), so "
+                                     "they all land in one split%s", largest, total, subject_key, remedy)
 
 
 def _mapper(workers: int) -> tuple[Any, Any]:
@@ -105,6 +127,8 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     log = get_logger("curate")
     if not cfg.inputs or not cfg.output:
         raise ValueError("curate needs at least one input and --output")
+    if cfg.subject_key not in SUBJECT_KEYS:
+        raise ValueError(f"--subject_key must be one of {', '.join(SUBJECT_KEYS)}, got {cfg.subject_key!r}")
     unknown = [p for p in cfg.dicom_reslice if p not in PLANES]
     if unknown:
         raise ValueError(f"--dicom_reslice: unknown plane(s) {unknown} (use {sorted(PLANES)})")
@@ -142,6 +166,7 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
         results: Iterable[TaskResult] = imap(partial(run_task, cfg=cfg, salt=salt), tasks)
         for res in _bar(results, len(tasks), cfg.progress):
             assembler.add(res)
+        _warn_if_one_subject(assembler.per_subject, cfg.subject_key)
     finally:
         if pool is not None:
             pool.terminate()

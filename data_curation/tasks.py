@@ -65,6 +65,19 @@ def _pixel_hash(img: np.ndarray) -> str:
     return h.hexdigest()
 
 
+SUBJECT_KEYS = ("patient", "study", "series")
+
+
+def subject_of(ident: Identity, key: str) -> str:
+    """The identity value that defines a subject under ``--subject_key`` (the finer keys fall back to the coarser
+    ones where a file lacks them; non-DICOM inputs have only ``subject``, their file or given subject)."""
+    if key == "series":
+        return ident.series or ident.study or ident.subject
+    if key == "study":
+        return ident.study or ident.subject
+    return ident.subject
+
+
 def _finish(slice_: Slice, ident: Identity, task: Task, cfg: CurateConfig, salt: bytes) -> EncodedSample:
     """Size policy, identity hashes, split, label -> an encoded, allowlisted sample."""
     img = slice_.image
@@ -76,7 +89,7 @@ def _finish(slice_: Slice, ident: Identity, task: Task, cfg: CurateConfig, salt:
     meta = dict(slice_.meta)
     if meta.get("spacing") and size != (h, w):
         meta["spacing"] = [meta["spacing"][0] * h / size[0], meta["spacing"][1] * w / size[1]]
-    subject = salted_hash(salt, "subject", ident.subject)
+    subject = salted_hash(salt, "subject", subject_of(ident, cfg.subject_key))
     split = slice_.split or task.args.get("split") or split_for_subject(salt, subject, list(cfg.split_fractions))
     meta.update(
         split=split, subject=subject,

@@ -44,3 +44,65 @@ def test_same_named_roots_with_same_relative_paths_lose_nothing(tmp_path, monkey
         with tarfile.open(out / "shards" / shard["name"]) as tf:
             keys += [m.name.split(".")[0] for m in tf.getmembers() if m.name.endswith(".json")]
     assert len(keys) == len(set(keys)) == 4
+
+
+def _same_patient_studies(folder: Path, n: int) -> None:
+    """``n`` real CT slices, each its own study, all under one (anonymised) PatientID; pixels made distinct so
+    that none is a duplicate of another."""
+    import pydicom
+
+    src = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        ds = pydicom.dcmread(src)
+        ds.PatientID, ds.PatientName = "ANONYMOUS", "ANONYMOUS"
+        ds.StudyInstanceUID = pydicom.uid.generate_uid()
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+        pixels = ds.pixel_array.copy()
+        pixels[: 8 * (i + 1), :8] = pixels.max()  # a distinct corner per file
+        ds.PixelData = pixels.astype(pixels.dtype).tobytes()
+        ds.save_as(folder / f"ct{i}.dcm")
+
+
+def _subjects(out: Path) -> list[str]:
+    subjects = []
+    for shard in (out / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tf:
+            subjects += [json.loads(tf.extractfile(m).read())["subject"] for m in tf.getmembers()
+                         if m.name.endswith(".json")]
+    return subjects
+
+
+def test_subject_key_study_splits_a_blanked_patient_id_by_study(tmp_path: Path, monkeypatch, capsys) -> None:
+    import data_curation.run as run_mod
+
+    monkeypatch.setenv("SCANMAE_CURATE_SALT", SALT)
+    monkeypatch.setattr(run_mod, "ONE_SUBJECT_MIN_SAMPLES", 5)
+    _same_patient_studies(tmp_path / "in", 6)
+    common = ["--workers", "1", "--no-progress"]
+    capsys.readouterr()
+    assert curate_main([str(tmp_path / "in"), "--output", str(tmp_path / "patient"), *common]) == 0
+    said = capsys.readouterr().out
+    assert "6 of the 6 samples written belong to one subject (--subject_key patient)" in said
+    assert "--subject_key study" in said
+    subjects = _subjects(tmp_path / "patient")
+    assert len(subjects) == 6 and len(set(subjects)) == 1  # one subject: one split for all six studies
+    assert curate_main([str(tmp_path / "in"), "--output", str(tmp_path / "study"), "--subject_key", "study",
+                        *common]) == 0
+    assert len(set(_subjects(tmp_path / "study"))) == 6
+    assert "belong to one subject" not in capsys.readouterr().out
+    assert curate_main([str(tmp_path / "in"), "--output", str(tmp_path / "bad"), "--subject_key", "file",
+                        *common]) == 2
+    assert "--subject_key must be one of patient, study, series" in capsys.readouterr().err
+
+
+def test_one_subject_warning_thresholds(capsys) -> None:
+    from collections import Counter
+
+    from data_curation.run import _warn_if_one_subject
+
+    _warn_if_one_subject(Counter({"a": 190, "b": 10}), "study")
+    assert "190 of the 200 samples written belong to one subject" in capsys.readouterr().out
+    _warn_if_one_subject(Counter({"a": 150, "b": 50}), "patient")  # 75 %: no warning
+    _warn_if_one_subject(Counter({"a": 19, "b": 1}), "patient")  # too few samples to say
+    assert "belong to one subject" not in capsys.readouterr().out
