@@ -19,6 +19,10 @@ from accelerate import Accelerator
 from common.io import atomic_write_json
 
 STATE_FILE = "train_state.json"
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint to resume from belongs to a run with another model or input geometry."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -67,9 +71,18 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
     @staticmethod
-    def load(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    def load(accelerator: Accelerator, path: Path, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Restore the checkpoint at ``path``; ``expected`` (model name, input size, channels) is compared with
+        what the checkpoint recorded first, so a mismatch is a one-line ``CheckpointMismatch``, not a missing-keys
+        dump from the state-dict load. Keys a checkpoint did not record are not compared."""
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+        state = json.loads(state_file.read_text())
+        differ = {k: (state[k], v) for k, v in (expected or {}).items() if k in state and state[k] != v}
+        if differ:
+            raise CheckpointMismatch(f"{path} was written by another run: " + ", ".join(
+                f"{k} {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+                + f"; give another --output_dir (or remove {path.parent} to start over in this one)")
         accelerator.load_state(str(path))
-        return json.loads(state_file.read_text())
+        return state

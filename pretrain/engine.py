@@ -90,7 +90,7 @@ def train_state(ctx: TrainContext, step: int) -> dict[str, Any]:
             "batch_size": c.batch_size, "accum_iter": c.accum_iter, "world_size": ctx.accelerator.num_processes,
             "num_workers": c.num_workers, "seed": c.seed, "interleave_shards": c.interleave_shards,
             "data_on_device": c.data_on_device,
-            "data_path": c.data_path, "model": c.model,
+            "data_path": c.data_path, "model": c.model, "input_size": c.input_size, "in_chans": c.in_chans,
             "lr": ctx.schedule.lr_at(max(0, step - 1))}
 
 

@@ -32,7 +32,7 @@ from common.data.resident import ResidentLoader, decode_all, resident_bytes  # n
 from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
-from pretrain.checkpointing import CheckpointManager  # noqa: E402
+from pretrain.checkpointing import CheckpointManager, CheckpointMismatch  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
 from pretrain.deepspeed_settings import fill_script_fields  # noqa: E402
 from pretrain.engine import EXIT_OK, TrainContext, train  # noqa: E402
@@ -153,7 +153,11 @@ def run(cfg: PretrainConfig) -> int:
     start_step = cfg.start_epoch * steps_per_epoch
     resume_from = _resume_path(cfg, checkpoints)
     if resume_from is not None:
-        state = checkpoints.load(accelerator, resume_from)
+        try:
+            state = checkpoints.load(accelerator, resume_from, {"model": cfg.model, "input_size": cfg.input_size,
+                                                               "in_chans": cfg.in_chans})
+        except CheckpointMismatch as exc:
+            raise ConfigError(str(exc)) from None
         start_step = int(state["step"])
         geometry = {"batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "world_size": world,
                     "seed": cfg.seed, "data_on_device": cfg.data_on_device}

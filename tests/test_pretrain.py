@@ -179,6 +179,19 @@ def test_non_finite_loss_between_checks_stops_before_the_next_save(curated: Path
     assert _files_digest(ckpt) == before
 
 
+def test_resume_into_another_models_folder_is_a_one_line_error(curated: Path, tmp_path: Path,
+                                                                capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert pretrain_main(args(curated, out, max_steps=2, save_every=2)) == 0
+    capfd.readouterr()
+    assert pretrain_main(args(curated, out, model="mae_test_vim", max_steps=4)) == 2
+    said = capfd.readouterr().out
+    assert "written by another run: model 'mae_test_vit' there, 'mae_test_vim' now" in said
+    assert "Missing key" not in said
+    assert pretrain_main(args(curated, out, input_size=48, max_steps=4)) == 2
+    assert "input_size 32 there, 48 now" in capfd.readouterr().out
+
+
 def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:
     cfg = parse_config(PretrainConfig, ["--config", str(DEMO_CONFIG), "--batch_size", "7", "--no-norm_pix_loss"])
     demo = load_yaml(DEMO_CONFIG)
