@@ -8,6 +8,7 @@ override those defaults; the model remembers its name and the overrides (``model
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,9 @@ class ModelRegistry:
         try:
             return self._specs[name]
         except KeyError:
-            close = [n for n in self._specs if name.split("_")[0] in n][:8]
+            # Typos first (difflib's ratio), then names sharing the first word ("vit" in "vit_bse_patch16").
+            close = difflib.get_close_matches(name, list(self._specs), n=8, cutoff=0.75)
+            close += [n for n in self._specs if name.split("_")[0] in n and n not in close][:8 - len(close)]
             hint = f"; similar: {', '.join(close)}" if close else ""
             raise KeyError(f"unknown model {name!r}{hint}") from None
 

@@ -49,6 +49,17 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Check values and resolve a relative ``data_path`` against the repository when not found here."""
+    import models  # the registry (kept out of module import: `--help` stays fast)
+
+    try:
+        kind = models.REGISTRY.spec(cfg.model).kind
+    except KeyError as exc:
+        raise ConfigError(f"--model: {exc.args[0]}") from None
+    if kind != "mae":
+        hint = f" (here mae_{cfg.model})" if f"mae_{cfg.model}" in models.REGISTRY else ""
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(f"--model {cfg.model} is {article} {kind} model, not an MAE: pretraining takes an mae_* "
+                          f"name{hint}; see models.list_models(kind='mae')")
     if not cfg.data_path:
         raise ConfigError("data_path is empty: give --data_path (shard dir, tar pattern, ImageFolder, .npz, CSV)")
     if not Path(cfg.data_path).exists() and "{" not in cfg.data_path and (REPO_ROOT / cfg.data_path).exists():

@@ -192,6 +192,16 @@ def test_resume_into_another_models_folder_is_a_one_line_error(curated: Path, tm
     assert "input_size 32 there, 48 now" in capfd.readouterr().out
 
 
+def test_model_names_are_checked_before_anything_runs(curated: Path, tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    assert pretrain_main(args(curated, tmp_path / "a", model="mae_test_vti")) == 2
+    assert "--model: unknown model 'mae_test_vti'; similar: mae_test_vit" in capfd.readouterr().out
+    assert pretrain_main(args(curated, tmp_path / "b", model="test_vit")) == 2
+    assert "is an encoder model, not an MAE: pretraining takes an mae_* name (here mae_test_vit)" in \
+        capfd.readouterr().out
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # stopped before the output folder
+
+
 def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:
     cfg = parse_config(PretrainConfig, ["--config", str(DEMO_CONFIG), "--batch_size", "7", "--no-norm_pix_loss"])
     demo = load_yaml(DEMO_CONFIG)
