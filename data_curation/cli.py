@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The readable names come from the ledger (operator-only); the manifest holds their labels.
     print(summary_table(manifest, source_names(replay_ledger(Path(cfg.output).expanduser()))))
+    if not manifest["samples_written"]:
+        print(f"curate: warning: {cfg.output} holds no samples: every input was rejected or a duplicate "
+              f"(reasons in {Path(cfg.output) / 'rejects.jsonl'})", file=sys.stderr)
     return 0
 
 

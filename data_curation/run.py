@@ -133,6 +133,8 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--dicom_reslice: unknown plane(s) {unknown} (use {sorted(PLANES)})")
     out = Path(cfg.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     salt, salt_where = load_salt(cfg.salt_file, out)
     log.info("identity hashes keyed with the salt from %s (never written to %s)", salt_where, out)
@@ -148,6 +150,8 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
             already += 1
             continue
         if isinstance(entry, Rejected):
+            if entry.item_id.endswith("/") and not Path(entry.path).exists():  # a whole input root, not a file
+                log.warning("input %s does not exist (recorded in rejects.jsonl)", entry.path)
             ledger.append(rec := _reject_record(entry, label))
             state.items[entry.item_id] = rec
         else:

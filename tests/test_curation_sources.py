@@ -106,3 +106,18 @@ def test_one_subject_warning_thresholds(capsys) -> None:
     _warn_if_one_subject(Counter({"a": 150, "b": 50}), "patient")  # 75 %: no warning
     _warn_if_one_subject(Counter({"a": 19, "b": 1}), "patient")  # too few samples to say
     assert "belong to one subject" not in capsys.readouterr().out
+
+
+def test_missing_input_and_file_output_are_said_plainly(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SCANMAE_CURATE_SALT", SALT)
+    missing = tmp_path / "typo_in_path"
+    assert curate_main([str(missing), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    said = capsys.readouterr()
+    assert f"input {missing} does not exist" in said.out
+    assert "holds no samples: every input was rejected or a duplicate" in said.err
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [{"path": str(missing), "reason": "input does not exist or is not readable"}]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert curate_main([str(missing), "--output", str(a_file), "--no-progress"]) == 2
+    assert f"--output {a_file} exists and is not a folder" in capsys.readouterr().err
