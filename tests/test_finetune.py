@@ -291,6 +291,17 @@ def test_resume_with_ema_continues_where_it_stopped(encoder_ckpt: Path, tmp_path
     assert torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_resume_from_another_models_run_is_a_short_error(encoder_ckpt: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--batch_size", "128", "--epochs", "1",
+          "--output_dir", str(tmp_path / "vit"), *FAST])
+    argv = ["--data_path", str(BREAST_NPZ), "--model", "test_medmamba", "--input_size", "32", "--batch_size", "128",
+            "--epochs", "2", "--resume", str(tmp_path / "vit" / "checkpoint-last.pt"), "--output_dir",
+            str(tmp_path / "mm"), *FAST]
+    cli_fails(capsys, main, argv, r"checkpoint-last.pt was written by another run \(classifier:test_vit\); this run "
+                                  r"is classifier:test_medmamba")
+
+
 def test_eval_of_a_checkpoint_for_another_class_count_is_an_error(encoder_ckpt: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     csv_path = kermany_multilabel_csv(tmp_path / "findings.csv", {"train": 6, "val": 3, "test": 3})

@@ -57,10 +57,18 @@ def save_last(path: Path, parts: FitParts, accelerator: Accelerator, epoch: int,
     """``checkpoint-last.pt``: tensors and plain containers only, so it loads with weights_only=True."""
     payload = {name: accelerator.unwrap_model(m).state_dict() for name, m in parts.resumable.items()}
     payload.update(optimizer=parts.optimizer.state_dict(), epoch=epoch, best_value=state.best_value,
-                   best_epoch=state.best_epoch, best_val=state.best_val)
+                   best_epoch=state.best_epoch, best_val=state.best_val, architecture=_architecture(parts))
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _architecture(parts: FitParts) -> str:
+    """What a last checkpoint records of the run's model, to refuse resuming another one with a short message:
+    the kind and the model (a linear probe's encoder) as its best checkpoint names them."""
+    meta = parts.best_meta
+    model = meta.get("model") or (meta.get("encoder") or {}).get("model", "")
+    return f"{meta.get('kind', '')}:{model}"
 
 
 def load_last(path: str, parts: FitParts, accelerator: Accelerator) -> FitState:
@@ -68,10 +76,18 @@ def load_last(path: str, parts: FitParts, accelerator: Accelerator) -> FitState:
     if not isinstance(payload, dict) or "optimizer" not in payload:
         raise CheckpointError(f"{path}: not a {LAST_NAME} written by linprobe/finetune (keys: "
                               f"{list(payload)[:8] if isinstance(payload, dict) else type(payload).__name__})")
+    recorded, current = payload.get("architecture"), _architecture(parts)
+    if recorded is not None and recorded != current:  # checkpoints from before it was recorded: shapes decide
+        raise CheckpointError(f"{path} was written by another run ({recorded}); this run is {current}")
     for name, module in parts.resumable.items():
         if name not in payload:
             raise CheckpointError(f"{path}: no '{name}' state to resume from (has {sorted(payload)})")
-        accelerator.unwrap_model(module).load_state_dict(payload[name])
+        try:
+            accelerator.unwrap_model(module).load_state_dict(payload[name])
+        except RuntimeError as exc:  # torch lists every key; the first line says what kind of mismatch it is
+            lines = str(exc).splitlines()
+            raise CheckpointError(f"{path}: its '{name}' state does not fit this run's model: {lines[0]} "
+                                  f"{lines[1].strip()[:200] if len(lines) > 1 else ''}") from None
     parts.optimizer.load_state_dict(payload["optimizer"])
     return FitState(start_epoch=int(payload["epoch"]) + 1, best_value=float(payload["best_value"]),
                     best_epoch=int(payload["best_epoch"]), best_val=payload.get("best_val"))
