@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -108,8 +109,10 @@ def merge_mapping(cfg: T, mapping: dict[str, Any], source: str = "config") -> T:
     updates = {}
     for key, value in mapping.items():
         if key not in types_:
-            known = ", ".join(sorted(types_))
-            raise ConfigError(f"{source}: unknown key '{key}' (known keys: {known})")
+            close = difflib.get_close_matches(str(key), list(types_), n=1)
+            if close:
+                raise ConfigError(f"{source}: unknown key '{key}' (did you mean '{close[0]}'?)")
+            raise ConfigError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(types_))})")
         updates[key] = _coerce(key, value, types_[key])
     return dataclasses.replace(cfg, **updates)
 

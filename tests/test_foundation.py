@@ -63,7 +63,10 @@ def test_config_saved_yaml_reproduces_run(tmp_path: Path) -> None:
 def test_config_unknown_key_is_named(tmp_path: Path) -> None:
     yml = tmp_path / "cfg.yaml"
     yml.write_text("batch_sise: 32\n")
-    with pytest.raises(ConfigError, match="unknown key 'batch_sise'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'batch_sise' \(did you mean 'batch_size'\?\)"):
+        parse_config(_Cfg, ["--config", str(yml)])
+    yml.write_text("zzz: 1\n")  # nothing close: the known keys are listed
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(known keys: .*batch_size"):
         parse_config(_Cfg, ["--config", str(yml)])
 
 
