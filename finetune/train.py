@@ -93,7 +93,7 @@ def run_finetune(cfg: FinetuneConfig, ctx: RunContext, model: nn.Module) -> tupl
     train_t = TimmTrainTransform(spec.input_size, spec.mean, spec.std, spec.in_chans, cfg.aa, cfg.color_jitter,
                                  cfg.reprob, cfg.remode, cfg.recount)
     train_loader, sampler = ctx.train_loader(train_t, cfg)
-    state = start_state(cfg.resume, cfg.start_epoch, parts, acc)
+    state = start_state(cfg.resume, cfg.start_epoch, parts, acc, ctx.out_dir)
     logger.info(f"finetune: lr {lr:.3g} (blr {cfg.blr}), layer decay {cfg.layer_decay}, {cfg.epochs} epochs, "
                 f"{len(train_loader)} steps/epoch" + (", class-weighted loss" if weights is not None else ""))
     state = fit(parts, train_loader, sampler, loaders["val"], acc,

@@ -52,7 +52,7 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
                      best_meta={"kind": "linprobe_head", "encoder": spec.to_json(), "lr": lr,
                                 "class_names": labels.class_names, "multilabel": labels.multilabel})
     train_loader, sampler = ctx.train_loader(train_transform(cfg, ctx), cfg)
-    state = start_state(cfg.resume, cfg.start_epoch, parts, acc)
+    state = start_state(cfg.resume, cfg.start_epoch, parts, acc, ctx.out_dir)
     logger.info(f"linear probe: lr {lr:.3g} (blr {cfg.blr}), {cfg.epochs} epochs, {len(train_loader)} steps/epoch")
     state = fit(parts, train_loader, sampler, loaders["val"], acc, LrSchedule(lr, cfg.min_lr, cfg.warmup_epochs,
                                                                              cfg.epochs),

@@ -7,6 +7,7 @@ into its own 2D sample carrying the volume's label.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +17,77 @@ from common.data.source import DataSourceError, Decoded, LabelInfo, RandomAccess
 SPLITS = ("train", "val", "test")
 
 
+def open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """``np.load`` of a ``.npz`` archive; a file that is not one (empty, truncated, another format) is a
+    ``DataSourceError`` naming it and saying what it is instead of numpy's or zipfile's traceback."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataSourceError(f"{path}: cannot read .npz ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise DataSourceError(f"{path}: empty file (0 bytes), not a .npz archive")
+    if not zipfile.is_zipfile(path):
+        raise DataSourceError(f"{path}: not a .npz archive (a .npz is a zip of .npy arrays as numpy.savez writes; "
+                              f"this file is {size} bytes of something else, or a truncated copy)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataSourceError(f"{path}: cannot read .npz ({exc})") from exc
+
+
+def read_array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """One array of an open archive; a damaged member or an object (pickled) array names the file and key."""
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataSourceError(f"{path}: array '{key}' holds Python objects (dtype=object); store numeric "
+                                  f"arrays (numpy.savez of uint8 / uint16 / float images, int labels)") from exc
+        raise DataSourceError(f"{path}: cannot read array '{key}' ({exc})") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataSourceError(f"{path}: cannot read array '{key}' (damaged or truncated archive: {exc})") from exc
+
+
+def _rows(labels: np.ndarray) -> np.ndarray:
+    """Labels as ``(N, K)`` rows, also for an empty split (``reshape(0, -1)`` is ambiguous to numpy)."""
+    if labels.ndim == 0:
+        return labels.reshape(1, 1)
+    return labels.reshape(labels.shape[0], int(np.prod(labels.shape[1:], dtype=np.int64)))
+
+
+def _integral_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """``(N, K)`` labels; float labels must hold whole numbers (a fraction would be truncated silently)."""
+    labels = _rows(labels)
+    if labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer):
+        return labels
+    if not np.issubdtype(labels.dtype, np.floating):
+        raise DataSourceError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    bad = ~np.isfinite(labels) | (labels != np.round(labels))
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise DataSourceError(f"{where}: labels must be whole numbers (class indices or 0/1), sample {row} has "
+                              f"{labels[row].tolist()}")
+    return labels
+
+
 class NpzSource(RandomAccessSource):
     def __init__(self, path: Path, split: str | None, num_classes: int | None = None,
                  multilabel: bool | None = None, volume_slices: bool = False):
         self.path = str(path)
         self.split = split or "train"
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataSourceError(f"{path}: cannot read .npz ({exc})") from exc
-        with archive:
+        with open_npz(path) as archive:
             key = f"{self.split}_images"
             if key not in archive.files:
                 raise DataSourceError(f"{path}: no '{key}' array (arrays present: {sorted(archive.files)})")
-            images = archive[key]
-            labels = archive[f"{self.split}_labels"] if f"{self.split}_labels" in archive.files else None
-            all_labels = [archive[f"{s}_labels"] for s in SPLITS if f"{s}_labels" in archive.files]
+            images = read_array(archive, key, path)
+            labels = (read_array(archive, f"{self.split}_labels", path) if f"{self.split}_labels" in archive.files
+                      else None)
+            all_labels = [read_array(archive, f"{s}_labels", path) for s in SPLITS if f"{s}_labels" in archive.files]
         self.images, self.is_volume = self._check_images(images, volume_slices)
         self.slices = self.images.shape[1] if self.is_volume else 1
         self.raw_labels = None
         if labels is not None:
-            labels = labels.reshape(len(labels), -1)
+            labels = _integral_labels(labels, f"{path}:{self.split}_labels")
             if len(labels) != len(self.images):
                 raise DataSourceError(f"{path}: {len(self.images)} images but {len(labels)} labels in split "
                                       f"'{self.split}'")
@@ -60,7 +111,7 @@ class NpzSource(RandomAccessSource):
                     multilabel: bool | None) -> LabelInfo:
         if not all_labels:
             return LabelInfo(num_classes=num_classes)
-        width = all_labels[0].reshape(len(all_labels[0]), -1).shape[1]
+        width = _rows(all_labels[0]).shape[1]
         is_multi = bool(multilabel) if multilabel is not None else width > 1
         if num_classes is None:
             num_classes = width if is_multi else int(max(int(a.max()) for a in all_labels if a.size)) + 1

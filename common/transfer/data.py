@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.data.dataset import ImageDataset, build_dataset, detect_kind
 from common.data.loader import usable_workers
+from common.data.npz_source import open_npz
 from common.data.source import DataSourceError, RandomAccessSource
 from common.data.tar_source import MANIFEST
 from common.logging import progress
@@ -44,7 +45,7 @@ def split_exists(path: str, split: str) -> bool:
     if kind == "folder":
         return (p / split).is_dir()
     if kind == "npz":
-        with np.load(p, allow_pickle=False) as archive:
+        with open_npz(p) as archive:
             return f"{split}_images" in archive.files
     if kind == "csv":
         with open(p, newline="") as fh:

@@ -56,10 +56,33 @@ TRAIN_WEIGHTS = "model.safetensors"
 def _checkpoint_file(checkpoint: str | Path) -> Path:
     path = Path(checkpoint)
     if path.is_dir():
+        folder = path
         path = path / (TRAIN_WEIGHTS if (path / TRAIN_STATE).is_file() else "encoder.safetensors")
+        if not path.is_file():
+            steps = sorted(folder.glob(f"*/{TRAIN_STATE}"))
+            hint = (f"it holds pretraining checkpoints: pass one of them, e.g. {steps[-1].parent} (the latest)"
+                    if steps else f"pass the encoder.safetensors a pretraining run exported, or a "
+                    f"checkpoints/step_N folder (with {TRAIN_STATE} and {TRAIN_WEIGHTS})")
+            raise CheckpointError(f"--finetune {folder}: this folder has no encoder.safetensors and no "
+                                  f"{TRAIN_STATE}; {hint}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"--finetune {path}: checkpoint not found")
+    check_checkpoint_bytes(path, "--finetune")
     return path
+
+
+def check_checkpoint_bytes(path: Path, flag: str) -> None:
+    """Refuse a file that is neither safetensors nor a torch checkpoint by its first bytes (an empty or text
+    file, an image, ...), with a message instead of the unpickler's (``torch.load`` says e.g. "(105)")."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if not head:
+        raise CheckpointError(f"{flag} {path}: empty file (0 bytes), not a checkpoint")
+    safetensors = len(head) == 9 and head[8:9] == b"{"
+    torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save zip, or legacy pickle
+    if not (safetensors or torch_file):
+        raise CheckpointError(f"{flag} {path}: not a checkpoint (neither a .safetensors file nor a torch "
+                              f".pth/.pt file); pass the checkpoint file itself")
 
 
 def _training_checkpoint_meta(weights: Path) -> dict[str, Any] | None:

@@ -93,14 +93,63 @@ def load_last(path: str, parts: FitParts, accelerator: Accelerator) -> FitState:
                     best_epoch=int(payload["best_epoch"]), best_val=payload.get("best_val"))
 
 
-def start_state(resume: str, start_epoch: int, parts: FitParts, accelerator: Accelerator) -> FitState:
+def check_resume(resume: str, eval_only: bool) -> None:
+    """Check ``--resume`` before any data is opened or decoded: the file exists and is a checkpoint of the kind
+    the run needs (``--eval`` scores a best or last checkpoint, training continues from a last one only)."""
+    if not resume:
+        return
+    from common.transfer.encoder import check_checkpoint_bytes
+
+    path = Path(resume)
+    if path.is_dir():
+        inside = [name for name in (LAST_NAME, BEST_NAME) if (path / name).is_file()]
+        hint = (f"pass {path / inside[0]}" if inside else
+                f"it has no {LAST_NAME}{' or ' + BEST_NAME if eval_only else ''} (is it a linprobe/finetune "
+                "output folder?)")
+        raise CheckpointError(f"--resume {path}: is a folder, not a checkpoint file; {hint}")
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: file not found")
+    check_checkpoint_bytes(path, "--resume")
+    if path.suffix == ".safetensors" and not eval_only:
+        last = path.parent / LAST_NAME
+        raise CheckpointError(f"--resume {path}: a .safetensors file holds weights only, training continues from "
+                              f"a {LAST_NAME}" + (f" ({last})" if last.is_file() else "")
+                              + "; to score these weights, add --eval")
+
+
+def start_state(resume: str, start_epoch: int, parts: FitParts, accelerator: Accelerator,
+                out_dir: Path | None = None) -> FitState:
     """Where training begins: the state saved in ``resume`` (a ``checkpoint-last.pt``, loaded into
-    ``parts``) when one is given, else a fresh state at ``start_epoch``."""
+    ``parts``) when one is given, else a fresh state at ``start_epoch``.
+
+    Resuming into another ``out_dir`` than the checkpoint's folder copies that run's best checkpoint along, so
+    that the final scoring finds it even when no later epoch beats it."""
     if not resume:
         return FitState(start_epoch=start_epoch)
     state = load_last(resume, parts, accelerator)
+    if out_dir is not None and state.best_epoch >= 0:
+        _carry_best(Path(resume), out_dir, state.best_epoch, accelerator)
     get_logger("scanmae.transfer").info(f"resumed from {resume} at epoch {state.start_epoch}")
     return state
+
+
+def _carry_best(resume: Path, out_dir: Path, best_epoch: int, accelerator: Accelerator) -> None:
+    if (out_dir / BEST_NAME).is_file() or resume.parent.resolve() == out_dir.resolve():
+        return
+    source = resume.parent / BEST_NAME
+    if not source.is_file():
+        raise CheckpointError(f"--resume {resume}: its run's best epoch ({best_epoch}) was saved as {source}, "
+                              f"which is missing; resume with --output_dir {resume.parent} or put that file "
+                              f"back next to the checkpoint")
+    if accelerator.is_main_process:
+        import shutil
+
+        for src in (source, source.with_suffix(".json")):
+            if src.is_file():
+                shutil.copy2(src, out_dir / src.name)
+        get_logger("scanmae.transfer").info(f"copied the resumed run's best checkpoint (epoch {best_epoch}) "
+                                            f"from {source} to {out_dir}")
+    accelerator.wait_for_everyone()
 
 
 def load_best_weights(module: nn.Module, path: str | Path) -> None:

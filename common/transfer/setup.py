@@ -32,6 +32,7 @@ from common.transfer.data import (
 from common.transfer.encoder import EncoderSpec, resolve_spec
 from common.transfer.engine import gather_strided
 from common.transfer.errors import TransferUsageError
+from common.transfer.loop import check_resume
 from common.transfer.results import SELECT_METRICS
 from common.transfer.sampling import EpochShuffleSampler, StridedSampler
 from common.transfer.transforms import eval_transform
@@ -99,6 +100,18 @@ class RunContext:
         return self.targets[split]
 
 
+def make_output_dir(out_dir: Path) -> None:
+    """Create ``--output_dir``; a path that is a file (or lies under one) is a one-line usage error."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TransferUsageError(f"--output_dir {out_dir}: is a file, not a folder; pass a folder path")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else (exc.strerror or str(exc))
+        raise TransferUsageError(f"--output_dir {out_dir}: cannot create the folder ({reason})") from exc
+
+
 def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path: float | None,
                 default_pool: str) -> RunContext:
     """Seed, create the output folder, resolve the architecture and open + check the data's structure
@@ -109,12 +122,13 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
     if cfg.accum_iter < 1 or cfg.batch_size < 1 or cfg.epochs < 0:
         raise TransferUsageError(f"--batch_size / --accum_iter must be >= 1 and --epochs >= 0 (got {cfg.batch_size}, "
                          f"{cfg.accum_iter}, {cfg.epochs})")
+    check_resume(cfg.resume, cfg.eval)
     accelerator = Accelerator()
     seed_everything(cfg.seed)
     logger = get_logger(f"scanmae.{name}")
     out_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_dir)
         save_config(cfg, out_dir / "config.yaml")
     workers = usable_workers(cfg.num_workers)
     if workers < cfg.num_workers:
@@ -123,6 +137,10 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
     spec = resolve_spec(cfg.model, cfg.finetune, cfg.input_size, cfg.in_chans, 0, cfg.global_pool, drop_path,
                         default_pool)
     splits, labels = open_splits(cfg.data_path, spec.in_chans, cfg.nb_classes, cfg.multilabel)
+    per_process = -(-len(splits["train"]) // accelerator.num_processes)
+    if not cfg.eval and cfg.epochs > 0 and per_process < cfg.batch_size:  # found before every image is decoded
+        raise TransferUsageError(f"{cfg.data_path}: {per_process} training samples per process are fewer than one "
+                                 f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")
     spec.kwargs["num_classes"] = labels.num_classes if classifier_head else 0
     logger.info(f"{name}: model {spec.model} ({spec.input_size} px, {spec.in_chans} ch, "
                 f"{'average' if spec.kwargs.get('global_pool') == 'avg' else 'class-token'} pooling), "
