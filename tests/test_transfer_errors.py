@@ -7,14 +7,16 @@ with a one-line error and no traceback.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_linprobe_fixtures import BREAST_NPZ, export_tiny_encoder, fails_with
+from test_linprobe_fixtures import BREAST_NPZ, KERMANY, export_tiny_encoder, fails_with, write_split_csv
 
-from common.data import DataSourceError, build_dataset
+from common.data import DataSourceError, ImageDecodeError, build_dataset
 from common.transfer.data import open_splits
+from common.transfer.errors import TransferDataError
 from finetune.main import main as finetune_main
 from linprobe.main import main as linprobe_main
 
@@ -168,3 +170,62 @@ def test_resuming_into_another_output_dir_keeps_the_best_checkpoint(encoder_ckpt
     fails_with(linprobe_main, [*probe_args(data, encoder_ckpt, tmp_path / "third"), "--epochs", "3",
                                "--resume", str(first / "checkpoint-last.pt")],
                r"its run's best epoch \(0\) was saved as .*checkpoint-best.safetensors, which is missing")
+
+
+# --- CSV ---------------------------------------------------------------------------------------------------------
+
+
+def kermany_csv(path: Path, rows: list[dict[str, str]] | None = None, **override: dict[int, str]) -> Path:
+    """A labeled CSV (path,label,split) of 12 real Kermany X-rays (absolute paths), with per-row overrides
+    ``column={row: value}``."""
+    if rows is None:
+        rows = read_rows()
+    out = [dict(r) for r in rows]
+    for column, changes in override.items():
+        for i, value in changes.items():
+            out[i][column] = value
+    return write_split_csv(path, out)
+
+
+def read_rows() -> list[dict[str, str]]:
+    with open(KERMANY / "labels.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "train"]
+    chosen = [r for r in rows if r["label"] == "NORMAL"][:6] + [r for r in rows if r["label"] == "PNEUMONIA"][:6]
+    return [{"path": str(KERMANY / r["path"]), "label": r["label"], "split": ("train", "train", "val")[i % 3]}
+            for i, r in enumerate(chosen)]
+
+
+def test_an_empty_label_in_single_label_csv_is_named_not_taken_for_multilabel(tmp_path: Path) -> None:
+    path = kermany_csv(tmp_path / "l.csv", label={4: ""})
+    with pytest.raises(DataSourceError, match=r"line 6 \(.*IM-\d+-0001.jpeg\) has an empty label"):
+        open_splits(str(path), 1, None, False)
+    splits, labels = open_splits(str(path), 1, None, True)  # --multilabel: empty = no positive label
+    assert labels.multilabel and labels.num_classes == 2
+
+
+def test_a_csv_without_label_column_names_the_column_read_as_classes(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    rows = read_rows()
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "diagnosis", "split"])
+        writer.writeheader()
+        writer.writerows({"path": r["path"], "diagnosis": r["label"], "split": r["split"]} for r in rows)
+    with pytest.raises(DataSourceError, match=r"no 'label' column, so \['diagnosis'\] are read as one 0/1 column "
+                                              r"per class.*diagnosis='NORMAL'; name the column"):
+        build_dataset(path, split="train", labeled=True, in_chans=1)
+
+
+def test_a_missing_csv_image_names_the_csv_and_its_folder(tmp_path: Path) -> None:
+    rows = read_rows()
+    rows[0]["path"] = str(Path(rows[0]["path"]).relative_to(KERMANY))  # relative: read from the CSV's folder
+    path = kermany_csv(tmp_path / "rel.csv", rows)
+    ds = build_dataset(path, split="train", labeled=True, in_chans=1)
+    with pytest.raises(ImageDecodeError, match=rf"train/NORMAL/IM-\d+-0001.jpeg: file not found \(listed in "
+                                               rf"{path}; relative paths are read from the CSV's folder {tmp_path}\)"):
+        ds.sample(0)
+
+
+def test_an_unknown_split_value_is_an_error_not_dropped_rows(tmp_path: Path) -> None:
+    path = kermany_csv(tmp_path / "s.csv", split={3: "Train"})
+    with pytest.raises(TransferDataError, match=r"line 5 has split 'Train'.*other rows would be left out"):
+        open_splits(str(path), 1, None, False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.images import read_image_file
+from common.data.images import ImageDecodeError, read_image_file
 from common.data.source import DataSourceError, Decoded, LabelInfo, RandomAccessSource
 
 PATH_COLUMNS = ("path", "image", "file", "filename")
@@ -38,6 +38,8 @@ class CsvSource(RandomAccessSource):
         if path_col is None:
             raise DataSourceError(f"{path}: no image column (one of {PATH_COLUMNS}); header is {header}")
         self.split = split
+        self.path_col = path_col
+        self.label_problem: str | None = None  # why the labels cannot be used, if they cannot
         if "split" in header and split is not None:
             selected = [r for r in rows if r["split"] == split]
             if not selected:
@@ -60,7 +62,12 @@ class CsvSource(RandomAccessSource):
             return [p.strip() for p in (cell or "").split(";") if p.strip()]
 
         all_parts = [parts(r["label"]) for r in rows]
-        is_multi = bool(multilabel) if multilabel is not None else any(len(p) != 1 for p in all_parts)
+        is_multi = bool(multilabel) if multilabel is not None else any(len(p) > 1 for p in all_parts)
+        empty = None if is_multi else next((i for i, p in enumerate(all_parts) if not p), None)
+        if empty is not None:  # an error for labeled use only (build_dataset): pretraining ignores labels
+            self.label_problem = (f"{self.path}: line {empty + 2} ({rows[empty].get(self.path_col)}) has an empty "
+                                  f"label; single-label data needs one per row (for multi-label data, where an "
+                                  f"empty label means no finding, pass --multilabel)")
         values = sorted({v for p in all_parts for v in p})
         if all(v.lstrip("-").isdigit() for v in values):
             names = None
@@ -75,19 +82,20 @@ class CsvSource(RandomAccessSource):
         targets = []
         for r in selected:
             p = parts(r["label"])
-            if not is_multi and len(p) != 1:
+            if not is_multi and len(p) > 1:
                 raise DataSourceError(f"{self.path}: row {r} has {len(p)} labels in single-label mode")
-            targets.append([index[v] for v in p] if is_multi else index[p[0]])
+            targets.append([index[v] for v in p] if is_multi else (index[p[0]] if p else None))
         return targets, LabelInfo(num_classes=k, class_names=names, multilabel=is_multi)
 
     def _class_columns(self, selected: list[dict], class_cols: list[str]):
         targets = []
         for r in selected:
-            try:
-                row = [int(float(r[c])) for c in class_cols]
-            except (TypeError, ValueError) as exc:
-                raise DataSourceError(f"{self.path}: class columns must hold 0/1, row {r}") from exc
-            targets.append(np.asarray(row, dtype=np.int64))
+            bad = next((c for c in class_cols if (r[c] or "").strip() not in ("0", "1", "0.0", "1.0")), None)
+            if bad is not None:
+                raise DataSourceError(f"{self.path}: no 'label' column, so {class_cols} are read as one 0/1 column "
+                                      f"per class (multi-label), but {r[self.path_col]} has {bad}={r[bad]!r}; "
+                                      f"name the column holding the class 'label'")
+            targets.append(np.asarray([int(float(r[c])) for c in class_cols], dtype=np.int64))
         return targets, LabelInfo(num_classes=len(class_cols), class_names=class_cols, multilabel=True)
 
     def num_samples(self) -> int:
@@ -99,4 +107,8 @@ class CsvSource(RandomAccessSource):
             vec = np.zeros(self.labels.num_classes or 0, dtype=np.float32)
             vec[target] = 1.0
             target = vec
-        return Decoded(pixels=read_image_file(self.files[index]), label=target, key=str(self.files[index]))
+        file = self.files[index]
+        if not file.exists():
+            raise ImageDecodeError(f"{file}: file not found (listed in {self.path}; relative paths are read "
+                                   f"from the CSV's folder {Path(self.path).parent})")
+        return Decoded(pixels=read_image_file(file), label=target, key=str(file))

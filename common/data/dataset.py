@@ -117,6 +117,8 @@ def build_dataset(path: str | Path, split: str | None = "train", labeled: bool =
         source = ImageFolderSource(Path(path), split, num_classes)
     if len(source) == 0:
         raise DataSourceError(f"{path}: split '{split}' has no samples")
+    if labeled and isinstance(source, CsvSource) and source.label_problem:
+        raise DataSourceError(source.label_problem)
     if labeled and isinstance(source, NpzSource) and source.raw_labels is None:
         raise DataSourceError(f"{path}: no '{source.split}_labels' array for the {source.split}_images (labeled "
                               f"use needs one label row per image)")

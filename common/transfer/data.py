@@ -53,7 +53,13 @@ def split_exists(path: str, split: str) -> bool:
             if "split" not in (reader.fieldnames or []):
                 raise TransferDataError(f"{path}: a CSV for linprobe/finetune needs a 'split' column "
                                         f"(train / val / test) so that the splits are disjoint")
-            return any(row["split"] == split for row in reader)
+            rows = list(reader)
+        unknown = next(((i, r["split"]) for i, r in enumerate(rows) if r["split"] not in ("train", "val", "test")),
+                       None)
+        if unknown is not None:
+            raise TransferDataError(f"{path}: line {unknown[0] + 2} has split {unknown[1]!r}; linprobe/finetune "
+                                    f"read the splits train / val / test, and other rows would be left out")
+        return any(row["split"] == split for row in rows)
     if kind == "shards":
         manifest = p / MANIFEST
         if manifest.is_file():
