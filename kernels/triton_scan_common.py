@@ -55,13 +55,21 @@ def channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask, d_
     """
     A2 = tl.load(A + offs_n[:, None] * a_state_stride + offs_d[None, :], mask=nd_mask, other=0.0)
     A2 = A2 * 1.4426950408889634
+    D_vec, bias = skip_and_bias(D, DELTA_BIAS, offs_d, d_mask, BLOCK_D, HAS_D, HAS_BIAS)
+    return A2, D_vec, bias
+
+
+@triton.jit
+def skip_and_bias(D, DELTA_BIAS, offs_d, d_mask, BLOCK_D: tl.constexpr, HAS_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """The block's D and delta_bias, zeros when absent."""
     D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
-    return A2, D_vec, bias
+    return D_vec, bias
 
 
 @triton.jit

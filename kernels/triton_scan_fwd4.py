@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_common import UNSPECIALIZED, channel_block, softplus
+from kernels.triton_scan_common import UNSPECIALIZED, channel_block, skip_and_bias, softplus
 
 
 @triton.jit
@@ -57,12 +57,7 @@ def _scan_fwd_kernel_v4(
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
-    D_vec = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        D_vec = tl.load(D + offs_d, mask=d_mask, other=0.0)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(DELTA_BIAS + offs_d, mask=d_mask, other=0.0)
+    D_vec, bias = skip_and_bias(D, DELTA_BIAS, offs_d, d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
     seq_row = (row * length)[:, None]  # (BLOCK_D, 1)
     bc_base = batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
