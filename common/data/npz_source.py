@@ -102,8 +102,9 @@ class NpzSource(RandomAccessSource):
             return images, False
         if images.ndim in (4, 5):
             if not volume_slices:
-                raise DataSourceError(f"{where}: shape {images.shape} holds 3D volumes; 2D training needs "
-                                      f"volume_slices=True (each slice becomes a sample) or curate the volumes")
+                raise DataSourceError(f"{where}: shape {images.shape} holds 3D volumes; 2D models read them as "
+                                      f"slices: pretrain --volume_slices (volume_slices=True in common.data), or "
+                                      f"curate the file first (curate slices volumes, keeping each one's split)")
             return images, True
         raise DataSourceError(f"{where}: unsupported image array shape {images.shape}")
 
