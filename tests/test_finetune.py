@@ -211,6 +211,20 @@ def test_corrupt_image_is_reported_before_training(encoder_ckpt: Path, tmp_path:
     assert _no_training_happened(out)
 
 
+def test_every_corrupt_image_of_a_split_is_named_at_once(encoder_ckpt: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from test_linprobe_fixtures import kermany_image_folder
+
+    root = kermany_image_folder(tmp_path / "data", {"train": 3, "val": 2})
+    victims = [sorted((root / "train" / cls).iterdir())[0] for cls in ("NORMAL", "PNEUMONIA")]
+    victims[0].write_bytes(victims[0].read_bytes()[:300])  # truncated
+    victims[1].write_bytes(b"")  # empty
+    argv = ["--data_path", str(root), "--finetune", str(encoder_ckpt), "--batch_size", "2",
+            "--output_dir", str(tmp_path / "o"), *FAST]
+    cli_fails(capsys, main, argv, rf"2 unreadable sample\(s\) in the train split: .*{victims[0].name}.*; "
+                                  rf".*{victims[1].name}")
+
+
 def test_checkpoint_of_another_architecture(encoder_ckpt: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--data_path", str(BREAST_NPZ), "--finetune", str(encoder_ckpt), "--model", "test_vim",

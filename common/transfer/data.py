@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.data.dataset import ImageDataset, build_dataset, detect_kind
+from common.data.images import ImageDecodeError
 from common.data.loader import usable_workers
 from common.data.npz_source import open_npz
 from common.data.source import DataSourceError, RandomAccessSource
@@ -138,6 +139,11 @@ class IndexedSplit(Dataset):
         return len(self.raw) if self.raw is not None else len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, label = self.decoded(index)
+        return self.transform(image), label
+
+    def decoded(self, index: int) -> tuple[torch.Tensor, Any]:
+        """Sample ``index`` decoded (uint8, before the transform) with its checked target."""
         raw = self.raw[index] if self.raw is not None else index
         image, label = self.dataset.sample(raw)
         if isinstance(label, torch.Tensor):
@@ -145,7 +151,27 @@ class IndexedSplit(Dataset):
         elif not 0 <= int(label) < self.num_classes:
             raise DataSourceError(f"{self.dataset.source.path} sample {index}: label {label} outside "
                                   f"0..{self.num_classes - 1}")
-        return self.transform(image), label
+        return image, label
+
+
+class _DecodeCheck(Dataset):
+    """``(target, "")`` for each sample of a split that decodes, ``(placeholder, the reason)`` for one that does
+    not: the check before training then names every bad file of a split at once instead of stopping at the first
+    (fixing a folder one rerun per file). The image itself does not travel back from the workers."""
+
+    def __init__(self, split: IndexedSplit):
+        self.split = split
+        multilabel = split.dataset.multilabel
+        self.placeholder = torch.zeros(split.num_classes) if multilabel else 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Any, str]:
+        try:
+            return self.split.decoded(index)[1], ""
+        except (DataSourceError, ImageDecodeError) as exc:
+            return self.placeholder, str(exc)
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_workers: int, pin_memory: bool,
@@ -156,12 +182,24 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], num_wo
                       worker_init_fn=seed_worker, persistent_workers=persistent and num_workers > 0)
 
 
+# Bad samples named in the one error of the check before training (all of them are counted).
+MAX_REPORTED_ERRORS = 10
+
+
 def scan_labels(dataset: IndexedSplit, sampler: Sampler[int], batch_size: int, num_workers: int,
                 desc: str) -> np.ndarray:
     """Decode the samples ``sampler`` yields (a corrupt image fails here, naming itself) and return their
     targets."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=usable_workers(num_workers))
-    targets = [t.numpy() for _, t in progress(loader, desc=f"checking {desc}", leave=False)]
+    loader = DataLoader(_DecodeCheck(dataset), batch_size=batch_size, sampler=sampler,
+                        num_workers=usable_workers(num_workers))
+    targets, errors = [], []
+    for batch_targets, messages in progress(loader, desc=f"checking {desc}", leave=False):
+        targets.append(batch_targets.numpy())
+        errors += [m for m in messages if m]
+    if errors:
+        shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
+        more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise DataSourceError(f"{len(errors)} unreadable sample(s) in the {desc} split: {shown}{more}")
     if not targets:  # this process's share is empty (tiny split, many processes)
         multilabel = dataset.dataset.multilabel
         return np.zeros((0, dataset.num_classes) if multilabel else (0,), np.float32 if multilabel else np.int64)
