@@ -69,16 +69,12 @@ class RunContext:
 
     def train_loader(self, transform: Transform, cfg: TransferConfig) -> tuple[Any, EpochShuffleSampler]:
         """The shuffled training loader of this process (full batches only) and its sampler, whose epoch the
-        loop sets; a split too small for one batch per process is a usage error."""
+        loop sets; ``prepare_run`` has refused a split too small for one batch per process."""
         acc = self.accelerator
         ds = IndexedSplit(self.splits["train"], transform, self.labels.num_classes)
         sampler = EpochShuffleSampler(len(ds), cfg.seed, acc.process_index, acc.num_processes)
         loader = make_loader(ds, cfg.batch_size, sampler, cfg.num_workers, cfg.pin_mem, drop_last=True,
                              persistent=True)
-        if len(loader) == 0:
-            raise TransferUsageError(f"{cfg.data_path}: {len(sampler)} training samples per process are fewer "
-                                     f"than one batch of {cfg.batch_size} (only full batches are used); lower "
-                                     "--batch_size")
         return loader, sampler
 
     def verify(self, splits: tuple[str, ...], batch_size: int, num_workers: int) -> None:
@@ -137,8 +133,9 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
     spec = resolve_spec(cfg.model, cfg.finetune, cfg.input_size, cfg.in_chans, 0, cfg.global_pool, drop_path,
                         default_pool)
     splits, labels = open_splits(cfg.data_path, spec.in_chans, cfg.nb_classes, cfg.multilabel)
+    # Samples per process as EpochShuffleSampler deals them; checked here, before any image is decoded.
     per_process = -(-len(splits["train"]) // accelerator.num_processes)
-    if not cfg.eval and cfg.epochs > 0 and per_process < cfg.batch_size:  # found before every image is decoded
+    if not cfg.eval and cfg.epochs > 0 and per_process < cfg.batch_size:
         raise TransferUsageError(f"{cfg.data_path}: {per_process} training samples per process are fewer than one "
                                  f"batch of {cfg.batch_size} (only full batches are used); lower --batch_size")
     spec.kwargs["num_classes"] = labels.num_classes if classifier_head else 0
