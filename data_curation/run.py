@@ -145,12 +145,13 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     already = 0
     # The ledger keeps both names (operator-only); shards and the manifest get the label (deid.source_label).
     label = partial(source_label, salt, public=cfg.public_source_names)
+    roots = {Path(i).expanduser() for i in cfg.inputs}
     for entry in walk_inputs(list(cfg.inputs), out):
         if state.item_done(entry.item_id):
             already += 1
             continue
         if isinstance(entry, Rejected):
-            if entry.item_id.endswith("/") and not Path(entry.path).exists():  # a whole input root, not a file
+            if Path(entry.path) in roots and not Path(entry.path).exists():  # a whole input, not one of its files
                 log.warning("input %s does not exist (recorded in rejects.jsonl)", entry.path)
             ledger.append(rec := _reject_record(entry, label))
             state.items[entry.item_id] = rec
