@@ -29,6 +29,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ class Row:
     peak_mem_gib: float | None = None
     steps: int | None = None  # timed steps actually run (row time cap)
     error: str | None = None
+    # --profile_steps: device ms per step by kernel kind, and the kernels with the most device time
+    kernel_ms: dict[str, float] | None = None
+    top_kernels: list[tuple[str, float]] | None = None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="selective-scan backend of the Mamba models (e.g. triton_v3: an opt-in kernel variant)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="after timing, profile this many more steps: device ms per step by kernel kind")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="bench_pretrain.json", help="where to write the results")
     return p.parse_args(argv)
@@ -177,13 +183,28 @@ def run_row(args: argparse.Namespace, mode: str, name: str, size: int, batch: in
     return row
 
 
+def _train_step(batches: Batches, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                size: int, mean: list[float], std: list[float], gen: torch.Generator, autocast: Any,
+                mask_ratio: float, device: torch.device) -> None:
+    """One step as ``pretrain.engine`` takes it (without the model: the augmentation alone)."""
+    images, sizes = batches.next()
+    x = gpu_augment(images, sizes, size, mean, std, generator=gen)
+    if model is not None and optimizer is not None:
+        noise = to_device_async(torch.rand(x.shape[0], model.num_patches, generator=gen), device)
+        with autocast:
+            loss, _, _ = model(x, mask_ratio=mask_ratio, noise=noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: int, device: torch.device) -> Row:
     import models
 
     row = Row(mode=mode, model=name if mode != "loader_only" else "-", input_size=size, batch_size=batch)
     mean, std = default_normalization(args.in_chans)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model = optimizer = batches = None
+    model = optimizer = batches = step = None
     try:
         batches = Batches(args, size, batch, device, mode)
         flops = None
@@ -198,6 +219,8 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
         batches.drain()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        step = partial(_train_step, batches, model, optimizer, size, mean, std, gen, autocast, args.mask_ratio,
+                       device)
         steps, start = 0, 0.0
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
@@ -207,15 +230,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
                     torch.cuda.set_sync_debug_mode(args.sync_debug)
             elif i > args.warmup and steps >= args.min_steps and time.perf_counter() - start > args.row_seconds:
                 break  # the host runs at most a few steps ahead of the GPU, so this is a fair time cap
-            images, sizes = batches.next()
-            x = gpu_augment(images, sizes, size, mean, std, generator=gen)
-            if model is not None:
-                noise = to_device_async(torch.rand(x.shape[0], model.num_patches, generator=gen), device)
-                with autocast:
-                    loss, _, _ = model(x, mask_ratio=args.mask_ratio, noise=noise)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            step()
             steps += i >= args.warmup
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
@@ -230,16 +245,79 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             row.mfu = round(flops * row.img_per_s / peak, 4) if peak else None
         if device.type == "cuda":
             row.peak_mem_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if args.profile_steps > 0:
+            row.kernel_ms, row.top_kernels = profile_kernels(step, args.profile_steps, device)
     except torch.cuda.OutOfMemoryError:
         row.status = "OOM"
     except Exception as exc:  # one broken row (e.g. a missing kernel) must not stop the table
         row.status, row.error = "error", f"{type(exc).__name__}: {exc}"[:300]
     finally:
-        del model, optimizer, batches
+        del model, optimizer, batches, step
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
             torch.cuda.empty_cache()
     return row
+
+
+# Kernel kinds by name, first match wins: cuBLAS / CUTLASS matrix products, attention, the optimizer, Triton
+# kernels (torch.compile's fused elementwise and reduction code, and our own scans), the rest (eager elementwise,
+# copies, norms).
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "wgmma", "addmm", "aten::mm", "bmm")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("triton", ("triton",)),
+    ("copy", ("memcpy", "memset", "copy", "cat", "gather", "scatter", "index")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device kernel (or a CPU operation when profiling on the CPU) from its name."""
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_kernels(step: Any, steps: int, device: torch.device,
+                    top: int = 12) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """Run ``step`` ``steps`` times under torch.profiler; device ms per step by kernel kind (plus ``total``) and the
+    ``top`` kernels by device ms per step. On the CPU the operations' own CPU times stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0 and (not cuda or event.device_type.name == "CUDA"):
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + us / 1000 / steps
+    by_kind: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    by_kind = {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
+    by_kind["total"] = round(sum(per_kernel.values()), 3)
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return by_kind, [(name[:120], round(ms, 3)) for name, ms in ranked]
+
+
+def format_profiles(rows: list[Row]) -> str:
+    """Per profiled row: device ms per step by kernel kind, and the busiest kernels."""
+    out = []
+    for r in rows:
+        if not r.kernel_ms:
+            continue
+        kinds = ", ".join(f"{k} {v}" for k, v in r.kernel_ms.items())
+        out.append(f"{r.mode} {r.model} {r.input_size} px x{r.batch_size}: ms/step by kind: {kinds} "
+                   f"(wall {r.step_ms})")
+        out += [f"    {ms:9.3f}  {name}" for name, ms in r.top_kernels or []]
+    return "\n".join(out)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -281,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndevice: {device_name}, torch {torch.__version__}, compile={args.compile and args.compile_mode}, steps<={args.steps} "
           f"(cap {args.row_seconds} s/row), loader canvas {args.canvas_size or 'input size'}")
     print(format_table(rows))
+    profiles = format_profiles(rows)
+    if profiles:
+        print("\n" + profiles)
     result = {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": [asdict(r) for r in rows]}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if any(r.status == "ok" for r in rows) else 1

@@ -92,3 +92,23 @@ def test_scan_backend_flag_reaches_every_mixer(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["args"]["scan_backend"] == "reference"
     assert [r["status"] for r in result["rows"]] == ["ok"]
+
+
+def test_profile_steps_breaks_step_time_down_by_kernel_kind(tmp_path: Path, capsys) -> None:
+    from bench.pretrain import kernel_kind
+
+    out = tmp_path / "bench.json"
+    rc = bench_main(["--models", "mae_test_vit", "--input_sizes", "32", "--batch_size", "2", "--steps", "2",
+                     "--warmup", "1", "--modes", "synthetic", "--in_chans", "1", "--device", "cpu",
+                     "--profile_steps", "2", "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    kinds = row["kernel_ms"]
+    assert kinds["total"] > 0 and kinds.get("matmul", 0) > 0
+    assert abs(sum(v for k, v in kinds.items() if k != "total") - kinds["total"]) < 0.01 + 1e-3 * kinds["total"]
+    assert row["top_kernels"] and all(ms > 0 for _, ms in row["top_kernels"])
+    assert "ms/step by kind" in capsys.readouterr().out
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert kernel_kind("triton_per_fused_native_layer_norm_0") == "triton"
+    assert kernel_kind("void multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
