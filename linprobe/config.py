@@ -18,6 +18,10 @@ class LinprobeConfig(TransferConfig):
         "average-pool the tokens (--cls_token: use the class token); default: the class token, as MAE's "
         "linear probe, unless the model has none (MedMamba, MambaMIC, Vim without one: average pooling) or "
         "the --finetune checkpoint is a fine-tuned classifier (its own pooling)"))
+    n_last_blocks: int = field(default=1, metadata=_h(
+        "probe the pooled features of the last N blocks, concatenated (DINO's linear evaluation: 4 for ViT-S); "
+        "1 = the encoder's output only, as MAE's linear probe. The deepest blocks of an MAE encoder are tuned to "
+        "pixel reconstruction; earlier ones can separate classes better"))
     train_aug: str = field(default="crop_flip", metadata=_h(
         "training augmentation: 'crop_flip' (random resized crop + horizontal flip, as MAE) or 'none'"))
     fast: bool = field(default=False, metadata=_h(

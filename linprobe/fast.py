@@ -21,7 +21,7 @@ from common.logging import get_logger, progress
 from common.transfer.data import make_loader
 from common.transfer.engine import gather_strided
 from common.transfer.errors import TransferUsageError
-from common.transfer.heads import FrozenEncoderProbe, ProbeHead, ProbeHeadGrid
+from common.transfer.heads import FrozenEncoderProbe, ProbeHead, ProbeHeadGrid, probe_feature_dim
 from common.transfer.lars import LARS
 from common.transfer.loop import BEST_NAME
 from common.transfer.results import headline, score, selection_value
@@ -32,8 +32,9 @@ from linprobe.config import LinprobeConfig
 from linprobe.train import probe_loss
 
 
-def cache_key(ctx: RunContext, split: str) -> str:
-    """Changes whenever the checkpoint file, the architecture, the preprocessing or the data change."""
+def cache_key(ctx: RunContext, split: str, n_last_blocks: int = 1) -> str:
+    """Changes whenever the checkpoint file, the architecture, the preprocessing, the blocks read or the data
+    change."""
     def stamp(path: str | None) -> Any:
         if not path or not os.path.exists(path):
             return None
@@ -43,7 +44,9 @@ def cache_key(ctx: RunContext, split: str) -> str:
     spec = ctx.spec
     blob = json.dumps({"spec": spec.to_json(), "weights": stamp(spec.checkpoint),
                        "data": stamp(ctx.splits[split].source.path), "split": split,
-                       "n": len(ctx.splits[split]), "version": 1}, sort_keys=True, default=str)
+                       "n": len(ctx.splits[split]), "version": 1,
+                       **({"n_last_blocks": n_last_blocks} if n_last_blocks != 1 else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -67,7 +70,7 @@ def extract(ctx: RunContext, probe: FrozenEncoderProbe, split: str, batch_size: 
 
 def cached_features(ctx: RunContext, probe: FrozenEncoderProbe, split: str, cache_dir: Path,
                     batch_size: int, num_workers: int, pin_mem: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    path = cache_dir / f"{split}-{cache_key(ctx, split)}.safetensors"
+    path = cache_dir / f"{split}-{cache_key(ctx, split, probe.n_last_blocks)}.safetensors"
     logger = get_logger("scanmae.linprobe")
     if path.is_file():
         logger.info(f"features {split}: cached {path}")
@@ -147,7 +150,8 @@ def run_fast(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple[
     if not cfg.lr_grid:
         raise TransferUsageError("--fast needs at least one --lr_grid value")
     acc = ctx.accelerator
-    probe = FrozenEncoderProbe(encoder, ProbeHead(encoder.num_features, ctx.labels.num_classes)).to(acc.device)
+    dim = probe_feature_dim(encoder, cfg.n_last_blocks)
+    probe = FrozenEncoderProbe(encoder, ProbeHead(dim, ctx.labels.num_classes), cfg.n_last_blocks).to(acc.device)
     cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else ctx.out_dir / "features"
     feats, targets = {}, {}
     for split in ctx.splits:
@@ -164,6 +168,7 @@ def run_fast(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple[
     if acc.is_main_process:
         save_weights_with_config(head.state_dict(), {
             "kind": "linprobe_head", "encoder": ctx.spec.to_json(), "lr": peaks[winner],
+            "n_last_blocks": cfg.n_last_blocks,
             "blr": cfg.lr_grid[winner], "epoch": best[winner]["epoch"], "class_names": ctx.labels.class_names,
             "multilabel": ctx.labels.multilabel, "val": headline(best[winner]["val"])}, ctx.out_dir / BEST_NAME)
     scored = {"val": best[winner]["val"]}

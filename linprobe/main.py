@@ -34,6 +34,8 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         raise TransferUsageError(f"--train_aug must be one of {', '.join(TRAIN_AUGS)}, got {cfg.train_aug!r}")
     if cfg.eval and not cfg.resume:
         raise TransferUsageError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
+    if cfg.n_last_blocks < 1:
+        raise TransferUsageError(f"--n_last_blocks must be at least 1, got {cfg.n_last_blocks}")
     if cfg.fast and (cfg.eval or cfg.resume):
         raise TransferUsageError("--fast trains from scratch on cached features; use --eval/--resume without --fast")
     ctx = prepare_run(cfg, "linprobe", classifier_head=False, drop_path=None, default_pool="token")
@@ -46,6 +48,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     if not all(hasattr(encoder, a) for a in ("forward_features", "pool", "num_features")):
         raise TransferUsageError(f"model '{ctx.spec.model}' is not an encoder (no forward_features/pool): "
                         "linear probing needs one of the registry encoders")
+    check_n_last_blocks(encoder, cfg.n_last_blocks, ctx.spec.model)
     if cfg.verify_data and not cfg.fast:  # --fast decodes everything while extracting features anyway
         ctx.verify(("train", "val", "test"), cfg.batch_size, cfg.num_workers)
     if cfg.fast:
@@ -53,6 +56,19 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     else:
         scored, extra = run_probe(cfg, ctx, encoder)
     return finalize(ctx, scored, extra, cfg.select_metric)
+
+
+def check_n_last_blocks(encoder: Any, n_last_blocks: int, name: str) -> None:
+    """``--n_last_blocks`` > 1 needs an encoder with a sequence of blocks (ViT, Vim), at least that many."""
+    if n_last_blocks == 1:
+        return
+    from models.encoder import EncoderBase
+
+    if type(encoder).forward_intermediates is EncoderBase.forward_intermediates:
+        raise TransferUsageError(f"--n_last_blocks {n_last_blocks}: model '{name}' is a hierarchy of feature maps "
+                                 "with no sequence of token blocks to read; drop --n_last_blocks")
+    if n_last_blocks > encoder.depth:
+        raise TransferUsageError(f"--n_last_blocks {n_last_blocks}: model '{name}' has {encoder.depth} blocks")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from torch import nn
 from common.logging import get_logger
 from common.transfer.engine import LrSchedule
 from common.transfer.errors import TransferUsageError
-from common.transfer.heads import FrozenEncoderProbe, ProbeHead
+from common.transfer.heads import FrozenEncoderProbe, ProbeHead, probe_feature_dim
 from common.transfer.lars import LARS
 from common.transfer.loop import FitParts, fit, load_best_weights, score_best, start_state
 from common.transfer.report import evaluate_splits
@@ -36,8 +36,8 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
     """Train (or with ``--eval`` only score) a probe head; returns (metrics per split, extra results)."""
     acc, spec, labels = ctx.accelerator, ctx.spec, ctx.labels
     logger = get_logger("scanmae.linprobe")
-    head = ProbeHead(encoder.num_features, labels.num_classes, seed=cfg.seed)
-    probe = FrozenEncoderProbe(encoder, head)
+    head = ProbeHead(probe_feature_dim(encoder, cfg.n_last_blocks), labels.num_classes, seed=cfg.seed)
+    probe = FrozenEncoderProbe(encoder, head, cfg.n_last_blocks)
     lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, acc.num_processes)
     optimizer = LARS(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     probe, optimizer = acc.prepare(probe, optimizer)
@@ -50,6 +50,7 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
     parts = FitParts(model=probe, optimizer=optimizer, loss_fn=probe_loss(labels.multilabel), scored=probe,
                      best=head, resumable={"head": head},
                      best_meta={"kind": "linprobe_head", "encoder": spec.to_json(), "lr": lr,
+                                "n_last_blocks": cfg.n_last_blocks,
                                 "class_names": labels.class_names, "multilabel": labels.multilabel})
     train_loader, sampler = ctx.train_loader(train_transform(cfg, ctx), cfg)
     state = start_state(cfg.resume, cfg.start_epoch, parts, acc, ctx.out_dir)

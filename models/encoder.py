@@ -103,6 +103,19 @@ class EncoderBase(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def forward_intermediates(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
+        """Token sequences ``(B, T, D)`` after each of the last ``n_last_blocks`` blocks, in block order, each
+        through the final norm as ``forward_features`` puts its output; the last equals ``forward_features(x)``.
+        (DINO's linear evaluation concatenates features of the last blocks; the deepest block of an MAE encoder
+        is the one most tuned to pixel reconstruction.)"""
+        raise NotImplementedError(f"{type(self).__name__} has no sequence of token blocks to read features from "
+                                  "(it is a hierarchy of feature maps); use n_last_blocks=1")
+
+    def _check_n_last_blocks(self, n_last_blocks: int) -> None:
+        if not 1 <= int(n_last_blocks) <= self.depth:
+            raise ValueError(f"n_last_blocks must be between 1 and the encoder's depth {self.depth}, "
+                             f"got {n_last_blocks}")
+
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode only the patches ``ids_keep`` (B, K), raster indices in increasing order.
 

@@ -163,31 +163,40 @@ class VisionMamba(EncoderBase):
         for layer in self.layers:
             layer.mixer.scan_backend = backend
 
-    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, n_last_blocks: int = 1) -> list[torch.Tensor]:
+        """The normalised residual stream after each of the last ``n_last_blocks`` layers (the last one is the
+        encoder's output)."""
         hidden, residual = self.pos_drop(tokens), None
-        for layer in self.layers:
+        outputs = []
+        for index, layer in enumerate(self.layers):
             hidden, residual = self._maybe_checkpoint(layer, hidden, residual)
-        residual = hidden if residual is None else residual + self.drop_path_final(hidden)
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+            if index >= self.depth - n_last_blocks:
+                # The stream the next layer would read: the block's output added to the residual it carries.
+                stream = residual + (self.drop_path_final(hidden) if index == self.depth - 1 else hidden)
+                outputs.append(self.norm_f(stream.to(self.norm_f.weight.dtype)))
+        return outputs
 
-    def _encode(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Insert the class token in the middle, run the blocks; returns (patch tokens, prefix tokens)."""
+    def _encode(self, patches: torch.Tensor, n_last_blocks: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Insert the class token in the middle, run the blocks; (patch tokens, prefix tokens) after each of the
+        last ``n_last_blocks`` blocks."""
         if self.cls_token is None:
-            out = self._run(patches)
-            return out, out[:, :0]
+            return [(out, out[:, :0]) for out in self._run(patches, n_last_blocks)]
         mid = patches.shape[1] // 2
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1).to(patches.dtype)
-        out = self._run(torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1))
-        return torch.cat([out[:, :mid], out[:, mid + 1:]], dim=1), out[:, mid:mid + 1]
+        outs = self._run(torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1), n_last_blocks)
+        return [(torch.cat([out[:, :mid], out[:, mid + 1:]], dim=1), out[:, mid:mid + 1]) for out in outs]
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens:]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        patches, prefix = self._encode(self._embed(x))
-        return torch.cat([prefix, patches], dim=1)
+        return self.forward_intermediates(x, 1)[0]
+
+    def forward_intermediates(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
+        self._check_n_last_blocks(n_last_blocks)
+        return [torch.cat([prefix, patches], dim=1) for patches, prefix in self._encode(self._embed(x), n_last_blocks)]
 
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patches = self._embed(x)
         patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return self._encode(patches)
+        return self._encode(patches)[0]

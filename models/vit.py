@@ -66,6 +66,16 @@ class VisionTransformer(EncoderBase):
         patches = self.patch_embed(x) + self.pos_embed[:, 1:]
         return self._run_blocks(self.pos_drop(self._with_cls(patches)))
 
+    def forward_intermediates(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
+        self._check_n_last_blocks(n_last_blocks)
+        x = self.pos_drop(self._with_cls(self.patch_embed(x) + self.pos_embed[:, 1:]))
+        outputs = []
+        for index, blk in enumerate(self.blocks):
+            x = self._maybe_checkpoint(blk, x)
+            if index >= self.depth - n_last_blocks:
+                outputs.append(self.norm(x))
+        return outputs
+
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patches = self.patch_embed(x) + self.pos_embed[:, 1:]
         patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))

@@ -88,9 +88,11 @@ def transfer_command(args: argparse.Namespace, protocol: str, data: LabeledSet, 
         # Only a metric other than linprobe's own default goes on the command line: runs.json keeps a row whose
         # command is unchanged, so probes recorded before this flag existed are not run again for nothing.
         probe_select = [] if args.probe_select_metric == "auc" else ["--select_metric", args.probe_select_metric]
+        # Likewise only a block count other than one.
+        probe_blocks = [] if args.probe_n_last_blocks == 1 else ["--n_last_blocks", str(args.probe_n_last_blocks)]
         return python_module_command(
             "linprobe.main", "--data_path", data.path, *label_args, *init_args, "--fast", "--global_pool",
-            "--epochs", str(epochs or args.probe_epochs), *probe_select, *probe_batch, *common)
+            "--epochs", str(epochs or args.probe_epochs), *probe_select, *probe_blocks, *probe_batch, *common)
     epochs = epochs or finetune_epochs(args.ft_epochs, args.ft_min_steps, data.n_train, args.ft_batch_size)
     return python_module_command(
         "finetune.main", "--data_path", data.path, *label_args, *init_args, "--model", model, "--epochs",
@@ -340,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation metric that picks each linear probe's LR and epoch (linprobe --select_metric); "
                         "linprobe's auc by default: the selection analysis behind --ft_select_metric covered "
                         "fine-tunes only")
+    r.add_argument("--probe_n_last_blocks", type=int, default=1,
+                   help="linear probes read the pooled outputs of the encoder's last N blocks (linprobe "
+                        "--n_last_blocks; DINO's linear evaluation uses 4 for ViT-S)")
     r.add_argument("--ft_epochs", type=int, default=20)
     r.add_argument("--ft_min_steps", type=int, default=0,
                    help="fine-tune each dataset for at least this many optimizer steps (more epochs on small sets)")

@@ -289,6 +289,14 @@ def test_select_metrics_reach_every_finetune_and_linprobe_command(tmp_path: Path
     assert config(results.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
                   ).select_metric == "f1"
 
+    # --probe_n_last_blocks: absent from the command at its default (recorded probe rows stay valid), read back
+    # by linprobe otherwise; fine-tunes never get it
+    assert "--n_last_blocks" not in probe and config(probe).n_last_blocks == 1
+    args.probe_n_last_blocks = 4
+    assert config(results.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
+                  ).n_last_blocks == 4
+    assert "--n_last_blocks" not in results.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
+
     # The preflight builds its one-epoch commands itself: record them instead of running them.
     commands: list[list[str]] = []
     monkeypatch.setattr(results, "run_stage", lambda name, command, **kw: commands.append(command))

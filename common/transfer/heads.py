@@ -57,13 +57,22 @@ class ProbeHeadGrid(nn.Module):
         return head
 
 
-class FrozenEncoderProbe(nn.Module):
-    """A frozen encoder (always in eval mode, no gradients) followed by a trainable :class:`ProbeHead`."""
+def probe_feature_dim(encoder: nn.Module, n_last_blocks: int = 1) -> int:
+    """Width of the features :class:`FrozenEncoderProbe` hands its head."""
+    return int(encoder.num_features) * int(n_last_blocks)
 
-    def __init__(self, encoder: nn.Module, head: ProbeHead):
+
+class FrozenEncoderProbe(nn.Module):
+    """A frozen encoder (always in eval mode, no gradients) followed by a trainable :class:`ProbeHead`.
+
+    ``n_last_blocks`` > 1 feeds the head the pooled outputs of the encoder's last blocks side by side
+    (``forward_intermediates``), each pooled as the encoder pools its output."""
+
+    def __init__(self, encoder: nn.Module, head: ProbeHead, n_last_blocks: int = 1):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.n_last_blocks = int(n_last_blocks)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
 
@@ -74,7 +83,10 @@ class FrozenEncoderProbe(nn.Module):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.pool(self.encoder.forward_features(x)).float()
+        if self.n_last_blocks == 1:
+            return self.encoder.pool(self.encoder.forward_features(x)).float()
+        tokens = self.encoder.forward_intermediates(x, self.n_last_blocks)
+        return torch.cat([self.encoder.pool(t) for t in tokens], dim=-1).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
