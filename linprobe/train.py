@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from common.checkpoint import read_json
 from common.logging import get_logger
 from common.transfer.engine import LrSchedule
 from common.transfer.errors import TransferUsageError
@@ -32,6 +34,18 @@ def train_transform(cfg: LinprobeConfig, ctx: RunContext) -> Any:
     return eval_transform(spec.input_size, spec.mean, spec.std, spec.in_chans)
 
 
+def check_head_blocks(resume: str, n_last_blocks: int) -> None:
+    """A saved probe head reads as many blocks as it was trained on (its sidecar records the count; heads saved
+    before ``--n_last_blocks`` existed read one)."""
+    sidecar = Path(resume).with_suffix(".json")
+    if Path(resume).suffix != ".safetensors" or not sidecar.is_file():
+        return
+    trained = int(read_json(sidecar).get("n_last_blocks", 1))
+    if trained != n_last_blocks:
+        raise TransferUsageError(f"{resume}: the head was trained on the last {trained} block(s); pass "
+                                 f"--n_last_blocks {trained} (got {n_last_blocks})")
+
+
 def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train (or with ``--eval`` only score) a probe head; returns (metrics per split, extra results)."""
     acc, spec, labels = ctx.accelerator, ctx.spec, ctx.labels
@@ -43,6 +57,7 @@ def run_probe(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple
     probe, optimizer = acc.prepare(probe, optimizer)
     loaders = ctx.eval_loaders(cfg)
     if cfg.eval:
+        check_head_blocks(cfg.resume, cfg.n_last_blocks)
         load_best_weights(head, cfg.resume)
         scored = evaluate_splits(probe, loaders, acc, labels, cfg.dist_eval, cfg.n_bootstrap, cfg.seed)
         return scored, {"mode": "eval", "evaluated_checkpoint": cfg.resume}

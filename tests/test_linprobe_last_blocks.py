@@ -110,6 +110,10 @@ def test_fast_and_slow_probes_read_the_last_blocks(name: str, breast_subset: Pat
     linprobe_main([*base, "--n_last_blocks", "2", "--eval", "--resume",
                    str(tmp_path / "slow" / "checkpoint-best.safetensors"), "--output_dir", str(tmp_path / "eval")])
     assert read_results(tmp_path / "eval")["auc"] == pytest.approx(slow["auc"])
+    # ... and says which count when it is given another.
+    fails_with(linprobe_main, [*base, "--eval", "--resume", str(tmp_path / "slow" / "checkpoint-best.safetensors"),
+                               "--output_dir", str(tmp_path / "eval1")],
+               r"the head was trained on the last 2 block\(s\); pass --n_last_blocks 2 \(got 1\)")
 
 
 def test_bad_n_last_blocks_are_one_line_errors(breast_subset: Path, tmp_path: Path) -> None:
