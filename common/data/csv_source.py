@@ -5,6 +5,8 @@ Accepted layouts (a header row is required; a ``split`` column, when present, se
 * ``path,label``: ``label`` is a class index, a class name, or several joined by ``;`` (multi-label,
   an empty cell = no positive class). Names are mapped to indices in sorted order over the whole file.
 * ``path,<class_a>,<class_b>,...`` (no ``label`` column): one 0/1 column per class, multi-label.
+* no ``label`` column and other columns that are not all 0/1 (patient id, age, ...), or none: no labels. The
+  CSV then serves unlabeled use (pretraining); labeled use is refused with ``label_problem``.
 
 The image column is ``path`` (or ``image``/``file``/``filename``); other columns are ignored in the first layout.
 """
@@ -51,10 +53,7 @@ class CsvSource(RandomAccessSource):
         if "label" in header:
             self.targets, self.labels = self._label_column(rows, selected, num_classes, multilabel)
         else:
-            class_cols = [c for c in header if c not in (path_col, "split")]
-            if not class_cols:
-                raise DataSourceError(f"{path}: no 'label' column and no class columns")
-            self.targets, self.labels = self._class_columns(selected, class_cols)
+            self.targets, self.labels = self._class_columns(selected, header)
 
     def _label_column(self, rows: list[dict], selected: list[dict], num_classes: int | None,
                       multilabel: bool | None):
@@ -79,23 +78,32 @@ class CsvSource(RandomAccessSource):
             k = num_classes if num_classes is not None else len(values)
             if k != len(values):
                 raise DataSourceError(f"{self.path}: {len(values)} class names {values} but num_classes={k}")
+        # Names come from every row, so a typo in val/test adds a class; transfer checks it against train.
+        derived = "names" if names is not None else ("indices" if num_classes is None else None)
         targets = []
         for r in selected:
             p = parts(r["label"])
             if not is_multi and len(p) > 1:
                 raise DataSourceError(f"{self.path}: row {r} has {len(p)} labels in single-label mode")
             targets.append([index[v] for v in p] if is_multi else (index[p[0]] if p else None))
-        return targets, LabelInfo(num_classes=k, class_names=names, multilabel=is_multi)
+        return targets, LabelInfo(num_classes=k, class_names=names, multilabel=is_multi, derived=derived)
 
-    def _class_columns(self, selected: list[dict], class_cols: list[str]):
+    def _class_columns(self, selected: list[dict], header: list[str]):
+        class_cols = [c for c in header if c not in (self.path_col, "split")]
+        hint = (f"name the column holding the class 'label' (the CSV's columns: {header}; without labels it "
+                f"serves unlabeled pretraining only)")
+        if not class_cols:
+            self.label_problem = f"{self.path}: no 'label' column and no 0/1 class columns; {hint}"
         targets = []
         for r in selected:
             bad = next((c for c in class_cols if (r[c] or "").strip() not in ("0", "1", "0.0", "1.0")), None)
             if bad is not None:
-                raise DataSourceError(f"{self.path}: no 'label' column, so {class_cols} are read as one 0/1 column "
-                                      f"per class (multi-label), but {r[self.path_col]} has {bad}={r[bad]!r}; "
-                                      f"name the column holding the class 'label'")
+                self.label_problem = (f"{self.path}: no 'label' column, so {class_cols} are read as one 0/1 column "
+                                      f"per class (multi-label), but {r[self.path_col]} has {bad}={r[bad]!r}; {hint}")
+                break
             targets.append(np.asarray([int(float(r[c])) for c in class_cols], dtype=np.int64))
+        if self.label_problem:  # metadata, not labels: pretraining reads no labels; build_dataset refuses labeled use
+            return [None] * len(selected), LabelInfo()
         return targets, LabelInfo(num_classes=len(class_cols), class_names=class_cols, multilabel=True)
 
     def num_samples(self) -> int:

@@ -51,7 +51,7 @@ class ImageFolderSource(RandomAccessSource):
             self.samples.extend((p, idx) for p in files)
         if num_classes is not None and num_classes != len(names):
             raise DataSourceError(f"{root}: {len(names)} class folders {names} but num_classes={num_classes}")
-        self.labels = LabelInfo(num_classes=len(names), class_names=names)
+        self.labels = LabelInfo(num_classes=len(names), class_names=names, derived="names")
 
     def num_samples(self) -> int:
         return len(self.samples)

@@ -66,3 +66,12 @@ def dataset_labels(dataset: ImageDataset) -> np.ndarray:
         k = source.labels.num_classes or 0
         return np.stack(labels).astype(np.float32) if labels else np.zeros((0, k), np.float32)
     return np.asarray(labels, dtype=np.int64)
+
+
+def label_counts(dataset: ImageDataset) -> np.ndarray:
+    """Samples carrying each class (int64, length ``num_classes``), read from the labels alone."""
+    labels = dataset_labels(dataset)
+    k = dataset.num_classes or 0
+    if dataset.multilabel:
+        return (labels > 0).sum(axis=0).astype(np.int64)
+    return np.bincount(labels, minlength=k).astype(np.int64)

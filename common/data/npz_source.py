@@ -114,9 +114,11 @@ class NpzSource(RandomAccessSource):
             return LabelInfo(num_classes=num_classes)
         width = _rows(all_labels[0]).shape[1]
         is_multi = bool(multilabel) if multilabel is not None else width > 1
+        derived = None
         if num_classes is None:
             num_classes = width if is_multi else int(max(int(a.max()) for a in all_labels if a.size)) + 1
-        return LabelInfo(num_classes=num_classes, multilabel=is_multi)
+            derived = None if is_multi else "indices"
+        return LabelInfo(num_classes=num_classes, multilabel=is_multi, derived=derived)
 
     def num_samples(self) -> int:
         return len(self.images) * self.slices

@@ -23,11 +23,18 @@ class DataSourceError(ValueError):
 
 @dataclass
 class LabelInfo:
-    """Label space of a source. ``num_classes`` is None when unknown (unlabeled shards)."""
+    """Label space of a source. ``num_classes`` is None when unknown (unlabeled shards).
+
+    ``derived`` says where the classes came from when nothing declared them: ``"names"`` (class names gathered
+    from the labels of every split: CSV label cells, class folders) or ``"indices"`` (integer labels, the count
+    being the largest of every split plus one); None when declared (manifest, class columns, ``num_classes``).
+    Transfer needs it because a class gathered from val/test alone has no training samples.
+    """
 
     num_classes: int | None = None
     class_names: list[str] | None = None
     multilabel: bool = False
+    derived: str | None = None
 
 
 @dataclass
