@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.config import ConfigError
 from common.data import ImageDataset, build_dataset, eval_canvas_size, eval_transform
+from common.data.labels import UnseenClassError, check_classes_seen_in_train
 from common.data.source import RandomAccessSource
 from common.data.stream import letterbox
 from common.metrics import accuracy, macro_auc
@@ -135,6 +136,11 @@ class KnnMonitor:
                 raise ConfigError(f"{self.data_path}: the kNN monitor needs single-label classes, the data is "
                                   f"multi-label")
             self.splits[split] = ds
+        try:
+            # As linprobe / finetune: a val label no train sample has (a typo'd class) is a wrong class list.
+            check_classes_seen_in_train(self.data_path, self.splits, None)
+        except UnseenClassError as exc:
+            raise ConfigError(f"kNN monitor: {exc}") from exc
         return self
 
     def due(self, step: int, stop_step: int) -> bool:

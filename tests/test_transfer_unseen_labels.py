@@ -121,3 +121,18 @@ def test_classes_missing_from_val_or_declared_by_columns_are_fine(tmp_path: Path
                           "mass": int(i == 2)} for i, r in enumerate(rows))
     _, labels = open_splits(str(columns), 1, None, True)
     assert labels.class_names == ["effusion", "mass"]
+
+
+def test_the_pretraining_knn_monitor_refuses_a_val_only_class(tmp_path: Path) -> None:
+    """The kNN monitor reads labeled train / val itself (not through open_splits): the same rule holds there."""
+    from common.config import ConfigError
+    from pretrain.monitor import KnnMonitor
+
+    path = kermany_csv(tmp_path / "typo.csv", {6: "pnemonia"})
+    monitor = KnnMonitor(data_path=str(path), every=1, k=3, max_samples=8, input_size=32, in_chans=1, mean=[0.5],
+                         std=[0.25])
+    with pytest.raises(ConfigError, match=r"kNN monitor: .*the val split has label 'pnemonia' \(1 sample, closest "
+                                          r"train class 'PNEUMONIA'\)"):
+        monitor.open()
+    assert KnnMonitor(data_path=str(kermany_csv(tmp_path / "ok.csv")), every=1, k=3, max_samples=8, input_size=32,
+                      in_chans=1, mean=[0.5], std=[0.25]).open().splits["val"].num_classes == 2

@@ -8,6 +8,7 @@ tar is read, the image bytes are skipped undecoded). Labels are normalised exact
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,3 +76,44 @@ def label_counts(dataset: ImageDataset) -> np.ndarray:
     if dataset.multilabel:
         return (labels > 0).sum(axis=0).astype(np.int64)
     return np.bincount(labels, minlength=k).astype(np.int64)
+
+
+class UnseenClassError(DataSourceError):
+    """A val / test label that no train sample carries, where the class list was gathered from the data."""
+
+
+def check_classes_seen_in_train(path: str, splits: dict[str, ImageDataset], nb_classes: int | None) -> None:
+    """Refuse val/test labels that no train sample carries when the classes were gathered from the data.
+
+    CSV label names, class folders and (without ``--nb_classes``) integer labels define the class list over
+    every split, so a typo in val ("pnemonia") silently became a class the head never sees in training.
+    """
+    labels = splits["train"].labels
+    if labels.derived is None or (labels.derived == "indices" and nb_classes is not None):
+        return  # declared classes: a class absent from train is the user's stated choice
+    counts = {split: label_counts(ds) for split, ds in splits.items()}
+    seen = counts["train"] > 0
+    names = labels.class_names if labels.derived == "names" else None
+    shown = (lambda i: repr(names[i])) if names else str
+    train = [names[i] for i in np.flatnonzero(seen)] if names else []
+    problems = []
+    for split, count in counts.items():
+        items = []
+        for i in np.flatnonzero((count > 0) & ~seen) if split != "train" else []:
+            close = _closest(names[i], train) if names else None
+            hint = f", closest train class {close!r}" if close else ""
+            items.append(f"{shown(i)} ({count[i]} sample{'s' if count[i] != 1 else ''}{hint})")
+        if items:
+            problems.append(f"the {split} split has label{'s' if len(items) > 1 else ''} {', '.join(items)}")
+    if problems:
+        fix = "" if names else f", or pass --nb_classes {len(seen)} if every index 0..{len(seen) - 1} is a class"
+        raise UnseenClassError(f"{path}: {'; '.join(problems)} that no train sample has (train classes: "
+                                f"{', '.join(shown(i) for i in np.flatnonzero(seen))}); a class without training "
+                                f"samples cannot be learned: correct the label{fix}")
+
+
+def _closest(name: str, candidates: list[str]) -> str | None:
+    """The candidate ``name`` most likely misspells, ignoring case and surrounding spaces."""
+    folded = {c.strip().casefold(): c for c in candidates}
+    match = difflib.get_close_matches(name.strip().casefold(), list(folded), n=1, cutoff=0.6)
+    return folded[match[0]] if match else None

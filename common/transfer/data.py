@@ -9,7 +9,6 @@ and per-split transforms.
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.data.dataset import ImageDataset, build_dataset, detect_kind
 from common.data.images import ImageDecodeError
-from common.data.labels import label_counts
+from common.data.labels import UnseenClassError, check_classes_seen_in_train
 from common.data.loader import usable_workers
 from common.data.npz_source import open_npz
 from common.data.source import DataSourceError, RandomAccessSource
@@ -100,7 +99,10 @@ def open_splits(path: str, in_chans: int, nb_classes: int | None, multilabel: bo
                                       multilabel=True if multilabel else None)
     declared = splits["train"].labels
     # Before the count checks: a typo'd class makes --nb_classes look wrong when the label is.
-    check_classes_seen_in_train(path, splits, nb_classes)
+    try:
+        check_classes_seen_in_train(path, splits, nb_classes)
+    except UnseenClassError as exc:
+        raise TransferDataError(str(exc)) from exc
     k = declared.num_classes
     if k is None:
         if nb_classes is None:
@@ -120,43 +122,6 @@ def open_splits(path: str, in_chans: int, nb_classes: int | None, multilabel: bo
             raise TransferDataError(f"{path}: split '{split}' declares {ds.num_classes} classes, train {k}")
     names = list(declared.class_names) if declared.class_names else [str(i) for i in range(k)]
     return splits, LabelSpace(num_classes=k, class_names=names, multilabel=multilabel)
-
-
-def check_classes_seen_in_train(path: str, splits: dict[str, ImageDataset], nb_classes: int | None) -> None:
-    """Refuse val/test labels that no train sample carries when the classes were gathered from the data.
-
-    CSV label names, class folders and (without ``--nb_classes``) integer labels define the class list over
-    every split, so a typo in val ("pnemonia") silently became a class the head never sees in training.
-    """
-    labels = splits["train"].labels
-    if labels.derived is None or (labels.derived == "indices" and nb_classes is not None):
-        return  # declared classes: a class absent from train is the user's stated choice
-    counts = {split: label_counts(ds) for split, ds in splits.items()}
-    seen = counts["train"] > 0
-    names = labels.class_names if labels.derived == "names" else None
-    shown = (lambda i: repr(names[i])) if names else str
-    train = [names[i] for i in np.flatnonzero(seen)] if names else []
-    problems = []
-    for split, count in counts.items():
-        items = []
-        for i in np.flatnonzero((count > 0) & ~seen) if split != "train" else []:
-            close = _closest(names[i], train) if names else None
-            hint = f", closest train class {close!r}" if close else ""
-            items.append(f"{shown(i)} ({count[i]} sample{'s' if count[i] != 1 else ''}{hint})")
-        if items:
-            problems.append(f"the {split} split has label{'s' if len(items) > 1 else ''} {', '.join(items)}")
-    if problems:
-        fix = "" if names else f", or pass --nb_classes {len(seen)} if every index 0..{len(seen) - 1} is a class"
-        raise TransferDataError(f"{path}: {'; '.join(problems)} that no train sample has (train classes: "
-                                f"{', '.join(shown(i) for i in np.flatnonzero(seen))}); a class without training "
-                                f"samples cannot be learned: correct the label{fix}")
-
-
-def _closest(name: str, candidates: list[str]) -> str | None:
-    """The candidate ``name`` most likely misspells, ignoring case and surrounding spaces."""
-    folded = {c.strip().casefold(): c for c in candidates}
-    match = difflib.get_close_matches(name.strip().casefold(), list(folded), n=1, cutoff=0.6)
-    return folded[match[0]] if match else None
 
 
 class IndexedSplit(Dataset):
