@@ -21,6 +21,20 @@ PNEUMONIA_NPZ = SHARED / "medmnist" / "pneumoniamnist.npz"
 KERMANY = SHARED / "xray" / "kermany_cxr_224"
 
 
+def npz_head(src: Path, out: Path, counts: dict[str, int]) -> Path:
+    """The first ``counts[split]`` images and labels of each split of the MedMNIST-style ``src``, saved as ``out``
+    (a quick CPU probe on real images)."""
+    import numpy as np
+
+    arrays = {}
+    with np.load(src) as z:
+        for split, n in counts.items():
+            arrays[f"{split}_images"] = z[f"{split}_images"][:n]
+            arrays[f"{split}_labels"] = z[f"{split}_labels"][:n]
+    np.savez(out, **arrays)
+    return out
+
+
 def export_tiny_encoder(out: Path, seed: int = 0, in_chans: int = 1) -> Path:
     """A randomly initialised ``test_vit`` (32 px, patch 8) exported as encoder.safetensors + encoder.json."""
     import models

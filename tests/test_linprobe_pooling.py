@@ -7,10 +7,9 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from test_linprobe_fixtures import BREAST_NPZ, fails_with, read_results
+from test_linprobe_fixtures import BREAST_NPZ, fails_with, npz_head, read_results
 
 from common.data.loader import usable_workers
 from common.transfer.data import make_loader
@@ -23,15 +22,9 @@ COMMON = ["--num_workers", "0", "--n_bootstrap", "50", "--input_size", "32"]
 
 @pytest.fixture(scope="module")
 def breast_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 200 / 60 / 60 real BreastMNIST images of each split (a quick CPU probe)."""
-    out = {}
-    with np.load(BREAST_NPZ) as z:
-        for split, n in (("train", 200), ("val", 60), ("test", 60)):
-            out[f"{split}_images"] = z[f"{split}_images"][:n]
-            out[f"{split}_labels"] = z[f"{split}_labels"][:n]
-    path = tmp_path_factory.mktemp("data") / "breast_subset.npz"
-    np.savez(path, **out)
-    return path
+    """The first 200 / 60 / 60 real BreastMNIST images of each split."""
+    return npz_head(BREAST_NPZ, tmp_path_factory.mktemp("data") / "breast_subset.npz",
+                    {"train": 200, "val": 60, "test": 60})
 
 
 @pytest.fixture(scope="module")
