@@ -131,6 +131,26 @@ def test_data_on_device_learns_and_resumes_exactly(curated: Path, tmp_path: Path
     assert "over --data_on_device_max_gb" in said and "24 uint8 1x32x32 canvases" in said
 
 
+def test_compiled_run_trains_the_same_model_and_resumes(curated: Path, tmp_path: Path) -> None:
+    """``--compile`` (inductor, on the CPU here) compiles in place: checkpoints and the exported encoder keep the
+    eager model's names, its steps follow the eager run's (to float32 rounding of the fused kernels), and a
+    compiled run resumes from its own checkpoint (the path the GPU benchmarks' compiled rows take)."""
+    from common.checkpoint import load_weights
+
+    common = {"max_steps": 4, "data_on_device": None, "save_every": 2}
+    assert pretrain_main(args(curated, tmp_path / "eager", **common)) == 0
+    assert pretrain_main(args(curated, tmp_path / "compiled", compile=None, max_steps=2,
+                              **{k: v for k, v in common.items() if k != "max_steps"})) == 0
+    assert pretrain_main(args(curated, tmp_path / "compiled", compile=None, **common)) == 0  # --resume auto
+    eager = load_weights(tmp_path / "eager" / "encoder.safetensors")
+    compiled = load_weights(tmp_path / "compiled" / "encoder.safetensors")
+    assert eager.keys() == compiled.keys() and not any("_orig_mod" in k for k in compiled)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "compiled" / "log.jsonl") if "loss" in r]
+    assert steps[-1] == 4
+
+
 def test_sigusr1_saves_and_exits_75(curated: Path, tmp_path: Path) -> None:
     out = tmp_path / "pre"
     proc = _spawn(args(curated, out, epochs=100))
