@@ -64,7 +64,7 @@ def check_n_last_blocks(encoder: Any, n_last_blocks: int, name: str) -> None:
         return
     from models.encoder import EncoderBase
 
-    if type(encoder).forward_intermediates is EncoderBase.forward_intermediates:
+    if type(encoder).forward_last_blocks is EncoderBase.forward_last_blocks:
         raise TransferUsageError(f"--n_last_blocks {n_last_blocks}: model '{name}' is a hierarchy of feature maps "
                                  "with no sequence of token blocks to read; drop --n_last_blocks")
     if n_last_blocks > encoder.depth:

@@ -103,11 +103,12 @@ class EncoderBase(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward_intermediates(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
+    def forward_last_blocks(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
         """Token sequences ``(B, T, D)`` after each of the last ``n_last_blocks`` blocks, in block order, each
         through the final norm as ``forward_features`` puts its output; the last equals ``forward_features(x)``.
         (DINO's linear evaluation concatenates features of the last blocks; the deepest block of an MAE encoder
-        is the one most tuned to pixel reconstruction.)"""
+        is the one most tuned to pixel reconstruction.) Not named ``forward_intermediates``: timm's method of that
+        name takes other arguments and returns other things, and our models are exposed through timm too."""
         raise NotImplementedError(f"{type(self).__name__} has no sequence of token blocks to read features from "
                                   "(it is a hierarchy of feature maps); use n_last_blocks=1")
 

@@ -190,9 +190,9 @@ class VisionMamba(EncoderBase):
         return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens:]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, 1)[0]
+        return self.forward_last_blocks(x, 1)[0]
 
-    def forward_intermediates(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
+    def forward_last_blocks(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
         self._check_n_last_blocks(n_last_blocks)
         return [torch.cat([prefix, patches], dim=1) for patches, prefix in self._encode(self._embed(x), n_last_blocks)]
 

@@ -66,7 +66,7 @@ class VisionTransformer(EncoderBase):
         patches = self.patch_embed(x) + self.pos_embed[:, 1:]
         return self._run_blocks(self.pos_drop(self._with_cls(patches)))
 
-    def forward_intermediates(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
+    def forward_last_blocks(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
         self._check_n_last_blocks(n_last_blocks)
         x = self.pos_drop(self._with_cls(self.patch_embed(x) + self.pos_embed[:, 1:]))
         outputs = []

@@ -1,5 +1,5 @@
 """``linprobe --n_last_blocks``: the pooled outputs of the encoder's last blocks side by side (DINO's linear
-evaluation), for ViT and Vim; the encoders' ``forward_intermediates`` against their own forward."""
+evaluation), for ViT and Vim; the encoders' ``forward_last_blocks`` against their own forward."""
 
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ def test_intermediates_end_with_the_encoder_output(name: str, pool: str) -> None
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         full = encoder.forward_features(x)
-        outs = encoder.forward_intermediates(x, encoder.depth)
+        outs = encoder.forward_last_blocks(x, encoder.depth)
     assert len(outs) == encoder.depth
     assert all(o.shape == full.shape for o in outs)
     torch.testing.assert_close(outs[-1], full)
     # Earlier blocks differ from the output (they are not the same tensor read twice).
     assert not torch.allclose(outs[0], full)
     with pytest.raises(ValueError, match="between 1 and the encoder's depth"):
-        encoder.forward_intermediates(x, encoder.depth + 1)
+        encoder.forward_last_blocks(x, encoder.depth + 1)
 
 
 def test_vit_intermediate_is_the_normed_output_of_that_block() -> None:
@@ -56,7 +56,7 @@ def test_vit_intermediate_is_the_normed_output_of_that_block() -> None:
     encoder = models.create_model("test_vit", in_chans=1).eval()
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
-        outs = encoder.forward_intermediates(x, 2)
+        outs = encoder.forward_last_blocks(x, 2)
         tokens = encoder._with_cls(encoder.patch_embed(x) + encoder.pos_embed[:, 1:])
         for blk in encoder.blocks[:-1]:
             tokens = blk(tokens)

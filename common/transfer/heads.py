@@ -66,7 +66,7 @@ class FrozenEncoderProbe(nn.Module):
     """A frozen encoder (always in eval mode, no gradients) followed by a trainable :class:`ProbeHead`.
 
     ``n_last_blocks`` > 1 feeds the head the pooled outputs of the encoder's last blocks side by side
-    (``forward_intermediates``), each pooled as the encoder pools its output."""
+    (``forward_last_blocks``), each pooled as the encoder pools its output."""
 
     def __init__(self, encoder: nn.Module, head: ProbeHead, n_last_blocks: int = 1):
         super().__init__()
@@ -85,7 +85,7 @@ class FrozenEncoderProbe(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.n_last_blocks == 1:
             return self.encoder.pool(self.encoder.forward_features(x)).float()
-        tokens = self.encoder.forward_intermediates(x, self.n_last_blocks)
+        tokens = self.encoder.forward_last_blocks(x, self.n_last_blocks)
         return torch.cat([self.encoder.pool(t) for t in tokens], dim=-1).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
