@@ -8,7 +8,8 @@
 #   on the GPU machine:            bash pipeline/gpu_results_session.sh run [extra pipeline.results run flags]
 #       (carry .gpu_run/results and .gpu_run/whl) runs pipeline.results with the recipe below under
 #       RESULTS_BUDGET_S seconds (default 540) and writes $OUT/runs.json, $OUT/table.md and $OUT/logs.tar.gz
-#       (every stage's log). The fine-tunes use the class-weighted loss (--ft_class_weighted); FT_CLASS_WEIGHTED=0
+#       (every stage's log); $OUT/runs.json is refreshed every 10 s, so a call stopped at its time limit still
+#       returns the rows finished by then. The fine-tunes use the class-weighted loss (--ft_class_weighted); FT_CLASS_WEIGHTED=0
 #       drops it (e.g. to compare the unweighted loss under the same recipe); any other value or unset keeps it.
 #       The MAE pretrainings read the pool decoded once onto the GPU (--pretrain_data_on_device, about 63 MB);
 #       PRETRAIN_DATA_ON_DEVICE=0 streams it through loader workers instead, as the twelfth session's runs did.
@@ -90,12 +91,18 @@ run)
     if [ "${PRETRAIN_DATA_ON_DEVICE:-1}" = 0 ]; then
         on_device=()
     fi
+    # A call stopped at its time limit still returns the rows finished so far: runs.json is rewritten after every
+    # stage, and this copies it into the returned folder every 10 s.
+    (while sleep 10; do cp "$res/runs.json" "$out/runs.json" 2>/dev/null || true; done) &
+    copier=$!
+    trap 'kill "$copier" 2>/dev/null || true' EXIT
     # 8-pixel patches: a 64 px image is 64 tokens (16 visible under 75 % masking) instead of 16.
     python3 -m pipeline.results run --pool "$data/pool" \
         --datasets "$data/breastmnist_64.npz" "$data/pneumoniamnist.npz" "$data/kermany.csv" --out "$res" \
         --input_size 64 --encoders vit_small_patch8 vim_small_patch8 --pretrain_epochs 16 --ft_epochs 30 \
         --ft_min_steps 500 "${class_weighted[@]}" "${on_device[@]}" --probe_epochs 90 --jobs 4 --num_workers 4 \
         --time_budget_s "${RESULTS_BUDGET_S:-540}" "$@" || true
+    kill "$copier" 2>/dev/null || true
     cp "$res/runs.json" "$out/" || true
     benchmarks=()
     if [ -d "$data/benchmarks" ]; then
