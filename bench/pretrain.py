@@ -337,6 +337,17 @@ def _f(value: Any, suffix: str = "") -> str:
     return "" if value is None else f"{value}{suffix}"
 
 
+def write_json(args: argparse.Namespace, device: torch.device, rows: list[Row]) -> str:
+    """Write ``--json`` with the rows so far (atomically); returns the device's name."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": [asdict(r) for r in rows]}
+    path = Path(args.json)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return device_name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -353,17 +364,16 @@ def main(argv: list[str] | None = None) -> int:
                 loader_sizes_done.add(size)
             row = run_row(args, mode, name, size, batch, device)
             rows.append(row)
+            write_json(args, device, rows)  # after every row: a call stopped at its time limit keeps the rows done
             print(f"{row.mode:11s} {row.model:24s} {size:5d} x{row.batch_size:<4d} {row.status:5s} {_f(row.img_per_s)} img/s",
                   flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_name = write_json(args, device, rows)
     print(f"\ndevice: {device_name}, torch {torch.__version__}, compile={args.compile and args.compile_mode}, steps<={args.steps} "
           f"(cap {args.row_seconds} s/row), loader canvas {args.canvas_size or 'input size'}")
     print(format_table(rows))
     profiles = format_profiles(rows)
     if profiles:
         print("\n" + profiles)
-    result = {"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": [asdict(r) for r in rows]}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if any(r.status == "ok" for r in rows) else 1
 
 

@@ -112,3 +112,28 @@ def test_profile_steps_breaks_step_time_down_by_kernel_kind(tmp_path: Path, caps
     assert kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
     assert kernel_kind("triton_per_fused_native_layer_norm_0") == "triton"
     assert kernel_kind("void multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+
+
+def test_json_holds_every_finished_row_when_a_later_row_is_cut_off(tmp_path: Path, monkeypatch) -> None:
+    """A device call stopped at its time limit keeps the rows finished before it: --json is written per row."""
+    import pytest
+
+    import bench.pretrain as bench
+
+    real_run_row, calls = bench.run_row, []
+
+    def run_row_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for the call's time limit
+        return real_run_row(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_row", run_row_then_stop)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_main(["--models", "mae_test_vit", "mae_test_vim", "--input_sizes", "32", "--batch_size", "2",
+                    "--steps", "1", "--warmup", "0", "--modes", "synthetic", "--in_chans", "1", "--device", "cpu",
+                    "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "mae_test_vit" and row["status"] == "ok"
+    assert not list(tmp_path.glob("*.tmp"))
