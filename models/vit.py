@@ -53,22 +53,8 @@ class VisionTransformer(EncoderBase):
             if module is not head:
                 init_mae_style(module)
 
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = self._maybe_checkpoint(blk, x)
-        return self.norm(x)
-
-    def _with_cls(self, patches: torch.Tensor) -> torch.Tensor:
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
-        return torch.cat([cls, patches], dim=1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embed(x) + self.pos_embed[:, 1:]
-        return self._run_blocks(self.pos_drop(self._with_cls(patches)))
-
-    def forward_last_blocks(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
-        self._check_n_last_blocks(n_last_blocks)
-        x = self.pos_drop(self._with_cls(self.patch_embed(x) + self.pos_embed[:, 1:]))
+    def _run_blocks(self, x: torch.Tensor, n_last_blocks: int = 1) -> list[torch.Tensor]:
+        """The normalised tokens after each of the last ``n_last_blocks`` blocks (the last one is the output)."""
         outputs = []
         for index, blk in enumerate(self.blocks):
             x = self._maybe_checkpoint(blk, x)
@@ -76,8 +62,20 @@ class VisionTransformer(EncoderBase):
                 outputs.append(self.norm(x))
         return outputs
 
+    def _with_cls(self, patches: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_last_blocks(x, 1)[0]
+
+    def forward_last_blocks(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
+        self._check_n_last_blocks(n_last_blocks)
+        patches = self.patch_embed(x) + self.pos_embed[:, 1:]
+        return self._run_blocks(self.pos_drop(self._with_cls(patches)), n_last_blocks)
+
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patches = self.patch_embed(x) + self.pos_embed[:, 1:]
         patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        tokens = self._run_blocks(self.pos_drop(self._with_cls(patches)))
+        tokens = self._run_blocks(self.pos_drop(self._with_cls(patches)))[0]
         return tokens[:, 1:], tokens[:, :1]

@@ -19,11 +19,11 @@ from accelerate import Accelerator
 from common.io import atomic_write_json
 
 STATE_FILE = "train_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint to resume from belongs to a run with another model or input geometry."""
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointManager:
