@@ -16,6 +16,7 @@ import pytest
 import pipeline.results as results
 import pipeline.run_log as run_log
 import pipeline.stages as stages
+from pipeline.commands import LabeledSet
 from pipeline.results_table import table_lines
 from pipeline.run_log import RunLog
 from pipeline.stages import GpuSlots, StageError, StageResult, StageTimeout, TimeBudget, run_stage
@@ -303,7 +304,7 @@ def test_the_preflight_spreads_over_the_gpus(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(results, "run_stage", fake)
     args = results.build_parser().parse_args(["run", "--pool", "p", "--datasets", "d.npz", "--out", "o",
                                               "--jobs", "2", "--num_workers", "0"])
-    data = results.LabeledSet(path="d.npz", num_classes=2, multilabel=False, n_train=100)
+    data = LabeledSet(path="d.npz", num_classes=2, multilabel=False, n_train=100)
     encoders = {"enc_a": tmp_path / "a.safetensors", "enc_b": tmp_path / "b.safetensors"}
     results.preflight(args, {"d": data}, encoders, tmp_path / "pre", GpuSlots(["0", "1"], jobs=2))
     assert len(fake.calls) == 4 and {gpu for _, _, gpu in fake.calls} == {"0", "1"}

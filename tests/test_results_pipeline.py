@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from test_linprobe_fixtures import write_split_csv
 
+from pipeline.commands import finetune_epochs, label_space
 from pipeline.kermany import kermany_patient_id
-from pipeline.results import finetune_epochs, label_space, main
+from pipeline.results import main
 from pipeline.results_table import table_lines
 from pipeline.run_log import encoder_digest
 from pipeline.stages import REPO_ROOT
@@ -242,7 +243,7 @@ def test_the_light_fine_tune_recipe_reaches_finetune_and_its_config() -> None:
 
     from common.config import parse_config
     from finetune.config import FinetuneConfig
-    from pipeline.results import FT_RECIPES, LabeledSet, transfer_command
+    from pipeline.commands import FT_RECIPES, LabeledSet, transfer_command
 
     args = argparse.Namespace(input_size=64, in_chans=1, num_workers=0, ft_epochs=3, ft_min_steps=0,
                               ft_batch_size=8, ft_blr=5e-4, ft_class_weighted=False, ft_recipe="light",
@@ -261,15 +262,16 @@ def test_select_metrics_reach_every_finetune_and_linprobe_command(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """--ft_select_metric / --probe_select_metric reach the finetune / linprobe commands of the table and of the
     preflight, and the stages' own config parsers read them back (their defaults, auc, would otherwise win)."""
+    import pipeline.commands as commands
     import pipeline.results as results
     from common.config import parse_config
     from common.transfer.results import SELECT_METRICS
     from finetune.config import FinetuneConfig
     from linprobe.config import LinprobeConfig
 
-    assert results.SELECT_METRICS == SELECT_METRICS  # the CLI's choices are the stages' choices
+    assert commands.SELECT_METRICS == SELECT_METRICS  # the CLI's choices are the stages' choices
     base = ["run", "--pool", "p", "--datasets", "d.npz", "--out", str(tmp_path / "o"), *TINY]
-    data = results.LabeledSet(path="d.npz", num_classes=2, multilabel=False, n_train=100)
+    data = commands.LabeledSet(path="d.npz", num_classes=2, multilabel=False, n_train=100)
 
     def config(command: list[str]) -> FinetuneConfig | LinprobeConfig:
         module = next(part for part in command if part.endswith(".main"))
@@ -278,24 +280,24 @@ def test_select_metrics_reach_every_finetune_and_linprobe_command(tmp_path: Path
 
     args = results.build_parser().parse_args(base)
     assert (args.ft_select_metric, args.probe_select_metric) == ("balanced_acc", "auc")
-    assert config(results.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
+    assert config(commands.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
                   ).select_metric == "balanced_acc"
     # the probes' default is linprobe's own, so their commands (and the rows recorded with them) stay as they were
-    probe = results.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
+    probe = commands.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
     assert "--select_metric" not in probe and config(probe).select_metric == "auc"
     args = results.build_parser().parse_args([*base, "--ft_select_metric", "loss", "--probe_select_metric", "f1"])
-    assert config(results.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
+    assert config(commands.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
                   ).select_metric == "loss"
-    assert config(results.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
+    assert config(commands.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
                   ).select_metric == "f1"
 
     # --probe_n_last_blocks: absent from the command at its default (recorded probe rows stay valid), read back
     # by linprobe otherwise; fine-tunes never get it
     assert "--n_last_blocks" not in probe and config(probe).n_last_blocks == 1
     args.probe_n_last_blocks = 4
-    assert config(results.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
+    assert config(commands.transfer_command(args, "linprobe", data, [], "test_vit", "0.65", tmp_path)
                   ).n_last_blocks == 4
-    assert "--n_last_blocks" not in results.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
+    assert "--n_last_blocks" not in commands.transfer_command(args, "finetune", data, [], "test_vit", "0.65", tmp_path)
 
     # The preflight builds its one-epoch commands itself: record them instead of running them.
     commands: list[list[str]] = []
@@ -311,7 +313,7 @@ def test_pretrain_command_takes_the_recipe_and_compile_flag(tmp_path: Path) -> N
     import argparse
 
     from common.config import parse_config
-    from pipeline.results import pretrain_command
+    from pipeline.commands import pretrain_command
     from pretrain.config import PretrainConfig
 
     args = argparse.Namespace(pool=str(tmp_path), input_size=64, in_chans=1, batch_size=256, pretrain_epochs=64,
