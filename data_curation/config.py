@@ -25,7 +25,8 @@ class CurateConfig:
                                                 "(lossless HU+1024 as uint16)")
     percentile_low: float = _f(0.5, "lower percentile for robust scaling (MR, PET, X-ray, US, NIfTI)")
     percentile_high: float = _f(99.5, "upper percentile for robust scaling")
-    percentile_scope: str = _f("volume", "'volume' (NIfTI/npz 3D: one range per volume) or 'image'")
+    percentile_scope: str = _f("volume", "'volume' (one range per NIfTI/npz 3D volume, DICOM series and "
+                                         "multi-frame DICOM file) or 'image'")
     use_dicom_voi: bool = _f(True, "non-CT DICOM: use the file's VOI LUT / window when present")
     output_bits: int = _f(8, "bits of scaled grayscale output: 8 or 16")
     # geometry

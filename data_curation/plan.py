@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 
 from data_curation.config import CurateConfig
 from data_curation.discover import InputFile, Rejected
 from data_curation.readers import RejectError
-from data_curation.readers.dicom import DicomHeader
+from data_curation.readers.dicom import DicomHeader, series_value_range
 from data_curation.readers.nifti import nifti_volumes
 from data_curation.readers.npz import npz_items
 from data_curation.reslice import regular_stack
@@ -87,11 +90,26 @@ def _image_label(f: InputFile, classes: dict[str, list[str]]) -> dict:
     return args
 
 
-def plan_tasks(files: list[InputFile], cfg: CurateConfig, headers: dict[str, DicomHeader | None],
-               image_modality: str) -> tuple[list[Task], list[Rejected]]:
+def series_ranges(groups: list[SeriesGroup], cfg: CurateConfig, imap: Callable[..., Iterable[Any]]
+                  ) -> dict[str, tuple[float, float]]:
+    """With ``--percentile_scope volume``: the percentile range of each percentile-scaled series of two or more
+    slices (``series_value_range``, one series per task of ``imap``), for every file of the series."""
+    if cfg.percentile_scope != "volume":
+        return {}
+    multi = [g for g in groups if len(g.paths) >= 2]
+    ranges: dict[str, tuple[float, float]] = {}
+    for g, value_range in zip(multi, imap(partial(series_value_range, cfg=cfg), [g.paths for g in multi])):
+        if value_range is not None:
+            ranges.update(dict.fromkeys(g.paths, value_range))
+    return ranges
+
+
+def plan_tasks(files: list[InputFile], cfg: CurateConfig, groups: list[SeriesGroup],
+               ranges: dict[str, tuple[float, float]], image_modality: str) -> tuple[list[Task], list[Rejected]]:
+    """The tasks of ``files``; ``groups`` are the DICOM series (``series_groups``) and ``ranges`` their
+    percentile ranges (``series_ranges``)."""
     tasks: list[Task] = []
     rejects: list[Rejected] = []
-    groups = series_groups(headers)
     series = series_indices(groups)
     reslices: dict[str, dict] = {}  # first file of a series -> reslice task args, or the reason it is skipped
     if cfg.dicom_reslice:
@@ -111,11 +129,12 @@ def plan_tasks(files: list[InputFile], cfg: CurateConfig, headers: dict[str, Dic
         try:
             if f.kind == "dicom":
                 extra = reslices.get(f.path, {})
+                value_range = {"series_range": ranges[f.path]} if f.path in ranges else {}
                 if "reslice" in extra:  # the series' resliced planes are a second task of its first file
-                    tasks.append(Task(f, 0, 2, {"series_index": series.get(f.path)}))
-                    tasks.append(Task(f, 1, 2, extra))
+                    tasks.append(Task(f, 0, 2, {"series_index": series.get(f.path), **value_range}))
+                    tasks.append(Task(f, 1, 2, {**extra, **value_range}))
                 else:
-                    tasks.append(Task(f, 0, 1, {"series_index": series.get(f.path), **extra}))
+                    tasks.append(Task(f, 0, 1, {"series_index": series.get(f.path), **value_range, **extra}))
             elif f.kind == "image":
                 tasks.append(Task(f, 0, 1, {"modality": image_modality, **_image_label(f, sorted_classes)}))
             elif f.kind == "nifti":

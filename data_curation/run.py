@@ -16,7 +16,7 @@ from data_curation.config import CurateConfig
 from data_curation.deid import load_salt, salt_fingerprint, source_label
 from data_curation.discover import InputFile, Rejected, walk_inputs
 from data_curation.manifest import write_outputs
-from data_curation.plan import plan_tasks
+from data_curation.plan import plan_tasks, series_groups, series_ranges
 from data_curation.readers.dicom import read_header
 from data_curation.reslice import PLANES
 from data_curation.state import Ledger, LedgerState, load_ledger
@@ -161,7 +161,8 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     try:
         dicoms = [f.path for f in todo if f.kind == "dicom"]
         headers = dict(zip(dicoms, imap(read_header, dicoms)))
-        tasks, plan_rejects = plan_tasks(todo, cfg, headers, cfg.image_modality)
+        groups = series_groups(headers)
+        tasks, plan_rejects = plan_tasks(todo, cfg, groups, series_ranges(groups, cfg, imap), cfg.image_modality)
         for r in plan_rejects:
             ledger.append(rec := _reject_record(r, label))
             state.items[r.item_id] = rec

@@ -115,9 +115,9 @@ def _slices(task: Task, cfg: CurateConfig, stats: dict[str, int]) -> Iterator[tu
         return
     if kind == "dicom" and "reslice" in task.args:
         r = task.args["reslice"]
-        ident, it = read_series_resliced(r["paths"], r["slice_spacing"], cfg, stats)
+        ident, it = read_series_resliced(r["paths"], r["slice_spacing"], cfg, stats, task.args.get("series_range"))
     elif kind == "dicom":
-        ident, it = read_dicom(path, cfg, task.args.get("series_index"))
+        ident, it = read_dicom(path, cfg, task.args.get("series_index"), task.args.get("series_range"))
     elif kind == "nifti":
         ident, it = read_nifti(path, cfg, task.args.get("volume", 0), stats)
     elif kind == "image":

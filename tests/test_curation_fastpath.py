@@ -17,7 +17,13 @@ from data_curation.config import CurateConfig
 from data_curation.format import decode_image, encode_image
 from data_curation.png import encode_png
 from data_curation.readers.dicom import decode_frame, open_dataset
-from data_curation.readers.dicom_gray import apply_mapping, gray_mapping, map_gray, stored_value_table
+from data_curation.readers.dicom_gray import (
+    apply_mapping,
+    gray_mapping,
+    map_gray,
+    stored_value_table,
+    with_range,
+)
 
 SITE = Path(pydicom.__file__).parent.parent
 PYDICOM_FILES = SITE / "pydicom" / "data" / "test_files"
@@ -40,7 +46,7 @@ def test_lookup_table_equals_direct_mapping(path: Path, overrides: dict) -> None
     ds = open_dataset(path)
     raw = decode_frame(ds, None)
     mapping = gray_mapping(ds, cfg)
-    fast, names, norm = map_gray(ds, raw, None, cfg)
+    fast, names, norm = map_gray(ds, raw, None, mapping)
     direct, direct_names, direct_norm = apply_mapping(apply_modality_lut(raw, ds), mapping, ds, None)
     assert fast.dtype == direct.dtype and fast.shape == direct.shape
     np.testing.assert_array_equal(fast, direct)
@@ -56,11 +62,30 @@ def test_percentile_mapping_is_not_tabulated() -> None:
     ds = open_dataset(PYDICOM_FILES / "MR_small.dcm")
     assert gray_mapping(ds, cfg).kind == "percentile"  # depends on the image: computed directly
     raw = decode_frame(ds, None)
-    img, _, norm = map_gray(ds, raw, None, cfg)
+    img, _, norm = map_gray(ds, raw, None, gray_mapping(ds, cfg))
     lo, hi = np.percentile(raw.astype(np.float32), [0.5, 99.5])
     expected = np.clip(np.rint((raw.astype(np.float32) - np.float32(lo)) * np.float32(255 / (hi - lo))), 0, 255)
     np.testing.assert_array_equal(img[:, :, 0], expected.astype(np.uint8))
-    assert norm["kind"] == "percentile"
+    assert norm["kind"] == "percentile" and norm["scope"] == "image"
+
+
+def test_fixed_range_percentile_mapping_is_tabulated_and_exact() -> None:
+    """A series' range makes percentile scaling a function of the stored value: the table gives the direct
+    path's pixels, and the range is recorded."""
+    cfg = dataclasses.replace(CurateConfig(), use_dicom_voi=False)
+    ds = open_dataset(PYDICOM_FILES / "MR_small.dcm")
+    raw = decode_frame(ds, None)
+    mapping = with_range(gray_mapping(ds, cfg), (100.0, 1500.5), "series")
+    fast, _, norm = map_gray(ds, raw, None, mapping)
+    direct, _, direct_norm = apply_mapping(apply_modality_lut(raw, ds), mapping, ds, None)
+    np.testing.assert_array_equal(fast, direct)
+    assert norm == direct_norm and norm["scope"] == "series" and norm["range"] == [100.0, 1500.5]
+    assert stored_value_table(mapping, raw.dtype.str)[0].shape == (1, 2 ** (8 * raw.dtype.itemsize))
+    expected = np.clip(np.rint((raw.astype(np.float32) - 100) * np.float32(255 / 1400.5)), 0, 255)
+    np.testing.assert_array_equal(fast[:, :, 0], expected.astype(np.uint8))
+    # not a percentile mapping: a range changes nothing
+    ct = dataclasses.replace(gray_mapping(open_dataset(PYDICOM_FILES / "CT_small.dcm"), cfg))
+    assert with_range(ct, (0.0, 1.0), "series") is ct
 
 
 def _real_images() -> list[np.ndarray]:

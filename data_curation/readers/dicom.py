@@ -8,15 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import rgb_to_uint8
+from data_curation.intensity import percentile_range, rgb_to_uint8
 from data_curation.readers import Identity, RejectError, Slice
-from data_curation.readers.dicom_gray import map_gray
+from data_curation.readers.dicom_gray import GrayMapping, gray_mapping, map_gray, with_range
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Volume percentiles (``percentile_scope volume``) of a series or multi-frame file come from at most this many
+# slices / frames, evenly spaced, and at most this many values in all.
+RANGE_MAX_SLICES = 32
+RANGE_MAX_VALUES = 1_000_000
 # Which package decodes which compressed transfer syntax (shown in the reject reason when one is missing).
 _DECODER_HINTS = {
     "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
@@ -132,9 +136,10 @@ def decode_frame(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
                           f"{msg[:200]}") from exc
 
 
-def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, cfg: CurateConfig
+def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, mapping: GrayMapping
               ) -> tuple[np.ndarray, list[str], dict]:
-    """Raw decoded pixels -> (H, W, C) uint array, channel names, normalization record."""
+    """Raw decoded pixels -> (H, W, C) uint array, channel names, normalization record (``mapping``: the
+    grayscale one, unused for colour)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(raw, ds)
@@ -142,17 +147,24 @@ def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, cfg: CurateConfi
         return rgb, ["R", "G", "B"], {"kind": "palette_to_rgb"}
     if raw.ndim == 3:  # RGB or YBR (pydicom converts YBR to RGB while decoding)
         return rgb_to_uint8(raw, int(ds.get("BitsStored", 8))), ["R", "G", "B"], {"kind": "rgb"}
-    return map_gray(ds, raw, index, cfg)
+    return map_gray(ds, raw, index, mapping)
 
 
-def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None
-               ) -> tuple[Identity, Iterator[Slice]]:
-    """Identity plus a lazy iterator of slices (frames decoded one at a time)."""
+def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
+               series_range: tuple[float, float] | None = None) -> tuple[Identity, Iterator[Slice]]:
+    """Identity plus a lazy iterator of slices (frames decoded one at a time). ``series_range``: the
+    percentile range of the file's series (planned with ``percentile_scope volume``), used when the file is
+    percentile-scaled; a multi-frame file gets one range over its frames instead."""
     ds = open_dataset(path)
     if cfg.reject_burned_in and str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise RejectError("BurnedInAnnotation=YES (burned-in text may identify the patient)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     first = decode_frame(ds, 0 if frames > 1 else None)  # fail early, before any slice is emitted
+    mapping = gray_mapping(ds, cfg)
+    if frames > 1 and mapping.kind == "percentile" and cfg.percentile_scope == "volume" and first.ndim == 2:
+        mapping = with_range(mapping, frames_value_range(ds, first, frames, mapping.percentiles), "frames")
+    elif series_range is not None and cfg.percentile_scope == "volume":
+        mapping = with_range(mapping, series_range, "series")
 
     def slices() -> Iterator[Slice]:
         spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
@@ -164,7 +176,7 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None
         }
         for i in range(frames):
             raw = first if i == 0 else decode_frame(ds, i)
-            img, names, norm = map_frame(ds, raw, i, cfg)
+            img, names, norm = map_frame(ds, raw, i, mapping)
             meta = {**base, "channels": names, "normalization": norm}
             if frames > 1:
                 meta.update(slice_axis="frame", slice_index=i)
@@ -175,3 +187,51 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None
             yield Slice(image=img, key=f"f{i}", meta=meta)
 
     return identity_of(ds, path), slices()
+
+
+def range_indices(count: int) -> list[int]:
+    """Which of ``count`` slices / frames the volume percentiles read: all, or RANGE_MAX_SLICES evenly spaced
+    from the first to the last."""
+    if count <= RANGE_MAX_SLICES:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (RANGE_MAX_SLICES - 1)) for i in range(RANGE_MAX_SLICES)})
+
+
+def value_sample(values: np.ndarray, slices: int) -> np.ndarray:
+    """A strided float32 subsample of one slice's modality values, so that ``slices`` of them hold at most
+    about RANGE_MAX_VALUES values."""
+    flat = values.reshape(-1)
+    step = max(1, flat.size * slices // RANGE_MAX_VALUES)
+    return flat[::step].astype(np.float32)
+
+
+def frames_value_range(ds: pydicom.Dataset, first: np.ndarray, frames: int, percentiles: tuple[float, float]
+                       ) -> tuple[float, float]:
+    """Percentile range of a multi-frame grayscale file's modality values over its (sampled) frames."""
+    picked = range_indices(frames)
+    samples = [value_sample(apply_modality_lut(first if i == 0 else decode_frame(ds, i), ds), len(picked))
+               for i in picked]
+    return percentile_range(np.concatenate(samples), *percentiles)
+
+
+def series_value_range(paths: list[str], cfg: CurateConfig) -> tuple[float, float] | None:
+    """Percentile range of a series' modality values over (sampled) slices, for its native slices and its
+    resliced planes alike; None when the series is not percentile-scaled (CT, a window or VOI LUT, RGB) or
+    none of the sampled slices decodes (each slice's own task then reports why). Never raises for bad input:
+    a slice that fails here fails its own task with the reason."""
+    picked = [paths[i] for i in range_indices(len(paths))]
+    samples: list[np.ndarray] = []
+    for path in picked:
+        try:
+            ds = open_dataset(Path(path))
+            if gray_mapping(ds, cfg).kind != "percentile":
+                return None
+            raw = decode_frame(ds, None)
+        except RejectError:
+            continue
+        if raw.ndim != 2:  # colour
+            return None
+        samples.append(value_sample(apply_modality_lut(raw, ds), len(picked)))
+    if not samples:
+        return None
+    return percentile_range(np.concatenate(samples), cfg.percentile_low, cfg.percentile_high)

@@ -4,8 +4,8 @@ The files arrive sorted along the slice normal (planned from their headers, whic
 form a regular, unsheared stack). Each slice is decoded, converted to modality values (HU for CT; each
 file's own rescale) and appended to a float32 volume file on disk; then the requested planes are cut out
 in slabs of at most ``--reslice_memory_mb`` and mapped exactly as native slices are (same CT windows, the
-first file's window / VOI LUT; percentile scaling over the whole series with ``--percentile_scope
-volume``). With ``--dicom_reslice_isotropic`` the slice axis is resampled to the in-plane pixel spacing.
+first file's window / VOI LUT; with ``--percentile_scope volume`` percentile scaling by the range planned for
+the series' native slices, so that both agree). With ``--dicom_reslice_isotropic`` the slice axis is resampled to the in-plane pixel spacing.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import foreground_fraction, percentile_range, resize, scale_range, target_size
+from data_curation.intensity import foreground_fraction, percentile_range, resize, target_size
 from data_curation.readers import Identity, RejectError, Slice
 from data_curation.readers.dicom import decode_frame, identity_of, open_dataset
-from data_curation.readers.dicom_gray import GrayMapping, apply_mapping, gray_mapping
+from data_curation.readers.dicom_gray import GrayMapping, apply_mapping, gray_mapping, with_range
 from data_curation.reslice import PLANES, VolumeFile, cut_plane, isotropic_shape, plane_layout
 
 _PERCENTILE_SAMPLE = 1_000_000  # values kept from the whole series for volume percentiles
@@ -65,26 +65,18 @@ def _stream_volume(paths: list[str]) -> tuple[pydicom.Dataset, VolumeFile, np.nd
     return first, vol, np.concatenate(samples), dtype
 
 
-def _mapper(m: GrayMapping, ds: pydicom.Dataset, sample: np.ndarray, cfg: CurateConfig):  # noqa: ANN202
-    """values plane -> (image, channel names, normalization), as for native slices of this series."""
-    if m.kind != "percentile" or cfg.percentile_scope != "volume":
-        return lambda values: apply_mapping(values, m, ds, None)
-    lo, hi = percentile_range(sample, *m.percentiles)
-
-    def volume_percentiles(values: np.ndarray) -> tuple[np.ndarray, list[str], dict]:
-        img = scale_range(values, lo, hi, m.bits)
-        norm = {"kind": "percentile", "scope": "series", "low": m.percentiles[0], "high": m.percentiles[1],
-                "bits": m.bits}
-        if m.invert:
-            img = (np.iinfo(img.dtype).max - img).astype(img.dtype)
-            norm["inverted"] = True
-        return img[:, :, None], ["gray"], norm
-
-    return volume_percentiles
+def _mapper(m: GrayMapping, ds: pydicom.Dataset, sample: np.ndarray, cfg: CurateConfig,
+            series_range: tuple[float, float] | None):  # noqa: ANN202
+    """values plane -> (image, channel names, normalization), as for native slices of this series: with
+    ``--percentile_scope volume`` one range for the series, the planned ``series_range`` (the native slices'
+    own) or else the percentiles of every slice's values."""
+    if m.kind == "percentile" and cfg.percentile_scope == "volume":
+        m = with_range(m, series_range or percentile_range(sample, *m.percentiles), "series")
+    return lambda values: apply_mapping(values, m, ds, None)
 
 
-def read_series_resliced(paths: list[str], slice_spacing: float, cfg: CurateConfig, stats: dict[str, int]
-                         ) -> tuple[Identity, Iterator[Slice]]:
+def read_series_resliced(paths: list[str], slice_spacing: float, cfg: CurateConfig, stats: dict[str, int],
+                         series_range: tuple[float, float] | None = None) -> tuple[Identity, Iterator[Slice]]:
     """Identity of the series plus a lazy iterator over its resliced planes (the volume file is removed
     when the iterator finishes or is closed)."""
     for plane in cfg.dicom_reslice:
@@ -94,7 +86,7 @@ def read_series_resliced(paths: list[str], slice_spacing: float, cfg: CurateConf
     axes, pixel = _geometry(ds0)
     spacing = (slice_spacing, pixel[0], pixel[1])  # along volume axes 0, 1, 2
     mapping = gray_mapping(ds0, cfg)
-    to_image = _mapper(mapping, ds0, sample, cfg)
+    to_image = _mapper(mapping, ds0, sample, cfg, series_range)
     budget = max(1, int(cfg.reslice_memory_mb * 2**20))
     base = {"modality": str(ds0.get("Modality", "") or "OT"), "source_format": "dicom", "orig_dtype": dtype,
             "orig_shape": [vol.slices, vol.rows, vol.cols]}
