@@ -61,9 +61,18 @@ def _cell(row: dict, metric: str) -> str:
     return f"{value:.3f} [{ci[metric][0]:.3f}, {ci[metric][1]:.3f}]" if metric in ci else f"{value:.3f}"
 
 
+def protocol_label(r: dict) -> str:
+    """The row's protocol as the table shows it: a linear probe on several blocks says how many (``linprobe
+    --n_last_blocks``), a row scored on the validation split says so."""
+    command = r.get("command") or []
+    blocks = command[command.index("--n_last_blocks") + 1] if "--n_last_blocks" in command[:-1] else "1"
+    label = r["protocol"] + (f" ({blocks} blocks)" if blocks != "1" else "")
+    return label + (" (val)" if r.get("evaluated_on") == "val" else "")
+
+
 def _table_row(r: dict) -> str:
     status = row_status(r)
-    protocol = r["protocol"] + (" (val)" if r.get("evaluated_on") == "val" else "")
+    protocol = protocol_label(r)
     if status != "ok":
         return f"| {r['model']} | {r['init']} | {protocol} | **{status}** | | |"
     return f"| {r['model']} | {r['init']} | {protocol} | {_cell(r, 'acc')} | {_cell(r, 'auc')} | {r.get('seconds', '')} |"

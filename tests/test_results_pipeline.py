@@ -128,6 +128,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
             assert epochs == (1 if n_train == 546 else 20) == finetune_epochs(1, 20, n_train, 8)
     text = "\n".join(table_lines(rows, None, 32))
     assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
+    assert "| linprobe |" in text and "blocks)" not in text
 
     # A rerun on a machine without the pretrained encoder (runs.json carried over from an earlier GPU call):
     # the recorded pretraining runs again before the rows still to do, and the finished rows are kept. The rerun
@@ -349,6 +350,18 @@ def test_table_orders_rows_by_model_init_protocol() -> None:
     assert [tuple(cell.strip() for cell in line.split("|")[1:4]) for line in body] == [
         ("medmamba", "scratch", "finetune"), ("vit_s", "mae", "linprobe"), ("vit_s", "mae", "finetune"),
         ("vit_s", "random", "linprobe"), ("vit_s", "random", "finetune")]
+
+
+def test_table_names_the_probe_block_count_and_the_validation_split() -> None:
+    base = {"model": "vit_s", "init": "mae", "dataset": "breastmnist", "status": "ok", "acc": 0.5, "auc": 0.5}
+    probe = ["python", "-m", "linprobe.main", "--fast", "--output_dir", "x"]
+    runs = [base | {"protocol": "linprobe", "command": [*probe, "--n_last_blocks", "4"]},
+            base | {"protocol": "linprobe", "command": probe, "model": "vit_b"},
+            base | {"protocol": "finetune", "evaluated_on": "val"}]
+    shown = [tuple(cell.strip() for cell in line.split("|")[1:4]) for line in table_lines(runs, None, 64)
+             if line.startswith("| vit_")]
+    assert shown == [("vit_b", "mae", "linprobe"), ("vit_s", "mae", "linprobe (4 blocks)"),
+                     ("vit_s", "mae", "finetune (val)")]
 
 
 def test_a_failed_stage_records_its_last_output_line_and_the_table_shows_it(tmp_path: Path) -> None:
