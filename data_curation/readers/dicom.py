@@ -215,23 +215,24 @@ def frames_value_range(ds: pydicom.Dataset, first: np.ndarray, frames: int, perc
 
 
 def series_value_range(paths: list[str], cfg: CurateConfig) -> tuple[float, float] | None:
-    """Percentile range of a series' modality values over (sampled) slices, for its native slices and its
-    resliced planes alike; None when the series is not percentile-scaled (CT, a window or VOI LUT, RGB) or
-    none of the sampled slices decodes (each slice's own task then reports why). Never raises for bad input:
-    a slice that fails here fails its own task with the reason."""
+    """Percentile range of a series' modality values over its (sampled) percentile-scaled grayscale slices, for
+    its native slices and its resliced planes alike; None when there is none (CT, a window or VOI LUT, RGB) or
+    none of them decodes (each slice's own task then reports why). Never raises for bad input: a slice that
+    fails here fails its own task with the reason."""
     picked = [paths[i] for i in range_indices(len(paths))]
     samples: list[np.ndarray] = []
     for path in picked:
         try:
+            # the header decides first: a CT series costs no pixel reads here
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if gray_mapping(header, cfg).kind != "percentile":  # a slice with its own window keeps it
+                continue
             ds = open_dataset(Path(path))
-            if gray_mapping(ds, cfg).kind != "percentile":
-                return None
             raw = decode_frame(ds, None)
-        except RejectError:
+        except Exception:  # noqa: BLE001 - unreadable or undecodable: the slice's own task reports why
             continue
-        if raw.ndim != 2:  # colour
-            return None
-        samples.append(value_sample(apply_modality_lut(raw, ds), len(picked)))
+        if raw.ndim == 2:  # not colour
+            samples.append(value_sample(apply_modality_lut(raw, ds), len(picked)))
     if not samples:
         return None
     return percentile_range(np.concatenate(samples), cfg.percentile_low, cfg.percentile_high)
