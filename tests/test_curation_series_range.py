@@ -124,6 +124,21 @@ def test_an_unreadable_slice_is_rejected_alone_and_left_out_of_the_range(tmp_pat
     assert all(m["normalization"]["range"] == pytest.approx([lo, hi]) for _, m in samples)
 
 
+def test_a_slice_with_its_own_window_keeps_it_and_the_rest_share_their_range(tmp_path, salt):
+    paths = _relabeled_series(tmp_path / "series")
+    windowed = paths[1]
+    ds = pydicom.dcmread(windowed)
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.save_as(windowed)
+    others = [p for p in paths if p != windowed]
+    lo, hi = _expected_range([_values(p) for p in others])
+    _, samples = _curate(tmp_path / "out", [tmp_path / "series"])
+    kinds = sorted(m["normalization"]["kind"] for _, m in samples)
+    assert kinds == ["dicom_window"] + ["percentile"] * len(others)
+    assert all(m["normalization"]["range"] == pytest.approx([lo, hi]) for _, m in samples
+               if m["normalization"]["kind"] == "percentile")
+
+
 def test_ct_series_keep_their_windows(tmp_path, salt):
     _, samples = _curate(tmp_path / "out", [CT5N])
     assert samples and all(m["normalization"]["kind"] == "ct_window" for _, m in samples)
