@@ -90,13 +90,14 @@ def _image_label(f: InputFile, classes: dict[str, list[str]]) -> dict:
     return args
 
 
-def series_ranges(groups: list[SeriesGroup], cfg: CurateConfig, imap: Callable[..., Iterable[Any]]
-                  ) -> dict[str, tuple[float, float]]:
+def series_ranges(groups: list[SeriesGroup], cfg: CurateConfig, imap: Callable[..., Iterable[Any]],
+                  pending: set[str]) -> dict[str, tuple[float, float]]:
     """With ``--percentile_scope volume``: the percentile range of each percentile-scaled series of two or more
-    slices (``series_value_range``, one series per task of ``imap``), for every file of the series."""
+    slices with a file in ``pending`` (``series_value_range`` over the whole series, one series per task of
+    ``imap``), for every file of the series."""
     if cfg.percentile_scope != "volume":
         return {}
-    multi = [g for g in groups if len(g.paths) >= 2]
+    multi = [g for g in groups if len(g.paths) >= 2 and not pending.isdisjoint(g.paths)]
     ranges: dict[str, tuple[float, float]] = {}
     for g, value_range in zip(multi, imap(partial(series_value_range, cfg=cfg), [g.paths for g in multi])):
         if value_range is not None:

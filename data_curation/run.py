@@ -142,11 +142,16 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
     ledger = Ledger(out)
     sink = ShardSink(out, state, ledger, cfg.shard_maxcount, cfg.shard_maxsize)
     todo: list[InputFile] = []
+    # Every DICOM file of the inputs, curated before or not: a resumed run plans each series whole, so its
+    # remaining slices get the slice indices and percentile range that an uninterrupted run gives them.
+    dicoms: list[str] = []
     already = 0
     # The ledger keeps both names (operator-only); shards and the manifest get the label (deid.source_label).
     label = partial(source_label, salt, public=cfg.public_source_names)
     roots = {Path(i).expanduser() for i in cfg.inputs}
     for entry in walk_inputs(list(cfg.inputs), out):
+        if isinstance(entry, InputFile) and entry.kind == "dicom":
+            dicoms.append(entry.path)
         if state.item_done(entry.item_id):
             already += 1
             continue
@@ -159,10 +164,13 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
             todo.append(entry)
     pool, imap = _mapper(cfg.workers)
     try:
-        dicoms = [f.path for f in todo if f.kind == "dicom"]
+        pending = {f.path for f in todo if f.kind == "dicom"}
+        if not pending:  # nothing of the DICOM files left to plan
+            dicoms = []
         headers = dict(zip(dicoms, imap(read_header, dicoms)))
         groups = series_groups(headers)
-        tasks, plan_rejects = plan_tasks(todo, cfg, groups, series_ranges(groups, cfg, imap), cfg.image_modality)
+        ranges = series_ranges(groups, cfg, imap, pending)
+        tasks, plan_rejects = plan_tasks(todo, cfg, groups, ranges, cfg.image_modality)
         for r in plan_rejects:
             ledger.append(rec := _reject_record(r, label))
             state.items[r.item_id] = rec

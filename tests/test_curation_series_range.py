@@ -139,6 +139,37 @@ def test_a_slice_with_its_own_window_keeps_it_and_the_rest_share_their_range(tmp
                if m["normalization"]["kind"] == "percentile")
 
 
+def test_a_resumed_run_scales_and_indexes_the_rest_of_a_series_as_an_uninterrupted_run(tmp_path, salt, monkeypatch):
+    """A run stopped after two slices of a series: the resumed run plans the series whole (all its files, also
+    those already curated), so its other slices get the same range and slice indices as in one run."""
+    from data_curation import writer as writer_mod
+
+    _relabeled_series(tmp_path / "series")
+    _, reference = _curate(tmp_path / "full", [tmp_path / "series"])
+    expected = {m["slice_index"]: (img, m["normalization"]) for img, m in reference}
+
+    real_write, calls = writer_mod.ShardSink.write, {"n": 0}
+
+    def crashing_write(self, sample, item_id):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_write(self, sample, item_id)
+
+    out = tmp_path / "resumed"
+    flags = ["--shard_maxcount", "1"]
+    monkeypatch.setattr(writer_mod.ShardSink, "write", crashing_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _curate(out, [tmp_path / "series"], *flags)
+    monkeypatch.setattr(writer_mod.ShardSink, "write", real_write)
+    manifest, resumed = _curate(out, [tmp_path / "series"], *flags)
+    assert manifest["files_used"] == len(expected) == len(resumed)
+    for img, meta in resumed:
+        ref_img, ref_norm = expected[meta["slice_index"]]
+        assert meta["normalization"] == ref_norm
+        np.testing.assert_array_equal(img, ref_img)
+
+
 def test_ct_series_keep_their_windows(tmp_path, salt):
     _, samples = _curate(tmp_path / "out", [CT5N])
     assert samples and all(m["normalization"]["kind"] == "ct_window" for _, m in samples)
