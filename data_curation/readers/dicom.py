@@ -17,6 +17,12 @@ from data_curation.readers.dicom_gray import GrayMapping, gray_mapping, map_gray
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Objects with pixel data that are not images of the patient: pretraining on them would teach label masks or dose
+# grids as if they were anatomy.
+_DERIVED_MODALITIES = {
+    "SEG": "a segmentation (label masks drawn on images)",
+    "RTDOSE": "a radiotherapy dose grid",
+}
 # Volume percentiles (``percentile_scope volume``) of a series or multi-frame file come from at most this many
 # slices / frames, evenly spaced, and at most this many values in all.
 RANGE_MAX_SLICES = 32
@@ -97,6 +103,9 @@ def open_dataset(path: Path) -> pydicom.Dataset:
         if "Image" in name:
             raise RejectError(f"no complete Pixel Data element: truncated or stripped file ({name})")
         raise RejectError(f"not an image: {name}")
+    derived = _DERIVED_MODALITIES.get(str(ds.get("Modality", "")).upper())
+    if derived is not None:
+        raise RejectError(f"not an image of the patient: {_sop_name(ds)} (Modality {ds.Modality}), {derived}")
     if meta is None:
         ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
     if "TransferSyntaxUID" not in meta:  # files without meta: use the encoding pydicom detected
@@ -136,10 +145,10 @@ def decode_frame(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
                           f"{msg[:200]}") from exc
 
 
-def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, mapping: GrayMapping
-              ) -> tuple[np.ndarray, list[str], dict]:
+def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, mapping: GrayMapping,
+              values_ds: pydicom.Dataset | None = None) -> tuple[np.ndarray, list[str], dict]:
     """Raw decoded pixels -> (H, W, C) uint array, channel names, normalization record (``mapping``: the
-    grayscale one, unused for colour)."""
+    grayscale one, unused for colour; ``values_ds``: the frame's rescale / window, ``frame_dataset``)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(raw, ds)
@@ -147,7 +156,7 @@ def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, mapping: GrayMap
         return rgb, ["R", "G", "B"], {"kind": "palette_to_rgb"}
     if raw.ndim == 3:  # RGB or YBR (pydicom converts YBR to RGB while decoding)
         return rgb_to_uint8(raw, int(ds.get("BitsStored", 8))), ["R", "G", "B"], {"kind": "rgb"}
-    return map_gray(ds, raw, index, mapping)
+    return map_gray(ds if values_ds is None else values_ds, raw, index, mapping)
 
 
 def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
@@ -160,11 +169,20 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
         raise RejectError("BurnedInAnnotation=YES (burned-in text may identify the patient)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     first = decode_frame(ds, 0 if frames > 1 else None)  # fail early, before any slice is emitted
-    mapping = gray_mapping(ds, cfg)
+    mapping = gray_mapping(frame_dataset(ds, 0), cfg)
+    frames_range = None
     if frames > 1 and mapping.kind == "percentile" and cfg.percentile_scope == "volume" and first.ndim == 2:
-        mapping = with_range(mapping, frames_value_range(ds, first, frames, mapping.percentiles), "frames")
+        frames_range = frames_value_range(ds, first, frames, mapping.percentiles)
+        mapping = with_range(mapping, frames_range, "frames")
     elif series_range is not None and cfg.percentile_scope == "volume":
         mapping = with_range(mapping, series_range, "series")
+
+    def frame_mapping(i: int) -> tuple[pydicom.Dataset, GrayMapping]:
+        """Frame ``i``'s values dataset and mapping: the file's, unless its functional groups differ by frame."""
+        values_ds = frame_dataset(ds, i)
+        if i == 0 or values_ds is ds:
+            return values_ds, mapping
+        return values_ds, with_range(gray_mapping(values_ds, cfg), frames_range, "frames")
 
     def slices() -> Iterator[Slice]:
         spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
@@ -176,7 +194,8 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
         }
         for i in range(frames):
             raw = first if i == 0 else decode_frame(ds, i)
-            img, names, norm = map_frame(ds, raw, i, mapping)
+            values_ds, frame_map = frame_mapping(i)
+            img, names, norm = map_frame(ds, raw, i, frame_map, values_ds)
             meta = {**base, "channels": names, "normalization": norm}
             if frames > 1:
                 meta.update(slice_axis="frame", slice_index=i)
@@ -187,6 +206,39 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
             yield Slice(image=img, key=f"f{i}", meta=meta)
 
     return identity_of(ds, path), slices()
+
+
+# Elements an enhanced multi-frame file keeps in its functional groups instead of at the top level, by macro.
+_FRAME_MACROS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+_IMAGE_PIXEL_KEYWORDS = ("Modality", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                         "PixelRepresentation", "SOPClassUID")
+
+
+def frame_dataset(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
+    """The elements that map frame ``index``'s stored values (rescale, window) at the top level, where
+    pydicom's modality LUT and our gray mapping read them: ``ds`` itself for a file without functional groups;
+    for an enhanced multi-frame file (Enhanced CT / MR / PET...) the shared functional groups overridden by the
+    frame's own. Without this an Enhanced CT was scaled from raw stored values by percentiles, not in HU."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not shared and not per_frame:
+        return ds
+    out = pydicom.Dataset()
+    for keyword in _IMAGE_PIXEL_KEYWORDS:
+        if keyword in ds:
+            setattr(out, keyword, ds[keyword].value)
+    groups = [shared[0] if shared else None, per_frame[index] if per_frame and index < len(per_frame) else None]
+    for macro, keywords in _FRAME_MACROS.items():
+        for group in groups:  # the frame's own after the shared: it wins
+            if group is not None and group.get(macro):
+                item = group[macro][0]
+                for keyword in keywords:
+                    if keyword in item:
+                        setattr(out, keyword, item[keyword].value)
+    return out
 
 
 def range_indices(count: int) -> list[int]:
@@ -209,8 +261,8 @@ def frames_value_range(ds: pydicom.Dataset, first: np.ndarray, frames: int, perc
                        ) -> tuple[float, float]:
     """Percentile range of a multi-frame grayscale file's modality values over its (sampled) frames."""
     picked = range_indices(frames)
-    samples = [value_sample(apply_modality_lut(first if i == 0 else decode_frame(ds, i), ds), len(picked))
-               for i in picked]
+    samples = [value_sample(apply_modality_lut(first if i == 0 else decode_frame(ds, i), frame_dataset(ds, i)),
+                            len(picked)) for i in picked]
     return percentile_range(np.concatenate(samples), *percentiles)
 
 
