@@ -17,7 +17,7 @@ bft() { name=$1; shift; timeout 200 python3 -m finetune.main --data_path .gpu_ru
   --num_workers 3 --output_dir $x/$name "$@" > $x/$name.log 2>&1; }
 (for i in $(seq 1 300); do [ -f $e ] && break; sleep 2; done; sleep 3
  [ -f $e ] && { bft breast_acc & bft breast_acc_ema --model_ema --model_ema_decay 0.99 & wait; }) &
-RESULTS_BUDGET_S=${BUDGET:-520} bash pipeline/gpu_results_session.sh run --encoders vit_small_patch8 --ft_recipe light \
+OUT="$out" RESULTS_BUDGET_S=${BUDGET:-520} bash pipeline/gpu_results_session.sh run --encoders vit_small_patch8 --ft_recipe light \
   --pretrain_epochs ${EPOCHS:-320} --batch_size 1024 --num_workers 8 --ft_layer_decay 0.75 --ft_blr 1e-3 --inits mae \
   --probe_n_last_blocks 4 --no_preflight 2>&1 | tail -45
 wait
