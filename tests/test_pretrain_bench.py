@@ -112,6 +112,11 @@ def test_profile_steps_breaks_step_time_down_by_kernel_kind(tmp_path: Path, caps
     assert kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
     assert kernel_kind("triton_per_fused_native_layer_norm_0") == "triton"
     assert kernel_kind("void multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    # the Vim step's own kernels: the Triton scans (no "triton" in their names) and the causal conv
+    assert kernel_kind("_scan_bwd_kernel_v2") == kernel_kind("_scan_fwd_kernel") == "scan"
+    assert kernel_kind("sm90_xmma_wgrad_implicit_gemm_indexed_bf16") == "conv"
+    assert kernel_kind("void at::native::conv_depthwise2d_forward_kernel<c10::BFloat16>") == "conv"
+    assert kernel_kind("triton_poi_fused_convolution_silu_3") == "triton"
 
 
 def test_json_holds_every_finished_row_when_a_later_row_is_cut_off(tmp_path: Path, monkeypatch) -> None:
