@@ -5,7 +5,8 @@ form a regular, unsheared stack). Each slice is decoded, converted to modality v
 file's own rescale) and appended to a float32 volume file on disk; then the requested planes are cut out
 in slabs of at most ``--reslice_memory_mb`` and mapped exactly as native slices are (same CT windows, the
 first file's window / VOI LUT; with ``--percentile_scope volume`` percentile scaling by the range planned for
-the series' native slices, so that both agree). With ``--dicom_reslice_isotropic`` the slice axis is resampled to the in-plane pixel spacing.
+the series' native slices, so that both agree). With ``--dicom_reslice_isotropic`` the slice axis is resampled
+to the in-plane pixel spacing.
 """
 
 from __future__ import annotations
