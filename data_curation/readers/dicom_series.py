@@ -19,13 +19,11 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import foreground_fraction, percentile_range, resize, target_size
+from data_curation.intensity import foreground_fraction, resize, target_size
 from data_curation.readers import Identity, RejectError, Slice
-from data_curation.readers.dicom import decode_frame, identity_of, open_dataset
+from data_curation.readers.dicom import decode_frame, identity_of, open_dataset, series_value_range
 from data_curation.readers.dicom_gray import GrayMapping, apply_mapping, gray_mapping, with_range
 from data_curation.reslice import PLANES, VolumeFile, cut_plane, isotropic_shape, plane_layout
-
-_PERCENTILE_SAMPLE = 1_000_000  # values kept from the whole series for volume percentiles
 
 
 def _geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
@@ -37,15 +35,13 @@ def _geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
     return axes, (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
 
 
-def _stream_volume(paths: list[str]) -> tuple[pydicom.Dataset, VolumeFile, np.ndarray, str]:
-    """Decode every slice into a volume file; returns the first dataset, the volume, a value sample for
-    percentiles and the stored dtype. The volume file is removed again if anything fails."""
+def _stream_volume(paths: list[str]) -> tuple[pydicom.Dataset, VolumeFile, str]:
+    """Decode every slice into a volume file; returns the first dataset, the volume and the stored dtype. The
+    volume file is removed again if anything fails."""
     first, vol = None, None
-    samples = []
-    step = 1
     dtype = ""
     try:
-        for i, path in enumerate(paths):
+        for path in paths:
             ds = open_dataset(Path(path))
             raw = decode_frame(ds, None)
             if raw.ndim != 2:
@@ -53,26 +49,23 @@ def _stream_volume(paths: list[str]) -> tuple[pydicom.Dataset, VolumeFile, np.nd
             if first is None:
                 first, dtype = ds, str(raw.dtype)
                 vol = VolumeFile(*raw.shape)
-                step = max(1, len(paths) * raw.size // _PERCENTILE_SAMPLE)
             elif str(ds.get("SeriesInstanceUID", "")) != str(first.get("SeriesInstanceUID", "")):
                 raise RejectError(f"{Path(path).name} changed since planning (another series)")
-            values = apply_modality_lut(raw, ds).astype(np.float32)
-            vol.append(values)  # raises for a slice of another size
-            samples.append(values.reshape(-1)[i % step::step].copy())  # a copy: a view would keep the slice
+            vol.append(apply_modality_lut(raw, ds).astype(np.float32))  # raises for a slice of another size
     except BaseException:
         if vol is not None:
             vol.close()
         raise
-    return first, vol, np.concatenate(samples), dtype
+    return first, vol, dtype
 
 
-def _mapper(m: GrayMapping, ds: pydicom.Dataset, sample: np.ndarray, cfg: CurateConfig,
+def _mapper(m: GrayMapping, ds: pydicom.Dataset, paths: list[str], cfg: CurateConfig,
             series_range: tuple[float, float] | None):  # noqa: ANN202
     """values plane -> (image, channel names, normalization), as for native slices of this series: with
-    ``--percentile_scope volume`` one range for the series, the planned ``series_range`` (the native slices'
-    own) or else the percentiles of every slice's values."""
+    ``--percentile_scope volume`` the series' range, the planned ``series_range`` (the native slices' own) or,
+    when none was planned, the same computed here."""
     if m.kind == "percentile" and cfg.percentile_scope == "volume":
-        m = with_range(m, series_range or percentile_range(sample, *m.percentiles), "series")
+        m = with_range(m, series_range or series_value_range(paths, cfg), "series")
     return lambda values: apply_mapping(values, m, ds, None)
 
 
@@ -83,11 +76,11 @@ def read_series_resliced(paths: list[str], slice_spacing: float, cfg: CurateConf
     for plane in cfg.dicom_reslice:
         if plane not in PLANES:
             raise RejectError(f"unknown reslice plane '{plane}' (use {sorted(PLANES)})")
-    ds0, vol, sample, dtype = _stream_volume(paths)
+    ds0, vol, dtype = _stream_volume(paths)
     axes, pixel = _geometry(ds0)
     spacing = (slice_spacing, pixel[0], pixel[1])  # along volume axes 0, 1, 2
     mapping = gray_mapping(ds0, cfg)
-    to_image = _mapper(mapping, ds0, sample, cfg, series_range)
+    to_image = _mapper(mapping, ds0, paths, cfg, series_range)
     budget = max(1, int(cfg.reslice_memory_mb * 2**20))
     base = {"modality": str(ds0.get("Modality", "") or "OT"), "source_format": "dicom", "orig_dtype": dtype,
             "orig_shape": [vol.slices, vol.rows, vol.cols]}
