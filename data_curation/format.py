@@ -44,7 +44,7 @@ OPTIONAL_KEYS: tuple[str, ...] = (
     "spacing",  # pixel spacing of the stored image in mm [row, col] (None when unknown)
     "normalization",  # how intensities were mapped, e.g. {"kind": "window", "windows": [...]}
     "slice_axis",  # axis of the source volume that was sliced (None for 2D sources)
-    "slice_index",  # index along slice_axis (frame index for multi-frame DICOM)
+    "slice_index",  # index along slice_axis (file frame index when slice_axis is "frame")
     "subject",  # salted hash of the subject / patient id
     "study",  # salted hash of the study id
     "series",  # salted hash of the series id

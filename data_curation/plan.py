@@ -64,15 +64,23 @@ def series_indices(groups: list[SeriesGroup]) -> dict[str, int]:
     return index
 
 
+def _reslice_refusal(headers: list[DicomHeader], cfg: CurateConfig) -> str | None:
+    """Why files with these headers cannot be resliced, as far as their headers tell; None when they can."""
+    first = headers[0]
+    if first.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"not grayscale ({first.photometric or 'no PhotometricInterpretation'})"
+    if cfg.reject_burned_in and any(h.burned_in for h in headers):
+        return "a slice is flagged BurnedInAnnotation=YES"
+    return None
+
+
 def reslice_plan(g: SeriesGroup, cfg: CurateConfig) -> tuple[dict | None, str | None]:
     """``(reslice task args, None)`` for a series that can be resliced, else ``(None, reason)``."""
     first = g.headers[0]
     if any(h.spacing != first.spacing for h in g.headers) or first.spacing is None:
         return None, "PixelSpacing missing or not the same for all slices"
-    if first.photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        return None, f"not grayscale ({first.photometric or 'no PhotometricInterpretation'})"
-    if cfg.reject_burned_in and any(h.burned_in for h in g.headers):
-        return None, "a slice is flagged BurnedInAnnotation=YES"
+    if (reason := _reslice_refusal(g.headers, cfg)) is not None:
+        return None, reason
     spacing, reason = regular_stack(g.positions, g.normal, min(first.spacing))
     if spacing is None:
         return None, reason
@@ -105,10 +113,11 @@ def series_ranges(groups: list[SeriesGroup], cfg: CurateConfig, imap: Callable[.
     return ranges
 
 
-def plan_tasks(files: list[InputFile], cfg: CurateConfig, groups: list[SeriesGroup],
-               ranges: dict[str, tuple[float, float]], image_modality: str) -> tuple[list[Task], list[Rejected]]:
-    """The tasks of ``files``; ``groups`` are the DICOM series (``series_groups``) and ``ranges`` their
-    percentile ranges (``series_ranges``)."""
+def plan_tasks(files: list[InputFile], cfg: CurateConfig, headers: dict[str, DicomHeader | None],
+               groups: list[SeriesGroup], ranges: dict[str, tuple[float, float]], image_modality: str
+               ) -> tuple[list[Task], list[Rejected]]:
+    """The tasks of ``files``; ``headers`` are the DICOM headers (``read_header``), ``groups`` the series
+    (``series_groups``) and ``ranges`` their percentile ranges (``series_ranges``)."""
     tasks: list[Task] = []
     rejects: list[Rejected] = []
     series = series_indices(groups)
@@ -118,6 +127,10 @@ def plan_tasks(files: list[InputFile], cfg: CurateConfig, groups: list[SeriesGro
             if len(g.paths) >= 2:
                 args, reason = reslice_plan(g, cfg)
                 reslices[g.paths[0]] = args if args is not None else {"reslice_skipped": reason}
+        for path, h in headers.items():  # an enhanced file is a stack of its own; its frames tell the geometry
+            if h is not None and h.enhanced:
+                reason = _reslice_refusal([h], cfg)
+                reslices[path] = {"reslice": {"frames_of": path}} if reason is None else {"reslice_skipped": reason}
     classes: dict[str, set[str]] = defaultdict(set)
     for f in files:
         if f.kind == "image":

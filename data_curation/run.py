@@ -170,7 +170,7 @@ def curate(cfg: CurateConfig) -> dict[str, Any]:
         headers = dict(zip(dicoms, imap(read_header, dicoms)))
         groups = series_groups(headers)
         ranges = series_ranges(groups, cfg, imap, pending)
-        tasks, plan_rejects = plan_tasks(todo, cfg, groups, ranges, cfg.image_modality)
+        tasks, plan_rejects = plan_tasks(todo, cfg, headers, groups, ranges, cfg.image_modality)
         for r in plan_rejects:
             ledger.append(rec := _reject_record(r, label))
             state.items[r.item_id] = rec

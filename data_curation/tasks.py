@@ -18,7 +18,7 @@ from data_curation.intensity import resize, target_size
 from data_curation.phash import perceptual_hash
 from data_curation.readers import Identity, RejectError, Slice
 from data_curation.readers.dicom import read_dicom
-from data_curation.readers.dicom_series import read_series_resliced
+from data_curation.readers.dicom_series import read_frames_resliced, read_series_resliced
 from data_curation.readers.image import read_image
 from data_curation.readers.nifti import read_nifti
 from data_curation.readers.npz import read_npz
@@ -115,7 +115,10 @@ def _slices(task: Task, cfg: CurateConfig, stats: dict[str, int]) -> Iterator[tu
         return
     if kind == "dicom" and "reslice" in task.args:
         r = task.args["reslice"]
-        ident, it = read_series_resliced(r["paths"], r["slice_spacing"], cfg, stats, task.args.get("series_range"))
+        if "frames_of" in r:
+            ident, it = read_frames_resliced(Path(r["frames_of"]), cfg, stats)
+        else:
+            ident, it = read_series_resliced(r["paths"], r["slice_spacing"], cfg, stats, task.args.get("series_range"))
     elif kind == "dicom":
         ident, it = read_dicom(path, cfg, task.args.get("series_index"), task.args.get("series_range"))
     elif kind == "nifti":

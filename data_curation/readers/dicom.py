@@ -13,6 +13,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from data_curation.config import CurateConfig
 from data_curation.intensity import percentile_range, rgb_to_uint8
 from data_curation.readers import Identity, RejectError, Slice
+from data_curation.readers.dicom_frames import frame_dataset, frame_stack
 from data_curation.readers.dicom_gray import GrayMapping, gray_mapping, map_gray, with_range
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -59,6 +60,7 @@ class DicomHeader:
     spacing: tuple[float, float] | None = None  # PixelSpacing: (between rows, between columns) in mm
     burned_in: bool = False
     photometric: str = ""
+    enhanced: bool = False  # multi-frame with per-frame functional groups (geometry per frame: ``frame_stack``)
 
 
 def read_header(path: Path) -> DicomHeader | None:
@@ -76,6 +78,7 @@ def read_header(path: Path) -> DicomHeader | None:
             spacing=tuple(float(v) for v in ps) if (ps := ds.get("PixelSpacing")) and len(ps) == 2 else None,
             burned_in=str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
             photometric=str(ds.get("PhotometricInterpretation", "")).upper(),
+            enhanced=int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds,
         )
     except Exception:  # noqa: BLE001 - any unreadable header simply means "not groupable"
         return None
@@ -184,20 +187,24 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
             return values_ds, mapping
         return values_ds, with_range(gray_mapping(values_ds, cfg), frames_range, "frames")
 
+    stack = frame_stack(ds)  # an enhanced file's frames along the slice normal; else they keep file order
+
     def slices() -> Iterator[Slice]:
-        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (stack and stack.pixel_spacing)
         base = {
             "modality": str(ds.get("Modality", "") or "OT"), "source_format": "dicom",
             "orig_dtype": str(first.dtype),
             "orig_shape": [frames, *first.shape] if frames > 1 else list(first.shape),
             "spacing": [float(spacing[0]), float(spacing[1])] if spacing else None,
         }
-        for i in range(frames):
+        for k, i in enumerate(stack.order if stack else range(frames)):
             raw = first if i == 0 else decode_frame(ds, i)
             values_ds, frame_map = frame_mapping(i)
             img, names, norm = map_frame(ds, raw, i, frame_map, values_ds)
             meta = {**base, "channels": names, "normalization": norm}
-            if frames > 1:
+            if stack is not None:
+                meta.update(slice_axis="native", slice_index=stack.slice_index[k])
+            elif frames > 1:
                 meta.update(slice_axis="frame", slice_index=i)
             elif series_index is not None:
                 meta.update(slice_axis="native", slice_index=series_index)
@@ -206,39 +213,6 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
             yield Slice(image=img, key=f"f{i}", meta=meta)
 
     return identity_of(ds, path), slices()
-
-
-# Elements an enhanced multi-frame file keeps in its functional groups instead of at the top level, by macro.
-_FRAME_MACROS = {
-    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
-    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
-}
-_IMAGE_PIXEL_KEYWORDS = ("Modality", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
-                         "PixelRepresentation", "SOPClassUID")
-
-
-def frame_dataset(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
-    """The elements that map frame ``index``'s stored values (rescale, window) at the top level, where
-    pydicom's modality LUT and our gray mapping read them: ``ds`` itself for a file without functional groups;
-    for an enhanced multi-frame file (Enhanced CT / MR / PET...) the shared functional groups overridden by the
-    frame's own. Without this an Enhanced CT was scaled from raw stored values by percentiles, not in HU."""
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if not shared and not per_frame:
-        return ds
-    out = pydicom.Dataset()
-    for keyword in _IMAGE_PIXEL_KEYWORDS:
-        if keyword in ds:
-            setattr(out, keyword, ds[keyword].value)
-    groups = [shared[0] if shared else None, per_frame[index] if per_frame and index < len(per_frame) else None]
-    for macro, keywords in _FRAME_MACROS.items():
-        for group in groups:  # the frame's own after the shared: it wins
-            if group is not None and group.get(macro):
-                item = group[macro][0]
-                for keyword in keywords:
-                    if keyword in item:
-                        setattr(out, keyword, item[keyword].value)
-    return out
 
 
 def range_indices(count: int) -> list[int]:

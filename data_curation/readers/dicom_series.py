@@ -1,4 +1,5 @@
-"""A DICOM series resliced along other planes (``--dicom_reslice coronal sagittal``).
+"""A DICOM series, or an enhanced multi-frame file, resliced along other planes (``--dicom_reslice coronal
+sagittal``).
 
 The files arrive sorted along the slice normal (planned from their headers, which also proved that they
 form a regular, unsheared stack). Each slice is decoded, converted to modality values (HU for CT; each
@@ -6,12 +7,13 @@ file's own rescale) and appended to a float32 volume file on disk; then the requ
 in slabs of at most ``--reslice_memory_mb`` and mapped exactly as native slices are (same CT windows, the
 first file's window / VOI LUT; with ``--percentile_scope volume`` percentile scaling by the range planned for
 the series' native slices, so that both agree). With ``--dicom_reslice_isotropic`` the slice axis is resampled
-to the in-plane pixel spacing.
+to the in-plane pixel spacing. An enhanced multi-frame file is the same with frames for files: they are
+ordered along the normal from their functional groups (``frame_stack``), which must form a regular stack.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,16 @@ from pydicom.pixels import apply_modality_lut
 from data_curation.config import CurateConfig
 from data_curation.intensity import foreground_fraction, resize, target_size
 from data_curation.readers import Identity, RejectError, Slice
-from data_curation.readers.dicom import decode_frame, identity_of, open_dataset, series_value_range
+from data_curation.readers.dicom import (
+    decode_frame,
+    frames_value_range,
+    identity_of,
+    open_dataset,
+    series_value_range,
+)
+from data_curation.readers.dicom_frames import frame_dataset, frame_stack
 from data_curation.readers.dicom_gray import GrayMapping, apply_mapping, gray_mapping, with_range
-from data_curation.reslice import PLANES, VolumeFile, cut_plane, isotropic_shape, plane_layout
+from data_curation.reslice import PLANES, VolumeFile, cut_plane, isotropic_shape, plane_layout, regular_stack
 
 
 def _geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, tuple[float, float]]:
@@ -69,55 +78,99 @@ def _mapper(m: GrayMapping, ds: pydicom.Dataset, paths: list[str], cfg: CurateCo
     return lambda values: apply_mapping(values, m, ds, None)
 
 
+def _check_planes(cfg: CurateConfig) -> None:
+    for plane in cfg.dicom_reslice:
+        if plane not in PLANES:
+            raise RejectError(f"unknown reslice plane '{plane}' (use {sorted(PLANES)})")
+
+
 def read_series_resliced(paths: list[str], slice_spacing: float, cfg: CurateConfig, stats: dict[str, int],
                          series_range: tuple[float, float] | None = None) -> tuple[Identity, Iterator[Slice]]:
     """Identity of the series plus a lazy iterator over its resliced planes (the volume file is removed
     when the iterator finishes or is closed)."""
-    for plane in cfg.dicom_reslice:
-        if plane not in PLANES:
-            raise RejectError(f"unknown reslice plane '{plane}' (use {sorted(PLANES)})")
+    _check_planes(cfg)
     ds0, vol, dtype = _stream_volume(paths)
     axes, pixel = _geometry(ds0)
-    spacing = (slice_spacing, pixel[0], pixel[1])  # along volume axes 0, 1, 2
-    mapping = gray_mapping(ds0, cfg)
-    to_image = _mapper(mapping, ds0, paths, cfg, series_range)
+    to_image = _mapper(gray_mapping(ds0, cfg), ds0, paths, cfg, series_range)
+    base = {"modality": str(ds0.get("Modality", "") or "OT"), "source_format": "dicom", "orig_dtype": dtype}
+    planes = _resliced_planes(vol, axes, (slice_spacing, pixel[0], pixel[1]), to_image, cfg, stats, base)
+    return identity_of(ds0, Path(paths[0])), planes
+
+
+def read_frames_resliced(path: Path, cfg: CurateConfig, stats: dict[str, int]) -> tuple[Identity, Iterator[Slice]]:
+    """An enhanced multi-frame file (its frames one regular stack, ``frame_stack``) resliced like a series:
+    identity plus a lazy iterator over the planes. Each frame is converted with its own rescale; the planes are
+    mapped with the first frame's window (along the normal) and, for percentile scaling with
+    ``--percentile_scope volume``, the range over the frames that the native frames use."""
+    _check_planes(cfg)
+    ds = open_dataset(path)
+    stack = frame_stack(ds)
+    if stack is None:
+        raise RejectError("the frames do not all carry a position and one common orientation")
+    if stack.pixel_spacing is None:
+        raise RejectError("PixelSpacing missing or not the same for all frames")
+    slice_spacing, reason = regular_stack(stack.positions, stack.axes[0], min(stack.pixel_spacing))
+    if slice_spacing is None:
+        raise RejectError(f"the frames do not form a regular stack: {reason}")
+    first = decode_frame(ds, 0)
+    if first.ndim != 2:
+        raise RejectError(f"not grayscale frames (shape {first.shape})")
+    vol = VolumeFile(*first.shape)
+    try:
+        for i in stack.order:
+            vol.append(apply_modality_lut(first if i == 0 else decode_frame(ds, i), frame_dataset(ds, i))
+                       .astype(np.float32))
+        values_ds = frame_dataset(ds, stack.order[0])
+        mapping = gray_mapping(values_ds, cfg)
+        if mapping.kind == "percentile" and cfg.percentile_scope == "volume":
+            frames = int(ds.NumberOfFrames)
+            mapping = with_range(mapping, frames_value_range(ds, first, frames, mapping.percentiles), "frames")
+    except BaseException:
+        vol.close()
+        raise
+    base = {"modality": str(ds.get("Modality", "") or "OT"), "source_format": "dicom", "orig_dtype": str(first.dtype)}
+    planes = _resliced_planes(vol, stack.axes, (slice_spacing, *stack.pixel_spacing),
+                              lambda values: apply_mapping(values, mapping, values_ds, None), cfg, stats, base)
+    return identity_of(ds, path), planes
+
+
+def _resliced_planes(vol: VolumeFile, axes: np.ndarray, spacing: tuple[float, float, float],
+                     to_image: Callable[[np.ndarray], tuple[np.ndarray, list[str], dict]], cfg: CurateConfig,
+                     stats: dict[str, int], base: dict) -> Iterator[Slice]:
+    """The requested planes cut out of ``vol`` (patient directions ``axes``, ``spacing`` in mm along its three
+    axes), each mapped by ``to_image``; removes the volume file when finished or closed."""
     budget = max(1, int(cfg.reslice_memory_mb * 2**20))
-    base = {"modality": str(ds0.get("Modality", "") or "OT"), "source_format": "dicom", "orig_dtype": dtype,
-            "orig_shape": [vol.slices, vol.rows, vol.cols]}
-
-    def planes() -> Iterator[Slice]:
-        try:
-            for plane in cfg.dicom_reslice:
-                layout = plane_layout(plane, axes)
-                if layout is None:
-                    stats["reslice_native_plane"] = stats.get("reslice_native_plane", 0) + 1
-                    continue  # the series is already cut in this plane: its native slices are written
-                cols_axis = 3 - layout.axis - layout.rows_axis
-                in_spacing = (spacing[layout.rows_axis], spacing[cols_axis])
-                length = vol.rows if layout.axis == 1 else vol.cols
-                for start, slab in vol.slabs(layout.axis, budget):
-                    for k in range(slab.shape[layout.axis]):
-                        values = cut_plane(slab, k, layout)
-                        img, names, norm = to_image(values)
-                        out_spacing = in_spacing
-                        if cfg.dicom_reslice_isotropic:  # square pixels and the size policy in one resize
-                            h, w = img.shape[:2]
-                            shape = target_size(*isotropic_shape((h, w), in_spacing)[0], cfg.size_policy)
-                            img = resize(img, shape)
-                            out_spacing = (in_spacing[0] * h / shape[0], in_spacing[1] * w / shape[1])
-                        if min(img.shape[:2]) < cfg.min_size:
-                            stats["reslice_too_small"] = stats.get("reslice_too_small", 0) + 1
-                            continue
-                        if foreground_fraction(img, cfg.background_threshold) < cfg.min_foreground:
-                            stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
-                            continue
-                        t = start + k
-                        index = length - 1 - t if layout.flip_index else t
-                        meta = {**base, "channels": names, "normalization": norm, "spacing": list(out_spacing),
-                                "slice_axis": plane, "slice_index": index}
-                        yield Slice(image=np.ascontiguousarray(img), key=f"{plane}{index}", meta=meta)
-                    del slab  # release before the next slab is read: one slab in memory at a time
-        finally:
-            vol.close()
-
-    return identity_of(ds0, Path(paths[0])), planes()
+    base = {**base, "orig_shape": [vol.slices, vol.rows, vol.cols]}
+    try:
+        for plane in cfg.dicom_reslice:
+            layout = plane_layout(plane, axes)
+            if layout is None:
+                stats["reslice_native_plane"] = stats.get("reslice_native_plane", 0) + 1
+                continue  # the stack is already cut in this plane: its native slices are written
+            cols_axis = 3 - layout.axis - layout.rows_axis
+            in_spacing = (spacing[layout.rows_axis], spacing[cols_axis])
+            length = vol.rows if layout.axis == 1 else vol.cols
+            for start, slab in vol.slabs(layout.axis, budget):
+                for k in range(slab.shape[layout.axis]):
+                    values = cut_plane(slab, k, layout)
+                    img, names, norm = to_image(values)
+                    out_spacing = in_spacing
+                    if cfg.dicom_reslice_isotropic:  # square pixels and the size policy in one resize
+                        h, w = img.shape[:2]
+                        shape = target_size(*isotropic_shape((h, w), in_spacing)[0], cfg.size_policy)
+                        img = resize(img, shape)
+                        out_spacing = (in_spacing[0] * h / shape[0], in_spacing[1] * w / shape[1])
+                    if min(img.shape[:2]) < cfg.min_size:
+                        stats["reslice_too_small"] = stats.get("reslice_too_small", 0) + 1
+                        continue
+                    if foreground_fraction(img, cfg.background_threshold) < cfg.min_foreground:
+                        stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+                        continue
+                    t = start + k
+                    index = length - 1 - t if layout.flip_index else t
+                    meta = {**base, "channels": names, "normalization": norm, "spacing": list(out_spacing),
+                            "slice_axis": plane, "slice_index": index}
+                    yield Slice(image=np.ascontiguousarray(img), key=f"{plane}{index}", meta=meta)
+                del slab  # release before the next slab is read: one slab in memory at a time
+    finally:
+        vol.close()
