@@ -181,6 +181,7 @@ def test_frames_in_several_orientations_keep_their_file_order(tmp_path, salt):
     ds.save_as(path)
     samples, _ = _curate(tmp_path / "out", [path.parent])
     assert [(meta["slice_axis"], meta["slice_index"]) for _, meta in samples] == [("frame", 0), ("frame", 1)]
+    assert all(meta["spacing"] == [0.388672, 0.388672] for _, meta in samples)  # the shared pixel measures
 
 
 @pytest.mark.parametrize(("path", "words"), [(PYDICOM_DATA / "liver.dcm", "segmentation"),

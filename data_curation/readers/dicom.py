@@ -13,7 +13,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from data_curation.config import CurateConfig
 from data_curation.intensity import percentile_range, rgb_to_uint8
 from data_curation.readers import Identity, RejectError, Slice
-from data_curation.readers.dicom_frames import frame_dataset, frame_stack
+from data_curation.readers.dicom_frames import frame_dataset, frame_pixel_spacing, frame_stack
 from data_curation.readers.dicom_gray import GrayMapping, gray_mapping, map_gray, with_range
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -190,7 +190,7 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
     stack = frame_stack(ds)  # an enhanced file's frames along the slice normal; else they keep file order
 
     def slices() -> Iterator[Slice]:
-        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (stack and stack.pixel_spacing)
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or frame_pixel_spacing(ds, 0)
         base = {
             "modality": str(ds.get("Modality", "") or "OT"), "source_format": "dicom",
             "orig_dtype": str(first.dtype),

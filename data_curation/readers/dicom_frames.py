@@ -76,6 +76,11 @@ def _floats(item: pydicom.Dataset | None, keyword: str, count: int) -> tuple[flo
     return tuple(float(v) for v in value)
 
 
+def frame_pixel_spacing(ds: pydicom.Dataset, index: int) -> tuple[float, float] | None:
+    """PixelSpacing of frame ``index`` from the pixel-measures functional group, None without one."""
+    return _floats(_macro(ds, index, "PixelMeasuresSequence"), "PixelSpacing", 2)
+
+
 def frame_stack(ds: pydicom.Dataset) -> FrameStack | None:
     """The geometric order of an enhanced multi-frame file's frames, or None when the file does not give every
     frame a position and one common orientation (classic multi-frame files, several stacks in one file): such
@@ -91,7 +96,7 @@ def frame_stack(ds: pydicom.Dataset) -> FrameStack | None:
             return None
         positions.append(position)
         orientations.add(orientation)
-        spacings.add(_floats(_macro(ds, i, "PixelMeasuresSequence"), "PixelSpacing", 2))
+        spacings.add(frame_pixel_spacing(ds, i))
     if len(orientations) != 1:
         return None
     orientation = np.asarray(orientations.pop())
