@@ -36,7 +36,8 @@ class SeriesGroup:
 def series_groups(headers: dict[str, DicomHeader | None]) -> list[SeriesGroup]:
     groups: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
     for path, hdr in headers.items():
-        if hdr is None or hdr.frames != 1 or not hdr.series_uid or hdr.position is None or hdr.orientation is None:
+        if (hdr is None or hdr.frames != 1 or hdr.mosaic or not hdr.series_uid or hdr.position is None
+                or hdr.orientation is None):
             continue
         row, col = np.asarray(hdr.orientation[:3]), np.asarray(hdr.orientation[3:])
         normal = np.cross(row, col)

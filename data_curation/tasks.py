@@ -120,7 +120,7 @@ def _slices(task: Task, cfg: CurateConfig, stats: dict[str, int]) -> Iterator[tu
         else:
             ident, it = read_series_resliced(r["paths"], r["slice_spacing"], cfg, stats, task.args.get("series_range"))
     elif kind == "dicom":
-        ident, it = read_dicom(path, cfg, task.args.get("series_index"), task.args.get("series_range"))
+        ident, it = read_dicom(path, cfg, stats, task.args.get("series_index"), task.args.get("series_range"))
     elif kind == "nifti":
         ident, it = read_nifti(path, cfg, task.args.get("volume", 0), stats)
     elif kind == "image":

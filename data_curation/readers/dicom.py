@@ -11,10 +11,11 @@ import pydicom
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import percentile_range, rgb_to_uint8
+from data_curation.intensity import foreground_fraction, percentile_range, rgb_to_uint8
 from data_curation.readers import Identity, RejectError, Slice
 from data_curation.readers.dicom_frames import frame_dataset, frame_pixel_spacing, frame_stack
 from data_curation.readers.dicom_gray import GrayMapping, gray_mapping, map_gray, with_range
+from data_curation.readers.dicom_mosaic import mosaic_count, mosaic_tiles
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -61,6 +62,7 @@ class DicomHeader:
     burned_in: bool = False
     photometric: str = ""
     enhanced: bool = False  # multi-frame with per-frame functional groups (geometry per frame: ``frame_stack``)
+    mosaic: bool = False  # a Siemens mosaic: a volume of its own, not a slice of a series
 
 
 def read_header(path: Path) -> DicomHeader | None:
@@ -79,6 +81,7 @@ def read_header(path: Path) -> DicomHeader | None:
             burned_in=str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
             photometric=str(ds.get("PhotometricInterpretation", "")).upper(),
             enhanced=int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds,
+            mosaic="MOSAIC" in [str(v).upper() for v in (ds.get("ImageType") or [])],
         )
     except Exception:  # noqa: BLE001 - any unreadable header simply means "not groupable"
         return None
@@ -162,16 +165,20 @@ def map_frame(ds: pydicom.Dataset, raw: np.ndarray, index: int, mapping: GrayMap
     return map_gray(ds if values_ds is None else values_ds, raw, index, mapping)
 
 
-def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
+def read_dicom(path: Path, cfg: CurateConfig, stats: dict[str, int], series_index: int | None = None,
                series_range: tuple[float, float] | None = None) -> tuple[Identity, Iterator[Slice]]:
     """Identity plus a lazy iterator of slices (frames decoded one at a time). ``series_range``: the
     percentile range of the file's series (planned with ``percentile_scope volume``), used when the file is
-    percentile-scaled; a multi-frame file gets one range over its frames instead."""
+    percentile-scaled; a multi-frame file gets one range over its frames instead, a Siemens mosaic one over
+    its slices."""
     ds = open_dataset(path)
     if cfg.reject_burned_in and str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise RejectError("BurnedInAnnotation=YES (burned-in text may identify the patient)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    mosaic = mosaic_count(ds) if frames == 1 else None
     first = decode_frame(ds, 0 if frames > 1 else None)  # fail early, before any slice is emitted
+    if mosaic is not None:
+        return identity_of(ds, path), _mosaic_slices(ds, mosaic_tiles(first, mosaic), cfg, stats)
     mapping = gray_mapping(frame_dataset(ds, 0), cfg)
     frames_range = None
     if frames > 1 and mapping.kind == "percentile" and cfg.percentile_scope == "volume" and first.ndim == 2:
@@ -213,6 +220,27 @@ def read_dicom(path: Path, cfg: CurateConfig, series_index: int | None = None,
             yield Slice(image=img, key=f"f{i}", meta=meta)
 
     return identity_of(ds, path), slices()
+
+
+def _mosaic_slices(ds: pydicom.Dataset, tiles: np.ndarray, cfg: CurateConfig, stats: dict[str, int]
+                   ) -> Iterator[Slice]:
+    """The slices of a Siemens mosaic (``tiles`` in slice order), mapped as the slices of one volume: one
+    percentile range over all of them with ``--percentile_scope volume``, and like NIfTI slices, those with too
+    little foreground left out and counted."""
+    mapping = gray_mapping(ds, cfg)
+    if mapping.kind == "percentile" and cfg.percentile_scope == "volume":
+        values = value_sample(apply_modality_lut(tiles, ds), 1)
+        mapping = with_range(mapping, percentile_range(values, *mapping.percentiles), "mosaic")
+    spacing = ds.get("PixelSpacing")
+    base = {"modality": str(ds.get("Modality", "") or "OT"), "source_format": "dicom", "orig_dtype": str(tiles.dtype),
+            "orig_shape": list(tiles.shape), "spacing": [float(spacing[0]), float(spacing[1])] if spacing else None,
+            "slice_axis": "native"}
+    for k, tile in enumerate(tiles):
+        img, names, norm = map_gray(ds, np.ascontiguousarray(tile), None, mapping)
+        if foreground_fraction(img, cfg.background_threshold) < cfg.min_foreground:
+            stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+            continue
+        yield Slice(image=img, key=f"m{k}", meta={**base, "channels": names, "normalization": norm, "slice_index": k})
 
 
 def range_indices(count: int) -> list[int]:
