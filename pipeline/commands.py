@@ -10,7 +10,10 @@ import argparse
 from pathlib import Path
 from typing import NamedTuple
 
+from common.launch import PRETRAIN_SCRIPT, accelerate_launch_command
 from pipeline.stages import python_module_command
+
+MULTI_GPU_CONFIG = "launch/accelerate/multi_gpu.yaml"  # DDP on the GPUs of one machine
 
 
 def dataset_key(path: str) -> str:
@@ -85,13 +88,25 @@ def transfer_command(args: argparse.Namespace, protocol: str, data: LabeledSet, 
         *FT_RECIPES[args.ft_recipe], *common)
 
 
-def pretrain_command(args: argparse.Namespace, mae_name: str, pre_dir: Path) -> list[str]:
+# DDP pretraining of the encoder at index i of --encoders meets at this port + i: a fixed port keeps the recorded
+# command reusable, and concurrent pretrainings (--jobs) of different encoders do not meet at one port.
+PRETRAIN_PORT = 29500
+
+
+def pretrain_command(args: argparse.Namespace, mae_name: str, pre_dir: Path, port: int = PRETRAIN_PORT) -> list[str]:
     """The MAE pretraining command of one encoder (MAE's recipe: blr 1.5e-4 unless --pretrain_blr, 5 % warmup,
-    normalised pixel loss)."""
-    return python_module_command(
-        "pretrain.main", "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
-        "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size), "--epochs",
+    normalised pixel loss). With ``--pretrain_gpus N`` above 1 it is ``accelerate launch`` of N DDP processes, each
+    with ``--batch_size / N`` images, so the global batch, the learning rate and the schedule stay those of one GPU."""
+    gpus = args.pretrain_gpus
+    if args.batch_size % gpus:
+        raise ValueError(f"--batch_size {args.batch_size} is not divisible by --pretrain_gpus {gpus}")
+    flags = [
+        "--model", mae_name, "--data_path", args.pool, "--input_size", str(args.input_size),
+        "--in_chans", str(args.in_chans), "--batch_size", str(args.batch_size // gpus), "--epochs",
         str(args.pretrain_epochs), "--warmup_epochs", str(max(1, args.pretrain_epochs // 20)), "--blr",
         args.pretrain_blr, "--norm_pix_loss", "--num_workers", str(args.num_workers), "--save_every", "100000", "--vis_every",
         "100000", *(["--compile", "--compile_mode", args.pretrain_compile] if args.pretrain_compile else []),
-        *(["--data_on_device"] if args.pretrain_data_on_device else []), "--output_dir", str(pre_dir))
+        *(["--data_on_device"] if args.pretrain_data_on_device else []), "--output_dir", str(pre_dir)]
+    if gpus > 1:
+        return accelerate_launch_command(MULTI_GPU_CONFIG, gpus, port, "bf16", PRETRAIN_SCRIPT, flags)
+    return python_module_command("pretrain.main", *flags)

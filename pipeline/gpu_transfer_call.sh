@@ -4,7 +4,9 @@
 # the last four blocks), two BreastMNIST fine-tunes on the same encoder that select by accuracy (the target's
 # metric) with the unweighted loss, once plain and once with an EMA of the weights, and the encoder itself in
 # bfloat16, split into 15 MB parts under $OUT (returned files are capped at 16 MiB each) for CPU-side probing.
-#   carry .gpu_run/results and .gpu_run/whl (see gpu_results_session.sh prepare); BUDGET: the results budget (s)
+#   carry .gpu_run/results and .gpu_run/whl (see gpu_results_session.sh prepare); BUDGET: the results budget (s);
+#   PRETRAIN_GPUS=2 (on a two-GPU kind): the pretraining as DDP on both GPUs at the same global batch (the later
+#   stages spread over both), so that EPOCHS=640 fits the call
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_transfer_out}"
@@ -19,7 +21,7 @@ bft() { name=$1; shift; timeout 200 python3 -m finetune.main --data_path .gpu_ru
  [ -f $e ] && { bft breast_acc & bft breast_acc_ema --model_ema --model_ema_decay 0.99 & wait; }) &
 OUT="$out" RESULTS_BUDGET_S=${BUDGET:-520} bash pipeline/gpu_results_session.sh run --encoders vit_small_patch8 --ft_recipe light \
   --pretrain_epochs ${EPOCHS:-320} --batch_size 1024 --num_workers 8 --ft_layer_decay 0.75 --ft_blr 1e-3 --inits mae \
-  --probe_n_last_blocks 4 --no_preflight 2>&1 | tail -45
+  --probe_n_last_blocks 4 --pretrain_gpus ${PRETRAIN_GPUS:-1} --no_preflight 2>&1 | tail -45
 wait
 for n in breast_acc breast_acc_ema; do echo "== $n"; tail -2 $x/$n.log; done
 if [ -f $e ]; then

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.commands import (
     FT_RECIPES,
+    PRETRAIN_PORT,
     SELECT_METRICS,
     LabeledSet,
     dataset_key,
@@ -131,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     gpus = stage_gpus(args.gpus, args.jobs)
+    if args.pretrain_gpus > 1 and len(gpus.gpus) < args.pretrain_gpus:
+        raise SystemExit(f"results: --pretrain_gpus {args.pretrain_gpus} needs that many GPUs; this call has "
+                         f"{len(gpus.gpus)} ({' '.join(gpus.gpus) or 'none'}; see --gpus)")
+    if args.batch_size % args.pretrain_gpus:
+        raise SystemExit(f"results: --batch_size {args.batch_size} (the global batch) is not divisible by "
+                         f"--pretrain_gpus {args.pretrain_gpus}")
     log = RunLog(out / "runs.json", budget, gpus)
     # Read every dataset's label space first, so a bad path stops the run before any GPU time is spent.
     datasets = {dataset_key(p): LabeledSet(p, *label_space(p)) for p in args.datasets}
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Phase 1: MAE pretraining of every encoder (concurrently with --jobs > 1).
     pretrain_tasks = []
-    for encoder in args.encoders:
+    for index, encoder in enumerate(args.encoders):
         mae_name = f"mae_{encoder}"
         if "mae" not in args.inits:
             continue
@@ -162,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoints[(encoder, "mae")] = pre_dir / "encoder.safetensors"
         blocked[(encoder, "mae")] = None
         pretrain_key = (encoder, "mae", PRETRAIN, POOL)
-        command = pretrain_command(args, mae_name, pre_dir)
+        command = pretrain_command(args, mae_name, pre_dir, PRETRAIN_PORT + index)
         # Nothing to do when this recipe's pretraining is recorded and every row is done on the encoder at hand,
         # or, with the encoder gone (runs.json from another machine), every row is recorded.
         checkpoint = checkpoints[(encoder, "mae")]
@@ -179,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             log.drop(pretrain_key)
 
         def pretrain(encoder: str = encoder, command: list[str] = command, pre_dir: Path = pre_dir) -> None:
-            pre = log.stage((encoder, "mae", PRETRAIN, POOL), command, pre_dir)
+            pre = log.stage((encoder, "mae", PRETRAIN, POOL), command, pre_dir, gpus=args.pretrain_gpus)
             if pre is not None and row_status(pre) != "ok":
                 blocked[(encoder, "mae")] = f"MAE pretraining of {encoder} {row_status(pre)}: " + (
                     pre.get("reason") or pre.get("error", ""))
@@ -261,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "streaming it through loader workers: the 64 px pool is about 63 MB, and the eleventh "
                         "session's ViT-S/8 pretraining read 9,000 img/s from the workers against 13,382 for the "
                         "model alone")
+    r.add_argument("--pretrain_gpus", type=int, default=1,
+                   help="GPUs of each MAE pretraining: above 1 it runs as DDP through accelerate launch "
+                        "(launch/accelerate/multi_gpu.yaml), --batch_size split among them, so the global batch and "
+                        "the schedule stay those of one GPU (a longer pretraining fits one call)")
     r.add_argument("--probe_epochs", type=int, default=90)
     r.add_argument("--probe_select_metric", choices=SELECT_METRICS, default="auc",
                    help="validation metric that picks each linear probe's LR and epoch (linprobe --select_metric); "

@@ -87,9 +87,9 @@ class RunLog:
         return rows[0].get("seconds") if rows else None
 
     def stage(self, key: tuple[str, str, str, str], command: list[str], run_dir: Path,
-              blocked: str | None = None, digest: str | None = None) -> dict | None:
-        """Run one stage unless done already (on the encoder of ``digest``, when given), blocked (``blocked`` is
-        the reason) or out of budget; record it."""
+              blocked: str | None = None, digest: str | None = None, gpus: int = 1) -> dict | None:
+        """Run one stage (on ``gpus`` GPUs) unless done already (on the encoder of ``digest``, when given), blocked
+        (``blocked`` is the reason) or out of budget; record it."""
         if self.done(key, command, digest):
             return None
         base = dict(zip(("model", "init", "protocol", "dataset"), key))
@@ -100,7 +100,7 @@ class RunLog:
             row = base | {"status": "skipped", "reason": blocked, "command": command}
         else:
             # The GPU is taken only now, so rows that are done, blocked or out of budget hold no slot.
-            with self.gpus.take() as gpu:
+            with self.gpus.take(gpus) as gpu:
                 row = self._run(key, command, run_dir, digest, gpu)
             if gpu is not None:
                 row["gpu"] = gpu

@@ -110,22 +110,28 @@ class GpuSlots:
         self._free = threading.Condition()
 
     @contextmanager
-    def take(self) -> Iterator[str | None]:
-        """Hold a slot of the least-loaded GPU while the block runs (waiting while every GPU is full); the slot is
-        given back however the block ends (done, failed, timed out, interrupted)."""
+    def take(self, count: int = 1) -> Iterator[str | None]:
+        """Hold a slot on each of the ``count`` least-loaded GPUs while the block runs (waiting until that many have
+        a free slot) and give them the stage as ``CUDA_VISIBLE_DEVICES`` lists them (``"1"``, ``"0,1"``); the
+        slots are given back however the block ends (done, failed, timed out, interrupted)."""
         if not self.gpus:
             yield None
             return
+        if not 1 <= count <= len(self.gpus):
+            raise ValueError(f"a stage on {count} GPUs, but the call has {len(self.gpus)}: {self.gpus}")
         with self._free:
-            self._free.wait_for(lambda: min(self.load.values()) < self.per_gpu)
-            gpu = min(self.gpus, key=self.load.__getitem__)
-            self.load[gpu] += 1
+            self._free.wait_for(lambda: sum(load < self.per_gpu for load in self.load.values()) >= count)
+            chosen = set(sorted(self.gpus, key=self.load.__getitem__)[:count])  # stable: ties go to the first named
+            taken = [gpu for gpu in self.gpus if gpu in chosen]
+            for gpu in taken:
+                self.load[gpu] += 1
         try:
-            yield gpu
+            yield ",".join(taken)
         finally:
             with self._free:
-                self.load[gpu] -= 1
-                self._free.notify()
+                for gpu in taken:
+                    self.load[gpu] -= 1
+                self._free.notify_all()
 
     def pinned(self, gpu: str | None) -> str | None:
         """The GPU a stage's environment should name: ``gpu`` when stages are pinned, else ``None``."""

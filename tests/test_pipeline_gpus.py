@@ -91,6 +91,25 @@ def test_each_gpu_hosts_at_most_ceil_jobs_over_gpus_stages() -> None:
     assert got in (["0"], ["1"]) and slots.load == {"0": 0, "1": 0}
 
 
+def test_a_stage_on_two_gpus_holds_a_slot_on_each_and_waits_for_both() -> None:
+    slots = GpuSlots(["1", "0"], jobs=2)
+    with slots.take(2) as both:
+        assert both == "1,0" and slots.load == {"1": 1, "0": 1}  # in the order --gpus names them
+    assert slots.load == {"1": 0, "0": 0}
+    got: list[str | None] = []
+    with slots.take() as one:
+        assert one == "1"
+        waiter = threading.Thread(target=lambda: got.append(slots.take(2).__enter__()))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and not got  # "0" alone is free: a two-GPU stage waits for "1" as well
+    waiter.join(5)
+    assert got == ["1,0"]
+    with pytest.raises(ValueError, match="on 3 GPUs"):
+        with slots.take(3):
+            pass
+
+
 def test_a_slot_is_given_back_when_the_stage_fails() -> None:
     slots = GpuSlots(["0", "1"], jobs=2)
     with pytest.raises(StageError):

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from bench.scaling.analysis import RunLogError, Window, compare_curves, read_windows, steady_throughput  # noqa: E402
 from bench.scaling.report import format_table, save_plot  # noqa: E402
-from bench.scaling.runner import device_description, free_port, run_logged  # noqa: E402
+from bench.scaling.runner import device_description, run_logged  # noqa: E402
 from bench.scaling.variants import (  # noqa: E402
     BASELINE,
     KINDS,
@@ -38,9 +38,9 @@ from bench.scaling.variants import (  # noqa: E402
     build_variants,
     launch_command,
     pretrain_args,
-    user_command,
 )
 from common.io import atomic_write_text  # noqa: E402
+from common.launch import free_port, user_command  # noqa: E402
 
 DEFAULT_TARGETS = {"ddp": 1.9, "zero2": 1.8}
 

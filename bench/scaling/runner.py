@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,13 +28,6 @@ class LaunchResult:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for the rendezvous of one run)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_logged(command: list[str], env: dict[str, str], cwd: Path, log_path: Path, timeout_s: float) -> LaunchResult:

@@ -9,13 +9,12 @@ the work is spread, not in the per-GPU batch each kernel sees.
 
 from __future__ import annotations
 
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.launch import PRETRAIN_SCRIPT, accelerate_launch_command
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PRETRAIN_SCRIPT = "pretrain/main.py"
 
 
 @dataclass(frozen=True)
@@ -78,17 +77,8 @@ def build_variants(names: list[str], gpus: int, global_batch: int, micro_batch: 
 
 
 def launch_command(variant: Variant, port: int, mixed_precision: str, pretrain_args: list[str]) -> list[str]:
-    """``python -m accelerate.commands.launch`` is ``accelerate launch`` run by this interpreter."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", variant.config_file,
-            "--num_processes", str(variant.processes), "--num_machines", "1", "--main_process_port", str(port),
-            "--mixed_precision", mixed_precision, PRETRAIN_SCRIPT, *pretrain_args]
-
-
-def user_command(command: list[str]) -> str:
-    """The same command as a user types it (``accelerate launch ...``), for reports."""
-    if command[1:3] == ["-m", "accelerate.commands.launch"]:
-        command = ["accelerate", "launch", *command[3:]]
-    return shlex.join(command)
+    return accelerate_launch_command(variant.config_file, variant.processes, port, mixed_precision, PRETRAIN_SCRIPT,
+                                     pretrain_args)
 
 
 def pretrain_args(variant: Variant, *, model: str, data_path: str, output_dir: Path, input_size: int,
