@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import causal_conv1d_fn, selective_scan_fn
@@ -78,28 +79,22 @@ class BiMamba(KeepSSMParamsFp32):
         x = causal_conv1d_fn(x, conv.weight.squeeze(1), conv.bias, activation="silu", reverse=reverse)
         # The projections run in the autocast dtype and the scan takes its inputs in that dtype, as upstream Mamba
         # does; it accumulates in float32 and A, D and the dt bias stay float32 parameters (models.ssm).
-        # Weight-first products keep the (B, channels, L) layout of the conv and the scan: the batched product
-        # reads x in place, and dt comes out contiguous, where F.linear on transposed views copied x and dt whole.
-        x_dbl = torch.matmul(x_proj.weight, x)  # (B, R + 2N, L)
-        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.matmul(dt_proj.weight, dt)  # (B, D, L)
+        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
         x, z = x.to(dt.dtype), z.to(dt.dtype)
+        # B and C stay strided views of x_dbl: the Triton scan reads them in place (other backends copy).
         return selective_scan_fn(
-            x, dt, -torch.exp(a_log.float()), b_ssm, c_ssm, d.float(), z=z,
+            x, dt, -torch.exp(a_log.float()), b_ssm.transpose(1, 2), c_ssm.transpose(1, 2), d.float(), z=z,
             delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
             backend=self.scan_backend,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # (B, 2 * d_inner, L) straight from the product, and z made contiguous once for both directions' scans.
-        xz = torch.matmul(self.in_proj.weight, hidden.transpose(1, 2))
+        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        z = z.contiguous()
         y = (self._direction(x, z, reverse=False) + self._direction(x, z, reverse=True)) / 2
-        if not torch.is_autocast_enabled(y.device.type):
-            y = y.to(self.out_proj.weight.dtype)
-        # A (B, L, d_model) view: the residual add that consumes it reads it in place.
-        return torch.matmul(self.out_proj.weight, y).transpose(1, 2)
+        return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))
 
 
 class VimBlock(nn.Module):
