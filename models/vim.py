@@ -94,7 +94,9 @@ class BiMamba(KeepSSMParamsFp32):
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)
         y = (self._direction(x, z, reverse=False) + self._direction(x, z, reverse=True)) / 2
-        return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast the product casts y itself: no float32 copy
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y.transpose(1, 2))
 
 
 class VimBlock(nn.Module):
