@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="selective-scan backend of the Mamba models (e.g. triton_v3: an opt-in kernel variant)")
+    p.add_argument("--conv_backend", default="auto", choices=["auto", "torch", "causal_conv1d", "triton"],
+                   help="the Vim blocks' causal conv (kernels.causal_conv1d_fn backend; triton: our kernels)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many more steps: device ms per step by kernel kind")
@@ -124,12 +126,12 @@ def select_rows(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     return rows
 
 
-def set_scan_backend(model: torch.nn.Module, backend: str) -> None:
-    """Put every module of ``model`` that runs a selective scan (Vim and SS2D mixers, encoder and decoder) on
-    ``backend``."""
+def set_backend(model: torch.nn.Module, attribute: str, backend: str) -> None:
+    """Put every module of ``model`` that has ``attribute`` (``scan_backend``: the Vim and SS2D mixers, encoder and
+    decoder; ``conv_backend``: the Vim mixers' causal conv) on ``backend``."""
     for module in model.modules():
-        if hasattr(module, "scan_backend"):
-            module.scan_backend = backend
+        if hasattr(module, attribute):
+            setattr(module, attribute, backend)
 
 
 def _sync(device: torch.device) -> None:
@@ -210,7 +212,8 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
         flops = None
         if mode != "loader_only":
             model = models.create_model(name, img_size=size, in_chans=args.in_chans, norm_pix_loss=True).to(device)
-            set_scan_backend(model, args.scan_backend)
+            set_backend(model, "scan_backend", args.scan_backend)
+            set_backend(model, "conv_backend", args.conv_backend)
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:

@@ -65,13 +65,18 @@ def causal_conv1d_fn(
 ) -> torch.Tensor:
     """Causal depthwise conv: x (batch, dim, L), weight (dim, width), bias (dim,) -> (batch, dim, L).
 
-    ``activation`` is None or "silu"/"swish". ``backend``: "torch", "causal_conv1d" (CUDA package),
+    ``activation`` is None or "silu"/"swish". ``backend``: "torch", "causal_conv1d" (CUDA package), "triton"
+    (``kernels/triton_causal_conv1d.py``: CUDA, or CPU under ``TRITON_INTERPRET=1``; opt-in until timed on a GPU),
     or "auto" (the package on CUDA when installed, torch otherwise). ``reverse``: anti-causal (each output
     sees itself and the W-1 positions after it), for the backward direction of a bidirectional block.
     """
     _check(x, weight, bias, activation)
-    if backend not in ("auto", "torch", "causal_conv1d"):
+    if backend not in ("auto", "torch", "causal_conv1d", "triton"):
         raise ValueError(f"causal_conv1d: unknown backend {backend!r}")
+    if backend == "triton":
+        from kernels.triton_causal_conv1d import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, activation, reverse)
     use_package = backend == "causal_conv1d" or (
         backend == "auto" and x.is_cuda and causal_conv1d_available()
     )

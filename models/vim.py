@@ -49,6 +49,7 @@ class BiMamba(KeepSSMParamsFp32):
         self.d_state = d_state
         self.dt_rank = resolve_dt_rank(dt_rank, d_model)
         self.scan_backend = scan_backend
+        self.conv_backend = "auto"  # causal_conv1d_fn's backend; "triton" is opt-in until timed (bench --conv_backend)
         d_inner = self.d_inner
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
@@ -76,7 +77,8 @@ class BiMamba(KeepSSMParamsFp32):
         dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
         a_log, d = (self.A_b_log, self.D_b) if reverse else (self.A_log, self.D)
         # Backward direction: the anti-causal conv (the causal conv of the reversed sequence, without flipped copies).
-        x = causal_conv1d_fn(x, conv.weight.squeeze(1), conv.bias, activation="silu", reverse=reverse)
+        x = causal_conv1d_fn(x, conv.weight.squeeze(1), conv.bias, activation="silu", backend=self.conv_backend,
+                             reverse=reverse)
         # The projections run in the autocast dtype and the scan takes its inputs in that dtype, as upstream Mamba
         # does; it accumulates in float32 and A, D and the dt bias stay float32 parameters (models.ssm).
         x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)

@@ -74,23 +74,24 @@ def test_loader_rows_drain_the_prefilled_queue_before_timing(tmp_path: Path) -> 
     assert images.shape == (2, 1, 24, 24) and images.dtype == torch.uint8 and sizes.shape == (2, 2)
 
 
-def test_scan_backend_flag_reaches_every_mixer(tmp_path: Path) -> None:
-    """--scan_backend puts the Vim MAE's encoder and decoder mixers on that backend (a synthetic CPU row with the
-    reference loop runs, so the flag is honoured end to end)."""
+def test_scan_and_conv_backend_flags_reach_every_mixer(tmp_path: Path) -> None:
+    """--scan_backend / --conv_backend put the Vim MAE's encoder and decoder mixers on those backends (a synthetic
+    CPU row with the reference scan and the Triton conv, interpreted, runs: the flags are honoured end to end)."""
     import models
-    from bench.pretrain import set_scan_backend
+    from bench.pretrain import set_backend
 
     model = models.create_model("mae_test_vim", img_size=32, in_chans=1)
-    set_scan_backend(model, "reference")
-    backends = {m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")}
-    assert backends == {"reference"}
+    set_backend(model, "scan_backend", "reference")
+    set_backend(model, "conv_backend", "triton")
+    assert {m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")} == {"reference"}
+    assert {m.conv_backend for m in model.modules() if hasattr(m, "conv_backend")} == {"triton"}
     out = tmp_path / "bench.json"
     rc = bench_main(["--models", "mae_test_vim", "--input_sizes", "32", "--batch_size", "2", "--steps", "1",
                      "--warmup", "0", "--min_steps", "1", "--modes", "synthetic", "--in_chans", "1",
-                     "--device", "cpu", "--scan_backend", "reference", "--json", str(out)])
+                     "--device", "cpu", "--scan_backend", "reference", "--conv_backend", "triton", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["args"]["scan_backend"] == "reference"
+    assert result["args"]["scan_backend"] == "reference" and result["args"]["conv_backend"] == "triton"
     assert [r["status"] for r in result["rows"]] == ["ok"]
 
 
