@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from data_curation.intensity import foreground_fraction
+
+if TYPE_CHECKING:
+    from data_curation.config import CurateConfig
 
 
 class RejectError(Exception):
@@ -33,3 +38,11 @@ class Slice:
     key: str  # identifies the slice within its input, e.g. "f3" or "axial-12"
     meta: dict[str, Any] = field(default_factory=dict)  # allowlisted keys only
     split: str | None = None  # a split given by the source (npz, ImageFolder), else None
+
+
+def skip_background(image: np.ndarray, cfg: CurateConfig, stats: dict[str, int]) -> bool:
+    """Whether a slice of a volume is (nearly) empty and left out (``--min_foreground``); counts it in ``stats``."""
+    if foreground_fraction(image, cfg.background_threshold) >= cfg.min_foreground:
+        return False
+    stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+    return True

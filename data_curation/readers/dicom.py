@@ -11,8 +11,8 @@ import pydicom
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import foreground_fraction, percentile_range, rgb_to_uint8
-from data_curation.readers import Identity, RejectError, Slice
+from data_curation.intensity import percentile_range, rgb_to_uint8
+from data_curation.readers import Identity, RejectError, Slice, skip_background
 from data_curation.readers.dicom_frames import frame_dataset, frame_pixel_spacing, frame_stack
 from data_curation.readers.dicom_gray import GrayMapping, gray_mapping, map_gray, with_range
 from data_curation.readers.dicom_mosaic import mosaic_count, mosaic_tiles
@@ -237,8 +237,7 @@ def _mosaic_slices(ds: pydicom.Dataset, tiles: np.ndarray, cfg: CurateConfig, st
             "slice_axis": "native"}
     for k, tile in enumerate(tiles):
         img, names, norm = map_gray(ds, np.ascontiguousarray(tile), None, mapping)
-        if foreground_fraction(img, cfg.background_threshold) < cfg.min_foreground:
-            stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+        if skip_background(img, cfg, stats):
             continue
         yield Slice(image=img, key=f"m{k}", meta={**base, "channels": names, "normalization": norm, "slice_index": k})
 

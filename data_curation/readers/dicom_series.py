@@ -21,8 +21,8 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import foreground_fraction, resize, target_size
-from data_curation.readers import Identity, RejectError, Slice
+from data_curation.intensity import resize, target_size
+from data_curation.readers import Identity, RejectError, Slice, skip_background
 from data_curation.readers.dicom import (
     decode_frame,
     frames_value_range,
@@ -163,8 +163,7 @@ def _resliced_planes(vol: VolumeFile, axes: np.ndarray, spacing: tuple[float, fl
                     if min(img.shape[:2]) < cfg.min_size:
                         stats["reslice_too_small"] = stats.get("reslice_too_small", 0) + 1
                         continue
-                    if foreground_fraction(img, cfg.background_threshold) < cfg.min_foreground:
-                        stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+                    if skip_background(img, cfg, stats):
                         continue
                     t = start + k
                     index = length - 1 - t if layout.flip_index else t

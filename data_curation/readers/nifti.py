@@ -15,8 +15,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import ct_channels, foreground_fraction, percentile_range, scale_range
-from data_curation.readers import Identity, RejectError, Slice
+from data_curation.intensity import ct_channels, percentile_range, scale_range
+from data_curation.readers import Identity, RejectError, Slice, skip_background
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mgh", ".mgz")
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -92,8 +92,7 @@ def read_nifti(path: Path, cfg: CurateConfig, volume: int, stats: dict[str, int]
                     names = ["gray"]
                     norm = {"kind": "percentile", "scope": cfg.percentile_scope, "low": cfg.percentile_low,
                             "high": cfg.percentile_high, "bits": cfg.output_bits}
-                if foreground_fraction(out, cfg.background_threshold) < cfg.min_foreground:
-                    stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+                if skip_background(out, cfg, stats):
                     continue
                 meta = {"modality": modality, "source_format": "nifti", "orig_shape": list(shape),
                         "orig_dtype": orig_dtype, "channels": names, "normalization": norm,

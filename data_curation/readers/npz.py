@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from data_curation.config import CurateConfig
-from data_curation.intensity import foreground_fraction, percentile_range, scale_range
-from data_curation.readers import RejectError, Slice
+from data_curation.intensity import percentile_range, scale_range
+from data_curation.readers import RejectError, Slice, skip_background
 
 # MedMNIST dataset name -> modality, for the metadata (unknown names give "OT").
 MEDMNIST_MODALITY = {
@@ -72,8 +72,7 @@ def read_npz(path: Path, cfg: CurateConfig, split: str, start: int, stop: int,
             else:
                 lo, hi = percentile_range(plane, cfg.percentile_low, cfg.percentile_high)
                 out, norm = scale_range(plane, lo, hi, cfg.output_bits), {"kind": "percentile"}
-            if is_3d and foreground_fraction(out, cfg.background_threshold) < cfg.min_foreground:
-                stats["slices_skipped_background"] = stats.get("slices_skipped_background", 0) + 1
+            if is_3d and skip_background(out, cfg, stats):
                 continue
             meta = {"modality": modality, "source_format": "npz", "orig_shape": list(item.shape),
                     "orig_dtype": str(item.dtype), "channels": names, "normalization": norm, "spacing": None,
