@@ -1,5 +1,5 @@
-"""pipeline.results run on several GPUs: which GPU each stage gets, the environment it runs in, and runs.json rows
-with and without the GPU they ran on. CPU only: the stages are stand-ins (or tiny Python commands), no training."""
+"""pipeline.results run on several GPUs: which GPU each stage gets, the environment it runs in, runs.json rows
+with and without the GPU they ran on, and the pretraining as DDP on several GPUs (--pretrain_gpus). CPU only: the stages are stand-ins (or tiny Python commands), no training."""
 
 from __future__ import annotations
 
@@ -108,6 +108,48 @@ def test_a_stage_on_two_gpus_holds_a_slot_on_each_and_waits_for_both() -> None:
     with pytest.raises(ValueError, match="on 3 GPUs"):
         with slots.take(3):
             pass
+
+
+def test_pretraining_on_several_gpus_is_ddp_at_the_same_global_batch(tmp_path: Path, monkeypatch) -> None:
+    """--pretrain_gpus 2: accelerate launch of two processes with the repository's DDP config, each with half the
+    batch, everything else as on one GPU; the one-GPU command stays the one recorded by the sixteenth session's call
+    (so its rows are reused); a batch that does not split, or too few GPUs, stops the call before any stage."""
+
+    from accelerate.commands.launch import launch_command_parser
+
+    from common.config import parse_config
+    from pipeline.commands import pretrain_command
+    from pretrain.config import PretrainConfig
+
+    recorded = next(r["command"] for r in json.loads(
+        (REPO_ROOT / "docs/results/transfer_h200_s16_320ep_runs.json").read_text())
+        if r["model"] == "vit_small_patch8" and r["protocol"] == "pretrain")
+    args = results.build_parser().parse_args([
+        "run", "--pool", ".gpu_run/results/pool", "--datasets", "d.npz", "--out", "o", "--encoders", "vit_small_patch8",
+        "--pretrain_epochs", "320", "--batch_size", "1024", "--num_workers", "8", "--pretrain_data_on_device"])
+    pre_dir = Path("/tmp/results_run/pretrain/vit_small_patch8")
+    assert pretrain_command(args, "mae_vit_small_patch8", pre_dir)[1:] == recorded[1:]
+
+    args.pretrain_gpus = 2
+    command = pretrain_command(args, "mae_vit_small_patch8", pre_dir, port=29501)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    launch = launch_command_parser().parse_args(command[3:])
+    assert launch.config_file == "launch/accelerate/multi_gpu.yaml" and (REPO_ROOT / launch.config_file).is_file()
+    assert launch.num_processes == 2 and launch.main_process_port == 29501 and launch.training_script == \
+        "pretrain/main.py"
+    cfg = parse_config(PretrainConfig, launch.training_script_args)
+    single = parse_config(PretrainConfig, recorded[recorded.index("pretrain.main") + 1:])
+    assert cfg.batch_size == 512 and single.batch_size == 1024  # per GPU: the global batch stays 1024
+    assert {k: v for k, v in vars(cfg).items() if k != "batch_size"} == \
+        {k: v for k, v in vars(single).items() if k != "batch_size"}
+    args.batch_size = 1023
+    with pytest.raises(ValueError, match="not divisible"):
+        pretrain_command(args, "mae_vit_small_patch8", pre_dir)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU
+    args.batch_size, args.out = 1024, str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="--pretrain_gpus 2 needs that many GPUs"):
+        results.run(args)
 
 
 def test_a_slot_is_given_back_when_the_stage_fails() -> None:
