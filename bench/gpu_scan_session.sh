@@ -16,7 +16,8 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
-#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/scan_host.log, $OUT/vim_{eager,cudagraphs}.json, with a
+#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/scan_v4_sweep.json, $OUT/scan_host.log,
+#       $OUT/vim_{eager,eager_triton_conv,cudagraphs}.json, with a
 #       baseline $OUT/scan_baseline.json, $OUT/scan_host_baseline.log and $OUT/vim_eager_baseline.json, and prints
 #       the tables; VIM_CUDAGRAPHS=1 adds the compiled Vim-S step (about 2.5 minutes; off by default since the
 #       thirteenth session added the v4 and resident-loader tests and two backends, which it would push past the
@@ -95,10 +96,16 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     # and the v1 / v2 backward behind it on sm_90; and the resident pretraining loader's pinned index copy.
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_scan_v4.py tests/test_data_resident.py 2>&1 \
         | tee -a "$out/scan_tests.log" | tail -5 || true
+    # The Triton causal conv1d (sixteenth session) compiled for the first time, forward and every gradient.
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_causal_conv1d.py 2>&1 \
+        | tee -a "$out/scan_tests.log" | tail -3 || true
     wait
     # v3 with the thirteenth session's register cut and the v4 forward (behind the v2 backward) beside the rest.
     timeout 110 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 triton_v3 triton_v4 mamba_ssm \
         --json "$out/scan.json" || true
+    # The v4 forward's tiles at L=1024 / 4096 (its default is one guess made offline).
+    timeout 90 python3 -m bench.scan --backends triton_v4 --sweep-v4 --json "$out/scan_v4_sweep.json" 2>&1 \
+        | tail -8 || true
     if [ -f .gpu_run/baseline/REVISION ]; then
         # The same benchmark from the baseline revision's own tree, in this call: host-path changes show at L=50.
         echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.scan --backends triton"
@@ -119,6 +126,9 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     # L=197 and 4096), which CUDA graphs remove.
     timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
         --row_seconds 8 --json "$out/vim_eager.json" || true
+    # The same step with the Vim mixers' causal conv in Triton (kernels/triton_causal_conv1d.py) instead of torch's.
+    timeout 40 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+        --row_seconds 8 --conv_backend triton --json "$out/vim_eager_triton_conv.json" || true
     if [ -f .gpu_run/baseline/REVISION ]; then
         echo "== baseline revision $(cat .gpu_run/baseline/REVISION): Vim-S eager"
         (cd .gpu_run/baseline && timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 \

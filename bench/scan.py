@@ -214,6 +214,31 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     return rows
 
 
+# v4 forward tiles (channels per program, positions per span) swept at the long-sequence shapes.
+V4_SWEEP_TILES = tuple((block_d, block_l) for block_d in (4, 8, 16) for block_l in (128, 256))
+V4_SWEEP_MIN_L = 1024
+
+
+def sweep_v4_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
+    """Time the v4 forward (parallel over positions) at each of V4_SWEEP_TILES, with the default forward's chunk
+    (the chunk states it saves are v1's)."""
+    from kernels.selective_scan_triton import launch_configs, selective_scan_triton
+
+    default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
+    rows = []
+    for block_d, block_l in V4_SWEEP_TILES:
+        cfg = dataclasses.replace(default_fwd, variant="v4", block_d=block_d, block_l=block_l)
+        fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
+        try:
+            t = time_backend(fn, inp, rep_ms, backward=False)
+        except Exception as exc:  # a tile that fails to compile is reported, not fatal
+            print(f"    fwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
+            continue
+        rows.append({"pass": "fwd", "variant": "v4", "block_d": block_d, "block_l": block_l, "maxnreg": None,
+                     "prefetch": False, "segments": 1, "chunk": cfg.chunk, "ms": t["fwd_ms"]})
+    return rows
+
+
 def triton_variant_fn(variant: str) -> Callable[..., torch.Tensor]:
     """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``."""
     from kernels.selective_scan_triton import selective_scan_triton, variant_configs
@@ -280,6 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # After the backend rows, so that a run cut short still has them.
         if args.sweep:
             sweeps[shape] = sweep_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
+        if args.sweep_v4 and length >= V4_SWEEP_MIN_L:
+            sweeps[shape] = sweeps.get(shape, []) + sweep_v4_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
+        if shape in sweeps:
             print(f"swept {shape}: " + "; ".join(f"{r['pass']} {r['variant']} bd {r['block_d']} "
                                                  f"reg {r['maxnreg']} prefetch {r['prefetch']} "
                                                  f"seg {r['segments']}: {r['ms']:.3f}"
@@ -313,7 +341,8 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
             best = min(r["ms"] for r in sel)
             cells = [f"{r.get('variant', 'v1')}/bd{r['block_d']}/reg{r['maxnreg'] or '-'}"
                      f"{'/pf' if r['prefetch'] else ''}{_chunk_tag(r)}"
-                     f"{'/seg' + str(r['segments']) if r.get('segments', 1) > 1 else ''} "
+                     f"{'/seg' + str(r['segments']) if r.get('segments', 1) > 1 else ''}"
+                     f"{'/bl' + str(r['block_l']) if 'block_l' in r else ''} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)
@@ -343,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                              "naive_loop)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")
+    parser.add_argument("--sweep-v4", action="store_true",
+                        help=f"also time the v4 forward's tiles (block_d, block_l) at L >= {V4_SWEEP_MIN_L}")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", default=None, help="write the full results here")
     args = parser.parse_args(argv)
