@@ -63,7 +63,8 @@ def _scan_fwd_kernel_v4(
     bc_base = batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     offs_l = tl.arange(0, BLOCK_L)
     # Saved states: (batch, chunks, N, dim); state n of channel d in chunk c at ((batch * chunks + c) * N + n) * dim + d.
-    chunk_stride = n_state.to(tl.int64) * dim
+    # tl.cast, not .to: an integer argument equal to 1 arrives as a Python constant (Triton specialises it).
+    chunk_stride = tl.cast(n_state, tl.int64) * dim
     batch_states = batch_idx.to(tl.int64) * n_chunks * chunk_stride
 
     if STORE_STATES:

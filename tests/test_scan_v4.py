@@ -93,7 +93,7 @@ def test_v4_saved_states_are_the_reference_states_at_chunk_entries():
     inp = make_scan_inputs(1, 3, length, 4, groups=None, dtype=torch.float32, seed=4, device=DEVICE)
     for reverse in (False, True):
         _, _, states = _forward(inp, 1, True, reverse, ScanLaunchConfig(2, chunk, variant="v4", block_l=8))
-        dinp = {k: v.double() for k, v in inp.items()}
+        dinp = {k: v.double().cpu() for k, v in inp.items() if v is not None}
         for c in range(states.shape[1]):
             # The state entering chunk c is the last state of the scan over the positions before it.
             before = slice(0, c * chunk) if not reverse else slice((c + 1) * chunk, length)
@@ -102,7 +102,7 @@ def test_v4_saved_states_are_the_reference_states_at_chunk_entries():
                 want = torch.zeros(1, 3, 4, dtype=torch.float64)
             else:
                 _, want = selective_scan_ref(**part, delta_softplus=True, return_last_state=True, reverse=reverse)
-            torch.testing.assert_close(states[:, c].transpose(-1, -2).double(), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(states[:, c].transpose(-1, -2).double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 # (bwd variant, L, dim, N, groups, dtype, with_optional, softplus, reverse, block_l)
