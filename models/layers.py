@@ -130,8 +130,17 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+QKV_LAYOUTS = ("heads_first", "tokens_first")
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient on GPU)."""
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient on GPU).
+
+    ``qkv_layout`` (class default, settable per instance; same values and gradients either way): how q / k / v
+    are cut from the fused projection; bench/attention.py times both.
+    """
+
+    qkv_layout = "heads_first"
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -147,8 +156,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        if self.qkv_layout == "tokens_first":
+            # Split along the fused projection's own axis: the backward stacks dq / dk / dv straight into the
+            # projection's (b, n, 3 * c) gradient (one copy) instead of stacking them head-first and then
+            # reordering that (two full copies).
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))

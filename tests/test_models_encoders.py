@@ -151,3 +151,27 @@ def test_hierarchical_classifier_refuses_mae_with_a_reason() -> None:
     model = models.create_model("test_medmamba", img_size=32, in_chans=1)
     with pytest.raises(NotImplementedError, match="cannot be used inside MAE"):
         model.forward_visible(torch.zeros(1, 1, 32, 32), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_attention_qkv_layouts_give_the_same_values_and_gradients() -> None:
+    """Both ways of cutting q / k / v from the fused projection (bench/attention.py times them) compute the same
+    attention, forward and every gradient, and the same as attention written out by hand."""
+    from models.layers import QKV_LAYOUTS, Attention
+
+    torch.manual_seed(0)
+    attn = Attention(24, 3).double()
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    grad = torch.randn(2, 7, 24, dtype=torch.float64)
+    q, k, v = attn.qkv(x).view(2, 7, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+    want = attn.proj((weights @ v).transpose(1, 2).reshape(2, 7, 24))
+    results = []
+    for layout in QKV_LAYOUTS:
+        attn.qkv_layout = layout
+        xg = x.clone().requires_grad_(True)
+        out = attn(xg)
+        torch.testing.assert_close(out, want)
+        grads = torch.autograd.grad(out, [xg, *attn.parameters()], grad)
+        results.append(grads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

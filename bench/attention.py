@@ -1,0 +1,96 @@
+"""Attention block timing at the MAE shapes: how the q / k / v views are cut from the fused projection, and which
+``scaled_dot_product_attention`` backend runs them (forward + backward of ``models.layers.Attention``).
+
+    python -m bench.attention [--json out.json]
+
+A profile of the ViT-B MAE step (sixteenth session) spent 16 ms of 134 per step in cuDNN's attention and about 14 ms
+in the two copies that turn the q / k / v gradients back into the fused projection's layout (a batched cat, then a
+strided copy). Each row here is one block's attention (projections included) at one encoder / decoder shape, in
+bf16, timed with CUDA events (median of ``--reps``), so the layouts and backends can be compared in one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# (name, batch, tokens, dim, heads): the encoders see the 25 % visible tokens plus the class token, the decoders
+# every token (MAE decoder: 512 wide, 16 heads of 32).
+SHAPES = (("vit_b encoder", 512, 50, 768, 12), ("vit_b/vim_s decoder", 512, 197, 512, 16),
+          ("vit_s encoder", 256, 50, 384, 6))
+
+
+def time_block(batch: int, tokens: int, dim: int, heads: int, backend: str, layout: str, reps: int) -> float:
+    """Median ms of one forward + backward of an Attention block (bf16 autocast, fp32 weights)."""
+    from bench.pretrain import restrict_sdpa
+    from models.layers import Attention
+
+    restrict_sdpa(backend)
+    attn = Attention(dim, heads).cuda()
+    attn.qkv_layout = layout
+    x = torch.randn(batch, tokens, dim, device="cuda", requires_grad=True)
+    grad = torch.randn(batch, tokens, dim, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = attn(x)
+        out.backward(grad)
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/attention.py needs a CUDA GPU")
+    from bench.pretrain import SDPA_BACKENDS
+    from models.layers import QKV_LAYOUTS
+
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward+backward of one block's "
+          f"attention (median of {args.reps})")
+    print("| shape | layout | " + " | ".join(SDPA_BACKENDS) + " |")
+    print("|---|---|" + "---|" * len(SDPA_BACKENDS))
+    for name, batch, tokens, dim, heads in SHAPES:
+        for layout in QKV_LAYOUTS:
+            cells = []
+            for backend in SDPA_BACKENDS:
+                try:
+                    ms = time_block(batch, tokens, dim, heads, backend, layout, args.reps)
+                except RuntimeError as exc:  # a backend that refuses the shape is reported, not fatal
+                    print(f"  {name} {layout} {backend}: {str(exc).splitlines()[0][:160]}", flush=True)
+                    ms = None
+                rows.append({"shape": name, "batch": batch, "tokens": tokens, "dim": dim, "heads": heads,
+                             "layout": layout, "backend": backend, "ms": ms})
+                cells.append("n/a" if ms is None else f"{ms:.3f}")
+            print(f"| {name} (b{batch}, n{tokens}, {heads}x{dim // heads}) | {layout} | " + " | ".join(cells) + " |",
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                               "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
