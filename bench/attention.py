@@ -1,12 +1,12 @@
-"""Attention block timing at the MAE shapes: how the q / k / v views are cut from the fused projection, and which
-``scaled_dot_product_attention`` backend runs them (forward + backward of ``models.layers.Attention``).
+"""Attention block timing at the MAE shapes, per ``scaled_dot_product_attention`` backend (forward + backward of
+``models.layers.Attention``, projections included).
 
     python -m bench.attention [--json out.json]
 
-A profile of the ViT-B MAE step (sixteenth session) spent 16 ms of 134 per step in cuDNN's attention and about 14 ms
-in the two copies that turn the q / k / v gradients back into the fused projection's layout (a batched cat, then a
-strided copy). Each row here is one block's attention (projections included) at one encoder / decoder shape, in
-bf16, timed with CUDA events (median of ``--reps``), so the layouts and backends can be compared in one call.
+Each row is one block's attention at one encoder / decoder shape, bf16 autocast, timed with CUDA events (median of
+``--reps``), with one SDPA backend left enabled (``default``: torch's own choice). The seventeenth session's run of
+this script (then also comparing two ways of cutting q / k / v from the fused projection) is in
+docs/pretrain_benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ SHAPES = (("vit_b encoder", 512, 50, 768, 12), ("vit_b/vim_s decoder", 512, 197,
           ("vit_s encoder", 256, 50, 384, 6))
 
 
-def time_block(batch: int, tokens: int, dim: int, heads: int, backend: str, layout: str, reps: int) -> float:
+def time_block(batch: int, tokens: int, dim: int, heads: int, backend: str, reps: int) -> float:
     """Median ms of one forward + backward of an Attention block (bf16 autocast, fp32 weights)."""
     from bench.pretrain import restrict_sdpa
     from models.layers import Attention
 
     restrict_sdpa(backend)
     attn = Attention(dim, heads).cuda()
-    attn.qkv_layout = layout
     x = torch.randn(batch, tokens, dim, device="cuda", requires_grad=True)
     grad = torch.randn(batch, tokens, dim, device="cuda", dtype=torch.bfloat16)
 
@@ -65,27 +64,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
     from bench.pretrain import SDPA_BACKENDS
-    from models.layers import QKV_LAYOUTS
 
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward+backward of one block's "
           f"attention (median of {args.reps})")
-    print("| shape | layout | " + " | ".join(SDPA_BACKENDS) + " |")
-    print("|---|---|" + "---|" * len(SDPA_BACKENDS))
+    print("| shape | " + " | ".join(SDPA_BACKENDS) + " |")
+    print("|---|" + "---|" * len(SDPA_BACKENDS))
     for name, batch, tokens, dim, heads in SHAPES:
-        for layout in QKV_LAYOUTS:
-            cells = []
-            for backend in SDPA_BACKENDS:
-                try:
-                    ms = time_block(batch, tokens, dim, heads, backend, layout, args.reps)
-                except RuntimeError as exc:  # a backend that refuses the shape is reported, not fatal
-                    print(f"  {name} {layout} {backend}: {str(exc).splitlines()[0][:160]}", flush=True)
-                    ms = None
-                rows.append({"shape": name, "batch": batch, "tokens": tokens, "dim": dim, "heads": heads,
-                             "layout": layout, "backend": backend, "ms": ms})
-                cells.append("n/a" if ms is None else f"{ms:.3f}")
-            print(f"| {name} (b{batch}, n{tokens}, {heads}x{dim // heads}) | {layout} | " + " | ".join(cells) + " |",
-                  flush=True)
+        cells = []
+        for backend in SDPA_BACKENDS:
+            try:
+                ms = time_block(batch, tokens, dim, heads, backend, args.reps)
+            except RuntimeError as exc:  # a backend that refuses the shape is reported, not fatal
+                print(f"  {name} {backend}: {str(exc).splitlines()[0][:160]}", flush=True)
+                ms = None
+            rows.append({"shape": name, "batch": batch, "tokens": tokens, "dim": dim, "heads": heads,
+                         "backend": backend, "ms": ms})
+            cells.append("n/a" if ms is None else f"{ms:.3f}")
+        print(f"| {name} (b{batch}, n{tokens}, {heads}x{dim // heads}) | " + " | ".join(cells) + " |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                                "rows": rows}, indent=1))

@@ -41,7 +41,6 @@ import torch  # noqa: E402
 from common.data import build_dataset, build_loader, default_normalization, gpu_augment  # noqa: E402
 from common.data.resident import ResidentLoader, decode_all  # noqa: E402
 from kernels.selective_scan_interface import BACKENDS  # noqa: E402
-from models.layers import QKV_LAYOUTS  # noqa: E402
 
 SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
 from pretrain.engine import to_device_async  # noqa: E402
@@ -108,8 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="selective-scan backend of the Mamba models (e.g. triton_v3: an opt-in kernel variant)")
     p.add_argument("--conv_backend", default="auto", choices=["auto", "torch", "causal_conv1d", "triton"],
                    help="the Vim blocks' causal conv (kernels.causal_conv1d_fn backend; triton: our kernels)")
-    p.add_argument("--qkv_layout", default=None, choices=QKV_LAYOUTS,
-                   help="how the attention blocks cut q / k / v from the fused projection (models.layers.Attention)")
     p.add_argument("--sdpa_backend", default="default", choices=SDPA_BACKENDS,
                    help="the only scaled_dot_product_attention backend left enabled (default: torch's choice)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
@@ -231,8 +228,6 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             model = models.create_model(name, img_size=size, in_chans=args.in_chans, norm_pix_loss=True).to(device)
             set_backend(model, "scan_backend", args.scan_backend)
             set_backend(model, "conv_backend", args.conv_backend)
-            if args.qkv_layout:
-                set_backend(model, "qkv_layout", args.qkv_layout)
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:

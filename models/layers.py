@@ -130,17 +130,8 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-QKV_LAYOUTS = ("heads_first", "tokens_first")
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient on GPU).
-
-    ``qkv_layout`` (class default, settable per instance; same values and gradients either way): how q / k / v
-    are cut from the fused projection; bench/attention.py times both.
-    """
-
-    qkv_layout = "heads_first"
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient on GPU)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -156,14 +147,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
-        if self.qkv_layout == "tokens_first":
-            # Split along the fused projection's own axis: the backward stacks dq / dk / dv straight into the
-            # projection's (b, n, 3 * c) gradient (one copy) instead of stacking them head-first and then
-            # reordering that (two full copies).
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        # q / k / v split along the fused projection's own axis, then viewed head-first: the backward stacks dq /
+        # dk / dv straight into the projection's (b, n, 3 * c) gradient. Splitting a head-first permute instead
+        # (timm's way) costs a second full copy of that gradient: ViT-B MAE step 8.6 % slower eager on an H100
+        # (bench/attention.py, docs/pretrain_benchmarks.md); the same compiled.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
