@@ -13,6 +13,8 @@
 #       same as before under Triton 3.8 here and 40 % longer, with spills, under the image's 3.6
 #   here (CPU):                bash bench/gpu_scan_session.sh baseline [REV]     (default 8c09aba)
 #       exports revision REV of this repository into .gpu_run/baseline (about 3 MB)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh tests
+#       (carry .gpu_run/whl) every test file with CUDA paths, compiled, each bounded; logs in $OUT/<file>.log
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
@@ -142,8 +144,40 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
             || true
     fi
     ;;
+tests)
+    # Every test file whose cases run compiled on CUDA when a GPU is present (not only the gpu-marked ones), each
+    # bounded (TESTS_FILE_S, default 150 s) so that one slow file leaves the others their turn, all of them within
+    # TESTS_TOTAL_S (default 540 s); newest code first.
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    if [ -d .gpu_run/whl ]; then
+        python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
+    fi
+    deadline=$((SECONDS + ${TESTS_TOTAL_S:-540}))
+    for f in tests/test_scan_v4.py tests/test_models_ssm.py tests/test_mambamic.py tests/test_scan_compile.py \
+             tests/test_scan_ref.py tests/test_scan_launch.py tests/test_scan_variant.py tests/test_causal_conv1d.py \
+             tests/test_scan_triton.py; do
+        bound=$((deadline - SECONDS))
+        if [ "$bound" -gt "${TESTS_FILE_S:-150}" ]; then
+            bound=${TESTS_FILE_S:-150}
+        fi
+        if [ "$bound" -lt 10 ]; then
+            echo "== $f: not run (no time left)"
+            continue
+        fi
+        echo "== $f (at most $bound s)"
+        log="$out/$(basename "$f" .py).log"
+        rc=0
+        timeout "$bound" python3 -m pytest -q -rf -p no:cacheprovider "$f" >"$log" 2>&1 || rc=$?
+        if [ "$rc" = 124 ]; then
+            echo "stopped at the time bound: $(tr -cd '.' <"$log" | wc -c) passed before it"
+        fi
+        grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -12 || true
+    done
+    ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests" >&2
     exit 2
     ;;
 esac

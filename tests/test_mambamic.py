@@ -181,6 +181,9 @@ torch.manual_seed(0)
 model = create_model("test_mambamic", in_chans=1, num_classes=3, drop_path_rate=0.0, depths=(1,), dims=(32,))
 model.eval()
 x = torch.randn(1, 1, 16, 24)
+# Compiled Triton kernels read CUDA memory only (the interpreter, without a GPU, reads CPU tensors).
+device = "cuda" if torch.cuda.is_available() else "cpu"
+model, x = model.to(device), x.to(device)
 # The backend attribute really reaches the scan: an unknown name must be refused.
 model.set_scan_backend("no_such_backend")
 try:
@@ -194,8 +197,8 @@ for backend in ("reference", "triton"):
     model.zero_grad()
     out = model(x)
     out.square().sum().backward()
-    result[backend] = {"out": out.tolist(),
-                       "grads": {n: p.grad.flatten()[:64].tolist() for n, p in model.named_parameters()
+    result[backend] = {"out": out.cpu().tolist(),
+                       "grads": {n: p.grad.flatten()[:64].cpu().tolist() for n, p in model.named_parameters()
                                  if "global_branch.ssm" in n}}
 print(json.dumps(result))
 """
