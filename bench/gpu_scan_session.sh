@@ -29,6 +29,14 @@ cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
 DEVICE_TRITON=3.6.0  # the GPU image's (torch 2.11); kernels must be checked with it, not only with ours
 
+# On the GPU machine: name the GPU and install the carried pure-Python wheels the image lacks.
+device_setup() {
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    if [ -d .gpu_run/whl ]; then
+        python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
+    fi
+}
+
 case "${1:-}" in
 prepare)
     mkdir -p .gpu_run
@@ -72,10 +80,7 @@ baseline)
 run)
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    if [ -d .gpu_run/whl ]; then
-        python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
-    fi
+    device_setup
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     mamba=()
     src=".gpu_run/mamba_ssm-${MAMBA_VERSION}"
@@ -150,10 +155,7 @@ tests)
     # TESTS_TOTAL_S (default 540 s); newest code first.
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    if [ -d .gpu_run/whl ]; then
-        python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
-    fi
+    device_setup
     deadline=$((SECONDS + ${TESTS_TOTAL_S:-540}))
     for f in tests/test_scan_v4.py tests/test_models_ssm.py tests/test_mambamic.py tests/test_scan_compile.py \
              tests/test_scan_ref.py tests/test_scan_launch.py tests/test_scan_variant.py tests/test_causal_conv1d.py \

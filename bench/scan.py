@@ -158,6 +158,20 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
 SWEEP_SEGMENTS = (2, 4, 8, 16)
 
 
+def time_forward_config(config: Any, inp: dict[str, torch.Tensor], rep_ms: int) -> float | None:
+    """Forward ms of the Triton scan at launch config ``config``, or None (reported) when it fails to compile."""
+    from kernels.selective_scan_triton import selective_scan_triton
+
+    def fn(**kw: Any) -> torch.Tensor:
+        return selective_scan_triton(**kw, fwd_config=config, bwd_config=None)
+
+    try:
+        return time_backend(fn, inp, rep_ms, backward=False)["fwd_ms"]
+    except Exception as exc:  # a tile or variant that fails to compile is reported, not fatal
+        print(f"    fwd {config}: {type(exc).__name__}: {str(exc)[-200:]}")
+        return None
+
+
 def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
     """Time the tile options: the forward alone per block_d, then forward+backward (behind the default
     forward) per backward option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with
@@ -176,15 +190,10 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     fwd_options = [(8, "v1", 1), (16, "v1", 1), (32, "v1", 1), (8, "v2", 1), (16, "v2", 1), (16, "v3", 1),
                    (32, "v3", 1), (64, "v3", 1)] + [(32, "v3", segments) for segments in SWEEP_SEGMENTS]
     for block_d, variant, segments in fwd_options:
-        cfg = ScanLaunchConfig(block_d, 4, variant=variant, segments=segments)
-        fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
-        try:
-            t = time_backend(fn, inp, rep_ms, backward=False)
-        except Exception as exc:  # a variant that fails to compile is reported, not fatal
-            print(f"    fwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
-            continue
-        rows.append({"pass": "fwd", "variant": variant, "block_d": block_d, "maxnreg": None, "prefetch": False,
-                     "segments": segments, "ms": t["fwd_ms"]})
+        ms = time_forward_config(ScanLaunchConfig(block_d, 4, variant=variant, segments=segments), inp, rep_ms)
+        if ms is not None:
+            rows.append({"pass": "fwd", "variant": variant, "block_d": block_d, "maxnreg": None, "prefetch": False,
+                         "segments": segments, "ms": ms})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
     bwd_options = [(16, None, False, "v1"), (16, 168, False, "v1"), (16, 200, False, "v1"), (16, None, True, "v1"),
                    (16, 200, True, "v1"), (8, None, False, "v1"), (4, None, False, "v1"),
@@ -222,20 +231,16 @@ V4_SWEEP_MIN_L = 1024
 def sweep_v4_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
     """Time the v4 forward (parallel over positions) at each of V4_SWEEP_TILES, with the default forward's chunk
     (the chunk states it saves are v1's)."""
-    from kernels.selective_scan_triton import launch_configs, selective_scan_triton
+    from kernels.selective_scan_triton import launch_configs
 
     default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
     rows = []
     for block_d, block_l in V4_SWEEP_TILES:
         cfg = dataclasses.replace(default_fwd, variant="v4", block_d=block_d, block_l=block_l)
-        fn = (lambda c: lambda **kw: selective_scan_triton(**kw, fwd_config=c, bwd_config=None))(cfg)
-        try:
-            t = time_backend(fn, inp, rep_ms, backward=False)
-        except Exception as exc:  # a tile that fails to compile is reported, not fatal
-            print(f"    fwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
-            continue
-        rows.append({"pass": "fwd", "variant": "v4", "block_d": block_d, "block_l": block_l, "maxnreg": None,
-                     "prefetch": False, "segments": 1, "chunk": cfg.chunk, "ms": t["fwd_ms"]})
+        ms = time_forward_config(cfg, inp, rep_ms)
+        if ms is not None:
+            rows.append({"pass": "fwd", "variant": "v4", "block_d": block_d, "block_l": block_l, "maxnreg": None,
+                         "prefetch": False, "segments": 1, "chunk": cfg.chunk, "ms": ms})
     return rows
 
 

@@ -31,3 +31,33 @@ def test_table_shows_the_gpu_busy_column_when_measured() -> None:
     lines = format_table({"rows": [row, row | {"fwd_bwd_gpu_ms": 0.75}]}).splitlines()
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 12
     assert lines[2].endswith("| 1.50x | n/a |") and lines[3].endswith("| 1.50x | 0.750 |")
+
+
+def test_v4_sweep_times_every_tile_and_reports_one_that_fails(monkeypatch, capsys) -> None:
+    """``--sweep-v4``: one forward row per (block_d, block_l) of V4_SWEEP_TILES, each launched with that v4 tile;
+    a tile that fails is printed and left out, and the sweep line names the span length."""
+    import bench.scan as scan
+    import kernels.selective_scan_triton as triton_scan
+    from kernels.testing import make_scan_inputs
+
+    seen = []
+
+    def record(*args, fwd_config=None, bwd_config=None, **kwargs):
+        seen.append(fwd_config)
+        if (fwd_config.block_d, fwd_config.block_l) == (16, 256):
+            raise RuntimeError("out of resources")
+
+    def fake_time_backend(fn, inp, rep_ms, forward=True, backward=True):
+        fn(**inp, delta_softplus=True)
+        return {"fwd_ms": float(seen[-1].block_d * seen[-1].block_l)}
+
+    monkeypatch.setattr(triton_scan, "selective_scan_triton", record)
+    monkeypatch.setattr(scan, "time_backend", fake_time_backend)
+    inp = make_scan_inputs(1, 4, 1024, 16, groups=None, dtype=torch.float32, seed=0)
+    rows = scan.sweep_v4_tiles(inp, rep_ms=1)
+    assert [(c.variant, c.block_d, c.block_l) for c in seen] == [("v4", *t) for t in scan.V4_SWEEP_TILES]
+    assert [(r["block_d"], r["block_l"], r["ms"]) for r in rows] == [
+        (d, b, float(d * b)) for d, b in scan.V4_SWEEP_TILES if (d, b) != (16, 256)]
+    assert "out of resources" in capsys.readouterr().out
+    line = scan.format_sweep({"(1, 4, 16, L=1024)": rows})
+    assert "v4/bd8/reg-/bl256 2048.000" in line and line.count("*") == 1
