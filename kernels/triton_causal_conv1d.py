@@ -12,7 +12,9 @@ sequence:
   per tile, then summed over tiles by torch (a fixed order: the result does not depend on scheduling, as atomics
   would make it).
 
-Inputs ``(batch, dim, L)`` are made contiguous; the state is float32 and outputs take the input dtype.
+``x`` (batch, dim, L) is read through its strides, so a Vim block's ``x`` (a channel-last view into the input
+projection's output) is not copied first; ``dout`` is made contiguous; the state is float32 and outputs (contiguous)
+take the input dtype.
 """
 
 from __future__ import annotations
@@ -27,34 +29,36 @@ BLOCK_D, BLOCK_L = 16, 64
 
 
 @triton.jit
-def _tap(x_ptr, offs_d, pos, dim_mask, length):
+def _tap(x_ptr, offs_d, pos, dim_mask, length, stride_d, stride_l):
     """x at positions ``pos`` of the tile's channels, zero outside the sequence (the conv's padding)."""
     mask = dim_mask[:, None] & (pos[None, :] >= 0) & (pos[None, :] < length)
-    return tl.load(x_ptr + offs_d[:, None] * length + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(x_ptr + offs_d[:, None] * stride_d + pos[None, :] * stride_l, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _pre_activation(x_ptr, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, WIDTH: tl.constexpr,
+def _pre_activation(x_ptr, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, stride_d, stride_l, WIDTH: tl.constexpr,
                     HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
     acc = tl.zeros((offs_d.shape[0], offs_l.shape[0]), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
         shift = (WIDTH - 1 - k) if REVERSE else (k - (WIDTH - 1))
         w_k = tl.load(w_ptr + offs_d * WIDTH + k, mask=dim_mask, other=0.0).to(tl.float32)
-        acc += w_k[:, None] * _tap(x_ptr, offs_d, offs_l + shift, dim_mask, length)
+        acc += w_k[:, None] * _tap(x_ptr, offs_d, offs_l + shift, dim_mask, length, stride_d, stride_l)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=dim_mask, other=0.0).to(tl.float32)[:, None]
     return acc
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, x_stride_b, x_stride_d, x_stride_l,
+                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     batch, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     dim_mask = offs_d < dim
     base = batch.to(tl.int64) * dim * length
-    pre = _pre_activation(x_ptr + base, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, WIDTH, HAS_BIAS, REVERSE)
+    pre = _pre_activation(x_ptr + batch.to(tl.int64) * x_stride_b, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length,
+                          x_stride_d, x_stride_l, WIDTH, HAS_BIAS, REVERSE)
     out = pre * tl.sigmoid(pre) if SILU else pre
     mask = dim_mask[:, None] & (offs_l[None, :] < length)
     tl.store(out_ptr + base + offs_d[:, None] * length + offs_l[None, :], out.to(out_ptr.dtype.element_ty),
@@ -63,24 +67,25 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, WIDTH: tl.conste
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr, dim, length, n_tiles_l,
-                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
+                     x_stride_b, x_stride_d, x_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     batch, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     dim_mask = offs_d < dim
     base = batch.to(tl.int64) * dim * length
-    x_seq, dout_seq = x_ptr + base, dout_ptr + base
+    x_seq, dout_seq = x_ptr + batch.to(tl.int64) * x_stride_b, dout_ptr + base
     tile = batch * n_tiles_l + pid_l  # this program's row of the per-tile partial sums
     # dpre on the tile's own positions: dw and dbias.
-    pre = _pre_activation(x_seq, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, WIDTH, HAS_BIAS, REVERSE)
-    dpre = _tap(dout_seq, offs_d, offs_l, dim_mask, length)
+    pre = _pre_activation(x_seq, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, x_stride_d, x_stride_l, WIDTH,
+                          HAS_BIAS, REVERSE)
+    dpre = _tap(dout_seq, offs_d, offs_l, dim_mask, length, length, 1)
     if SILU:
         sig = tl.sigmoid(pre)
         dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
     for k in tl.static_range(WIDTH):
         shift = (WIDTH - 1 - k) if REVERSE else (k - (WIDTH - 1))
-        dw_k = tl.sum(dpre * _tap(x_seq, offs_d, offs_l + shift, dim_mask, length), axis=1)
+        dw_k = tl.sum(dpre * _tap(x_seq, offs_d, offs_l + shift, dim_mask, length, x_stride_d, x_stride_l), axis=1)
         tl.store(dw_part_ptr + (tile * dim + offs_d) * WIDTH + k, dw_k, mask=dim_mask)
     if HAS_BIAS:
         tl.store(db_part_ptr + tile * dim + offs_d, tl.sum(dpre, axis=1), mask=dim_mask)
@@ -91,8 +96,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part
         shift = (WIDTH - 1 - k) if REVERSE else (k - (WIDTH - 1))
         src = offs_l - shift
         valid = (src >= 0) & (src < length)
-        pre_k = _pre_activation(x_seq, w_ptr, b_ptr, offs_d, src, dim_mask, length, WIDTH, HAS_BIAS, REVERSE)
-        dpre_k = _tap(dout_seq, offs_d, src, dim_mask, length)
+        pre_k = _pre_activation(x_seq, w_ptr, b_ptr, offs_d, src, dim_mask, length, x_stride_d, x_stride_l, WIDTH,
+                                HAS_BIAS, REVERSE)
+        dpre_k = _tap(dout_seq, offs_d, src, dim_mask, length, length, 1)
         if SILU:
             sig_k = tl.sigmoid(pre_k)
             dpre_k = dpre_k * sig_k * (1.0 + pre_k * (1.0 - sig_k))
@@ -109,11 +115,11 @@ def _grid(x: torch.Tensor) -> tuple[int, int, int]:
 
 def causal_conv1d_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
                              reverse: bool) -> torch.Tensor:
-    x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty_like(x)
+    weight = weight.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     width = weight.shape[1]
     compiled_launcher(_conv_fwd_kernel)[_grid(x)](
-        x, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], WIDTH=width,
+        x, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], *x.stride(), WIDTH=width,
         HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
     return out
 
@@ -122,17 +128,17 @@ def causal_conv1d_triton_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
                              silu: bool, reverse: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dx, dweight, dbias) of the forward above, in the dtypes of x, weight and bias."""
-    x, weight, dout = x.contiguous(), weight.contiguous(), dout.contiguous()
+    weight, dout = weight.contiguous(), dout.contiguous()
     batch, dim, length = x.shape
     width = weight.shape[1]
     grid = _grid(x)
     tiles = batch * grid[2]
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dw_part = torch.empty(tiles, dim, width, device=x.device, dtype=torch.float32)
     db_part = torch.empty(tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else dw_part
     compiled_launcher(_conv_bwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, dout, dx, dw_part, db_part, dim, length, grid[2],
-        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        *x.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw_part.sum(0).to(weight.dtype), dbias
 

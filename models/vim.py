@@ -39,6 +39,22 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous once (for every consumer behind it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad.contiguous()
+
+
+def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(x)
+
+
 class BiMamba(KeepSSMParamsFp32):
     """Mamba mixer with separate forward and backward SSM branches: ``(B, L, D) -> (B, L, D)``."""
 
@@ -95,7 +111,10 @@ class BiMamba(KeepSSMParamsFp32):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        y = (self._direction(x, z, reverse=False) + self._direction(x, z, reverse=True)) / 2
+        # The scans read z and dout (B, d_inner, L)-contiguous: one copy of each shared by both directions, instead
+        # of one per direction (x stays a strided view: the Triton conv reads it in place, torch's pads it anyway).
+        z = z.contiguous()
+        y = _contiguous_grad((self._direction(x, z, reverse=False) + self._direction(x, z, reverse=True)) / 2)
         if not torch.is_autocast_enabled(y.device.type):  # under autocast the product casts y itself: no float32 copy
             y = y.to(self.out_proj.weight.dtype)
         return self.out_proj(y.transpose(1, 2))

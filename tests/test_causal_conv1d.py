@@ -91,3 +91,85 @@ def test_triton_kernels_match_explicit_taps_with_grads(width, activation, with_b
         scale = {"rtol": tol["rtol"], "atol": tol["atol"] * 10}  # dw, db sum 140 products
         for a, r in zip(grads, ref_grads):
             torch.testing.assert_close(a.double().cpu(), r, **scale)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_kernels_read_a_channel_last_view_in_place(reverse):
+    """x as a Vim block hands it over: a (batch, dim, L) view into the channel-last input projection's output (half
+    of its channels). The Triton conv reads it through its strides, no copy, with the values and gradients of the
+    contiguous input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+    gen = torch.Generator().manual_seed(3)
+    xz = torch.randn(2, 70, 2 * 19, generator=gen).to(device).requires_grad_(True)
+    w = torch.randn(19, 4, generator=gen).to(device)
+    b = torch.randn(19, generator=gen).to(device)
+    g = torch.randn(2, 19, 70, generator=gen).to(device)
+    x = xz.transpose(1, 2)[:, :19]
+    assert not x.is_contiguous()
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # (The interpreter's own host copies of every kernel argument are flat byte buffers: not counted.)
+            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_) and args[0].dim() == 3:
+                CountCopies.copies += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountCopies():
+        got = causal_conv1d_fn(x, w, b, "silu", backend="triton", reverse=reverse)
+    assert CountCopies.copies == 0
+    (dxz,) = torch.autograd.grad((got * g).sum(), [xz])
+    plain = x.detach().contiguous().requires_grad_(True)
+    want = causal_conv1d_fn(plain, w, b, "silu", backend="triton", reverse=reverse)
+    (dplain,) = torch.autograd.grad((want * g).sum(), [plain])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(dxz.transpose(1, 2)[:, :19], dplain, rtol=0, atol=0)
+    assert dxz.transpose(1, 2)[:, 19:].abs().max() == 0
+
+
+CONV_BUILD_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from kernels.triton_causal_conv1d import BLOCK_D, BLOCK_L, _conv_bwd_kernel, _conv_fwd_kernel
+
+# A Vim block's x (channel-last view: channel stride 1) and a contiguous x (position stride 1): Triton's launcher
+# makes an integer argument equal to 1 a constant, so the two build different code.
+for strides in ((76800, 1, 1536), (38400, 50, 1)):
+    ints = dict(dim=768, length=50, n_tiles_l=1, x_stride_b=strides[0], x_stride_d=strides[1], x_stride_l=strides[2])
+    for kernel in (_conv_fwd_kernel, _conv_bwd_kernel):
+        consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=False, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        signature = {}
+        for name, param in zip(kernel.arg_names, kernel.params):
+            if param.is_constexpr:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*bf16" if name in ("x_ptr", "out_ptr", "dout_ptr", "dx_ptr") else "*fp32"
+            elif ints[name] == 1:
+                signature[name], consts[name] = "constexpr", 1
+            else:
+                signature[name] = "i32"
+        src = triton.compiler.ASTSource(kernel, signature, consts, {})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        print(kernel.__name__, strides, "built")
+"""
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    """Triton's real compiler (not the interpreter) builds both conv kernels for sm_90, for a channel-last and a
+    contiguous x: the interpreter accepts code the compiler rejects (tests/test_scan_sm90_build.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", CONV_BUILD_SCRIPT], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("built") == 4, proc.stdout

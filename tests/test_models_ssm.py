@@ -145,3 +145,35 @@ def test_mae_bf16_autocast_on_gpu(name: str) -> None:
     assert torch.isfinite(loss) and pred.shape == (4, 16, 192)
     assert all(torch.isfinite(p.grad).all() for p in mae.parameters() if p.grad is not None)
     assert all(p.dtype == torch.float32 for p in mae.parameters())
+
+
+def test_bimamba_copies_each_full_size_tensor_only_where_a_layout_changes() -> None:
+    """Full-size copies in one BiMamba forward+backward on the Triton scan and conv (bf16 autocast): x reaches the
+    conv as a strided view with no copy, z and the output's gradient are copied once for both directions, so what
+    is left are the layout changes between the projections' (B, L, D) and the scans' (B, D, L): per direction dt
+    and x_proj's input, forward and backward, and out_proj's input. 16 before the seventeenth session's changes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    mixer = BiMamba(32).to(device)
+    mixer.scan_backend, mixer.conv_backend = "triton", "triton"
+    hidden = torch.randn(2, 20, 32, device=device, requires_grad=True)
+    full = 2 * 20 * mixer.d_inner
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            copying = (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.constant_pad_nd)
+            # (The interpreter's own host copies of kernel arguments are flat byte buffers: not counted.)
+            if func.overloadpacket in copying and out.dtype != torch.uint8 and out.numel() >= full:
+                CountCopies.copies += 1
+            return out
+
+    with torch.autocast(device, dtype=torch.bfloat16), CountCopies():
+        mixer(hidden).float().sum().backward()
+    assert CountCopies.copies == 10
