@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 n_state=n_state, a_state_stride=dim,  # A as the launchers' dim-major copy
                 bc_batch_stride=length * n_state, bc_group_stride=length * n_state,
                 bc_pos_stride=n_state,  # B and C as the launchers' contiguous (batch, groups, L, N) copies
-                bc_state_stride=length)  # v4: (batch, groups, N, L), unit position stride
+                bc_state_stride=length,  # v4: (batch, groups, N, L), unit position stride
+                # v1: contiguous u / delta / z (sequence_strides), as the benchmark passes them
+                seq_sb=dim * length, seq_sd=length, seq_sl=1, z_sb=dim * length, z_sd=length, z_sl=1)
     results = []
     for variant in args.variant:
         for block_d in args.block_d:

@@ -28,6 +28,7 @@ from kernels.triton_scan_common import (
     default_launch_config,
     default_segments,
     dim_major,
+    is_sequence_layout,
     next_power_of_2,
     position_major,
 )
@@ -42,6 +43,13 @@ def _as_grouped(bc: torch.Tensor, groups: int) -> torch.Tensor:
     if bc.shape[1] != groups:
         bc = bc.repeat_interleave(groups // bc.shape[1], dim=1)
     return bc
+
+
+def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``like``'s strides: itself when it has them, else a copy (differentiable)."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 def _optional_contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -218,7 +226,7 @@ def _selective_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, chunk_st
     # dB / dC are contiguous whatever B / C's strides (one fresh buffer in _scan_bwd)
     return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), B.new_empty(B.shape),
             C.new_empty(C.shape), torch.empty_like(D) if D is not None else _empty_f32(u),
-            torch.empty_like(z) if z is not None else _empty_f32(u),
+            torch.empty_like(u, dtype=z.dtype) if z is not None else _empty_f32(u),
             torch.empty_like(delta_bias) if delta_bias is not None else _empty_f32(u))
 
 
@@ -235,7 +243,7 @@ def _backward_with(scan_bwd, ctx, dout, dlast):
     if chunk_states.numel() == 0:
         raise RuntimeError("selective_scan: backward through a forward that did not keep its states "
                            "(no input required grad when it ran)")
-    dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+    dout = torch.zeros_like(u) if dout is None else in_layout_of(dout, u)
     dlast = None if dlast is None else dlast.to(torch.float32)  # the launcher transposes it
     du, ddelta, dA, dB, dC, dD, dz, dbias = scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, ctx.delta_softplus, ctx.reverse,
@@ -311,9 +319,15 @@ def selective_scan_triton(
     # dynamo traces the plain function (it warns about lru_cache wrappers).
     configs = launch_configs.__wrapped__ if compiling else launch_configs
     fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
-    inputs = (u.contiguous(), delta.contiguous(), A.to(torch.float32), _as_grouped(B, groups),
-              _as_grouped(C, groups), _optional_contiguous(D, torch.float32), _optional_contiguous(z),
-              _optional_contiguous(delta_bias, torch.float32))
+    if fwd.variant == "v1" and (bwd_config is None or bwd_config.variant == "v1"):
+        # The v1 kernels read u / delta in either dense layout and z through any strides: a Vim block's
+        # channel-last tensors go in without a copy (sequence_strides).
+        u = u if is_sequence_layout(u) else u.contiguous()
+        delta = in_layout_of(delta, u)
+    else:
+        u, delta, z = u.contiguous(), delta.contiguous(), _optional_contiguous(z)
+    inputs = (u, delta, A.to(torch.float32), _as_grouped(B, groups), _as_grouped(C, groups),
+              _optional_contiguous(D, torch.float32), z, _optional_contiguous(delta_bias, torch.float32))
     # The chunk states cost memory: keep them only when a backward can follow.
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if compiling:

@@ -24,6 +24,7 @@ from kernels.triton_launch import compiled_launcher
 from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 from kernels.triton_scan_common import (
+    SEQ_UNSPECIALIZED,
     UNSPECIALIZED,
     ScanLaunchConfig,
     backward_finish,
@@ -36,6 +37,7 @@ from kernels.triton_scan_common import (
     next_power_of_2,
     position_major,
     segment_walk,
+    sequence_strides,
     softplus,
 )
 from kernels.triton_scan_fast import scatter_levels
@@ -44,7 +46,8 @@ from kernels.triton_scan_segments import plan_segments, segment_summaries
 
 
 @triton.jit
-def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d, n_mask, d_mask,
+def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, seq_sl, z_row, z_sl, offs_n, offs_d,
+                     n_mask, d_mask,
                      nd_mask, batch_idx, chunk_idx, ok, length, n_chunks, n_state, dim,
                      CHUNK: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
     """The backward's per-channel reads for one chunk, as loaded (storage dtype): the saved entry state and,
@@ -62,22 +65,23 @@ def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, off
             pos = base + s
         valid = (pos < length) & ok
         m = d_mask & valid
-        u = tl.load(U + seq_row + pos, mask=m, other=0.0)
-        delta = tl.load(DELTA + seq_row + pos, mask=m, other=0.0)
-        dout = tl.load(DOUT + seq_row + pos, mask=m, other=0.0)
+        u = tl.load(U + seq_row + pos * seq_sl, mask=m, other=0.0)
+        delta = tl.load(DELTA + seq_row + pos * seq_sl, mask=m, other=0.0)
+        dout = tl.load(DOUT + seq_row + pos * seq_sl, mask=m, other=0.0)
         z = u
         if HAS_Z:
-            z = tl.load(Z + seq_row + pos, mask=m, other=0.0)
+            z = tl.load(Z + z_row + pos * z_sl, mask=m, other=0.0)
         loads = loads + ((u, delta, dout, z),)
     return h_in, loads
 
 
-@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
+@triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_bwd_kernel(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
+    seq_sb, seq_sd, seq_sl, z_sb, z_sd, z_sl,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -88,8 +92,9 @@ def _scan_bwd_kernel(
     A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask,
                                      d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     offs_c = tl.arange(0, CHUNK)
-    row = (batch_idx * dim + offs_d).to(tl.int64)
-    seq_row = row * length
+    # u, delta, dout and the gradients du, ddelta, dz (seq_*: one layout) and z (z_*) through their strides.
+    seq_row = batch_idx.to(tl.int64) * seq_sb + offs_d.to(tl.int64) * seq_sd
+    z_row = batch_idx.to(tl.int64) * z_sb + offs_d.to(tl.int64) * z_sd
     # B and C come as (batch, groups, L, N) views (see the forward kernel); dB and dC are summed into
     # contiguous (batch, groups, L, N) float32 buffers.
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
@@ -104,7 +109,8 @@ def _scan_bwd_kernel(
     h_in_zero = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     ahead = (h_in_zero, ())
     if PREFETCH:
-        ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d, n_mask,
+        ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, seq_sl, z_row, z_sl,
+                                 offs_n, offs_d, n_mask,
                                  d_mask, nd_mask, batch_idx, chunk_idx, True, length, n_chunks, n_state,
                                  dim, CHUNK, HAS_Z, REVERSE)
     for i in range(n_chunks):
@@ -118,11 +124,13 @@ def _scan_bwd_kernel(
         if PREFETCH:
             h_in, loads = ahead
             # The next chunk's loads go out before this chunk's arithmetic.
-            ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d,
+            ahead = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, seq_sl, z_row, z_sl,
+                                     offs_n, offs_d,
                                      n_mask, d_mask, nd_mask, batch_idx, next_idx, i + 1 < n_chunks, length,
                                      n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE)
         else:
-            h_in, loads = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, offs_n, offs_d,
+            h_in, loads = _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, seq_sl, z_row,
+                                           z_sl, offs_n, offs_d,
                                            n_mask, d_mask, nd_mask, batch_idx, chunk_idx, True, length,
                                            n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE)
 
@@ -189,7 +197,7 @@ def _scan_bwd_kernel(
                     y += D_vec * u
                 sig_z = tl.sigmoid(z)
                 dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
-                tl.store(DZ + seq_row + pos, dz.to(DZ.dtype.element_ty), mask=m)
+                tl.store(DZ + seq_row + pos * seq_sl, dz.to(DZ.dtype.element_ty), mask=m)
                 dy = dout * z * sig_z
             else:
                 dy = dout
@@ -208,8 +216,8 @@ def _scan_bwd_kernel(
             ddt = tl.where(m, ddt, 0.0)
             if HAS_BIAS:
                 dbias_acc += ddt
-            tl.store(DU + seq_row + pos, du.to(DU.dtype.element_ty), mask=m)
-            tl.store(DDELTA + seq_row + pos, ddt.to(DDELTA.dtype.element_ty), mask=m)
+            tl.store(DU + seq_row + pos * seq_sl, du.to(DU.dtype.element_ty), mask=m)
+            tl.store(DDELTA + seq_row + pos * seq_sl, ddt.to(DDELTA.dtype.element_ty), mask=m)
 
             # Column r of the chunk's (N, CHUNK) dB / dC tiles (added once per chunk, below).
             dB_chunk = tl.where(offs_c[None, :] == r, tl.sum(g * (dt * u)[None, :], axis=1)[:, None], dB_chunk)
@@ -273,7 +281,7 @@ def selective_scan_bwd_launch(
     grads: dict[str, torch.Tensor | None] = {
         "u": torch.empty_like(u),
         "delta": torch.empty_like(delta),
-        "z": torch.empty_like(z) if z is not None else None,
+        "z": torch.empty_like(u, dtype=z.dtype) if z is not None else None,  # u's layout, as the kernels write it
     }
     n_pad = next_power_of_2(n_state)
     # dA, dD, ddelta_bias and the dB / dC sums are summed by atomics into one zero-filled buffer: one allocation and
@@ -311,6 +319,10 @@ def selective_scan_bwd_launch(
         sizes = sizes + bc_strides
         dbc_sums = dbc_flat.view(2, batch, n_groups, length, n_state)
         dB_sums, dC_sums = dbc_sums.unbind(0)
+        if config.variant == "v1":
+            if dout.stride() != u.stride():
+                raise ValueError("selective_scan backward: dout must have u's strides (in_layout_of)")
+            sizes = sizes + sequence_strides(u, delta, z)
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.

@@ -37,6 +37,11 @@ def channel_block(n_groups, dim_per_group, n_state, BLOCK_D: tl.constexpr, N_PAD
 # shuffles in every sum over N (sm_90 SASS, bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480
 # instructions per position at dim 768). A's state stride: see channel_params.
 UNSPECIALIZED = ["dim", "dim_per_group", "a_state_stride"]
+# The v1 kernels' batch and channel strides of u / delta / out (seq_*) and z (z_*): a channel stride of 1
+# (channel-last inputs) known at compile time would let Triton vectorise the (N, BLOCK_D) tiles along the
+# channels, with the shuffle cost above. Their position strides stay specialisable: 1 for contiguous inputs, as the
+# kernels were written for.
+SEQ_UNSPECIALIZED = ["seq_sb", "seq_sd", "z_sb", "z_sd"]
 
 
 @triton.jit
@@ -278,6 +283,22 @@ def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
         else:
             b_t, c_t = b_t.contiguous(), c_t.contiguous()
     return b_t, c_t, (b_t.stride(0), b_t.stride(1), b_t.stride(2))
+
+
+def is_sequence_layout(t: Any) -> bool:
+    """Whether a (batch, dim, L) tensor is dense in one of the two layouts the v1 kernels read through strides:
+    contiguous, or channel-last ((batch, L, dim) memory, as a Vim block's projections make it)."""
+    batch, dim, length = t.shape
+    return t.is_contiguous() or t.stride() == (length * dim, 1, dim) or t.numel() <= 1
+
+
+def sequence_strides(u: Any, delta: Any, z: Any) -> tuple[int, ...]:
+    """The v1 kernels' (batch, channel, position) strides of u / delta / out and of z. u and delta must share
+    one layout (the launchers make out and the gradients in it); z may be any strided view."""
+    if delta.stride() != u.stride():
+        raise ValueError(f"selective_scan: u and delta must share strides, got {u.stride()} and {delta.stride()}")
+    z_strides = z.stride() if z is not None else u.stride()
+    return (*u.stride(), *z_strides)
 
 
 def v4_warps(config: ScanLaunchConfig) -> int:

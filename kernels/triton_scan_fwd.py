@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kernels.triton_launch import compiled_launcher
 from kernels.triton_scan_common import (
+    SEQ_UNSPECIALIZED,
     UNSPECIALIZED,
     ScanLaunchConfig,
     ceil_div,
@@ -26,6 +27,7 @@ from kernels.triton_scan_common import (
     launch_options,
     next_power_of_2,
     position_major,
+    sequence_strides,
     softplus,
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -35,14 +37,14 @@ from kernels.triton_scan_segments import plan_segments, segment_summaries
 
 
 @triton.jit
-def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
+def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, seq_sl, pos, length, d_mask,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """u and the discretisation step dt of every channel at one position (zeros past either end, which makes
     that position an identity step)."""
     valid = (pos >= 0) & (pos < length)
     m = d_mask & valid
-    u = tl.load(U + seq_row + pos, mask=m, other=0.0).to(tl.float32)
-    dt = tl.load(DELTA + seq_row + pos, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + seq_row + pos * seq_sl, mask=m, other=0.0).to(tl.float32)
+    dt = tl.load(DELTA + seq_row + pos * seq_sl, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += DELTA_BIAS_VEC
     if SOFTPLUS:
@@ -51,12 +53,13 @@ def _position_inputs(U, DELTA, DELTA_BIAS_VEC, seq_row, pos, length, d_mask,
     return u, dt
 
 
-@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
+@triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_fwd_kernel(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
+    seq_sb, seq_sd, seq_sl, z_sb, z_sd, z_sl,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
@@ -66,7 +69,9 @@ def _scan_fwd_kernel(
     A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask,
                                      d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
-    seq_row = row * length
+    # u, delta and out (seq_*) and z (z_*) through their strides (sequence_strides).
+    seq_row = batch_idx.to(tl.int64) * seq_sb + offs_d.to(tl.int64) * seq_sd
+    z_row = batch_idx.to(tl.int64) * z_sb + offs_d.to(tl.int64) * z_sd
     # B and C come as (batch, groups, L, N) views: one position's N values are contiguous, positions
     # bc_pos_stride apart (N for a copy, dt_rank + 2N for slices of a Mamba block's x_proj output).
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
@@ -79,13 +84,13 @@ def _scan_fwd_kernel(
         pos = 0 * n_chunks
 
     # Inputs of the first position; each step then loads the next position's before computing its own.
-    u, dt = _position_inputs(U, DELTA, bias, seq_row, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
+    u, dt = _position_inputs(U, DELTA, bias, seq_row, seq_sl, pos, length, d_mask, HAS_BIAS, SOFTPLUS)
     valid = (pos >= 0) & (pos < length)
     B_col = tl.load(B_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
     C_col = tl.load(C_seq + pos * bc_pos_stride + offs_n, mask=n_mask & valid, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
-        z = tl.load(Z + seq_row + pos, mask=d_mask & valid, other=0.0).to(tl.float32)
+        z = tl.load(Z + z_row + pos * z_sl, mask=d_mask & valid, other=0.0).to(tl.float32)
 
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     for i in range(n_chunks):
@@ -99,12 +104,12 @@ def _scan_fwd_kernel(
         for _t in range(CHUNK):
             nxt = pos + step
             nxt_valid = (nxt >= 0) & (nxt < length)
-            u_n, dt_n = _position_inputs(U, DELTA, bias, seq_row, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
+            u_n, dt_n = _position_inputs(U, DELTA, bias, seq_row, seq_sl, nxt, length, d_mask, HAS_BIAS, SOFTPLUS)
             B_n = tl.load(B_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
             C_n = tl.load(C_seq + nxt * bc_pos_stride + offs_n, mask=n_mask & nxt_valid, other=0.0).to(tl.float32)
             z_n = u_n
             if HAS_Z:
-                z_n = tl.load(Z + seq_row + nxt, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
+                z_n = tl.load(Z + z_row + nxt * z_sl, mask=d_mask & nxt_valid, other=0.0).to(tl.float32)
 
             h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
             y = tl.sum(h * C_col[:, None], axis=0)
@@ -113,7 +118,7 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 y = y * z * tl.sigmoid(z)
             valid = (pos >= 0) & (pos < length)
-            tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=d_mask & valid)
+            tl.store(OUT + seq_row + pos * seq_sl, y.to(OUT.dtype.element_ty), mask=d_mask & valid)
 
             pos = nxt
             u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
@@ -136,7 +141,8 @@ def selective_scan_fwd_launch(
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
-    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous; A (dim, N) read dim-major
+    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous (the v1 kernel: any
+    ``sequence_strides``, out made in u's layout); A (dim, N) read dim-major
     (``dim_major`` copies it unless its channels are already adjacent); B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
     copies them only when their strides need it)."""
     batch, dim, length = u.shape
@@ -179,6 +185,8 @@ def selective_scan_fwd_launch(
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
+        if config.variant == "v1":
+            sizes = sizes + sequence_strides(u, delta, z)
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,

@@ -225,6 +225,60 @@ def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
                                    msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reverse,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_triton_reads_channel_last_u_delta_and_z_in_place(triton_scan, variant, reverse, dtype):
+    """u, delta and z as a Vim block hands them over: (batch, dim, L) views of channel-last (batch, L, dim) memory, z
+    half of a wider projection output, and the output's gradient channel-last too. The v1 kernels read and write
+    them through their strides with no full-size copy (other variants copy to contiguous); output and every gradient
+    equal those of the same values passed contiguous."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch, dim, length, n_state = 2, 6, 13, 4
+    inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=dtype, seed=21, device=DEVICE)
+    # (batch, L, dim) leaves for u and delta; z the second half of a (batch, L, 2 dim) one (x and z of in_proj).
+    leaves = {"u": inp["u"].transpose(1, 2).contiguous().requires_grad_(),
+              "delta": inp["delta"].transpose(1, 2).contiguous().requires_grad_(),
+              "xz": torch.cat([torch.randn_like(inp["z"]), inp["z"]], dim=1).transpose(1, 2).contiguous()
+              .requires_grad_()}
+    rest = {k: inp[k].detach().requires_grad_() for k in ("A", "B", "C", "D", "delta_bias")}
+    u, delta = leaves["u"].transpose(1, 2), leaves["delta"].transpose(1, 2)
+    z = leaves["xz"].transpose(1, 2)[:, dim:]
+    cfg = {}
+    if variant != "v1":
+        fwd, bwd = triton_scan.variant_configs(variant, n_state, length, batch * dim, torch.device(DEVICE))
+        cfg = dict(fwd_config=fwd, bwd_config=bwd)
+    kw = dict(delta_softplus=True, reverse=reverse, **cfg)
+    g = torch.randn(batch, length, dim, device=DEVICE).to(dtype).transpose(1, 2)  # channel-last gradient
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # (The interpreter's own host copies of kernel arguments are flat byte buffers: not counted.)
+            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_) and out.dim() == 3 \
+                    and out.numel() >= batch * dim * length:
+                CountCopies.copies += 1
+            return out
+
+    with CountCopies():
+        out = triton_scan.selective_scan_triton(u, delta, z=z, **rest, **kw)
+        grads = torch.autograd.grad((out.float() * g.float()).sum(), [*leaves.values(), *rest.values()])
+    assert (CountCopies.copies == 0) == (variant == "v1"), CountCopies.copies
+    if variant == "v1":
+        assert out.stride() == u.stride()  # written channel-last
+    plain = {k: inp[k].detach().contiguous().requires_grad_() for k in ("u", "delta", "z")}
+    want = triton_scan.selective_scan_triton(plain["u"], plain["delta"], z=plain["z"], **rest, **kw)
+    want_grads = torch.autograd.grad((want.float() * g.float()).sum(), [*plain.values(), *rest.values()])
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    d_u, d_delta, d_xz = (t.transpose(1, 2) for t in grads[:3])
+    assert not d_xz[:, :dim].any()
+    for name, got, ref in (("u", d_u, want_grads[0]), ("delta", d_delta, want_grads[1]),
+                           ("z", d_xz[:, dim:], want_grads[2]), *zip(rest, grads[3:], want_grads[3:])):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
 # v2 only: channel blocks that fill the group (EVEN_D) and N a power of two (EVEN_N), where the v2 kernels
 # drop every channel / state mask; (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, prefetch).
 FULL_TILE_CASES = [
