@@ -12,9 +12,10 @@ sequence:
   per tile, then summed over tiles by torch (a fixed order: the result does not depend on scheduling, as atomics
   would make it).
 
-``x`` (batch, dim, L) is read through its strides, so a Vim block's ``x`` (a channel-last view into the input
-projection's output) is not copied first; ``dout`` is made contiguous; the state is float32 and outputs (contiguous)
-take the input dtype.
+``x`` and ``dout`` (batch, dim, L) are read through their strides, so a Vim block's ``x`` (a channel-last view into
+the input projection's output) is not copied first; the output and ``dx`` are channel-last when ``x`` is
+(``empty_in_layout``: what the x projection and the scan then read without a copy), contiguous otherwise; the state
+is float32 and outputs take the input dtype.
 """
 
 from __future__ import annotations
@@ -50,36 +51,35 @@ def _pre_activation(x_ptr, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, strid
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, x_stride_b, x_stride_d, x_stride_l,
-                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
+                     out_stride_b, out_stride_d, out_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     batch, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     dim_mask = offs_d < dim
-    base = batch.to(tl.int64) * dim * length
     pre = _pre_activation(x_ptr + batch.to(tl.int64) * x_stride_b, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length,
                           x_stride_d, x_stride_l, WIDTH, HAS_BIAS, REVERSE)
     out = pre * tl.sigmoid(pre) if SILU else pre
     mask = dim_mask[:, None] & (offs_l[None, :] < length)
-    tl.store(out_ptr + base + offs_d[:, None] * length + offs_l[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    out_at = batch.to(tl.int64) * out_stride_b + offs_d[:, None] * out_stride_d + offs_l[None, :] * out_stride_l
+    tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr, dim, length, n_tiles_l,
-                     x_stride_b, x_stride_d, x_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
+                     x_stride_b, x_stride_d, x_stride_l, dout_stride_b, dout_stride_d, dout_stride_l,
+                     dx_stride_b, dx_stride_d, dx_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     batch, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     dim_mask = offs_d < dim
-    base = batch.to(tl.int64) * dim * length
-    x_seq, dout_seq = x_ptr + batch.to(tl.int64) * x_stride_b, dout_ptr + base
+    x_seq, dout_seq = x_ptr + batch.to(tl.int64) * x_stride_b, dout_ptr + batch.to(tl.int64) * dout_stride_b
     tile = batch * n_tiles_l + pid_l  # this program's row of the per-tile partial sums
     # dpre on the tile's own positions: dw and dbias.
     pre = _pre_activation(x_seq, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, x_stride_d, x_stride_l, WIDTH,
                           HAS_BIAS, REVERSE)
-    dpre = _tap(dout_seq, offs_d, offs_l, dim_mask, length, length, 1)
+    dpre = _tap(dout_seq, offs_d, offs_l, dim_mask, length, dout_stride_d, dout_stride_l)
     if SILU:
         sig = tl.sigmoid(pre)
         dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
@@ -98,14 +98,25 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part
         valid = (src >= 0) & (src < length)
         pre_k = _pre_activation(x_seq, w_ptr, b_ptr, offs_d, src, dim_mask, length, x_stride_d, x_stride_l, WIDTH,
                                 HAS_BIAS, REVERSE)
-        dpre_k = _tap(dout_seq, offs_d, src, dim_mask, length, length, 1)
+        dpre_k = _tap(dout_seq, offs_d, src, dim_mask, length, dout_stride_d, dout_stride_l)
         if SILU:
             sig_k = tl.sigmoid(pre_k)
             dpre_k = dpre_k * sig_k * (1.0 + pre_k * (1.0 - sig_k))
         w_k = tl.load(w_ptr + offs_d * WIDTH + k, mask=dim_mask, other=0.0).to(tl.float32)
         dx += tl.where(valid[None, :], w_k[:, None] * dpre_k, 0.0)
     mask = dim_mask[:, None] & (offs_l[None, :] < length)
-    tl.store(dx_ptr + base + offs_d[:, None] * length + offs_l[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    dx_at = batch.to(tl.int64) * dx_stride_b + offs_d[:, None] * dx_stride_d + offs_l[None, :] * dx_stride_l
+    tl.store(dx_ptr + dx_at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def empty_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """A dense (batch, dim, L) tensor for the conv's output or dx: channel-last ((batch, L, dim) memory) when x is
+    read with unit channel stride (a Vim block's x), so that the next projection and the scan read it as it is;
+    contiguous otherwise."""
+    batch, dim, length = x.shape
+    if x.stride(1) == 1 and dim > 1:
+        return torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
 def _grid(x: torch.Tensor) -> tuple[int, int, int]:
@@ -116,10 +127,11 @@ def _grid(x: torch.Tensor) -> tuple[int, int, int]:
 def causal_conv1d_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
                              reverse: bool) -> torch.Tensor:
     weight = weight.contiguous()
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = empty_in_layout(x)
     width = weight.shape[1]
     compiled_launcher(_conv_fwd_kernel)[_grid(x)](
-        x, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], *x.stride(), WIDTH=width,
+        x, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], *x.stride(), *out.stride(),
+        WIDTH=width,
         HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
     return out
 
@@ -128,17 +140,17 @@ def causal_conv1d_triton_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
                              silu: bool, reverse: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dx, dweight, dbias) of the forward above, in the dtypes of x, weight and bias."""
-    weight, dout = weight.contiguous(), dout.contiguous()
+    weight = weight.contiguous()
     batch, dim, length = x.shape
     width = weight.shape[1]
     grid = _grid(x)
     tiles = batch * grid[2]
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dx = empty_in_layout(x)
     dw_part = torch.empty(tiles, dim, width, device=x.device, dtype=torch.float32)
     db_part = torch.empty(tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else dw_part
     compiled_launcher(_conv_bwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, dout, dx, dw_part, db_part, dim, length, grid[2],
-        *x.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        *x.stride(), *dout.stride(), *dx.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw_part.sum(0).to(weight.dtype), dbias
 

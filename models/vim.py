@@ -39,20 +39,20 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous once (for every consumer behind it)."""
+class _GradInOutputLayout(torch.autograd.Function):
+    """Identity whose backward hands the incoming gradient on in the forward output's strides, copied once if it
+    arrives in others, so that both scan directions behind it read it as they wrote their outputs."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return x.view_as(x)
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.strides = y.stride()
+        return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return grad.contiguous()
-
-
-def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(x)
+        if grad.stride() == ctx.strides:
+            return grad
+        return torch.empty_strided(grad.shape, ctx.strides, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 class BiMamba(KeepSSMParamsFp32):
@@ -109,12 +109,15 @@ class BiMamba(KeepSSMParamsFp32):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
-        x, z = xz.chunk(2, dim=1)
-        # The scans read z and dout (B, d_inner, L)-contiguous: one copy of each shared by both directions, instead
-        # of one per direction (x stays a strided view: the Triton conv reads it in place, torch's pads it anyway).
-        z = z.contiguous()
-        y = _contiguous_grad((self._direction(x, z, reverse=False) + self._direction(x, z, reverse=True)) / 2)
+        # Split in the projection's (B, L, 2 * d_inner) layout, then viewed (B, d_inner, L): the backward then joins
+        # the two (B, L, d_inner) gradients along their last axis straight into the projection's layout.
+        x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))
+        # x and z stay channel-last views of the projection: the Triton conv and the (v1) Triton scan read them in
+        # place, and with the Triton conv the scan's u, delta, output and gradients are all channel-last, so the
+        # projections around them need no copies either. The output's gradient is put in the output's layout once
+        # for both directions.
+        y = _GradInOutputLayout.apply(
+            (self._direction(x, z, reverse=False) + self._direction(x, z, reverse=True)) / 2)
         if not torch.is_autocast_enabled(y.device.type):  # under autocast the product casts y itself: no float32 copy
             y = y.to(self.out_proj.weight.dtype)
         return self.out_proj(y.transpose(1, 2))

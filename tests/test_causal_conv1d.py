@@ -96,8 +96,8 @@ def test_triton_kernels_match_explicit_taps_with_grads(width, activation, with_b
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_kernels_read_a_channel_last_view_in_place(reverse):
     """x as a Vim block hands it over: a (batch, dim, L) view into the channel-last input projection's output (half
-    of its channels). The Triton conv reads it through its strides, no copy, with the values and gradients of the
-    contiguous input."""
+    of its channels), and the gradient channel-last. The Triton conv reads both through their strides and writes the
+    output and dx channel-last, no copy, with the values and gradients of the contiguous input."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,9 +120,12 @@ def test_triton_kernels_read_a_channel_last_view_in_place(reverse):
                 CountCopies.copies += 1
             return func(*args, **(kwargs or {}))
 
+    g = g.transpose(1, 2).contiguous().transpose(1, 2)  # the gradient channel-last, as the x projection returns it
     with CountCopies():
         got = causal_conv1d_fn(x, w, b, "silu", backend="triton", reverse=reverse)
+        (dx,) = torch.autograd.grad(got, [x], g, retain_graph=True)
     assert CountCopies.copies == 0
+    assert got.transpose(1, 2).is_contiguous() and dx.transpose(1, 2).is_contiguous()  # written channel-last
     (dxz,) = torch.autograd.grad((got * g).sum(), [xz])
     plain = x.detach().contiguous().requires_grad_(True)
     want = causal_conv1d_fn(plain, w, b, "silu", backend="triton", reverse=reverse)
@@ -139,8 +142,10 @@ from kernels.triton_causal_conv1d import BLOCK_D, BLOCK_L, _conv_bwd_kernel, _co
 
 # A Vim block's x (channel-last view: channel stride 1) and a contiguous x (position stride 1): Triton's launcher
 # makes an integer argument equal to 1 a constant, so the two build different code.
-for strides in ((76800, 1, 1536), (38400, 50, 1)):
-    ints = dict(dim=768, length=50, n_tiles_l=1, x_stride_b=strides[0], x_stride_d=strides[1], x_stride_l=strides[2])
+for strides, dense in (((76800, 1, 1536), (38400, 1, 768)), ((38400, 50, 1), (38400, 50, 1))):
+    ints = dict(dim=768, length=50, n_tiles_l=1)
+    for prefix, values in (("x", strides), ("out", dense), ("dout", dense), ("dx", dense)):
+        ints.update({f"{prefix}_stride_{axis}": value for axis, value in zip("bdl", values)})
     for kernel in (_conv_fwd_kernel, _conv_bwd_kernel):
         consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=False, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
         signature = {}

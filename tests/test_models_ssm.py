@@ -147,11 +147,12 @@ def test_mae_bf16_autocast_on_gpu(name: str) -> None:
     assert all(p.dtype == torch.float32 for p in mae.parameters())
 
 
-def test_bimamba_copies_each_full_size_tensor_only_where_a_layout_changes() -> None:
-    """Full-size copies in one BiMamba forward+backward on the Triton scan and conv (bf16 autocast): x reaches the
-    conv as a strided view with no copy, z and the output's gradient are copied once for both directions, so what
-    is left are the layout changes between the projections' (B, L, D) and the scans' (B, D, L): per direction dt
-    and x_proj's input, forward and backward, and out_proj's input. 16 before the seventeenth session's changes."""
+def test_bimamba_on_the_triton_conv_and_scan_copies_nothing_full_size() -> None:
+    """Full-size copies in one BiMamba forward+backward on the Triton conv and scan (bf16 autocast): x and z reach
+    them as channel-last views of the input projection, the conv writes u channel-last, the scan reads u, delta and
+    z and writes its output and gradients in that layout, so the projections around them read everything as it is.
+    One copy is left: joining the x and z gradients into the projection's. (17 before the seventeenth session: the
+    conv's input and saved input, z, dt and the output's gradient per direction, x_proj's and out_proj's inputs.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -162,18 +163,40 @@ def test_bimamba_copies_each_full_size_tensor_only_where_a_layout_changes() -> N
     mixer.scan_backend, mixer.conv_backend = "triton", "triton"
     hidden = torch.randn(2, 20, 32, device=device, requires_grad=True)
     full = 2 * 20 * mixer.d_inner
+    copying = (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.constant_pad_nd, torch.ops.aten.cat)
 
     class CountCopies(TorchDispatchMode):
-        copies = 0
+        names: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            copying = (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.constant_pad_nd)
             # (The interpreter's own host copies of kernel arguments are flat byte buffers: not counted.)
             if func.overloadpacket in copying and out.dtype != torch.uint8 and out.numel() >= full:
-                CountCopies.copies += 1
+                CountCopies.names.append(str(func.overloadpacket))
             return out
 
     with torch.autocast(device, dtype=torch.bfloat16), CountCopies():
         mixer(hidden).float().sum().backward()
-    assert CountCopies.copies == 10
+    assert CountCopies.names == ["aten.cat"]
+
+
+def test_bimamba_gives_the_same_output_and_gradients_on_every_conv_backend() -> None:
+    """The Triton conv's channel-last path (no copies) and torch's contiguous one compute the same block: output
+    and every gradient, Triton scan on both, float32."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(1)
+    mixer = BiMamba(32).to(device)
+    mixer.scan_backend = "triton"
+    hidden = torch.randn(2, 20, 32, device=device)
+    results = []
+    for conv in ("torch", "triton"):
+        mixer.zero_grad()
+        mixer.conv_backend = conv
+        x = hidden.clone().requires_grad_(True)
+        out = mixer(x)
+        out.square().sum().backward()
+        results.append([out, x.grad] + [p.grad.clone() for p in mixer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
