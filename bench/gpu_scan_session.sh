@@ -15,6 +15,9 @@
 #       exports revision REV of this repository into .gpu_run/baseline (about 3 MB)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh tests
 #       (carry .gpu_run/whl) every test file with CUDA paths, compiled, each bounded; logs in $OUT/<file>.log
+#   on the GPU machine:        bash bench/gpu_scan_session.sh vim
+#       (carry .gpu_run/whl) the Vim-S MAE step on torch's conv and on the Triton conv (a Vim block channel-last end
+#       to end), eager and compiled, in one call (about 6 minutes): what decides the conv default; $OUT/vim_*.json
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
@@ -149,6 +152,18 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
             || true
     fi
     ;;
+vim)
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    for compiled in "" --compile; do
+        for conv in auto triton; do
+            timeout 170 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+                --row_seconds 8 --conv_backend "$conv" $compiled --json "$out/vim${compiled:+_compiled}_conv_$conv.json" \
+                2>&1 | grep -E "^synthetic " || echo "conv $conv $compiled: no row"
+        done
+    done
+    ;;
 tests)
     # Every test file whose cases run compiled on CUDA when a GPU is present (not only the gpu-marked ones), each
     # bounded (TESTS_FILE_S, default 150 s) so that one slow file leaves the others their turn, all of them within
@@ -179,7 +194,7 @@ tests)
     done
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim" >&2
     exit 2
     ;;
 esac

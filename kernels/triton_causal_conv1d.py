@@ -170,8 +170,59 @@ class CausalConv1dTriton(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
+# The same forward and backward as torch.library custom ops, for torch.compile (dynamo cannot trace the kernel
+# launches; as ops, with fake implementations giving the output layouts, it traces around them with no graph break).
+# Eager calls use the autograd.Function above and skip the ops' dispatch, as the scan does.
+
+
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+              reverse: bool) -> torch.Tensor:
+    return causal_conv1d_triton_fwd(x, weight, bias, silu, reverse)
+
+
+conv_fwd_op = torch.library.custom_op("scanmae::causal_conv1d_fwd", _conv_fwd, mutates_args=())
+
+
+@conv_fwd_op.register_fake
+def _conv_fwd_fake(x, weight, bias, silu, reverse):
+    return empty_in_layout(x)
+
+
+def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor, silu: bool,
+              reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dbias is an empty tensor without a bias (an op's outputs cannot be None)."""
+    dx, dweight, dbias = causal_conv1d_triton_bwd(x, weight, bias, dout, silu, reverse)
+    return dx, dweight, dbias if dbias is not None else weight.new_empty((0,))
+
+
+conv_bwd_op = torch.library.custom_op("scanmae::causal_conv1d_bwd", _conv_bwd, mutates_args=())
+
+
+@conv_bwd_op.register_fake
+def _conv_bwd_fake(x, weight, bias, dout, silu, reverse):
+    return (empty_in_layout(x), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else weight.new_empty((0,)))
+
+
+def _conv_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu, ctx.reverse = silu, reverse
+
+
+def _conv_op_backward(ctx, dout):  # noqa: ANN001, ANN202
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = conv_bwd_op(x, weight, bias, dout, ctx.silu, ctx.reverse)
+    return dx, dweight, dbias if bias is not None else None, None, None
+
+
+conv_fwd_op.register_autograd(_conv_op_backward, setup_context=_conv_setup_context)
+
+
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          activation: str | None = None, reverse: bool = False) -> torch.Tensor:
     """Causal depthwise conv through the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
-    arguments as ``causal_conv1d_fn`` (already validated)."""
+    arguments as ``causal_conv1d_fn`` (already validated). Under torch.compile: the custom ops."""
+    if torch.compiler.is_compiling():
+        return conv_fwd_op(x, weight, bias, activation is not None, reverse)
     return CausalConv1dTriton.apply(x, weight, bias, activation is not None, reverse)

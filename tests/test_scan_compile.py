@@ -66,10 +66,14 @@ def test_the_ops_pass_torch_library_checks() -> None:
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_tiny_vim_has_no_graph_break_with_the_triton_scan() -> None:
+@pytest.mark.parametrize("conv_backend", ["auto", "triton"])
+def test_tiny_vim_has_no_graph_break_with_the_triton_scan(conv_backend: str) -> None:
     torch.manual_seed(0)
     mae = models.create_model("mae_test_vim", img_size=32, in_chans=1).to(DEVICE)
     mae.encoder.set_scan_backend("triton")
+    for module in mae.modules():
+        if hasattr(module, "conv_backend"):
+            module.conv_backend = conv_backend
     imgs = torch.randn(2, 1, 32, 32, device=DEVICE)
     noise = torch.rand(2, mae.num_patches, device=DEVICE)
     explanation = torch._dynamo.explain(mae)(imgs, noise=noise)
