@@ -23,9 +23,9 @@ KERNELS = ("scan_fwd_kernel[", "scan_bwd_kernel[", "scan_bwd_kernel[bd32,prefetc
 
 # (2, 96, 16, 37): no integer argument equal to 1. (1, 1, 1, 1): every one equal to 1, which Triton's launcher turns
 # into a compile-time constant, so a method call on it (``n_state.to(...)``) fails to build; the interpreter never
-# sees it (the v4 forward at N=1 failed so on the H100 in the seventeenth session).
-@pytest.mark.parametrize("reverse,shape", [(False, ("2", "96", "16", "37")), (True, ("2", "96", "16", "37")),
-                                           (False, ("1", "1", "1", "1"))])
+# sees it (the v4 forward at N=1 failed so on the H100 in the seventeenth session). The reverse kernels are built at
+# that shape (one build per direction keeps the suite short).
+@pytest.mark.parametrize("reverse,shape", [(False, ("2", "96", "16", "37")), (True, ("1", "1", "1", "1"))])
 def test_every_scan_kernel_compiles_for_sm90(tmp_path: Path, reverse: bool, shape: tuple[str, ...]) -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
