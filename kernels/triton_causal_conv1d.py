@@ -50,30 +50,44 @@ def _pre_activation(x_ptr, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length, strid
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, x_stride_b, x_stride_d, x_stride_l,
-                     out_stride_b, out_stride_d, out_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+def _program_tile(dim, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's sequence, its (channels x positions) tile and the channel mask."""
     batch, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    dim_mask = offs_d < dim
+    return batch, pid_l, offs_d, offs_l, offs_d < dim
+
+
+@triton.jit
+def _store_tile(ptr, values, batch, offs_d, offs_l, dim_mask, length, stride_b, stride_d, stride_l):
+    at = batch.to(tl.int64) * stride_b + offs_d[:, None] * stride_d + offs_l[None, :] * stride_l
+    tl.store(ptr + at, values.to(ptr.dtype.element_ty), mask=dim_mask[:, None] & (offs_l[None, :] < length))
+
+
+@triton.jit
+def _silu_backward(dout, pre):
+    """The gradient through SiLU at pre-activation ``pre``."""
+    sig = tl.sigmoid(pre)
+    return dout * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, x_stride_b, x_stride_d, x_stride_l,
+                     out_stride_b, out_stride_d, out_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    batch, _, offs_d, offs_l, dim_mask = _program_tile(dim, BLOCK_D, BLOCK_L)
     pre = _pre_activation(x_ptr + batch.to(tl.int64) * x_stride_b, w_ptr, b_ptr, offs_d, offs_l, dim_mask, length,
                           x_stride_d, x_stride_l, WIDTH, HAS_BIAS, REVERSE)
     out = pre * tl.sigmoid(pre) if SILU else pre
-    mask = dim_mask[:, None] & (offs_l[None, :] < length)
-    out_at = batch.to(tl.int64) * out_stride_b + offs_d[:, None] * out_stride_d + offs_l[None, :] * out_stride_l
-    tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(out_ptr, out, batch, offs_d, offs_l, dim_mask, length, out_stride_b, out_stride_d, out_stride_l)
 
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr, dim, length, n_tiles_l,
                      x_stride_b, x_stride_d, x_stride_l, dout_stride_b, dout_stride_d, dout_stride_l,
-                     dx_stride_b, dx_stride_d, dx_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    batch, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    dim_mask = offs_d < dim
+                     dx_stride_b, dx_stride_d, dx_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    batch, pid_l, offs_d, offs_l, dim_mask = _program_tile(dim, BLOCK_D, BLOCK_L)
     x_seq, dout_seq = x_ptr + batch.to(tl.int64) * x_stride_b, dout_ptr + batch.to(tl.int64) * dout_stride_b
     tile = batch * n_tiles_l + pid_l  # this program's row of the per-tile partial sums
     # dpre on the tile's own positions: dw and dbias.
@@ -81,8 +95,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part
                           HAS_BIAS, REVERSE)
     dpre = _tap(dout_seq, offs_d, offs_l, dim_mask, length, dout_stride_d, dout_stride_l)
     if SILU:
-        sig = tl.sigmoid(pre)
-        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+        dpre = _silu_backward(dpre, pre)
     for k in tl.static_range(WIDTH):
         shift = (WIDTH - 1 - k) if REVERSE else (k - (WIDTH - 1))
         dw_k = tl.sum(dpre * _tap(x_seq, offs_d, offs_l + shift, dim_mask, length, x_stride_d, x_stride_l), axis=1)
@@ -100,13 +113,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part
                                 HAS_BIAS, REVERSE)
         dpre_k = _tap(dout_seq, offs_d, src, dim_mask, length, dout_stride_d, dout_stride_l)
         if SILU:
-            sig_k = tl.sigmoid(pre_k)
-            dpre_k = dpre_k * sig_k * (1.0 + pre_k * (1.0 - sig_k))
+            dpre_k = _silu_backward(dpre_k, pre_k)
         w_k = tl.load(w_ptr + offs_d * WIDTH + k, mask=dim_mask, other=0.0).to(tl.float32)
         dx += tl.where(valid[None, :], w_k[:, None] * dpre_k, 0.0)
-    mask = dim_mask[:, None] & (offs_l[None, :] < length)
-    dx_at = batch.to(tl.int64) * dx_stride_b + offs_d[:, None] * dx_stride_d + offs_l[None, :] * dx_stride_l
-    tl.store(dx_ptr + dx_at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store_tile(dx_ptr, dx, batch, offs_d, offs_l, dim_mask, length, dx_stride_b, dx_stride_d, dx_stride_l)
 
 
 def empty_in_layout(x: torch.Tensor) -> torch.Tensor:
@@ -131,8 +141,7 @@ def causal_conv1d_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     width = weight.shape[1]
     compiled_launcher(_conv_fwd_kernel)[_grid(x)](
         x, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], *x.stride(), *out.stride(),
-        WIDTH=width,
-        HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
     return out
 
 
@@ -150,7 +159,8 @@ def causal_conv1d_triton_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     db_part = torch.empty(tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else dw_part
     compiled_launcher(_conv_bwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, dout, dx, dw_part, db_part, dim, length, grid[2],
-        *x.stride(), *dout.stride(), *dx.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        *x.stride(), *dout.stride(), *dx.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu,
+        REVERSE=reverse, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw_part.sum(0).to(weight.dtype), dbias
 
