@@ -22,15 +22,26 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
+
 # (name, batch, tokens, dim, heads): the encoders see the 25 % visible tokens plus the class token, the decoders
 # every token (MAE decoder: 512 wide, 16 heads of 32).
 SHAPES = (("vit_b encoder", 512, 50, 768, 12), ("vit_b/vim_s decoder", 512, 197, 512, 16),
           ("vit_s encoder", 256, 50, 384, 6))
 
 
+def restrict_sdpa(backend: str) -> None:
+    """Leave only ``backend`` enabled for scaled_dot_product_attention in this process ("default": all of them,
+    torch's own choice)."""
+    every = backend == "default"
+    torch.backends.cuda.enable_cudnn_sdp(every or backend == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(every or backend == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(every or backend == "efficient")
+    torch.backends.cuda.enable_math_sdp(every or backend == "math")
+
+
 def time_block(batch: int, tokens: int, dim: int, heads: int, backend: str, reps: int) -> float:
     """Median ms of one forward + backward of an Attention block (bf16 autocast, fp32 weights)."""
-    from bench.pretrain import restrict_sdpa
     from models.layers import Attention
 
     restrict_sdpa(backend)
@@ -63,8 +74,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
-    from bench.pretrain import SDPA_BACKENDS
-
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward+backward of one block's "
           f"attention (median of {args.reps})")

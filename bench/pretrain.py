@@ -38,11 +38,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from bench.attention import SDPA_BACKENDS, restrict_sdpa  # noqa: E402
 from common.data import build_dataset, build_loader, default_normalization, gpu_augment  # noqa: E402
 from common.data.resident import ResidentLoader, decode_all  # noqa: E402
 from kernels.selective_scan_interface import BACKENDS  # noqa: E402
-
-SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
 from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
 from pretrain.schedule import build_optimizer  # noqa: E402
@@ -128,16 +127,6 @@ def select_rows(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     if args.batch_size:
         rows = [(m, s, args.batch_size) for m, s, _ in rows]
     return rows
-
-
-def restrict_sdpa(backend: str) -> None:
-    """Leave only ``backend`` enabled for scaled_dot_product_attention in this process ("default": all of them,
-    torch's own choice)."""
-    every = backend == "default"
-    torch.backends.cuda.enable_cudnn_sdp(every or backend == "cudnn")
-    torch.backends.cuda.enable_flash_sdp(every or backend == "flash")
-    torch.backends.cuda.enable_mem_efficient_sdp(every or backend == "efficient")
-    torch.backends.cuda.enable_math_sdp(every or backend == "math")
 
 
 def set_backend(model: torch.nn.Module, attribute: str, backend: str) -> None:

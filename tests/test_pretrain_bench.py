@@ -147,3 +147,20 @@ def test_json_holds_every_finished_row_when_a_later_row_is_cut_off(tmp_path: Pat
     (row,) = json.loads(out.read_text())["rows"]
     assert row["model"] == "mae_test_vit" and row["status"] == "ok"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sdpa_backend_flag_leaves_only_that_backend_enabled() -> None:
+    """``--sdpa_backend`` (bench.attention.restrict_sdpa): one backend left on, or all of them for "default"."""
+    import torch
+
+    from bench.attention import SDPA_BACKENDS, restrict_sdpa
+
+    flags = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled, "flash": torch.backends.cuda.flash_sdp_enabled,
+             "efficient": torch.backends.cuda.mem_efficient_sdp_enabled, "math": torch.backends.cuda.math_sdp_enabled}
+    try:
+        for backend in SDPA_BACKENDS:
+            restrict_sdpa(backend)
+            assert {name: flag() for name, flag in flags.items()} == {
+                name: backend in ("default", name) for name in flags}, backend
+    finally:
+        restrict_sdpa("default")
