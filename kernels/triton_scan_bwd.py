@@ -320,9 +320,7 @@ def selective_scan_bwd_launch(
         dbc_sums = dbc_flat.view(2, batch, n_groups, length, n_state)
         dB_sums, dC_sums = dbc_sums.unbind(0)
         if config.variant == "v1":
-            if dout.stride() != u.stride():
-                raise ValueError("selective_scan backward: dout must have u's strides (in_layout_of)")
-            sizes = sizes + sequence_strides(u, delta, z)
+            sizes = sizes + sequence_strides(u, delta, z, dout)
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.

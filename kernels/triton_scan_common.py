@@ -292,11 +292,13 @@ def is_sequence_layout(t: Any) -> bool:
     return t.is_contiguous() or t.stride() == (length * dim, 1, dim) or t.numel() <= 1
 
 
-def sequence_strides(u: Any, delta: Any, z: Any) -> tuple[int, ...]:
-    """The v1 kernels' (batch, channel, position) strides of u / delta / out and of z. u and delta must share
-    one layout (the launchers make out and the gradients in it); z may be any strided view."""
-    if delta.stride() != u.stride():
-        raise ValueError(f"selective_scan: u and delta must share strides, got {u.stride()} and {delta.stride()}")
+def sequence_strides(u: Any, delta: Any, z: Any, dout: Any = None) -> tuple[int, ...]:
+    """The v1 kernels' (batch, channel, position) strides of u / delta / out (and, backward, dout) and of z. u,
+    delta and dout must share one layout (the launchers make out and the gradients in it; ``in_layout_of`` puts
+    them there); z may be any strided view."""
+    for name, t in (("delta", delta), ("dout", dout)):
+        if t is not None and t.stride() != u.stride():
+            raise ValueError(f"selective_scan: {name} must have u's strides {u.stride()}, got {t.stride()}")
     z_strides = z.stride() if z is not None else u.stride()
     return (*u.stride(), *z_strides)
 

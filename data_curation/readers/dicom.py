@@ -15,7 +15,7 @@ from data_curation.intensity import percentile_range, rgb_to_uint8
 from data_curation.readers import Identity, RejectError, Slice, skip_background
 from data_curation.readers.dicom_frames import frame_dataset, frame_pixel_spacing, frame_stack
 from data_curation.readers.dicom_gray import GrayMapping, gray_mapping, map_gray, with_range
-from data_curation.readers.dicom_mosaic import mosaic_count, mosaic_tiles
+from data_curation.readers.dicom_mosaic import is_mosaic, mosaic_count, mosaic_tiles
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -81,7 +81,7 @@ def read_header(path: Path) -> DicomHeader | None:
             burned_in=str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
             photometric=str(ds.get("PhotometricInterpretation", "")).upper(),
             enhanced=int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds,
-            mosaic="MOSAIC" in [str(v).upper() for v in (ds.get("ImageType") or [])],
+            mosaic=is_mosaic(ds),
         )
     except Exception:  # noqa: BLE001 - any unreadable header simply means "not groupable"
         return None

@@ -30,11 +30,15 @@ def _count_element(ds: pydicom.Dataset) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def is_mosaic(ds: pydicom.Dataset) -> bool:
+    """Whether ImageType marks ``ds`` as a Siemens mosaic."""
+    return "MOSAIC" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
 def mosaic_count(ds: pydicom.Dataset) -> int | None:
     """The number of slices of a Siemens mosaic; None when ``ds`` is no mosaic. A mosaic that does not say how
     many slices it holds is rejected: its tiles cannot be told from the empty rest of the grid."""
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if "MOSAIC" not in image_type:
+    if not is_mosaic(ds):
         return None
     count = _count_element(ds)
     if not count:
