@@ -174,7 +174,7 @@ tests)
     deadline=$((SECONDS + ${TESTS_TOTAL_S:-540}))
     for f in tests/test_scan_v4.py tests/test_models_ssm.py tests/test_mambamic.py tests/test_scan_compile.py \
              tests/test_scan_ref.py tests/test_scan_launch.py tests/test_scan_variant.py tests/test_causal_conv1d.py \
-             tests/test_scan_triton.py; do
+             tests/test_scan_strides.py tests/test_scan_triton.py; do
         bound=$((deadline - SECONDS))
         if [ "$bound" -gt "${TESTS_FILE_S:-150}" ]; then
             bound=${TESTS_FILE_S:-150}
