@@ -17,12 +17,13 @@
 #       (carry .gpu_run/whl) every test file with CUDA paths, compiled, each bounded; logs in $OUT/<file>.log
 #   on the GPU machine:        bash bench/gpu_scan_session.sh vim
 #       (carry .gpu_run/whl) the Vim-S MAE step on torch's conv and on the Triton conv (a Vim block channel-last end
-#       to end), eager and compiled, in one call (about 6 minutes): what decides the conv default; $OUT/vim_*.json
+#       to end), eager and compiled, in one call (about 6 minutes): what decides the conv default; $OUT/vim_*.json;
+#       with .gpu_run/baseline carried, the baseline revision's eager rows too (about 1.5 minutes more)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
-#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/scan_v4_sweep.json, $OUT/scan_host.log,
-#       $OUT/vim_{eager,eager_triton_conv,cudagraphs}.json, with a
+#       writes $OUT/scan_tests.log, $OUT/scan.json, $OUT/scan_host.log, (V4_SWEEP=1) $OUT/scan_v4_sweep.json,
+#       $OUT/vim_{eager,eager_torch_conv,cudagraphs}.json (vim_eager with a device-time profile), with a
 #       baseline $OUT/scan_baseline.json, $OUT/scan_host_baseline.log and $OUT/vim_eager_baseline.json, and prints
 #       the tables; VIM_CUDAGRAPHS=1 adds the compiled Vim-S step (about 2.5 minutes; off by default since the
 #       thirteenth session added the v4 and resident-loader tests and two backends, which it would push past the
@@ -116,8 +117,11 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     timeout 110 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 triton_v3 triton_v4 mamba_ssm \
         --json "$out/scan.json" || true
     # The v4 forward's tiles at L=1024 / 4096 (its default is one guess made offline).
-    timeout 90 python3 -m bench.scan --backends triton_v4 --sweep-v4 --json "$out/scan_v4_sweep.json" 2>&1 \
-        | tail -8 || true
+    # Recorded in the seventeenth session (docs/results/scan_h100_s17_v4_sweep.json); V4_SWEEP=1 runs it again.
+    if [ "${V4_SWEEP:-0}" = 1 ]; then
+        timeout 90 python3 -m bench.scan --backends triton_v4 --sweep-v4 --json "$out/scan_v4_sweep.json" 2>&1 \
+            | tail -8 || true
+    fi
     if [ -f .gpu_run/baseline/REVISION ]; then
         # The same benchmark from the baseline revision's own tree, in this call: host-path changes show at L=50.
         echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.scan --backends triton"
@@ -136,11 +140,12 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     # The Vim-S MAE step eager, then compiled with CUDA graphs: the eager step seems bound by the host's kernel
     # launches (1,636 img/s in the fifth session, 1,115 in the eighth on another host, with the same scan times at
     # L=197 and 4096), which CUDA graphs remove.
-    timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
-        --row_seconds 8 --json "$out/vim_eager.json" || true
-    # The same step with the Vim mixers' causal conv in Triton (kernels/triton_causal_conv1d.py) instead of torch's.
+    # With the default (Triton) conv, its device time by kernel kind profiled after the timed steps.
+    timeout 45 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+        --row_seconds 8 --profile_steps 2 --json "$out/vim_eager.json" || true
+    # The same step with torch's depthwise conv (the default until the eighteenth session).
     timeout 40 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
-        --row_seconds 8 --conv_backend triton --json "$out/vim_eager_triton_conv.json" || true
+        --row_seconds 8 --conv_backend torch --json "$out/vim_eager_torch_conv.json" || true
     if [ -f .gpu_run/baseline/REVISION ]; then
         echo "== baseline revision $(cat .gpu_run/baseline/REVISION): Vim-S eager"
         (cd .gpu_run/baseline && timeout 30 python3 -m bench.pretrain --models mae_vim_small_patch16 \
@@ -163,6 +168,16 @@ vim)
                 2>&1 | grep -E "^synthetic " || echo "conv $conv $compiled: no row"
         done
     done
+    if [ -f .gpu_run/baseline/REVISION ]; then
+        # The eager rows from the baseline revision's own tree in the same call (bash bench/gpu_scan_session.sh
+        # baseline bd7cd8d: before the strided scan and the channel-last Vim block), an A/B on one machine.
+        for conv in auto triton; do
+            echo "== baseline revision $(cat .gpu_run/baseline/REVISION): Vim-S eager, conv $conv"
+            (cd .gpu_run/baseline && timeout 60 python3 -m bench.pretrain --models mae_vim_small_patch16 \
+                --input_sizes 224 --modes synthetic --row_seconds 8 --conv_backend "$conv" \
+                --json "$out/vim_baseline_conv_$conv.json" 2>&1 | grep -E "^synthetic ") || echo "no row"
+        done
+    fi
     ;;
 tests)
     # Every test file whose cases run compiled on CUDA when a GPU is present (not only the gpu-marked ones), each

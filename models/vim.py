@@ -65,7 +65,7 @@ class BiMamba(KeepSSMParamsFp32):
         self.d_state = d_state
         self.dt_rank = resolve_dt_rank(dt_rank, d_model)
         self.scan_backend = scan_backend
-        self.conv_backend = "auto"  # causal_conv1d_fn's backend; "triton" is opt-in until timed (bench --conv_backend)
+        self.conv_backend = "auto"  # causal_conv1d_fn's backend: the Triton conv on CUDA (bench --conv_backend)
         d_inner = self.d_inner
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
