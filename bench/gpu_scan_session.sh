@@ -182,14 +182,15 @@ vim)
 tests)
     # Every test file whose cases run compiled on CUDA when a GPU is present (not only the gpu-marked ones), each
     # bounded (TESTS_FILE_S, default 150 s) so that one slow file leaves the others their turn, all of them within
-    # TESTS_TOTAL_S (default 540 s); newest code first.
+    # TESTS_TOTAL_S (default 540 s); newest code first. TEST_FILES (space-separated) runs those files instead.
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
     device_setup
     deadline=$((SECONDS + ${TESTS_TOTAL_S:-540}))
-    for f in tests/test_scan_v4.py tests/test_models_ssm.py tests/test_mambamic.py tests/test_scan_compile.py \
-             tests/test_scan_ref.py tests/test_scan_launch.py tests/test_scan_variant.py tests/test_causal_conv1d.py \
-             tests/test_scan_strides.py tests/test_scan_triton.py; do
+    all_files="tests/test_scan_v4.py tests/test_models_ssm.py tests/test_mambamic.py tests/test_scan_compile.py
+               tests/test_scan_ref.py tests/test_scan_launch.py tests/test_scan_variant.py tests/test_causal_conv1d.py
+               tests/test_scan_strides.py tests/test_scan_triton.py"
+    for f in ${TEST_FILES:-$all_files}; do
         bound=$((deadline - SECONDS))
         if [ "$bound" -gt "${TESTS_FILE_S:-150}" ]; then
             bound=${TESTS_FILE_S:-150}
