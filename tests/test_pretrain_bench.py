@@ -117,6 +117,7 @@ def test_profile_steps_breaks_step_time_down_by_kernel_kind(tmp_path: Path, caps
     assert kernel_kind("_scan_bwd_kernel_v2") == kernel_kind("_scan_fwd_kernel") == "scan"
     assert kernel_kind("sm90_xmma_wgrad_implicit_gemm_indexed_bf16") == "conv"
     assert kernel_kind("void at::native::conv_depthwise2d_forward_kernel<c10::BFloat16>") == "conv"
+    assert kernel_kind("_conv_bwd_kernel") == kernel_kind("_conv_fwd_kernel") == "conv"  # our Triton causal conv
     assert kernel_kind("triton_poi_fused_convolution_silu_3") == "triton"
     # cuDNN's attention kernels, as the sixteenth session's H200 profile of ViT-B named them (counted as conv before)
     for name in ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0",
