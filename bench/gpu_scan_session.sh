@@ -19,6 +19,9 @@
 #       (carry .gpu_run/whl) the Vim-S MAE step on torch's conv and on the Triton conv (a Vim block channel-last end
 #       to end), eager and compiled, in one call (about 6 minutes): what decides the conv default; $OUT/vim_*.json;
 #       with .gpu_run/baseline carried, the baseline revision's eager rows too (about 1.5 minutes more)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh conv
+#       (carry .gpu_run/whl, .gpu_run/baseline) the causal conv's CUDA tests, bench.conv and the compiled Vim-S step,
+#       here and in the baseline revision, in one call (about 6 minutes)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
@@ -179,6 +182,31 @@ vim)
         done
     fi
     ;;
+conv)
+    # The causal conv kernels on CUDA (tests), bench.conv (backends at the Vim shapes) and the compiled Vim-S step,
+    # each also from the baseline revision's tree when one is prepared (bench/conv.py copied into it): an A/B of a
+    # conv kernel change on one machine, about 6 minutes. $OUT/conv*.json, $OUT/vim_compiled*.json
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_causal_conv1d.py tests/test_conv_bench.py 2>&1 \
+        | tail -3 || true
+    timeout 45 python3 -m bench.conv --json "$out/conv.json" || true
+    if [ -f .gpu_run/baseline/REVISION ]; then
+        cp bench/conv.py .gpu_run/baseline/bench/
+        echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.conv --backends triton"
+        (cd .gpu_run/baseline && timeout 45 python3 -m bench.conv --backends triton \
+            --json "$out/conv_baseline.json") || true
+    fi
+    timeout 90 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+        --row_seconds 8 --compile --json "$out/vim_compiled.json" 2>&1 | grep -E "^synthetic " || true
+    if [ -f .gpu_run/baseline/REVISION ]; then
+        echo "== baseline revision $(cat .gpu_run/baseline/REVISION): Vim-S compiled"
+        (cd .gpu_run/baseline && timeout 90 python3 -m bench.pretrain --models mae_vim_small_patch16 \
+            --input_sizes 224 --modes synthetic --row_seconds 8 --compile --json "$out/vim_compiled_baseline.json" \
+            2>&1 | grep -E "^synthetic ") || true
+    fi
+    ;;
 tests)
     # Every test file whose cases run compiled on CUDA when a GPU is present (not only the gpu-marked ones), each
     # bounded (TESTS_FILE_S, default 150 s) so that one slow file leaves the others their turn, all of them within
@@ -210,7 +238,7 @@ tests)
     done
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv" >&2
     exit 2
     ;;
 esac

@@ -148,29 +148,36 @@ def test_triton_kernels_read_a_channel_last_view_in_place(reverse):
 CONV_BUILD_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
-from kernels.triton_causal_conv1d import BLOCK_D, BLOCK_L, _conv_bwd_kernel, _conv_fwd_kernel
+from kernels.triton_causal_conv1d import CHANNEL_LAST_TILE, CONTIGUOUS_TILE, SPAN, _conv_bwd_kernel, _conv_fwd_kernel
 
-# A Vim block's x (channel-last view: channel stride 1) and a contiguous x (position stride 1): Triton's launcher
-# makes an integer argument equal to 1 a constant, so the two build different code.
-for strides, dense in (((76800, 1, 1536), (38400, 1, 768)), ((38400, 50, 1), (38400, 50, 1))):
-    ints = dict(dim=768, length=50, n_tiles_l=1)
+# A Vim block's x (channel-last view: channel stride 1) and a contiguous x (position stride 1), each with its tile,
+# as the launcher hands them over: an integer argument equal to 1 becomes a constant, pointers and integers divisible
+# by 16 carry that hint (with it the channel-last loads become 16-byte vectors), both directions.
+layouts = (((76800, 1, 1536), (38400, 1, 768), CHANNEL_LAST_TILE), ((38400, 50, 1), (38400, 50, 1), CONTIGUOUS_TILE))
+for strides, dense, (block_d, block_l) in layouts:
+    ints = dict(dim=768, length=50, n_spans=1)
     for prefix, values in (("x", strides), ("out", dense), ("dout", dense), ("dx", dense)):
         ints.update({f"{prefix}_stride_{axis}": value for axis, value in zip("bdl", values)})
     for kernel in (_conv_fwd_kernel, _conv_bwd_kernel):
-        consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=False, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
-        signature = {}
-        for name, param in zip(kernel.arg_names, kernel.params):
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*bf16" if name in ("x_ptr", "out_ptr", "dout_ptr", "dx_ptr") else "*fp32"
-            elif ints[name] == 1:
-                signature[name], consts[name] = "constexpr", 1
-            else:
-                signature[name] = "i32"
-        src = triton.compiler.ASTSource(kernel, signature, consts, {})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        print(kernel.__name__, strides, "built")
+        for reverse in (False, True):
+            consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=reverse, BLOCK_D=block_d, BLOCK_L=block_l,
+                          SPAN=SPAN)
+            signature, hints = {}, {}
+            for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+                if param.is_constexpr:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    signature[name] = "*bf16" if name in ("x_ptr", "out_ptr", "dout_ptr", "dx_ptr") else "*fp32"
+                    hints[(i,)] = [["tt.divisibility", 16]]
+                elif ints[name] == 1:
+                    signature[name], consts[name] = "constexpr", 1
+                else:
+                    signature[name] = "i32"
+                    if ints[name] % 16 == 0:
+                        hints[(i,)] = [["tt.divisibility", 16]]
+            src = triton.compiler.ASTSource(kernel, signature, consts, hints)
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            print(kernel.__name__, strides, reverse, "built")
 """
 
 
@@ -187,7 +194,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CONV_BUILD_SCRIPT], cwd=Path(__file__).resolve().parents[1],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("built") == 4, proc.stdout
+    assert proc.stdout.count("built") == 8, proc.stdout
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -1,0 +1,33 @@
+"""bench/conv.py on the CPU: the inputs in a Vim block's layout and one timed row per backend (CPU time stands in
+for kernel time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.conv import main, make_inputs, time_conv
+
+
+def test_inputs_come_channel_last_as_a_vim_block_hands_them_over():
+    x, weight, bias, dout = make_inputs(2, 8, 10, channel_last=True, device="cpu")
+    assert x.is_leaf and x.requires_grad and x.stride() == (160, 1, 16)  # half of a (2, 10, 16) projection
+    assert dout.stride() == (80, 1, 8) and x.dtype == dout.dtype == torch.bfloat16
+    assert weight.dtype == bias.dtype == torch.float32
+    x, _, _, dout = make_inputs(2, 8, 10, channel_last=False, device="cpu")
+    assert x.is_contiguous() and dout.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_row_per_backend_times_forward_and_backward(backend):
+    times = time_conv(backend, 2, 8, 10, channel_last=True, reverse=backend == "triton", device=False)
+    assert set(times) == {"fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_bwd_GBps"}
+    assert 0 < times["fwd_ms"] < times["fwd_bwd_ms"]
+    assert times["fwd_GBps"] == pytest.approx(2 * 2 * 2 * 8 * 10 / times["fwd_ms"] / 1e6)
+
+
+def test_needs_a_gpu_for_the_table():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main([])
