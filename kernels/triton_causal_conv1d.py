@@ -96,7 +96,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part
     batch, pid_l, offs_d, dim_mask, taps, bias = _program_channels(dim, w_ptr, b_ptr, WIDTH, HAS_BIAS, BLOCK_D)
     x_seq, dout_seq = x_ptr + batch.to(tl.int64) * x_stride_b, dout_ptr + batch.to(tl.int64) * dout_stride_b
     dw_acc = ()
-    for k in tl.static_range(WIDTH):
+    for _ in tl.static_range(WIDTH):
         dw_acc = dw_acc + (tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32),)
     db_acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     for start in tl.range(pid_l * SPAN, tl.minimum(pid_l * SPAN + SPAN, length), BLOCK_L):
