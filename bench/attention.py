@@ -12,7 +12,6 @@ docs/pretrain_benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from bench.report import write_device_rows  # noqa: E402
 
 SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
 
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             cells.append("n/a" if ms is None else f"{ms:.3f}")
         print(f"| {name} (b{batch}, n{tokens}, {heads}x{dim // heads}) | " + " | ".join(cells) + " |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                               "rows": rows}, indent=1))
+        write_device_rows(args.json, rows)
     return rows
 
 

@@ -11,12 +11,11 @@ must move in its dtype (forward: x read, out written; backward: x and dout read,
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.report import write_device_rows
 from bench.scan import profiled_ms
 from kernels.causal_conv1d import causal_conv1d_fn
 
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       f"{times['fwd_GBps']:.0f} | {times['fwd_bwd_ms']:.4f} | {times['fwd_bwd_GBps']:.0f} |",
                       flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                               "rows": rows}, indent=1))
+        write_device_rows(args.json, rows)
     return rows
 
 

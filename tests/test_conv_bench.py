@@ -33,3 +33,14 @@ def test_needs_a_gpu_for_the_table():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         main([])
+
+
+def test_rows_are_written_with_the_device_and_torch_version(tmp_path, monkeypatch):
+    import json
+
+    from bench.report import write_device_rows
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    path = write_device_rows(tmp_path / "rows.json", [{"backend": "triton", "fwd_ms": 0.02}])
+    assert json.loads(path.read_text()) == {"device": "NVIDIA H100 80GB HBM3", "torch": torch.__version__,
+                                            "rows": [{"backend": "triton", "fwd_ms": 0.02}]}
