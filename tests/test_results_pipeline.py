@@ -141,8 +141,8 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     kept = {(r["protocol"], r["dataset"]): r["seconds"] for r in rows
             if r["protocol"] != "pretrain" and (r["protocol"], r["dataset"]) not in rerun}
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
-                 "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
-                 "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY]) == 0
+                 "--out", str(out), "--inits", "mae", "--no_preflight", "--jobs", "2", "--ft_class_weighted",
+                 "--ft_min_steps", "21", "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY]) == 0
     again = json.loads((out / "runs.json").read_text())
     assert all(r["status"] == "ok" for r in again) and len(again) == len(rows)
     assert (out / "pretrain" / "test_vit" / "encoder.safetensors").is_file()
@@ -158,8 +158,9 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     # A pretraining that runs again on a different encoder (here a changed recipe: 2 epochs) reruns every MAE row,
     # though their own commands are unchanged: a table never mixes two pretraining runs.
     assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
-                 "--out", str(out), "--inits", "mae", "--no_preflight", "--ft_class_weighted", "--ft_min_steps", "21",
-                 "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY, "--pretrain_epochs", "2"]) == 0
+                 "--out", str(out), "--inits", "mae", "--no_preflight", "--jobs", "2", "--ft_class_weighted",
+                 "--ft_min_steps", "21", "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY,
+                 "--pretrain_epochs", "2"]) == 0
     third = json.loads((out / "runs.json").read_text())
     assert all(r["status"] == "ok" for r in third) and len(third) == len(rows)
     second_digest = encoder_digest(encoder)
