@@ -268,8 +268,9 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
 # Kernel kinds by name, first match wins: our selective scans (Triton kernels named after their Python functions,
 # with no "triton" in the name), attention (before convolutions: cuDNN's SDPA kernels are named
 # "cudnn_..._sdpa_..._flash_fprop"), convolutions (cuDNN's forward / data / weight gradient kernels, the native
-# depthwise ones and our Triton causal conv's: the Mamba blocks' causal conv), cuBLAS / CUTLASS matrix products, the optimizer, other Triton
-# kernels (torch.compile's fused elementwise and reduction code), copies, the rest (eager elementwise, norms).
+# depthwise ones and our Triton causal conv's: the Mamba blocks' causal conv), cuBLAS / CUTLASS matrix products,
+# the optimizer, other Triton kernels (torch.compile's fused elementwise and reduction code), copies, the rest
+# (eager elementwise, norms).
 KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("scan", ("_scan_fwd_kernel", "_scan_bwd_kernel", "_scan_segment_summary")),
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),

@@ -173,25 +173,23 @@ def time_forward_config(config: Any, inp: dict[str, torch.Tensor], rep_ms: int) 
 
 
 def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
-    """Time the tile options: the forward alone per block_d (4 / 8 / 16 / 32), then forward+backward (behind the default
-    forward) per backward option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with
-    prefetch, and uncapped block_d 8 / 4 (more programs at small batch). Then the same for the "v2" kernels
-    (ScanLaunchConfig.variant): forward block_d 4 / 8 / 16, and forward+backward behind the v2 default forward
-    at backward block_d 16 with and without prefetch and block_d 8 with and without. Then the "v3" kernels (one
-    lane per channel): forward block_d 16 / 32 / 64 at chunk 4, and forward+backward (behind the v3 forward of the
-    same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at block_d 32, and at
-    block_d 32, chunk 2 capped at 168 registers with and without prefetch; and v3
-    at block_d 32 with each sequence split into SWEEP_SEGMENTS segments (forward, and forward+backward with the
-    same count on both sides)."""
+    """Time the tile options: the forward alone per block_d (4 / 8 / 16 / 32; block_d 4 for batch 16 at long L, where
+    a forward warp walks thousands of positions), then forward+backward (behind the default forward) per backward
+    option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with prefetch, and uncapped block_d 8 /
+    4 (more programs at small batch). Then the same for the "v2" kernels (ScanLaunchConfig.variant): forward
+    block_d 4 / 8 / 16, and forward+backward behind the v2 default forward at backward block_d 16 with and without
+    prefetch and block_d 8 with and without. Then the "v3" kernels (one lane per channel): forward block_d 16 / 32 /
+    64 at chunk 4, and forward+backward (behind the v3 forward of the same block_d and chunk) at block_d 16 / 32 /
+    64, chunk 2 and 4, with and without prefetch at block_d 32, and at block_d 32, chunk 2 capped at 168 registers
+    with and without prefetch; and v3 at block_d 32 with each sequence split into SWEEP_SEGMENTS segments (forward,
+    and forward+backward with the same count on both sides)."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
     rows = []
-    # Block_d 4 (twice block_d 8's programs) for the small grids of batch 16 at long L, where a forward warp walks
-    # thousands of positions with ~12 warps per multiprocessor (untimed before the eighteenth session's sweep).
     fwd_options = [(4, "v1", 1), (8, "v1", 1), (16, "v1", 1), (32, "v1", 1), (4, "v2", 1), (8, "v2", 1),
-                   (16, "v2", 1), (16, "v3", 1),
-                   (32, "v3", 1), (64, "v3", 1)] + [(32, "v3", segments) for segments in SWEEP_SEGMENTS]
+                   (16, "v2", 1), (16, "v3", 1), (32, "v3", 1), (64, "v3", 1)] + [
+        (32, "v3", segments) for segments in SWEEP_SEGMENTS]
     for block_d, variant, segments in fwd_options:
         ms = time_forward_config(ScanLaunchConfig(block_d, 4, variant=variant, segments=segments), inp, rep_ms)
         if ms is not None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kernels.strides import with_strides
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import (
     FORWARD_ONLY_VARIANTS,
@@ -43,13 +44,6 @@ def _as_grouped(bc: torch.Tensor, groups: int) -> torch.Tensor:
     if bc.shape[1] != groups:
         bc = bc.repeat_interleave(groups // bc.shape[1], dim=1)
     return bc
-
-
-def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``like``'s strides: itself when it has them, else a copy (differentiable)."""
-    if t.stride() == like.stride():
-        return t
-    return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 def _optional_contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -243,7 +237,7 @@ def _backward_with(scan_bwd, ctx, dout, dlast):
     if chunk_states.numel() == 0:
         raise RuntimeError("selective_scan: backward through a forward that did not keep its states "
                            "(no input required grad when it ran)")
-    dout = torch.zeros_like(u) if dout is None else in_layout_of(dout, u)
+    dout = torch.zeros_like(u) if dout is None else with_strides(dout, u.stride())
     dlast = None if dlast is None else dlast.to(torch.float32)  # the launcher transposes it
     du, ddelta, dA, dB, dC, dD, dz, dbias = scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, ctx.delta_softplus, ctx.reverse,
@@ -323,7 +317,7 @@ def selective_scan_triton(
         # The v1 kernels read u / delta in either dense layout and z through any strides: a Vim block's
         # channel-last tensors go in without a copy (sequence_strides).
         u = u if is_sequence_layout(u) else u.contiguous()
-        delta = in_layout_of(delta, u)
+        delta = with_strides(delta, u.stride())
     else:
         u, delta, z = u.contiguous(), delta.contiguous(), _optional_contiguous(z)
     inputs = (u, delta, A.to(torch.float32), _as_grouped(B, groups), _as_grouped(C, groups),

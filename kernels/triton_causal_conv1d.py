@@ -39,7 +39,8 @@ CONTIGUOUS_TILE = (16, SPAN)
 def _tap(x_ptr, offs_d, pos, dim_mask, length, stride_d, stride_l):
     """x at positions ``pos`` of the tile's channels, zero outside the sequence (the conv's padding)."""
     mask = dim_mask[:, None] & (pos[None, :] >= 0) & (pos[None, :] < length)
-    return tl.load(x_ptr + offs_d[:, None] * stride_d + pos[None, :] * stride_l, mask=mask, other=0.0).to(tl.float32)
+    at = offs_d[:, None] * stride_d + pos[None, :] * stride_l
+    return tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -210,12 +211,7 @@ class CausalConv1dTriton(torch.autograd.Function):
 # Eager calls use the autograd.Function above and skip the ops' dispatch, as the scan does.
 
 
-def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-              reverse: bool) -> torch.Tensor:
-    return causal_conv1d_triton_fwd(x, weight, bias, silu, reverse)
-
-
-conv_fwd_op = torch.library.custom_op("scanmae::causal_conv1d_fwd", _conv_fwd, mutates_args=())
+conv_fwd_op = torch.library.custom_op("scanmae::causal_conv1d_fwd", causal_conv1d_triton_fwd, mutates_args=())
 
 
 @conv_fwd_op.register_fake

@@ -294,7 +294,7 @@ def is_sequence_layout(t: Any) -> bool:
 
 def sequence_strides(u: Any, delta: Any, z: Any, dout: Any = None) -> tuple[int, ...]:
     """The v1 kernels' (batch, channel, position) strides of u / delta / out (and, backward, dout) and of z. u,
-    delta and dout must share one layout (the launchers make out and the gradients in it; ``in_layout_of`` puts
+    delta and dout must share one layout (the launchers make out and the gradients in it; ``with_strides`` puts
     them there); z may be any strided view."""
     for name, t in (("delta", delta), ("dout", dout)):
         if t is not None and t.stride() != u.stride():

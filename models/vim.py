@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import causal_conv1d_fn, selective_scan_fn
+from kernels.strides import with_strides
 from models.encoder import EncoderBase
 from models.layers import DropPath, PatchEmbed, stochastic_depth_rates, trunc_normal_
 from models.ssm import (
@@ -50,9 +51,7 @@ class _GradInOutputLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        if grad.stride() == ctx.strides:
-            return grad
-        return torch.empty_strided(grad.shape, ctx.strides, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return with_strides(grad, ctx.strides)
 
 
 class BiMamba(KeepSSMParamsFp32):

@@ -110,3 +110,15 @@ def test_triton_reads_channel_last_u_delta_and_z_in_place(triton_scan, variant, 
     for name, got, ref in (("u", d_u, want_grads[0]), ("delta", d_delta, want_grads[1]),
                            ("z", d_xz[:, dim:], want_grads[2]), *zip(rest, grads[3:], want_grads[3:])):
         torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def test_with_strides_returns_the_tensor_itself_or_one_copy_in_the_given_strides():
+    from kernels.strides import with_strides
+
+    t = torch.randn(2, 3, 5, requires_grad=True)
+    assert with_strides(t, t.stride()) is t
+    channel_last = (15, 1, 3)
+    moved = with_strides(t, channel_last)
+    assert moved.stride() == channel_last and torch.equal(moved, t)
+    moved.sum().backward()  # differentiable: the copy hands its gradient back
+    assert torch.equal(t.grad, torch.ones_like(t))
