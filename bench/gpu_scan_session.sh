@@ -22,6 +22,8 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh conv
 #       (carry .gpu_run/whl, .gpu_run/baseline) the causal conv's CUDA tests, bench.conv and the compiled Vim-S step,
 #       here and in the baseline revision, in one call (about 6 minutes)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh variants
+#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v1 against v2: CUDA tests, bench.scan, compiled Vim-S step each
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
@@ -207,6 +209,31 @@ conv)
             2>&1 | grep -E "^synthetic ") || true
     fi
     ;;
+variants)
+    # The v1 and v2 kernels side by side in one call (about 7 minutes): their CUDA tests (strided / channel-last
+    # reads, variant mixing), bench.scan with mamba-ssm's CUDA scan, and the compiled Vim-S step on each, with its
+    # device time by kernel kind. $OUT/variant_tests.log, $OUT/scan.json, $OUT/vim_compiled_<backend>.json
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    mamba=()
+    src=".gpu_run/mamba_ssm-${MAMBA_VERSION}"
+    if [ -d "$src" ]; then
+        mamba=(--mamba-src "$src")
+        python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
+load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
+    fi
+    timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/test_scan_strides.py tests/test_scan_variant.py \
+        tests/test_models_ssm.py 2>&1 | tee "$out/variant_tests.log" | tail -5 || true
+    wait
+    timeout 100 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 mamba_ssm --json "$out/scan.json" \
+        || true
+    for backend in ${VIM_BACKENDS:-triton triton_v2}; do
+        timeout 110 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
+            --row_seconds 8 --compile --scan_backend "$backend" --profile_steps 2 \
+            --json "$out/vim_compiled_$backend.json" 2>&1 | grep -vE "USDT|Warning|warn" | tail -22 || true
+    done
+    ;;
 tests)
     # Every test file whose cases run compiled on CUDA when a GPU is present (not only the gpu-marked ones), each
     # bounded (TESTS_FILE_S, default 150 s) so that one slow file leaves the others their turn, all of them within
@@ -238,7 +265,7 @@ tests)
     done
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,7 @@
 """Offline SASS report of the scan kernels: registers, spills, instruction histogram (no GPU needed).
 
     python -m bench.scan_sass [--block-d 16 8] [--variant v1 v2] [--chunk 4] [--maxnreg 168] [--reverse]
-                              [--shape B D N L] [--dump DIR] [--block-l 128 256]
+                              [--shape B D N L] [--dump DIR] [--block-l 128 256] [--channel-last]
 
 Compiles the default-shaped kernels (bf16 u/delta/z/B/C/dout, N=16, D, z, delta_bias, softplus) for sm_90
 with the local Triton and its bundled ptxas, disassembles them with nvdisasm, and prints per kernel: the
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", choices=["fwd", "bwd"], default=None)
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ScanLaunchConfig.maxnreg)")
     parser.add_argument("--dlast", action="store_true", help="backward kernels with a last-state gradient")
+    parser.add_argument("--channel-last", action="store_true",
+                        help="v1 / v2: u / delta / z as a Vim block passes them, (batch, L, dim) memory")
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
     parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3", "v4"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
@@ -239,8 +241,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 bc_batch_stride=length * n_state, bc_group_stride=length * n_state,
                 bc_pos_stride=n_state,  # B and C as the launchers' contiguous (batch, groups, L, N) copies
                 bc_state_stride=length,  # v4: (batch, groups, N, L), unit position stride
-                # v1: contiguous u / delta / z (sequence_strides), as the benchmark passes them
+                # v1 / v2: contiguous u / delta / z (sequence_strides), as the benchmark passes them
                 seq_sb=dim * length, seq_sd=length, seq_sl=1, z_sb=dim * length, z_sd=length, z_sl=1)
+    if args.channel_last:  # z: the second half of in_proj's (batch, L, 2 dim) output
+        ints.update(seq_sb=dim * length, seq_sd=1, seq_sl=dim, z_sb=2 * dim * length, z_sd=1, z_sl=2 * dim)
     results = []
     for variant in args.variant:
         for block_d in args.block_d:

@@ -24,6 +24,7 @@ from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import (
     FORWARD_ONLY_VARIANTS,
     SCAN_VARIANTS,
+    SEQUENCE_STRIDED_VARIANTS,
     ScanLaunchConfig,
     ceil_div,
     default_launch_config,
@@ -313,8 +314,9 @@ def selective_scan_triton(
     # dynamo traces the plain function (it warns about lru_cache wrappers).
     configs = launch_configs.__wrapped__ if compiling else launch_configs
     fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
-    if fwd.variant == "v1" and (bwd_config is None or bwd_config.variant == "v1"):
-        # The v1 kernels read u / delta in either dense layout and z through any strides: a Vim block's
+    if fwd.variant in SEQUENCE_STRIDED_VARIANTS and (bwd_config is None
+                                                      or bwd_config.variant in SEQUENCE_STRIDED_VARIANTS):
+        # The v1 / v2 kernels read u / delta in either dense layout and z through any strides: a Vim block's
         # channel-last tensors go in without a copy (sequence_strides).
         u = u if is_sequence_layout(u) else u.contiguous()
         delta = with_strides(delta, u.stride())

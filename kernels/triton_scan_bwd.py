@@ -319,8 +319,7 @@ def selective_scan_bwd_launch(
         sizes = sizes + bc_strides
         dbc_sums = dbc_flat.view(2, batch, n_groups, length, n_state)
         dB_sums, dC_sums = dbc_sums.unbind(0)
-        if config.variant == "v1":
-            sizes = sizes + sequence_strides(u, delta, z, dout)
+        sizes = sizes + sequence_strides(u, delta, z, dout)
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.

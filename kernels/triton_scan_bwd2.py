@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_scan_common import (
+    SEQ_UNSPECIALIZED,
     UNSPECIALIZED,
     backward_finish,
     backward_start,
@@ -29,8 +30,8 @@ from kernels.triton_scan_fast import LOG2E, channel_sum_scatter, scatter_rows, s
 
 
 @triton.jit
-def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask, batch_idx,
-                      chunk_idx, length, n_chunks, n_state, dim, CHUNK: tl.constexpr, HAS_Z: tl.constexpr,
+def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n, offs_d, nd_mask,
+                      batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK: tl.constexpr, HAS_Z: tl.constexpr,
                       REVERSE: tl.constexpr, EVEN_ND: tl.constexpr):
     """One chunk's reads as stored (entry state; per position in scan order u, delta, dout, z), unmasked:
     the chunk index and positions are clamped (a prefetch past the last chunk reads the first one again)."""
@@ -43,22 +44,23 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, o
     loads = ()
     for s in tl.static_range(CHUNK):
         at = tl.minimum(chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)
-        u = tl.load(U_row + at)
-        delta = tl.load(DELTA_row + at)
-        dout = tl.load(DOUT_row + at)
+        u = tl.load(U_row + at * seq_sl)
+        delta = tl.load(DELTA_row + at * seq_sl)
+        dout = tl.load(DOUT_row + at * seq_sl)
         z = u
         if HAS_Z:
-            z = tl.load(Z_row + at)
+            z = tl.load(Z_row + at * z_sl)
         loads = loads + ((u, delta, dout, z),)
     return h_in, loads
 
 
-@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
+@triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_bwd_kernel_v2(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
+    seq_sb, seq_sd, seq_sl, z_sb, z_sd, z_sl,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
@@ -71,10 +73,11 @@ def _scan_bwd_kernel_v2(
     offs_read = offs_d
     if not EVEN_D:
         offs_read = tl.minimum(offs_d, group * dim_per_group + dim_per_group - 1)
-    seq_row = (batch_idx * dim + offs_read).to(tl.int64) * length
+    # u, delta, dout and the gradients du, ddelta, dz (seq_*: one layout) and z (z_*) through their strides, as v1.
+    seq_row = batch_idx.to(tl.int64) * seq_sb + offs_read.to(tl.int64) * seq_sd
     U_row = U + seq_row
     DELTA_row = DELTA + seq_row
-    Z_row = Z + seq_row
+    Z_row = Z + batch_idx.to(tl.int64) * z_sb + offs_read.to(tl.int64) * z_sd
     DOUT_row = DOUT + seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
@@ -90,18 +93,18 @@ def _scan_bwd_kernel_v2(
                                                   BLOCK_D, HAS_DLAST)
     chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
     if PREFETCH:
-        ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask,
+        ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n, offs_d, nd_mask,
                                   batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE,
                                   EVEN_D and EVEN_N)
     for _i in range(n_chunks):
         base = chunk_idx * CHUNK
         if PREFETCH:
             h_in, loads = ahead
-            ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d, nd_mask,
+            ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n, offs_d, nd_mask,
                                       batch_idx, chunk_idx + chunk_step, length, n_chunks, n_state, dim, CHUNK,
                                       HAS_Z, REVERSE, EVEN_D and EVEN_N)
         else:
-            h_in, loads = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, CHUNK_STATES, offs_n, offs_d,
+            h_in, loads = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n, offs_d,
                                             nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK,
                                             HAS_Z, REVERSE, EVEN_D and EVEN_N)
 
@@ -169,7 +172,7 @@ def _scan_bwd_kernel_v2(
                     y += D_vec * u
                 sig_z = sigmoid2(z, FAST)
                 dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
-                tl.store(DZ + seq_row + at, dz.to(DZ.dtype.element_ty), mask=m)
+                tl.store(DZ + seq_row + at * seq_sl, dz.to(DZ.dtype.element_ty), mask=m)
                 dy = dout * z * sig_z
             else:
                 dy = dout
@@ -188,8 +191,8 @@ def _scan_bwd_kernel_v2(
             ddt = tl.where(m, ddt, 0.0)
             if HAS_BIAS:
                 dbias_acc += ddt
-            tl.store(DU + seq_row + at, du.to(DU.dtype.element_ty), mask=m)
-            tl.store(DDELTA + seq_row + at, ddt.to(DDELTA.dtype.element_ty), mask=m)
+            tl.store(DU + seq_row + at * seq_sl, du.to(DU.dtype.element_ty), mask=m)
+            tl.store(DDELTA + seq_row + at * seq_sl, ddt.to(DDELTA.dtype.element_ty), mask=m)
 
             # dB / dC of this position: reduce-scattered over the channels, one atomic per owning lane.
             dB_part = channel_sum_scatter(g * (dt * u)[None, :], lane_d, N_PAD, BLOCK_D, LEVELS)

@@ -37,11 +37,13 @@ def channel_block(n_groups, dim_per_group, n_state, BLOCK_D: tl.constexpr, N_PAD
 # shuffles in every sum over N (sm_90 SASS, bench/scan_sass.py: forward 236 -> 146 and backward 523 -> 480
 # instructions per position at dim 768). A's state stride: see channel_params.
 UNSPECIALIZED = ["dim", "dim_per_group", "a_state_stride"]
-# The v1 kernels' batch and channel strides of u / delta / out (seq_*) and z (z_*): a channel stride of 1
+# The v1 / v2 kernels' batch and channel strides of u / delta / out (seq_*) and z (z_*): a channel stride of 1
 # (channel-last inputs) known at compile time would let Triton vectorise the (N, BLOCK_D) tiles along the
 # channels, with the shuffle cost above. Their position strides stay specialisable: 1 for contiguous inputs, as the
 # kernels were written for.
 SEQ_UNSPECIALIZED = ["seq_sb", "seq_sd", "z_sb", "z_sd"]
+# The variants whose kernels take those strides (the others read u / delta / z contiguous).
+SEQUENCE_STRIDED_VARIANTS = ("v1", "v2")
 
 
 @triton.jit
@@ -286,14 +288,14 @@ def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
 
 
 def is_sequence_layout(t: Any) -> bool:
-    """Whether a (batch, dim, L) tensor is dense in one of the two layouts the v1 kernels read through strides:
+    """Whether a (batch, dim, L) tensor is dense in one of the two layouts the v1 / v2 kernels read through strides:
     contiguous, or channel-last ((batch, L, dim) memory, as a Vim block's projections make it)."""
     batch, dim, length = t.shape
     return t.is_contiguous() or t.stride() == (length * dim, 1, dim) or t.numel() <= 1
 
 
 def sequence_strides(u: Any, delta: Any, z: Any, dout: Any = None) -> tuple[int, ...]:
-    """The v1 kernels' (batch, channel, position) strides of u / delta / out (and, backward, dout) and of z. u,
+    """The v1 / v2 kernels' (batch, channel, position) strides of u / delta / out (and, backward, dout) and of z. u,
     delta and dout must share one layout (the launchers make out and the gradients in it; ``with_strides`` puts
     them there); z may be any strided view."""
     for name, t in (("delta", delta), ("dout", dout)):

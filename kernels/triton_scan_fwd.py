@@ -141,7 +141,7 @@ def selective_scan_fwd_launch(
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
-    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous (the v1 kernel: any
+    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous (the v1 / v2 kernels: any
     ``sequence_strides``, out made in u's layout); A (dim, N) read dim-major
     (``dim_major`` copies it unless its channels are already adjacent); B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
     copies them only when their strides need it)."""
@@ -185,8 +185,7 @@ def selective_scan_fwd_launch(
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
-        if config.variant == "v1":
-            sizes = sizes + sequence_strides(u, delta, z)
+        sizes = sizes + sequence_strides(u, delta, z)
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_common import UNSPECIALIZED, channel_block, channel_params
+from kernels.triton_scan_common import SEQ_UNSPECIALIZED, UNSPECIALIZED, channel_block, channel_params
 from kernels.triton_scan_fast import sigmoid2, softplus2
 
 
@@ -28,13 +28,13 @@ def _clamp_position(pos, length, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n, n_mask, bc_pos_stride,
-                 HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
+def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n, n_mask, bc_pos_stride, seq_sl,
+                 z_sl, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
                  REVERSE: tl.constexpr, FAST: tl.constexpr):
     """u, dt (0 past the end), B, C and z at one position."""
     at = _clamp_position(pos, length, REVERSE)
-    u = tl.load(U_row + at).to(tl.float32)
-    dt = tl.load(DELTA_row + at).to(tl.float32)
+    u = tl.load(U_row + at * seq_sl).to(tl.float32)
+    dt = tl.load(DELTA_row + at * seq_sl).to(tl.float32)
     if EVEN_N:
         B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
         C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
@@ -43,7 +43,7 @@ def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_
         C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
-        z = tl.load(Z_row + at).to(tl.float32)
+        z = tl.load(Z_row + at * z_sl).to(tl.float32)
     if HAS_BIAS:
         dt += bias
     if SOFTPLUS:
@@ -52,12 +52,13 @@ def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_
     return u, dt, B_col, C_col, z
 
 
-@triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py
+@triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_fwd_kernel_v2(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
+    seq_sb, seq_sd, seq_sl, z_sb, z_sd, z_sl,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
@@ -71,10 +72,11 @@ def _scan_fwd_kernel_v2(
     offs_read = offs_d
     if not EVEN_D:
         offs_read = tl.minimum(offs_d, group * dim_per_group + dim_per_group - 1)
-    seq_row = (batch_idx * dim + offs_read).to(tl.int64) * length
+    # u, delta and out (seq_*) and z (z_*) through their strides, as in v1 (sequence_strides).
+    seq_row = batch_idx.to(tl.int64) * seq_sb + offs_read.to(tl.int64) * seq_sd
     U_row = U + seq_row
     DELTA_row = DELTA + seq_row
-    Z_row = Z + seq_row
+    Z_row = Z + batch_idx.to(tl.int64) * z_sb + offs_read.to(tl.int64) * z_sd
     OUT_row = OUT + seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
@@ -86,7 +88,8 @@ def _scan_fwd_kernel_v2(
         pos = 0 * n_chunks
 
     u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
-                                          n_mask, bc_pos_stride, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N, REVERSE, FAST)
+                                          n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N, REVERSE,
+                                          FAST)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     for i in range(n_chunks):
         if STORE_STATES:
@@ -103,8 +106,8 @@ def _scan_fwd_kernel_v2(
         # loads per lane instead of one and a shared-memory broadcast); LLVM unrolls it.
         for _t in range(CHUNK):
             u_n, dt_n, B_n, C_n, z_n = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos + step, length, bias,
-                                                    offs_n, n_mask, bc_pos_stride, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
-                                                    REVERSE, FAST)
+                                                    offs_n, n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z,
+                                                    SOFTPLUS, EVEN_N, REVERSE, FAST)
 
             h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
             y = tl.sum(h * C_col[:, None], axis=0)
@@ -115,7 +118,7 @@ def _scan_fwd_kernel_v2(
             out_mask = pos < length
             if not EVEN_D:
                 out_mask = out_mask & d_mask
-            tl.store(OUT_row + _clamp_position(pos, length, REVERSE), y.to(OUT.dtype.element_ty), mask=out_mask)
+            tl.store(OUT_row + _clamp_position(pos, length, REVERSE) * seq_sl, y.to(OUT.dtype.element_ty), mask=out_mask)
 
             pos = pos + step
             u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
