@@ -23,7 +23,8 @@
 #       (carry .gpu_run/whl, .gpu_run/baseline) the causal conv's CUDA tests, bench.conv and the compiled Vim-S step,
 #       here and in the baseline revision, in one call (about 6 minutes)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh variants
-#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v1 against v2: CUDA tests, bench.scan, compiled Vim-S step each
+#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) kernel variants side by side: CUDA tests, bench.scan, the L=50 host
+#       path, the compiled Vim-S step on each
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
@@ -210,9 +211,10 @@ conv)
     fi
     ;;
 variants)
-    # The v1 and v2 kernels side by side in one call (about 7 minutes): their CUDA tests (strided / channel-last
-    # reads, variant mixing), bench.scan with mamba-ssm's CUDA scan, and the compiled Vim-S step on each, with its
-    # device time by kernel kind. $OUT/variant_tests.log, $OUT/scan.json, $OUT/vim_compiled_<backend>.json
+    # Kernel variants side by side in one call (about 8 minutes): the CUDA tests of TEST_FILES, bench.scan's
+    # SCAN_BACKENDS with mamba-ssm's CUDA scan, the host's path at L=50 per backend, and the compiled Vim-S step on
+    # each of VIM_BACKENDS with its device time by kernel kind. $OUT/variant_tests.log, $OUT/scan.json,
+    # $OUT/scan_host.log, $OUT/vim_compiled_<backend>.json
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
     device_setup
@@ -223,12 +225,18 @@ variants)
         python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
 load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
     fi
-    timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/test_scan_strides.py tests/test_scan_variant.py \
-        tests/test_models_ssm.py 2>&1 | tee "$out/variant_tests.log" | tail -5 || true
+    # shellcheck disable=SC2086  # word lists
+    timeout "${TESTS_S:-150}" python3 -m pytest -q -rf -p no:cacheprovider \
+        ${TEST_FILES:-tests/test_scan_strides.py tests/test_scan_variant.py tests/test_models_ssm.py} 2>&1 \
+        | tee "$out/variant_tests.log" | tail -8 || true
     wait
-    timeout 100 python3 -m bench.scan "${mamba[@]}" --backends triton triton_v2 mamba_ssm --json "$out/scan.json" \
-        || true
-    for backend in ${VIM_BACKENDS:-triton triton_v2}; do
+    # shellcheck disable=SC2086
+    timeout 100 python3 -m bench.scan "${mamba[@]}" --backends ${SCAN_BACKENDS:-triton triton_v1 mamba_ssm} \
+        --json "$out/scan.json" || true
+    # shellcheck disable=SC2086
+    timeout 60 python3 -m bench.scan_host --cuda --iters 100 --backends ${HOST_BACKENDS:-triton triton_v1} \
+        --python-profile 25 2>&1 | tee "$out/scan_host.log" | grep -v "USDT" || true
+    for backend in ${VIM_BACKENDS:-auto triton_v1}; do
         timeout 110 python3 -m bench.pretrain --models mae_vim_small_patch16 --input_sizes 224 --modes synthetic \
             --row_seconds 8 --compile --scan_backend "$backend" --profile_steps 2 \
             --json "$out/vim_compiled_$backend.json" 2>&1 | grep -vE "USDT|Warning|warn" | tail -22 || true

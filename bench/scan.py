@@ -5,8 +5,8 @@
 Times forward and forward+backward in bf16 with ``triton.testing.do_bench`` (median), in a Mamba block's
 configuration (D, z, delta_bias, softplus). Achieved GB/s and the ratio to the HBM floor count only the
 bytes that must move (every input read once, every output written once), against a device-to-device
-copy bandwidth measured in the same run. The last column, GPU-busy ms, sums the kernels' own times from
-torch.profiler: where it is well below the wall-clock column the shape is bound by the host. ``--mamba-src``
+copy bandwidth measured in the same run. The GPU-busy columns (forward; forward+backward) sum the kernels' own times
+from torch.profiler: where one is well below its wall-clock column the shape is bound by the host. ``--mamba-src``
 points at an unpacked mamba-ssm sdist whose ``csrc/selective_scan`` is compiled here with
 ``torch.utils.cpp_extension.load``.
 """
@@ -118,8 +118,9 @@ def profiled_ms(fn: Callable[[], Any], iters: int = 20, device: bool = True) -> 
 
 
 def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], rep_ms: int,
-                 forward: bool = True, backward: bool = True) -> dict[str, float]:
-    """Median forward and forward+backward milliseconds (fresh autograd graph per iteration)."""
+                 forward: bool = True, backward: bool = True, gpu_busy: bool = True) -> dict[str, float]:
+    """Median forward and forward+backward milliseconds (fresh autograd graph per iteration); with ``gpu_busy`` also
+    the forward's kernel time (``profiled_ms``)."""
     import triton.testing
 
     times: dict[str, float] = {}
@@ -128,6 +129,12 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
             times["fwd_ms"] = triton.testing.do_bench(lambda: fn(**inp, delta_softplus=True),
                                                       warmup=max(25, rep_ms // 4), rep=rep_ms,
                                                       return_mode="median")
+    if forward and gpu_busy:
+        try:
+            with torch.no_grad():
+                times["fwd_gpu_ms"] = profiled_ms(lambda: fn(**inp, delta_softplus=True))
+        except Exception as exc:  # a diagnostic column: never lose the row for it
+            print(f"  (no forward GPU-time column: {type(exc).__name__}: {exc})", flush=True)
     if not backward:
         return times
     leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
@@ -166,7 +173,7 @@ def time_forward_config(config: Any, inp: dict[str, torch.Tensor], rep_ms: int) 
         return selective_scan_triton(**kw, fwd_config=config, bwd_config=None)
 
     try:
-        return time_backend(fn, inp, rep_ms, backward=False)["fwd_ms"]
+        return time_backend(fn, inp, rep_ms, backward=False, gpu_busy=False)["fwd_ms"]
     except Exception as exc:  # a tile or variant that fails to compile is reported, not fatal
         print(f"    fwd {config}: {type(exc).__name__}: {str(exc)[-200:]}")
         return None
@@ -263,7 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth_gbs()
     print(f"device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read+write)", flush=True)
-    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton,
+    backends: dict[str, Callable[..., torch.Tensor]] = {"triton": selective_scan_triton,  # the default (v2)
+                                                        "triton_v1": triton_variant_fn("v1"),
                                                         "triton_v2": triton_variant_fn("v2"),
                                                         "triton_v3": triton_variant_fn("v3"),
                                                         # the v4 forward (parallel over positions), v2 backward
@@ -356,16 +364,17 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     head = ("| shape (batch, dim, N, L) | backend | fwd ms | fwd GB/s | fwd / floor | fwd speedup vs mamba-ssm | "
-            "fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / floor | fwd+bwd speedup vs mamba-ssm | fwd+bwd GPU-busy ms |")
-    lines = [head, "|" + "---|" * 11]
+            "fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / floor | fwd+bwd speedup vs mamba-ssm | fwd GPU-busy ms | "
+            "fwd+bwd GPU-busy ms |")
+    lines = [head, "|" + "---|" * 12]
     for r in result["rows"]:
         fwd_speed = f"{r['fwd_speedup_vs_mamba']:.2f}x" if r["fwd_speedup_vs_mamba"] else "n/a"
         speed = f"{r['fwd_bwd_speedup_vs_mamba']:.2f}x" if r["fwd_bwd_speedup_vs_mamba"] else "n/a"
-        gpu_busy = f"{r['fwd_bwd_gpu_ms']:.3f}" if r.get("fwd_bwd_gpu_ms") is not None else "n/a"
+        fwd_busy, gpu_busy = (f"{r[k]:.3f}" if r.get(k) is not None else "n/a" for k in ("fwd_gpu_ms", "fwd_bwd_gpu_ms"))
         lines.append(
             f"| {r['shape']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_GBps']:.0f} | {r['fwd_x_floor']:.1f}x"
             f" | {fwd_speed} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} | {r['fwd_bwd_x_floor']:.1f}x | {speed}"
-            f" | {gpu_busy} |"
+            f" | {fwd_busy} | {gpu_busy} |"
         )
     return "\n".join(lines)
 
@@ -374,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="only these rows (triton, triton_v2, triton_v3, triton_v4, mamba_ssm, chunked_torch, "
+                        help="only these rows (triton, triton_v1, triton_v2, triton_v3, triton_v4, mamba_ssm, chunked_torch, "
                              "naive_loop)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")

@@ -10,10 +10,10 @@ from kernels.selective_scan_checks import check_scan_inputs
 from kernels.selective_scan_chunked import selective_scan_chunked
 from kernels.selective_scan_ref import selective_scan_ref
 
-# "triton_v2" / "triton_v3" / "triton_v4": the Triton kernels in that variant (kernels/triton_scan_common.py:
-# ScanLaunchConfig), opt-in until a GPU benchmark makes one the default. v4 is a forward only (parallel over
-# positions); "triton_v4" runs it with the v2 backward.
-BACKENDS = ("auto", "triton", "triton_v2", "triton_v3", "triton_v4", "chunked", "reference", "mamba_ssm")
+# "triton_v1" / "triton_v2" / "triton_v3" / "triton_v4": the Triton kernels in that variant (kernels/triton_scan_common.py:
+# ScanLaunchConfig); "triton" runs the default variant (DEFAULT_VARIANT, v2 since the nineteenth session). v4 is a
+# forward only (parallel over positions); "triton_v4" runs it with the v2 backward.
+BACKENDS = ("auto", "triton", "triton_v1", "triton_v2", "triton_v3", "triton_v4", "chunked", "reference", "mamba_ssm")
 
 
 @torch.compiler.assume_constant_result  # importlib is skipped by dynamo (a graph break per call otherwise)
@@ -68,8 +68,8 @@ def selective_scan_fn(
     accumulation are float32; ``out`` (batch, dim, L) comes back in u's dtype, and with
     ``return_last_state`` also the float32 final state (batch, dim, N). ``reverse`` scans right to left.
     ``backend``: "triton", "chunked" (pure torch, fast on CPU), "reference" (explicit loop),
-    "mamba_ssm" (when installed), or "auto" (triton on CUDA, chunked otherwise); "triton_v2" / "triton_v3" /
-    "triton_v4" run the opt-in kernel variants with their default tiles (v4: its forward, the v2 backward).
+    "mamba_ssm" (when installed), or "auto" (triton on CUDA, chunked otherwise); "triton_v1" / "triton_v2" /
+    "triton_v3" / "triton_v4" run one kernel variant with their default tiles (v4: its forward, the v2 backward).
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     chosen = resolve_backend(backend, u.device)

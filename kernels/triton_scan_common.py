@@ -216,6 +216,11 @@ class ScanLaunchConfig:
             raise ValueError(f"ScanLaunchConfig: segments need the v3 kernels, got {self}")
 
 
+# The kernels the default tiles run: v2 since the nineteenth session (one H100, same call, v1 -> v2: the Vim-S
+# training step's scans 39.5 -> 30.0 ms of kernel time, fwd+bwd at L=197 / 1024 / 4096 2.055 -> 1.966, 1.524 -> 1.262,
+# 6.075 -> 5.070 ms). v1 stays selectable (ScanLaunchConfig(variant="v1"), backend "triton_v1").
+DEFAULT_VARIANT = "v2"
+
 # One-warp block_d-16 backward programs resident per multiprocessor (about 230 registers per thread:
 # 65536 / (256 * 32) = 8 after allocation rounding).
 BWD_RESIDENT_PROGRAMS = 8
@@ -232,15 +237,16 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     multiprocessors x 8, the residency at ~230 registers) takes block_d 16 with the next chunk's inputs
     prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
     the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
-    tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles."""
+    tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles. The kernels are
+    DEFAULT_VARIANT's (the tiles were swept on v1; v2 keeps v1's tiles)."""
     chunk = min(4, next_power_of_2(length))
     if not backward:
-        return ScanLaunchConfig(block_d=8, chunk=chunk)
+        return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT)
     small_grid = (rows is not None and multiprocessors is not None
                   and ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
     if small_grid:
-        return ScanLaunchConfig(block_d=8, chunk=chunk)
-    return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True)
+        return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT)
+    return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT)
 
 
 # Resident one-warp v3 programs per multiprocessor that a grid should reach before sequences are split

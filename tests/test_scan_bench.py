@@ -48,9 +48,9 @@ def test_table_shows_the_gpu_busy_column_when_measured() -> None:
     row = {"shape": "(1, 2, 3, L=4)", "backend": "triton", "fwd_ms": 1.0, "fwd_GBps": 1.0, "fwd_x_floor": 2.0,
            "fwd_speedup_vs_mamba": None, "fwd_bwd_ms": 3.0, "fwd_bwd_GBps": 1.0, "fwd_bwd_x_floor": 4.0,
            "fwd_bwd_speedup_vs_mamba": 1.5}
-    lines = format_table({"rows": [row, row | {"fwd_bwd_gpu_ms": 0.75}]}).splitlines()
-    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 12
-    assert lines[2].endswith("| 1.50x | n/a |") and lines[3].endswith("| 1.50x | 0.750 |")
+    lines = format_table({"rows": [row, row | {"fwd_bwd_gpu_ms": 0.75, "fwd_gpu_ms": 0.25}]}).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 13
+    assert lines[2].endswith("| 1.50x | n/a | n/a |") and lines[3].endswith("| 1.50x | 0.250 | 0.750 |")
 
 
 def test_v4_sweep_times_every_tile_and_reports_one_that_fails(monkeypatch, capsys) -> None:
@@ -67,7 +67,7 @@ def test_v4_sweep_times_every_tile_and_reports_one_that_fails(monkeypatch, capsy
         if (fwd_config.block_d, fwd_config.block_l) == (16, 256):
             raise RuntimeError("out of resources")
 
-    def fake_time_backend(fn, inp, rep_ms, forward=True, backward=True):
+    def fake_time_backend(fn, inp, rep_ms, forward=True, backward=True, gpu_busy=True):
         fn(**inp, delta_softplus=True)
         return {"fwd_ms": float(seen[-1].block_d * seen[-1].block_l)}
 

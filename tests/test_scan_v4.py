@@ -168,5 +168,5 @@ def test_v4_configs_and_defaults():
     fwd, bwd = variant_configs("v4", 16, 4096, 16 * 768, torch.device("cpu"))
     assert (fwd.variant, bwd.variant, fwd.chunk, bwd.chunk) == ("v4", "v2", 4, 4)
     assert fwd.block_l % fwd.chunk == 0
-    # The defaults of every other variant are untouched (v1 stays the default).
-    assert launch_configs(16, 100, None, None)[0].variant == "v1"
+    # The defaults are DEFAULT_VARIANT's (v2), forward and backward; v4 is never chosen by default.
+    assert [c.variant for c in launch_configs(16, 100, None, None)] == ["v2", "v2"]
