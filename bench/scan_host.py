@@ -1,6 +1,6 @@
 """Host time of the Triton scan's Python path, on the CPU, with the Triton kernels replaced by no-ops.
 
-    python -m bench.scan_host [--iters 2000] [--backends triton triton_v2 triton_v3]
+    python -m bench.scan_host [--iters 2000] [--backends triton triton_v1 triton_v3]
     python -m bench.scan_host --cuda [--backends ...]     (on a GPU: the real path at the benchmark's shape)
     python -m bench.scan_host --cuda --python-profile 25  (and the Python functions with the most own time)
 
@@ -182,7 +182,7 @@ def python_profile(backend: str, top: int, iters: int = 200, length: int = 50,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=2000)
-    parser.add_argument("--backends", nargs="+", default=["triton", "triton_v2", "triton_v3"])
+    parser.add_argument("--backends", nargs="+", default=["triton", "triton_v1", "triton_v3"])  # triton: v2
     parser.add_argument("--cuda", action="store_true", help="real kernels on the GPU (see the module docstring)")
     parser.add_argument("--python-profile", type=int, default=0, metavar="TOP",
                         help="with --cuda: also print the TOP Python functions by own time (cProfile)")
