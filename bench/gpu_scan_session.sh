@@ -47,6 +47,19 @@ device_setup() {
     fi
 }
 
+# On the GPU machine, when the mamba-ssm sdist was carried: sets mamba=(--mamba-src DIR) for bench.scan and builds
+# its extension into torch's extension cache in the background (nvcc is CPU work: it overlaps the tests' Triton
+# compiles, and bench.scan then finds it built); the caller waits. Without the sdist mamba=() and nothing starts.
+start_mamba_build() {
+    mamba=()
+    local src=".gpu_run/mamba_ssm-${MAMBA_VERSION}"
+    if [ -d "$src" ]; then
+        mamba=(--mamba-src "$src")
+        python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
+load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$1/mamba_build.log" 2>&1 &
+    fi
+}
+
 case "${1:-}" in
 prepare)
     mkdir -p .gpu_run
@@ -92,15 +105,7 @@ run)
     mkdir -p "$out"
     device_setup
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    mamba=()
-    src=".gpu_run/mamba_ssm-${MAMBA_VERSION}"
-    if [ -d "$src" ]; then
-        mamba=(--mamba-src "$src")
-        # nvcc is CPU work: build mamba-ssm's extension into torch's extension cache while the tests run, so
-        # bench.scan below finds it built (the tests' Triton compiles and nvcc share the host's cores).
-        python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
-load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
-    fi
+    start_mamba_build "$out"
     # Each stage is bounded so that a slow one leaves time for the rest of one call (about 8 minutes): correctness
     # first (the newest GPU-only tests, the launch cache's, before the rest), then the backends side by side, the
     # host's profile and the Vim-S step.
@@ -218,13 +223,7 @@ variants)
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
     device_setup
-    mamba=()
-    src=".gpu_run/mamba_ssm-${MAMBA_VERSION}"
-    if [ -d "$src" ]; then
-        mamba=(--mamba-src "$src")
-        python3 -c "import sys; from pathlib import Path; from bench.scan import load_mamba_ssm_cuda; \
-load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$out/mamba_build.log" 2>&1 &
-    fi
+    start_mamba_build "$out"
     # shellcheck disable=SC2086  # word lists
     timeout "${TESTS_S:-150}" python3 -m pytest -q -rf -p no:cacheprovider \
         ${TEST_FILES:-tests/test_scan_strides.py tests/test_scan_variant.py tests/test_models_ssm.py} 2>&1 \
