@@ -189,7 +189,9 @@ class ScanLaunchConfig:
     "v3" those of kernels/triton_scan_fwd3.py / _bwd3.py (one lane per channel with all its N states, positions
     read and written a chunk at a time; block_d = 32 per warp); "v4" the forward of kernels/triton_scan_fwd4.py
     (parallel over positions: spans of ``block_l`` positions scanned with tl.associative_scan, block_d channels per
-    program), forward only: its backward is a v1 or v2 config.
+    program), forward only: its backward is a v1 or v2 config. A config built without ``variant`` names v1; the
+    device defaults (``default_launch_config``, what ``selective_scan_fn`` uses unless given tiles) run
+    DEFAULT_VARIANT.
     ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
     after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
     """

@@ -51,13 +51,15 @@ SASS_BUDGETS = {"scan_fwd_kernel[bd16]": 160, "scan_bwd_kernel[bd16]": 500, "sca
                 "scan_bwd_kernel_v2[bd16,prefetch]": 365}
 
 
-@pytest.mark.parametrize("dlast", [False, True])  # the last state's gradient read the same bad way once
-def test_scan_hot_loops_stay_within_their_instruction_budgets(tmp_path: Path, dlast: bool) -> None:
+# The last state's gradient was read the same bad way once (dlast); a Vim block hands u / delta / z over channel-last
+# (channel_last; the default path since the seventeenth session). One build each, to keep the suite short.
+@pytest.mark.parametrize("dlast,channel_last", [(False, False), (True, True)])
+def test_scan_hot_loops_stay_within_their_instruction_budgets(tmp_path: Path, dlast: bool, channel_last: bool) -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-m", "bench.scan_sass", "--variant", "v1", "v2", "--shape", "128", "768",
-                           "16", "197", *(["--dlast"] if dlast else [])],
+                           "16", "197", *(["--dlast"] if dlast else []), *(["--channel-last"] if channel_last else [])],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Spills counted both ways: cuobjdump's spill bytes, and the LDL / STL instructions in the SASS, which the
