@@ -111,7 +111,7 @@ class BiMamba(KeepSSMParamsFp32):
         # Split in the projection's (B, L, 2 * d_inner) layout, then viewed (B, d_inner, L): the backward then joins
         # the two (B, L, d_inner) gradients along their last axis straight into the projection's layout.
         x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))
-        # x and z stay channel-last views of the projection: the Triton conv and the (v1) Triton scan read them in
+        # x and z stay channel-last views of the projection: the Triton conv and the (v1 / v2) Triton scan read them in
         # place, and with the Triton conv the scan's u, delta, output and gradients are all channel-last, so the
         # projections around them need no copies either. The output's gradient is put in the output's layout once
         # for both directions.
