@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from bench.scan_tables import format_sweep, format_table
 from kernels.selective_scan_chunked import selective_scan_chunked
 from kernels.selective_scan_ref import selective_scan_ref
 from kernels.testing import make_scan_inputs
@@ -339,52 +340,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _chunk_tag(row: dict[str, Any]) -> str:
-    chunk = row.get("chunk", 4)
-    return "" if chunk == 4 else f"/ch{chunk}"
-
-
-def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
-    """One line per shape and pass: ms per (variant, block_d, maxnreg, prefetch), the fastest marked *."""
-    lines = []
-    for shape, rows in sweeps.items():
-        for pass_name in ("fwd", "fwd+bwd"):
-            sel = [r for r in rows if r["pass"] == pass_name]
-            if not sel:
-                continue
-            best = min(r["ms"] for r in sel)
-            cells = [f"{r.get('variant', 'v1')}/bd{r['block_d']}/reg{r['maxnreg'] or '-'}"
-                     f"{'/pf' if r['prefetch'] else ''}{_chunk_tag(r)}"
-                     f"{'/seg' + str(r['segments']) if r.get('segments', 1) > 1 else ''}"
-                     f"{'/bl' + str(r['block_l']) if 'block_l' in r else ''} "
-                     f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
-            lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
-    return "\n".join(lines)
-
-
-def format_table(result: dict[str, Any]) -> str:
-    head = ("| shape (batch, dim, N, L) | backend | fwd ms | fwd GB/s | fwd / floor | fwd speedup vs mamba-ssm | "
-            "fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / floor | fwd+bwd speedup vs mamba-ssm | fwd GPU-busy ms | "
-            "fwd+bwd GPU-busy ms |")
-    lines = [head, "|" + "---|" * 12]
-    for r in result["rows"]:
-        fwd_speed = f"{r['fwd_speedup_vs_mamba']:.2f}x" if r["fwd_speedup_vs_mamba"] else "n/a"
-        speed = f"{r['fwd_bwd_speedup_vs_mamba']:.2f}x" if r["fwd_bwd_speedup_vs_mamba"] else "n/a"
-        fwd_busy, gpu_busy = (f"{r[k]:.3f}" if r.get(k) is not None else "n/a" for k in ("fwd_gpu_ms", "fwd_bwd_gpu_ms"))
-        lines.append(
-            f"| {r['shape']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_GBps']:.0f} | {r['fwd_x_floor']:.1f}x"
-            f" | {fwd_speed} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} | {r['fwd_bwd_x_floor']:.1f}x | {speed}"
-            f" | {fwd_busy} | {gpu_busy} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist to compile and compare")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="only these rows (triton, triton_v1, triton_v2, triton_v3, triton_v4, mamba_ssm, chunked_torch, "
-                             "naive_loop)")
+                        help="only these rows (triton, triton_v1, triton_v2, triton_v3, triton_v4, mamba_ssm, "
+                             "chunked_torch, naive_loop)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")
     parser.add_argument("--sweep-v4", action="store_true",

@@ -10,10 +10,11 @@ from kernels.selective_scan_checks import check_scan_inputs
 from kernels.selective_scan_chunked import selective_scan_chunked
 from kernels.selective_scan_ref import selective_scan_ref
 
-# "triton_v1" / "triton_v2" / "triton_v3" / "triton_v4": the Triton kernels in that variant (kernels/triton_scan_common.py:
-# ScanLaunchConfig); "triton" runs the default variant (DEFAULT_VARIANT, v2 since the nineteenth session). v4 is a
-# forward only (parallel over positions); "triton_v4" runs it with the v2 backward.
-BACKENDS = ("auto", "triton", "triton_v1", "triton_v2", "triton_v3", "triton_v4", "chunked", "reference", "mamba_ssm")
+# "triton_v1" / "triton_v2" / "triton_v3" / "triton_v4": the Triton kernels in that variant
+# (kernels/triton_scan_common.py: ScanLaunchConfig); "triton" runs the default variant (DEFAULT_VARIANT, v2 since the
+# nineteenth session). v4 is a forward only (parallel over positions); "triton_v4" runs it with the v2 backward.
+BACKENDS = ("auto", "triton", "triton_v1", "triton_v2", "triton_v3", "triton_v4", "chunked", "reference",
+            "mamba_ssm")
 
 
 @torch.compiler.assume_constant_result  # importlib is skipped by dynamo (a graph break per call otherwise)

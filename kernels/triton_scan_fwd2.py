@@ -88,8 +88,8 @@ def _scan_fwd_kernel_v2(
         pos = 0 * n_chunks
 
     u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
-                                          n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N, REVERSE,
-                                          FAST)
+                                          n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
+                                          REVERSE, FAST)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     for i in range(n_chunks):
         if STORE_STATES:
@@ -118,7 +118,8 @@ def _scan_fwd_kernel_v2(
             out_mask = pos < length
             if not EVEN_D:
                 out_mask = out_mask & d_mask
-            tl.store(OUT_row + _clamp_position(pos, length, REVERSE) * seq_sl, y.to(OUT.dtype.element_ty), mask=out_mask)
+            at = _clamp_position(pos, length, REVERSE)
+            tl.store(OUT_row + at * seq_sl, y.to(OUT.dtype.element_ty), mask=out_mask)
 
             pos = pos + step
             u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n

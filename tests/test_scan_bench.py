@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.scan import format_table, profiled_ms
+from bench.scan import profiled_ms
+from bench.scan_tables import format_sweep, format_table
 
 
 def test_profiled_ms_sums_the_operations_of_one_call(monkeypatch) -> None:
@@ -79,5 +80,5 @@ def test_v4_sweep_times_every_tile_and_reports_one_that_fails(monkeypatch, capsy
     assert [(r["block_d"], r["block_l"], r["ms"]) for r in rows] == [
         (d, b, float(d * b)) for d, b in scan.V4_SWEEP_TILES if (d, b) != (16, 256)]
     assert "out of resources" in capsys.readouterr().out
-    line = scan.format_sweep({"(1, 4, 16, L=1024)": rows})
+    line = format_sweep({"(1, 4, 16, L=1024)": rows})
     assert "v4/bd8/reg-/bl256 2048.000" in line and line.count("*") == 1
