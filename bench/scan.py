@@ -164,6 +164,7 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
 
 # Sequence segments swept for v3 (forward and backward alike) at every shape.
 SWEEP_SEGMENTS = (2, 4, 8, 16)
+SWEEP_VARIANTS = ("v1", "v2", "v3")
 
 
 def time_forward_config(config: Any, inp: dict[str, torch.Tensor], rep_ms: int) -> float | None:
@@ -180,17 +181,18 @@ def time_forward_config(config: Any, inp: dict[str, torch.Tensor], rep_ms: int) 
         return None
 
 
-def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any]]:
+def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
+                variants: tuple[str, ...] = SWEEP_VARIANTS) -> list[dict[str, Any]]:
     """Time the tile options: the forward alone per block_d (4 / 8 / 16 / 32; block_d 4 for batch 16 at long L, where
     a forward warp walks thousands of positions), then forward+backward (behind the default forward) per backward
     option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with prefetch, and uncapped block_d 8 /
     4 (more programs at small batch). Then the same for the "v2" kernels (ScanLaunchConfig.variant): forward
     block_d 4 / 8 / 16, and forward+backward behind the v2 default forward at backward block_d 16 with and without
-    prefetch and block_d 8 with and without. Then the "v3" kernels (one lane per channel): forward block_d 16 / 32 /
+    prefetch (and with prefetch capped at 200 / 168 registers), block_d 8 with and without, and block_d 4. Then the "v3" kernels (one lane per channel): forward block_d 16 / 32 /
     64 at chunk 4, and forward+backward (behind the v3 forward of the same block_d and chunk) at block_d 16 / 32 /
     64, chunk 2 and 4, with and without prefetch at block_d 32, and at block_d 32, chunk 2 capped at 168 registers
     with and without prefetch; and v3 at block_d 32 with each sequence split into SWEEP_SEGMENTS segments (forward,
-    and forward+backward with the same count on both sides)."""
+    and forward+backward with the same count on both sides). ``variants`` keeps only those variants' rows."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 
@@ -198,6 +200,7 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     fwd_options = [(4, "v1", 1), (8, "v1", 1), (16, "v1", 1), (32, "v1", 1), (4, "v2", 1), (8, "v2", 1),
                    (16, "v2", 1), (16, "v3", 1), (32, "v3", 1), (64, "v3", 1)] + [
         (32, "v3", segments) for segments in SWEEP_SEGMENTS]
+    fwd_options = [opt for opt in fwd_options if opt[1] in variants]
     for block_d, variant, segments in fwd_options:
         ms = time_forward_config(ScanLaunchConfig(block_d, 4, variant=variant, segments=segments), inp, rep_ms)
         if ms is not None:
@@ -206,7 +209,8 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
     bwd_options = [(16, None, False, "v1"), (16, 168, False, "v1"), (16, 200, False, "v1"), (16, None, True, "v1"),
                    (16, 200, True, "v1"), (8, None, False, "v1"), (4, None, False, "v1"),
-                   (16, None, False, "v2"), (16, None, True, "v2"), (8, None, False, "v2"), (8, None, True, "v2")]
+                   (16, None, False, "v2"), (16, None, True, "v2"), (16, 200, True, "v2"), (16, 168, True, "v2"),
+                   (8, None, False, "v2"), (8, None, True, "v2"), (4, None, False, "v2")]
     bwd_options = [opt + (4, 1) for opt in bwd_options] + [
         (32, None, False, "v3", 2, 1), (32, None, True, "v3", 2, 1), (32, None, False, "v3", 4, 1),
         (32, None, True, "v3", 4, 1), (16, None, False, "v3", 2, 1), (16, None, False, "v3", 4, 1),
@@ -214,6 +218,7 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, Any
         # 168 registers: 12 resident warps instead of 9, without spills offline at chunk 2 (thirteenth session).
         (32, 168, False, "v3", 2, 1), (32, 168, True, "v3", 2, 1),
     ] + [(32, None, False, "v3", 4, segments) for segments in SWEEP_SEGMENTS]
+    bwd_options = [opt for opt in bwd_options if opt[3] in variants]
     # Each v1 / v2 backward runs behind the same variant's default forward, a v3 one behind its own tiles.
     default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
     for block_d, maxnreg, prefetch, variant, chunk, segments in bwd_options:
@@ -318,8 +323,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             })
             print(f"  {shape} {name}: fwd {t['fwd_ms']:.3f} ms, fwd+bwd {t['fwd_bwd_ms']:.3f} ms", flush=True)
         # After the backend rows, so that a run cut short still has them.
-        if args.sweep:
-            sweeps[shape] = sweep_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
+        if args.sweep is not None:
+            sweeps[shape] = sweep_tiles(inp, rep_ms=max(20, args.rep_ms // 4),
+                                        variants=tuple(args.sweep) or SWEEP_VARIANTS)
         if args.sweep_v4 and length >= V4_SWEEP_MIN_L:
             sweeps[shape] = sweeps.get(shape, []) + sweep_v4_tiles(inp, rep_ms=max(20, args.rep_ms // 4))
         if shape in sweeps:
@@ -346,8 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="only these rows (triton, triton_v1, triton_v2, triton_v3, triton_v4, mamba_ssm, "
                              "chunked_torch, naive_loop)")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch)")
+    parser.add_argument("--sweep", nargs="*", default=None, choices=SWEEP_VARIANTS, metavar="VARIANT",
+                        help="also time the tile options (forward block_d; backward block_d, maxnreg, prefetch) of "
+                             f"these variants (none named: all of {', '.join(SWEEP_VARIANTS)})")
     parser.add_argument("--sweep-v4", action="store_true",
                         help=f"also time the v4 forward's tiles (block_d, block_l) at L >= {V4_SWEEP_MIN_L}")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
