@@ -233,7 +233,8 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
             print(f"    bwd {cfg}: {type(exc).__name__}: {str(exc)[-200:]}")
             continue
         rows.append({"pass": "fwd+bwd", "variant": variant, "block_d": block_d, "maxnreg": maxnreg,
-                     "prefetch": prefetch, "chunk": chunk, "segments": segments, "ms": t["fwd_bwd_ms"]})
+                     "prefetch": prefetch, "chunk": chunk, "segments": segments, "ms": t["fwd_bwd_ms"],
+                     "gpu_ms": t.get("fwd_bwd_gpu_ms")})
     return rows
 
 

@@ -11,7 +11,8 @@ def _chunk_tag(row: dict[str, Any]) -> str:
 
 
 def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
-    """One line per shape and pass: ms per (variant, block_d, maxnreg, prefetch), the fastest marked *."""
+    """One line per shape and pass: ms per (variant, block_d, maxnreg, prefetch), the fastest marked *, with the
+    kernels' own time (GPU-busy) where the row has it."""
     lines = []
     for shape, rows in sweeps.items():
         for pass_name in ("fwd", "fwd+bwd"):
@@ -23,7 +24,9 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
                      f"{'/pf' if r['prefetch'] else ''}{_chunk_tag(r)}"
                      f"{'/seg' + str(r['segments']) if r.get('segments', 1) > 1 else ''}"
                      f"{'/bl' + str(r['block_l']) if 'block_l' in r else ''} "
-                     f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}" for r in sel]
+                     f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}"
+                     f"{' (busy ' + format(r['gpu_ms'], '.3f') + ')' if r.get('gpu_ms') is not None else ''}"
+                     for r in sel]
             lines.append(f"{shape} {pass_name}: " + "  ".join(cells))
     return "\n".join(lines)
 
