@@ -29,6 +29,7 @@ from kernels.selective_scan_chunked import selective_scan_chunked
 from kernels.selective_scan_ref import selective_scan_ref
 from kernels.testing import make_scan_inputs
 
+# The four shapes (batch, dim, N, L); --shape replaces them (e.g. a Vim-S MAE step's: 256 768 16 50).
 SHAPES = [(128, 768, 16, 50), (128, 768, 16, 197), (16, 768, 16, 1024), (16, 768, 16, 4096)]
 NAIVE_MAX_L = 1024  # the per-position loop takes seconds beyond this; its time grows linearly anyway
 
@@ -302,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     sweeps: dict[str, list[dict[str, Any]]] = {}
-    for batch, dim, n_state, length in SHAPES:
+    for batch, dim, n_state, length in args.shape or SHAPES:
         inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                                device="cuda")
         fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
                              f"these variants (none named: all of {', '.join(SWEEP_VARIANTS)})")
     parser.add_argument("--sweep-v4", action="store_true",
                         help=f"also time the v4 forward's tiles (block_d, block_l) at L >= {V4_SWEEP_MIN_L}")
+    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
+                        help="time this shape instead of the issue's four (repeatable)")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", default=None, help="write the full results here")
     args = parser.parse_args(argv)
