@@ -240,7 +240,8 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
     the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
     tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles. The kernels are
-    DEFAULT_VARIANT's (the tiles were swept on v1; v2 keeps v1's tiles)."""
+    DEFAULT_VARIANT's: swept on v1, and the twentieth session's v2 sweep on an H100 found the same tiles best
+    (docs/scan_kernels.md)."""
     chunk = min(4, next_power_of_2(length))
     if not backward:
         return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT)
