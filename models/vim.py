@@ -222,6 +222,5 @@ class VisionMamba(EncoderBase):
         return [torch.cat([prefix, patches], dim=1) for patches, prefix in self._encode(self._embed(x), n_last_blocks)]
 
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = self._embed(x)
-        patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        patches = self.patch_embed(x, ids_keep) + self.pos_embed[0, self.num_prefix_tokens:][ids_keep]
         return self._encode(patches)[0]

@@ -75,7 +75,6 @@ class VisionTransformer(EncoderBase):
         return self._run_blocks(self.pos_drop(self._with_cls(patches)), n_last_blocks)
 
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = self.patch_embed(x) + self.pos_embed[:, 1:]
-        patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        patches = self.patch_embed(x, ids_keep) + self.pos_embed[0, 1:][ids_keep]
         tokens = self._run_blocks(self.pos_drop(self._with_cls(patches)))[0]
         return tokens[:, 1:], tokens[:, :1]

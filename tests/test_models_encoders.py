@@ -173,3 +173,50 @@ def test_attention_equals_attention_written_out() -> None:
     leaves = [x, *attn.parameters()]
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("in_chans,size,patch", [(1, (32, 48), 8), (3, (24, 24), 4)])
+def test_patch_embed_is_the_strided_convolution(in_chans: int, size: tuple[int, int], patch: int) -> None:
+    """The flattened-patch projection equals the strided convolution its weight is stored as (checkpoint layout),
+    for every patch and for a selected subset (MAE's visible patches), forward and weight / bias gradients, in
+    float64."""
+    import torch.nn.functional as F
+
+    from models.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(size, patch, in_chans, 12).double()
+    x = torch.randn(3, in_chans, *size, dtype=torch.float64)
+    conv = F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=patch).flatten(2).transpose(1, 2)
+    full = embed(x)
+    torch.testing.assert_close(full, conv)
+    num = embed.num_patches
+    ids = torch.stack([torch.randperm(num)[: num // 4].sort().values for _ in range(3)])
+    picked = embed(x, ids)
+    want = torch.gather(conv, 1, ids.unsqueeze(-1).expand(-1, -1, 12))
+    torch.testing.assert_close(picked, want)
+    grad = torch.randn_like(picked)
+    params = [embed.proj.weight, embed.proj.bias]
+    for a, b in zip(torch.autograd.grad(picked, params, grad), torch.autograd.grad(want, params, grad)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="expected input"):
+        embed(x[:, :, :patch])
+
+
+@pytest.mark.parametrize("name,blocks_input", [("test_vit", "_with_cls"), ("test_vim", "_encode")])
+def test_forward_visible_embeds_the_kept_patches_at_their_positions(name: str, blocks_input: str) -> None:
+    """forward_visible projects only the kept patches: what it hands to the blocks equals embedding every patch
+    (the convolution), adding every position's embedding and keeping the same patches."""
+    import torch.nn.functional as F
+
+    model = _make(name, in_chans=1, img_size=(32, 32)).double().eval()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    ids = torch.tensor([[0, 3, 5, 15], [1, 2, 8, 14]])
+    seen = []
+    run_blocks = getattr(model, blocks_input)
+    setattr(model, blocks_input, lambda patches, *rest: seen.append(patches) or run_blocks(patches, *rest))
+    model.forward_visible(x, ids)
+    proj = model.patch_embed.proj
+    every = F.conv2d(x, proj.weight, proj.bias, stride=model.patch_size).flatten(2).transpose(1, 2)
+    every = every + model.pos_embed[:, model.num_prefix_tokens:]
+    torch.testing.assert_close(seen[0], torch.gather(every, 1, ids.unsqueeze(-1).expand(-1, -1, every.shape[-1])))
