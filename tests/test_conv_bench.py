@@ -24,7 +24,9 @@ def test_one_row_per_backend_times_forward_and_backward(backend):
     times = time_conv(backend, 2, 8, 10, channel_last=True, reverse=backend == "triton",
                       device=torch.cuda.is_available())
     assert set(times) == {"fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_bwd_GBps"}
-    assert 0 < times["fwd_ms"] < times["fwd_bwd_ms"]
+    # Both timed, nothing about their order: on a shared CPU (two test workers) one slow forward can outlast a
+    # forward+backward, and speed belongs in benchmarks, not in tests.
+    assert times["fwd_ms"] > 0 and times["fwd_bwd_ms"] > 0
     assert times["fwd_GBps"] == pytest.approx(2 * 2 * 2 * 8 * 10 / times["fwd_ms"] / 1e6)
 
 
