@@ -5,7 +5,8 @@
 # backend and the eager Vim-S step of that revision in the same call (an A/B on one machine).
 #
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh prepare
-#       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand)
+#       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand,
+#       pytest-xdist and execnet for the test modes)
 #       into .gpu_run/ (git-ignored; a new checkout starts without it)
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh sass [bench.scan_sass flags]
 #       the offline SASS report (bench/scan_sass.py) compiled with the GPU image's Triton (DEVICE_TRITON below, unpacked
@@ -39,11 +40,18 @@ cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
 DEVICE_TRITON=3.6.0  # the GPU image's (torch 2.11); kernels must be checked with it, not only with ours
 
-# On the GPU machine: name the GPU and install the carried pure-Python wheels the image lacks.
+# On the GPU machine: name the GPU and install the carried pure-Python wheels the image lacks. Sets xdist=(-n 12)
+# when pytest-xdist came with them: the GPU tests are mostly Triton compiles, CPU work that 12 processes on the
+# host's 16 cores share out (the twentieth session ran test_scan_triton's 141 GPU cases in 95 s; the nineteenth got
+# through 83 of them in two calls without it).
 device_setup() {
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     if [ -d .gpu_run/whl ]; then
         python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
+    fi
+    xdist=()
+    if python3 -c "import xdist" 2>/dev/null; then
+        xdist=(-n 12)
     fi
 }
 
@@ -70,7 +78,7 @@ meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/mamba-ssm/json"))
 url = next(u["url"] for u in meta["releases"][sys.argv[1]] if u["packagetype"] == "sdist")
 urllib.request.urlretrieve(url, f".gpu_run/mamba_ssm-{sys.argv[1]}.tar.gz")
 PY
-    python3 -m pip download --no-deps -q -d .gpu_run/whl webdataset braceexpand
+    python3 -m pip download --no-deps -q -d .gpu_run/whl webdataset braceexpand pytest-xdist execnet
     tar -xzf .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz -C .gpu_run
     rm .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz
     du -sh .gpu_run
@@ -225,7 +233,7 @@ variants)
     device_setup
     start_mamba_build "$out"
     # shellcheck disable=SC2086  # word lists
-    timeout "${TESTS_S:-150}" python3 -m pytest -q -rf -p no:cacheprovider \
+    timeout "${TESTS_S:-150}" python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" \
         ${TEST_FILES:-tests/test_scan_strides.py tests/test_scan_variant.py tests/test_models_ssm.py} 2>&1 \
         | tee "$out/variant_tests.log" | tail -8 || true
     wait
@@ -264,7 +272,7 @@ tests)
         echo "== $f (at most $bound s)"
         log="$out/$(basename "$f" .py).log"
         rc=0
-        timeout "$bound" python3 -m pytest -q -rf -p no:cacheprovider "$f" >"$log" 2>&1 || rc=$?
+        timeout "$bound" python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" "$f" >"$log" 2>&1 || rc=$?
         if [ "$rc" = 124 ]; then
             echo "stopped at the time bound: $(tr -cd '.' <"$log" | wc -c) passed before it"
         fi
