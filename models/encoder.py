@@ -84,6 +84,12 @@ class EncoderBase(nn.Module):
         table = sincos_pos_embed_2d(self.embed_dim, self.grid_size, self.num_prefix_tokens)
         return nn.Parameter(table.unsqueeze(0), requires_grad=trainable)
 
+    def _embed_patches(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with their position embeddings, ``(B, num_patches, D)``, or only the patches ``ids`` (B, K)
+        (MAE's kept patches: the others are never projected)."""
+        positions = self.pos_embed[0, self.num_prefix_tokens:]
+        return self.patch_embed(x, ids) + (positions if ids is None else positions[ids])
+
     # -- pooling and head -----------------------------------------------------------------------------
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T, D) -> (B, D)``: the class token (first) or the mean of the patch tokens."""

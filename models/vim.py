@@ -211,16 +211,13 @@ class VisionMamba(EncoderBase):
         outs = self._run(torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1), n_last_blocks)
         return [(torch.cat([out[:, :mid], out[:, mid + 1:]], dim=1), out[:, mid:mid + 1]) for out in outs]
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens:]
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_last_blocks(x, 1)[0]
 
     def forward_last_blocks(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
         self._check_n_last_blocks(n_last_blocks)
-        return [torch.cat([prefix, patches], dim=1) for patches, prefix in self._encode(self._embed(x), n_last_blocks)]
+        blocks = self._encode(self._embed_patches(x), n_last_blocks)
+        return [torch.cat([prefix, patches], dim=1) for patches, prefix in blocks]
 
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = self.patch_embed(x, ids_keep) + self.pos_embed[0, self.num_prefix_tokens:][ids_keep]
-        return self._encode(patches)[0]
+        return self._encode(self._embed_patches(x, ids_keep))[0]

@@ -71,10 +71,8 @@ class VisionTransformer(EncoderBase):
 
     def forward_last_blocks(self, x: torch.Tensor, n_last_blocks: int) -> list[torch.Tensor]:
         self._check_n_last_blocks(n_last_blocks)
-        patches = self.patch_embed(x) + self.pos_embed[:, 1:]
-        return self._run_blocks(self.pos_drop(self._with_cls(patches)), n_last_blocks)
+        return self._run_blocks(self.pos_drop(self._with_cls(self._embed_patches(x))), n_last_blocks)
 
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = self.patch_embed(x, ids_keep) + self.pos_embed[0, 1:][ids_keep]
-        tokens = self._run_blocks(self.pos_drop(self._with_cls(patches)))[0]
+        tokens = self._run_blocks(self.pos_drop(self._with_cls(self._embed_patches(x, ids_keep))))[0]
         return tokens[:, 1:], tokens[:, :1]
