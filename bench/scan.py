@@ -189,11 +189,12 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
     option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with prefetch, and uncapped block_d 8 /
     4 (more programs at small batch). Then the same for the "v2" kernels (ScanLaunchConfig.variant): forward
     block_d 4 / 8 / 16, and forward+backward behind the v2 default forward at backward block_d 16 with and without
-    prefetch (and with prefetch capped at 200 / 168 registers), block_d 8 with and without, and block_d 4. Then the "v3" kernels (one lane per channel): forward block_d 16 / 32 /
-    64 at chunk 4, and forward+backward (behind the v3 forward of the same block_d and chunk) at block_d 16 / 32 /
-    64, chunk 2 and 4, with and without prefetch at block_d 32, and at block_d 32, chunk 2 capped at 168 registers
-    with and without prefetch; and v3 at block_d 32 with each sequence split into SWEEP_SEGMENTS segments (forward,
-    and forward+backward with the same count on both sides). ``variants`` keeps only those variants' rows."""
+    prefetch (and with prefetch capped at 200 / 168 registers), block_d 8 with and without, and block_d 4. Then the
+    "v3" kernels (one lane per channel): forward block_d 16 / 32 / 64 at chunk 4, and forward+backward (behind the v3
+    forward of the same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at
+    block_d 32, and at block_d 32, chunk 2 capped at 168 registers with and without prefetch; and v3 at block_d 32
+    with each sequence split into SWEEP_SEGMENTS segments (forward, and forward+backward with the same count on both
+    sides). ``variants`` keeps only those variants' rows."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
     from kernels.triton_scan_common import ScanLaunchConfig
 

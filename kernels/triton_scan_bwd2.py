@@ -101,12 +101,12 @@ def _scan_bwd_kernel_v2(
         if PREFETCH:
             h_in, loads = ahead
             ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n,
-                                      offs_d, nd_mask, batch_idx, chunk_idx + chunk_step, length, n_chunks, n_state, dim, CHUNK,
-                                      HAS_Z, REVERSE, EVEN_D and EVEN_N)
+                                      offs_d, nd_mask, batch_idx, chunk_idx + chunk_step, length, n_chunks, n_state,
+                                      dim, CHUNK, HAS_Z, REVERSE, EVEN_D and EVEN_N)
         else:
             h_in, loads = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n,
-                                            offs_d, nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK,
-                                            HAS_Z, REVERSE, EVEN_D and EVEN_N)
+                                            offs_d, nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim,
+                                            CHUNK, HAS_Z, REVERSE, EVEN_D and EVEN_N)
 
         # Recompute the chunk's states and decays (index s = scan order in the chunk), as in v1.
         h = h_in
