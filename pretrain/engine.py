@@ -120,7 +120,9 @@ def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
             acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)  # returns the norm as a tensor: no sync
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
-    return loss.detach().float(), x
+    # A copy: under CUDA graphs (--compile_mode reduce-overhead) the loss lives in the graph's memory, which the
+    # next micro-batch's replay overwrites while this step's sum (accum_iter > 1) still holds it.
+    return loss.detach().to(torch.float32, copy=True), x
 
 
 def _check_due(ctx: TrainContext, step: int) -> bool:

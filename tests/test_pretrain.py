@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -149,6 +150,61 @@ def test_compiled_run_trains_the_same_model_and_resumes(curated: Path, tmp_path:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4)
     steps = [r["step"] for r in read_jsonl(tmp_path / "compiled" / "log.jsonl") if "loss" in r]
     assert steps[-1] == 4
+
+
+def test_micro_step_loss_is_a_copy_of_the_model_output() -> None:
+    """Under CUDA graphs (``--compile_mode reduce-overhead``) the model's loss lives in the graph's memory pool,
+    which the next micro-batch's replay overwrites: the loss a micro-step hands back (summed over ``accum_iter``
+    micro-batches, then read at the next check) must not share its storage."""
+    from types import SimpleNamespace
+
+    from pretrain.engine import _micro_step
+
+    class _Acc:
+        device, process_index, sync_gradients = torch.device("cpu"), 0, True
+
+        def accumulate(self, model):
+            return torch.enable_grad()
+
+        def backward(self, loss):
+            loss.backward()
+
+    class _Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.outputs = []
+
+        def forward(self, x, mask_ratio, noise):
+            loss = self.w * x.mean()
+            self.outputs.append(loss)
+            return loss, None, None
+
+    cfg = PretrainConfig(input_size=8, in_chans=1)
+    model = _Model()
+    ctx = SimpleNamespace(cfg=cfg, accelerator=_Acc(), model=model, mean=[0.5], std=[0.25],
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    batch = {"image": torch.full((2, 1, 8, 8), 100, dtype=torch.uint8), "size": torch.tensor([[8, 8], [8, 8]])}
+    loss, _ = _micro_step(ctx, batch, step=0, micro=0, num_patches=4)
+    assert loss.dtype == torch.float32 and loss.untyped_storage().data_ptr() != \
+        model.outputs[0].untyped_storage().data_ptr()
+    torch.testing.assert_close(loss, model.outputs[0].detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", ["mae_test_vit", "mae_test_vim"])
+def test_cuda_graphs_run_with_accumulation_and_pictures(curated: Path, tmp_path: Path, model: str) -> None:
+    """``--compile --compile_mode reduce-overhead`` through the real loop on a GPU: two micro-batches per step
+    (the first one's loss must survive the second replay), a reconstruction picture at another batch size, a
+    checkpoint and the exported encoder; the losses stay finite and the run resumes from its checkpoint."""
+    common = {"model": model, "compile": None, "compile_mode": "reduce-overhead", "accum_iter": 2,
+              "batch_size": 2, "vis_every": 3, "save_every": 3}
+    assert pretrain_main(args(curated, tmp_path, max_steps=3, **common)) == 0
+    assert pretrain_main(args(curated, tmp_path, max_steps=6, **common)) == 0  # --resume auto from step 3
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "log.jsonl") if "loss" in r]
+    assert len(losses) == 6 and all(map(math.isfinite, losses))
+    assert (tmp_path / "vis" / "step_00000006.png").is_file() and (tmp_path / "encoder.safetensors").is_file()
 
 
 def test_sigusr1_saves_and_exits_75(curated: Path, tmp_path: Path) -> None:
