@@ -6,7 +6,7 @@
 #
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh prepare
 #       downloads mamba-ssm's sdist and the pure-Python wheels the device image lacks (webdataset, braceexpand,
-#       pytest-xdist and execnet for the test modes)
+#       pytest-xdist and execnet for the test modes, pydicom and nibabel for tests that curate)
 #       into .gpu_run/ (git-ignored; a new checkout starts without it)
 #   here (CPU, with network):  bash bench/gpu_scan_session.sh sass [bench.scan_sass flags]
 #       the offline SASS report (bench/scan_sass.py) compiled with the GPU image's Triton (DEVICE_TRITON below, unpacked
@@ -40,20 +40,8 @@ cd "$(dirname "$0")/.."
 MAMBA_VERSION=2.3.2.post1
 DEVICE_TRITON=3.6.0  # the GPU image's (torch 2.11); kernels must be checked with it, not only with ours
 
-# On the GPU machine: name the GPU and install the carried pure-Python wheels the image lacks. Sets xdist=(-n 12)
-# when pytest-xdist came with them: the GPU tests are mostly Triton compiles, CPU work that 12 processes on the
-# host's 16 cores share out (the twentieth session ran test_scan_triton's 141 GPU cases in 95 s; the nineteenth got
-# through 83 of them in two calls without it).
-device_setup() {
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    if [ -d .gpu_run/whl ]; then
-        python3 -m pip install -q --no-index --no-deps .gpu_run/whl/*.whl
-    fi
-    xdist=()
-    if python3 -c "import xdist" 2>/dev/null; then
-        xdist=(-n 12)
-    fi
-}
+# device_setup: see bench/gpu_device_setup.sh.
+source bench/gpu_device_setup.sh  # after the cd above: paths are from the repository root
 
 # On the GPU machine, when the mamba-ssm sdist was carried: sets mamba=(--mamba-src DIR) for bench.scan and builds
 # its extension into torch's extension cache in the background (nvcc is CPU work: it overlaps the tests' Triton
@@ -78,7 +66,7 @@ meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/mamba-ssm/json"))
 url = next(u["url"] for u in meta["releases"][sys.argv[1]] if u["packagetype"] == "sdist")
 urllib.request.urlretrieve(url, f".gpu_run/mamba_ssm-{sys.argv[1]}.tar.gz")
 PY
-    python3 -m pip download --no-deps -q -d .gpu_run/whl webdataset braceexpand pytest-xdist execnet
+    python3 -m pip download --no-deps -q -d .gpu_run/whl webdataset braceexpand pytest-xdist execnet pydicom nibabel
     tar -xzf .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz -C .gpu_run
     rm .gpu_run/mamba_ssm-${MAMBA_VERSION}.tar.gz
     du -sh .gpu_run
