@@ -8,6 +8,11 @@
 #       here and in the baseline revision in the order A B B A on one fresh machine, then this tree's step with CUDA
 #       graphs and with inductor's GEMM autotuning (max-autotune-no-cudagraphs) in what is left of the call;
 #       $OUT/vitb_*.json, $OUT/gpu_tests.log, $OUT/clocks.log
+#   on the GPU machine:      bash bench/gpu_pretrain_session.sh loop     (carry .gpu_run/whl, .gpu_run/results/pool)
+#       the user's command with the real loader (accelerate launch pretrain/main.py through bench.scaling's 1gpu
+#       variant, shards in .gpu_run/results/pool, 64 px canvases, 12 workers): ViT-B/16 at batch 1024 with
+#       --compile (the row of the 6,500 img/s target), Vim-S/16 at batch 256 with CUDA graphs, then ViT-B
+#       with LOOP_VITB_MODE (default reduce-overhead) if time is left; $OUT/loop_*.json
 # Each row is its own process (bench.pretrain, --steps 60 at most, 10 s at most), bounded by timeout; the SM clock,
 # power and throttle reasons are logged between rows, so a slow row can be told from a slow machine.
 set -euo pipefail
@@ -36,7 +41,36 @@ vitb_row() {
         2>&1 | grep -E "^synthetic ") || echo "$name: no row (limit $limit s)"
 }
 
+# loop_run NAME LIMIT_S MODEL GLOBAL_BATCH STEPS [pretrain flags]: one real-loader run through accelerate launch.
+loop_run() {
+    local name=$1 limit=$2 model=$3 batch=$4 steps=$5
+    shift 5
+    local left=$((CALL_BUDGET_S - SECONDS))
+    if [ "$left" -lt 60 ]; then
+        echo "$name: skipped, $left s left in the call"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    clocks "before $name"
+    timeout "$limit" python3 -m bench.scaling --data_path .gpu_run/results/pool --output_dir "/tmp/loop_$name" \
+        --variants 1gpu --model "$model" --in_chans 1 --global_batch "$batch" --steps "$steps" --epochs 400 \
+        --warmup_epochs 40 --num_workers 12 --log_every 10 --plot none --json "$out/loop_$name.json" \
+        -- --canvas_size 64 "$@" 2>&1 | grep -vE "^\[scaling\] 1gpu:" | tail -6 \
+        || echo "$name: stopped (limit $limit s)"
+    cp "/tmp/loop_$name/1gpu/log.jsonl" "$out/loop_${name}_log.jsonl" 2>/dev/null || true
+}
+
 case "${1:-}" in
+loop)
+    out="${OUT:-/tmp/gpu_pretrain_out}"
+    mkdir -p "$out"
+    device_setup
+    loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
+    loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
+    loop_run vitb_"${LOOP_VITB_MODE:-reduce-overhead}" 240 mae_vit_base_patch16 1024 150 --compile \
+        --compile_mode "${LOOP_VITB_MODE:-reduce-overhead}"
+    clocks "end"
+    ;;
 vitb)
     out="${OUT:-/tmp/gpu_pretrain_out}"
     mkdir -p "$out"
@@ -54,7 +88,7 @@ vitb)
     clocks "end"
     ;;
 *)
-    echo "usage: bash bench/gpu_pretrain_session.sh vitb" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh vitb|loop" >&2
     exit 2
     ;;
 esac
