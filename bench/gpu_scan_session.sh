@@ -26,6 +26,9 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh variants
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) kernel variants side by side: CUDA tests, bench.scan, the L=50 host
 #       path, the compiled Vim-S step on each
+#   on the GPU machine:        bash bench/gpu_scan_session.sh ncu
+#       (carry .gpu_run/whl) Nsight Compute's stall reasons, issue use and occupancy of the default forward and
+#       backward kernels (bench/scan_ncu.py) at a Vim-S step's scan shape and at batch 16, L=1024; $OUT/ncu_*.txt
 #   on the GPU machine:        bash bench/gpu_scan_session.sh run
 #       carrying .gpu_run/mamba_ssm-2.3.2.post1, .gpu_run/whl and .gpu_run/baseline (all of .gpu_run, with the
 #       results data, is over the 64 MiB a call carries)
@@ -267,8 +270,29 @@ tests)
         grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -12 || true
     done
     ;;
+ncu)
+    # Nsight Compute on one forward+backward of the default kernels (bench/scan_ncu.py): why warps wait (stall
+    # reasons), issue-slot use, occupancy and memory throughput, at a Vim-S step's scan shape (channel-last, as the
+    # block passes it) and at the issue's batch-16 L=1024 shape. NCU_SHAPES overrides ("B D N L" per line).
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    shapes=${NCU_SHAPES:-$'256 768 16 50 --channel_last\n16 768 16 1024'}
+    while read -r b d n l flags; do
+        name="ncu_${b}_${d}_${n}_${l}${flags:+_cl}"
+        # shellcheck disable=SC2086  # flags: zero or one word
+        timeout 200 ncu --profile-from-start off --kernel-name regex:'_scan_(fwd|bwd)_kernel' \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+            --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+            --section SourceCounters \
+            python3 -m bench.scan_ncu --shape "$b" "$d" "$n" "$l" $flags >"$out/$name.txt" 2>&1 \
+            || echo "$name: ncu failed or stopped (see $name.txt)"
+        grep -E "^  _scan|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|Memory Throughput" \
+            "$out/$name.txt" | head -40 || true
+    done <<<"$shapes"
+    ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants|ncu" >&2
     exit 2
     ;;
 esac
