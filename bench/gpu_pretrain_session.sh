@@ -12,7 +12,7 @@
 #       the user's command with the real loader (accelerate launch pretrain/main.py through bench.scaling's 1gpu
 #       variant, shards in .gpu_run/results/pool, 64 px canvases, 12 workers): ViT-B/16 at batch 1024 with
 #       --compile (the row of the 6,500 img/s target), Vim-S/16 at batch 256 with CUDA graphs, then ViT-B
-#       with LOOP_VITB_MODE (default reduce-overhead) if time is left; $OUT/loop_*.json
+#       with LOOP_VITB_MODE (default reduce-overhead; empty: none) if time is left; $OUT/loop_*.json
 # Each row is its own process (bench.pretrain, --steps 60 at most, 10 s at most), bounded by timeout; the SM clock,
 # power and throttle reasons are logged between rows, so a slow row can be told from a slow machine.
 set -euo pipefail
@@ -67,8 +67,10 @@ loop)
     device_setup
     loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
     loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
-    loop_run vitb_"${LOOP_VITB_MODE:-reduce-overhead}" 240 mae_vit_base_patch16 1024 150 --compile \
-        --compile_mode "${LOOP_VITB_MODE:-reduce-overhead}"
+    vitb_mode=${LOOP_VITB_MODE-reduce-overhead}  # set but empty: no third run
+    if [ -n "$vitb_mode" ]; then
+        loop_run "vitb_$vitb_mode" 240 mae_vit_base_patch16 1024 150 --compile --compile_mode "$vitb_mode"
+    fi
     clocks "end"
     ;;
 vitb)
