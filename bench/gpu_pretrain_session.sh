@@ -3,16 +3,19 @@
 #
 #   here (CPU):              bash bench/gpu_scan_session.sh prepare      (.gpu_run/whl)
 #                            bash bench/gpu_scan_session.sh baseline REV (.gpu_run/baseline: the revision to beat)
-#   on the GPU machine:      bash bench/gpu_pretrain_session.sh vitb     (carry .gpu_run/whl, .gpu_run/baseline)
-#       the gpu-marked tests of the pretraining loop, then ViT-B/16 MAE (224 px, batch 256, synthetic, --compile)
+#   on the GPU machine:      bash bench/gpu_pretrain_session.sh PART...  (PARTs in the order given:)
+#   tests  (carry .gpu_run/whl) the gpu-marked tests of the pretraining loop; $OUT/gpu_tests.log
+#   vitb   (carry .gpu_run/whl, .gpu_run/baseline) ViT-B/16 MAE (224 px, batch 256, synthetic, --compile)
 #       here and in the baseline revision in the order A B B A on one fresh machine, then this tree's step with CUDA
 #       graphs and with inductor's GEMM autotuning (max-autotune-no-cudagraphs) in what is left of the call;
-#       $OUT/vitb_*.json, $OUT/gpu_tests.log, $OUT/clocks.log
-#   on the GPU machine:      bash bench/gpu_pretrain_session.sh loop     (carry .gpu_run/whl, .gpu_run/results/pool)
-#       the user's command with the real loader (accelerate launch pretrain/main.py through bench.scaling's 1gpu
-#       variant, shards in .gpu_run/results/pool, 64 px canvases, 12 workers): ViT-B/16 at batch 1024 with
-#       --compile (the row of the issue's 6,500 img/s target), Vim-S/16 at batch 256 with CUDA graphs, then ViT-B
-#       with LOOP_VITB_MODE (default reduce-overhead; empty: none) if time is left; $OUT/loop_*.json
+#       $OUT/vitb_*.json, $OUT/clocks.log
+#   cache  the same ViT-B row compiled afresh, then loaded from inductor's caches by a new process, then with the
+#       caches off, then loaded again: whether a cached compile steps slower (the host, not the GPU)
+#   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
+#       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
+#       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
+#       issue's 6,500 img/s target), then ViT-B with LOOP_VITB_MODE (default reduce-overhead; empty: none);
+#       $OUT/loop_*.json
 # Each row is its own process (bench.pretrain, --steps 60 at most, 10 s at most), bounded by timeout; the SM clock,
 # power and throttle reasons are logged between rows, so a slow row can be told from a slow machine.
 set -euo pipefail
@@ -60,37 +63,60 @@ loop_run() {
     cp "/tmp/loop_$name/1gpu/log.jsonl" "$out/loop_${name}_log.jsonl" 2>/dev/null || true
 }
 
-case "${1:-}" in
-loop)
-    out="${OUT:-/tmp/gpu_pretrain_out}"
-    mkdir -p "$out"
-    device_setup
-    loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
-    loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
-    vitb_mode=${LOOP_VITB_MODE-reduce-overhead}  # set but empty: no third run
-    if [ -n "$vitb_mode" ]; then
-        loop_run "vitb_$vitb_mode" 240 mae_vit_base_patch16 1024 150 --compile --compile_mode "$vitb_mode"
+# run_tests: the gpu-marked tests of the pretraining loop (CUDA graphs through pretrain/main.py among them).
+run_tests() {
+    local rc=0
+    timeout 180 python3 -m pytest -q -ra -m gpu tests/test_pretrain.py "${xdist[@]}" >"$out/gpu_tests.log" 2>&1 \
+        || rc=$?
+    tail -4 "$out/gpu_tests.log"
+    if [ "$rc" = 124 ]; then
+        echo "tests: stopped by their limit"
     fi
-    clocks "end"
-    ;;
-vitb)
-    out="${OUT:-/tmp/gpu_pretrain_out}"
-    mkdir -p "$out"
-    device_setup
-    timeout 180 python3 -m pytest -q -ra -m gpu tests/test_pretrain.py "${xdist[@]}" 2>&1 | tee "$out/gpu_tests.log" \
-        | tail -4 || echo "tests: stopped by their limit"
-    base=.gpu_run/baseline
-    [ -f "$base/REVISION" ] && echo "baseline revision $(cat "$base/REVISION")"
-    vitb_row . new_a 150
-    [ -f "$base/REVISION" ] && vitb_row "$base" base_a 150
-    [ -f "$base/REVISION" ] && vitb_row "$base" base_b 90
-    vitb_row . new_b 100 --profile_steps 2  # profiled after its timed steps: device ms by kernel kind
-    vitb_row . cudagraphs 120 --compile_mode reduce-overhead
-    vitb_row . autotune 400 --compile_mode max-autotune-no-cudagraphs
-    clocks "end"
-    ;;
-*)
-    echo "usage: bash bench/gpu_pretrain_session.sh vitb|loop" >&2
+}
+
+if [ $# -eq 0 ]; then
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, loop)" >&2
     exit 2
-    ;;
-esac
+fi
+out="${OUT:-/tmp/gpu_pretrain_out}"
+mkdir -p "$out"
+device_setup
+base=.gpu_run/baseline
+for part in "$@"; do
+    echo "== $part (at $SECONDS s)"
+    case "$part" in
+    tests)
+        run_tests
+        ;;
+    vitb)
+        [ -f "$base/REVISION" ] && echo "baseline revision $(cat "$base/REVISION")"
+        vitb_row . new_a 150
+        [ -f "$base/REVISION" ] && vitb_row "$base" base_a 150
+        [ -f "$base/REVISION" ] && vitb_row "$base" base_b 90
+        vitb_row . new_b 100 --profile_steps 2  # profiled after its timed steps: device ms by kernel kind
+        vitb_row . cudagraphs 120 --compile_mode reduce-overhead
+        vitb_row . autotune 400 --compile_mode max-autotune-no-cudagraphs
+        ;;
+    cache)
+        # Is a compiled step slower when inductor loads it from its caches? (twenty-first session: rows whose graph
+        # an earlier process of the call had compiled ran at 89-93 ms per step, host-bound, against 55-59 ms.)
+        vitb_row . cache_cold 150
+        vitb_row . cache_hit 90
+        TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 vitb_row . cache_off 150
+        [ -n "${CACHE_REPEAT:-}" ] && vitb_row . cache_hit2 90
+        ;;
+    loop)
+        loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
+        loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
+        vitb_mode=${LOOP_VITB_MODE-reduce-overhead}  # set but empty: no third run
+        if [ -n "$vitb_mode" ]; then
+            loop_run "vitb_$vitb_mode" 240 mae_vit_base_patch16 1024 150 --compile --compile_mode "$vitb_mode"
+        fi
+        ;;
+    *)
+        echo "unknown part $part (tests, vitb, cache, loop)" >&2
+        exit 2
+        ;;
+    esac
+done
+clocks "end"

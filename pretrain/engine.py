@@ -101,6 +101,33 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def uses_cuda_graphs(cfg: PretrainConfig) -> bool:
+    return bool(cfg.compile) and cfg.compile_mode in CUDA_GRAPH_MODES and torch.cuda.is_available()
+
+
+def mark_compiled_step(cfg: PretrainConfig) -> None:
+    """Tell CUDA graphs that a new model call begins and that no output of an earlier call is read again (the
+    loss handed on is a copy, the gradients are owned: see ``_own_gradients``). Without it the first H100 run of
+    ``--compile_mode reduce-overhead --accum_iter 2`` failed in its backward ("accessing tensor output of CUDAGraphs
+    that has been overwritten by a subsequent run")."""
+    if uses_cuda_graphs(cfg):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def _own_gradients(model: nn.Module) -> None:
+    """Give every ``.grad`` its own memory. Under CUDA graphs the first backward of a step can hand autograd the
+    graph's output buffers as the gradients themselves; the next micro-batch's replay then overwrites them before
+    its gradients are added (pytorch/pytorch#169545: accumulated gradients silently wrong in the torch versions
+    without the fix). One copy of the gradients per accumulating micro-batch."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad = param.grad.clone()
+
+
 def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
                 num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward/backward (and the optimizer step at the last micro-batch); returns the detached loss and input."""
@@ -114,14 +141,17 @@ def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
     noise = torch.rand(images.shape[0], num_patches,
                        generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
     with acc.accumulate(ctx.model):
+        mark_compiled_step(c)
         loss, _, _ = ctx.model(x, mask_ratio=c.mask_ratio, noise=to_device_async(noise, acc.device))
         acc.backward(loss)
+        if not acc.sync_gradients and uses_cuda_graphs(c):  # the next micro-batch adds to these gradients
+            _own_gradients(ctx.model)
         if acc.sync_gradients and c.clip_grad:
             acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)  # returns the norm as a tensor: no sync
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
-    # A copy: under CUDA graphs (--compile_mode reduce-overhead) the loss lives in the graph's memory, which the
-    # next micro-batch's replay overwrites while this step's sum (accum_iter > 1) still holds it.
+    # A copy: under CUDA graphs the loss lives in the graph's memory, which the next micro-batch's replay overwrites
+    # while this step's sum (accum_iter > 1) still holds it.
     return loss.detach().to(torch.float32, copy=True), x
 
 
@@ -159,6 +189,7 @@ def _visualize(ctx: TrainContext, x: torch.Tensor, step: int) -> None:
         return
     mae = ctx.accelerator.unwrap_model(ctx.model)
     path = Path(ctx.cfg.output_dir) / "vis" / f"step_{step:08d}.png"
+    mark_compiled_step(ctx.cfg)
     with forward_autocast(ctx.accelerator):
         save_reconstruction_grid(mae, x[: ctx.cfg.vis_samples].detach(), ctx.cfg.mask_ratio, ctx.mean, ctx.std,
                                  path, seed=ctx.cfg.seed)
