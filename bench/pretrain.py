@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from bench.attention import SDPA_BACKENDS, restrict_sdpa  # noqa: E402
 from common.data import build_dataset, build_loader, default_normalization, gpu_augment  # noqa: E402
 from common.data.resident import ResidentLoader, decode_all  # noqa: E402
+from common.torch_compile import compile_in_place  # noqa: E402
 from kernels.selective_scan_interface import BACKENDS  # noqa: E402
 from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
@@ -220,7 +221,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:
-                model.compile(mode=args.compile_mode)
+                compile_in_place(model, args.compile_mode)
         gen = torch.Generator().manual_seed(0)
         batches.drain()
         if device.type == "cuda":

@@ -32,6 +32,7 @@ from common.data.resident import ResidentLoader, decode_all, resident_bytes  # n
 from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
+from common.torch_compile import compile_in_place  # noqa: E402
 from pretrain.checkpointing import CheckpointManager, CheckpointMismatch  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
 from pretrain.deepspeed_settings import fill_script_fields  # noqa: E402
@@ -157,7 +158,7 @@ def run(cfg: PretrainConfig) -> int:
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
     optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=use_fused_adamw(accelerator))
     if cfg.compile:  # in place, so parameter names, checkpoints and unwrap_model stay those of the eager model
-        model.compile(mode=cfg.compile_mode)
+        compile_in_place(model, cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     checkpoints = CheckpointManager(out, cfg.keep_last)
