@@ -196,6 +196,56 @@ def classification_metrics(y_true: Any, probs: Any, class_names: Sequence[str] |
     return out
 
 
+def fit_binary_threshold(y_true: Any, positive_scores: Any) -> float | None:
+    """The cut on the positive class's score that maximises balanced accuracy on ``(y_true, positive_scores)``
+    (a sample is called positive when its score is >= the cut): the midpoint between the lowest score called
+    positive and the next lower score, so that unseen scores between them fall on the side the data supports.
+    Among equally good cuts the one nearest 0.5 wins (the argmax rule's). None when a class is missing."""
+    t = _as_labels(y_true)
+    s = np.asarray(positive_scores, dtype=np.float64)
+    n_pos, n_neg = int((t == 1).sum()), int((t != 1).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    distinct = np.unique(s)[::-1]  # descending: each is a candidate lowest positive score
+    order = np.argsort(-s, kind="mergesort")
+    sorted_s, sorted_pos = s[order], (t[order] == 1)
+    # Samples with a score >= each candidate: one past the last index of that score in descending order.
+    called = np.searchsorted(-sorted_s, -distinct, side="right")
+    tp = np.cumsum(sorted_pos)[called - 1]
+    fp = called - tp
+    balanced = (tp / n_pos + (n_neg - fp) / n_neg) / 2.0
+    below = np.r_[distinct[1:], distinct[-1] - 1.0]  # the next lower score (below the lowest: one less)
+    cuts = (distinct + below) / 2.0
+    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+
+
+def binary_threshold_metrics(y_true: Any, positive_scores: Any, threshold: float, n_bootstrap: int = 0,
+                             seed: int = 0) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro F1 and the confusion matrix of a two-class task when a sample is called
+    positive at ``positive_scores >= threshold``; ``ci95`` as in ``classification_metrics``."""
+    t = _as_labels(y_true)
+    s = np.asarray(positive_scores, dtype=np.float64)
+
+    def call(scores: np.ndarray) -> np.ndarray:
+        return (scores >= threshold).astype(np.int64)
+
+    pred = call(s)
+    out: dict[str, Any] = {"threshold": float(threshold), "acc": _nan_to_none(accuracy(t, pred)),
+                           "balanced_acc": _nan_to_none(balanced_accuracy(t, pred, 2)),
+                           "f1": _nan_to_none(macro_f1(t, pred, 2)),
+                           "confusion_matrix": confusion_matrix(t, pred, 2).tolist()}
+    if n_bootstrap > 0:
+        metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+            "acc": lambda a, b: accuracy(a, call(b)),
+            "balanced_acc": lambda a, b: balanced_accuracy(a, call(b), 2),
+            "f1": lambda a, b: macro_f1(a, call(b), 2),
+        }
+        out["ci95"] = {name: [_nan_to_none(v) for v in bootstrap_ci(fn, t, s, n_bootstrap, 0.95, seed)]
+                       for name, fn in metrics.items()}
+    return out
+
+
 def _multilabel_thresholded(t: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
     """(mean per-label accuracy, mean per-label balanced accuracy, macro F1 over labels)."""
     accs, baccs, f1s = [], [], []

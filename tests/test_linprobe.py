@@ -42,6 +42,10 @@ def test_fast_probe_on_pneumoniamnist_beats_chance(encoder_ckpt: Path, tmp_path:
     assert r["auc"] > 0.75 and r["balanced_acc"] > 0.65 and r["acc"] > 0.7
     lo, hi = r["ci95"]["auc"]
     assert lo < r["auc"] < hi
+    # Two classes: the test metrics at the decision threshold fitted on validation sit beside the argmax ones.
+    point = r["test"]["at_val_threshold"]
+    assert point["fitted_on"] == "val" and 0.0 < point["threshold"] < 1.0 and point["balanced_acc"] > 0.65
+    assert sum(map(sum, point["confusion_matrix"])) == r["test"]["num_samples"] and "balanced_acc" in point["ci95"]
     assert {e["blr"] for e in r["lr_grid"]} == {1.0, 10.0, 100.0}
     for name in ("log.jsonl", "checkpoint-best.safetensors", "confusion_matrix_test.png", "config.yaml"):
         assert (out / name).is_file(), name
@@ -88,6 +92,8 @@ def test_slow_probe_resume_and_eval(encoder_ckpt: Path, tmp_path: Path) -> None:
     evaluated = read_results(tmp_path / "eval")
     assert evaluated["mode"] == "eval"
     assert evaluated["auc"] == pytest.approx(trained["auc"])
+    assert evaluated["test"]["at_val_threshold"]["threshold"] == pytest.approx(
+        trained["test"]["at_val_threshold"]["threshold"])
 
 
 def test_multilabel_probe_on_kermany_findings(encoder_ckpt: Path, tmp_path: Path) -> None:

@@ -138,3 +138,35 @@ def test_confusion_matrix_json_and_png(tmp_path: Path) -> None:
 def test_label_out_of_range_is_rejected() -> None:
     with pytest.raises(ValueError, match="outside"):
         M.confusion_matrix([0, 3], [0, 1], 2)
+
+
+def test_fitted_threshold_maximises_balanced_accuracy_and_sits_between_scores() -> None:
+    """A head that ranks perfectly but scores every positive under 0.5: the argmax rule calls all negative
+    (balanced accuracy 0.5); the fitted cut lies midway between the classes and separates them."""
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.05, 0.1, 0.2, 0.3])
+    cut = M.fit_binary_threshold(y, p1)
+    assert cut == pytest.approx(0.15)
+    at_cut = M.binary_threshold_metrics(y, p1, cut)
+    assert at_cut["balanced_acc"] == 1.0 and at_cut["confusion_matrix"] == [[2, 0], [0, 2]]
+    assert M.binary_threshold_metrics(y, p1, 0.5)["balanced_acc"] == 0.5
+    # Equally good cuts: the one nearest the argmax rule's 0.5 wins.
+    assert M.fit_binary_threshold([0, 1], [0.1, 0.9]) == pytest.approx(0.5)
+    assert M.fit_binary_threshold([1, 1, 1], [0.2, 0.4, 0.6]) is None
+
+
+@pytest.mark.parametrize("decimals", [2, 6])
+def test_fitted_threshold_equals_brute_force_on_real_labels(decimals: int) -> None:
+    """On BreastMNIST's real test labels with tied scores: no cut through the scores does better, and the metrics
+    at the cut equal scikit-learn's on the same calls (with bootstrap intervals around them)."""
+    y = _breast_test_labels()
+    p1 = _scores(len(y), 2, seed=3, y=y, decimals=decimals)[:, 1]
+    cut = M.fit_binary_threshold(y, p1)
+    best = max(skm.balanced_accuracy_score(y, (p1 >= c).astype(int)) for c in np.unique(p1))
+    pred = (p1 >= cut).astype(int)
+    assert skm.balanced_accuracy_score(y, pred) == pytest.approx(best)
+    m = M.binary_threshold_metrics(y, p1, cut, n_bootstrap=200, seed=1)
+    assert m["acc"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    lo, hi = m["ci95"]["balanced_acc"]
+    assert lo <= m["balanced_acc"] <= hi

@@ -9,18 +9,24 @@ from torch import nn
 
 from common.transfer.data import LabelSpace
 from common.transfer.engine import predict
-from common.transfer.results import score, write_confusion, write_results
+from common.transfer.results import score, val_operating_point, write_confusion, write_results
 from common.transfer.setup import RunContext
 
 
 def evaluate_splits(model: nn.Module, loaders: dict[str, Any], accelerator: Accelerator, labels: LabelSpace,
                     dist_eval: bool, n_bootstrap: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Metrics per split; bootstrap confidence intervals on the test split only."""
-    results = {}
+    """Metrics per split; bootstrap confidence intervals on the test split only. For a two-class task the test
+    metrics also hold ``at_val_threshold``: those at the decision threshold fitted on validation."""
+    results, predictions = {}, {}
     for split, loader in loaders.items():
         scores, targets = predict(model, loader, accelerator, labels.multilabel, dist_eval, split)
+        predictions[split] = (scores, targets)
         results[split] = score(scores, targets, labels.multilabel, labels.class_names,
                                n_bootstrap=n_bootstrap if split == "test" else 0, seed=seed)
+    if "val" in predictions and "test" in predictions:
+        point = val_operating_point(*predictions["val"], *predictions["test"], labels.multilabel, n_bootstrap, seed)
+        if point is not None:
+            results["test"]["at_val_threshold"] = point
     return results
 
 

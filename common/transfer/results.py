@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 
 from common.io import atomic_write_json
-from common.metrics import classification_metrics, multilabel_metrics, save_confusion_matrix
+from common.metrics import (
+    binary_threshold_metrics,
+    classification_metrics,
+    fit_binary_threshold,
+    multilabel_metrics,
+    save_confusion_matrix,
+)
 from common.transfer.engine import mean_log_loss
 
 SELECT_METRICS = ("acc", "balanced_acc", "auc", "f1", "loss")
@@ -22,6 +28,24 @@ def score(scores: np.ndarray, targets: np.ndarray, multilabel: bool, class_names
     else:
         out = classification_metrics(targets, scores, class_names, n_bootstrap=n_bootstrap, seed=seed)
     out["loss"] = mean_log_loss(scores, targets, multilabel)
+    return out
+
+
+def val_operating_point(val_scores: np.ndarray, val_targets: np.ndarray, test_scores: np.ndarray,
+                        test_targets: np.ndarray, multilabel: bool, n_bootstrap: int = 0,
+                        seed: int = 0) -> dict[str, Any] | None:
+    """For a two-class single-label task: the test metrics at the decision threshold fitted on validation (the cut
+    on the positive class's probability with the best validation balanced accuracy), beside the argmax rule's
+    headline numbers. A head chosen by validation AUC can rank well and still sit on the wrong side of 0.5 (an
+    early, underfit epoch under class weights); a clinical operating point is set on validation data, never on
+    test. None for other tasks or when validation lacks a class."""
+    if multilabel or val_scores.ndim != 2 or val_scores.shape[1] != 2:
+        return None
+    threshold = fit_binary_threshold(val_targets, val_scores[:, 1])
+    if threshold is None:
+        return None
+    out = binary_threshold_metrics(test_targets, test_scores[:, 1], threshold, n_bootstrap, seed)
+    out["fitted_on"] = "val"
     return out
 
 
