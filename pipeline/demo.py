@@ -80,6 +80,15 @@ def format_report(manifest: dict, losses: tuple[float, float, int], results: dic
         lo_hi = ci.get(name)
         return f"{value:.3f} [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else f"{value:.3f}"
 
+    point = (results.get("test") or {}).get("at_val_threshold")
+    if point is not None and point.get("balanced_acc") is not None:
+        lo_hi = point.get("ci95", {}).get("balanced_acc")
+        interval = f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi and None not in lo_hi else ""
+        positive = (results.get("class_names") or ["0", "1"])[1]
+        at_threshold = (f"             balanced accuracy  {point['balanced_acc']:.3f}{interval} at the validation "
+                        f"threshold p({positive}) >= {point['threshold']:.6g}")
+    else:
+        at_threshold = "             (no validation threshold: not a two-class task)"
     vis = sorted((out / "pretrain" / "vis").glob("*.png"))
     lines = [
         "",
@@ -94,6 +103,7 @@ def format_report(manifest: dict, losses: tuple[float, float, int], results: dic
         f"             balanced accuracy  {metric('balanced_acc')}",
         f"             AUC                {metric('auc')}",
         f"             macro F1           {metric('f1')}",
+        at_threshold,
         "-" * 64,
         "time       " + ", ".join(f"{t.name} {t.seconds:.0f} s" for t in timings),
         f"manifest   {out / 'curated' / 'manifest.json'}",

@@ -24,6 +24,8 @@ def test_demo_end_to_end_short(tmp_path: Path, capsys) -> None:
     results = json.loads((out / "linprobe" / "results.json").read_text())
     for key in ("acc", "balanced_acc", "auc", "f1"):
         assert isinstance(results[key], float)
+    point = results["test"]["at_val_threshold"]  # BreastMNIST has two classes
+    assert re.search(rf"balanced accuracy  {point['balanced_acc']:.3f} \[.*\] at the validation threshold", report)
     recon = re.search(r"recon PNG\s+(\S+\.png)", report)
     assert recon and Path(recon.group(1)).is_file()
     assert (out / "report.txt").read_text().strip() in report
