@@ -28,17 +28,23 @@ clocks() {
         --format=csv,noheader)" | tee -a "$out/clocks.log"
 }
 
+# bounded_limit NAME LIMIT_S MIN_S: prints LIMIT_S cut to what is left of the call and logs the clocks; fails (with a
+# note) when less than MIN_S is left.
+bounded_limit() {
+    local left=$((CALL_BUDGET_S - SECONDS))
+    if [ "$left" -lt "$3" ]; then
+        echo "$1: skipped, $left s left in the call" >&2
+        return 1
+    fi
+    clocks "before $1" >&2
+    echo $(($2 < left ? $2 : left))
+}
+
 # vitb_row TREE NAME LIMIT_S [bench.pretrain flags]: one ViT-B/16 row from TREE's own code.
 vitb_row() {
-    local tree=$1 name=$2 limit=$3
+    local tree=$1 name=$2 limit
+    limit=$(bounded_limit "$name" "$3" 30) || return 0
     shift 3
-    local left=$((CALL_BUDGET_S - SECONDS))
-    if [ "$left" -lt 30 ]; then
-        echo "$name: skipped, $left s left in the call"
-        return 0
-    fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    clocks "before $name"
     (cd "$tree" && timeout "$limit" python3 -m bench.pretrain --models mae_vit_base_patch16 --input_sizes 224 \
         --batch_size 256 --modes synthetic --steps 60 --row_seconds 10 --compile "$@" --json "$out/vitb_$name.json" \
         2>&1 | grep -E "^synthetic ") || echo "$name: no row (limit $limit s)"
@@ -46,15 +52,9 @@ vitb_row() {
 
 # loop_run NAME LIMIT_S MODEL GLOBAL_BATCH STEPS [pretrain flags]: one real-loader run through accelerate launch.
 loop_run() {
-    local name=$1 limit=$2 model=$3 batch=$4 steps=$5
+    local name=$1 model=$3 batch=$4 steps=$5 limit
+    limit=$(bounded_limit "$name" "$2" 60) || return 0
     shift 5
-    local left=$((CALL_BUDGET_S - SECONDS))
-    if [ "$left" -lt 60 ]; then
-        echo "$name: skipped, $left s left in the call"
-        return 0
-    fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    clocks "before $name"
     timeout "$limit" python3 -m bench.scaling --data_path .gpu_run/results/pool --output_dir "/tmp/loop_$name" \
         --variants 1gpu --model "$model" --in_chans 1 --global_batch "$batch" --steps "$steps" --epochs 400 \
         --warmup_epochs 40 --num_workers 12 --log_every 10 --plot none --json "$out/loop_$name.json" \
