@@ -200,11 +200,12 @@ def fit_binary_threshold(y_true: Any, positive_scores: Any) -> float | None:
     """The cut on the positive class's score that maximises balanced accuracy on ``(y_true, positive_scores)``
     (a sample is called positive when its score is >= the cut): the midpoint between the lowest score called
     positive and the next lower score, so that unseen scores between them fall on the side the data supports.
-    Among equally good cuts the one nearest 0.5 wins (the argmax rule's). None when a class is missing."""
+    Among equally good cuts the one nearest 0.5 wins (the argmax rule's). None when a class is missing or a score
+    is not finite (a diverged head)."""
     t = _as_labels(y_true)
     s = np.asarray(positive_scores, dtype=np.float64)
     n_pos, n_neg = int((t == 1).sum()), int((t != 1).sum())
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or not np.isfinite(s).all():
         return None
     distinct = np.unique(s)[::-1]  # descending: each is a candidate lowest positive score
     order = np.argsort(-s, kind="mergesort")

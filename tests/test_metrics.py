@@ -153,6 +153,7 @@ def test_fitted_threshold_maximises_balanced_accuracy_and_sits_between_scores() 
     # Equally good cuts: the one nearest the argmax rule's 0.5 wins.
     assert M.fit_binary_threshold([0, 1], [0.1, 0.9]) == pytest.approx(0.5)
     assert M.fit_binary_threshold([1, 1, 1], [0.2, 0.4, 0.6]) is None
+    assert M.fit_binary_threshold([0, 1], [0.2, float("nan")]) is None
 
 
 @pytest.mark.parametrize("decimals", [2, 6])
