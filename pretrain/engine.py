@@ -105,6 +105,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def uses_cuda_graphs(cfg: PretrainConfig) -> bool:
+    """Whether the compiled model replays CUDA graphs (``--compile`` with a mode that captures them, on CUDA)."""
     return bool(cfg.compile) and cfg.compile_mode in CUDA_GRAPH_MODES and torch.cuda.is_available()
 
 
