@@ -11,6 +11,9 @@
 #       $OUT/vitb_*.json, $OUT/clocks.log
 #   cache  the same ViT-B row compiled afresh, then loaded from inductor's caches by a new process, then with the
 #       caches off, then loaded again: whether a cached compile steps slower (the host, not the GPU)
+#   inductor  the compiled ViT-B row with inductor's coordinate-descent tuning and with autotuned pointwise /
+#       reduction kernels, beside the default
+#   vims   Vim-S/16 with CUDA graphs at batch 256, 384 and 512 (synthetic)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -40,14 +43,21 @@ bounded_limit() {
     echo $(($2 < left ? $2 : left))
 }
 
-# vitb_row TREE NAME LIMIT_S [bench.pretrain flags]: one ViT-B/16 row from TREE's own code.
-vitb_row() {
-    local tree=$1 name=$2 limit
+# model_row TREE NAME LIMIT_S MODEL BATCH [bench.pretrain flags]: one compiled 224 px row (synthetic data) from
+# TREE's own code; vitb_row TREE NAME LIMIT_S [flags]: ViT-B/16 at batch 256.
+model_row() {
+    local tree=$1 name=$2 model=$4 batch=$5 limit
     limit=$(bounded_limit "$name" "$3" 30) || return 0
-    shift 3
-    (cd "$tree" && timeout "$limit" python3 -m bench.pretrain --models mae_vit_base_patch16 --input_sizes 224 \
-        --batch_size 256 --modes synthetic --steps 60 --row_seconds 10 --compile "$@" --json "$out/vitb_$name.json" \
+    shift 5
+    (cd "$tree" && timeout "$limit" python3 -m bench.pretrain --models "$model" --input_sizes 224 \
+        --batch_size "$batch" --modes synthetic --steps 60 --row_seconds 10 --compile "$@" --json "$out/$name.json" \
         2>&1 | grep -E "^synthetic ") || echo "$name: no row (limit $limit s)"
+}
+
+vitb_row() {
+    local tree=$1 name=$2 limit=$3
+    shift 3
+    model_row "$tree" "vitb_$name" "$limit" mae_vit_base_patch16 256 "$@"
 }
 
 # loop_run NAME LIMIT_S MODEL GLOBAL_BATCH STEPS [pretrain flags]: one real-loader run through accelerate launch.
@@ -75,7 +85,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -98,12 +108,29 @@ for part in "$@"; do
         vitb_row . autotune 400 --compile_mode max-autotune-no-cudagraphs
         ;;
     cache)
-        # Is a compiled step slower when inductor loads it from its caches? (twenty-first session: rows whose graph
-        # an earlier process of the call had compiled ran at 89-93 ms per step, host-bound, against 55-59 ms.)
+        # Is a compiled step slower when inductor loads it from its caches? (twenty-first session: a step handed
+        # back by AOTAutograd's cache ran at 79.6 ms, host-bound, against 56.2 ms; common.torch_compile now turns
+        # that cache off, so cache_hit should match cache_cold.)
         vitb_row . cache_cold 150
         vitb_row . cache_hit 90
         TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 vitb_row . cache_off 150
         [ -n "${CACHE_REPEAT:-}" ] && vitb_row . cache_hit2 90
+        ;;
+    inductor)
+        # Inductor's cheaper tuning knobs on the compiled ViT-B step (its fused elementwise and reduction kernels
+        # took 17.8 of 54 ms in the twenty-first session's profile): the default, then coordinate-descent tuning of
+        # every Triton kernel's launch configuration, then autotuned pointwise / reduction configurations (not the
+        # GEMM templates whose autotuning did not finish in 288 s).
+        vitb_row . inductor_default 150
+        TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 vitb_row . inductor_coordinate_descent 240
+        TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1 vitb_row . inductor_autotune_pointwise 240
+        ;;
+    vims)
+        # Vim-S/16 with CUDA graphs at three batch sizes (the target is img/s at any batch; the scans' grids and
+        # the GEMMs grow with it).
+        for batch in 256 384 512; do
+            model_row . "vims_b$batch" 200 mae_vim_small_patch16 "$batch" --compile_mode reduce-overhead
+        done
         ;;
     loop)
         loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
@@ -114,7 +141,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, loop)" >&2
         exit 2
         ;;
     esac
