@@ -55,6 +55,7 @@ def baseline_rows(benchmarks: Path, dataset: str, input_size: int) -> list[tuple
 
 
 def _cell(row: dict, metric: str) -> str:
+    """``value [low, high]`` of one of the row's metrics (``n/a`` when it has none)."""
     value, ci = row.get(metric), row.get("ci95") or {}
     if value is None:
         return "n/a"
@@ -74,8 +75,11 @@ def _table_row(r: dict) -> str:
     status = row_status(r)
     protocol = protocol_label(r)
     if status != "ok":
-        return f"| {r['model']} | {r['init']} | {protocol} | **{status}** | | |"
-    return f"| {r['model']} | {r['init']} | {protocol} | {_cell(r, 'acc')} | {_cell(r, 'auc')} | {r.get('seconds', '')} |"
+        return f"| {r['model']} | {r['init']} | {protocol} | **{status}** | | | | |"
+    point = r.get("at_val_threshold")
+    at_threshold = f"{_cell(point, 'acc')} / {_cell(point, 'balanced_acc')}" if point else ""
+    return (f"| {r['model']} | {r['init']} | {protocol} | {_cell(r, 'acc')} | {_cell(r, 'balanced_acc')} | "
+            f"{_cell(r, 'auc')} | {at_threshold} | {r.get('seconds', '')} |")
 
 
 def _row_order(row: dict) -> tuple:
@@ -89,13 +93,16 @@ def table_lines(runs: list[dict], benchmarks: Path | None, input_size: int) -> l
     lines = []
     transfer = [r for r in runs if r["protocol"] != PRETRAIN]
     for ds in dict.fromkeys(r["dataset"] for r in transfer):
-        lines += [f"\n**{display_name(ds)}** (test split; ours at {input_size} px, 95% bootstrap CI)\n",
-                  "| model | init | protocol | ACC | AUC | time (s) |", "|---|---|---|---|---|---|"]
+        lines += [f"\n**{display_name(ds)}** (test split; ours at {input_size} px, 95% bootstrap CI; ACC, balanced ACC "
+                  "and AUC by the most probable class, as the published rows; the next column at the decision "
+                  "threshold fitted on validation, two-class tasks only)\n",
+                  "| model | init | protocol | ACC | balanced ACC | AUC | ACC / balanced ACC at val threshold | "
+                  "time (s) |", "|---|---|---|---|---|---|---|---|"]
         rows = sorted((r for r in transfer if r["dataset"] == ds), key=_row_order)
         lines += [_table_row(r) for r in rows]
         if benchmarks is not None and medmnist_base(ds) in MEDMNIST_NAMES:
             for method, acc, auc in baseline_rows(benchmarks, ds, input_size):
-                lines.append(f"| {method} | published | | {acc:.3f} | {auc:.3f} | |")
+                lines.append(f"| {method} | published | | {acc:.3f} | | {auc:.3f} | | |")
     pretrain = [r for r in runs if r["protocol"] == PRETRAIN]
     if pretrain:
         lines += ["\n**MAE pretraining**\n", "| encoder | status | time (s) |", "|---|---|---|"]

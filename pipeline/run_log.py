@@ -37,8 +37,11 @@ def _file_digest(path: Path, mtime_ns: int, size: int) -> str:  # keyed on mtime
 
 def _metrics(results_path: Path) -> dict:
     r = json.loads(results_path.read_text())
+    point = (r.get("test") or {}).get("at_val_threshold")  # two-class tasks: the validation-fitted operating point
     return ({k: r.get(k) for k in ("acc", "balanced_acc", "auc", "f1")}
-            | {"ci95": r.get("ci95", {}), "evaluated_on": r.get("evaluated_on", "test")})
+            | {"ci95": r.get("ci95", {}), "evaluated_on": r.get("evaluated_on", "test")}
+            | ({"at_val_threshold": {k: point.get(k) for k in ("threshold", "acc", "balanced_acc", "ci95")}}
+               if point else {}))
 
 
 class RunLog:

@@ -111,6 +111,8 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
         assert r["status"] == "ok", r
     for r in transfer:
         assert isinstance(r["acc"], float) and isinstance(r["auc"], float) and r["evaluated_on"] == "test"
+        # both tasks have two classes: the row keeps the test metrics at the validation-fitted threshold
+        assert isinstance(r["at_val_threshold"]["balanced_acc"], float) and "acc" in r["at_val_threshold"]["ci95"]
         assert "--nb_classes" in r["command"] and r["command"][r["command"].index("--nb_classes") + 1] == "2"
         assert isinstance(r["pretrain_seconds"], float)
         assert ("--class_weighted_loss" in r["command"]) == (r["protocol"] == "finetune")
@@ -128,6 +130,8 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
             assert epochs == (1 if n_train == 546 else 20) == finetune_epochs(1, 20, n_train, 8)
     text = "\n".join(table_lines(rows, None, 32))
     assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
+    point = transfer[0]["at_val_threshold"]
+    assert f"{point['acc']:.3f} [" in text and f"] / {point['balanced_acc']:.3f} [" in text
     assert "| linprobe |" in text and "blocks)" not in text
 
     # A rerun on a machine without the pretrained encoder (runs.json carried over from an earlier GPU call):
