@@ -7,7 +7,7 @@
 #   tests  (carry .gpu_run/whl) the gpu-marked tests of the pretraining loop; $OUT/gpu_tests.log
 #   vitb   (carry .gpu_run/whl, .gpu_run/baseline) ViT-B/16 MAE (224 px, batch 256, synthetic, --compile)
 #       here and in the baseline revision in the order A B B A on one fresh machine, then this tree's step with CUDA
-#       graphs and with inductor's GEMM autotuning (max-autotune-no-cudagraphs) in what is left of the call;
+#       graphs (GEMM autotuning, max-autotune-no-cudagraphs, did not finish compiling in 288 s: see `inductor`);
 #       $OUT/vitb_*.json, $OUT/clocks.log
 #   cache  the same ViT-B row compiled afresh, then loaded from inductor's caches by a new process, then with the
 #       caches off, then loaded again: whether a cached compile steps slower (the host, not the GPU)
@@ -105,7 +105,6 @@ for part in "$@"; do
         [ -f "$base/REVISION" ] && vitb_row "$base" base_b 90
         vitb_row . new_b 100 --profile_steps 2  # profiled after its timed steps: device ms by kernel kind
         vitb_row . cudagraphs 120 --compile_mode reduce-overhead
-        vitb_row . autotune 400 --compile_mode max-autotune-no-cudagraphs
         ;;
     cache)
         # Is a compiled step slower when inductor loads it from its caches? (twenty-first session: a step handed

@@ -24,7 +24,7 @@ from common.transfer.errors import TransferUsageError
 from common.transfer.heads import FrozenEncoderProbe, ProbeHead, ProbeHeadGrid, probe_feature_dim
 from common.transfer.lars import LARS
 from common.transfer.loop import BEST_NAME
-from common.transfer.results import headline, score, selection_value, val_operating_point
+from common.transfer.results import add_val_operating_point, headline, score, selection_value
 from common.transfer.sampling import StridedSampler, batches, train_order
 from common.transfer.schedule import apply_schedule, effective_lr
 from common.transfer.setup import RunContext
@@ -178,10 +178,8 @@ def run_fast(cfg: LinprobeConfig, ctx: RunContext, encoder: nn.Module) -> tuple[
             val_scores = _scores(head(feats["val"]), ctx.labels.multilabel)
         scored["test"] = score(test_scores, targets["test"].numpy(), ctx.labels.multilabel,
                                ctx.labels.class_names, cfg.n_bootstrap, cfg.seed)
-        point = val_operating_point(val_scores, targets["val"].cpu().numpy(), test_scores, targets["test"].numpy(),
-                                    ctx.labels.multilabel, cfg.n_bootstrap, cfg.seed)
-        if point is not None:
-            scored["test"]["at_val_threshold"] = point
+        add_val_operating_point(scored["test"], val_scores, targets["val"].cpu().numpy(), test_scores,
+                                targets["test"].numpy(), ctx.labels.multilabel, cfg.n_bootstrap, cfg.seed)
     grid_summary = [{"blr": blr, "lr": peaks[h], "best_epoch": best[h]["epoch"],
                      f"val_{cfg.select_metric}": best[h]["val"].get(cfg.select_metric) if best[h]["val"] else None}
                     for h, blr in enumerate(cfg.lr_grid)]

@@ -71,24 +71,19 @@ def loss_curve(log_path: Path) -> tuple[float, float, int]:
 
 def format_report(manifest: dict, losses: tuple[float, float, int], results: dict, out: Path,
                   timings: list[StageResult]) -> str:
-    ci = results.get("ci95", {})
-
-    def metric(name: str) -> str:
-        value = results.get(name)
+    def shown(metrics: dict, name: str) -> str:
+        value, lo_hi = metrics.get(name), metrics.get("ci95", {}).get(name)
         if value is None:
             return "n/a"
-        lo_hi = ci.get(name)
-        return f"{value:.3f} [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else f"{value:.3f}"
+        return f"{value:.3f} [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi and None not in lo_hi else f"{value:.3f}"
 
     point = (results.get("test") or {}).get("at_val_threshold")
-    if point is not None and point.get("balanced_acc") is not None:
-        lo_hi = point.get("ci95", {}).get("balanced_acc")
-        interval = f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi and None not in lo_hi else ""
+    if point is not None:
         positive = (results.get("class_names") or ["0", "1"])[1]
-        at_threshold = (f"             balanced accuracy  {point['balanced_acc']:.3f}{interval} at the validation "
-                        f"threshold p({positive}) >= {point['threshold']:.6g}")
+        at_threshold = (f"             balanced accuracy  {shown(point, 'balanced_acc')} at the validation threshold "
+                        f"p({positive}) >= {point['threshold']:.6g}")
     else:
-        at_threshold = "             (no validation threshold: not a two-class task)"
+        at_threshold = "             (no validation-fitted threshold: not two classes, or one missing in val)"
     vis = sorted((out / "pretrain" / "vis").glob("*.png"))
     lines = [
         "",
@@ -99,10 +94,10 @@ def format_report(manifest: dict, losses: tuple[float, float, int], results: dic
         f"samples written {manifest['samples_written']}",
         f"pretrain   MAE loss {losses[0]:.4f} -> {losses[1]:.4f} after {losses[2]} steps",
         "linprobe   BreastMNIST test (95% bootstrap CI):",
-        f"             accuracy           {metric('acc')}",
-        f"             balanced accuracy  {metric('balanced_acc')}",
-        f"             AUC                {metric('auc')}",
-        f"             macro F1           {metric('f1')}",
+        f"             accuracy           {shown(results, 'acc')}",
+        f"             balanced accuracy  {shown(results, 'balanced_acc')}",
+        f"             AUC                {shown(results, 'auc')}",
+        f"             macro F1           {shown(results, 'f1')}",
         at_threshold,
         "-" * 64,
         "time       " + ", ".join(f"{t.name} {t.seconds:.0f} s" for t in timings),

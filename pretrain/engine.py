@@ -39,6 +39,7 @@ from pretrain.schedule import Schedule
 from pretrain.visualize import save_reconstruction_grid
 
 EXIT_OK = 0
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 EXIT_NONFINITE = 1
 _AUGMENT, _MASK = 0, 1
 
@@ -79,6 +80,12 @@ class TrainContext:
     profiler: StepProfiler | None = None  # --profile_steps window
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled model replays CUDA graphs (``--compile`` in a mode that captures them, on CUDA)."""
+        c = self.cfg
+        return bool(c.compile) and c.compile_mode in CUDA_GRAPH_MODES and self.accelerator.device.type == "cuda"
+
+    @property
     def global_batch(self) -> int:
         return self.cfg.batch_size * self.cfg.accum_iter * self.accelerator.num_processes
 
@@ -101,20 +108,12 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def uses_cuda_graphs(cfg: PretrainConfig) -> bool:
-    """Whether the compiled model replays CUDA graphs (``--compile`` with a mode that captures them, on CUDA)."""
-    return bool(cfg.compile) and cfg.compile_mode in CUDA_GRAPH_MODES and torch.cuda.is_available()
-
-
-def mark_compiled_step(cfg: PretrainConfig) -> None:
+def mark_compiled_step(ctx: TrainContext) -> None:
     """Tell CUDA graphs that a new model call begins and that no output of an earlier call is read again (the
     loss handed on is a copy, the gradients are owned: see ``_own_gradients``). Without it the first H100 run of
     ``--compile_mode reduce-overhead --accum_iter 2`` failed in its backward ("accessing tensor output of CUDAGraphs
     that has been overwritten by a subsequent run")."""
-    if uses_cuda_graphs(cfg):
+    if ctx.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()
 
 
@@ -142,10 +141,10 @@ def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
     noise = torch.rand(images.shape[0], num_patches,
                        generator=step_generator(c.seed, step, micro, acc.process_index, _MASK))
     with acc.accumulate(ctx.model):
-        mark_compiled_step(c)
+        mark_compiled_step(ctx)
         loss, _, _ = ctx.model(x, mask_ratio=c.mask_ratio, noise=to_device_async(noise, acc.device))
         acc.backward(loss)
-        if not acc.sync_gradients and uses_cuda_graphs(c):  # the next micro-batch adds to these gradients
+        if not acc.sync_gradients and ctx.cuda_graphs:  # the next micro-batch adds to these gradients
             _own_gradients(ctx.model)
         if acc.sync_gradients and c.clip_grad:
             acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)  # returns the norm as a tensor: no sync
@@ -190,7 +189,7 @@ def _visualize(ctx: TrainContext, x: torch.Tensor, step: int) -> None:
         return
     mae = ctx.accelerator.unwrap_model(ctx.model)
     path = Path(ctx.cfg.output_dir) / "vis" / f"step_{step:08d}.png"
-    mark_compiled_step(ctx.cfg)
+    mark_compiled_step(ctx)
     with forward_autocast(ctx.accelerator):
         save_reconstruction_grid(mae, x[: ctx.cfg.vis_samples].detach(), ctx.cfg.mask_ratio, ctx.mean, ctx.std,
                                  path, seed=ctx.cfg.seed)

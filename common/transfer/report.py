@@ -9,7 +9,7 @@ from torch import nn
 
 from common.transfer.data import LabelSpace
 from common.transfer.engine import predict
-from common.transfer.results import score, val_operating_point, write_confusion, write_results
+from common.transfer.results import add_val_operating_point, score, write_confusion, write_results
 from common.transfer.setup import RunContext
 
 
@@ -24,9 +24,8 @@ def evaluate_splits(model: nn.Module, loaders: dict[str, Any], accelerator: Acce
         results[split] = score(scores, targets, labels.multilabel, labels.class_names,
                                n_bootstrap=n_bootstrap if split == "test" else 0, seed=seed)
     if "val" in predictions and "test" in predictions:
-        point = val_operating_point(*predictions["val"], *predictions["test"], labels.multilabel, n_bootstrap, seed)
-        if point is not None:
-            results["test"]["at_val_threshold"] = point
+        add_val_operating_point(results["test"], *predictions["val"], *predictions["test"], labels.multilabel,
+                                n_bootstrap, seed)
     return results
 
 

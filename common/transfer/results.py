@@ -31,22 +31,21 @@ def score(scores: np.ndarray, targets: np.ndarray, multilabel: bool, class_names
     return out
 
 
-def val_operating_point(val_scores: np.ndarray, val_targets: np.ndarray, test_scores: np.ndarray,
-                        test_targets: np.ndarray, multilabel: bool, n_bootstrap: int = 0,
-                        seed: int = 0) -> dict[str, Any] | None:
-    """For a two-class single-label task: the test metrics at the decision threshold fitted on validation (the cut
-    on the positive class's probability with the best validation balanced accuracy), beside the argmax rule's
-    headline numbers. A head chosen by validation AUC can rank well and still sit on the wrong side of 0.5 (an
-    early, underfit epoch under class weights); a clinical operating point is set on validation data, never on
-    test. None for other tasks or when validation lacks a class."""
+def add_val_operating_point(test_metrics: dict[str, Any], val_scores: np.ndarray, val_targets: np.ndarray,
+                            test_scores: np.ndarray, test_targets: np.ndarray, multilabel: bool, n_bootstrap: int = 0,
+                            seed: int = 0) -> None:
+    """For a two-class single-label task, put ``at_val_threshold`` into ``test_metrics``: the test metrics at the
+    decision threshold fitted on validation (the cut on the positive class's probability with the best validation
+    balanced accuracy), beside the argmax rule's headline numbers. A head chosen by validation AUC can rank well and
+    still sit on the wrong side of 0.5 (an early, underfit epoch under class weights); a clinical operating point is
+    set on validation data, never on test. Nothing for other tasks or when validation lacks a class."""
     if multilabel or val_scores.ndim != 2 or val_scores.shape[1] != 2:
-        return None
+        return
     threshold = fit_binary_threshold(val_targets, val_scores[:, 1])
     if threshold is None:
-        return None
-    out = binary_threshold_metrics(test_targets, test_scores[:, 1], threshold, n_bootstrap, seed)
-    out["fitted_on"] = "val"
-    return out
+        return
+    point = binary_threshold_metrics(test_targets, test_scores[:, 1], threshold, n_bootstrap, seed)
+    test_metrics["at_val_threshold"] = {**point, "fitted_on": "val"}
 
 
 def selection_value(metrics: dict[str, Any], name: str) -> float:
