@@ -271,23 +271,32 @@ tests)
     done
     ;;
 ncu)
-    # Nsight Compute on one forward+backward of the default kernels (bench/scan_ncu.py): why warps wait (stall
-    # reasons), issue-slot use, occupancy and memory throughput, at a Vim-S step's scan shape (channel-last, as the
-    # block passes it) and at the issue's batch-16 L=1024 shape. NCU_SHAPES overrides ("B D N L" per line).
+    # Nsight Compute on one forward+backward (bench/scan_ncu.py): why warps wait (stall reasons), issue-slot use,
+    # occupancy, memory throughput and sectors per request, per kernel; and, per SASS instruction, where the stall
+    # samples land ($OUT/<name>_source.csv, when this ncu can print its source page). NCU_SHAPES overrides the list:
+    # one line per run, "B D N L [bench.scan_ncu flags]" (--channel_last, --variant v3, --reverse).
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
     device_setup
     shapes=${NCU_SHAPES:-$'256 768 16 50 --channel_last\n16 768 16 1024'}
     while read -r b d n l flags; do
-        name="ncu_${b}_${d}_${n}_${l}${flags:+_cl}"
-        # shellcheck disable=SC2086  # flags: zero or one word
+        # shellcheck disable=SC2001  # the flags as a file-name suffix: "--variant v3 --channel_last" -> "_variant_v3_channel_last"
+        suffix=$(echo "$flags" | sed -e 's/--/_/g' -e 's/ //g')
+        name="ncu_${b}_${d}_${n}_${l}${suffix}"
+        # shellcheck disable=SC2086  # flags: zero or more words
         timeout 200 ncu --profile-from-start off --kernel-name regex:'_scan_(fwd|bwd)_kernel' \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
             --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-            --section SourceCounters \
-            python3 -m bench.scan_ncu --shape "$b" "$d" "$n" "$l" $flags >"$out/$name.txt" 2>&1 \
-            || echo "$name: ncu failed or stopped (see $name.txt)"
-        grep -E "^  _scan|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|Memory Throughput" \
+            --section MemoryWorkloadAnalysis_Tables --section SourceCounters --import-source yes \
+            -o "$out/$name" -f \
+            python3 -m bench.scan_ncu --shape "$b" "$d" "$n" "$l" $flags >"$out/$name.log" 2>&1 \
+            || echo "$name: ncu failed or stopped (see $name.log)"
+        if [ -f "$out/$name.ncu-rep" ]; then
+            ncu --import "$out/$name.ncu-rep" --page details >"$out/$name.txt" 2>&1 || true
+            ncu --import "$out/$name.ncu-rep" --page source --csv --print-source sass >"$out/${name}_source.csv" 2>&1 || true
+        fi
+        echo "== $name"
+        grep -E "^  _scan|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Memory Throughput|L1/TEX Hit|L2 Hit|Mem Busy" \
             "$out/$name.txt" | head -40 || true
     done <<<"$shapes"
     ;;

@@ -166,6 +166,8 @@ def time_backend(fn: Callable[..., torch.Tensor], inp: dict[str, torch.Tensor], 
 # Sequence segments swept for v3 (forward and backward alike) at every shape.
 SWEEP_SEGMENTS = (2, 4, 8, 16)
 SWEEP_VARIANTS = ("v1", "v2", "v3")
+# The v3 forward's tile lengths swept beside its default (ScanLaunchConfig.tile_l, 16).
+SWEEP_V3_TILES = (4, 8, 32)
 
 
 def time_forward_config(config: Any, inp: dict[str, torch.Tensor], rep_ms: int) -> float | None:
@@ -202,12 +204,14 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
     fwd_options = [(4, "v1", 1), (8, "v1", 1), (16, "v1", 1), (32, "v1", 1), (4, "v2", 1), (8, "v2", 1),
                    (16, "v2", 1), (16, "v3", 1), (32, "v3", 1), (64, "v3", 1)] + [
         (32, "v3", segments) for segments in SWEEP_SEGMENTS]
+    fwd_options = [opt + (16,) for opt in fwd_options] + [(32, "v3", 1, tile_l) for tile_l in SWEEP_V3_TILES]
     fwd_options = [opt for opt in fwd_options if opt[1] in variants]
-    for block_d, variant, segments in fwd_options:
-        ms = time_forward_config(ScanLaunchConfig(block_d, 4, variant=variant, segments=segments), inp, rep_ms)
+    for block_d, variant, segments, tile_l in fwd_options:
+        cfg = ScanLaunchConfig(block_d, 4, variant=variant, segments=segments, tile_l=tile_l)
+        ms = time_forward_config(cfg, inp, rep_ms)
         if ms is not None:
             rows.append({"pass": "fwd", "variant": variant, "block_d": block_d, "maxnreg": None, "prefetch": False,
-                         "segments": segments, "ms": ms})
+                         "segments": segments, "tile_l": tile_l if variant == "v3" else None, "ms": ms})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
     bwd_options = [(16, None, False, "v1"), (16, 168, False, "v1"), (16, 200, False, "v1"), (16, None, True, "v1"),
                    (16, 200, True, "v1"), (8, None, False, "v1"), (4, None, False, "v1"),

@@ -25,13 +25,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channel_last", action="store_true",
                    help="u / delta / z as a Vim block passes them: (batch, L, dim) memory seen as (batch, dim, L)")
     p.add_argument("--reverse", action="store_true")
+    p.add_argument("--variant", default=None, choices=("v1", "v2", "v3", "v4"),
+                   help="one kernel variant with its default tiles (default: the default kernels)")
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.scan_ncu needs CUDA")
-    from kernels.selective_scan_triton import selective_scan_triton
+    from kernels.selective_scan_triton import selective_scan_triton, variant_configs
 
     batch, dim, n_state, length = args.shape
+    configs = {}
+    if args.variant is not None:
+        fwd, bwd = variant_configs(args.variant, n_state, length, batch * dim, torch.device("cuda"))
+        configs = {"fwd_config": fwd, "bwd_config": bwd}
     inp = make_scan_inputs(batch, dim, length, n_state, None, torch.bfloat16, seed=0, device="cuda")
     if args.channel_last:
         for key in ("u", "delta", "z"):
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     grad = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
 
     def step() -> None:
-        out = selective_scan_triton(**inp, delta_softplus=True, reverse=args.reverse)
+        out = selective_scan_triton(**inp, delta_softplus=True, reverse=args.reverse, **configs)
         out.backward(grad)
 
     for _ in range(args.warmup):
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
     print(f"profiled one forward+backward at {tuple(args.shape)}, channel_last={args.channel_last}, "
-          f"reverse={args.reverse}")
+          f"reverse={args.reverse}, variant={args.variant or 'default'}")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def report(name: str, compiled: Any, positions_per_iter: int | None, dump: Path 
 V2_FLAGS = dict(EVEN_D=True, EVEN_N=True, FAST=True)
 
 
-def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
+def forward_kernels(variant: str, log2_tile: int = 4) -> list[tuple[Any, dict[str, Any]]]:
     """The forward kernel (kernels/triton_scan_fwd.py, or _fwd2.py for v2) with a training step's constexprs."""
     from kernels.triton_scan_fwd import _scan_fwd_kernel
     from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -179,7 +179,7 @@ def forward_kernels(variant: str) -> list[tuple[Any, dict[str, Any]]]:
     if variant == "v3":
         from kernels.triton_scan_segments import _scan_segment_summary_v3
 
-        return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True)),
+        return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True, LOG2_TILE=log2_tile)),
                 (_scan_segment_summary_v3, dict(ADJOINT=False, FAST=True))]
     if variant == "v2":
         return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, **V2_FLAGS))]
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
     parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3", "v4"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
+    parser.add_argument("--tile-l", type=int, default=16,
+                        help="v3 forward: positions per u / delta / z / out tile (ScanLaunchConfig.tile_l)")
     parser.add_argument("--block-l", type=int, nargs="+", default=[128],
                         help="v4: positions per span (ScanLaunchConfig.block_l)")
     args = parser.parse_args(argv)
@@ -236,7 +238,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     n_state_pad = 16
     common = dict(N_PAD=n_state_pad, CHUNK=args.chunk, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=args.reverse)
     batch, dim, n_state, length = args.shape
-    ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=-(-length // args.chunk),
+    n_chunks = -(-length // args.chunk)
+    ints = dict(dim=dim, length=length, dim_per_group=dim, n_groups=1, n_chunks=n_chunks,
+                # v3: one segment of every chunk (a 1 here would be a compile-time constant: one chunk per segment)
+                n_seg=1, chunks_per_seg=n_chunks,
                 n_state=n_state, a_state_stride=dim,  # A as the launchers' dim-major copy
                 bc_batch_stride=length * n_state, bc_group_stride=length * n_state,
                 bc_pos_stride=n_state,  # B and C as the launchers' contiguous (batch, groups, L, N) copies
@@ -273,11 +278,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                               f"{res['span_overhead_per_element']:.1f} more per element at N={n_state}", flush=True)
                         results.append(res)
             elif args.only != "bwd":
-                for kernel, extra in forward_kernels(variant):
+                tile = ScanLaunchConfig(block_d, args.chunk, variant=variant, tile_l=args.tile_l)
+                for kernel, extra in forward_kernels(variant, tile.log2_tile()):
                     c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
-                    # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's;
-                    # v3 walks a chunk per pass and stores it as one vector per lane.
-                    per_pass = args.chunk if variant == "v3" else None
+                    # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's; the
+                    # v3 forward walks a tile per pass (its segment summary a chunk).
+                    per_pass = None
+                    if variant == "v3":
+                        per_pass = 1 << tile.log2_tile() if "LOG2_TILE" in extra else args.chunk
                     results.append(report(_name(kernel, extra, block_d), c, per_pass, args.dump))
             if args.only != "fwd":
                 for kernel, extra in backward_kernels(variant, args.dlast):

@@ -23,7 +23,8 @@ def format_sweep(sweeps: dict[str, list[dict[str, Any]]]) -> str:
             cells = [f"{r.get('variant', 'v1')}/bd{r['block_d']}/reg{r['maxnreg'] or '-'}"
                      f"{'/pf' if r['prefetch'] else ''}{_chunk_tag(r)}"
                      f"{'/seg' + str(r['segments']) if r.get('segments', 1) > 1 else ''}"
-                     f"{'/bl' + str(r['block_l']) if 'block_l' in r else ''} "
+                     f"{'/bl' + str(r['block_l']) if 'block_l' in r else ''}"
+                     f"{'/tile' + str(r['tile_l']) if r.get('tile_l') else ''} "
                      f"{r['ms']:.3f}{'*' if r['ms'] == best else ''}"
                      f"{' (busy ' + format(r['gpu_ms'], '.3f') + ')' if r.get('gpu_ms') is not None else ''}"
                      for r in sel]

@@ -26,7 +26,7 @@ from kernels.triton_scan_common import (
     segment_walk,
 )
 from kernels.triton_scan_fast import LN2, LOG2E, channel_sum_scatter, scatter_rows, sigmoid2
-from kernels.triton_scan_fwd3 import chunk_loads, discretize
+from kernels.triton_scan_fwd3 import chunk_tiles, discretize, store_chunk_tile
 
 
 @triton.jit
@@ -71,13 +71,13 @@ def _scan_bwd_kernel_v3(
     g = carry_in(g, SEG_ADJOINTS, SEG_DTSUM, n_seg - 1, n_seg - 1 - seg, -1, batch_idx, n_seg, n_state, dim, A2,
                  offs_d, offs_n, d_mask, nd_mask)
     if PREFETCH:
-        ahead = chunk_loads(rows, read_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
+        ahead = chunk_tiles(rows, read_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
     for _i in range(count):
         if PREFETCH:
             current = ahead
-            ahead = chunk_loads(rows, read_row, chunk_idx + chunk_step, n_chunks, length, CHUNK, REVERSE)
+            ahead = chunk_tiles(rows, read_row, chunk_idx + chunk_step, length, BLOCK_D, CHUNK, REVERSE)
         else:
-            current = chunk_loads(rows, read_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
+            current = chunk_tiles(rows, read_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
         # The entry state (state_offsets' layout): an int64 base for the chunk, int32 offsets within
         # it. The offsets take state rows offs_n + 0, with a 0 (chunk_idx >= 0 here) that the compiler
         # cannot see through: with plain offs_n it kept the 16 loop-invariant int64 row offsets across
@@ -100,7 +100,10 @@ def _scan_bwd_kernel_v3(
             states = states + (h,)
             steps = steps + ((dt, dt_raw),)
 
-        # Adjoint, backwards through the chunk.
+        # Adjoint, backwards through the chunk; du / ddelta / dz leave as one tile each.
+        du_steps = ()
+        ddt_steps = ()
+        dz_steps = ()
         for r in tl.static_range(CHUNK):
             pos = chunk_position(chunk_idx * CHUNK, CHUNK - 1 - r, CHUNK, REVERSE)
             at = tl.minimum(pos, length - 1)
@@ -121,7 +124,7 @@ def _scan_bwd_kernel_v3(
                     y += D_vec * u
                 sig_z = sigmoid2(z, FAST)
                 dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
-                tl.store(DZ + seq_row + at, dz.to(DZ.dtype.element_ty), mask=m)
+                dz_steps = dz_steps + (dz,)
                 dy = dout * z * sig_z
             else:
                 dy = dout
@@ -143,8 +146,8 @@ def _scan_bwd_kernel_v3(
             ddt = tl.where(m, ddt, 0.0)
             if HAS_BIAS:
                 dbias_acc += ddt
-            tl.store(DU + seq_row + at, du.to(DU.dtype.element_ty), mask=m)
-            tl.store(DDELTA + seq_row + at, ddt.to(DDELTA.dtype.element_ty), mask=m)
+            du_steps = du_steps + (du,)
+            ddt_steps = ddt_steps + (ddt,)
 
             sums = channel_sum_scatter(_stack_rows(g * dtu[None, :], h * dy[None, :], N_PAD, BLOCK_D),
                                        tl.arange(0, BLOCK_D), 2 * N_PAD, BLOCK_D, LEVELS)
@@ -153,6 +156,11 @@ def _scan_bwd_kernel_v3(
             # reusing the recompute's decays, which kept all CHUNK * N of them across the adjoint (chunk 4:
             # 255 registers and spills) to save 16 exp2 and 16 multiplies per position.
             g = tl.exp2((dt + 0.0)[None, :] * A2) * g
+        # The steps were collected backwards (r = CHUNK - 1 - s): a reverse walk of the chunk's scan order.
+        store_chunk_tile(DU, seq_row, du_steps, chunk_idx, length, d_mask, BLOCK_D, CHUNK, not REVERSE)
+        store_chunk_tile(DDELTA, seq_row, ddt_steps, chunk_idx, length, d_mask, BLOCK_D, CHUNK, not REVERSE)
+        if HAS_Z:
+            store_chunk_tile(DZ, seq_row, dz_steps, chunk_idx, length, d_mask, BLOCK_D, CHUNK, not REVERSE)
         chunk_idx += chunk_step
 
     backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs_n, n_state, d_mask, nd_mask,

@@ -203,9 +203,14 @@ class ScanLaunchConfig:
     variant: str = "v1"
     segments: int = 1
     block_l: int = 256  # v4: positions per span (a power of two; ignored by the other variants)
+    tile_l: int = 16  # v3 forward: positions of u / delta / z read, and of out written, as one tile
+
+    def log2_tile(self) -> int:
+        """log2 of the v3 forward's tile length: ``tile_l``, at least one chunk."""
+        return max(self.tile_l, self.chunk).bit_length() - 1
 
     def __post_init__(self) -> None:
-        for name in ("block_d", "chunk", "segments", "block_l"):
+        for name in ("block_d", "chunk", "segments", "block_l", "tile_l"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanLaunchConfig.{name} must be a power of two, got {value}")

@@ -168,7 +168,7 @@ def selective_scan_fwd_launch(
         if n_seg > 1:
             seg_states, seg_dtsum = segment_summaries(u, delta, A, B_arg, delta_bias, None, None, delta_softplus,
                                                       reverse, config, n_seg, chunks_per_seg, n_groups, n_state)
-        kernel, extra = _scan_fwd_kernel_v3, dict(FAST=u.is_cuda)
+        kernel, extra = _scan_fwd_kernel_v3, dict(FAST=u.is_cuda, LOG2_TILE=config.log2_tile())
         results = results + (seg_states, seg_dtsum)
         sizes = sizes + (n_seg, chunks_per_seg)
         grid = grid + (n_seg,)

@@ -47,6 +47,90 @@ def chunk_loads(rows, seq_row, chunk_idx, n_chunks, length, CHUNK: tl.constexpr,
     return steps
 
 
+@triton.constexpr_function
+def bit_reverse(i, bits):
+    """``i`` with its lowest ``bits`` bits in reverse order (compile time)."""
+    i, bits = int(i), int(bits)
+    return sum(((i >> b) & 1) << (bits - 1 - b) for b in range(bits))
+
+
+@triton.constexpr_function
+def tile_offset(step, tile, reverse):
+    """The memory offset within a tile of scan step ``step`` (and the step of an offset: the map is its own
+    inverse); a reverse scan walks the tile from its end."""
+    return int(tile) - 1 - int(step) if reverse else int(step)
+
+
+@triton.jit
+def tile_columns(tile, BLOCK: tl.constexpr, LOG2_L: tl.constexpr):
+    """The 2**LOG2_L columns of a (BLOCK, 2**LOG2_L) tile as a tuple of (BLOCK,) vectors, column j at index
+    bit_reverse(j). Splitting the last axis in halves needs it in each thread's registers, so Triton moves a tile
+    loaded with lanes along the positions (coalesced) to one lane per row through shared memory: a transpose."""
+    shape: tl.constexpr = (BLOCK,) + (2,) * LOG2_L
+    cols = (tl.reshape(tile, shape),)
+    for _level in tl.static_range(LOG2_L):
+        halves = ()
+        for k in tl.static_range(len(cols)):
+            even, odd = tl.split(cols[k])
+            halves = halves + (even, odd)
+        cols = halves
+    return cols
+
+
+@triton.jit
+def columns_tile(cols, BLOCK: tl.constexpr, LOG2_L: tl.constexpr):
+    """The inverse of tile_columns: a (BLOCK, 2**LOG2_L) tile from its columns in bit-reversed order."""
+    for _level in tl.static_range(LOG2_L):
+        pairs = ()
+        for k in tl.static_range(len(cols) // 2):
+            pairs = pairs + (tl.join(cols[2 * k], cols[2 * k + 1]),)
+        cols = pairs
+    return tl.reshape(cols[0], (BLOCK, 1 << LOG2_L))
+
+
+@triton.constexpr_function
+def log2_of(n):
+    """log2 of a power of two (compile time)."""
+    return int(n).bit_length() - 1
+
+
+@triton.jit
+def chunk_tiles(rows, read_row, chunk_idx, length, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """As chunk_loads, the chunk's values of each row pointer in ``rows`` per step (scan order), read as one
+    (BLOCK_D, CHUNK) tile per row with lanes along the positions (tile_columns moves it to one lane per channel):
+    CHUNK positions of a channel in one request instead of one request per position. Positions outside the
+    sequence read 0."""
+    offs = chunk_idx * CHUNK + tl.arange(0, CHUNK)
+    ptrs = read_row[:, None] + offs[None, :]
+    mask = (offs[None, :] >= 0) & (offs[None, :] < length)
+    cols = ()
+    for k in tl.static_range(len(rows)):
+        cols = cols + (tile_columns(tl.load(rows[k] + ptrs, mask=mask, other=0.0), BLOCK_D, log2_of(CHUNK)),)
+    steps = ()
+    for s in tl.static_range(CHUNK):
+        values = ()
+        for k in tl.static_range(len(rows)):
+            values = values + (cols[k][bit_reverse(tile_offset(s, CHUNK, REVERSE), log2_of(CHUNK))],)
+        steps = steps + (values,)
+    return steps
+
+
+@triton.jit
+def store_chunk_tile(ptr, seq_row, values, chunk_idx, length, d_mask, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                     REVERSE: tl.constexpr):
+    """Store CHUNK (BLOCK_D,) vectors as the chunk's (BLOCK_D, CHUNK) tile, ``values[i]`` at memory offset
+    tile_offset(i, CHUNK, REVERSE) (the order chunk_tiles hands steps out in), masked to the sequence and the
+    real channels: one request per channel and chunk instead of one per position."""
+    cols = ()
+    for i in tl.static_range(CHUNK):
+        cols = cols + (values[tile_offset(bit_reverse(i, log2_of(CHUNK)), CHUNK, REVERSE)],)
+    offs = chunk_idx * CHUNK + tl.arange(0, CHUNK)
+    mask = d_mask[:, None] & (offs[None, :] < length)
+    tile = columns_tile(cols, BLOCK_D, log2_of(CHUNK))
+    tl.store(ptr + seq_row[:, None] + offs[None, :], tile.to(ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def discretize(delta, bias, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """dt from a loaded delta (0 where not ``valid``) and the raw value softplus was applied to."""
@@ -64,41 +148,58 @@ def _scan_fwd_kernel_v3(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
     OUT, CHUNK_STATES, LAST_STATE, SEG_STATES, SEG_DTSUM,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride, n_seg, chunks_per_seg,
-    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, LOG2_TILE: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr, FAST: tl.constexpr,
 ):
+    TILE: tl.constexpr = 1 << LOG2_TILE
+    TILE_CHUNKS: tl.constexpr = TILE // CHUNK
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
     A2, D_vec, bias = channel_params(A, D, DELTA_BIAS, a_state_stride, offs_n, offs_d, nd_mask,
                                      d_mask, BLOCK_D, HAS_D, HAS_BIAS)
     row = (batch_idx * dim + offs_d).to(tl.int64)
-    # Reads of a channel past the group's end go to its last channel (never stored).
-    last_channel = group * dim_per_group + dim_per_group - 1
-    seq_row = (batch_idx * dim + tl.minimum(offs_d, last_channel)).to(tl.int64) * length
+    seq_row = row * length
     B_seq = B + (batch_idx * n_groups + group).to(tl.int64) * length * N_PAD
     C_seq = C + (batch_idx * n_groups + group).to(tl.int64) * length * N_PAD
-    rows = (U, DELTA, Z) if HAS_Z else (U, DELTA)
+    offs_t = tl.arange(0, TILE)
 
     # Grid axis 2: the segment of the sequence (kernels/triton_scan_segments.py; one segment = the whole of it).
     seg = tl.program_id(2)
     chunk_idx, chunk_step, count = segment_walk(seg, chunks_per_seg, n_chunks, REVERSE, False)
-    ahead = chunk_loads(rows, seq_row, chunk_idx, n_chunks, length, CHUNK, REVERSE)
     h = carry_in(tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32), SEG_STATES, SEG_DTSUM, 0, seg, 1, batch_idx, n_seg,
                  n_state, dim, A2, offs_d, offs_n, d_mask, nd_mask)
-    for _i in range(count):
-        current = ahead
-        ahead = chunk_loads(rows, seq_row, chunk_idx + chunk_step, n_chunks, length, CHUNK, REVERSE)
-        if STORE_STATES:
-            offs = state_offsets(batch_idx, chunk_idx, n_chunks, n_state, dim, offs_d, offs_n)
-            tl.store(CHUNK_STATES + offs, h, mask=nd_mask)
-        for s in tl.static_range(CHUNK):
-            pos = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE)
-            valid = pos < length
-            u = current[s][0].to(tl.float32)
-            dt, _dt_raw = discretize(current[s][1], bias, valid, HAS_BIAS, SOFTPLUS, FAST)
+    for tile_idx in range(tl.cdiv(count, TILE_CHUNKS)):
+        # The tile's chunks in scan order are chunk_idx, chunk_idx + chunk_step, ...; in memory it starts at its
+        # lowest position. Reads past the segment or the sequence are masked (identity steps, nothing stored).
+        if REVERSE:
+            first_pos = (chunk_idx - (TILE_CHUNKS - 1)) * CHUNK
+            chunk_of_offset = TILE_CHUNKS - 1 - offs_t // CHUNK
+        else:
+            first_pos = chunk_idx * CHUNK
+            chunk_of_offset = offs_t // CHUNK
+        tile_pos = first_pos + offs_t
+        chunks_left = count - tile_idx * TILE_CHUNKS
+        tile_valid = (chunk_of_offset < chunks_left) & (tile_pos < length)
+        tile_mask = d_mask[:, None] & tile_valid[None, :]
+        tile_offs = seq_row[:, None] + tile_pos[None, :]
+        u_cols = tile_columns(tl.load(U + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE)
+        delta_cols = tile_columns(tl.load(DELTA + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE)
+        if HAS_Z:
+            z_cols = tile_columns(tl.load(Z + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE)
+        ys = ()  # in scan order
+        for s in tl.static_range(TILE):
+            chunk_valid = tile_idx * TILE_CHUNKS + s // CHUNK < count
+            if STORE_STATES and s % CHUNK == 0:
+                offs = state_offsets(batch_idx, chunk_idx + (s // CHUNK) * chunk_step, n_chunks, n_state, dim,
+                                     offs_d, offs_n)
+                tl.store(CHUNK_STATES + offs, h, mask=nd_mask & chunk_valid)
+            pos = first_pos + tile_offset(s, TILE, REVERSE)
+            valid = chunk_valid & (pos < length)
+            u = u_cols[bit_reverse(tile_offset(s, TILE, REVERSE), LOG2_TILE)].to(tl.float32)
+            dt, _dt_raw = discretize(delta_cols[bit_reverse(tile_offset(s, TILE, REVERSE), LOG2_TILE)], bias, valid, HAS_BIAS, SOFTPLUS, FAST)
             # Past the end dt = 0: an identity step whatever the clamped B and C hold.
-            at = tl.minimum(pos, length - 1)
+            at = tl.maximum(tl.minimum(pos, length - 1), 0)
             B_col = tl.load(B_seq + at * N_PAD + offs_n)
             C_col = tl.load(C_seq + at * N_PAD + offs_n)
             h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
@@ -106,10 +207,16 @@ def _scan_fwd_kernel_v3(
             if HAS_D:
                 y += D_vec * u
             if HAS_Z:
-                z = current[s][2].to(tl.float32)
+                z = z_cols[bit_reverse(tile_offset(s, TILE, REVERSE), LOG2_TILE)].to(tl.float32)
                 y = y * z * sigmoid2(z, FAST)
-            tl.store(OUT + seq_row + pos, y.to(OUT.dtype.element_ty), mask=d_mask & valid)
-        chunk_idx += chunk_step
+            ys = ys + (y,)
+        y_cols = ()
+        for i in tl.static_range(TILE):
+            # Column i is memory offset bit_reverse(i), which scan step visited it.
+            y_cols = y_cols + (ys[tile_offset(bit_reverse(i, LOG2_TILE), TILE, REVERSE)],)
+        out_tile = columns_tile(y_cols, BLOCK_D, LOG2_TILE)
+        tl.store(OUT + tile_offs, out_tile.to(OUT.dtype.element_ty), mask=tile_mask)
+        chunk_idx += TILE_CHUNKS * chunk_step
 
     tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask & (seg == n_seg - 1))
 

@@ -68,3 +68,13 @@ def test_default_config_tiles_follow_the_grid_size():
     # No device (the interpreter): the large-grid tiles.
     assert default_launch_config(16, 197, True, rows=128 * 768).block_d == 16
     assert default_launch_config(4, 1, True).chunk == 1
+
+
+def test_v3_forward_tile_is_a_power_of_two_of_at_least_one_chunk():
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    assert ScanLaunchConfig(32, 4, variant="v3").log2_tile() == 4  # the default 16 positions
+    assert ScanLaunchConfig(32, 4, variant="v3", tile_l=2).log2_tile() == 2  # never shorter than the chunk
+    assert ScanLaunchConfig(32, 8, variant="v3", tile_l=32).log2_tile() == 5
+    with pytest.raises(ValueError, match="tile_l"):
+        ScanLaunchConfig(32, 4, variant="v3", tile_l=12)

@@ -168,6 +168,25 @@ def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
                              seed=3 * length + fwd_segments, config=(fwd, bwd))
 
 
+# The v3 forward reads u / delta / z and writes out as tiles of ``tile_l`` positions (ScanLaunchConfig.tile_l):
+# (L, chunk, tile_l, forward segments, reverse). A tile of one chunk, of several chunks with a partial last tile,
+# longer than the sequence, tiles that straddle segment ends (segments of 5 chunks in tiles of 2 or 4), reverse.
+V3_TILE_CASES = [
+    (19, 4, 4, 1, False), (45, 2, 8, 1, True), (7, 4, 32, 1, False), (37, 2, 4, 4, True), (37, 2, 8, 4, False),
+]
+
+
+@pytest.mark.parametrize("length,chunk,tile_l,fwd_segments,reverse", V3_TILE_CASES)
+def test_triton_v3_forward_tiles(triton_scan, length, chunk, tile_l, fwd_segments, reverse):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(32, chunk, variant="v3", segments=fwd_segments, tile_l=tile_l)
+    bwd = ScanLaunchConfig(32, chunk, variant="v3")
+    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=4, groups=2, dtype=torch.float32,
+                             with_optional=True, softplus=True, reverse=reverse, seed=length + tile_l,
+                             config=(fwd, bwd))
+
+
 # v2 only: channel blocks that fill the group (EVEN_D) and N a power of two (EVEN_N), where the v2 kernels
 # drop every channel / state mask; (L, dim, N, groups, dtype, with_optional, softplus, reverse, block_d, prefetch).
 FULL_TILE_CASES = [

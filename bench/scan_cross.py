@@ -1,0 +1,78 @@
+"""Forward and backward kernel variants crossed: every (forward variant, backward variant) pair at each shape.
+
+    python -m bench.scan_cross [--variants v2 v3] [--shape B D N L ...] [--rep-ms 100] [--json FILE]
+
+Every variant saves the chunk states in one layout, so a forward of one variant can feed the backward of another
+(``tests/test_scan_triton.py`` checks the mixes). Each variant runs with its own default tiles for the shape and
+device (``variant_configs``: v3 with its sequence segments at small batch). Prints forward ms per forward variant
+and forward+backward ms (wall and GPU-busy) per pair, fastest pair marked; the defaults' row for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.scan import SHAPES, time_backend
+from kernels.testing import make_scan_inputs
+
+
+def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: int) -> list[dict[str, Any]]:
+    """One row per (forward variant, backward variant), plus the defaults ("default", "default")."""
+    from kernels.selective_scan_triton import selective_scan_triton, variant_configs
+
+    batch, dim, n_state, length = shape
+    inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
+                           device="cuda")
+    configs = {v: variant_configs(v, n_state, length, batch * dim, torch.device("cuda")) for v in variants}
+    pairs = [(f, b) for f in variants for b in variants] + [("default", "default")]
+    rows = []
+    for fwd_variant, bwd_variant in pairs:
+        if fwd_variant == "default":
+            fwd_cfg = bwd_cfg = None
+        else:
+            fwd_cfg = configs[fwd_variant][0]
+            bwd_cfg = dataclasses.replace(configs[bwd_variant][1], chunk=fwd_cfg.chunk)
+
+        def fn(f=fwd_cfg, b=bwd_cfg, **kw: Any) -> torch.Tensor:
+            return selective_scan_triton(**kw, fwd_config=f, bwd_config=b)
+
+        times = time_backend(fn, inp, rep_ms)
+        rows.append({"shape": list(shape), "fwd": fwd_variant, "bwd": bwd_variant, **times})
+        print(f"{shape} fwd {fwd_variant} bwd {bwd_variant}: fwd {times['fwd_ms']:.3f} ms, fwd+bwd "
+              f"{times['fwd_bwd_ms']:.3f} ms (GPU-busy {times.get('fwd_bwd_gpu_ms') or float('nan'):.3f})", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v3"])
+    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
+                        help="time this shape instead of the issue's four (repeatable)")
+    parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/scan_cross.py needs a CUDA GPU")
+    rows = []
+    for shape in args.shape or SHAPES:
+        rows += cross_rows(tuple(shape), args.variants, args.rep_ms)
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}, bf16, ms (fwd+bwd wall / GPU-busy; * fastest pair of the shape):")
+    for shape in {tuple(r["shape"]) for r in rows}:
+        sel = [r for r in rows if tuple(r["shape"]) == shape]
+        best = min(r["fwd_bwd_ms"] for r in sel)
+        print(f"{shape}: " + "  ".join(
+            f"{r['fwd']}->{r['bwd']} {r['fwd_bwd_ms']:.3f}{'*' if r['fwd_bwd_ms'] == best else ''}"
+            f"/{r.get('fwd_bwd_gpu_ms') or float('nan'):.3f}" for r in sel))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
