@@ -22,8 +22,10 @@ from bench.scan import SHAPES, time_backend
 from kernels.testing import make_scan_inputs
 
 
-def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: int) -> list[dict[str, Any]]:
-    """One row per (forward variant, backward variant), plus the defaults ("default", "default")."""
+def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: int,
+               mamba: Any = None) -> list[dict[str, Any]]:
+    """One row per (forward variant, backward variant), plus the defaults ("default", "default") and, given
+    ``mamba`` (bench.scan.mamba_scan_fn's function), mamba-ssm's CUDA scan ("mamba_ssm", "mamba_ssm")."""
     from kernels.selective_scan_triton import selective_scan_triton, variant_configs
 
     batch, dim, n_state, length = shape
@@ -44,9 +46,16 @@ def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: in
 
         times = time_backend(fn, inp, rep_ms)
         rows.append({"shape": list(shape), "fwd": fwd_variant, "bwd": bwd_variant, **times})
-        print(f"{shape} fwd {fwd_variant} bwd {bwd_variant}: fwd {times['fwd_ms']:.3f} ms, fwd+bwd "
-              f"{times['fwd_bwd_ms']:.3f} ms (GPU-busy {times.get('fwd_bwd_gpu_ms') or float('nan'):.3f})", flush=True)
+        report(rows[-1])
+    if mamba is not None:
+        rows.append({"shape": list(shape), "fwd": "mamba_ssm", "bwd": "mamba_ssm", **time_backend(mamba, inp, rep_ms)})
+        report(rows[-1])
     return rows
+
+
+def report(row: dict[str, Any]) -> None:
+    print(f"{tuple(row['shape'])} fwd {row['fwd']} bwd {row['bwd']}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd "
+          f"{row['fwd_bwd_ms']:.3f} ms (GPU-busy {row.get('fwd_bwd_gpu_ms') or float('nan'):.3f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,16 +64,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
                         help="time this shape instead of the issue's four (repeatable)")
     parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist: its CUDA scan as a row")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/scan_cross.py needs a CUDA GPU")
+    mamba = None
+    if args.mamba_src:
+        from bench.scan import load_mamba_ssm_cuda, mamba_scan_fn
+
+        try:
+            mamba = mamba_scan_fn(load_mamba_ssm_cuda(Path(args.mamba_src)))
+        except Exception as exc:  # the crossed rows still count without it
+            print(f"mamba-ssm: build failed: {type(exc).__name__}: {str(exc)[-300:]}", flush=True)
     rows = []
     for shape in args.shape or SHAPES:
-        rows += cross_rows(tuple(shape), args.variants, args.rep_ms)
+        rows += cross_rows(tuple(shape), args.variants, args.rep_ms, mamba)
         torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name()}, bf16, ms (fwd+bwd wall / GPU-busy; * fastest pair of the shape):")
-    for shape in {tuple(r["shape"]) for r in rows}:
+    print(f"\n{torch.cuda.get_device_name()}, bf16, ms (fwd+bwd wall / GPU-busy; * fastest of the shape):")
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
         sel = [r for r in rows if tuple(r["shape"]) == shape]
         best = min(r["fwd_bwd_ms"] for r in sel)
         print(f"{shape}: " + "  ".join(
