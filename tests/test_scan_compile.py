@@ -82,7 +82,8 @@ def test_tiny_vim_has_no_graph_break_with_the_triton_scan(conv_backend: str) -> 
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("config", [None, (8, 4, None, False, "v1"), (16, 2, 200, True, "v2")])
+@pytest.mark.parametrize("config", [None, (8, 4, None, False, "v1"), (16, 2, 200, True, "v2"),
+                                    (32, 4, None, False, "v3", 4, 256, 32)])
 def test_launch_configs_survive_the_op_boundary(config) -> None:
     from kernels.selective_scan_triton import config_from_ints, config_to_ints
     from kernels.triton_scan_common import ScanLaunchConfig
