@@ -234,7 +234,7 @@ BWD_RESIDENT_PROGRAMS = 8
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
-                          multiprocessors: int | None = None) -> ScanLaunchConfig:
+                          multiprocessors: int | None = None, contiguous: bool = False) -> ScanLaunchConfig:
     """Tiles of the scan kernels, a saved state every 4 positions, tiles from the H200 sweeps of
     bench/scan.py (README, 2026-11-22).
 
@@ -246,15 +246,30 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
     tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles. The kernels are
     DEFAULT_VARIANT's: swept on v1, and the twentieth session's v2 sweep on an H100 found the same tiles best
-    (docs/scan_kernels.md)."""
+    (docs/scan_kernels.md).
+
+    ``contiguous``: u, delta and z are (batch, dim, L) contiguous, as mamba-ssm's callers pass them (not a Vim
+    block's channel-last tensors, which only the v1 / v2 kernels read in place). Then the v3 kernels, which read and
+    write whole position tiles, take the direction they win (bench/scan_cross.py, one H100, twenty-second session,
+    fwd+bwd ms against v2 in both directions): the forward of grids that fill the device at L >= 128
+    (V3_FORWARD_MIN_LENGTH; batch 128, L=197: 1.760 vs 1.952) and the backward of smaller grids (batch 16:
+    L=1024 1.228 vs 1.266, L=4096 4.798 vs 5.049)."""
     chunk = min(4, next_power_of_2(length))
-    if not backward:
-        return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT)
-    small_grid = (rows is not None and multiprocessors is not None
-                  and ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
-    if small_grid:
+    known = rows is not None and multiprocessors is not None
+    small_grid = known and ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS
+    if contiguous and known and (backward == small_grid) and (backward or length >= V3_FORWARD_MIN_LENGTH):
+        n_chunks = ceil_div(length, chunk)
+        return ScanLaunchConfig(block_d=32, chunk=chunk, variant="v3",
+                                segments=default_segments(ceil_div(rows, 32), n_chunks, backward, multiprocessors))
+    if not backward or small_grid:
         return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT)
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT)
+
+
+# The shortest sequence whose default forward is v3 (contiguous inputs, a grid that fills the device). At L=50,
+# batch 128 the v3 forward's kernels are no faster and its launcher adds host work (B and C padded to float32):
+# 0.602 vs 0.550 ms fwd+bwd on the H100 (bench/scan_cross.py).
+V3_FORWARD_MIN_LENGTH = 128
 
 
 # Resident one-warp v3 programs per multiprocessor that a grid should reach before sequences are split

@@ -70,6 +70,28 @@ def test_default_config_tiles_follow_the_grid_size():
     assert default_launch_config(4, 1, True).chunk == 1
 
 
+def test_contiguous_inputs_take_v3_where_it_won():
+    """(batch, dim, L)-contiguous u / delta / z: the v3 forward for grids that fill the device at L >= 128, the
+    v3 backward (with its segments) for smaller grids; everything else, and any channel-last input, stays v2."""
+    from kernels.triton_scan_common import default_launch_config
+
+    def pick(length, batch, backward, contiguous=True, sms=132):
+        cfg = default_launch_config(16, length, backward, rows=batch * 768, multiprocessors=sms,
+                                    contiguous=contiguous)
+        return cfg.variant, cfg.block_d, cfg.segments
+
+    assert pick(197, 128, False) == ("v3", 32, 1)
+    assert pick(197, 128, True) == ("v2", 16, 1)
+    assert pick(50, 128, False) == ("v2", 8, 1)  # too short: the host's work decides L=50
+    assert pick(1024, 16, False) == ("v2", 8, 1)
+    assert pick(1024, 16, True) == ("v3", 32, 4)
+    assert pick(4096, 16, True) == ("v3", 32, 4)
+    for length, batch in ((197, 128), (1024, 16)):
+        for backward in (False, True):
+            assert pick(length, batch, backward, contiguous=False)[0] == "v2"
+            assert default_launch_config(16, length, backward, rows=batch * 768, contiguous=True).variant == "v2"
+
+
 def test_v3_forward_tile_is_a_power_of_two_of_at_least_one_chunk():
     from kernels.triton_scan_common import ScanLaunchConfig
 
