@@ -323,10 +323,11 @@ def selective_scan_triton(
     # The backward's default tiles depend on the device: resolved when the backward runs. Cached in eager mode;
     # dynamo traces the plain function (it warns about lru_cache wrappers).
     configs = launch_configs.__wrapped__ if compiling else launch_configs
-    # Contiguous u / delta / z may take the v3 kernels (default_launch_config); the backward decides from the
-    # saved u, which is then contiguous too (dout is given u's strides).
-    contiguous = _contiguous(u, delta, z)
-    sms = (multiprocessor_count.__wrapped__ if compiling else multiprocessor_count)(u.device)
+    # Contiguous u / delta / z may take the v3 forward (default_launch_config). Not while dynamo traces: the
+    # device query is kept out of the graph, and a compiled forward keeps v2. The backward decides inside its op
+    # from the saved tensors (dout is given u's strides).
+    contiguous = not compiling and _contiguous(u, delta, z)
+    sms = multiprocessor_count(u.device) if contiguous else None
     fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, rows=u.shape[0] * u.shape[1],
                      multiprocessors=sms, contiguous=contiguous)
     if fwd.variant in SEQUENCE_STRIDED_VARIANTS and (bwd_config is None
