@@ -186,8 +186,9 @@ class ScanLaunchConfig:
     ``variant``: "v1" the kernels of kernels/triton_scan_fwd.py / _bwd.py; "v2" those of
     kernels/triton_scan_fwd2.py / _bwd2.py (same tiles and results, fewer instructions per position: unmasked
     clamped reads, approximate-math softplus / sigmoid on CUDA, backward dB / dC summed by reduce-scatter);
-    "v3" those of kernels/triton_scan_fwd3.py / _bwd3.py (one lane per channel with all its N states, positions
-    read and written a chunk at a time; block_d = 32 per warp); "v4" the forward of kernels/triton_scan_fwd4.py
+    "v3" those of kernels/triton_scan_fwd3.py / _bwd3.py (one lane per channel with all its N states, u / delta /
+    z read and outputs written as position tiles, ``tile_l`` positions in the forward and a chunk in the backward,
+    moved between lanes through shared memory; block_d = 32 per warp); "v4" the forward of kernels/triton_scan_fwd4.py
     (parallel over positions: spans of ``block_l`` positions scanned with tl.associative_scan, block_d channels per
     program), forward only: its backward is a v1 or v2 config. A config built without ``variant`` names v1; the
     device defaults (``default_launch_config``, what ``selective_scan_fn`` uses unless given tiles) run

@@ -7,10 +7,13 @@ stay in its registers, and per-channel work happens once.
 
 The launcher (kernels/triton_scan_fwd.py) hands B and C over as float32 (batch, groups, L, N_PAD), zero-padded
 to N_PAD states: a position's B is contiguous in each lane (16-byte vector loads) with no conversions and no state
-mask (a padded state has A = 0 and B = C = 0, so it stays 0 and adds nothing). A chunk's u / delta / z are loaded for all its
-positions before its arithmetic, and the next chunk's one chunk ahead; reads are unmasked (clamped positions and
-channels), so that they need no predicates or zero fills. The state entering each chunk is saved
-for the backward in the layout of every variant, (batch, chunks, N, dim).
+mask (a padded state has A = 0 and B = C = 0, so it stays 0 and adds nothing).
+
+u / delta / z are read, and out written, as (BLOCK_D, TILE) tiles with lanes along the positions, and moved to
+one lane per channel through shared memory (tile_columns / columns_tile): in (batch, dim, L) memory a
+position's channels are L apart, so a read of one position per lane used 2 of every 32 bytes of each sector it
+moved, and on the H100 the L2 was the limit (twenty-second session; docs/scan_kernels.md). The state entering
+each chunk is saved for the backward in the layout of every variant, (batch, chunks, N, dim).
 """
 
 from __future__ import annotations
