@@ -204,14 +204,15 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
     fwd_options = [(4, "v1", 1), (8, "v1", 1), (16, "v1", 1), (32, "v1", 1), (4, "v2", 1), (8, "v2", 1),
                    (16, "v2", 1), (16, "v3", 1), (32, "v3", 1), (64, "v3", 1)] + [
         (32, "v3", segments) for segments in SWEEP_SEGMENTS]
-    fwd_options = [opt + (16,) for opt in fwd_options] + [(32, "v3", 1, tile_l) for tile_l in SWEEP_V3_TILES]
-    fwd_options = [opt for opt in fwd_options if opt[1] in variants]
-    for block_d, variant, segments, tile_l in fwd_options:
-        cfg = ScanLaunchConfig(block_d, 4, variant=variant, segments=segments, tile_l=tile_l)
+    fwd_configs = [ScanLaunchConfig(block_d, 4, variant=variant, segments=segments)
+                   for block_d, variant, segments in fwd_options] + [
+        ScanLaunchConfig(32, 4, variant="v3", tile_l=tile_l) for tile_l in SWEEP_V3_TILES]
+    for cfg in (c for c in fwd_configs if c.variant in variants):
         ms = time_forward_config(cfg, inp, rep_ms)
         if ms is not None:
-            rows.append({"pass": "fwd", "variant": variant, "block_d": block_d, "maxnreg": None, "prefetch": False,
-                         "segments": segments, "tile_l": tile_l if variant == "v3" else None, "ms": ms})
+            rows.append({"pass": "fwd", "variant": cfg.variant, "block_d": cfg.block_d, "maxnreg": None,
+                         "prefetch": False, "segments": cfg.segments,
+                         "tile_l": cfg.tile_l if cfg.variant == "v3" else None, "ms": ms})
     # 200 registers: 10 resident warps per multiprocessor and no spills offline (168: 12, with spills).
     bwd_options = [(16, None, False, "v1"), (16, 168, False, "v1"), (16, 200, False, "v1"), (16, None, True, "v1"),
                    (16, 200, True, "v1"), (8, None, False, "v1"), (4, None, False, "v1"),

@@ -258,7 +258,9 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     chunk = min(4, next_power_of_2(length))
     known = rows is not None and multiprocessors is not None
     small_grid = known and ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS
-    if contiguous and known and (backward == small_grid) and (backward or length >= V3_FORWARD_MIN_LENGTH):
+    v3_forward = not backward and not small_grid and length >= V3_FORWARD_MIN_LENGTH
+    v3_backward = backward and small_grid
+    if contiguous and known and (v3_forward or v3_backward):
         n_chunks = ceil_div(length, chunk)
         return ScanLaunchConfig(block_d=32, chunk=chunk, variant="v3",
                                 segments=default_segments(ceil_div(rows, 32), n_chunks, backward, multiprocessors))

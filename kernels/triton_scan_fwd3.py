@@ -98,6 +98,27 @@ def log2_of(n):
 
 
 @triton.jit
+def tile_steps(tile, BLOCK: tl.constexpr, LOG2_L: tl.constexpr, REVERSE: tl.constexpr):
+    """The columns of a (BLOCK, 2**LOG2_L) position tile as a tuple in scan order: step s is memory offset
+    tile_offset(s, 2**LOG2_L, REVERSE)."""
+    cols = tile_columns(tile, BLOCK, LOG2_L)
+    steps = ()
+    for s in tl.static_range(1 << LOG2_L):
+        steps = steps + (cols[bit_reverse(tile_offset(s, 1 << LOG2_L, REVERSE), LOG2_L)],)
+    return steps
+
+
+@triton.jit
+def steps_tile(steps, BLOCK: tl.constexpr, LOG2_L: tl.constexpr, REVERSE: tl.constexpr):
+    """The inverse of tile_steps: a (BLOCK, 2**LOG2_L) tile from one (BLOCK,) vector per step, ``steps[i]`` at
+    memory offset tile_offset(i, 2**LOG2_L, REVERSE)."""
+    cols = ()
+    for i in tl.static_range(1 << LOG2_L):
+        cols = cols + (steps[tile_offset(bit_reverse(i, LOG2_L), 1 << LOG2_L, REVERSE)],)
+    return columns_tile(cols, BLOCK, LOG2_L)
+
+
+@triton.jit
 def chunk_tiles(rows, read_row, chunk_idx, length, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                 REVERSE: tl.constexpr):
     """As chunk_loads, the chunk's values of each row pointer in ``rows`` per step (scan order), read as one
@@ -107,14 +128,15 @@ def chunk_tiles(rows, read_row, chunk_idx, length, BLOCK_D: tl.constexpr, CHUNK:
     offs = chunk_idx * CHUNK + tl.arange(0, CHUNK)
     ptrs = read_row[:, None] + offs[None, :]
     mask = (offs[None, :] >= 0) & (offs[None, :] < length)
-    cols = ()
+    per_row = ()
     for k in tl.static_range(len(rows)):
-        cols = cols + (tile_columns(tl.load(rows[k] + ptrs, mask=mask, other=0.0), BLOCK_D, log2_of(CHUNK)),)
+        per_row = per_row + (tile_steps(tl.load(rows[k] + ptrs, mask=mask, other=0.0), BLOCK_D, log2_of(CHUNK),
+                                        REVERSE),)
     steps = ()
     for s in tl.static_range(CHUNK):
         values = ()
         for k in tl.static_range(len(rows)):
-            values = values + (cols[k][bit_reverse(tile_offset(s, CHUNK, REVERSE), log2_of(CHUNK))],)
+            values = values + (per_row[k][s],)
         steps = steps + (values,)
     return steps
 
@@ -123,14 +145,11 @@ def chunk_tiles(rows, read_row, chunk_idx, length, BLOCK_D: tl.constexpr, CHUNK:
 def store_chunk_tile(ptr, seq_row, values, chunk_idx, length, d_mask, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                      REVERSE: tl.constexpr):
     """Store CHUNK (BLOCK_D,) vectors as the chunk's (BLOCK_D, CHUNK) tile, ``values[i]`` at memory offset
-    tile_offset(i, CHUNK, REVERSE) (the order chunk_tiles hands steps out in), masked to the sequence and the
-    real channels: one request per channel and chunk instead of one per position."""
-    cols = ()
-    for i in tl.static_range(CHUNK):
-        cols = cols + (values[tile_offset(bit_reverse(i, log2_of(CHUNK)), CHUNK, REVERSE)],)
+    tile_offset(i, CHUNK, REVERSE) (steps_tile), masked to the sequence and the real channels: one request per
+    channel and chunk instead of one per position."""
     offs = chunk_idx * CHUNK + tl.arange(0, CHUNK)
     mask = d_mask[:, None] & (offs[None, :] < length)
-    tile = columns_tile(cols, BLOCK_D, log2_of(CHUNK))
+    tile = steps_tile(values, BLOCK_D, log2_of(CHUNK), REVERSE)
     tl.store(ptr + seq_row[:, None] + offs[None, :], tile.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -186,10 +205,10 @@ def _scan_fwd_kernel_v3(
         tile_valid = (chunk_of_offset < chunks_left) & (tile_pos < length)
         tile_mask = d_mask[:, None] & tile_valid[None, :]
         tile_offs = seq_row[:, None] + tile_pos[None, :]
-        u_cols = tile_columns(tl.load(U + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE)
-        delta_cols = tile_columns(tl.load(DELTA + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE)
+        u_steps = tile_steps(tl.load(U + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE, REVERSE)
+        delta_steps = tile_steps(tl.load(DELTA + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE, REVERSE)
         if HAS_Z:
-            z_cols = tile_columns(tl.load(Z + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE)
+            z_steps = tile_steps(tl.load(Z + tile_offs, mask=tile_mask, other=0.0), BLOCK_D, LOG2_TILE, REVERSE)
         ys = ()  # in scan order
         for s in tl.static_range(TILE):
             chunk_valid = tile_idx * TILE_CHUNKS + s // CHUNK < count
@@ -199,8 +218,8 @@ def _scan_fwd_kernel_v3(
                 tl.store(CHUNK_STATES + offs, h, mask=nd_mask & chunk_valid)
             pos = first_pos + tile_offset(s, TILE, REVERSE)
             valid = chunk_valid & (pos < length)
-            u = u_cols[bit_reverse(tile_offset(s, TILE, REVERSE), LOG2_TILE)].to(tl.float32)
-            dt, _dt_raw = discretize(delta_cols[bit_reverse(tile_offset(s, TILE, REVERSE), LOG2_TILE)], bias, valid, HAS_BIAS, SOFTPLUS, FAST)
+            u = u_steps[s].to(tl.float32)
+            dt, _dt_raw = discretize(delta_steps[s], bias, valid, HAS_BIAS, SOFTPLUS, FAST)
             # Past the end dt = 0: an identity step whatever the clamped B and C hold.
             at = tl.maximum(tl.minimum(pos, length - 1), 0)
             B_col = tl.load(B_seq + at * N_PAD + offs_n)
@@ -210,14 +229,10 @@ def _scan_fwd_kernel_v3(
             if HAS_D:
                 y += D_vec * u
             if HAS_Z:
-                z = z_cols[bit_reverse(tile_offset(s, TILE, REVERSE), LOG2_TILE)].to(tl.float32)
+                z = z_steps[s].to(tl.float32)
                 y = y * z * sigmoid2(z, FAST)
             ys = ys + (y,)
-        y_cols = ()
-        for i in tl.static_range(TILE):
-            # Column i is memory offset bit_reverse(i), which scan step visited it.
-            y_cols = y_cols + (ys[tile_offset(bit_reverse(i, LOG2_TILE), TILE, REVERSE)],)
-        out_tile = columns_tile(y_cols, BLOCK_D, LOG2_TILE)
+        out_tile = steps_tile(ys, BLOCK_D, LOG2_TILE, REVERSE)
         tl.store(OUT + tile_offs, out_tile.to(OUT.dtype.element_ty), mask=tile_mask)
         chunk_idx += TILE_CHUNKS * chunk_step
 
