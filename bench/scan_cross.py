@@ -1,11 +1,16 @@
 """Forward and backward kernel variants crossed: every (forward variant, backward variant) pair at each shape.
 
-    python -m bench.scan_cross [--variants v2 v3] [--shape B D N L ...] [--rep-ms 100] [--json FILE]
+    python -m bench.scan_cross [--variants v2 v3] [--shape B D N L ...] [--layout ...] [--rep-ms 100] [--json FILE]
 
 Every variant saves the chunk states in one layout, so a forward of one variant can feed the backward of another
 (``tests/test_scan_triton.py`` checks the mixes). Each variant runs with its own default tiles for the shape and
 device (``variant_configs``: v3 with its sequence segments at small batch). Prints forward ms per forward variant
 and forward+backward ms (wall and GPU-busy) per pair, fastest pair marked; the defaults' row for comparison.
+
+``--layout`` says how u, delta and z reach the kernels: ``contiguous`` (batch, dim, L), mamba-ssm's callers' layout;
+``channel_last`` (batch, L, dim) memory seen as (batch, dim, L), a Vim block's; ``transposed``: contiguous inputs
+copied channel-last inside the timed call (and out copied back; the backward's gradients through autograd's own
+copies), the cost of serving the first layout with kernels that read the second.
 """
 
 from __future__ import annotations
@@ -21,9 +26,16 @@ import torch
 from bench.scan import SHAPES, time_backend
 from kernels.testing import make_scan_inputs
 
+LAYOUTS = ("contiguous", "channel_last", "transposed")
+
+
+def channel_last(x: torch.Tensor) -> torch.Tensor:
+    """A (batch, dim, L) tensor with (batch, L, dim) memory: a copy, differentiable."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
 
 def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: int,
-               mamba: Any = None) -> list[dict[str, Any]]:
+               mamba: Any = None, layout: str = "contiguous") -> list[dict[str, Any]]:
     """One row per (forward variant, backward variant), plus the defaults ("default", "default") and, given
     ``mamba`` (bench.scan.mamba_scan_fn's function), mamba-ssm's CUDA scan ("mamba_ssm", "mamba_ssm")."""
     from kernels.selective_scan_triton import selective_scan_triton, variant_configs
@@ -31,7 +43,12 @@ def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: in
     batch, dim, n_state, length = shape
     inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                            device="cuda")
-    configs = {v: variant_configs(v, n_state, length, batch * dim, torch.device("cuda")) for v in variants}
+    if layout == "channel_last":
+        inp.update({k: channel_last(inp[k]) for k in ("u", "delta", "z")})
+    configs = {v: variant_configs(v.rstrip("t"), n_state, length, batch * dim, torch.device("cuda")) for v in variants}
+    for v in variants:
+        if v.endswith("t"):  # "v2t": v2 with chunk tiles (ScanLaunchConfig.tile_io)
+            configs[v] = tuple(dataclasses.replace(c, tile_io=True) for c in configs[v])
     pairs = [(f, b) for f in variants for b in variants] + [("default", "default")]
     rows = []
     for fwd_variant, bwd_variant in pairs:
@@ -42,27 +59,33 @@ def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: in
             bwd_cfg = dataclasses.replace(configs[bwd_variant][1], chunk=fwd_cfg.chunk)
 
         def fn(f=fwd_cfg, b=bwd_cfg, **kw: Any) -> torch.Tensor:
+            if layout == "transposed":
+                kw.update({k: channel_last(kw[k]) for k in ("u", "delta", "z")})
+                return selective_scan_triton(**kw, fwd_config=f, bwd_config=b).contiguous()
             return selective_scan_triton(**kw, fwd_config=f, bwd_config=b)
 
         times = time_backend(fn, inp, rep_ms)
-        rows.append({"shape": list(shape), "fwd": fwd_variant, "bwd": bwd_variant, **times})
+        rows.append({"shape": list(shape), "layout": layout, "fwd": fwd_variant, "bwd": bwd_variant, **times})
         report(rows[-1])
     if mamba is not None:
-        rows.append({"shape": list(shape), "fwd": "mamba_ssm", "bwd": "mamba_ssm", **time_backend(mamba, inp, rep_ms)})
+        rows.append({"shape": list(shape), "layout": layout, "fwd": "mamba_ssm", "bwd": "mamba_ssm", **time_backend(mamba, inp, rep_ms)})
         report(rows[-1])
     return rows
 
 
 def report(row: dict[str, Any]) -> None:
-    print(f"{tuple(row['shape'])} fwd {row['fwd']} bwd {row['bwd']}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd "
+    print(f"{tuple(row['shape'])} {row['layout']} fwd {row['fwd']} bwd {row['bwd']}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd "
           f"{row['fwd_bwd_ms']:.3f} ms (GPU-busy {row.get('fwd_bwd_gpu_ms') or float('nan'):.3f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v3"])
+    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v2t", "v3"],
+                        help="kernel variants; v2t: v2 reading and writing chunk tiles (ScanLaunchConfig.tile_io)")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
                         help="time this shape instead of the issue's four (repeatable)")
+    parser.add_argument("--layout", nargs="+", default=["contiguous"], choices=LAYOUTS,
+                        help="u / delta / z layouts to time, each a set of rows (see the module's docstring)")
     parser.add_argument("--rep-ms", type=int, default=100)
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist: its CUDA scan as a row")
     parser.add_argument("--json", default=None)
@@ -79,14 +102,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"mamba-ssm: build failed: {type(exc).__name__}: {str(exc)[-300:]}", flush=True)
     rows = []
     for shape in args.shape or SHAPES:
-        rows += cross_rows(tuple(shape), args.variants, args.rep_ms, mamba)
-        torch.cuda.empty_cache()
+        for layout in args.layout:
+            rows += cross_rows(tuple(shape), args.variants, args.rep_ms, mamba if layout == "contiguous" else None,
+                               layout)
+            torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, bf16, ms (fwd+bwd wall / GPU-busy; * fastest of the shape):")
     for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
         sel = [r for r in rows if tuple(r["shape"]) == shape]
         best = min(r["fwd_bwd_ms"] for r in sel)
         print(f"{shape}: " + "  ".join(
-            f"{r['fwd']}->{r['bwd']} {r['fwd_bwd_ms']:.3f}{'*' if r['fwd_bwd_ms'] == best else ''}"
+            f"{r['layout'][:2]}:{r['fwd']}->{r['bwd']} {r['fwd_bwd_ms']:.3f}{'*' if r['fwd_bwd_ms'] == best else ''}"
             f"/{r.get('fwd_bwd_gpu_ms') or float('nan'):.3f}" for r in sel))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

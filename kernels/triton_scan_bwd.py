@@ -39,6 +39,7 @@ from kernels.triton_scan_common import (
     segment_walk,
     sequence_strides,
     softplus,
+    tile_io,
 )
 from kernels.triton_scan_fast import scatter_levels
 from kernels.triton_scan_fwd3 import padded_float32
@@ -325,7 +326,8 @@ def selective_scan_bwd_launch(
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_bwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
-                         LEVELS=scatter_levels(n_pad, config.block_d))
+                         LEVELS=scatter_levels(n_pad, config.block_d),
+                         TILE_IO=tile_io(config, sequence_strides(u, delta, z, dout)))
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],

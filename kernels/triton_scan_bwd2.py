@@ -27,15 +27,34 @@ from kernels.triton_scan_common import (
     segment_walk,
 )
 from kernels.triton_scan_fast import LOG2E, channel_sum_scatter, scatter_rows, sigmoid2, softplus2
+from kernels.triton_scan_fwd3 import chunk_tiles, store_chunk_tile
 
 
 @triton.jit
 def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n, offs_d, nd_mask,
-                      batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK: tl.constexpr, HAS_Z: tl.constexpr,
-                      REVERSE: tl.constexpr, EVEN_ND: tl.constexpr):
+                      batch_idx, chunk_idx, length, n_chunks, n_state, dim, seq_row, z_row, U, DELTA, Z, DOUT,
+                      BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, HAS_Z: tl.constexpr,
+                      REVERSE: tl.constexpr, EVEN_ND: tl.constexpr, TILE_IO: tl.constexpr):
     """One chunk's reads as stored (entry state; per position in scan order u, delta, dout, z), unmasked:
-    the chunk index and positions are clamped (a prefetch past the last chunk reads the first one again)."""
+    the chunk index and positions are clamped (a prefetch past the last chunk reads the first one again).
+    TILE_IO: u / delta / dout / z as one (BLOCK_D, CHUNK) tile each (unit position strides)."""
     chunk_idx = tl.minimum(tl.maximum(chunk_idx, 0), n_chunks - 1)
+    if TILE_IO:
+        state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+        if EVEN_ND:
+            h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :])
+        else:
+            h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
+        udd = chunk_tiles((U, DELTA, DOUT), seq_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
+        if HAS_Z:
+            zs = chunk_tiles((Z,), z_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
+        loads = ()
+        for s in tl.static_range(CHUNK):
+            if HAS_Z:
+                loads = loads + ((udd[s][0], udd[s][1], udd[s][2], zs[s][0]),)
+            else:
+                loads = loads + ((udd[s][0], udd[s][1], udd[s][2], udd[s][0]),)
+        return h_in, loads
     state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
     if EVEN_ND:
         h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :])
@@ -65,6 +84,7 @@ def _scan_bwd_kernel_v2(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, LEVELS: tl.constexpr,
+    TILE_IO: tl.constexpr = False,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
@@ -77,7 +97,8 @@ def _scan_bwd_kernel_v2(
     seq_row = batch_idx.to(tl.int64) * seq_sb + offs_read.to(tl.int64) * seq_sd
     U_row = U + seq_row
     DELTA_row = DELTA + seq_row
-    Z_row = Z + batch_idx.to(tl.int64) * z_sb + offs_read.to(tl.int64) * z_sd
+    z_row = batch_idx.to(tl.int64) * z_sb + offs_read.to(tl.int64) * z_sd
+    Z_row = Z + z_row
     DOUT_row = DOUT + seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
@@ -94,19 +115,21 @@ def _scan_bwd_kernel_v2(
     chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
     if PREFETCH:
         ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n, offs_d,
-                                  nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim, CHUNK, HAS_Z, REVERSE,
-                                  EVEN_D and EVEN_N)
+                                  nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim, seq_row, z_row, U, DELTA,
+                                  Z, DOUT, BLOCK_D, CHUNK, HAS_Z, REVERSE, EVEN_D and EVEN_N, TILE_IO)
     for _i in range(n_chunks):
         base = chunk_idx * CHUNK
         if PREFETCH:
             h_in, loads = ahead
             ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n,
                                       offs_d, nd_mask, batch_idx, chunk_idx + chunk_step, length, n_chunks, n_state,
-                                      dim, CHUNK, HAS_Z, REVERSE, EVEN_D and EVEN_N)
+                                      dim, seq_row, z_row, U, DELTA, Z, DOUT, BLOCK_D, CHUNK, HAS_Z, REVERSE,
+                                      EVEN_D and EVEN_N, TILE_IO)
         else:
             h_in, loads = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n,
                                             offs_d, nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim,
-                                            CHUNK, HAS_Z, REVERSE, EVEN_D and EVEN_N)
+                                            seq_row, z_row, U, DELTA, Z, DOUT, BLOCK_D, CHUNK, HAS_Z, REVERSE,
+                                            EVEN_D and EVEN_N, TILE_IO)
 
         # Recompute the chunk's states and decays (index s = scan order in the chunk), as in v1.
         h = h_in
@@ -141,7 +164,10 @@ def _scan_bwd_kernel_v2(
             else:
                 slopes = slopes + (dt,)
 
-        # Adjoint, backwards through the chunk.
+        # Adjoint, backwards through the chunk (TILE_IO: its gradients gathered in scan order, stored as tiles).
+        dus = ()
+        ddts = ()
+        dzs = ()
         for r in tl.static_range(CHUNK):
             pos = chunk_position(base, CHUNK - 1 - r, CHUNK, REVERSE)
             at = tl.minimum(pos, length - 1)
@@ -172,7 +198,10 @@ def _scan_bwd_kernel_v2(
                     y += D_vec * u
                 sig_z = sigmoid2(z, FAST)
                 dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
-                tl.store(DZ + seq_row + at * seq_sl, dz.to(DZ.dtype.element_ty), mask=m)
+                if TILE_IO:
+                    dzs = (dz,) + dzs
+                else:
+                    tl.store(DZ + seq_row + at * seq_sl, dz.to(DZ.dtype.element_ty), mask=m)
                 dy = dout * z * sig_z
             else:
                 dy = dout
@@ -191,8 +220,12 @@ def _scan_bwd_kernel_v2(
             ddt = tl.where(m, ddt, 0.0)
             if HAS_BIAS:
                 dbias_acc += ddt
-            tl.store(DU + seq_row + at * seq_sl, du.to(DU.dtype.element_ty), mask=m)
-            tl.store(DDELTA + seq_row + at * seq_sl, ddt.to(DDELTA.dtype.element_ty), mask=m)
+            if TILE_IO:
+                dus = (du,) + dus
+                ddts = (ddt,) + ddts
+            else:
+                tl.store(DU + seq_row + at * seq_sl, du.to(DU.dtype.element_ty), mask=m)
+                tl.store(DDELTA + seq_row + at * seq_sl, ddt.to(DDELTA.dtype.element_ty), mask=m)
 
             # dB / dC of this position: reduce-scattered over the channels, one atomic per owning lane.
             dB_part = channel_sum_scatter(g * (dt * u)[None, :], lane_d, N_PAD, BLOCK_D, LEVELS)
@@ -201,6 +234,11 @@ def _scan_bwd_kernel_v2(
             tl.atomic_add(DB_seq + bc_ptrs, dB_part, mask=sum_owner & valid, sem="relaxed")
             tl.atomic_add(DC_seq + bc_ptrs, dC_part, mask=sum_owner & valid, sem="relaxed")
             g = a * g
+        if TILE_IO:
+            store_chunk_tile(DU, seq_row, dus, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
+            store_chunk_tile(DDELTA, seq_row, ddts, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
+            if HAS_Z:
+                store_chunk_tile(DZ, seq_row, dzs, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
         chunk_idx += chunk_step
 
     backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs_n, n_state, d_mask, nd_mask,

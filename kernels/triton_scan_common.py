@@ -193,6 +193,10 @@ class ScanLaunchConfig:
     program), forward only: its backward is a v1 or v2 config. A config built without ``variant`` names v1; the
     device defaults (``default_launch_config``, what ``selective_scan_fn`` uses unless given tiles) run
     DEFAULT_VARIANT.
+    ``tile_io`` (v2): read u / delta / z (dout) and write out (du / ddelta / dz) as one (block_d, chunk) tile per
+    chunk, moved to the lanes of its channels through shared memory, where their position stride is 1 ((batch, dim,
+    L) contiguous; ignored for channel-last inputs): one memory request per tensor and chunk instead of one per
+    position.
     ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
     after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
     """
@@ -205,6 +209,7 @@ class ScanLaunchConfig:
     segments: int = 1
     block_l: int = 256  # v4: positions per span (a power of two; ignored by the other variants)
     tile_l: int = 16  # v3 forward: positions of u / delta / z read, and of out written, as one tile
+    tile_io: bool = False  # v2: chunk tiles for unit position strides
 
     def log2_tile(self) -> int:
         """log2 of the v3 forward's tile length: ``tile_l``, at least one chunk."""
@@ -335,6 +340,12 @@ def sequence_strides(u: Any, delta: Any, z: Any, dout: Any = None) -> tuple[int,
             raise ValueError(f"selective_scan: {name} must have u's strides {u.stride()}, got {t.stride()}")
     z_strides = z.stride() if z is not None else u.stride()
     return (*u.stride(), *z_strides)
+
+
+def tile_io(config: ScanLaunchConfig, strides: tuple[int, ...]) -> bool:
+    """Whether a v2 launch reads and writes chunk tiles (``ScanLaunchConfig.tile_io``): asked for, and the position
+    strides of u / delta / out and of z (``sequence_strides``) are 1."""
+    return config.tile_io and strides[2] == 1 and strides[5] == 1
 
 
 def v4_warps(config: ScanLaunchConfig) -> int:

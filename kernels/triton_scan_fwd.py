@@ -29,6 +29,7 @@ from kernels.triton_scan_common import (
     position_major,
     sequence_strides,
     softplus,
+    tile_io,
 )
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
 from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3, padded_float32
@@ -182,7 +183,8 @@ def selective_scan_fwd_launch(
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_fwd_kernel_v2
-            extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda)
+            extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
+                         TILE_IO=tile_io(config, sequence_strides(u, delta, z)))
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
         sizes = sizes + sequence_strides(u, delta, z)

@@ -14,8 +14,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_scan_common import SEQ_UNSPECIALIZED, UNSPECIALIZED, channel_block, channel_params
+from kernels.triton_scan_common import (
+    SEQ_UNSPECIALIZED,
+    UNSPECIALIZED,
+    channel_block,
+    channel_params,
+    chunk_position,
+    segment_walk,
+)
 from kernels.triton_scan_fast import sigmoid2, softplus2
+from kernels.triton_scan_fwd3 import chunk_tiles, store_chunk_tile
 
 
 @triton.jit
@@ -52,6 +60,23 @@ def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_
     return u, dt, B_col, C_col, z
 
 
+@triton.jit
+def _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                    HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
+    """Per step of one chunk (scan order): (u, delta, z) as stored, read as (BLOCK_D, CHUNK) tiles (z = u
+    without HAS_Z). Positions outside the sequence read 0."""
+    uv = chunk_tiles((U, DELTA), seq_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
+    if HAS_Z:
+        zs = chunk_tiles((Z,), z_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
+    steps = ()
+    for s in tl.static_range(CHUNK):
+        if HAS_Z:
+            steps = steps + ((uv[s][0], uv[s][1], zs[s][0]),)
+        else:
+            steps = steps + ((uv[s][0], uv[s][1], uv[s][0]),)
+    return steps
+
+
 @triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_fwd_kernel_v2(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
@@ -62,7 +87,7 @@ def _scan_fwd_kernel_v2(
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, TILE_IO: tl.constexpr = False,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
@@ -76,53 +101,97 @@ def _scan_fwd_kernel_v2(
     seq_row = batch_idx.to(tl.int64) * seq_sb + offs_read.to(tl.int64) * seq_sd
     U_row = U + seq_row
     DELTA_row = DELTA + seq_row
-    Z_row = Z + batch_idx.to(tl.int64) * z_sb + offs_read.to(tl.int64) * z_sd
+    z_row = batch_idx.to(tl.int64) * z_sb + offs_read.to(tl.int64) * z_sd
+    Z_row = Z + z_row
     OUT_row = OUT + seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
-    if REVERSE:
-        step = -1
-        pos = n_chunks * CHUNK - 1
-    else:
-        step = 1
-        pos = 0 * n_chunks
-
-    u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
-                                          n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
-                                          REVERSE, FAST)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    for i in range(n_chunks):
-        if STORE_STATES:
-            if REVERSE:
-                chunk_idx = n_chunks - 1 - i
-            else:
-                chunk_idx = i
-            state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
-            if EVEN_D and EVEN_N:
-                tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h)
-            else:
-                tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
-        # A runtime loop, as in v1 (statically unrolled, Triton loads B and C in the (N, BLOCK_D) layout: 8
-        # loads per lane instead of one and a shared-memory broadcast); LLVM unrolls it.
-        for _t in range(CHUNK):
-            u_n, dt_n, B_n, C_n, z_n = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos + step, length, bias,
-                                                    offs_n, n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z,
-                                                    SOFTPLUS, EVEN_N, REVERSE, FAST)
+    if TILE_IO:
+        # u / delta / z read, and out written, one (BLOCK_D, CHUNK) tile per chunk, the next chunk's tiles read
+        # ahead (TILE_IO: unit position strides).
+        chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, False)
+        ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z, REVERSE)
+        for _i in range(n_chunks):
+            if STORE_STATES:
+                state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+                if EVEN_D and EVEN_N:
+                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h)
+                else:
+                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+            steps = ahead
+            ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx + chunk_step, length, BLOCK_D, CHUNK,
+                                    HAS_Z, REVERSE)
+            ys = ()
+            for s in tl.static_range(CHUNK):
+                pos = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE)
+                at = tl.minimum(pos, length - 1)
+                u = steps[s][0].to(tl.float32)
+                dt = steps[s][1].to(tl.float32)
+                if HAS_BIAS:
+                    dt += bias
+                if SOFTPLUS:
+                    dt = softplus2(dt, FAST)
+                dt = tl.where(pos < length, dt, 0.0)
+                if EVEN_N:
+                    B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+                    C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+                else:
+                    B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
+                y = tl.sum(h * C_col[:, None], axis=0)
+                if HAS_D:
+                    y += D_vec * u
+                if HAS_Z:
+                    z = steps[s][2].to(tl.float32)
+                    y = y * z * sigmoid2(z, FAST)
+                ys = ys + (y,)
+            store_chunk_tile(OUT, seq_row, ys, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
+            chunk_idx += chunk_step
+    else:
+        if REVERSE:
+            step = -1
+            pos = n_chunks * CHUNK - 1
+        else:
+            step = 1
+            pos = 0 * n_chunks
 
-            h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
-            y = tl.sum(h * C_col[:, None], axis=0)
-            if HAS_D:
-                y += D_vec * u
-            if HAS_Z:
-                y = y * z * sigmoid2(z, FAST)
-            out_mask = pos < length
-            if not EVEN_D:
-                out_mask = out_mask & d_mask
-            at = _clamp_position(pos, length, REVERSE)
-            tl.store(OUT_row + at * seq_sl, y.to(OUT.dtype.element_ty), mask=out_mask)
+        u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
+                                              n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
+                                              REVERSE, FAST)
+        for i in range(n_chunks):
+            if STORE_STATES:
+                if REVERSE:
+                    chunk_idx = n_chunks - 1 - i
+                else:
+                    chunk_idx = i
+                state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+                if EVEN_D and EVEN_N:
+                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h)
+                else:
+                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+            # A runtime loop, as in v1 (statically unrolled, Triton loads B and C in the (N, BLOCK_D) layout: 8
+            # loads per lane instead of one and a shared-memory broadcast); LLVM unrolls it.
+            for _t in range(CHUNK):
+                u_n, dt_n, B_n, C_n, z_n = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos + step, length, bias,
+                                                        offs_n, n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z,
+                                                        SOFTPLUS, EVEN_N, REVERSE, FAST)
 
-            pos = pos + step
-            u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
+                h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
+                y = tl.sum(h * C_col[:, None], axis=0)
+                if HAS_D:
+                    y += D_vec * u
+                if HAS_Z:
+                    y = y * z * sigmoid2(z, FAST)
+                out_mask = pos < length
+                if not EVEN_D:
+                    out_mask = out_mask & d_mask
+                at = _clamp_position(pos, length, REVERSE)
+                tl.store(OUT_row + at * seq_sl, y.to(OUT.dtype.element_ty), mask=out_mask)
+
+                pos = pos + step
+                u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
 
     row = (batch_idx * dim + offs_d).to(tl.int64)
     tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)

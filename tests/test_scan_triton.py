@@ -7,6 +7,8 @@ compiled, plus the larger ``gpu``-marked cases.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,9 +76,12 @@ def _config(block_d, chunk, variant="v1"):
 
 def _default_configs(triton_scan, variant, n_state, length, rows):
     """The default tiles (as selective_scan_triton picks them on this device) in ``variant``; None for v1
-    (the call then takes its own defaults)."""
+    (the call then takes its own defaults). "v2t": v2's with chunk tiles (ScanLaunchConfig.tile_io)."""
     if variant == "v1":
         return None
+    if variant == "v2t":
+        configs = triton_scan.variant_configs("v2", n_state, length, rows, torch.device(DEVICE))
+        return tuple(dataclasses.replace(c, tile_io=True) for c in configs)
     return triton_scan.variant_configs(variant, n_state, length, rows, torch.device(DEVICE))
 
 
@@ -209,6 +214,32 @@ def test_triton_v2_full_tiles(triton_scan, length, dim, n_state, groups, dtype, 
                              seed=length + dim, config=config)
 
 
+# v2 with chunk tiles (ScanLaunchConfig.tile_io): (L, dim, N, groups, dtype, with_optional, reverse, block_d, chunk,
+# forward tiles, backward tiles, prefetch). One position, a partial last chunk, many chunks, channel blocks past
+# the group's end, no z, reverse, tiles on one side only, and bf16.
+TILE_IO_CASES = [
+    (1, 6, 4, None, torch.float32, True, False, 8, 4, True, True, False),
+    (19, 10, 4, 2, torch.float32, True, True, 8, 4, True, True, True),
+    (29, 16, 16, None, torch.float32, False, False, 16, 4, True, True, True),
+    (13, 6, 3, None, torch.float32, True, True, 4, 2, True, False, False),
+    (21, 12, 16, 2, torch.float32, True, False, 16, 8, False, True, True),
+    (37, 32, 16, None, torch.bfloat16, True, True, 8, 4, True, True, False),
+]
+
+
+@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,reverse,block_d,chunk,fwd_tiles,bwd_tiles,"
+                         "prefetch", TILE_IO_CASES)
+def test_triton_v2_tile_io(triton_scan, length, dim, n_state, groups, dtype, with_optional, reverse, block_d, chunk,
+                           fwd_tiles, bwd_tiles, prefetch):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(block_d, chunk, variant="v2", tile_io=fwd_tiles)
+    bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", tile_io=bwd_tiles)
+    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
+                             dtype=dtype, with_optional=with_optional, softplus=True, reverse=reverse,
+                             seed=length + 3 * dim, config=(fwd, bwd))
+
+
 def test_triton_forward_only_and_no_last_state(triton_scan):
     inp = make_scan_inputs(2, 4, 10, 4, groups=None, dtype=torch.float32, seed=11, device=DEVICE)
     with torch.no_grad():
@@ -251,7 +282,7 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,dim,length,n_state,groups", GPU_SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ["v2t"])
 def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse, variant):
     """The default tiles in every dtype, in each kernel variant."""
     config = _default_configs(triton_scan, variant, n_state, length, rows=batch * dim)
