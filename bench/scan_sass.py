@@ -70,7 +70,10 @@ def compile_kernel(kernel: Any, constexprs: dict[str, Any], ints: dict[str, int]
     """triton.compile for sm_90 with the launch-time signature of the benchmark's bf16 inputs; ``ints``
     gives the integer arguments' values (only their divisibility by 16 matters)."""
     sig, attrs = _signature(kernel, ints)
-    unit_ints = {name: 1 for name, kind in sig.items() if kind == "constexpr" and name not in constexprs}
+    # Constexprs not given take their default (TILE_IO), integers specialised as constants (== 1) the value 1.
+    defaults = {p.name: p.default for p in kernel.params if p.has_default}
+    unit_ints = {name: defaults.get(name, 1) for name, kind in sig.items()
+                 if kind == "constexpr" and name not in constexprs}
     src = triton.compiler.ASTSource(kernel, sig, {**constexprs, **unit_ints}, attrs)
     options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
@@ -167,7 +170,7 @@ def report(name: str, compiled: Any, positions_per_iter: int | None, dump: Path 
 V2_FLAGS = dict(EVEN_D=True, EVEN_N=True, FAST=True)
 
 
-def forward_kernels(variant: str, log2_tile: int = 4) -> list[tuple[Any, dict[str, Any]]]:
+def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False) -> list[tuple[Any, dict[str, Any]]]:
     """The forward kernel (kernels/triton_scan_fwd.py, or _fwd2.py for v2) with a training step's constexprs."""
     from kernels.triton_scan_fwd import _scan_fwd_kernel
     from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -182,11 +185,11 @@ def forward_kernels(variant: str, log2_tile: int = 4) -> list[tuple[Any, dict[st
         return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True, LOG2_TILE=log2_tile)),
                 (_scan_segment_summary_v3, dict(ADJOINT=False, FAST=True))]
     if variant == "v2":
-        return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, **V2_FLAGS))]
+        return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, TILE_IO=tile_io, **V2_FLAGS))]
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
-def backward_kernels(variant: str, dlast: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+def backward_kernels(variant: str, dlast: bool = False, tile_io: bool = False) -> list[tuple[Any, dict[str, Any]]]:
     """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch; ``dlast``:
     as when the last state has a gradient."""
     from kernels.triton_scan_bwd import _scan_bwd_kernel
@@ -201,7 +204,7 @@ def backward_kernels(variant: str, dlast: bool = False) -> list[tuple[Any, dict[
         return [(_scan_bwd_kernel_v3, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, FAST=True))
                 for p in (False, True)] + [(_scan_segment_summary_v3, dict(ADJOINT=True, FAST=True))]
     if variant == "v2":
-        return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, **V2_FLAGS))
+        return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, TILE_IO=tile_io, **V2_FLAGS))
                 for p in (False, True)]
     return [(_scan_bwd_kernel, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p)) for p in (False, True)]
 
@@ -209,6 +212,7 @@ def backward_kernels(variant: str, dlast: bool = False) -> list[tuple[Any, dict[
 def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
     flags = (",prefetch" if extra.get("PREFETCH") else "") + (",adjoint" if extra.get("ADJOINT") else "")
     flags += f",bl{extra['BLOCK_L']}" if "BLOCK_L" in extra else ""
+    flags += ",tile_io" if extra.get("TILE_IO") else ""
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
@@ -227,11 +231,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dump", type=Path, default=None, help="write each kernel's SASS and TTGIR here")
     parser.add_argument("--variant", nargs="+", choices=["v1", "v2", "v3", "v4"], default=["v1"],
                         help="kernel variants (ScanLaunchConfig.variant) to report")
+    parser.add_argument("--tile-io", action="store_true",
+                        help="v2: read and write chunk tiles (ScanLaunchConfig.tile_io; contiguous inputs only)")
     parser.add_argument("--tile-l", type=int, default=16,
                         help="v3 forward: positions per u / delta / z / out tile (ScanLaunchConfig.tile_l)")
     parser.add_argument("--block-l", type=int, nargs="+", default=[128],
                         help="v4: positions per span (ScanLaunchConfig.block_l)")
     args = parser.parse_args(argv)
+    if args.tile_io and args.channel_last:
+        parser.error("--tile-io reads contiguous inputs: not with --channel-last")
     from kernels.triton_scan_common import ScanLaunchConfig, v4_warps
     from kernels.triton_scan_fast import scatter_levels
 
@@ -279,16 +287,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         results.append(res)
             elif args.only != "bwd":
                 tile = ScanLaunchConfig(block_d, args.chunk, variant=variant, tile_l=args.tile_l)
-                for kernel, extra in forward_kernels(variant, tile.log2_tile()):
+                for kernel, extra in forward_kernels(variant, tile.log2_tile(), args.tile_io):
                     c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
                     # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's; the
                     # v3 forward walks a tile per pass (its segment summary a chunk).
                     per_pass = None
                     if variant == "v3":
                         per_pass = 1 << tile.log2_tile() if "LOG2_TILE" in extra else args.chunk
+                    elif extra.get("TILE_IO"):  # v2 with chunk tiles: a chunk per pass
+                        per_pass = args.chunk
                     results.append(report(_name(kernel, extra, block_d), c, per_pass, args.dump))
             if args.only != "fwd":
-                for kernel, extra in backward_kernels(variant, args.dlast):
+                for kernel, extra in backward_kernels(variant, args.dlast, args.tile_io):
                     if "LEVELS" in kernel.arg_names:
                         # v2 reduce-scatters dB and dC one at a time, v3 stacked.
                         rows = n_state_pad if variant == "v2" else 2 * n_state_pad
