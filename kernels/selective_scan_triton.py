@@ -89,19 +89,18 @@ def multiprocessor_count(device: torch.device) -> int | None:
 @functools.lru_cache(maxsize=1024)
 def launch_configs(
     n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None,
-    rows: int | None = None, multiprocessors: int | None = None, contiguous: bool = False,
+    rows: int | None = None, multiprocessors: int | None = None,
 ) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
-    """Fill in default tile configs (``rows`` = batch * dim, the device's ``multiprocessors`` and whether u / delta /
-    z are ``contiguous`` pick them: default_launch_config); the backward must use the forward's chunk length, and a
-    forward-only variant (v4) cannot be the backward's."""
+    """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
+    backward's tiles: default_launch_config); the backward must use the forward's chunk length, and a forward-only
+    variant (v4) cannot be the backward's."""
     if bwd_config is not None and bwd_config.variant in FORWARD_ONLY_VARIANTS:
         raise ValueError(f"selective_scan: variant {bwd_config.variant!r} has no backward kernel; give a v1 or v2 "
                          f"backward config (its forward saves the chunk states they read)")
     n_pad = next_power_of_2(n_state)
-    fwd = fwd_config or default_launch_config(n_pad, length, backward=False, rows=rows,
-                                              multiprocessors=multiprocessors, contiguous=contiguous)
+    fwd = fwd_config or default_launch_config(n_pad, length, backward=False)
     bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
-                                              multiprocessors=multiprocessors, contiguous=contiguous)
+                                              multiprocessors=multiprocessors)
     if bwd.chunk != fwd.chunk:
         if bwd_config is not None:
             raise ValueError(f"selective_scan: backward chunk {bwd.chunk} must equal forward chunk {fwd.chunk}")
@@ -136,27 +135,19 @@ def variant_configs(variant: str, n_state: int, length: int, rows: int,
                  for cfg, backward in ((fwd, False), (bwd, True)))
 
 
-def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int,
-                    contiguous: bool = False) -> ScanLaunchConfig:
+def backward_config(bwd_config: list[int], chunk: int, u: Tensor, n_state: int) -> ScanLaunchConfig:
     """The backward's tiles: given, or the defaults for this device and grid (batch * dim rows); the chunk is
     always the forward's, whose saved states the backward reads."""
-    return _backward_config(tuple(bwd_config), chunk, u.device, u.shape[-1], u.shape[0] * u.shape[1], n_state,
-                            contiguous)
+    return _backward_config(tuple(bwd_config), chunk, u.device, u.shape[-1], u.shape[0] * u.shape[1], n_state)
 
 
 @functools.lru_cache(maxsize=1024)  # dataclasses.replace alone costs about 10 us per call
 def _backward_config(bwd_config: tuple[int, ...], chunk: int, device: torch.device, length: int, rows: int,
-                     n_state: int, contiguous: bool) -> ScanLaunchConfig:
+                     n_state: int) -> ScanLaunchConfig:
     config = config_from_ints(bwd_config)
     if config is None:
-        _, config = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=multiprocessor_count(device),
-                                   contiguous=contiguous)
+        _, config = launch_configs(n_state, length, None, None, rows=rows, multiprocessors=multiprocessor_count(device))
     return dataclasses.replace(config, chunk=chunk)
-
-
-def _contiguous(u: Tensor, delta: Tensor, z: Tensor | None) -> bool:
-    """Whether u, delta and z are all (batch, dim, L) contiguous: the layout the v3 kernels read."""
-    return u.is_contiguous() and delta.is_contiguous() and (z is None or z.is_contiguous())
 
 
 def _empty_f32(like: Tensor) -> Tensor:
@@ -202,8 +193,7 @@ def _scan_bwd(
     float32 sums), as do dA, dD and ddelta_bias (one fill): fine for autograd, not for a custom op
     (``_scan_bwd_unaliased``)."""
     grads = selective_scan_bwd_launch(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
-                                      delta_softplus, reverse,
-                                      backward_config(bwd_config, chunk, u, A.shape[1], _contiguous(u, delta, z)))
+                                      delta_softplus, reverse, backward_config(bwd_config, chunk, u, A.shape[1]))
     dB, dC = torch.empty((2, *B.shape), dtype=B.dtype, device=B.device).copy_(grads["BC"]).unbind(0)
     return (grads["u"], grads["delta"], grads["A"].to(A.dtype), dB, dC,
             grads["D"].to(D.dtype) if D is not None else _empty_f32(u),
@@ -325,13 +315,7 @@ def selective_scan_triton(
     # The backward's default tiles depend on the device: resolved when the backward runs. Cached in eager mode;
     # dynamo traces the plain function (it warns about lru_cache wrappers).
     configs = launch_configs.__wrapped__ if compiling else launch_configs
-    # Contiguous u / delta / z may take the v3 forward (default_launch_config). Not while dynamo traces: the
-    # device query is kept out of the graph, and a compiled forward keeps v2. The backward decides inside its op
-    # from the saved tensors (dout is given u's strides).
-    contiguous = not compiling and _contiguous(u, delta, z)
-    sms = multiprocessor_count(u.device) if contiguous else None
-    fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, rows=u.shape[0] * u.shape[1],
-                     multiprocessors=sms, contiguous=contiguous)
+    fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
     if fwd.variant in SEQUENCE_STRIDED_VARIANTS and (bwd_config is None
                                                       or bwd_config.variant in SEQUENCE_STRIDED_VARIANTS):
         # The v1 / v2 kernels read u / delta in either dense layout and z through any strides: a Vim block's

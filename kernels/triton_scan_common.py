@@ -240,44 +240,39 @@ BWD_RESIDENT_PROGRAMS = 8
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
-                          multiprocessors: int | None = None, contiguous: bool = False) -> ScanLaunchConfig:
+                          multiprocessors: int | None = None) -> ScanLaunchConfig:
     """Tiles of the scan kernels, a saved state every 4 positions, tiles from the H200 sweeps of
     bench/scan.py (README, 2026-11-22).
 
     Forward: 8 channels per warp (third sweep, forward alone: L=197 batch 128 0.39 vs 0.61 ms at block_d 16,
-    L=1024 0.375 vs 0.423, L=4096 1.48 vs 1.71, L=50 0.116 vs 0.113, a tie). Backward: ``rows`` = batch * dim and ``multiprocessors`` (the device's
-    count) decide. A grid of block_d-16 programs that fills the device several times over (more than
-    multiprocessors x 8, the residency at ~230 registers) takes block_d 16 with the next chunk's inputs
-    prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d 8, twice
-    the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost or
-    tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles. The kernels are
-    DEFAULT_VARIANT's: swept on v1, and the twentieth session's v2 sweep on an H100 found the same tiles best
+    L=1024 0.375 vs 0.423, L=4096 1.48 vs 1.71, L=50 0.116 vs 0.113, a tie). Backward: ``rows`` = batch * dim and
+    ``multiprocessors`` (the device's count) decide. A grid of block_d-16 programs that fills the device several
+    times over (more than multiprocessors x 8, the residency at ~230 registers) takes block_d 16 with the next
+    chunk's inputs prefetched (batch 128: L=197 1.90 vs 2.17 ms fwd+bwd, L=50 equal); a smaller grid takes block_d
+    8, twice the programs (batch 16: L=1024 1.49 vs 1.84 ms, L=4096 5.81 vs 7.24). No register cap: 168 / 200 lost
+    or tied in that sweep. Without a device (the interpreter) the backward takes the large-grid tiles. The kernels
+    are DEFAULT_VARIANT's: swept on v1, and the twentieth session's v2 sweep on an H100 found the same tiles best
     (docs/scan_kernels.md).
 
-    ``contiguous``: u, delta and z are (batch, dim, L) contiguous, as mamba-ssm's callers pass them (not a Vim
-    block's channel-last tensors, which only the v1 / v2 kernels read in place). Then the v3 kernels, which read and
-    write whole position tiles, take the direction they win (bench/scan_cross.py, one H100, twenty-second session,
-    fwd+bwd ms against v2 in both directions): the forward of grids that fill the device at L >= 128
-    (V3_FORWARD_MIN_LENGTH; batch 128, L=197: 1.760 vs 1.952) and the backward of smaller grids (batch 16:
-    L=1024 1.228 vs 1.266, L=4096 4.798 vs 5.049)."""
+    Chunk tiles (``tile_io``; the launchers apply them only where u / delta / z have unit position strides, the
+    (batch, dim, L) layout of mamba-ssm's callers, not a Vim block's channel-last tensors) from L = TILE_IO_MIN_LENGTH,
+    in the forward and in the backward of grids smaller than the device's residency (bench/scan_cross.py, one H100,
+    twenty-third session, fwd+bwd ms: batch 128 L=197 1.766 with the tile forward vs 1.940 without, and its forward
+    alone 0.367 vs 0.428; batch 16 L=1024 1.193 vs 1.264 with the tile backward, L=4096 4.720 vs 5.063). The
+    large-grid backward gains nothing from them (1.775 vs 1.766 behind the tile forward)."""
     chunk = min(4, next_power_of_2(length))
-    known = rows is not None and multiprocessors is not None
-    small_grid = known and ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS
-    v3_forward = not backward and not small_grid and length >= V3_FORWARD_MIN_LENGTH
-    v3_backward = backward and small_grid
-    if contiguous and known and (v3_forward or v3_backward):
-        n_chunks = ceil_div(length, chunk)
-        return ScanLaunchConfig(block_d=32, chunk=chunk, variant="v3",
-                                segments=default_segments(ceil_div(rows, 32), n_chunks, backward, multiprocessors))
+    small_grid = rows is not None and multiprocessors is not None and (
+        ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
+    tiles = length >= TILE_IO_MIN_LENGTH
     if not backward or small_grid:
-        return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT)
+        return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT, tile_io=tiles)
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT)
 
 
-# The shortest sequence whose default forward is v3 (contiguous inputs, a grid that fills the device). At L=50,
-# batch 128 the v3 forward's kernels are no faster and its launcher adds host work (B and C padded to float32):
-# 0.602 vs 0.550 ms fwd+bwd on the H100 (bench/scan_cross.py).
-V3_FORWARD_MIN_LENGTH = 128
+# The shortest sequence whose default kernels read and write chunk tiles. At L=50, batch 128 the step is bound by
+# the host (0.41 ms of kernels, 0.8 ms wall in the twenty-third session's call) and the tile forward's kernel gains
+# 0.01 ms: not worth a second compiled kernel there.
+TILE_IO_MIN_LENGTH = 128
 
 
 # Resident one-warp v3 programs per multiprocessor that a grid should reach before sequences are split

@@ -4,6 +4,7 @@ sequence segments, and the integer helpers the launchers use instead of Triton's
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -70,26 +71,41 @@ def test_default_config_tiles_follow_the_grid_size():
     assert default_launch_config(4, 1, True).chunk == 1
 
 
-def test_contiguous_inputs_take_v3_where_it_won():
-    """(batch, dim, L)-contiguous u / delta / z: the v3 forward for grids that fill the device at L >= 128, the
-    v3 backward (with its segments) for smaller grids; everything else, and any channel-last input, stays v2."""
-    from kernels.triton_scan_common import default_launch_config
+def test_chunk_tiles_from_l128_in_the_forward_and_the_small_grid_backward():
+    """v2 everywhere; chunk tiles (tile_io) from L=128 in the forward and in the backward of grids below the
+    device's residency; the large-grid backward keeps block_d 16 with prefetch and no tiles."""
+    from kernels.triton_scan_common import TILE_IO_MIN_LENGTH, default_launch_config
 
-    def pick(length, batch, backward, contiguous=True, sms=132):
-        cfg = default_launch_config(16, length, backward, rows=batch * 768, multiprocessors=sms,
-                                    contiguous=contiguous)
-        return cfg.variant, cfg.block_d, cfg.segments
+    def pick(length, batch, backward, sms=132):
+        cfg = default_launch_config(16, length, backward, rows=batch * 768, multiprocessors=sms)
+        return cfg.variant, cfg.block_d, cfg.prefetch, cfg.tile_io
 
-    assert pick(197, 128, False) == ("v3", 32, 1)
-    assert pick(197, 128, True) == ("v2", 16, 1)
-    assert pick(50, 128, False) == ("v2", 8, 1)  # too short: the host's work decides L=50
-    assert pick(1024, 16, False) == ("v2", 8, 1)
-    assert pick(1024, 16, True) == ("v3", 32, 4)
-    assert pick(4096, 16, True) == ("v3", 32, 4)
-    for length, batch in ((197, 128), (1024, 16)):
-        for backward in (False, True):
-            assert pick(length, batch, backward, contiguous=False)[0] == "v2"
-            assert default_launch_config(16, length, backward, rows=batch * 768, contiguous=True).variant == "v2"
+    assert TILE_IO_MIN_LENGTH == 128
+    assert pick(197, 128, False) == ("v2", 8, False, True)
+    assert pick(197, 128, True) == ("v2", 16, True, False)
+    assert pick(50, 128, False) == ("v2", 8, False, False)  # too short: the host's work decides L=50
+    assert pick(1024, 16, False) == ("v2", 8, False, True)
+    assert pick(1024, 16, True) == ("v2", 8, False, True)
+    assert pick(4096, 16, True) == ("v2", 8, False, True)
+    assert pick(127, 16, True)[3] is False
+    # Without a device (the interpreter, a compiled forward's trace): the forward by length alone.
+    assert default_launch_config(16, 197, False).tile_io
+    assert not default_launch_config(16, 197, True).tile_io
+
+
+def test_chunk_tiles_only_for_unit_position_strides():
+    """The launchers read and write tiles only where u / delta / out and z have position stride 1: a Vim block's
+    channel-last tensors take the per-position kernels whatever the config asks."""
+    from kernels.triton_scan_common import ScanLaunchConfig, sequence_strides, tile_io
+
+    u = torch.zeros(2, 8, 197)
+    channel_last = torch.zeros(2, 197, 8).transpose(1, 2)
+    z_channel_last = torch.zeros(2, 197, 16)[..., 8:].transpose(1, 2)
+    tiled = ScanLaunchConfig(8, 4, variant="v2", tile_io=True)
+    assert tile_io(tiled, sequence_strides(u, u, u))
+    assert not tile_io(ScanLaunchConfig(8, 4, variant="v2"), sequence_strides(u, u, u))
+    assert not tile_io(tiled, sequence_strides(channel_last, channel_last, channel_last))
+    assert not tile_io(tiled, sequence_strides(u, u, z_channel_last))
 
 
 def test_v3_forward_tile_is_a_power_of_two_of_at_least_one_chunk():
