@@ -45,10 +45,15 @@ def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: in
                            device="cuda")
     if layout == "channel_last":
         inp.update({k: channel_last(inp[k]) for k in ("u", "delta", "z")})
-    configs = {v: variant_configs(v.rstrip("t"), n_state, length, batch * dim, torch.device("cuda")) for v in variants}
+    # Each variant's default tiles, v1 / v2 without chunk tiles unless named "v2t".
+    configs = {v: tuple(dataclasses.replace(c, tile_io=False) if c.variant in ("v1", "v2") else c
+                        for c in variant_configs(v[:2], n_state, length, batch * dim, torch.device("cuda")))
+               for v in variants}
     for v in variants:
         if v.endswith("t"):  # "v2t": v2 with chunk tiles (ScanLaunchConfig.tile_io)
             configs[v] = tuple(dataclasses.replace(c, tile_io=True) for c in configs[v])
+        if v.endswith("x"):  # "v2x": v2, the backward on channel-last copies (ScanLaunchConfig.transpose_io)
+            configs[v] = (configs[v][0], dataclasses.replace(configs[v][1], transpose_io=True))
     pairs = [(f, b) for f in variants for b in variants] + [("default", "default")]
     rows = []
     for fwd_variant, bwd_variant in pairs:
@@ -80,8 +85,9 @@ def report(row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v2t", "v3"],
-                        help="kernel variants; v2t: v2 reading and writing chunk tiles (ScanLaunchConfig.tile_io)")
+    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v2t", "v2x", "v3"],
+                        help="kernel variants; v2t: v2 reading and writing chunk tiles (ScanLaunchConfig.tile_io); "
+                             "v2x: v2 with its backward on channel-last copies (ScanLaunchConfig.transpose_io)")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
                         help="time this shape instead of the issue's four (repeatable)")
     parser.add_argument("--layout", nargs="+", default=["contiguous"], choices=LAYOUTS,

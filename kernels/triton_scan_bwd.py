@@ -16,6 +16,8 @@ and added once per program.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 from kernels.triton_scan_common import (
     SEQ_UNSPECIALIZED,
+    SEQUENCE_STRIDED_VARIANTS,
     UNSPECIALIZED,
     ScanLaunchConfig,
     backward_finish,
@@ -44,6 +47,7 @@ from kernels.triton_scan_common import (
 from kernels.triton_scan_fast import scatter_levels
 from kernels.triton_scan_fwd3 import padded_float32
 from kernels.triton_scan_segments import plan_segments, segment_summaries
+from kernels.triton_transpose import channel_last_copy, contiguous_copy
 
 
 @triton.jit
@@ -271,6 +275,16 @@ def selective_scan_bwd_launch(
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of every input from the forward's saved chunk states: dB/dC per group, float32 dA, dD and
     ddelta_bias (summed over batch and L), the others in their input's dtype."""
+    if config.transpose_io and config.variant in SEQUENCE_STRIDED_VARIANTS and u.is_contiguous():
+        # Channel-last copies in, the gradients of u / delta / z back to u's layout (ScanLaunchConfig.transpose_io).
+        grads = selective_scan_bwd_launch(
+            channel_last_copy(u), channel_last_copy(delta), A, B, C, D,
+            channel_last_copy(z.contiguous()) if z is not None else None, delta_bias, channel_last_copy(dout),
+            chunk_states, dlast, delta_softplus, reverse, dataclasses.replace(config, transpose_io=False))
+        for name in ("u", "delta", "z"):
+            if grads[name] is not None:
+                grads[name] = contiguous_copy(grads[name])
+        return grads
     batch, dim, length = u.shape
     A = dim_major(A)  # a no-op on the eager path, which converted it once for both directions
     n_groups, n_state = B.shape[1], B.shape[2]

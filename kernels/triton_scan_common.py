@@ -197,6 +197,9 @@ class ScanLaunchConfig:
     chunk, moved to the lanes of its channels through shared memory, where their position stride is 1 ((batch, dim,
     L) contiguous; ignored for channel-last inputs): one memory request per tensor and chunk instead of one per
     position.
+    ``transpose_io`` (v1 / v2 backward): contiguous u / delta / z / dout copied to channel-last by a transpose kernel
+    (kernels/triton_transpose.py), the kernel run on the copies, du / ddelta / dz copied back: four tensors in and
+    three out at copy speed instead of the kernel's strided accesses.
     ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
     after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
     """
@@ -210,6 +213,7 @@ class ScanLaunchConfig:
     block_l: int = 256  # v4: positions per span (a power of two; ignored by the other variants)
     tile_l: int = 16  # v3 forward: positions of u / delta / z read, and of out written, as one tile
     tile_io: bool = False  # v2: chunk tiles for unit position strides
+    transpose_io: bool = False  # v1 / v2 backward: run on channel-last copies of contiguous inputs
 
     def log2_tile(self) -> int:
         """log2 of the v3 forward's tile length: ``tile_l``, at least one chunk."""

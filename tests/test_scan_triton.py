@@ -76,12 +76,16 @@ def _config(block_d, chunk, variant="v1"):
 
 def _default_configs(triton_scan, variant, n_state, length, rows):
     """The default tiles (as selective_scan_triton picks them on this device) in ``variant``; None for v1
-    (the call then takes its own defaults). "v2t": v2's with chunk tiles (ScanLaunchConfig.tile_io)."""
+    (the call then takes its own defaults). "v2t": v2's with chunk tiles (ScanLaunchConfig.tile_io); "v2x": v2's
+    with the backward on channel-last copies (ScanLaunchConfig.transpose_io)."""
     if variant == "v1":
         return None
     if variant == "v2t":
         configs = triton_scan.variant_configs("v2", n_state, length, rows, torch.device(DEVICE))
         return tuple(dataclasses.replace(c, tile_io=True) for c in configs)
+    if variant == "v2x":
+        fwd, bwd = triton_scan.variant_configs("v2", n_state, length, rows, torch.device(DEVICE))
+        return fwd, dataclasses.replace(bwd, transpose_io=True)
     return triton_scan.variant_configs(variant, n_state, length, rows, torch.device(DEVICE))
 
 
@@ -240,6 +244,28 @@ def test_triton_v2_tile_io(triton_scan, length, dim, n_state, groups, dtype, wit
                              seed=length + 3 * dim, config=(fwd, bwd))
 
 
+# The backward on channel-last copies of contiguous inputs (ScanLaunchConfig.transpose_io), v1 and v2:
+# (L, dim, groups, dtype, with_optional, reverse, block_d, prefetch, variant).
+TRANSPOSE_IO_CASES = [
+    (1, 6, None, torch.float32, True, False, 8, False, "v2"),
+    (23, 10, 2, torch.float32, True, True, 16, True, "v2"),
+    (37, 12, None, torch.bfloat16, False, False, 8, False, "v2"),
+    (19, 6, 2, torch.float32, True, False, 4, True, "v1"),
+]
+
+
+@pytest.mark.parametrize("length,dim,groups,dtype,with_optional,reverse,block_d,prefetch,variant", TRANSPOSE_IO_CASES)
+def test_triton_backward_on_channel_last_copies(triton_scan, length, dim, groups, dtype, with_optional, reverse,
+                                                block_d, prefetch, variant):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(8, 4, variant=variant, tile_io=variant == "v2")
+    bwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant=variant, transpose_io=True)
+    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=4, groups=groups, dtype=dtype,
+                             with_optional=with_optional, softplus=True, reverse=reverse, seed=length + 5 * dim,
+                             config=(fwd, bwd))
+
+
 def test_triton_forward_only_and_no_last_state(triton_scan):
     inp = make_scan_inputs(2, 4, 10, 4, groups=None, dtype=torch.float32, seed=11, device=DEVICE)
     with torch.no_grad():
@@ -282,7 +308,7 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,dim,length,n_state,groups", GPU_SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("variant", VARIANTS + ["v2t"])
+@pytest.mark.parametrize("variant", VARIANTS + ["v2t", "v2x"])
 def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse, variant):
     """The default tiles in every dtype, in each kernel variant."""
     config = _default_configs(triton_scan, variant, n_state, length, rows=batch * dim)

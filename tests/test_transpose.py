@@ -1,0 +1,58 @@
+"""kernels/triton_transpose.py: the layout copies around the scan's backward (ScanLaunchConfig.transpose_io).
+
+Under the Triton interpreter on a machine without CUDA (tests/conftest.py sets it), compiled with CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (1, 64, 64), (3, 70, 130), (2, 1, 9), (1, 0, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layout_copies_equal_torch_and_invert_each_other(shape, dtype):
+    from kernels.triton_transpose import channel_last_copy, contiguous_copy
+
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    last = channel_last_copy(x)
+    assert last.shape == x.shape and last.transpose(1, 2).is_contiguous()
+    assert torch.equal(last, x)  # same values, channel-last memory
+    back = contiguous_copy(last)
+    assert back.is_contiguous() and torch.equal(back, x)
+
+
+def test_layout_copies_refuse_the_other_layout():
+    from kernels.triton_transpose import channel_last_copy, contiguous_copy
+
+    x = torch.randn(2, 4, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        channel_last_copy(x.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="channel-last"):
+        contiguous_copy(x)
+
+
+def test_backward_launch_returns_gradients_in_the_inputs_layout():
+    """transpose_io: the same gradients as the kernel on the contiguous inputs, du / ddelta / dz contiguous."""
+    from kernels.testing import make_scan_inputs
+    from kernels.triton_scan_bwd import selective_scan_bwd_launch
+    from kernels.triton_scan_common import ScanLaunchConfig
+    from kernels.triton_scan_fwd import selective_scan_fwd_launch
+
+    inp = make_scan_inputs(2, 6, 11, 4, groups=1, dtype=torch.float32, seed=3, device=DEVICE)  # B, C grouped
+    config = ScanLaunchConfig(8, 4, variant="v2")
+    _, _, states = selective_scan_fwd_launch(**inp, delta_softplus=True, reverse=False, store_states=True,
+                                             config=config)
+    dout = torch.randn_like(inp["u"])
+    args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["delta_bias"], dout,
+            states, None, True, False)
+    plain = selective_scan_bwd_launch(*args, config)
+    copied = selective_scan_bwd_launch(*args, ScanLaunchConfig(8, 4, variant="v2", transpose_io=True))
+    for name in ("u", "delta", "z"):
+        assert copied[name].is_contiguous()
+        torch.testing.assert_close(copied[name], plain[name], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(copied["A"], plain["A"], rtol=1e-5, atol=1e-6)
