@@ -27,6 +27,7 @@ from kernels.triton_scan_common import (
     segment_walk,
 )
 from kernels.triton_scan_fast import LOG2E, channel_sum_scatter, scatter_rows, sigmoid2, softplus2
+from kernels.triton_scan_fwd2 import _bc_columns
 from kernels.triton_scan_fwd3 import chunk_tiles, store_chunk_tile
 
 
@@ -183,12 +184,7 @@ def _scan_bwd_kernel_v2(
                 h_prev = states[CHUNK - 2 - r]
             else:
                 h_prev = h_in
-            if EVEN_N:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
-                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
-            else:
-                B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            B_col, C_col = _bc_columns(B_seq, C_seq, at, bc_pos_stride, offs_n, n_mask, EVEN_N)
             # Past the end (and on clamped channels) dout is zero: no adjoint input, no dB / dC / dD.
             dout = tl.where(m, loads[CHUNK - 1 - r][2].to(tl.float32), 0.0)
             if HAS_Z:

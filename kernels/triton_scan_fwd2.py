@@ -23,7 +23,7 @@ from kernels.triton_scan_common import (
     segment_walk,
 )
 from kernels.triton_scan_fast import sigmoid2, softplus2
-from kernels.triton_scan_fwd3 import chunk_tiles, store_chunk_tile
+from kernels.triton_scan_fwd3 import chunk_tiles, discretize, store_chunk_tile
 
 
 @triton.jit
@@ -36,6 +36,29 @@ def _clamp_position(pos, length, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _bc_columns(B_seq, C_seq, at, bc_pos_stride, offs_n, n_mask, EVEN_N: tl.constexpr):
+    """B and C at position ``at`` (in range), float32 (N_PAD,) vectors; padded states read 0."""
+    if EVEN_N:
+        B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+        C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
+    else:
+        B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return B_col, C_col
+
+
+@triton.jit
+def _store_chunk_state(CHUNK_STATES, h, batch_idx, chunk_idx, n_chunks, n_state, dim, offs_n, offs_d, nd_mask,
+                       EVEN_ND: tl.constexpr):
+    """The state entering chunk ``chunk_idx``, in every variant's (batch, chunks, N, dim) layout."""
+    state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+    if EVEN_ND:
+        tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h)
+    else:
+        tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+
+
+@triton.jit
 def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n, n_mask, bc_pos_stride, seq_sl,
                  z_sl, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_N: tl.constexpr,
                  REVERSE: tl.constexpr, FAST: tl.constexpr):
@@ -43,12 +66,7 @@ def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_
     at = _clamp_position(pos, length, REVERSE)
     u = tl.load(U_row + at * seq_sl).to(tl.float32)
     dt = tl.load(DELTA_row + at * seq_sl).to(tl.float32)
-    if EVEN_N:
-        B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
-        C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
-    else:
-        B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    B_col, C_col = _bc_columns(B_seq, C_seq, at, bc_pos_stride, offs_n, n_mask, EVEN_N)
     z = u
     if HAS_Z:
         z = tl.load(Z_row + at * z_sl).to(tl.float32)
@@ -114,11 +132,8 @@ def _scan_fwd_kernel_v2(
         ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z, REVERSE)
         for _i in range(n_chunks):
             if STORE_STATES:
-                state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
-                if EVEN_D and EVEN_N:
-                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h)
-                else:
-                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+                _store_chunk_state(CHUNK_STATES, h, batch_idx, chunk_idx, n_chunks, n_state, dim, offs_n, offs_d,
+                                   nd_mask, EVEN_D and EVEN_N)
             steps = ahead
             ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx + chunk_step, length, BLOCK_D, CHUNK,
                                     HAS_Z, REVERSE)
@@ -127,18 +142,8 @@ def _scan_fwd_kernel_v2(
                 pos = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE)
                 at = tl.minimum(pos, length - 1)
                 u = steps[s][0].to(tl.float32)
-                dt = steps[s][1].to(tl.float32)
-                if HAS_BIAS:
-                    dt += bias
-                if SOFTPLUS:
-                    dt = softplus2(dt, FAST)
-                dt = tl.where(pos < length, dt, 0.0)
-                if EVEN_N:
-                    B_col = tl.load(B_seq + at * bc_pos_stride + offs_n).to(tl.float32)
-                    C_col = tl.load(C_seq + at * bc_pos_stride + offs_n).to(tl.float32)
-                else:
-                    B_col = tl.load(B_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                    C_col = tl.load(C_seq + at * bc_pos_stride + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                dt, _dt_raw = discretize(steps[s][1], bias, pos < length, HAS_BIAS, SOFTPLUS, FAST)
+                B_col, C_col = _bc_columns(B_seq, C_seq, at, bc_pos_stride, offs_n, n_mask, EVEN_N)
                 h = tl.exp2(dt[None, :] * A2) * h + B_col[:, None] * (dt * u)[None, :]
                 y = tl.sum(h * C_col[:, None], axis=0)
                 if HAS_D:
@@ -166,11 +171,8 @@ def _scan_fwd_kernel_v2(
                     chunk_idx = n_chunks - 1 - i
                 else:
                     chunk_idx = i
-                state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
-                if EVEN_D and EVEN_N:
-                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h)
-                else:
-                    tl.store(CHUNK_STATES + state_ptrs + offs_d[None, :], h, mask=nd_mask)
+                _store_chunk_state(CHUNK_STATES, h, batch_idx, chunk_idx, n_chunks, n_state, dim, offs_n, offs_d,
+                                   nd_mask, EVEN_D and EVEN_N)
             # A runtime loop, as in v1 (statically unrolled, Triton loads B and C in the (N, BLOCK_D) layout: 8
             # loads per lane instead of one and a shared-memory broadcast); LLVM unrolls it.
             for _t in range(CHUNK):
