@@ -258,25 +258,26 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     are DEFAULT_VARIANT's: swept on v1, and the twentieth session's v2 sweep on an H100 found the same tiles best
     (docs/scan_kernels.md).
 
-    Chunk tiles (``tile_io``; the launchers apply them only where u / delta / z have unit position strides, the
-    (batch, dim, L) layout of mamba-ssm's callers, not a Vim block's channel-last tensors) from L = TILE_IO_MIN_LENGTH,
-    in the forward and in the backward of grids smaller than the device's residency (bench/scan_cross.py, one H100,
-    twenty-third session, fwd+bwd ms: batch 128 L=197 1.766 with the tile forward vs 1.940 without, and its forward
-    alone 0.367 vs 0.428; batch 16 L=1024 1.193 vs 1.264 with the tile backward, L=4096 4.720 vs 5.063). The
-    large-grid backward gains nothing from them (1.775 vs 1.766 behind the tile forward)."""
+    For the (batch, dim, L) layout of mamba-ssm's callers (unit position strides; the launchers check, so a Vim
+    block's channel-last tensors keep the plain kernels under the same config), from L = LAYOUT_IO_MIN_LENGTH: chunk
+    tiles (``tile_io``) in the forward and in the backward of grids smaller than the device's residency, and the
+    large-grid backward on channel-last copies (``transpose_io``). bench/scan_cross.py, one H100, twenty-third
+    session, fwd+bwd ms: batch 128 L=197 1.766 with the tile forward vs 1.940 without (its forward alone 0.367 vs
+    0.428), then 1.570 with the copied backward behind it (the tile backward: 1.775); batch 16 L=1024 1.193 vs 1.264
+    with the tile backward (the copied one 1.322), L=4096 4.720 vs 5.063."""
     chunk = min(4, next_power_of_2(length))
     small_grid = rows is not None and multiprocessors is not None and (
         ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
-    tiles = length >= TILE_IO_MIN_LENGTH
+    layout_io = length >= LAYOUT_IO_MIN_LENGTH
     if not backward or small_grid:
-        return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT, tile_io=tiles)
-    return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT)
+        return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT, tile_io=layout_io)
+    return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT, transpose_io=layout_io)
 
 
-# The shortest sequence whose default kernels read and write chunk tiles. At L=50, batch 128 the step is bound by
-# the host (0.41 ms of kernels, 0.8 ms wall in the twenty-third session's call) and the tile forward's kernel gains
-# 0.01 ms: not worth a second compiled kernel there.
-TILE_IO_MIN_LENGTH = 128
+# The shortest sequence whose default kernels read and write chunk tiles or run on channel-last copies. At L=50,
+# batch 128 the step is bound by the host (0.41 ms of kernels, 0.8 ms wall in the twenty-third session's call), the
+# tile forward's kernel gains 0.01 ms and a copy costs a launch: not worth it there.
+LAYOUT_IO_MIN_LENGTH = 128
 
 
 # Resident one-warp v3 programs per multiprocessor that a grid should reach before sequences are split

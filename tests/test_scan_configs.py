@@ -71,26 +71,27 @@ def test_default_config_tiles_follow_the_grid_size():
     assert default_launch_config(4, 1, True).chunk == 1
 
 
-def test_chunk_tiles_from_l128_in_the_forward_and_the_small_grid_backward():
-    """v2 everywhere; chunk tiles (tile_io) from L=128 in the forward and in the backward of grids below the
-    device's residency; the large-grid backward keeps block_d 16 with prefetch and no tiles."""
-    from kernels.triton_scan_common import TILE_IO_MIN_LENGTH, default_launch_config
+def test_layout_io_from_l128():
+    """v2 everywhere; from L=128 chunk tiles (tile_io) in the forward and in the backward of grids below the
+    device's residency, channel-last copies (transpose_io) in the large-grid backward (block_d 16, prefetch)."""
+    from kernels.triton_scan_common import LAYOUT_IO_MIN_LENGTH, default_launch_config
 
     def pick(length, batch, backward, sms=132):
         cfg = default_launch_config(16, length, backward, rows=batch * 768, multiprocessors=sms)
-        return cfg.variant, cfg.block_d, cfg.prefetch, cfg.tile_io
+        return cfg.variant, cfg.block_d, cfg.prefetch, cfg.tile_io, cfg.transpose_io
 
-    assert TILE_IO_MIN_LENGTH == 128
-    assert pick(197, 128, False) == ("v2", 8, False, True)
-    assert pick(197, 128, True) == ("v2", 16, True, False)
-    assert pick(50, 128, False) == ("v2", 8, False, False)  # too short: the host's work decides L=50
-    assert pick(1024, 16, False) == ("v2", 8, False, True)
-    assert pick(1024, 16, True) == ("v2", 8, False, True)
-    assert pick(4096, 16, True) == ("v2", 8, False, True)
-    assert pick(127, 16, True)[3] is False
-    # Without a device (the interpreter, a compiled forward's trace): the forward by length alone.
+    assert LAYOUT_IO_MIN_LENGTH == 128
+    assert pick(197, 128, False) == ("v2", 8, False, True, False)
+    assert pick(197, 128, True) == ("v2", 16, True, False, True)
+    assert pick(50, 128, False) == ("v2", 8, False, False, False)  # too short: the host's work decides L=50
+    assert pick(50, 128, True) == ("v2", 16, True, False, False)
+    assert pick(1024, 16, False) == ("v2", 8, False, True, False)
+    assert pick(1024, 16, True) == ("v2", 8, False, True, False)
+    assert pick(4096, 16, True) == ("v2", 8, False, True, False)
+    assert pick(127, 16, True)[3:] == (False, False)
+    # Without a device (the interpreter, a compiled forward's trace): by length alone, the backward's large-grid tiles.
     assert default_launch_config(16, 197, False).tile_io
-    assert not default_launch_config(16, 197, True).tile_io
+    assert default_launch_config(16, 197, True).transpose_io
 
 
 def test_chunk_tiles_only_for_unit_position_strides():
