@@ -275,7 +275,8 @@ def selective_scan_bwd_launch(
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of every input from the forward's saved chunk states: dB/dC per group, float32 dA, dD and
     ddelta_bias (summed over batch and L), the others in their input's dtype."""
-    if config.transpose_io and config.variant in SEQUENCE_STRIDED_VARIANTS and u.is_contiguous():
+    if (config.transpose_io and config.variant in SEQUENCE_STRIDED_VARIANTS and u.is_contiguous()
+            and delta.is_contiguous() and dout.is_contiguous()):
         # Channel-last copies in, the gradients of u / delta / z back to u's layout (ScanLaunchConfig.transpose_io).
         grads = selective_scan_bwd_launch(
             channel_last_copy(u), channel_last_copy(delta), A, B, C, D,
