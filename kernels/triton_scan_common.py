@@ -80,6 +80,16 @@ def skip_and_bias(D, DELTA_BIAS, offs_d, d_mask, BLOCK_D: tl.constexpr, HAS_D: t
 
 
 @triton.jit
+def position_walk(n_chunks, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """The first position a per-position forward visits and its step: 0 upwards, or the last padded position
+    (n_chunks * CHUNK - 1) downwards for a reverse scan."""
+    if REVERSE:
+        return n_chunks * CHUNK - 1, -1
+    else:
+        return 0 * n_chunks, 1
+
+
+@triton.jit
 def chunk_position(base, s, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
     """Position of the s-th step of the chunk starting at ``base``, in scan order."""
     if REVERSE:

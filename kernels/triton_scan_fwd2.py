@@ -20,6 +20,7 @@ from kernels.triton_scan_common import (
     channel_block,
     channel_params,
     chunk_position,
+    position_walk,
     segment_walk,
 )
 from kernels.triton_scan_fast import sigmoid2, softplus2
@@ -155,12 +156,7 @@ def _scan_fwd_kernel_v2(
             store_chunk_tile(OUT, seq_row, ys, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
             chunk_idx += chunk_step
     else:
-        if REVERSE:
-            step = -1
-            pos = n_chunks * CHUNK - 1
-        else:
-            step = 1
-            pos = 0 * n_chunks
+        pos, step = position_walk(n_chunks, CHUNK, REVERSE)
 
         u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
                                               n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
