@@ -56,3 +56,14 @@ def test_backward_launch_returns_gradients_in_the_inputs_layout():
         assert copied[name].is_contiguous()
         torch.testing.assert_close(copied[name], plain[name], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(copied["A"], plain["A"], rtol=1e-5, atol=1e-6)
+
+
+def test_every_benchmarked_tile_copies_exactly():
+    """The tiles `python -m bench.transpose` sweeps (any may become the default) give torch's transpose."""
+    from bench.transpose import TILES
+    from kernels.triton_transpose import DEFAULT_TILE, transposed_copy
+
+    assert TILES[0] == DEFAULT_TILE
+    x = torch.randn(2, 70, 130, device=DEVICE).to(torch.bfloat16)
+    for tile in TILES:
+        assert torch.equal(transposed_copy(x, tile), x.transpose(1, 2)), tile
