@@ -52,8 +52,9 @@ def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: in
     for v in variants:
         if v.endswith("t"):  # "v2t": v2 with chunk tiles (ScanLaunchConfig.tile_io)
             configs[v] = tuple(dataclasses.replace(c, tile_io=True) for c in configs[v])
-        if v.endswith("x"):  # "v2x": v2, the backward on channel-last copies (ScanLaunchConfig.transpose_io)
-            configs[v] = (configs[v][0], dataclasses.replace(configs[v][1], transpose_io=True))
+        if v[2:] in ("x", "g"):  # "v2x": v2, the backward on channel-last copies (ScanLaunchConfig.transpose_io);
+            # "v2g": and its gradients written contiguous as chunk tiles (tile_grads)
+            configs[v] = (configs[v][0], dataclasses.replace(configs[v][1], transpose_io=True, tile_grads=v[2:] == "g"))
     pairs = [(f, b) for f in variants for b in variants] + [("default", "default")]
     rows = []
     for fwd_variant, bwd_variant in pairs:
@@ -85,9 +86,10 @@ def report(row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v2t", "v2x", "v3"],
+    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v2t", "v2x", "v2g", "v3"],
                         help="kernel variants; v2t: v2 reading and writing chunk tiles (ScanLaunchConfig.tile_io); "
-                             "v2x: v2 with its backward on channel-last copies (ScanLaunchConfig.transpose_io)")
+                             "v2x: v2 with its backward on channel-last copies (ScanLaunchConfig.transpose_io); "
+                             "v2g: v2x writing its gradients as contiguous chunk tiles (tile_grads)")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
                         help="time this shape instead of the issue's four (repeatable)")
     parser.add_argument("--layout", nargs="+", default=["contiguous"], choices=LAYOUTS,

@@ -189,7 +189,8 @@ def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False) -> 
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
-def backward_kernels(variant: str, dlast: bool = False, tile_io: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+def backward_kernels(variant: str, dlast: bool = False, tile_io: bool = False,
+                     tile_grads: bool = False) -> list[tuple[Any, dict[str, Any]]]:
     """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch; ``dlast``:
     as when the last state has a gradient."""
     from kernels.triton_scan_bwd import _scan_bwd_kernel
@@ -204,7 +205,8 @@ def backward_kernels(variant: str, dlast: bool = False, tile_io: bool = False) -
         return [(_scan_bwd_kernel_v3, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, FAST=True))
                 for p in (False, True)] + [(_scan_segment_summary_v3, dict(ADJOINT=True, FAST=True))]
     if variant == "v2":
-        return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, TILE_IO=tile_io, **V2_FLAGS))
+        return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, TILE_IO=tile_io,
+                                           TILE_GRADS=tile_grads, **V2_FLAGS))
                 for p in (False, True)]
     return [(_scan_bwd_kernel, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p)) for p in (False, True)]
 
@@ -213,6 +215,7 @@ def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
     flags = (",prefetch" if extra.get("PREFETCH") else "") + (",adjoint" if extra.get("ADJOINT") else "")
     flags += f",bl{extra['BLOCK_L']}" if "BLOCK_L" in extra else ""
     flags += ",tile_io" if extra.get("TILE_IO") else ""
+    flags += ",tile_grads" if extra.get("TILE_GRADS") else ""
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="kernel variants (ScanLaunchConfig.variant) to report")
     parser.add_argument("--tile-io", action="store_true",
                         help="v2: read and write chunk tiles (ScanLaunchConfig.tile_io; contiguous inputs only)")
+    parser.add_argument("--tile-grads", action="store_true",
+                        help="v2 backward: gradients written contiguous as chunk tiles (ScanLaunchConfig.tile_grads; "
+                             "with --channel-last, as the copied backward runs it)")
     parser.add_argument("--tile-l", type=int, default=16,
                         help="v3 forward: positions per u / delta / z / out tile (ScanLaunchConfig.tile_l)")
     parser.add_argument("--block-l", type=int, nargs="+", default=[128],
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         per_pass = args.chunk
                     results.append(report(_name(kernel, extra, block_d), c, per_pass, args.dump))
             if args.only != "fwd":
-                for kernel, extra in backward_kernels(variant, args.dlast, args.tile_io):
+                for kernel, extra in backward_kernels(variant, args.dlast, args.tile_io, args.tile_grads):
                     if "LEVELS" in kernel.arg_names:
                         # v2 reduce-scatters dB and dC one at a time, v3 stacked.
                         rows = n_state_pad if variant == "v2" else 2 * n_state_pad

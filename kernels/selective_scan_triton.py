@@ -63,7 +63,7 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
         return []
     return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch),
             SCAN_VARIANTS.index(config.variant), config.segments, config.block_l, config.tile_l,
-            int(config.tile_io), int(config.transpose_io)]
+            int(config.tile_io), int(config.transpose_io), int(config.tile_grads)]
 
 
 def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
@@ -74,10 +74,10 @@ def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
 
 @functools.lru_cache(maxsize=256)  # a ScanLaunchConfig costs microseconds to build, once per scan call otherwise
 def _config_from_ints(values: tuple[int, ...]) -> ScanLaunchConfig:
-    block_d, chunk, maxnreg, prefetch, variant, segments, block_l, tile_l, tile_io, transpose_io = values
+    block_d, chunk, maxnreg, prefetch, variant, segments, block_l, tile_l, tile_io, transpose_io, tile_grads = values
     return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch),
                             variant=SCAN_VARIANTS[variant], segments=segments, block_l=block_l, tile_l=tile_l,
-                            tile_io=bool(tile_io), transpose_io=bool(transpose_io))
+                            tile_io=bool(tile_io), transpose_io=bool(transpose_io), tile_grads=bool(tile_grads))
 
 
 @functools.cache

@@ -272,18 +272,23 @@ def selective_scan_bwd_launch(
     delta_softplus: bool,
     reverse: bool,
     config: ScanLaunchConfig,
+    grads_contiguous: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of every input from the forward's saved chunk states: dB/dC per group, float32 dA, dD and
-    ddelta_bias (summed over batch and L), the others in their input's dtype."""
+    ddelta_bias (summed over batch and L), the others in their input's dtype; du / ddelta / dz in u's layout, or
+    (``grads_contiguous``, v2: the copied backward's ``tile_grads``) contiguous, written as chunk tiles."""
     if (config.transpose_io and config.variant in SEQUENCE_STRIDED_VARIANTS and u.is_contiguous()
             and delta.is_contiguous() and dout.is_contiguous()):
-        # Channel-last copies in, the gradients of u / delta / z back to u's layout (ScanLaunchConfig.transpose_io).
+        # Channel-last copies in, the gradients of u / delta / z back to u's layout (ScanLaunchConfig.transpose_io):
+        # copied, or written there by the kernel (tile_grads).
+        tiled = config.tile_grads and config.variant == "v2"
         grads = selective_scan_bwd_launch(
             channel_last_copy(u), channel_last_copy(delta), A, B, C, D,
             channel_last_copy(z.contiguous()) if z is not None else None, delta_bias, channel_last_copy(dout),
-            chunk_states, dlast, delta_softplus, reverse, dataclasses.replace(config, transpose_io=False))
+            chunk_states, dlast, delta_softplus, reverse, dataclasses.replace(config, transpose_io=False),
+            grads_contiguous=tiled)
         for name in ("u", "delta", "z"):
-            if grads[name] is not None:
+            if grads[name] is not None and not tiled:
                 grads[name] = contiguous_copy(grads[name])
         return grads
     batch, dim, length = u.shape
@@ -294,11 +299,13 @@ def selective_scan_bwd_launch(
     if n_chunks != ceil_div(length, config.chunk):
         raise ValueError("selective_scan backward: chunk size differs from the forward's")
     f32 = dict(device=u.device, dtype=torch.float32)
+    def new_grad(dtype: torch.dtype) -> torch.Tensor:  # u's layout, as the kernels write it, unless grads_contiguous
+        if grads_contiguous:
+            return torch.empty(u.shape, dtype=dtype, device=u.device)
+        return torch.empty_like(u, dtype=dtype)
+
     grads: dict[str, torch.Tensor | None] = {
-        "u": torch.empty_like(u),
-        "delta": torch.empty_like(delta),
-        "z": torch.empty_like(u, dtype=z.dtype) if z is not None else None,  # u's layout, as the kernels write it
-    }
+        "u": new_grad(u.dtype), "delta": new_grad(delta.dtype), "z": new_grad(z.dtype) if z is not None else None}
     n_pad = next_power_of_2(n_state)
     # dA, dD, ddelta_bias and the dB / dC sums are summed by atomics into one zero-filled buffer: one allocation and
     # one fill, since the host's time per torch call is what L=50 is bound by. The dB / dC sums start 128-byte
@@ -342,7 +349,7 @@ def selective_scan_bwd_launch(
             kernel = _scan_bwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d),
-                         TILE_IO=tile_io(config, sequence_strides(u, delta, z, dout)))
+                         TILE_IO=tile_io(config, sequence_strides(u, delta, z, dout)), TILE_GRADS=grads_contiguous)
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],

@@ -85,7 +85,7 @@ def _scan_bwd_kernel_v2(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, LEVELS: tl.constexpr,
-    TILE_IO: tl.constexpr = False,
+    TILE_IO: tl.constexpr = False, TILE_GRADS: tl.constexpr = False,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
@@ -101,6 +101,13 @@ def _scan_bwd_kernel_v2(
     z_row = batch_idx.to(tl.int64) * z_sb + offs_read.to(tl.int64) * z_sd
     Z_row = Z + z_row
     DOUT_row = DOUT + seq_row
+    # Where du / ddelta / dz go as chunk tiles: in the inputs' layout (TILE_IO), or contiguous (batch, dim, L) whatever
+    # the inputs' strides (TILE_GRADS: the copied backward, ScanLaunchConfig.tile_grads).
+    TILED: tl.constexpr = TILE_IO or TILE_GRADS
+    if TILE_GRADS:
+        grad_row = (batch_idx.to(tl.int64) * dim + offs_read.to(tl.int64)) * length
+    else:
+        grad_row = seq_row
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     DB_seq = DB + (batch_idx * n_groups + group).to(tl.int64) * length * n_state
@@ -165,7 +172,7 @@ def _scan_bwd_kernel_v2(
             else:
                 slopes = slopes + (dt,)
 
-        # Adjoint, backwards through the chunk (TILE_IO: its gradients gathered in scan order, stored as tiles).
+        # Adjoint, backwards through the chunk (TILED: its gradients gathered in scan order, stored as tiles).
         dus = ()
         ddts = ()
         dzs = ()
@@ -194,7 +201,7 @@ def _scan_bwd_kernel_v2(
                     y += D_vec * u
                 sig_z = sigmoid2(z, FAST)
                 dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
-                if TILE_IO:
+                if TILED:
                     dzs = (dz,) + dzs
                 else:
                     tl.store(DZ + seq_row + at * seq_sl, dz.to(DZ.dtype.element_ty), mask=m)
@@ -216,7 +223,7 @@ def _scan_bwd_kernel_v2(
             ddt = tl.where(m, ddt, 0.0)
             if HAS_BIAS:
                 dbias_acc += ddt
-            if TILE_IO:
+            if TILED:
                 dus = (du,) + dus
                 ddts = (ddt,) + ddts
             else:
@@ -230,11 +237,11 @@ def _scan_bwd_kernel_v2(
             tl.atomic_add(DB_seq + bc_ptrs, dB_part, mask=sum_owner & valid, sem="relaxed")
             tl.atomic_add(DC_seq + bc_ptrs, dC_part, mask=sum_owner & valid, sem="relaxed")
             g = a * g
-        if TILE_IO:
-            store_chunk_tile(DU, seq_row, dus, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
-            store_chunk_tile(DDELTA, seq_row, ddts, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
+        if TILED:
+            store_chunk_tile(DU, grad_row, dus, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
+            store_chunk_tile(DDELTA, grad_row, ddts, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
             if HAS_Z:
-                store_chunk_tile(DZ, seq_row, dzs, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
+                store_chunk_tile(DZ, grad_row, dzs, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
         chunk_idx += chunk_step
 
     backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs_n, n_state, d_mask, nd_mask,

@@ -210,6 +210,8 @@ class ScanLaunchConfig:
     ``transpose_io`` (v1 / v2 backward): contiguous u / delta / z / dout copied to channel-last by a transpose kernel
     (kernels/triton_transpose.py), the kernel run on the copies, du / ddelta / dz copied back: four tensors in and
     three out at copy speed instead of the kernel's strided accesses.
+    ``tile_grads`` (v2, with ``transpose_io``): the kernel on the channel-last copies writes du / ddelta / dz straight
+    into contiguous buffers as chunk tiles (the ``tile_io`` stores) instead of the three copies back.
     ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
     after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
     """
@@ -224,6 +226,7 @@ class ScanLaunchConfig:
     tile_l: int = 16  # v3 forward: positions of u / delta / z read, and of out written, as one tile
     tile_io: bool = False  # v2: chunk tiles for unit position strides
     transpose_io: bool = False  # v1 / v2 backward: run on channel-last copies of contiguous inputs
+    tile_grads: bool = False  # v2 with transpose_io: gradients written contiguous as chunk tiles
 
     def log2_tile(self) -> int:
         """log2 of the v3 forward's tile length: ``tile_l``, at least one chunk."""

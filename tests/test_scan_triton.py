@@ -83,9 +83,9 @@ def _default_configs(triton_scan, variant, n_state, length, rows):
     if variant == "v2t":
         configs = triton_scan.variant_configs("v2", n_state, length, rows, torch.device(DEVICE))
         return tuple(dataclasses.replace(c, tile_io=True) for c in configs)
-    if variant == "v2x":
+    if variant in ("v2x", "v2g"):  # v2g: and the gradients written as contiguous tiles (tile_grads)
         fwd, bwd = triton_scan.variant_configs("v2", n_state, length, rows, torch.device(DEVICE))
-        return fwd, dataclasses.replace(bwd, transpose_io=True)
+        return fwd, dataclasses.replace(bwd, transpose_io=True, tile_grads=variant == "v2g")
     return triton_scan.variant_configs(variant, n_state, length, rows, torch.device(DEVICE))
 
 
@@ -246,21 +246,27 @@ def test_triton_v2_tile_io(triton_scan, length, dim, n_state, groups, dtype, wit
 
 # The backward on channel-last copies of contiguous inputs (ScanLaunchConfig.transpose_io), v1 and v2:
 # (L, dim, groups, dtype, with_optional, reverse, block_d, prefetch, variant).
+# tile_grads: the v2 kernel on the copies writes the gradients contiguous as chunk tiles (v1 copies them back).
 TRANSPOSE_IO_CASES = [
-    (1, 6, None, torch.float32, True, False, 8, False, "v2"),
-    (23, 10, 2, torch.float32, True, True, 16, True, "v2"),
-    (37, 12, None, torch.bfloat16, False, False, 8, False, "v2"),
-    (19, 6, 2, torch.float32, True, False, 4, True, "v1"),
+    (1, 6, None, torch.float32, True, False, 8, False, "v2", False),
+    (23, 10, 2, torch.float32, True, True, 16, True, "v2", False),
+    (37, 12, None, torch.bfloat16, False, False, 8, False, "v2", False),
+    (19, 6, 2, torch.float32, True, False, 4, True, "v1", False),
+    (1, 6, None, torch.float32, True, True, 8, False, "v2", True),
+    (23, 10, 2, torch.float32, True, True, 16, True, "v2", True),
+    (30, 12, None, torch.bfloat16, False, False, 8, False, "v2", True),
+    (19, 6, 2, torch.float32, True, False, 4, True, "v1", True),
 ]
 
 
-@pytest.mark.parametrize("length,dim,groups,dtype,with_optional,reverse,block_d,prefetch,variant", TRANSPOSE_IO_CASES)
+@pytest.mark.parametrize("length,dim,groups,dtype,with_optional,reverse,block_d,prefetch,variant,tile_grads",
+                         TRANSPOSE_IO_CASES)
 def test_triton_backward_on_channel_last_copies(triton_scan, length, dim, groups, dtype, with_optional, reverse,
-                                                block_d, prefetch, variant):
+                                                block_d, prefetch, variant, tile_grads):
     from kernels.triton_scan_common import ScanLaunchConfig
 
     fwd = ScanLaunchConfig(8, 4, variant=variant, tile_io=variant == "v2")
-    bwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant=variant, transpose_io=True)
+    bwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant=variant, transpose_io=True, tile_grads=tile_grads)
     _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=4, groups=groups, dtype=dtype,
                              with_optional=with_optional, softplus=True, reverse=reverse, seed=length + 5 * dim,
                              config=(fwd, bwd))
@@ -308,7 +314,7 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,dim,length,n_state,groups", GPU_SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("variant", VARIANTS + ["v2t", "v2x"])
+@pytest.mark.parametrize("variant", VARIANTS + ["v2t", "v2x", "v2g"])
 def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, groups, reverse, variant):
     """The default tiles in every dtype, in each kernel variant."""
     config = _default_configs(triton_scan, variant, n_state, length, rows=batch * dim)

@@ -37,7 +37,8 @@ def test_layout_copies_refuse_the_other_layout():
 
 
 def test_backward_launch_returns_gradients_in_the_inputs_layout():
-    """transpose_io: the same gradients as the kernel on the contiguous inputs, du / ddelta / dz contiguous."""
+    """transpose_io (gradients copied back, or written as contiguous tiles: tile_grads): the same gradients as the
+    kernel on the contiguous inputs, du / ddelta / dz contiguous."""
     from kernels.testing import make_scan_inputs
     from kernels.triton_scan_bwd import selective_scan_bwd_launch
     from kernels.triton_scan_common import ScanLaunchConfig
@@ -51,11 +52,13 @@ def test_backward_launch_returns_gradients_in_the_inputs_layout():
     args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["delta_bias"], dout,
             states, None, True, False)
     plain = selective_scan_bwd_launch(*args, config)
-    copied = selective_scan_bwd_launch(*args, ScanLaunchConfig(8, 4, variant="v2", transpose_io=True))
-    for name in ("u", "delta", "z"):
-        assert copied[name].is_contiguous()
-        torch.testing.assert_close(copied[name], plain[name], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(copied["A"], plain["A"], rtol=1e-5, atol=1e-6)
+    for tile_grads in (False, True):
+        copied = selective_scan_bwd_launch(*args, ScanLaunchConfig(8, 4, variant="v2", transpose_io=True,
+                                                                   tile_grads=tile_grads))
+        for name in ("u", "delta", "z"):
+            assert copied[name].is_contiguous()
+            torch.testing.assert_close(copied[name], plain[name], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(copied["A"], plain["A"], rtol=1e-5, atol=1e-6)
 
 
 def test_every_benchmarked_tile_copies_exactly():
