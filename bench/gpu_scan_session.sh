@@ -26,6 +26,9 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh variants
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) kernel variants side by side: CUDA tests, bench.scan, the L=50 host
 #       path, the compiled Vim-S step on each
+#   on the GPU machine:        bash bench/gpu_scan_session.sh layout
+#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) GPU tests of the chunk tiles and the copied backward, the transpose
+#       kernel's tile sweep and bench.scan_cross v2t / v2x / v2g with mamba-ssm (about 6 minutes)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh ncu
 #       (carry .gpu_run/whl) Nsight Compute's stall reasons, issue use and occupancy of the default forward and
 #       backward kernels (bench/scan_ncu.py) at a Vim-S step's scan shape and at batch 16, L=1024; $OUT/ncu_*.txt
@@ -270,6 +273,23 @@ tests)
         grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -12 || true
     done
     ;;
+layout)
+    # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the layout work of the twenty-third session in one call: the GPU tests
+    # of the chunk tiles and the copied backward, the transpose kernel's tile sweep (bench/transpose.py), and the
+    # crossed variants with the copied backward's gradients as tiles (v2g) beside the default and mamba-ssm.
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    start_mamba_build "$out"
+    timeout 150 python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" tests/test_transpose.py \
+        tests/test_scan_triton.py -k "v2g or v2x or transpose or channel_last_copies or tile_io or launch_returns" \
+        >"$out/layout_tests.log" 2>&1 || true
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/layout_tests.log" | tail -8 || true
+    timeout 120 python3 -m bench.transpose --json "$out/transpose.json" 2>&1 | tail -40 || true
+    wait  # the mamba-ssm build
+    timeout 200 python3 -m bench.scan_cross --variants v2t v2x v2g --rep-ms 60 "${mamba[@]}" \
+        --json "$out/cross_layout.json" 2>&1 | tail -6 || true
+    ;;
 ncu)
     # Nsight Compute on one forward+backward (bench/scan_ncu.py): why warps wait (stall reasons), issue-slot use,
     # occupancy, memory throughput and sectors per request, per kernel; and, per SASS instruction, where the stall
@@ -301,7 +321,7 @@ ncu)
     done <<<"$shapes"
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants|ncu" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants|ncu|layout" >&2
     exit 2
     ;;
 esac
