@@ -40,12 +40,12 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STA
     the chunk index and positions are clamped (a prefetch past the last chunk reads the first one again).
     TILE_IO: u / delta / dout / z as one (BLOCK_D, CHUNK) tile each (unit position strides)."""
     chunk_idx = tl.minimum(tl.maximum(chunk_idx, 0), n_chunks - 1)
+    state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
+    if EVEN_ND:
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :])
+    else:
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
     if TILE_IO:
-        state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
-        if EVEN_ND:
-            h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :])
-        else:
-            h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
         udd = chunk_tiles((U, DELTA, DOUT), seq_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
         if HAS_Z:
             zs = chunk_tiles((Z,), z_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
@@ -56,11 +56,6 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STA
             else:
                 loads = loads + ((udd[s][0], udd[s][1], udd[s][2], udd[s][0]),)
         return h_in, loads
-    state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
-    if EVEN_ND:
-        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :])
-    else:
-        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
     loads = ()
     for s in tl.static_range(CHUNK):
         at = tl.minimum(chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)

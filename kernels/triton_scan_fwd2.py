@@ -161,14 +161,12 @@ def _scan_fwd_kernel_v2(
         u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
                                               n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
                                               REVERSE, FAST)
-        for i in range(n_chunks):
+        chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, False)
+        for _i in range(n_chunks):
             if STORE_STATES:
-                if REVERSE:
-                    chunk_idx = n_chunks - 1 - i
-                else:
-                    chunk_idx = i
                 _store_chunk_state(CHUNK_STATES, h, batch_idx, chunk_idx, n_chunks, n_state, dim, offs_n, offs_d,
                                    nd_mask, EVEN_D and EVEN_N)
+            chunk_idx += chunk_step
             # A runtime loop, as in v1 (statically unrolled, Triton loads B and C in the (N, BLOCK_D) layout: 8
             # loads per lane instead of one and a shared-memory broadcast); LLVM unrolls it.
             for _t in range(CHUNK):
