@@ -34,28 +34,48 @@ def channel_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+# The v2 variants by their layout options (ScanLaunchConfig): "v2" none; "v2t" chunk tiles both ways (tile_io);
+# "v2x" the backward on channel-last copies (transpose_io), the forward plain; "v2g" v2x writing its gradients as
+# contiguous chunk tiles (tile_grads); "v2c" the tile forward writing u / delta / z's channel-last copies for a
+# copying backward (forward_copies; as a backward, v2x). "v2t" and "v2x" forwards leave the copies to the backward.
+V2_LAYOUT_OPTIONS = {
+    "v2": ({}, {}),
+    "v2t": ({"tile_io": True}, {"tile_io": True}),
+    "v2x": ({}, {"transpose_io": True}),
+    "v2g": ({}, {"transpose_io": True, "tile_grads": True}),
+    "v2c": ({"tile_io": True, "forward_copies": True}, {"transpose_io": True}),
+}
+VARIANTS = ["v1", "v3", *V2_LAYOUT_OPTIONS]
+
+
+def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[Any, Any]:
+    """The (forward, backward) configs of a variant name: its kernels' default tiles on this device, v1 / v2 with no
+    layout option but the name's (V2_LAYOUT_OPTIONS)."""
+    from kernels.selective_scan_triton import variant_configs
+
+    fwd, bwd = variant_configs(variant[:2], n_state, length, rows, torch.device("cuda"))
+    if fwd.variant not in ("v1", "v2"):
+        return fwd, bwd
+    fwd_options, bwd_options = V2_LAYOUT_OPTIONS.get(variant, ({}, {}))
+    plain = {"tile_io": False, "transpose_io": False, "tile_grads": False, "forward_copies": False}
+    return (dataclasses.replace(fwd, **{**plain, **fwd_options}), dataclasses.replace(bwd, **{**plain, **bwd_options}))
+
+
 def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: int,
-               mamba: Any = None, layout: str = "contiguous") -> list[dict[str, Any]]:
+               mamba: Any = None, layout: str = "contiguous",
+               pairs: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
     """One row per (forward variant, backward variant), plus the defaults ("default", "default") and, given
     ``mamba`` (bench.scan.mamba_scan_fn's function), mamba-ssm's CUDA scan ("mamba_ssm", "mamba_ssm")."""
-    from kernels.selective_scan_triton import selective_scan_triton, variant_configs
+    from kernels.selective_scan_triton import selective_scan_triton
 
     batch, dim, n_state, length = shape
     inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                            device="cuda")
     if layout == "channel_last":
         inp.update({k: channel_last(inp[k]) for k in ("u", "delta", "z")})
-    # Each variant's default tiles, v1 / v2 without chunk tiles unless named "v2t".
-    configs = {v: tuple(dataclasses.replace(c, tile_io=False) if c.variant in ("v1", "v2") else c
-                        for c in variant_configs(v[:2], n_state, length, batch * dim, torch.device("cuda")))
-               for v in variants}
-    for v in variants:
-        if v.endswith("t"):  # "v2t": v2 with chunk tiles (ScanLaunchConfig.tile_io)
-            configs[v] = tuple(dataclasses.replace(c, tile_io=True) for c in configs[v])
-        if v[2:] in ("x", "g"):  # "v2x": v2, the backward on channel-last copies (ScanLaunchConfig.transpose_io);
-            # "v2g": and its gradients written contiguous as chunk tiles (tile_grads)
-            configs[v] = (configs[v][0], dataclasses.replace(configs[v][1], transpose_io=True, tile_grads=v[2:] == "g"))
-    pairs = [(f, b) for f in variants for b in variants] + [("default", "default")]
+    configs = {v: variant_pair(v, n_state, length, batch * dim) for v in variants}
+    pairs = pairs or [(f, b) for f in variants for b in variants]
+    pairs = pairs + [("default", "default")]
     rows = []
     for fwd_variant, bwd_variant in pairs:
         if fwd_variant == "default":
@@ -86,10 +106,11 @@ def report(row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=["v1", "v2", "v2t", "v2x", "v2g", "v3"],
-                        help="kernel variants; v2t: v2 reading and writing chunk tiles (ScanLaunchConfig.tile_io); "
-                             "v2x: v2 with its backward on channel-last copies (ScanLaunchConfig.transpose_io); "
-                             "v2g: v2x writing its gradients as contiguous chunk tiles (tile_grads)")
+    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=VARIANTS,
+                        help="kernel variants, every pair timed; v2t / v2x / v2g / v2c: v2 with layout options "
+                             "(V2_LAYOUT_OPTIONS)")
+    parser.add_argument("--pairs", nargs="+", default=None, metavar="FWD:BWD",
+                        help="time only these (forward, backward) pairs of --variants, e.g. v2t:v2x v2c:v2x")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
                         help="time this shape instead of the issue's four (repeatable)")
     parser.add_argument("--layout", nargs="+", default=["contiguous"], choices=LAYOUTS,
@@ -108,11 +129,17 @@ def main(argv: list[str] | None = None) -> None:
             mamba = mamba_scan_fn(load_mamba_ssm_cuda(Path(args.mamba_src)))
         except Exception as exc:  # the crossed rows still count without it
             print(f"mamba-ssm: build failed: {type(exc).__name__}: {str(exc)[-300:]}", flush=True)
+    pairs = None
+    if args.pairs:
+        pairs = [tuple(p.split(":")) for p in args.pairs]
+        unknown = {v for pair in pairs for v in pair} - set(args.variants)
+        if unknown or any(len(pair) != 2 for pair in pairs):
+            parser.error(f"--pairs: each FWD:BWD of --variants, got {args.pairs}")
     rows = []
     for shape in args.shape or SHAPES:
         for layout in args.layout:
             rows += cross_rows(tuple(shape), args.variants, args.rep_ms, mamba if layout == "contiguous" else None,
-                               layout)
+                               layout, pairs)
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, bf16, ms (fwd+bwd wall / GPU-busy; * fastest of the shape):")
     for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 # (rows, columns, warps) per program; DEFAULT_TILE first.
-TILES = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 4), (128, 32, 4), (64, 128, 8), (128, 64, 8), (32, 32, 2)]
+TILES = [(128, 64, 8), (64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 4), (128, 32, 4), (64, 128, 8), (32, 32, 2)]
 # The scan's benchmark shapes (batch, dim, L).
 SHAPES = [(128, 768, 197), (16, 768, 1024), (16, 768, 4096), (128, 768, 50)]
 

@@ -17,10 +17,12 @@ import triton.language as tl
 
 from kernels.triton_launch import compiled_launcher
 
-# (rows, columns, warps) of one program's tile: bf16 rows of 128 bytes on both sides. At batch 128, L=197 the seven
-# copies of the copied backward ran at about 1.9 TB/s on the H100 against 3.0 for a plain copy (twenty-third
-# session, from the fwd+bwd times); `python -m bench.transpose` sweeps the alternatives.
-DEFAULT_TILE = (64, 64, 4)
+# (rows, columns, warps) of one program's tile. `python -m bench.transpose` on one H100 (twenty-fourth session; raw
+# docs/results/transpose_h100_s24.json), GB/s contiguous -> channel-last / back at (128, 768, L=197), where the
+# default scan backward copies: (128, 64, 8) 2252 / 1738 against 2203 / 1525 for the first default (64, 64, 4), whose
+# back copy writes 64-position rows of a 197-position sequence; within 3 % of the best at the other shapes; a plain
+# copy (clone) 2514.
+DEFAULT_TILE = (128, 64, 8)
 
 
 @triton.jit
@@ -60,3 +62,12 @@ def contiguous_copy(x: torch.Tensor) -> torch.Tensor:
     if not memory.is_contiguous():
         raise ValueError(f"contiguous_copy: needs a channel-last (batch, dim, L) view, got strides {x.stride()}")
     return transposed_copy(memory)
+
+
+def as_channel_last(x: torch.Tensor) -> torch.Tensor:
+    """A (batch, dim, L) tensor in the channel-last layout: itself when it already is, else a copy (of its
+    contiguous form: one more copy for other strides)."""
+    batch, dim, length = x.shape
+    if x.stride() == (length * dim, 1, dim):
+        return x
+    return channel_last_copy(x.contiguous())
