@@ -36,14 +36,12 @@ def channel_last(x: torch.Tensor) -> torch.Tensor:
 
 # The v2 variants by their layout options (ScanLaunchConfig): "v2" none; "v2t" chunk tiles both ways (tile_io);
 # "v2x" the backward on channel-last copies (transpose_io), the forward plain; "v2g" v2x writing its gradients as
-# contiguous chunk tiles (tile_grads); "v2c" the tile forward writing u / delta / z's channel-last copies for a
-# copying backward (forward_copies; as a backward, v2x). "v2t" and "v2x" forwards leave the copies to the backward.
+# contiguous chunk tiles (tile_grads).
 V2_LAYOUT_OPTIONS = {
     "v2": ({}, {}),
     "v2t": ({"tile_io": True}, {"tile_io": True}),
     "v2x": ({}, {"transpose_io": True}),
     "v2g": ({}, {"transpose_io": True, "tile_grads": True}),
-    "v2c": ({"tile_io": True, "forward_copies": True}, {"transpose_io": True}),
 }
 VARIANTS = ["v1", "v3", *V2_LAYOUT_OPTIONS]
 
@@ -57,7 +55,7 @@ def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[An
     if fwd.variant not in ("v1", "v2"):
         return fwd, bwd
     fwd_options, bwd_options = V2_LAYOUT_OPTIONS.get(variant, ({}, {}))
-    plain = {"tile_io": False, "transpose_io": False, "tile_grads": False, "forward_copies": False}
+    plain = {"tile_io": False, "transpose_io": False, "tile_grads": False}
     return (dataclasses.replace(fwd, **{**plain, **fwd_options}), dataclasses.replace(bwd, **{**plain, **bwd_options}))
 
 
@@ -107,10 +105,10 @@ def report(row: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=VARIANTS,
-                        help="kernel variants, every pair timed; v2t / v2x / v2g / v2c: v2 with layout options "
+                        help="kernel variants, every pair timed; v2t / v2x / v2g: v2 with layout options "
                              "(V2_LAYOUT_OPTIONS)")
     parser.add_argument("--pairs", nargs="+", default=None, metavar="FWD:BWD",
-                        help="time only these (forward, backward) pairs of --variants, e.g. v2t:v2x v2c:v2x")
+                        help="time only these (forward, backward) pairs of --variants, e.g. v2t:v2t v2t:v2x")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
                         help="time this shape instead of the issue's four (repeatable)")
     parser.add_argument("--layout", nargs="+", default=["contiguous"], choices=LAYOUTS,

@@ -170,8 +170,7 @@ def report(name: str, compiled: Any, positions_per_iter: int | None, dump: Path 
 V2_FLAGS = dict(EVEN_D=True, EVEN_N=True, FAST=True)
 
 
-def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False,
-                    copy_inputs: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False) -> list[tuple[Any, dict[str, Any]]]:
     """The forward kernel (kernels/triton_scan_fwd.py, or _fwd2.py for v2) with a training step's constexprs."""
     from kernels.triton_scan_fwd import _scan_fwd_kernel
     from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -186,8 +185,7 @@ def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False,
         return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True, LOG2_TILE=log2_tile)),
                 (_scan_segment_summary_v3, dict(ADJOINT=False, FAST=True))]
     if variant == "v2":
-        return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, TILE_IO=tile_io, COPY_INPUTS=copy_inputs,
-                                           **V2_FLAGS))]
+        return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, TILE_IO=tile_io, **V2_FLAGS))]
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
@@ -218,7 +216,6 @@ def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
     flags += f",bl{extra['BLOCK_L']}" if "BLOCK_L" in extra else ""
     flags += ",tile_io" if extra.get("TILE_IO") else ""
     flags += ",tile_grads" if extra.get("TILE_GRADS") else ""
-    flags += ",copy_inputs" if extra.get("COPY_INPUTS") else ""
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
@@ -242,9 +239,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--tile-grads", action="store_true",
                         help="v2 backward: gradients written contiguous as chunk tiles (ScanLaunchConfig.tile_grads; "
                              "with --channel-last, as the copied backward runs it)")
-    parser.add_argument("--copy-inputs", action="store_true",
-                        help="v2 forward with --tile-io: also writes u / delta / z channel-last "
-                             "(ScanLaunchConfig.forward_copies)")
     parser.add_argument("--tile-l", type=int, default=16,
                         help="v3 forward: positions per u / delta / z / out tile (ScanLaunchConfig.tile_l)")
     parser.add_argument("--block-l", type=int, nargs="+", default=[128],
@@ -252,8 +246,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.tile_io and args.channel_last:
         parser.error("--tile-io reads contiguous inputs: not with --channel-last")
-    if args.copy_inputs and not args.tile_io:
-        parser.error("--copy-inputs: the tile forward writes the copies (with --tile-io)")
     from kernels.triton_scan_common import ScanLaunchConfig, v4_warps
     from kernels.triton_scan_fast import scatter_levels
 
@@ -301,7 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         results.append(res)
             elif args.only != "bwd":
                 tile = ScanLaunchConfig(block_d, args.chunk, variant=variant, tile_l=args.tile_l)
-                for kernel, extra in forward_kernels(variant, tile.log2_tile(), args.tile_io, args.copy_inputs):
+                for kernel, extra in forward_kernels(variant, tile.log2_tile(), args.tile_io):
                     c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
                     # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's; the
                     # v3 forward walks a tile per pass (its segment summary a chunk).

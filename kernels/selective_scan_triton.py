@@ -33,8 +33,6 @@ from kernels.triton_scan_common import (
     is_sequence_layout,
     next_power_of_2,
     position_major,
-    sequence_strides,
-    tile_io,
 )
 from kernels.triton_scan_fwd import selective_scan_fwd_launch
 
@@ -65,7 +63,7 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
         return []
     return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch),
             SCAN_VARIANTS.index(config.variant), config.segments, config.block_l, config.tile_l,
-            int(config.tile_io), int(config.transpose_io), int(config.tile_grads), int(config.forward_copies)]
+            int(config.tile_io), int(config.transpose_io), int(config.tile_grads)]
 
 
 def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
@@ -76,12 +74,10 @@ def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
 
 @functools.lru_cache(maxsize=256)  # a ScanLaunchConfig costs microseconds to build, once per scan call otherwise
 def _config_from_ints(values: tuple[int, ...]) -> ScanLaunchConfig:
-    (block_d, chunk, maxnreg, prefetch, variant, segments, block_l, tile_l, tile_io, transpose_io, tile_grads,
-     forward_copies) = values
+    block_d, chunk, maxnreg, prefetch, variant, segments, block_l, tile_l, tile_io, transpose_io, tile_grads = values
     return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch),
                             variant=SCAN_VARIANTS[variant], segments=segments, block_l=block_l, tile_l=tile_l,
-                            tile_io=bool(tile_io), transpose_io=bool(transpose_io), tile_grads=bool(tile_grads),
-                            forward_copies=bool(forward_copies))
+                            tile_io=bool(tile_io), transpose_io=bool(transpose_io), tile_grads=bool(tile_grads))
 
 
 @functools.cache
@@ -158,43 +154,16 @@ def _empty_f32(like: Tensor) -> Tensor:
     return like.new_empty((0,), dtype=torch.float32)
 
 
-def forward_copies(u: Tensor, delta: Tensor, z: Tensor | None, fwd_config: list[int], bwd_config: list[int],
-                   store_states: bool, n_state: int) -> bool:
-    """Whether the forward writes channel-last copies of u / delta / z for the backward
-    (``ScanLaunchConfig.forward_copies``): the v2 forward reading contiguous inputs as chunk tiles, one dtype, a
-    backward to come and its config (given, or this device's default for the grid) running on channel-last copies."""
-    fwd = config_from_ints(fwd_config)
-    if not (store_states and fwd.forward_copies and fwd.variant == "v2" and u.is_contiguous()
-            and delta.is_contiguous() and tile_io(fwd, sequence_strides(u, delta, z))):
-        return False
-    if delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
-        return False
-    bwd = backward_config(bwd_config, fwd.chunk, u, n_state)
-    return bwd.transpose_io and bwd.variant in SEQUENCE_STRIDED_VARIANTS
-
-
-def _copies_buffer(u: Tensor, z: Tensor | None) -> Tensor:
-    """Where the forward writes its channel-last copies: u, delta (and z) planes of (batch, L, dim)."""
-    batch, dim, length = u.shape
-    return u.new_empty((2 if z is None else 3, batch, length, dim))
-
-
 def _scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, delta_softplus: bool, reverse: bool, store_states: bool,
     fwd_config: list[int], bwd_config: list[int],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """out, float32 last state, float32 chunk states (empty unless ``store_states``), and the channel-last copies of
-    u / delta / z (``forward_copies``; else empty). ``bwd_config`` travels with the forward's inputs so the autograd
-    formula can hand it to the backward (and says whether the backward takes copies)."""
-    copies = None
-    if forward_copies(u, delta, z, fwd_config, bwd_config, store_states, A.shape[1]):
-        copies = _copies_buffer(u, z)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """out, float32 last state, float32 chunk states (empty unless ``store_states``). ``bwd_config`` is not
+    used here: it travels with the forward's inputs so the autograd formula can hand it to the backward."""
     out, last_state, chunk_states = selective_scan_fwd_launch(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, config_from_ints(fwd_config),
-        copies)
-    return (out, last_state, chunk_states if chunk_states is not None else _empty_f32(u),
-            copies if copies is not None else u.new_empty((0,)))
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, config_from_ints(fwd_config))
+    return out, last_state, chunk_states if chunk_states is not None else _empty_f32(u)
 
 
 selective_scan_fwd_op = torch.library.custom_op("scanmae::selective_scan_fwd", _scan_fwd, mutates_args=())
@@ -208,28 +177,23 @@ def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus
     chunk = fwd_config[1]
     out = torch.empty_like(u)
     last_state = u.new_empty((batch, dim, n_state), dtype=torch.float32)
-    copies = u.new_empty((0,))
-    if forward_copies(u, delta, z, fwd_config, bwd_config, store_states, n_state):
-        copies = _copies_buffer(u, z)
     if not store_states:
-        return out, last_state, _empty_f32(u), copies
+        return out, last_state, _empty_f32(u)
     n_chunks = (length + chunk - 1) // chunk
-    return out, last_state, u.new_empty((batch, n_chunks, n_state, dim), dtype=torch.float32), copies
+    return out, last_state, u.new_empty((batch, n_chunks, n_state, dim), dtype=torch.float32)
 
 
 def _scan_bwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, dout: Tensor, chunk_states: Tensor, dlast: Tensor | None, delta_softplus: bool,
-    reverse: bool, chunk: int, bwd_config: list[int], grads_contiguous: bool,
+    reverse: bool, chunk: int, bwd_config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, each in its input's dtype (B/C grouped, contiguous; du / ddelta /
-    dz in u's layout, or contiguous with ``grads_contiguous``: u / delta / z the forward's copies); the
+    """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, each in its input's dtype (B/C grouped, contiguous); the
     gradient of an absent optional input is an empty tensor. dB and dC share one buffer (one cast from the
     float32 sums), as do dA, dD and ddelta_bias (one fill): fine for autograd, not for a custom op
     (``_scan_bwd_unaliased``)."""
     grads = selective_scan_bwd_launch(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
-                                      delta_softplus, reverse, backward_config(bwd_config, chunk, u, A.shape[1]),
-                                      grads_contiguous)
+                                      delta_softplus, reverse, backward_config(bwd_config, chunk, u, A.shape[1]))
     dB, dC = torch.empty((2, *B.shape), dtype=B.dtype, device=B.device).copy_(grads["BC"]).unbind(0)
     return (grads["u"], grads["delta"], grads["A"].to(A.dtype), dB, dC,
             grads["D"].to(D.dtype) if D is not None else _empty_f32(u),
@@ -240,13 +204,12 @@ def _scan_bwd(
 def _scan_bwd_unaliased(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, dout: Tensor, chunk_states: Tensor, dlast: Tensor | None, delta_softplus: bool,
-    reverse: bool, chunk: int, bwd_config: list[int], grads_contiguous: bool,
+    reverse: bool, chunk: int, bwd_config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``_scan_bwd`` with no two outputs sharing storage, as a custom op's must: dC, dD and ddelta_bias copied
     out of the buffers they share with dB and dA (small; under torch.compile only)."""
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states,
-                                                      dlast, delta_softplus, reverse, chunk, bwd_config,
-                                                      grads_contiguous)
+                                                      dlast, delta_softplus, reverse, chunk, bwd_config)
     return du, ddelta, dA, dB, dC.clone(), dD.clone(), dz, dbias.clone()
 
 
@@ -256,47 +219,37 @@ selective_scan_bwd_op = torch.library.custom_op("scanmae::selective_scan_bwd", _
 
 @selective_scan_bwd_op.register_fake
 def _selective_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, delta_softplus,
-                             reverse, chunk, bwd_config, grads_contiguous):
+                             reverse, chunk, bwd_config):
     # dB / dC are contiguous whatever B / C's strides (one fresh buffer in _scan_bwd)
-    def grad_like(t: Tensor) -> Tensor:
-        return t.new_empty(t.shape) if grads_contiguous else torch.empty_like(u, dtype=t.dtype)
-
-    return (grad_like(u), grad_like(delta), torch.empty_like(A), B.new_empty(B.shape),
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), B.new_empty(B.shape),
             C.new_empty(C.shape), torch.empty_like(D) if D is not None else _empty_f32(u),
-            grad_like(z) if z is not None else _empty_f32(u),
+            torch.empty_like(u, dtype=z.dtype) if z is not None else _empty_f32(u),
             torch.empty_like(delta_bias) if delta_bias is not None else _empty_f32(u))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, _store, fwd_config, bwd_config = inputs
-    copies = output[3]
-    ctx.copied, ctx.has_z = copies.numel() > 0, z is not None
-    if ctx.copied:  # the forward's channel-last copies are kept instead (forward_copies)
-        u = delta = z = None
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], copies)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
     ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
     ctx.chunk, ctx.bwd_config = fwd_config[1], bwd_config
     ctx.set_materialize_grads(False)
 
 
 def _backward_with(scan_bwd, ctx, dout, dlast):
-    u, delta, A, B, C, D, z, delta_bias, chunk_states, copies = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
     if chunk_states.numel() == 0:
         raise RuntimeError("selective_scan: backward through a forward that did not keep its states "
                            "(no input required grad when it ran)")
-    if ctx.copied:
-        planes = [plane.transpose(1, 2) for plane in copies.unbind(0)]
-        u, delta, z = planes[0], planes[1], planes[2] if ctx.has_z else None
-    dout = torch.zeros_like(u) if dout is None else dout  # the launcher puts it in the kernel's layout
+    dout = torch.zeros_like(u) if dout is None else with_strides(dout, u.stride())
     dlast = None if dlast is None else dlast.to(torch.float32)  # the launcher transposes it
     du, ddelta, dA, dB, dC, dD, dz, dbias = scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast, ctx.delta_softplus, ctx.reverse,
-        ctx.chunk, ctx.bwd_config, ctx.copied)
+        ctx.chunk, ctx.bwd_config)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if delta_bias is not None else None, None, None, None, None, None)
 
 
-def _backward(ctx, dout, dlast, _dstates, _dcopies):
+def _backward(ctx, dout, dlast, _dstates):
     return _backward_with(selective_scan_bwd_op, ctx, dout, dlast)
 
 
@@ -328,7 +281,7 @@ class _EagerScan(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, dout, dlast, _dstates, _dcopies):
+    def backward(ctx, dout, dlast, _dstates):
         return _backward_with(_scan_bwd, ctx, dout, dlast)
 
 
@@ -379,6 +332,6 @@ def selective_scan_triton(
         scan = selective_scan_fwd_op
     else:
         scan = _EagerScan.apply if store_states else _scan_fwd  # no autograd node without a backward to come
-    out, last_state, _, _ = scan(*inputs, delta_softplus, reverse, store_states, config_to_ints(fwd),
-                                 config_to_ints(bwd_config))
+    out, last_state, _ = scan(*inputs, delta_softplus, reverse, store_states, config_to_ints(fwd),
+                              config_to_ints(bwd_config))
     return (out, last_state) if return_last_state else out

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.strides import with_strides
 from kernels.triton_launch import compiled_launcher
 from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
@@ -48,7 +47,7 @@ from kernels.triton_scan_common import (
 from kernels.triton_scan_fast import scatter_levels
 from kernels.triton_scan_fwd3 import padded_float32
 from kernels.triton_scan_segments import plan_segments, segment_summaries
-from kernels.triton_transpose import as_channel_last, contiguous_copy
+from kernels.triton_transpose import channel_last_copy, contiguous_copy
 
 
 @triton.jit
@@ -277,22 +276,21 @@ def selective_scan_bwd_launch(
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of every input from the forward's saved chunk states: dB/dC per group, float32 dA, dD and
     ddelta_bias (summed over batch and L), the others in their input's dtype; du / ddelta / dz in u's layout, or
-    contiguous with ``grads_contiguous`` (u / delta / z the forward's channel-last copies of contiguous inputs:
-    ``ScanLaunchConfig.forward_copies``). dout in any layout (put in u's, or copied channel-last)."""
-    if (config.transpose_io and config.variant in SEQUENCE_STRIDED_VARIANTS
-            and (grads_contiguous or (u.is_contiguous() and delta.is_contiguous()))):
-        # The kernel on channel-last u / delta / z / dout (ScanLaunchConfig.transpose_io; the ones not already
-        # channel-last copied), the gradients of u / delta / z contiguous: copied back, or written contiguous by the
-        # kernel (tile_grads).
-        return selective_scan_bwd_launch(
-            as_channel_last(u), as_channel_last(delta), A, B, C, D, as_channel_last(z) if z is not None else None,
-            delta_bias, as_channel_last(dout), chunk_states, dlast, delta_softplus, reverse,
-            dataclasses.replace(config, transpose_io=False), grads_contiguous=True)
-    dout = with_strides(dout, u.stride())
-    # The kernel writes the contiguous gradients of channel-last inputs as chunk tiles (tile_grads), or they are
-    # copied back after it.
-    tiled_grads = (grads_contiguous and config.tile_grads and config.variant == "v2" and not u.is_contiguous())
-    copy_back = grads_contiguous and not tiled_grads and not u.is_contiguous()
+    (``grads_contiguous``, v2: the copied backward's ``tile_grads``) contiguous, written as chunk tiles."""
+    if (config.transpose_io and config.variant in SEQUENCE_STRIDED_VARIANTS and u.is_contiguous()
+            and delta.is_contiguous() and dout.is_contiguous()):
+        # Channel-last copies in, the gradients of u / delta / z back to u's layout (ScanLaunchConfig.transpose_io):
+        # copied, or written there by the kernel (tile_grads).
+        tiled = config.tile_grads and config.variant == "v2"
+        grads = selective_scan_bwd_launch(
+            channel_last_copy(u), channel_last_copy(delta), A, B, C, D,
+            channel_last_copy(z.contiguous()) if z is not None else None, delta_bias, channel_last_copy(dout),
+            chunk_states, dlast, delta_softplus, reverse, dataclasses.replace(config, transpose_io=False),
+            grads_contiguous=tiled)
+        for name in ("u", "delta", "z"):
+            if grads[name] is not None and not tiled:
+                grads[name] = contiguous_copy(grads[name])
+        return grads
     batch, dim, length = u.shape
     A = dim_major(A)  # a no-op on the eager path, which converted it once for both directions
     n_groups, n_state = B.shape[1], B.shape[2]
@@ -301,8 +299,8 @@ def selective_scan_bwd_launch(
     if n_chunks != ceil_div(length, config.chunk):
         raise ValueError("selective_scan backward: chunk size differs from the forward's")
     f32 = dict(device=u.device, dtype=torch.float32)
-    def new_grad(dtype: torch.dtype) -> torch.Tensor:  # u's layout, as the kernels write it, unless tiled_grads
-        if tiled_grads:
+    def new_grad(dtype: torch.dtype) -> torch.Tensor:  # u's layout, as the kernels write it, unless grads_contiguous
+        if grads_contiguous:
             return torch.empty(u.shape, dtype=dtype, device=u.device)
         return torch.empty_like(u, dtype=dtype)
 
@@ -351,7 +349,7 @@ def selective_scan_bwd_launch(
             kernel = _scan_bwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d),
-                         TILE_IO=tile_io(config, sequence_strides(u, delta, z, dout)), TILE_GRADS=tiled_grads)
+                         TILE_IO=tile_io(config, sequence_strides(u, delta, z, dout)), TILE_GRADS=grads_contiguous)
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],
@@ -369,10 +367,6 @@ def selective_scan_bwd_launch(
         # A parameter's .grad may be this very view and would keep the dB / dC sums alive with it: where those are
         # large (long sequences, bound by the GPU, not the host) the small parameter sums are copied out.
         grads.update(_param_grads(param_sums.clone(), dim, n_state, D is not None, delta_bias is not None))
-    if copy_back:
-        for name in ("u", "delta", "z"):
-            if grads[name] is not None:
-                grads[name] = contiguous_copy(grads[name])
     # dB and dC handed back together as one (2, batch, groups, N, L) view, so that the caller casts them in one copy.
     grads["BC"] = dbc_sums.transpose(-1, -2)
     return grads

@@ -212,9 +212,6 @@ class ScanLaunchConfig:
     three out at copy speed instead of the kernel's strided accesses.
     ``tile_grads`` (v2, with ``transpose_io``): the kernel on the channel-last copies writes du / ddelta / dz straight
     into contiguous buffers as chunk tiles (the ``tile_io`` stores) instead of the three copies back.
-    ``forward_copies`` (v2 forward with ``tile_io``, when the backward runs on copies: ``transpose_io``): the forward
-    writes the channel-last copies of u / delta / z from the tiles it reads anyway, and autograd keeps them instead
-    of the inputs, so the backward copies only dout in. False leaves all four copies to the backward.
     ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
     after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
     """
@@ -230,7 +227,6 @@ class ScanLaunchConfig:
     tile_io: bool = False  # v2: chunk tiles for unit position strides
     transpose_io: bool = False  # v1 / v2 backward: run on channel-last copies of contiguous inputs
     tile_grads: bool = False  # v2 with transpose_io: gradients written contiguous as chunk tiles
-    forward_copies: bool = True  # v2 tile forward before a transpose_io backward: it writes u / delta / z's copies
 
     def log2_tile(self) -> int:
         """log2 of the v3 forward's tile length: ``tile_l``, at least one chunk."""

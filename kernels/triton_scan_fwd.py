@@ -136,14 +136,12 @@ def selective_scan_fwd_launch(
     reverse: bool,
     store_states: bool,
     config: ScanLaunchConfig,
-    copies: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
     chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous (the v1 / v2 kernels: any
     ``sequence_strides``, out made in u's layout); A (dim, N) read dim-major
     (``dim_major`` copies it unless its channels are already adjacent); B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
-    copies them only when their strides need it). ``copies`` (v2 with chunk tiles: ``forward_copies``), (2 or 3,
-    batch, L, dim) in u's dtype: u / delta (/ z) written there channel-last as the kernel reads them."""
+    copies them only when their strides need it)."""
     batch, dim, length = u.shape
     A = dim_major(A)  # a no-op on the eager path, which converted it once for both directions
     n_groups, n_state = B.shape[1], B.shape[2]
@@ -159,8 +157,6 @@ def selective_scan_fwd_launch(
     inputs = (D if D is not None else last_state, z if z is not None else u,
               delta_bias if delta_bias is not None else last_state)
     results = (out, chunk_states if chunk_states is not None else last_state, last_state)
-    if copies is not None and not (config.variant == "v2" and tile_io(config, sequence_strides(u, delta, z))):
-        raise ValueError(f"selective_scan forward: input copies need the v2 kernel with chunk tiles, got {config}")
     sizes = (dim, length, dim_per_group, n_groups, n_chunks, n_state, A.stride(1))
     if config.variant == "v3":
         B_arg, C_arg = padded_float32(B, n_pad), padded_float32(C, n_pad)
@@ -184,9 +180,7 @@ def selective_scan_fwd_launch(
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_fwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
-                         TILE_IO=tile_io(config, sequence_strides(u, delta, z)), COPY_INPUTS=copies is not None)
-            planes = tuple(copies.unbind(0)) if copies is not None else ()
-            results = results + (planes + (out,) * 3)[:3]  # the copies' planes (out: unused placeholders)
+                         TILE_IO=tile_io(config, sequence_strides(u, delta, z)))
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides
         sizes = sizes + sequence_strides(u, delta, z)

@@ -99,7 +99,7 @@ def _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D: tl.
 @triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_fwd_kernel_v2(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
-    OUT, CHUNK_STATES, LAST_STATE, U_COPY, DELTA_COPY, Z_COPY,
+    OUT, CHUNK_STATES, LAST_STATE,
     dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
     seq_sb, seq_sd, seq_sl, z_sb, z_sd, z_sl,
@@ -107,7 +107,6 @@ def _scan_fwd_kernel_v2(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, TILE_IO: tl.constexpr = False,
-    COPY_INPUTS: tl.constexpr = False,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
@@ -129,11 +128,7 @@ def _scan_fwd_kernel_v2(
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     if TILE_IO:
         # u / delta / z read, and out written, one (BLOCK_D, CHUNK) tile per chunk, the next chunk's tiles read
-        # ahead (TILE_IO: unit position strides); with COPY_INPUTS, each position's u / delta / z also written
-        # channel-last ((batch, L, dim) memory) for the backward (ScanLaunchConfig.forward_copies): one store per
-        # position and tensor (offline sm_90 SASS, batch 128, L=197: 122 instructions per position against 103
-        # without, and 133 storing each chunk's tile).
-        copy_row = batch_idx.to(tl.int64) * length * dim + offs_d
+        # ahead (TILE_IO: unit position strides).
         chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, False)
         ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z, REVERSE)
         for _i in range(n_chunks):
@@ -147,12 +142,6 @@ def _scan_fwd_kernel_v2(
             for s in tl.static_range(CHUNK):
                 pos = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE)
                 at = tl.minimum(pos, length - 1)
-                if COPY_INPUTS:
-                    copy_mask = d_mask & (pos < length)
-                    tl.store(U_COPY + copy_row + at * dim, steps[s][0], mask=copy_mask)
-                    tl.store(DELTA_COPY + copy_row + at * dim, steps[s][1], mask=copy_mask)
-                    if HAS_Z:
-                        tl.store(Z_COPY + copy_row + at * dim, steps[s][2], mask=copy_mask)
                 u = steps[s][0].to(tl.float32)
                 dt, _dt_raw = discretize(steps[s][1], bias, pos < length, HAS_BIAS, SOFTPLUS, FAST)
                 B_col, C_col = _bc_columns(B_seq, C_seq, at, bc_pos_stride, offs_n, n_mask, EVEN_N)

@@ -63,11 +63,3 @@ def contiguous_copy(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"contiguous_copy: needs a channel-last (batch, dim, L) view, got strides {x.stride()}")
     return transposed_copy(memory)
 
-
-def as_channel_last(x: torch.Tensor) -> torch.Tensor:
-    """A (batch, dim, L) tensor in the channel-last layout: itself when it already is, else a copy (of its
-    contiguous form: one more copy for other strides)."""
-    batch, dim, length = x.shape
-    if x.stride() == (length * dim, 1, dim):
-        return x
-    return channel_last_copy(x.contiguous())

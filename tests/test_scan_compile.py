@@ -66,54 +66,6 @@ def test_the_ops_pass_torch_library_checks() -> None:
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def _copying_configs():
-    """A v2 chunk-tile forward before a backward on channel-last copies: the forward writes the copies
-    (ScanLaunchConfig.forward_copies)."""
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    return (ScanLaunchConfig(8, 4, variant="v2", tile_io=True),
-            ScanLaunchConfig(16, 4, prefetch=True, variant="v2", transpose_io=True))
-
-
-def test_the_ops_pass_torch_library_checks_with_forward_copies() -> None:
-    """The fake forward hands back the channel-last copies exactly when the real one writes them."""
-    from kernels.selective_scan_triton import config_to_ints, selective_scan_fwd_op
-
-    inputs = make_scan_inputs(1, 4, 6, 2, groups=None, dtype=torch.float32, seed=1, device=DEVICE,
-                              requires_grad=True, with_optional=True)
-    grouped = {k: (v.unsqueeze(1).detach().requires_grad_() if k in ("B", "C") else v) for k, v in inputs.items()}
-    fwd, bwd = (config_to_ints(c) for c in _copying_configs())
-    args = (*[grouped[k] for k in GRAD_NAMES], True, False, True, fwd, bwd)
-    assert selective_scan_fwd_op(*args)[3].shape == (3, 1, 6, 4)  # u, delta, z planes of (batch, L, dim)
-    torch.library.opcheck(selective_scan_fwd_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
-@pytest.mark.parametrize("with_optional", [True, False])
-def test_fullgraph_compile_with_forward_copies_matches_eager(with_optional: bool) -> None:
-    """Compiled and eager, the backward on the forward's channel-last copies returns the same gradients, contiguous
-    like the inputs (the fake backward says so to the compiler)."""
-    from kernels.selective_scan_triton import selective_scan_triton
-
-    fwd_config, bwd_config = _copying_configs()
-    inputs = make_scan_inputs(2, 8, 11, 4, groups=None, dtype=torch.float32, seed=7, device=DEVICE,
-                              requires_grad=True, with_optional=with_optional)
-    args = [inputs[k] for k in GRAD_NAMES]
-    wrt = [a for a in args if a is not None]
-
-    def fn(u, delta, A, B, C, D, z, delta_bias):
-        out = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
-                                    fwd_config=fwd_config, bwd_config=bwd_config)
-        return (out.float() * 2).square().sum()
-
-    eager_grads = torch.autograd.grad(fn(*args), wrt)
-    compiled_grads = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args), wrt)
-    for got, want in zip(compiled_grads, eager_grads):
-        assert got.stride() == want.stride()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert eager_grads[0].is_contiguous() and eager_grads[1].is_contiguous()
-
-
 @pytest.mark.parametrize("conv_backend", ["auto", "triton"])
 def test_tiny_vim_has_no_graph_break_with_the_triton_scan(conv_backend: str) -> None:
     torch.manual_seed(0)
@@ -173,8 +125,8 @@ def test_custom_op_outputs_never_alias() -> None:
     u, delta, A, B, C, D, z, bias = (inputs[k] for k in GRAD_NAMES)
     B, C = B.unsqueeze(1), C.unsqueeze(1)
     fwd = config_to_ints(launch_configs(4, 11, None, None)[0])
-    _, _, states, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, bias, True, False, True, fwd, [])
+    _, _, states = selective_scan_fwd_op(u, delta, A, B, C, D, z, bias, True, False, True, fwd, [])
     grads = selective_scan_bwd_op(u, delta, A, B, C, D, z, bias, torch.randn_like(u), states, None, True, False,
-                                  fwd[1], [], False)
+                                  fwd[1], [])
     storages = [g.untyped_storage().data_ptr() for g in grads]
     assert len(set(storages)) == len(grads)

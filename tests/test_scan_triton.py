@@ -77,8 +77,7 @@ def _config(block_d, chunk, variant="v1"):
 def _default_configs(triton_scan, variant, n_state, length, rows):
     """The default tiles (as selective_scan_triton picks them on this device) in ``variant``; None for v1
     (the call then takes its own defaults). "v2t": v2's with chunk tiles (ScanLaunchConfig.tile_io); "v2x": v2's
-    with the backward on channel-last copies (ScanLaunchConfig.transpose_io; behind a tile forward, the copies of u /
-    delta / z are the forward's: forward_copies)."""
+    with the backward on channel-last copies (ScanLaunchConfig.transpose_io)."""
     if variant == "v1":
         return None
     if variant == "v2t":  # tiles both ways, no copies
@@ -260,15 +259,13 @@ TRANSPOSE_IO_CASES = [
 ]
 
 
-# forward_copies: the v2 tile forward writes the copies of u / delta / z (the backward copies only dout), or not.
-@pytest.mark.parametrize("length,dim,groups,dtype,with_optional,reverse,block_d,prefetch,variant,tile_grads,"
-                         "forward_copies", [case + (copies,) for case in TRANSPOSE_IO_CASES
-                                            for copies in ((True, False) if case[8] == "v2" else (False,))])
+@pytest.mark.parametrize("length,dim,groups,dtype,with_optional,reverse,block_d,prefetch,variant,tile_grads",
+                         TRANSPOSE_IO_CASES)
 def test_triton_backward_on_channel_last_copies(triton_scan, length, dim, groups, dtype, with_optional, reverse,
-                                                block_d, prefetch, variant, tile_grads, forward_copies):
+                                                block_d, prefetch, variant, tile_grads):
     from kernels.triton_scan_common import ScanLaunchConfig
 
-    fwd = ScanLaunchConfig(8, 4, variant=variant, tile_io=variant == "v2", forward_copies=forward_copies)
+    fwd = ScanLaunchConfig(8, 4, variant=variant, tile_io=variant == "v2")
     bwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant=variant, transpose_io=True, tile_grads=tile_grads)
     _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=4, groups=groups, dtype=dtype,
                              with_optional=with_optional, softplus=True, reverse=reverse, seed=length + 5 * dim,

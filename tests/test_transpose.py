@@ -61,40 +61,6 @@ def test_backward_launch_returns_gradients_in_the_inputs_layout():
         torch.testing.assert_close(copied["A"], plain["A"], rtol=1e-5, atol=1e-6)
 
 
-def test_forward_writes_the_channel_last_copies_the_backward_takes():
-    """ScanLaunchConfig.forward_copies: the v2 chunk-tile forward before a backward on copies writes u / delta / z
-    channel-last (exactly their values), and only then: not without a backward to come, not for channel-last
-    inputs, not when the config or the backward's does not ask for it."""
-    import dataclasses
-
-    from kernels.selective_scan_triton import _scan_fwd, config_to_ints, forward_copies
-    from kernels.testing import make_scan_inputs
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    inp = make_scan_inputs(2, 12, 9, 4, groups=1, dtype=torch.bfloat16, seed=4, device=DEVICE)
-    fwd = ScanLaunchConfig(8, 4, variant="v2", tile_io=True)
-    bwd = ScanLaunchConfig(16, 4, prefetch=True, variant="v2", transpose_io=True)
-    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    for reverse in (False, True):
-        out, _, _, copies = _scan_fwd(*args, True, reverse, True, config_to_ints(fwd), config_to_ints(bwd))
-        assert copies.shape == (3, 2, 9, 12)
-        for plane, name in zip(copies.unbind(0), ("u", "delta", "z")):
-            assert torch.equal(plane.transpose(1, 2), inp[name]), name
-        plain = _scan_fwd(*args, True, reverse, True, config_to_ints(dataclasses.replace(fwd, forward_copies=False)),
-                          config_to_ints(bwd))
-        assert plain[3].numel() == 0 and torch.equal(plain[0], out)
-
-    def copies_for(u=inp["u"], store=True, fwd_cfg=fwd, bwd_cfg=bwd):
-        return forward_copies(u, u, inp["z"], config_to_ints(fwd_cfg), config_to_ints(bwd_cfg), store, 4)
-
-    channel_last = inp["u"].transpose(1, 2).contiguous().transpose(1, 2)
-    assert copies_for()
-    assert not copies_for(store=False)
-    assert not copies_for(u=channel_last)
-    assert not copies_for(fwd_cfg=dataclasses.replace(fwd, tile_io=False))
-    assert not copies_for(bwd_cfg=dataclasses.replace(bwd, transpose_io=False))
-
-
 def test_every_benchmarked_tile_copies_exactly():
     """The tiles `python -m bench.transpose` sweeps (any may become the default) give torch's transpose."""
     from bench.transpose import TILES
