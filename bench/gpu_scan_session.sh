@@ -27,8 +27,8 @@
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) kernel variants side by side: CUDA tests, bench.scan, the L=50 host
 #       path, the compiled Vim-S step on each
 #   on the GPU machine:        bash bench/gpu_scan_session.sh layout
-#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) GPU tests of the chunk tiles and the copied backward, the transpose
-#       kernel's tile sweep and bench.scan_cross v2t / v2x / v2g with mamba-ssm (about 6 minutes)
+#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) GPU tests of the chunk tiles and the copied backward,
+#       bench.scan_cross's v2t / v2x / v2g pairs and bench.scan's defaults beside mamba-ssm (about 6 minutes)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh ncu
 #       (carry .gpu_run/whl) Nsight Compute's stall reasons, issue use and occupancy of the default forward and
 #       backward kernels (bench/scan_ncu.py) at a Vim-S step's scan shape and at batch 16, L=1024; $OUT/ncu_*.txt
@@ -274,21 +274,23 @@ tests)
     done
     ;;
 layout)
-    # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the layout work of the twenty-third session in one call: the GPU tests
-    # of the chunk tiles and the copied backward, the transpose kernel's tile sweep (bench/transpose.py), and the
-    # crossed variants with the copied backward's gradients as tiles (v2g) beside the default and mamba-ssm.
+    # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the layout paths in one call: the GPU tests of the chunk tiles, the
+    # transpose kernel and the copied backward; bench.scan_cross's pairs that tell them apart (v2t:v2t tiles both
+    # ways, v2t:v2x the copied backward, v2t:v2g its gradients as tiles) beside the defaults and mamba-ssm; then
+    # bench.scan's default row beside mamba-ssm (the README's table).
     out="${OUT:-/tmp/gpu_scan_out}"
     mkdir -p "$out"
     device_setup
     start_mamba_build "$out"
     timeout 150 python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" tests/test_transpose.py \
-        tests/test_scan_triton.py -k "v2g or v2x or transpose or channel_last_copies or tile_io or launch_returns" \
+        tests/test_scan_triton.py -k "v2g or v2x or v2t or transpose or channel_last_copies or tile_io or launch_returns" \
         >"$out/layout_tests.log" 2>&1 || true
     grep -E "^(FAILED|ERROR)|passed|failed" "$out/layout_tests.log" | tail -8 || true
-    timeout 120 python3 -m bench.transpose --json "$out/transpose.json" 2>&1 | tail -40 || true
     wait  # the mamba-ssm build
-    timeout 200 python3 -m bench.scan_cross --variants v2t v2x v2g --rep-ms 60 "${mamba[@]}" \
-        --json "$out/cross_layout.json" 2>&1 | tail -6 || true
+    timeout 150 python3 -m bench.scan_cross --variants v2t v2x v2g --pairs v2t:v2t v2t:v2x v2t:v2g --rep-ms 60 \
+        "${mamba[@]}" --json "$out/cross_layout.json" 2>&1 | tail -6 || true
+    timeout 120 python3 -m bench.scan --backends triton mamba_ssm "${mamba[@]}" --rep-ms 100 \
+        --json "$out/scan_defaults.json" 2>&1 | tail -12 || true
     ;;
 ncu)
     # Nsight Compute on one forward+backward (bench/scan_ncu.py): why warps wait (stall reasons), issue-slot use,

@@ -47,7 +47,7 @@ from kernels.triton_scan_common import (
 from kernels.triton_scan_fast import scatter_levels
 from kernels.triton_scan_fwd3 import padded_float32
 from kernels.triton_scan_segments import plan_segments, segment_summaries
-from kernels.triton_transpose import channel_last_copy, contiguous_copy
+from kernels.triton_transpose import channel_last_copies, contiguous_copies
 
 
 @triton.jit
@@ -282,14 +282,15 @@ def selective_scan_bwd_launch(
         # Channel-last copies in, the gradients of u / delta / z back to u's layout (ScanLaunchConfig.transpose_io):
         # copied, or written there by the kernel (tile_grads).
         tiled = config.tile_grads and config.variant == "v2"
+        inputs = [u, delta, dout] + ([z.contiguous()] if z is not None else [])
+        u_cl, delta_cl, dout_cl, *z_cl = channel_last_copies(inputs)  # one launch
         grads = selective_scan_bwd_launch(
-            channel_last_copy(u), channel_last_copy(delta), A, B, C, D,
-            channel_last_copy(z.contiguous()) if z is not None else None, delta_bias, channel_last_copy(dout),
+            u_cl, delta_cl, A, B, C, D, z_cl[0] if z is not None else None, delta_bias, dout_cl,
             chunk_states, dlast, delta_softplus, reverse, dataclasses.replace(config, transpose_io=False),
             grads_contiguous=tiled)
-        for name in ("u", "delta", "z"):
-            if grads[name] is not None and not tiled:
-                grads[name] = contiguous_copy(grads[name])
+        if not tiled:
+            names = [name for name in ("u", "delta", "z") if grads[name] is not None]
+            grads.update(zip(names, contiguous_copies([grads[name] for name in names])))  # one launch
         return grads
     batch, dim, length = u.shape
     A = dim_major(A)  # a no-op on the eager path, which converted it once for both directions

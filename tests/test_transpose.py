@@ -26,6 +26,30 @@ def test_layout_copies_equal_torch_and_invert_each_other(shape, dtype):
     assert back.is_contiguous() and torch.equal(back, x)
 
 
+@pytest.mark.parametrize("count", [1, 3, 4, 6])
+def test_several_tensors_copy_in_one_launch_each_its_own(count):
+    """transposed_copies: up to four tensors per launch (six: two launches), each copied into its own new tensor,
+    dtypes mixed (each pointer pair has its own)."""
+    from kernels.triton_transpose import contiguous_copies, transposed_copies
+
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    xs = [torch.randn(3, 70, 130, device=DEVICE).to(dtypes[i % 3]) for i in range(count)]
+    ys = transposed_copies(xs)
+    assert len(ys) == count and len({y.data_ptr() for y in ys}) == count
+    for x, y in zip(xs, ys):
+        assert y.is_contiguous() and y.dtype == x.dtype and torch.equal(y, x.transpose(1, 2))
+    backs = contiguous_copies([y.transpose(1, 2) for y in ys])
+    for x, back in zip(xs, backs):
+        assert back.is_contiguous() and torch.equal(back, x)
+
+
+def test_transposed_copies_refuse_mixed_shapes():
+    from kernels.triton_transpose import transposed_copies
+
+    with pytest.raises(ValueError, match="one shape"):
+        transposed_copies([torch.zeros(2, 3, 4, device=DEVICE), torch.zeros(2, 4, 3, device=DEVICE)])
+
+
 def test_layout_copies_refuse_the_other_layout():
     from kernels.triton_transpose import channel_last_copy, contiguous_copy
 
