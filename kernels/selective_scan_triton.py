@@ -47,10 +47,18 @@ def _as_grouped(bc: torch.Tensor, groups: int) -> torch.Tensor:
     return bc
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; itself without a torch call when it already is (L=50 is bound by the host's time per
+    torch call, even for no-op conversions)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _optional_contiguous(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     if t is None:
         return None
-    return (t.to(dtype) if dtype is not None else t).contiguous()
+    if dtype is not None:
+        t = _as_dtype(t, dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 # Where config_to_ints puts the variant's index: read straight from the list on the eager hot path.
@@ -195,10 +203,10 @@ def _scan_bwd(
     grads = selective_scan_bwd_launch(u, delta, A, B, C, D, z, delta_bias, dout, chunk_states, dlast,
                                       delta_softplus, reverse, backward_config(bwd_config, chunk, u, A.shape[1]))
     dB, dC = torch.empty((2, *B.shape), dtype=B.dtype, device=B.device).copy_(grads["BC"]).unbind(0)
-    return (grads["u"], grads["delta"], grads["A"].to(A.dtype), dB, dC,
-            grads["D"].to(D.dtype) if D is not None else _empty_f32(u),
+    return (grads["u"], grads["delta"], _as_dtype(grads["A"], A.dtype), dB, dC,
+            _as_dtype(grads["D"], D.dtype) if D is not None else _empty_f32(u),
             grads["z"] if z is not None else _empty_f32(u),
-            grads["delta_bias"].to(delta_bias.dtype) if delta_bias is not None else _empty_f32(u))
+            _as_dtype(grads["delta_bias"], delta_bias.dtype) if delta_bias is not None else _empty_f32(u))
 
 
 def _scan_bwd_unaliased(
@@ -324,7 +332,7 @@ def selective_scan_triton(
         delta = with_strides(delta, u.stride())
     else:
         u, delta, z = u.contiguous(), delta.contiguous(), _optional_contiguous(z)
-    inputs = (u, delta, A.to(torch.float32), _as_grouped(B, groups), _as_grouped(C, groups),
+    inputs = (u, delta, _as_dtype(A, torch.float32), _as_grouped(B, groups), _as_grouped(C, groups),
               _optional_contiguous(D, torch.float32), z, _optional_contiguous(delta_bias, torch.float32))
     # The chunk states cost memory: keep them only when a backward can follow.
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)

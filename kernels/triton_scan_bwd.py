@@ -343,14 +343,15 @@ def selective_scan_bwd_launch(
         sizes = sizes + bc_strides
         dbc_sums = dbc_flat.view(2, batch, n_groups, length, n_state)
         dB_sums, dC_sums = dbc_sums.unbind(0)
-        sizes = sizes + sequence_strides(u, delta, z, dout)
+        seq_strides = sequence_strides(u, delta, z, dout)
+        sizes = sizes + seq_strides
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_bwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d),
-                         TILE_IO=tile_io(config, sequence_strides(u, delta, z, dout)), TILE_GRADS=grads_contiguous)
+                         TILE_IO=tile_io(config, seq_strides), TILE_GRADS=grads_contiguous)
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],

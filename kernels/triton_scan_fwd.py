@@ -176,14 +176,14 @@ def selective_scan_fwd_launch(
         sizes = sizes + bc_strides
     else:
         kernel, extra = _scan_fwd_kernel, {}
+        seq_strides = sequence_strides(u, delta, z)
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_fwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
-                         TILE_IO=tile_io(config, sequence_strides(u, delta, z)))
+                         TILE_IO=tile_io(config, seq_strides))
         B_arg, C_arg, bc_strides = position_major(B, C)
-        sizes = sizes + bc_strides
-        sizes = sizes + sequence_strides(u, delta, z)
+        sizes = sizes + bc_strides + seq_strides
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs, *results, *sizes,
         N_PAD=n_pad, BLOCK_D=config.block_d, CHUNK=config.chunk,
