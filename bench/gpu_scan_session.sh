@@ -29,6 +29,9 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh layout
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) GPU tests of the chunk tiles and the copied backward,
 #       bench.scan_cross's v2t / v2x / v2g pairs and bench.scan's defaults beside mamba-ssm (about 6 minutes)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh segments
+#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v2's sequence segments at batch 16: GPU tests, bench.scan_cross with
+#       1 / 2 / 4 / 8 / 16 segments beside mamba-ssm (about 6 minutes)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh ncu
 #       (carry .gpu_run/whl) Nsight Compute's stall reasons, issue use and occupancy of the default forward and
 #       backward kernels (bench/scan_ncu.py) at a Vim-S step's scan shape and at batch 16, L=1024; $OUT/ncu_*.txt
@@ -291,6 +294,24 @@ layout)
         "${mamba[@]}" --json "$out/cross_layout.json" 2>&1 | tail -6 || true
     timeout 120 python3 -m bench.scan --backends triton mamba_ssm "${mamba[@]}" --rep-ms 100 \
         --json "$out/scan_defaults.json" 2>&1 | tail -12 || true
+    ;;
+segments)
+    # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v2 with sequence segments (ScanLaunchConfig.segments, the
+    # twenty-fourth session; written and tested under the interpreter, not yet timed) for the small grids: their GPU
+    # tests, then bench.scan_cross at batch 16 (L=1024, 4096) with 1 (v2t), 2, 4, 8 and 16 segments both ways, and
+    # the best split forward behind the unsplit backward and the other way round, beside mamba-ssm.
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    start_mamba_build "$out"
+    timeout 120 python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" tests/test_scan_triton.py \
+        -k "v2_segments" >"$out/segments_tests.log" 2>&1 || true
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/segments_tests.log" | tail -8 || true
+    wait  # the mamba-ssm build
+    timeout 300 python3 -m bench.scan_cross --variants v2t v2s2 v2s4 v2s8 v2s16 \
+        --pairs v2t:v2t v2s2:v2s2 v2s4:v2s4 v2s8:v2s8 v2s16:v2s16 v2s4:v2t v2t:v2s4 \
+        --shape 16 768 16 1024 --shape 16 768 16 4096 --rep-ms 60 "${mamba[@]}" \
+        --json "$out/cross_segments.json" 2>&1 | tail -4 || true
     ;;
 ncu)
     # Nsight Compute on one forward+backward (bench/scan_ncu.py): why warps wait (stall reasons), issue-slot use,

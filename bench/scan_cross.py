@@ -1,10 +1,12 @@
 """Forward and backward kernel variants crossed: every (forward variant, backward variant) pair at each shape.
 
-    python -m bench.scan_cross [--variants v2 v3] [--shape B D N L ...] [--layout ...] [--rep-ms 100] [--json FILE]
+    python -m bench.scan_cross [--variants v2 v3] [--pairs FWD:BWD ...] [--shape B D N L ...] [--layout ...]
+                               [--rep-ms 100] [--json FILE]
 
 Every variant saves the chunk states in one layout, so a forward of one variant can feed the backward of another
 (``tests/test_scan_triton.py`` checks the mixes). Each variant runs with its own default tiles for the shape and
-device (``variant_configs``: v3 with its sequence segments at small batch). Prints forward ms per forward variant
+device (``variant_configs``: v3 with its sequence segments at small batch); the v2 names set layout options
+(``V2_LAYOUT_OPTIONS``) or sequence segments (``v2s<k>``). Prints forward ms per forward variant
 and forward+backward ms (wall and GPU-busy) per pair, fastest pair marked; the defaults' row for comparison.
 
 ``--layout`` says how u, delta and z reach the kernels: ``contiguous`` (batch, dim, L), mamba-ssm's callers' layout;
@@ -46,6 +48,14 @@ V2_LAYOUT_OPTIONS = {
 VARIANTS = ["v1", "v3", *V2_LAYOUT_OPTIONS]
 
 
+def variant_name(name: str) -> str:
+    """A --variants entry: one of VARIANTS, or "v2s<k>": v2t with its sequences split into k segments both ways
+    (ScanLaunchConfig.segments; for grids too small to fill the device)."""
+    if name in VARIANTS or (name.startswith("v2s") and name[3:].isdigit() and int(name[3:]) >= 1):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown variant {name!r}: one of {VARIANTS} or v2s<segments>, e.g. v2s4")
+
+
 def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[Any, Any]:
     """The (forward, backward) configs of a variant name: its kernels' default tiles on this device, v1 / v2 with no
     layout option but the name's (V2_LAYOUT_OPTIONS)."""
@@ -54,7 +64,10 @@ def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[An
     fwd, bwd = variant_configs(variant[:2], n_state, length, rows, torch.device("cuda"))
     if fwd.variant not in ("v1", "v2"):
         return fwd, bwd
-    fwd_options, bwd_options = V2_LAYOUT_OPTIONS.get(variant, ({}, {}))
+    if variant.startswith("v2s"):
+        fwd_options = bwd_options = {"tile_io": True, "segments": int(variant[3:])}
+    else:
+        fwd_options, bwd_options = V2_LAYOUT_OPTIONS.get(variant, ({}, {}))
     plain = {"tile_io": False, "transpose_io": False, "tile_grads": False}
     return (dataclasses.replace(fwd, **{**plain, **fwd_options}), dataclasses.replace(bwd, **{**plain, **bwd_options}))
 
@@ -104,9 +117,9 @@ def report(row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], choices=VARIANTS,
+    parser.add_argument("--variants", nargs="+", default=["v2", "v3"], type=variant_name,
                         help="kernel variants, every pair timed; v2t / v2x / v2g: v2 with layout options "
-                             "(V2_LAYOUT_OPTIONS)")
+                             "(V2_LAYOUT_OPTIONS); v2s<k>: v2t with k sequence segments")
     parser.add_argument("--pairs", nargs="+", default=None, metavar="FWD:BWD",
                         help="time only these (forward, backward) pairs of --variants, e.g. v2t:v2t v2t:v2x")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
@@ -117,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mamba-src", default=None, help="unpacked mamba-ssm sdist: its CUDA scan as a row")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    pairs = None
+    if args.pairs:
+        pairs = [tuple(p.split(":")) for p in args.pairs]
+        unknown = {v for pair in pairs for v in pair} - set(args.variants)
+        if unknown or any(len(pair) != 2 for pair in pairs):
+            parser.error(f"--pairs: each FWD:BWD of --variants, got {args.pairs}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/scan_cross.py needs a CUDA GPU")
     mamba = None
@@ -127,12 +146,6 @@ def main(argv: list[str] | None = None) -> None:
             mamba = mamba_scan_fn(load_mamba_ssm_cuda(Path(args.mamba_src)))
         except Exception as exc:  # the crossed rows still count without it
             print(f"mamba-ssm: build failed: {type(exc).__name__}: {str(exc)[-300:]}", flush=True)
-    pairs = None
-    if args.pairs:
-        pairs = [tuple(p.split(":")) for p in args.pairs]
-        unknown = {v for pair in pairs for v in pair} - set(args.variants)
-        if unknown or any(len(pair) != 2 for pair in pairs):
-            parser.error(f"--pairs: each FWD:BWD of --variants, got {args.pairs}")
     rows = []
     for shape in args.shape or SHAPES:
         for layout in args.layout:

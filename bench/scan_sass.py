@@ -170,7 +170,8 @@ def report(name: str, compiled: Any, positions_per_iter: int | None, dump: Path 
 V2_FLAGS = dict(EVEN_D=True, EVEN_N=True, FAST=True)
 
 
-def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False,
+                    segmented: bool = False) -> list[tuple[Any, dict[str, Any]]]:
     """The forward kernel (kernels/triton_scan_fwd.py, or _fwd2.py for v2) with a training step's constexprs."""
     from kernels.triton_scan_fwd import _scan_fwd_kernel
     from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
@@ -185,12 +186,13 @@ def forward_kernels(variant: str, log2_tile: int = 4, tile_io: bool = False) -> 
         return [(_scan_fwd_kernel_v3, dict(STORE_STATES=True, HAS_D=True, FAST=True, LOG2_TILE=log2_tile)),
                 (_scan_segment_summary_v3, dict(ADJOINT=False, FAST=True))]
     if variant == "v2":
-        return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, TILE_IO=tile_io, **V2_FLAGS))]
+        return [(_scan_fwd_kernel_v2, dict(STORE_STATES=True, HAS_D=True, TILE_IO=tile_io, SEGMENTED=segmented,
+                                           **V2_FLAGS))]
     return [(_scan_fwd_kernel, dict(STORE_STATES=True, HAS_D=True))]
 
 
-def backward_kernels(variant: str, dlast: bool = False, tile_io: bool = False,
-                     tile_grads: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+def backward_kernels(variant: str, dlast: bool = False, tile_io: bool = False, tile_grads: bool = False,
+                     segmented: bool = False) -> list[tuple[Any, dict[str, Any]]]:
     """The backward kernel (kernels/triton_scan_bwd.py, or _bwd2.py for v2), without and with prefetch; ``dlast``:
     as when the last state has a gradient."""
     from kernels.triton_scan_bwd import _scan_bwd_kernel
@@ -206,7 +208,7 @@ def backward_kernels(variant: str, dlast: bool = False, tile_io: bool = False,
                 for p in (False, True)] + [(_scan_segment_summary_v3, dict(ADJOINT=True, FAST=True))]
     if variant == "v2":
         return [(_scan_bwd_kernel_v2, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p, TILE_IO=tile_io,
-                                           TILE_GRADS=tile_grads, **V2_FLAGS))
+                                           TILE_GRADS=tile_grads, SEGMENTED=segmented, **V2_FLAGS))
                 for p in (False, True)]
     return [(_scan_bwd_kernel, dict(HAS_DLAST=dlast, HAS_D=True, PREFETCH=p)) for p in (False, True)]
 
@@ -216,6 +218,7 @@ def _name(kernel: Any, extra: dict[str, Any], block_d: int) -> str:
     flags += f",bl{extra['BLOCK_L']}" if "BLOCK_L" in extra else ""
     flags += ",tile_io" if extra.get("TILE_IO") else ""
     flags += ",tile_grads" if extra.get("TILE_GRADS") else ""
+    flags += ",segmented" if extra.get("SEGMENTED") else ""
     return f"{kernel.__name__.strip('_')}[bd{block_d}{flags}]"
 
 
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--tile-grads", action="store_true",
                         help="v2 backward: gradients written contiguous as chunk tiles (ScanLaunchConfig.tile_grads; "
                              "with --channel-last, as the copied backward runs it)")
+    parser.add_argument("--segmented", action="store_true",
+                        help="v2: the kernels of a launch split into sequence segments (ScanLaunchConfig.segments)")
     parser.add_argument("--tile-l", type=int, default=16,
                         help="v3 forward: positions per u / delta / z / out tile (ScanLaunchConfig.tile_l)")
     parser.add_argument("--block-l", type=int, nargs="+", default=[128],
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         results.append(res)
             elif args.only != "bwd":
                 tile = ScanLaunchConfig(block_d, args.chunk, variant=variant, tile_l=args.tile_l)
-                for kernel, extra in forward_kernels(variant, tile.log2_tile(), args.tile_io):
+                for kernel, extra in forward_kernels(variant, tile.log2_tile(), args.tile_io, args.segmented):
                     c = compile_kernel(kernel, {**consts, **extra}, ints, num_warps=warps, maxnreg=args.maxnreg)
                     # Positions per hot-loop pass: LLVM may unroll the per-position loop into the chunk's; the
                     # v3 forward walks a tile per pass (its segment summary a chunk).
@@ -304,7 +309,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         per_pass = args.chunk
                     results.append(report(_name(kernel, extra, block_d), c, per_pass, args.dump))
             if args.only != "fwd":
-                for kernel, extra in backward_kernels(variant, args.dlast, args.tile_io, args.tile_grads):
+                for kernel, extra in backward_kernels(variant, args.dlast, args.tile_io, args.tile_grads,
+                                                      args.segmented):
                     if "LEVELS" in kernel.arg_names:
                         # v2 reduce-scatters dB and dC one at a time, v3 stacked.
                         rows = n_state_pad if variant == "v2" else 2 * n_state_pad

@@ -46,7 +46,7 @@ from kernels.triton_scan_common import (
 )
 from kernels.triton_scan_fast import scatter_levels
 from kernels.triton_scan_fwd3 import padded_float32
-from kernels.triton_scan_segments import plan_segments, segment_summaries
+from kernels.triton_scan_segments import contiguous_segments, plan_segments, segment_summaries
 from kernels.triton_transpose import channel_last_copies, contiguous_copies
 
 
@@ -349,9 +349,18 @@ def selective_scan_bwd_launch(
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
             kernel = _scan_bwd_kernel_v2
+            n_seg, chunks_per_seg = contiguous_segments(config.segments, n_chunks, u, delta, z, dout)
+            seg_adjoints = seg_dtsum = placeholder
+            if n_seg > 1:
+                seg_adjoints, seg_dtsum = segment_summaries(u, delta, A, padded_float32(C, n_pad), delta_bias, dout,
+                                                            z, delta_softplus, reverse, config, n_seg, chunks_per_seg,
+                                                            n_groups, n_state)
+            inputs = inputs + (seg_adjoints, seg_dtsum)
+            sizes = sizes[:7] + (n_seg, chunks_per_seg) + sizes[7:]
+            grid = grid + (n_seg,)
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d),
-                         TILE_IO=tile_io(config, seq_strides), TILE_GRADS=grads_contiguous)
+                         TILE_IO=tile_io(config, seq_strides), TILE_GRADS=grads_contiguous, SEGMENTED=n_seg > 1)
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],

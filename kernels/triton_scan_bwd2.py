@@ -21,6 +21,7 @@ from kernels.triton_scan_common import (
     UNSPECIALIZED,
     backward_finish,
     backward_start,
+    carry_in,
     channel_block,
     channel_params,
     chunk_position,
@@ -71,16 +72,16 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STA
 
 @triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_bwd_kernel_v2(
-    U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST,
+    U, DELTA, A, B, C, D, Z, DELTA_BIAS, DOUT, CHUNK_STATES, DLAST, SEG_ADJOINTS, SEG_DTSUM,
     DU, DDELTA, DZ, DA, DB, DC, DD, DDELTA_BIAS,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride, n_seg, chunks_per_seg,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
     seq_sb, seq_sd, seq_sl, z_sb, z_sd, z_sl,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_DLAST: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, LEVELS: tl.constexpr,
-    TILE_IO: tl.constexpr = False, TILE_GRADS: tl.constexpr = False,
+    TILE_IO: tl.constexpr = False, TILE_GRADS: tl.constexpr = False, SEGMENTED: tl.constexpr = False,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
@@ -115,12 +116,21 @@ def _scan_bwd_kernel_v2(
 
     g, dA_acc, dD_acc, dbias_acc = backward_start(DLAST, batch_idx, dim, n_state, offs_n, offs_d, nd_mask, N_PAD,
                                                   BLOCK_D, HAS_DLAST)
-    chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
+    if SEGMENTED:
+        # Grid axis 2: the segment (kernels/triton_scan_segments.py), entered with the adjoint that the later
+        # segments carry in.
+        seg = tl.program_id(2)
+        chunk_idx, chunk_step, count = segment_walk(seg, chunks_per_seg, n_chunks, REVERSE, True)
+        g = carry_in(g, SEG_ADJOINTS, SEG_DTSUM, n_seg - 1, n_seg - 1 - seg, -1, batch_idx, n_seg, n_state, dim, A2,
+                     offs_d, offs_n, d_mask, nd_mask)
+    else:  # the whole sequence (the compiled loop exactly as without segments)
+        chunk_idx, chunk_step, count = segment_walk(0, n_chunks, n_chunks, REVERSE, True)
+        count = n_chunks
     if PREFETCH:
         ahead = _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STATES, offs_n, offs_d,
                                   nd_mask, batch_idx, chunk_idx, length, n_chunks, n_state, dim, seq_row, z_row, U, DELTA,
                                   Z, DOUT, BLOCK_D, CHUNK, HAS_Z, REVERSE, EVEN_D and EVEN_N, TILE_IO)
-    for _i in range(n_chunks):
+    for _i in range(count):
         base = chunk_idx * CHUNK
         if PREFETCH:
             h_in, loads = ahead

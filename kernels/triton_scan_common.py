@@ -212,8 +212,9 @@ class ScanLaunchConfig:
     three out at copy speed instead of the kernel's strided accesses.
     ``tile_grads`` (v2, with ``transpose_io``): the kernel on the channel-last copies writes du / ddelta / dz straight
     into contiguous buffers as chunk tiles (the ``tile_io`` stores) instead of the three copies back.
-    ``segments`` (v3): split each sequence into up to this many runs of whole chunks, scanned by parallel programs
-    after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device.
+    ``segments`` (v2, v3): split each sequence into up to this many runs of whole chunks, scanned by parallel
+    programs after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device. v2
+    splits only (batch, dim, L)-contiguous u / delta / z (/ dout): its summaries read those rows.
     """
 
     block_d: int
@@ -242,8 +243,8 @@ class ScanLaunchConfig:
                              f"32 channels), got {self}")
         if self.variant not in SCAN_VARIANTS:
             raise ValueError(f"ScanLaunchConfig.variant must be one of {SCAN_VARIANTS}, got {self.variant!r}")
-        if self.segments > 1 and self.variant != "v3":
-            raise ValueError(f"ScanLaunchConfig: segments need the v3 kernels, got {self}")
+        if self.segments > 1 and self.variant not in ("v2", "v3"):
+            raise ValueError(f"ScanLaunchConfig: segments need the v2 or v3 kernels, got {self}")
 
 
 # The kernels the default tiles run: v2 since the nineteenth session (one H100, same call, v1 -> v2: the Vim-S

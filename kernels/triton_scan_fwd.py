@@ -35,7 +35,7 @@ from kernels.triton_scan_common import (
 from kernels.triton_scan_fwd2 import _scan_fwd_kernel_v2
 from kernels.triton_scan_fwd3 import _scan_fwd_kernel_v3, padded_float32
 from kernels.triton_scan_fwd4 import _scan_fwd_kernel_v4, position_contiguous
-from kernels.triton_scan_segments import plan_segments, segment_summaries
+from kernels.triton_scan_segments import contiguous_segments, plan_segments, segment_summaries
 
 
 @triton.jit
@@ -182,6 +182,16 @@ def selective_scan_fwd_launch(
             kernel = _scan_fwd_kernel_v2
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          TILE_IO=tile_io(config, seq_strides))
+            n_seg, chunks_per_seg = contiguous_segments(config.segments, n_chunks, u, delta, z)
+            seg_states = seg_dtsum = last_state
+            if n_seg > 1:
+                seg_states, seg_dtsum = segment_summaries(u, delta, A, padded_float32(B, n_pad), delta_bias, None,
+                                                          None, delta_softplus, reverse, config, n_seg,
+                                                          chunks_per_seg, n_groups, n_state)
+            results = results + (seg_states, seg_dtsum)
+            sizes = sizes + (n_seg, chunks_per_seg)
+            grid = grid + (n_seg,)
+            extra["SEGMENTED"] = n_seg > 1
         B_arg, C_arg, bc_strides = position_major(B, C)
         sizes = sizes + bc_strides + seq_strides
     compiled_launcher(kernel)[grid](

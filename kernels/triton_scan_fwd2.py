@@ -17,10 +17,10 @@ import triton.language as tl
 from kernels.triton_scan_common import (
     SEQ_UNSPECIALIZED,
     UNSPECIALIZED,
+    carry_in,
     channel_block,
     channel_params,
     chunk_position,
-    position_walk,
     segment_walk,
 )
 from kernels.triton_scan_fast import sigmoid2, softplus2
@@ -99,14 +99,15 @@ def _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D: tl.
 @triton.jit(do_not_specialize=UNSPECIALIZED + SEQ_UNSPECIALIZED)  # see kernels/triton_scan_common.py
 def _scan_fwd_kernel_v2(
     U, DELTA, A, B, C, D, Z, DELTA_BIAS,
-    OUT, CHUNK_STATES, LAST_STATE,
-    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride,
+    OUT, CHUNK_STATES, LAST_STATE, SEG_STATES, SEG_DTSUM,
+    dim, length, dim_per_group, n_groups, n_chunks, n_state, a_state_stride, n_seg, chunks_per_seg,
     bc_batch_stride, bc_group_stride, bc_pos_stride,
     seq_sb, seq_sd, seq_sl, z_sb, z_sd, z_sl,
     N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, TILE_IO: tl.constexpr = False,
+    SEGMENTED: tl.constexpr = False,
 ):
     batch_idx, group, offs_d, d_mask, offs_n, n_mask, nd_mask = channel_block(
         n_groups, dim_per_group, n_state, BLOCK_D, N_PAD)
@@ -126,12 +127,23 @@ def _scan_fwd_kernel_v2(
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    last_mask = nd_mask
+    if SEGMENTED:
+        # Grid axis 2: the segment of the sequence (kernels/triton_scan_segments.py), entered with the state the
+        # earlier segments' summaries carry in; the last one writes the last state.
+        seg = tl.program_id(2)
+        chunk_idx, chunk_step, count = segment_walk(seg, chunks_per_seg, n_chunks, REVERSE, False)
+        h = carry_in(h, SEG_STATES, SEG_DTSUM, 0, seg, 1, batch_idx, n_seg, n_state, dim, A2, offs_d, offs_n, d_mask,
+                     nd_mask)
+        last_mask = last_mask & (seg == n_seg - 1)
+    else:  # the whole sequence (the compiled loop exactly as without segments)
+        chunk_idx, chunk_step, count = segment_walk(0, n_chunks, n_chunks, REVERSE, False)
+        count = n_chunks
     if TILE_IO:
         # u / delta / z read, and out written, one (BLOCK_D, CHUNK) tile per chunk, the next chunk's tiles read
         # ahead (TILE_IO: unit position strides).
-        chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, False)
         ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z, REVERSE)
-        for _i in range(n_chunks):
+        for _i in range(count):
             if STORE_STATES:
                 _store_chunk_state(CHUNK_STATES, h, batch_idx, chunk_idx, n_chunks, n_state, dim, offs_n, offs_d,
                                    nd_mask, EVEN_D and EVEN_N)
@@ -156,13 +168,16 @@ def _scan_fwd_kernel_v2(
             store_chunk_tile(OUT, seq_row, ys, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
             chunk_idx += chunk_step
     else:
-        pos, step = position_walk(n_chunks, CHUNK, REVERSE)
+        pos = chunk_position(chunk_idx * CHUNK, 0, CHUNK, REVERSE)
+        if REVERSE:
+            step = -1
+        else:
+            step = 1
 
         u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
                                               n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
                                               REVERSE, FAST)
-        chunk_idx, chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, False)
-        for _i in range(n_chunks):
+        for _i in range(count):
             if STORE_STATES:
                 _store_chunk_state(CHUNK_STATES, h, batch_idx, chunk_idx, n_chunks, n_state, dim, offs_n, offs_d,
                                    nd_mask, EVEN_D and EVEN_N)
@@ -190,4 +205,4 @@ def _scan_fwd_kernel_v2(
                 u, dt, B_col, C_col, z = u_n, dt_n, B_n, C_n, z_n
 
     row = (batch_idx * dim + offs_d).to(tl.int64)
-    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=nd_mask)
+    tl.store(LAST_STATE + row[None, :] * n_state + offs_n[:, None], h, mask=last_mask)

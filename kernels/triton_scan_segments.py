@@ -1,4 +1,4 @@
-"""Sequence segments for the "v3" scan kernels (ScanLaunchConfig.segments): parallel programs along L.
+"""Sequence segments for the "v2" and "v3" scan kernels (ScanLaunchConfig.segments): parallel programs along L.
 
 A scan program walks its whole sequence one position after the other, so a grid of few programs (small batch,
 long L: batch 16 x 768 channels is 384 one-warp programs for 132 multiprocessors) leaves most of the GPU idle
@@ -43,6 +43,15 @@ def plan_segments(n_chunks: int, segments: int) -> tuple[int, int]:
     """(segments actually used, chunks per segment): at most ``segments`` runs of whole chunks, none empty."""
     per_segment = ceil_div(n_chunks, max(1, min(segments, n_chunks)))
     return ceil_div(n_chunks, per_segment), per_segment
+
+
+def contiguous_segments(segments: int, n_chunks: int, *tensors: torch.Tensor | None) -> tuple[int, int]:
+    """plan_segments for the v2 kernels: their segment summaries read (batch, dim, L) rows, so a launch splits its
+    sequences only where every given tensor (u, delta, z; dout) is contiguous, and runs one segment otherwise (a Vim
+    block's channel-last tensors)."""
+    if segments > 1 and all(t is None or t.is_contiguous() for t in tensors):
+        return plan_segments(n_chunks, segments)
+    return 1, n_chunks
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)  # see kernels/triton_scan_common.py

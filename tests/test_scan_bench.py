@@ -1,7 +1,9 @@
-"""bench/scan.py's pieces that run without a GPU: the profiler-summed time per call and the table."""
+"""bench/scan.py's pieces that run without a GPU: the profiler-summed time per call and the table; bench.scan_cross's
+variant names and pairs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench.scan import profiled_ms
@@ -82,3 +84,21 @@ def test_v4_sweep_times_every_tile_and_reports_one_that_fails(monkeypatch, capsy
     assert "out of resources" in capsys.readouterr().out
     line = format_sweep({"(1, 4, 16, L=1024)": rows})
     assert "v4/bd8/reg-/bl256 2048.000" in line and line.count("*") == 1
+
+
+def test_scan_cross_names_its_variants_and_checks_pairs_before_any_gpu_work() -> None:
+    """bench.scan_cross: the v2 names with layout options or segments (``v2s<k>``) parse, others fail; a --pairs
+    entry must pair two of --variants (refused on any machine, before the GPU check)."""
+    import argparse
+
+    from bench.scan_cross import main, variant_name
+
+    for name in ("v2", "v2t", "v2x", "v2g", "v3", "v2s1", "v2s16"):
+        assert variant_name(name) == name
+    for name in ("v2s", "v2s0", "v2q", "v5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            variant_name(name)
+    for pairs in (["v2t:v3"], ["v2t"], ["v2t:v2t:v2t"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--variants", "v2t", "v2s4", "--pairs", *pairs])
+        assert exc.value.code == 2  # argparse's usage error, not the missing GPU

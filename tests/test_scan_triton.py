@@ -177,6 +177,41 @@ def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
                              seed=3 * length + fwd_segments, config=(fwd, bwd))
 
 
+# v2 with sequence segments: SEGMENT_CASES with (block_d, tile_io) for the v2 kernels, chunk tiles on and off (the
+# per-position forward starts each segment at its first position), one and two channel blocks per group.
+@pytest.mark.parametrize("length,chunk,fwd_segments,bwd_segments,groups,with_optional,softplus,reverse,prefetch,dtype",
+                         SEGMENT_CASES)
+@pytest.mark.parametrize("block_d,tiles", [(8, True), (4, False)])
+def test_triton_v2_segments(triton_scan, length, chunk, fwd_segments, bwd_segments, groups, with_optional, softplus,
+                            reverse, prefetch, dtype, block_d, tiles):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(block_d, chunk, variant="v2", segments=fwd_segments, tile_io=tiles)
+    bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", segments=bwd_segments, tile_io=tiles)
+    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
+                             with_optional=with_optional, softplus=softplus, reverse=reverse,
+                             seed=5 * length + bwd_segments, config=(fwd, bwd))
+
+
+def test_triton_v2_segments_need_contiguous_rows(triton_scan):
+    """A v2 launch splits its sequences only where u / delta / z (/ dout) are (batch, dim, L)-contiguous: with
+    channel-last inputs (a Vim block's) the same config runs one segment, with the same result."""
+    from kernels.testing import make_scan_inputs
+    from kernels.triton_scan_common import ScanLaunchConfig
+    from kernels.triton_scan_segments import contiguous_segments
+
+    inp = make_scan_inputs(2, 6, 29, 4, groups=None, dtype=torch.float32, seed=2, device=DEVICE)
+    channel_last = inp["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert contiguous_segments(4, 8, inp["u"], inp["delta"], None) == (4, 2)
+    assert contiguous_segments(4, 8, channel_last, channel_last, None) == (1, 8)
+    assert contiguous_segments(1, 8, inp["u"]) == (1, 8)
+    config = ScanLaunchConfig(8, 4, variant="v2", segments=4)
+    split = triton_scan.selective_scan_triton(**inp, delta_softplus=True, fwd_config=config, bwd_config=config)
+    kw = {**inp, "u": channel_last, "delta": inp["delta"].transpose(1, 2).contiguous().transpose(1, 2)}
+    whole = triton_scan.selective_scan_triton(**kw, delta_softplus=True, fwd_config=config, bwd_config=config)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+
+
 # The v3 forward reads u / delta / z and writes out as tiles of ``tile_l`` positions (ScanLaunchConfig.tile_l):
 # (L, chunk, tile_l, forward segments, reverse). A tile of one chunk, of several chunks with a partial last tile,
 # longer than the sequence, tiles that straddle segment ends (segments of 5 chunks in tiles of 2 or 4), reverse.
@@ -374,6 +409,21 @@ def test_triton_gpu_v3_segments(triton_scan, fwd_segments, bwd_segments, reverse
     _check_against_reference(triton_scan, batch=2, dim=100, length=2001, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=fwd_segments, config=(fwd, bwd))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fwd_segments,bwd_segments,reverse,tiles", [(8, 4, False, True), (16, 16, True, True),
+                                                                     (4, 32, False, False)])
+def test_triton_gpu_v2_segments(triton_scan, fwd_segments, bwd_segments, reverse, tiles):
+    """v2 sequence segments compiled (the SEGMENTED kernels), as test_triton_gpu_v3_segments."""
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    fwd = ScanLaunchConfig(8, 4, variant="v2", segments=fwd_segments, tile_io=tiles)
+    bwd = ScanLaunchConfig(8, 4, variant="v2", segments=bwd_segments, tile_io=tiles)
+    _check_against_reference(triton_scan, batch=2, dim=100, length=2001, n_state=16, groups=2,
+                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                             seed=bwd_segments, config=(fwd, bwd))
 
 
 @pytest.mark.gpu
