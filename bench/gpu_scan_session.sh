@@ -65,6 +65,24 @@ load_mamba_ssm_cuda(Path(sys.argv[1]))" "$src" >"$1/mamba_build.log" 2>&1 &
     fi
 }
 
+# begin_with_mamba: a part's start on the GPU machine: $out made, the wheels installed, mamba-ssm's build started in
+# the background (the caller waits for it before timing).
+begin_with_mamba() {
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    start_mamba_build "$out"
+}
+
+# gpu_tests NAME BOUND PYTEST_ARGS...: a pytest run bounded to BOUND seconds, logged to $out/NAME.log; prints its
+# failures and summary.
+gpu_tests() {
+    local name=$1 bound=$2
+    shift 2
+    timeout "$bound" python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" "$@" >"$out/$name.log" 2>&1 || true
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/$name.log" | tail -8 || true
+}
+
 case "${1:-}" in
 prepare)
     mkdir -p .gpu_run
@@ -281,14 +299,9 @@ layout)
     # transpose kernel and the copied backward; bench.scan_cross's pairs that tell them apart (v2t:v2t tiles both
     # ways, v2t:v2x the copied backward, v2t:v2g its gradients as tiles) beside the defaults and mamba-ssm; then
     # bench.scan's default row beside mamba-ssm (the README's table).
-    out="${OUT:-/tmp/gpu_scan_out}"
-    mkdir -p "$out"
-    device_setup
-    start_mamba_build "$out"
-    timeout 150 python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" tests/test_transpose.py \
-        tests/test_scan_triton.py -k "v2g or v2x or v2t or transpose or channel_last_copies or tile_io or launch_returns" \
-        >"$out/layout_tests.log" 2>&1 || true
-    grep -E "^(FAILED|ERROR)|passed|failed" "$out/layout_tests.log" | tail -8 || true
+    begin_with_mamba
+    gpu_tests layout_tests 150 tests/test_transpose.py tests/test_scan_triton.py \
+        -k "v2g or v2x or v2t or transpose or channel_last_copies or tile_io or launch_returns"
     wait  # the mamba-ssm build
     timeout 150 python3 -m bench.scan_cross --variants v2t v2x v2g --pairs v2t:v2t v2t:v2x v2t:v2g --rep-ms 60 \
         "${mamba[@]}" --json "$out/cross_layout.json" 2>&1 | tail -6 || true
@@ -300,13 +313,8 @@ segments)
     # twenty-fourth session; written and tested under the interpreter, not yet timed) for the small grids: their GPU
     # tests, then bench.scan_cross at batch 16 (L=1024, 4096) with 1 (v2t), 2, 4, 8 and 16 segments both ways, and
     # the best split forward behind the unsplit backward and the other way round, beside mamba-ssm.
-    out="${OUT:-/tmp/gpu_scan_out}"
-    mkdir -p "$out"
-    device_setup
-    start_mamba_build "$out"
-    timeout 120 python3 -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" tests/test_scan_triton.py \
-        -k "v2_segments" >"$out/segments_tests.log" 2>&1 || true
-    grep -E "^(FAILED|ERROR)|passed|failed" "$out/segments_tests.log" | tail -8 || true
+    begin_with_mamba
+    gpu_tests segments_tests 120 tests/test_scan_triton.py -k "v2_segments"
     wait  # the mamba-ssm build
     timeout 300 python3 -m bench.scan_cross --variants v2t v2s2 v2s4 v2s8 v2s16 \
         --pairs v2t:v2t v2s2:v2s2 v2s4:v2s4 v2s8:v2s8 v2s16:v2s16 v2s4:v2t v2t:v2s4 \
