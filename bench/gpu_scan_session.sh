@@ -311,13 +311,15 @@ layout)
 segments)
     # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v2 with sequence segments (ScanLaunchConfig.segments, the
     # twenty-fourth session; written and tested under the interpreter, not yet timed) for the small grids: their GPU
-    # tests, then bench.scan_cross at batch 16 (L=1024, 4096) with 1 (v2t), 2, 4, 8 and 16 segments both ways, and
-    # the best split forward behind the unsplit backward and the other way round, beside mamba-ssm.
+    # tests, then bench.scan_cross at batch 16 (L=1024, 4096) with 1 (v2t), 2, 4, 8 and 16 segments both ways, the
+    # split forward behind the unsplit backward and the other way round, and the split backward capped at 128
+    # registers (offline: 16 resident warps instead of 13, 254 instead of 240 instructions per position, 8
+    # local-memory instructions), beside mamba-ssm.
     begin_with_mamba
     gpu_tests segments_tests 120 tests/test_scan_triton.py -k "v2_segments"
     wait  # the mamba-ssm build
-    timeout 300 python3 -m bench.scan_cross --variants v2t v2s2 v2s4 v2s8 v2s16 \
-        --pairs v2t:v2t v2s2:v2s2 v2s4:v2s4 v2s8:v2s8 v2s16:v2s16 v2s4:v2t v2t:v2s4 \
+    timeout 300 python3 -m bench.scan_cross --variants v2t v2s2 v2s4 v2s8 v2s16 v2s4r128 \
+        --pairs v2t:v2t v2s2:v2s2 v2s4:v2s4 v2s8:v2s8 v2s16:v2s16 v2s4:v2t v2t:v2s4 v2s4:v2s4r128 \
         --shape 16 768 16 1024 --shape 16 768 16 4096 --rep-ms 60 "${mamba[@]}" \
         --json "$out/cross_segments.json" 2>&1 | tail -4 || true
     ;;

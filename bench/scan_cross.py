@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,17 @@ V2_LAYOUT_OPTIONS = {
 VARIANTS = ["v1", "v3", *V2_LAYOUT_OPTIONS]
 
 
+SEGMENTED_NAME = re.compile(r"v2s([1-9]\d*)(?:r([1-9]\d*))?")
+
+
 def variant_name(name: str) -> str:
-    """A --variants entry: one of VARIANTS, or "v2s<k>": v2t with its sequences split into k segments both ways
-    (ScanLaunchConfig.segments; for grids too small to fill the device)."""
-    if name in VARIANTS or (name.startswith("v2s") and name[3:].isdigit() and int(name[3:]) >= 1):
+    """A --variants entry: one of VARIANTS, or "v2s<k>[r<registers>]": v2t with its sequences split into k segments
+    both ways (ScanLaunchConfig.segments; for grids too small to fill the device), optionally under a register cap
+    (ScanLaunchConfig.maxnreg: more resident warps for the split backward)."""
+    if name in VARIANTS or SEGMENTED_NAME.fullmatch(name):
         return name
-    raise argparse.ArgumentTypeError(f"unknown variant {name!r}: one of {VARIANTS} or v2s<segments>, e.g. v2s4")
+    raise argparse.ArgumentTypeError(f"unknown variant {name!r}: one of {VARIANTS} or v2s<segments>[r<registers>], "
+                                     f"e.g. v2s4, v2s4r128")
 
 
 def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[Any, Any]:
@@ -64,8 +70,10 @@ def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[An
     fwd, bwd = variant_configs(variant[:2], n_state, length, rows, torch.device("cuda"))
     if fwd.variant not in ("v1", "v2"):
         return fwd, bwd
-    if variant.startswith("v2s"):
-        fwd_options = bwd_options = {"tile_io": True, "segments": int(variant[3:])}
+    split = SEGMENTED_NAME.fullmatch(variant)
+    if split:
+        fwd_options = bwd_options = {"tile_io": True, "segments": int(split[1]),
+                                     "maxnreg": int(split[2]) if split[2] else None}
     else:
         fwd_options, bwd_options = V2_LAYOUT_OPTIONS.get(variant, ({}, {}))
     plain = {"tile_io": False, "transpose_io": False, "tile_grads": False}
@@ -119,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["v2", "v3"], type=variant_name,
                         help="kernel variants, every pair timed; v2t / v2x / v2g: v2 with layout options "
-                             "(V2_LAYOUT_OPTIONS); v2s<k>: v2t with k sequence segments")
+                             "(V2_LAYOUT_OPTIONS); v2s<k>[r<regs>]: v2t with k sequence segments "
+                             "(and a register cap)")
     parser.add_argument("--pairs", nargs="+", default=None, metavar="FWD:BWD",
                         help="time only these (forward, backward) pairs of --variants, e.g. v2t:v2t v2t:v2x")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),

@@ -93,9 +93,9 @@ def test_scan_cross_names_its_variants_and_checks_pairs_before_any_gpu_work() ->
 
     from bench.scan_cross import main, variant_name
 
-    for name in ("v2", "v2t", "v2x", "v2g", "v3", "v2s1", "v2s16"):
+    for name in ("v2", "v2t", "v2x", "v2g", "v3", "v2s1", "v2s16", "v2s4r128"):
         assert variant_name(name) == name
-    for name in ("v2s", "v2s0", "v2q", "v5"):
+    for name in ("v2s", "v2s0", "v2q", "v5", "v2s4r", "v2s4r0", "v2s04"):
         with pytest.raises(argparse.ArgumentTypeError):
             variant_name(name)
     for pairs in (["v2t:v3"], ["v2t"], ["v2t:v2t:v2t"]):
