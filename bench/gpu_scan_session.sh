@@ -305,7 +305,7 @@ layout)
     wait  # the mamba-ssm build
     timeout 150 python3 -m bench.scan_cross --variants v2t v2x v2g --pairs v2t:v2t v2t:v2x v2t:v2g --rep-ms 60 \
         "${mamba[@]}" --json "$out/cross_layout.json" 2>&1 | tail -6 || true
-    timeout 120 python3 -m bench.scan --backends triton mamba_ssm "${mamba[@]}" --rep-ms 100 \
+    timeout 150 python3 -m bench.scan --backends triton mamba_ssm naive_loop "${mamba[@]}" --rep-ms 100 \
         --json "$out/scan_defaults.json" 2>&1 | tail -12 || true
     ;;
 segments)
