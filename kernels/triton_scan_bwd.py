@@ -340,11 +340,9 @@ def selective_scan_bwd_launch(
     else:
         # (batch, groups, L, N) like the kernel's B and C.
         B_arg, C_arg, bc_strides = position_major(B, C)
-        sizes = sizes + bc_strides
         dbc_sums = dbc_flat.view(2, batch, n_groups, length, n_state)
         dB_sums, dC_sums = dbc_sums.unbind(0)
         seq_strides = sequence_strides(u, delta, z, dout)
-        sizes = sizes + seq_strides
         kernel, outputs, extra = _scan_bwd_kernel, (grads["A"], dB_sums, dC_sums), {}
         if config.variant == "v2":
             # Approximate math needs inline PTX, which the interpreter (CPU tensors) cannot run.
@@ -356,11 +354,12 @@ def selective_scan_bwd_launch(
                                                             z, delta_softplus, reverse, config, n_seg, chunks_per_seg,
                                                             n_groups, n_state)
             inputs = inputs + (seg_adjoints, seg_dtsum)
-            sizes = sizes[:7] + (n_seg, chunks_per_seg) + sizes[7:]
+            sizes = sizes + (n_seg, chunks_per_seg)
             grid = grid + (n_seg,)
             extra = dict(EVEN_D=dim_per_group % config.block_d == 0, EVEN_N=n_state == n_pad, FAST=u.is_cuda,
                          LEVELS=scatter_levels(n_pad, config.block_d),
                          TILE_IO=tile_io(config, seq_strides), TILE_GRADS=grads_contiguous, SEGMENTED=n_seg > 1)
+        sizes = sizes + bc_strides + seq_strides
     compiled_launcher(kernel)[grid](
         u, delta, A, B_arg, C_arg, *inputs,
         grads["u"], grads["delta"],

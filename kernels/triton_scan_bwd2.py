@@ -28,8 +28,8 @@ from kernels.triton_scan_common import (
     segment_walk,
 )
 from kernels.triton_scan_fast import LOG2E, channel_sum_scatter, scatter_rows, sigmoid2, softplus2
-from kernels.triton_scan_fwd2 import _bc_columns
-from kernels.triton_scan_fwd3 import chunk_tiles, store_chunk_tile
+from kernels.triton_scan_fwd2 import _bc_columns, chunk_io_tiles
+from kernels.triton_scan_fwd3 import store_chunk_tile
 
 
 @triton.jit
@@ -47,16 +47,8 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STA
     else:
         h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
     if TILE_IO:
-        udd = chunk_tiles((U, DELTA, DOUT), seq_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
-        if HAS_Z:
-            zs = chunk_tiles((Z,), z_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
-        loads = ()
-        for s in tl.static_range(CHUNK):
-            if HAS_Z:
-                loads = loads + ((udd[s][0], udd[s][1], udd[s][2], zs[s][0]),)
-            else:
-                loads = loads + ((udd[s][0], udd[s][1], udd[s][2], udd[s][0]),)
-        return h_in, loads
+        return h_in, chunk_io_tiles((U, DELTA, DOUT), Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z,
+                                    REVERSE)
     loads = ()
     for s in tl.static_range(CHUNK):
         at = tl.minimum(chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE), length - 1)

@@ -80,13 +80,15 @@ def skip_and_bias(D, DELTA_BIAS, offs_d, d_mask, BLOCK_D: tl.constexpr, HAS_D: t
 
 
 @triton.jit
-def position_walk(n_chunks, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """The first position a per-position forward visits and its step: 0 upwards, or the last padded position
-    (n_chunks * CHUNK - 1) downwards for a reverse scan."""
+def position_walk(first_chunk, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """The first position a per-position forward visits from chunk ``first_chunk`` (segment_walk's first chunk)
+    and its step: the chunk's lowest position upwards, or its highest (padded) position downwards for a reverse
+    scan."""
+    pos = chunk_position(first_chunk * CHUNK, 0, CHUNK, REVERSE)
     if REVERSE:
-        return n_chunks * CHUNK - 1, -1
+        return pos, -1
     else:
-        return 0 * n_chunks, 1
+        return pos, 1
 
 
 @triton.jit

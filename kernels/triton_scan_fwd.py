@@ -28,6 +28,7 @@ from kernels.triton_scan_common import (
     next_power_of_2,
     position_major,
     position_walk,
+    segment_walk,
     sequence_strides,
     softplus,
     tile_io,
@@ -78,7 +79,8 @@ def _scan_fwd_kernel(
     # bc_pos_stride apart (N for a copy, dt_rank + 2N for slices of a Mamba block's x_proj output).
     B_seq = B + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
     C_seq = C + batch_idx.to(tl.int64) * bc_batch_stride + group * bc_group_stride
-    pos, step = position_walk(n_chunks, CHUNK, REVERSE)
+    first_chunk, _chunk_step, _count = segment_walk(0, n_chunks, n_chunks, REVERSE, False)
+    pos, step = position_walk(first_chunk, CHUNK, REVERSE)
 
     # Inputs of the first position; each step then loads the next position's before computing its own.
     u, dt = _position_inputs(U, DELTA, bias, seq_row, seq_sl, pos, length, d_mask, HAS_BIAS, SOFTPLUS)

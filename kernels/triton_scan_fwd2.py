@@ -21,6 +21,7 @@ from kernels.triton_scan_common import (
     channel_block,
     channel_params,
     chunk_position,
+    position_walk,
     segment_walk,
 )
 from kernels.triton_scan_fast import sigmoid2, softplus2
@@ -80,19 +81,20 @@ def _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_
 
 
 @triton.jit
-def _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                    HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
-    """Per step of one chunk (scan order): (u, delta, z) as stored, read as (BLOCK_D, CHUNK) tiles (z = u
-    without HAS_Z). Positions outside the sequence read 0."""
-    uv = chunk_tiles((U, DELTA), seq_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
+def chunk_io_tiles(rows, Z, seq_row, z_row, chunk_idx, length, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                   HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
+    """Per step of one chunk (scan order): the values of the row pointers ``rows`` (u's layout: u, delta, and in
+    the backward dout) and then z's, as stored, read as (BLOCK_D, CHUNK) tiles (z = the first row's without HAS_Z).
+    Positions outside the sequence read 0."""
+    seqs = chunk_tiles(rows, seq_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
     if HAS_Z:
         zs = chunk_tiles((Z,), z_row, chunk_idx, length, BLOCK_D, CHUNK, REVERSE)
     steps = ()
     for s in tl.static_range(CHUNK):
         if HAS_Z:
-            steps = steps + ((uv[s][0], uv[s][1], zs[s][0]),)
+            steps = steps + (seqs[s] + (zs[s][0],),)
         else:
-            steps = steps + ((uv[s][0], uv[s][1], uv[s][0]),)
+            steps = steps + (seqs[s] + (seqs[s][0],),)
     return steps
 
 
@@ -142,14 +144,14 @@ def _scan_fwd_kernel_v2(
     if TILE_IO:
         # u / delta / z read, and out written, one (BLOCK_D, CHUNK) tile per chunk, the next chunk's tiles read
         # ahead (TILE_IO: unit position strides).
-        ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z, REVERSE)
+        ahead = chunk_io_tiles((U, DELTA), Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z, REVERSE)
         for _i in range(count):
             if STORE_STATES:
                 _store_chunk_state(CHUNK_STATES, h, batch_idx, chunk_idx, n_chunks, n_state, dim, offs_n, offs_d,
                                    nd_mask, EVEN_D and EVEN_N)
             steps = ahead
-            ahead = _chunk_io_tiles(U, DELTA, Z, seq_row, z_row, chunk_idx + chunk_step, length, BLOCK_D, CHUNK,
-                                    HAS_Z, REVERSE)
+            ahead = chunk_io_tiles((U, DELTA), Z, seq_row, z_row, chunk_idx + chunk_step, length, BLOCK_D, CHUNK,
+                                   HAS_Z, REVERSE)
             ys = ()
             for s in tl.static_range(CHUNK):
                 pos = chunk_position(chunk_idx * CHUNK, s, CHUNK, REVERSE)
@@ -168,11 +170,7 @@ def _scan_fwd_kernel_v2(
             store_chunk_tile(OUT, seq_row, ys, chunk_idx, length, d_mask, BLOCK_D, CHUNK, REVERSE)
             chunk_idx += chunk_step
     else:
-        pos = chunk_position(chunk_idx * CHUNK, 0, CHUNK, REVERSE)
-        if REVERSE:
-            step = -1
-        else:
-            step = 1
+        pos, step = position_walk(chunk_idx, CHUNK, REVERSE)
 
         u, dt, B_col, C_col, z = _step_inputs(U_row, DELTA_row, Z_row, B_seq, C_seq, pos, length, bias, offs_n,
                                               n_mask, bc_pos_stride, seq_sl, z_sl, HAS_BIAS, HAS_Z, SOFTPLUS, EVEN_N,
