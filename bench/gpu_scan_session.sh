@@ -134,7 +134,7 @@ run)
     # host's profile and the Vim-S step.
     timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_launch.py 2>&1 \
         | tee "$out/scan_tests.log" | tail -5 || true
-    timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py \
+    timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_scan_triton.py tests/test_scan_options.py \
         tests/test_scan_variant.py tests/test_scan_compile.py 2>&1 | tee -a "$out/scan_tests.log" \
         | tail -15 || true
     # The v4 forward (parallel over positions, thirteenth session) compiled for the first time: its reverse scan
@@ -274,7 +274,7 @@ tests)
     deadline=$((SECONDS + ${TESTS_TOTAL_S:-540}))
     all_files="tests/test_scan_v4.py tests/test_models_ssm.py tests/test_mambamic.py tests/test_scan_compile.py
                tests/test_scan_ref.py tests/test_scan_launch.py tests/test_scan_variant.py tests/test_causal_conv1d.py
-               tests/test_scan_strides.py tests/test_scan_triton.py"
+               tests/test_scan_strides.py tests/test_scan_triton.py tests/test_scan_options.py"
     for f in ${TEST_FILES:-$all_files}; do
         bound=$((deadline - SECONDS))
         if [ "$bound" -gt "${TESTS_FILE_S:-150}" ]; then
@@ -300,7 +300,7 @@ layout)
     # ways, v2t:v2x the copied backward, v2t:v2g its gradients as tiles) beside the defaults and mamba-ssm; then
     # bench.scan's default row beside mamba-ssm (the README's table).
     begin_with_mamba
-    gpu_tests layout_tests 150 tests/test_transpose.py tests/test_scan_triton.py \
+    gpu_tests layout_tests 150 tests/test_transpose.py tests/test_scan_triton.py tests/test_scan_options.py \
         -k "v2g or v2x or v2t or transpose or channel_last_copies or tile_io or launch_returns"
     wait  # the mamba-ssm build
     timeout 150 python3 -m bench.scan_cross --variants v2t v2x v2g --pairs v2t:v2t v2t:v2x v2t:v2g --rep-ms 60 \
@@ -316,7 +316,7 @@ segments)
     # registers (offline: 16 resident warps instead of 13, 254 instead of 240 instructions per position, 8
     # local-memory instructions), beside mamba-ssm.
     begin_with_mamba
-    gpu_tests segments_tests 120 tests/test_scan_triton.py -k "v2_segments"
+    gpu_tests segments_tests 120 tests/test_scan_options.py -k "v2_segments"
     wait  # the mamba-ssm build
     timeout 300 python3 -m bench.scan_cross --variants v2t v2s2 v2s4 v2s8 v2s16 v2s4r128 \
         --pairs v2t:v2t v2s2:v2s2 v2s4:v2s4 v2s8:v2s8 v2s16:v2s16 v2s4:v2t v2t:v2s4 v2s4:v2s4r128 \

@@ -4,7 +4,7 @@
                                [--rep-ms 100] [--json FILE]
 
 Every variant saves the chunk states in one layout, so a forward of one variant can feed the backward of another
-(``tests/test_scan_triton.py`` checks the mixes). Each variant runs with its own default tiles for the shape and
+(``tests/test_scan_triton.py`` and ``tests/test_scan_options.py`` check the mixes). Each variant runs with its own default tiles for the shape and
 device (``variant_configs``: v3 with its sequence segments at small batch); the v2 names set layout options
 (``V2_LAYOUT_OPTIONS``) or sequence segments (``v2s<k>``). Prints forward ms per forward variant
 and forward+backward ms (wall and GPU-busy) per pair, fastest pair marked; the defaults' row for comparison.

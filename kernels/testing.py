@@ -1,8 +1,22 @@
-"""Random selective-scan inputs with Mamba-like ranges, for tests and benchmarks of every backend."""
+"""Random selective-scan inputs with Mamba-like ranges, for tests and benchmarks of every backend, and the check of a
+Triton launch against the float64 reference that the kernel tests share."""
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import torch
+
+from kernels.selective_scan_ref import selective_scan_ref
+
+# mamba-ssm's own tolerances (tests/ops/test_selective_scan.py); ours compare against float64, not
+# against a float32 reference in the input dtype, so they are at least as strict.
+TOLERANCES = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
+# Gradient tolerance multipliers (rtol, atol) relative to the output tolerance, as in mamba-ssm.
+GRAD_FACTORS = {"u": (2, 2), "delta": (5, 10), "z": (1, 1), "B": (1, 1), "C": (1, 1)}
+WEIGHT_TOL = (1e-3, 1e-3)  # A, D, delta_bias: float32 parameters
+WEIGHT_ATOL_FACTOR = {"A": 5, "D": 1, "delta_bias": 1}
 
 
 def make_scan_inputs(
@@ -52,3 +66,48 @@ def make_scan_inputs(
                 v.requires_grad_(True)
         out[k] = v
     return out
+
+
+def check_against_reference(triton_scan: ModuleType, *, batch: int, dim: int, length: int, n_state: int,
+                            groups: int | None, dtype: torch.dtype, with_optional: bool, softplus: bool,
+                            reverse: bool, seed: int, config: Any = None, device: str = "cpu") -> None:
+    """Output, last state and every gradient of ``triton_scan.selective_scan_triton`` (one ScanLaunchConfig for both
+    directions, a (forward, backward) pair, or None for the defaults) against the float64 reference, within
+    TOLERANCES; raises AssertionError naming the tensor that differs."""
+    inp = make_scan_inputs(batch, dim, length, n_state, groups=groups, dtype=dtype, seed=seed, device=device,
+                           requires_grad=True, with_optional=with_optional, delta_softplus=softplus)
+    ref_inp = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inp.items()}
+    kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse)
+    if config is None:
+        cfg = {}
+    elif isinstance(config, tuple):
+        cfg = dict(fwd_config=config[0], bwd_config=config[1])
+    else:
+        cfg = dict(fwd_config=config, bwd_config=config)
+    out, last = triton_scan.selective_scan_triton(**inp, **kw, **cfg)
+    out_ref, last_ref = selective_scan_ref(**ref_inp, **kw)
+
+    rtol, atol = TOLERANCES[dtype]
+    assert out.dtype == dtype and last.dtype == torch.float32
+    torch.testing.assert_close(out.double(), out_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last.double(), last_ref, rtol=rtol, atol=atol)
+
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    g_out = torch.randn(out.shape, generator=gen, device=device, dtype=torch.float64)
+    g_last = torch.randn(last.shape, generator=gen, device=device, dtype=torch.float64)
+    names = [k for k, v in inp.items() if v is not None]
+    grads = torch.autograd.grad((out * g_out.to(dtype)).sum() + (last * g_last.float()).sum(),
+                                [inp[k] for k in names])
+    grads_ref = torch.autograd.grad((out_ref * g_out.to(dtype).double()).sum() + (last_ref * g_last.float().double()).sum(),
+                                    [ref_inp[k] for k in names])
+    for name, got, want in zip(names, grads, grads_ref):
+        assert got.dtype == inp[name].dtype, name
+        if name in GRAD_FACTORS:
+            fr, fa = GRAD_FACTORS[name]
+            tol = dict(rtol=rtol * fr, atol=atol * fa)
+        else:
+            w_rtol, w_atol = WEIGHT_TOL
+            if with_optional:  # mamba-ssm: with z the weight errors are larger
+                w_rtol, w_atol = max(w_rtol, rtol), max(w_atol, atol)
+            tol = dict(rtol=w_rtol, atol=w_atol * WEIGHT_ATOL_FACTOR[name])
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")

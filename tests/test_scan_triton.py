@@ -13,59 +13,13 @@ import pytest
 import torch
 
 from kernels.selective_scan_ref import selective_scan_ref
-from kernels.testing import make_scan_inputs
+from kernels.testing import check_against_reference, make_scan_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-# mamba-ssm's own tolerances (tests/ops/test_selective_scan.py); ours compare against float64, not
-# against a float32 reference in the input dtype, so they are at least as strict.
-TOLERANCES = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
-# Gradient tolerance multipliers (rtol, atol) relative to the output tolerance, as in mamba-ssm.
-GRAD_FACTORS = {"u": (2, 2), "delta": (5, 10), "z": (1, 1), "B": (1, 1), "C": (1, 1)}
-WEIGHT_TOL = (1e-3, 1e-3)  # A, D, delta_bias: float32 parameters
-WEIGHT_ATOL_FACTOR = {"A": 5, "D": 1, "delta_bias": 1}
-
-
-def _check_against_reference(triton_scan, *, batch, dim, length, n_state, groups, dtype, with_optional,
-                             softplus, reverse, seed, config=None):
-    inp = make_scan_inputs(batch, dim, length, n_state, groups=groups, dtype=dtype, seed=seed, device=DEVICE,
-                           requires_grad=True, with_optional=with_optional, delta_softplus=softplus)
-    ref_inp = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inp.items()}
-    kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse)
-    if config is None:
-        cfg = {}
-    elif isinstance(config, tuple):
-        cfg = dict(fwd_config=config[0], bwd_config=config[1])
-    else:
-        cfg = dict(fwd_config=config, bwd_config=config)
-    out, last = triton_scan.selective_scan_triton(**inp, **kw, **cfg)
-    out_ref, last_ref = selective_scan_ref(**ref_inp, **kw)
-
-    rtol, atol = TOLERANCES[dtype]
-    assert out.dtype == dtype and last.dtype == torch.float32
-    torch.testing.assert_close(out.double(), out_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(last.double(), last_ref, rtol=rtol, atol=atol)
-
-    gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
-    g_out = torch.randn(out.shape, generator=gen, device=DEVICE, dtype=torch.float64)
-    g_last = torch.randn(last.shape, generator=gen, device=DEVICE, dtype=torch.float64)
-    names = [k for k, v in inp.items() if v is not None]
-    grads = torch.autograd.grad((out * g_out.to(dtype)).sum() + (last * g_last.float()).sum(),
-                                [inp[k] for k in names])
-    grads_ref = torch.autograd.grad((out_ref * g_out.to(dtype).double()).sum() + (last_ref * g_last.float().double()).sum(),
-                                    [ref_inp[k] for k in names])
-    for name, got, want in zip(names, grads, grads_ref):
-        assert got.dtype == inp[name].dtype, name
-        if name in GRAD_FACTORS:
-            fr, fa = GRAD_FACTORS[name]
-            tol = dict(rtol=rtol * fr, atol=atol * fa)
-        else:
-            w_rtol, w_atol = WEIGHT_TOL
-            if with_optional:  # mamba-ssm: with z the weight errors are larger
-                w_rtol, w_atol = max(w_rtol, rtol), max(w_atol, atol)
-            tol = dict(rtol=w_rtol, atol=w_atol * WEIGHT_ATOL_FACTOR[name])
-        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
+def _check_against_reference(triton_scan, **kw):
+    check_against_reference(triton_scan, device=DEVICE, **kw)
 
 
 def _config(block_d, chunk, variant="v1"):
@@ -150,68 +104,6 @@ def test_triton_prefetch(triton_scan, length, groups, reverse, chunk, variant):
                              seed=length + chunk, config=(fwd, bwd))
 
 
-# v3 with sequence segments (kernels/triton_scan_segments.py): (L, chunk, forward segments, backward segments,
-# groups, with_optional, softplus, reverse, prefetch, dtype). Segment counts that divide the chunks evenly, leave
-# a short last segment, exceed the chunk count (capped: one chunk each), differ between forward and backward,
-# and one segment (the plain kernel) on one side only.
-SEGMENT_CASES = [
-    (29, 4, 2, 2, None, True, True, False, False, torch.float32),
-    (29, 4, 4, 8, 2, True, True, True, True, torch.float32),
-    (37, 2, 8, 1, None, False, False, False, False, torch.float32),
-    (13, 4, 1, 4, 2, True, False, True, False, torch.float32),
-    (9, 1, 16, 16, None, True, True, False, True, torch.bfloat16),
-    (3, 4, 4, 4, None, True, True, True, False, torch.float32),
-]
-
-
-@pytest.mark.parametrize("length,chunk,fwd_segments,bwd_segments,groups,with_optional,softplus,reverse,prefetch,dtype",
-                         SEGMENT_CASES)
-def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segments, groups, with_optional, softplus,
-                            reverse, prefetch, dtype):
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    fwd = ScanLaunchConfig(32, chunk, variant="v3", segments=fwd_segments)
-    bwd = ScanLaunchConfig(32, chunk, prefetch=prefetch, variant="v3", segments=bwd_segments)
-    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
-                             with_optional=with_optional, softplus=softplus, reverse=reverse,
-                             seed=3 * length + fwd_segments, config=(fwd, bwd))
-
-
-# v2 with sequence segments: SEGMENT_CASES with (block_d, tile_io) for the v2 kernels, chunk tiles on and off (the
-# per-position forward starts each segment at its first position), one and two channel blocks per group.
-@pytest.mark.parametrize("length,chunk,fwd_segments,bwd_segments,groups,with_optional,softplus,reverse,prefetch,dtype",
-                         SEGMENT_CASES)
-@pytest.mark.parametrize("block_d,tiles", [(8, True), (4, False)])
-def test_triton_v2_segments(triton_scan, length, chunk, fwd_segments, bwd_segments, groups, with_optional, softplus,
-                            reverse, prefetch, dtype, block_d, tiles):
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    fwd = ScanLaunchConfig(block_d, chunk, variant="v2", segments=fwd_segments, tile_io=tiles)
-    bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", segments=bwd_segments, tile_io=tiles)
-    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
-                             with_optional=with_optional, softplus=softplus, reverse=reverse,
-                             seed=5 * length + bwd_segments, config=(fwd, bwd))
-
-
-def test_triton_v2_segments_need_contiguous_rows(triton_scan):
-    """A v2 launch splits its sequences only where u / delta / z (/ dout) are (batch, dim, L)-contiguous: with
-    channel-last inputs (a Vim block's) the same config runs one segment, with the same result."""
-    from kernels.testing import make_scan_inputs
-    from kernels.triton_scan_common import ScanLaunchConfig
-    from kernels.triton_scan_segments import contiguous_segments
-
-    inp = make_scan_inputs(2, 6, 29, 4, groups=None, dtype=torch.float32, seed=2, device=DEVICE)
-    channel_last = inp["u"].transpose(1, 2).contiguous().transpose(1, 2)
-    assert contiguous_segments(4, 8, inp["u"], inp["delta"], None) == (4, 2)
-    assert contiguous_segments(4, 8, channel_last, channel_last, None) == (1, 8)
-    assert contiguous_segments(1, 8, inp["u"]) == (1, 8)
-    config = ScanLaunchConfig(8, 4, variant="v2", segments=4)
-    split = triton_scan.selective_scan_triton(**inp, delta_softplus=True, fwd_config=config, bwd_config=config)
-    kw = {**inp, "u": channel_last, "delta": inp["delta"].transpose(1, 2).contiguous().transpose(1, 2)}
-    whole = triton_scan.selective_scan_triton(**kw, delta_softplus=True, fwd_config=config, bwd_config=config)
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
-
-
 # The v3 forward reads u / delta / z and writes out as tiles of ``tile_l`` positions (ScanLaunchConfig.tile_l):
 # (L, chunk, tile_l, forward segments, reverse). A tile of one chunk, of several chunks with a partial last tile,
 # longer than the sequence, tiles that straddle segment ends (segments of 5 chunks in tiles of 2 or 4), reverse.
@@ -251,60 +143,6 @@ def test_triton_v2_full_tiles(triton_scan, length, dim, n_state, groups, dtype, 
     _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
                              dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
                              seed=length + dim, config=config)
-
-
-# v2 with chunk tiles (ScanLaunchConfig.tile_io): (L, dim, N, groups, dtype, with_optional, reverse, block_d, chunk,
-# forward tiles, backward tiles, prefetch). One position, a partial last chunk, many chunks, channel blocks past
-# the group's end, no z, reverse, tiles on one side only, and bf16.
-TILE_IO_CASES = [
-    (1, 6, 4, None, torch.float32, True, False, 8, 4, True, True, False),
-    (19, 10, 4, 2, torch.float32, True, True, 8, 4, True, True, True),
-    (29, 16, 16, None, torch.float32, False, False, 16, 4, True, True, True),
-    (13, 6, 3, None, torch.float32, True, True, 4, 2, True, False, False),
-    (21, 12, 16, 2, torch.float32, True, False, 16, 8, False, True, True),
-    (37, 32, 16, None, torch.bfloat16, True, True, 8, 4, True, True, False),
-]
-
-
-@pytest.mark.parametrize("length,dim,n_state,groups,dtype,with_optional,reverse,block_d,chunk,fwd_tiles,bwd_tiles,"
-                         "prefetch", TILE_IO_CASES)
-def test_triton_v2_tile_io(triton_scan, length, dim, n_state, groups, dtype, with_optional, reverse, block_d, chunk,
-                           fwd_tiles, bwd_tiles, prefetch):
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    fwd = ScanLaunchConfig(block_d, chunk, variant="v2", tile_io=fwd_tiles)
-    bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", tile_io=bwd_tiles)
-    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
-                             dtype=dtype, with_optional=with_optional, softplus=True, reverse=reverse,
-                             seed=length + 3 * dim, config=(fwd, bwd))
-
-
-# The backward on channel-last copies of contiguous inputs (ScanLaunchConfig.transpose_io), v1 and v2:
-# (L, dim, groups, dtype, with_optional, reverse, block_d, prefetch, variant).
-# tile_grads: the v2 kernel on the copies writes the gradients contiguous as chunk tiles (v1 copies them back).
-TRANSPOSE_IO_CASES = [
-    (1, 6, None, torch.float32, True, False, 8, False, "v2", False),
-    (23, 10, 2, torch.float32, True, True, 16, True, "v2", False),
-    (37, 12, None, torch.bfloat16, False, False, 8, False, "v2", False),
-    (19, 6, 2, torch.float32, True, False, 4, True, "v1", False),
-    (1, 6, None, torch.float32, True, True, 8, False, "v2", True),
-    (23, 10, 2, torch.float32, True, True, 16, True, "v2", True),
-    (30, 12, None, torch.bfloat16, False, False, 8, False, "v2", True),
-    (19, 6, 2, torch.float32, True, False, 4, True, "v1", True),
-]
-
-
-@pytest.mark.parametrize("length,dim,groups,dtype,with_optional,reverse,block_d,prefetch,variant,tile_grads",
-                         TRANSPOSE_IO_CASES)
-def test_triton_backward_on_channel_last_copies(triton_scan, length, dim, groups, dtype, with_optional, reverse,
-                                                block_d, prefetch, variant, tile_grads):
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    fwd = ScanLaunchConfig(8, 4, variant=variant, tile_io=variant == "v2")
-    bwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant=variant, transpose_io=True, tile_grads=tile_grads)
-    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=4, groups=groups, dtype=dtype,
-                             with_optional=with_optional, softplus=True, reverse=reverse, seed=length + 5 * dim,
-                             config=(fwd, bwd))
 
 
 def test_triton_forward_only_and_no_last_state(triton_scan):
@@ -394,36 +232,6 @@ def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, pr
     _check_against_reference(triton_scan, batch=2, dim=100, length=1000, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=maxnreg or 1, config=(fwd, bwd))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("fwd_segments,bwd_segments,reverse", [(8, 4, False), (16, 16, True), (4, 32, False)])
-def test_triton_gpu_v3_segments(triton_scan, fwd_segments, bwd_segments, reverse):
-    """Sequence segments compiled, in bf16 at a Mamba block's settings over a long sequence (2001 positions:
-    a short last segment)."""
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    fwd = ScanLaunchConfig(32, 4, variant="v3", segments=fwd_segments)
-    bwd = ScanLaunchConfig(32, 4, prefetch=True, variant="v3", segments=bwd_segments)
-    _check_against_reference(triton_scan, batch=2, dim=100, length=2001, n_state=16, groups=2,
-                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
-                             seed=fwd_segments, config=(fwd, bwd))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("fwd_segments,bwd_segments,reverse,tiles", [(8, 4, False, True), (16, 16, True, True),
-                                                                     (4, 32, False, False)])
-def test_triton_gpu_v2_segments(triton_scan, fwd_segments, bwd_segments, reverse, tiles):
-    """v2 sequence segments compiled (the SEGMENTED kernels), as test_triton_gpu_v3_segments."""
-    from kernels.triton_scan_common import ScanLaunchConfig
-
-    fwd = ScanLaunchConfig(8, 4, variant="v2", segments=fwd_segments, tile_io=tiles)
-    bwd = ScanLaunchConfig(8, 4, variant="v2", segments=bwd_segments, tile_io=tiles)
-    _check_against_reference(triton_scan, batch=2, dim=100, length=2001, n_state=16, groups=2,
-                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
-                             seed=bwd_segments, config=(fwd, bwd))
 
 
 @pytest.mark.gpu

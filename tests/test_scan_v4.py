@@ -14,14 +14,12 @@ import pytest
 import torch
 
 from kernels.selective_scan_ref import selective_scan_ref
-from kernels.testing import make_scan_inputs
+from kernels.testing import TOLERANCES, make_scan_inputs
 
 pytest.importorskip("triton")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-# As tests/test_scan_triton.py (mamba-ssm's tolerances, against float64).
-TOLERANCES = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,7 +136,7 @@ def test_v4_forward_with_v1_or_v2_backward_gradients(bwd_variant, length, dim, n
     grads = torch.autograd.grad((out * g_out).sum() + (last * g_last).sum(), [inp[k] for k in names])
     want = torch.autograd.grad((out_ref * g_out.double()).sum() + (last_ref * g_last.double()).sum(),
                                [ref_inp[k] for k in names])
-    # Tolerances as tests/test_scan_triton.py's GRAD_FACTORS / WEIGHT_TOL, at their largest.
+    # Tolerances as kernels.testing's GRAD_FACTORS / WEIGHT_TOL, at their largest.
     for name, got, ref in zip(names, grads, want):
         assert got.dtype == inp[name].dtype, name
         factor = 5 if name == "delta" else 2
