@@ -310,7 +310,7 @@ layout)
     ;;
 segments)
     # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v2 with sequence segments (ScanLaunchConfig.segments, the
-    # twenty-fourth session; written and tested under the interpreter, not yet timed) for the small grids: their GPU
+    # twenty-fourth session; timed in the twenty-fifth: slower than unsplit at both shapes) for the small grids: their GPU
     # tests, then bench.scan_cross at batch 16 (L=1024, 4096) with 1 (v2t), 2, 4, 8 and 16 segments both ways, the
     # split forward behind the unsplit backward and the other way round, and the split backward capped at 128
     # registers (offline: 16 resident warps instead of 13, 254 instead of 240 instructions per position, 8

@@ -216,7 +216,9 @@ class ScanLaunchConfig:
     into contiguous buffers as chunk tiles (the ``tile_io`` stores) instead of the three copies back.
     ``segments`` (v2, v3): split each sequence into up to this many runs of whole chunks, scanned by parallel
     programs after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device. v2
-    splits only (batch, dim, L)-contiguous u / delta / z (/ dout): its summaries read those rows.
+    splits only (batch, dim, L)-contiguous u / delta / z (/ dout): its summaries read those rows. Opt-in: on an
+    H100 at batch 16 (L=1024 / 4096) v2 with 2-16 segments was slower than unsplit (docs/scan_kernels.md,
+    twenty-fifth session).
     """
 
     block_d: int
