@@ -14,6 +14,8 @@
 #   inductor  the compiled ViT-B row with inductor's coordinate-descent tuning and with autotuned pointwise /
 #       reduction kernels, beside the default
 #   vims   Vim-S/16 with CUDA graphs at batch 256, 384 and 512 (synthetic)
+#   vimsprof  Vim-S/16 at batch 512, --compile, profiled after its timed steps: device ms by kernel kind and its 80
+#       busiest kernels in $OUT/vimsprof_b512.json (the fused kernels the twenty-fifth session saw only as a lump)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -85,7 +87,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -131,6 +133,9 @@ for part in "$@"; do
             model_row . "vims_b$batch" 200 mae_vim_small_patch16 "$batch" --compile_mode reduce-overhead
         done
         ;;
+    vimsprof)
+        model_row . vimsprof_b512 240 mae_vim_small_patch16 512 --steps 20 --row_seconds 5 --profile_steps 2
+        ;;
     loop)
         loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
         loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
@@ -140,7 +145,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, loop)" >&2
         exit 2
         ;;
     esac
