@@ -354,7 +354,7 @@ ncu)
     done <<<"$shapes"
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants|ncu|layout" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants|ncu|layout|segments" >&2
     exit 2
     ;;
 esac

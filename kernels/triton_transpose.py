@@ -86,15 +86,7 @@ def transposed_copy(x: torch.Tensor, tile: tuple[int, int, int] = DEFAULT_TILE) 
 def channel_last_copies(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous (batch, dim, L) tensors (one shape) as (batch, dim, L) views of new (batch, L, dim) memory, in one
     launch."""
-    for x in xs:
-        if not x.is_contiguous():
-            raise ValueError(f"channel_last_copy: needs a contiguous (batch, dim, L) tensor, got strides {x.stride()}")
     return [y.transpose(1, 2) for y in transposed_copies(xs)]
-
-
-def channel_last_copy(x: torch.Tensor) -> torch.Tensor:
-    """``channel_last_copies`` of one tensor."""
-    return channel_last_copies([x])[0]
 
 
 def contiguous_copies(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -103,10 +95,5 @@ def contiguous_copies(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     memories = [x.transpose(1, 2) for x in xs]
     for x, memory in zip(xs, memories):
         if not memory.is_contiguous():
-            raise ValueError(f"contiguous_copy: needs a channel-last (batch, dim, L) view, got strides {x.stride()}")
+            raise ValueError(f"contiguous_copies: needs channel-last (batch, dim, L) views, got strides {x.stride()}")
     return transposed_copies(memories)
-
-
-def contiguous_copy(x: torch.Tensor) -> torch.Tensor:
-    """``contiguous_copies`` of one tensor."""
-    return contiguous_copies([x])[0]

@@ -15,10 +15,6 @@ from kernels.testing import check_against_reference, make_scan_inputs
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-def _check_against_reference(triton_scan, **kw):
-    check_against_reference(triton_scan, device=DEVICE, **kw)
-
-
 # v2 with chunk tiles (ScanLaunchConfig.tile_io): (L, dim, N, groups, dtype, with_optional, reverse, block_d, chunk,
 # forward tiles, backward tiles, prefetch). One position, a partial last chunk, many chunks, channel blocks past
 # the group's end, no z, reverse, tiles on one side only, and bf16.
@@ -40,7 +36,7 @@ def test_triton_v2_tile_io(triton_scan, length, dim, n_state, groups, dtype, wit
 
     fwd = ScanLaunchConfig(block_d, chunk, variant="v2", tile_io=fwd_tiles)
     bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", tile_io=bwd_tiles)
-    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
                              dtype=dtype, with_optional=with_optional, softplus=True, reverse=reverse,
                              seed=length + 3 * dim, config=(fwd, bwd))
 
@@ -68,7 +64,7 @@ def test_triton_backward_on_channel_last_copies(triton_scan, length, dim, groups
 
     fwd = ScanLaunchConfig(8, 4, variant=variant, tile_io=variant == "v2")
     bwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant=variant, transpose_io=True, tile_grads=tile_grads)
-    _check_against_reference(triton_scan, batch=2, dim=dim, length=length, n_state=4, groups=groups, dtype=dtype,
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=4, groups=groups, dtype=dtype,
                              with_optional=with_optional, softplus=True, reverse=reverse, seed=length + 5 * dim,
                              config=(fwd, bwd))
 
@@ -95,7 +91,7 @@ def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
 
     fwd = ScanLaunchConfig(32, chunk, variant="v3", segments=fwd_segments)
     bwd = ScanLaunchConfig(32, chunk, prefetch=prefetch, variant="v3", segments=bwd_segments)
-    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
                              with_optional=with_optional, softplus=softplus, reverse=reverse,
                              seed=3 * length + fwd_segments, config=(fwd, bwd))
 
@@ -111,7 +107,7 @@ def test_triton_v2_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
 
     fwd = ScanLaunchConfig(block_d, chunk, variant="v2", segments=fwd_segments, tile_io=tiles)
     bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", segments=bwd_segments, tile_io=tiles)
-    _check_against_reference(triton_scan, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
                              with_optional=with_optional, softplus=softplus, reverse=reverse,
                              seed=5 * length + bwd_segments, config=(fwd, bwd))
 
@@ -144,7 +140,7 @@ def test_triton_gpu_v2_segments(triton_scan, fwd_segments, bwd_segments, reverse
 
     fwd = ScanLaunchConfig(8, 4, variant="v2", segments=fwd_segments, tile_io=tiles)
     bwd = ScanLaunchConfig(8, 4, variant="v2", segments=bwd_segments, tile_io=tiles)
-    _check_against_reference(triton_scan, batch=2, dim=100, length=2001, n_state=16, groups=2,
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=100, length=2001, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=bwd_segments, config=(fwd, bwd))
 
@@ -159,6 +155,6 @@ def test_triton_gpu_v3_segments(triton_scan, fwd_segments, bwd_segments, reverse
 
     fwd = ScanLaunchConfig(32, 4, variant="v3", segments=fwd_segments)
     bwd = ScanLaunchConfig(32, 4, prefetch=True, variant="v3", segments=bwd_segments)
-    _check_against_reference(triton_scan, batch=2, dim=100, length=2001, n_state=16, groups=2,
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=100, length=2001, n_state=16, groups=2,
                              dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                              seed=fwd_segments, config=(fwd, bwd))

@@ -16,13 +16,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("shape", [(2, 5, 7), (1, 64, 64), (3, 70, 130), (2, 1, 9), (1, 0, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layout_copies_equal_torch_and_invert_each_other(shape, dtype):
-    from kernels.triton_transpose import channel_last_copy, contiguous_copy
+    from kernels.triton_transpose import channel_last_copies, contiguous_copies
 
     x = torch.randn(shape, device=DEVICE).to(dtype)
-    last = channel_last_copy(x)
+    (last,) = channel_last_copies([x])
     assert last.shape == x.shape and last.transpose(1, 2).is_contiguous()
     assert torch.equal(last, x)  # same values, channel-last memory
-    back = contiguous_copy(last)
+    (back,) = contiguous_copies([last])
     assert back.is_contiguous() and torch.equal(back, x)
 
 
@@ -51,13 +51,13 @@ def test_transposed_copies_refuse_mixed_shapes():
 
 
 def test_layout_copies_refuse_the_other_layout():
-    from kernels.triton_transpose import channel_last_copy, contiguous_copy
+    from kernels.triton_transpose import channel_last_copies, contiguous_copies
 
     x = torch.randn(2, 4, 6, device=DEVICE)
     with pytest.raises(ValueError, match="contiguous"):
-        channel_last_copy(x.transpose(1, 2).contiguous().transpose(1, 2))
+        channel_last_copies([x.transpose(1, 2).contiguous().transpose(1, 2)])
     with pytest.raises(ValueError, match="channel-last"):
-        contiguous_copy(x)
+        contiguous_copies([x])
 
 
 def test_backward_launch_returns_gradients_in_the_inputs_layout():
