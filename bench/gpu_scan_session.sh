@@ -22,7 +22,8 @@
 #       with .gpu_run/baseline carried, the baseline revision's eager rows too (about 1.5 minutes more)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh conv
 #       (carry .gpu_run/whl, .gpu_run/baseline) the causal conv's CUDA tests, bench.conv and the compiled Vim-S step,
-#       here and in the baseline revision, in one call (about 6 minutes)
+#       here and in the baseline revision, in one call (about 6 minutes); CONV_LAUNCHES="WARPS:CHUNK ..." adds
+#       bench.conv rows of other tilings of this tree's kernels
 #   on the GPU machine:        bash bench/gpu_scan_session.sh variants
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) kernel variants side by side: CUDA tests, bench.scan, the L=50 host
 #       path, the compiled Vim-S step on each
@@ -222,7 +223,8 @@ conv)
     device_setup
     timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_causal_conv1d.py tests/test_conv_bench.py 2>&1 \
         | tail -3 || true
-    timeout 45 python3 -m bench.conv --json "$out/conv.json" || true
+    # shellcheck disable=SC2086  # CONV_LAUNCHES is a word list (WARPS:CHUNK tilings of the Triton kernels)
+    timeout 75 python3 -m bench.conv --launches ${CONV_LAUNCHES:-} --json "$out/conv.json" || true
     if [ -f .gpu_run/baseline/REVISION ]; then
         cp bench/conv.py .gpu_run/baseline/bench/
         echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.conv --backends triton"

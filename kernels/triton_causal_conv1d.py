@@ -2,27 +2,36 @@
 
 PyTorch runs a grouped ``F.conv1d`` with 4 taps through its native depthwise kernels; in the sixteenth session's H200
 profile of a Vim-S MAE step they took about 18 ms of 144 (``conv_depthwise2d_grad_weight`` alone 7.6 ms) for
-tensors of (256, 768, 53), far above what their bytes cost. Here a program owns BLOCK_D channels of one sequence
-over a span of SPAN positions, walked in (channels x positions) tiles:
+tensors of (256, 768, 53), far above what their bytes cost.
 
-* forward: ``pre[l] = bias + sum_k w[k] * x[l + shift_k]`` with ``shift_k = k - (W-1)`` (``reverse``: ``W-1-k``),
-  then SiLU; the padding is the load mask, so no padded copy of ``x`` is made;
-* backward: ``dx[l] = sum_k w[k] * dpre[l - shift_k]`` needs ``dpre`` at the W outputs that read ``x[l]``, and each of
-  those needs ``pre`` (the gradient through SiLU), recomputed from ``x`` rather than stored. A tile loads ``x`` at its
-  2W-1 offsets from the tile once and builds the W pre-activations from those registers (the first version reloaded
-  ``x`` for every tap of every output, 24 loads per element instead of 7: 9 of the 114 ms of kernels of a Vim-S
-  step on an H100); ``dw`` and ``dbias`` are summed over the program's span in registers and written once per program,
-  then summed over programs by torch (a fixed order: the result does not depend on scheduling, as atomics would
-  make it).
+A program owns BLOCK_D channels of one sequence over a span of positions and walks it in chunks of CHUNK positions.
+A chunk is unrolled position by position, each position one vector of the block's channels (contiguous in memory
+when x is channel-last, as a Vim block hands it over), so every value is loaded once and computed once:
+
+* forward: ``pre[t] = bias + sum_k w[k] * x[t - (W-1) + k]``, then SiLU. The chunk loads x at its W-1 positions
+  before it (zero outside the sequence: the padding is the load mask) and at its own positions.
+* backward: ``dx[t] = sum_k w[k] * dpre[t + (W-1) - k]`` with ``dpre = dout * SiLU'(pre)``. The chunk computes
+  dpre at its positions and the W-1 after them (``pre`` recomputed from x rather than stored), and emits ``dx[t]``
+  as soon as ``dpre[t + W - 1]`` exists, so only W of them are live. dweight and dbias are summed over the span in
+  registers from the chunk's own positions only (the W-1 after it belong to the next chunk), written once per
+  program into one buffer, and summed over programs by a second kernel in a fixed order (the result does not
+  depend on scheduling, as atomics would make it).
+
+``t`` counts positions in the direction of the conv: ``reverse`` (Vim's backward direction) walks from the end,
+position ``L - 1 - t``, with no flipped copy. The chunk's unrolled walk replaces the eighteenth session's tiles of
+(channels x positions), which loaded x at 2W-1 offsets per tile and recomputed every pre-activation W times in the
+backward (W sigmoids per element: 0.121 of the 0.142 ms of a Vim-S conv's forward and backward at batch 256 on an
+H100, four times its bytes' time).
 
 ``x`` and ``dout`` (batch, dim, L) are read through their strides, so a Vim block's ``x`` (a channel-last view into
 the input projection's output) is not copied first; the output and ``dx`` are channel-last when ``x`` is
-(``empty_in_layout``: what the x projection and the scan then read without a copy), contiguous otherwise. The tile
-follows the layout: 128 channels x 8 positions channel-last (16-byte loads along the channels), 16 x 64 otherwise.
-The state is float32 and outputs take the input dtype.
+(``empty_in_layout``: what the x projection and the scan then read without a copy), contiguous otherwise. The state
+is float32 and outputs take the input dtype.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,23 +39,50 @@ import triton.language as tl
 
 from kernels.triton_launch import compiled_launcher
 
-SPAN = 64  # positions per program; also the length of a contiguous tile
-CHANNEL_LAST_TILE = (128, 8)  # (channels, positions) of a tile when x is channel-last
-CONTIGUOUS_TILE = (16, SPAN)
+MAX_CHUNK = 16  # positions unrolled per chunk; with the backward's W-1 extra pre-activations 3/16 are recomputed
+MIN_PROGRAMS = 1024  # a sequence is split into spans only while (batch x channel blocks) programs are fewer
+SUM_BLOCK_R, SUM_BLOCK_C = 32, 64  # the partial sums' reduction: rows per step, columns per program
+
+
+@dataclass(frozen=True)
+class ConvLaunch:
+    """How the conv kernels tile one call: channels per program (``block_d``, 32 x ``num_warps`` x channels per
+    thread), positions per unrolled chunk, spans per sequence (each a program) and chunks per span."""
+
+    block_d: int
+    num_warps: int
+    chunk: int
+    spans: int
+    span_chunks: int
+
+    @property
+    def span(self) -> int:
+        return self.chunk * self.span_chunks
+
+
+def conv_launch(batch: int, dim: int, length: int, channel_last: bool, block_d: int | None = None,
+                num_warps: int | None = None, max_chunk: int = MAX_CHUNK, min_programs: int = MIN_PROGRAMS
+                ) -> ConvLaunch:
+    """The launch for x of (batch, dim, length). Channel-last: 2 channels per thread (a warp reads 128 contiguous
+    bytes of bf16 per position); contiguous x has its channels a sequence apart, so 1 per thread. Chunks are as
+    even as ``max_chunk`` allows (L=50: 4 chunks of 13, not 16 + 16 + 16 + 2); spans split a sequence when
+    fewer than ``min_programs`` programs would run otherwise (batch 16 at L=4096), and each span's partial sums are
+    a row the final sum reads."""
+    num_warps = num_warps or 2
+    block_d = block_d or 32 * num_warps * (2 if channel_last else 1)
+    n_chunks = triton.cdiv(length, max_chunk)
+    chunk = triton.cdiv(length, n_chunks)
+    programs = batch * triton.cdiv(dim, block_d)
+    spans = max(1, min(n_chunks, triton.cdiv(min_programs, programs)))
+    span_chunks = triton.cdiv(n_chunks, spans)
+    return ConvLaunch(block_d, num_warps, chunk, triton.cdiv(n_chunks, span_chunks), span_chunks)
 
 
 @triton.jit
-def _tap(x_ptr, offs_d, pos, dim_mask, length, stride_d, stride_l):
-    """x at positions ``pos`` of the tile's channels, zero outside the sequence (the conv's padding)."""
-    mask = dim_mask[:, None] & (pos[None, :] >= 0) & (pos[None, :] < length)
-    at = offs_d[:, None] * stride_d + pos[None, :] * stride_l
-    return tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _program_channels(dim, w_ptr, b_ptr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's sequence, span, channels, channel mask, the taps' weights (a tuple) and the bias."""
-    batch, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """This program's sequence (x's base), span, channels, channel mask, the taps' weights (a tuple) and the bias."""
+    batch, pid_d, span = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_mask = offs_d < dim
     taps = ()
@@ -55,87 +91,122 @@ def _program_channels(dim, w_ptr, b_ptr, WIDTH: tl.constexpr, HAS_BIAS: tl.const
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_d, mask=dim_mask, other=0.0).to(tl.float32)
-    return batch, pid_l, offs_d, dim_mask, taps, bias
+    return batch, span, x_ptr + batch.to(tl.int64) * x_stride_b, offs_d, dim_mask, taps, bias
 
 
 @triton.jit
-def _store_tile(ptr, values, batch, offs_d, offs_l, dim_mask, length, stride_b, stride_d, stride_l):
-    at = batch.to(tl.int64) * stride_b + offs_d[:, None] * stride_d + offs_l[None, :] * stride_l
-    tl.store(ptr + at, values.to(ptr.dtype.element_ty), mask=dim_mask[:, None] & (offs_l[None, :] < length))
+def _at(t, length, REVERSE: tl.constexpr):
+    """The memory position of walk index ``t`` and whether it lies in the sequence."""
+    return (length - 1 - t) if REVERSE else t, (t >= 0) & (t < length)
 
 
 @triton.jit
-def _silu_backward(dout, pre):
-    """The gradient through SiLU at pre-activation ``pre``."""
-    sig = tl.sigmoid(pre)
-    return dout * sig * (1.0 + pre * (1.0 - sig))
+def _load_at(seq_ptr, t, offs_d, dim_mask, length, stride_d, stride_l, REVERSE: tl.constexpr):
+    """The block's channels at walk index ``t`` as float32, zero outside the sequence (the conv's padding)."""
+    pos, inside = _at(t, length, REVERSE)
+    return tl.load(seq_ptr + offs_d * stride_d + pos * stride_l, mask=dim_mask & inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_at(seq_ptr, values, t, offs_d, dim_mask, length, stride_d, stride_l, REVERSE: tl.constexpr):
+    pos, inside = _at(t, length, REVERSE)
+    tl.store(seq_ptr + offs_d * stride_d + pos * stride_l, values.to(seq_ptr.dtype.element_ty),
+             mask=dim_mask & inside)
+
+
+@triton.jit
+def _pre_activation(xs, first: tl.constexpr, taps, bias, WIDTH: tl.constexpr):
+    """``bias + sum_k w[k] * xs[first + k]``: the output whose window starts at ``xs[first]``."""
+    pre = bias
+    for k in tl.static_range(WIDTH):
+        pre += taps[k] * xs[first + k]
+    return pre
 
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, x_stride_b, x_stride_d, x_stride_l,
                      out_stride_b, out_stride_d, out_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                      SPAN: tl.constexpr):
-    batch, pid_l, offs_d, dim_mask, taps, bias = _program_channels(dim, w_ptr, b_ptr, WIDTH, HAS_BIAS, BLOCK_D)
-    x_seq = x_ptr + batch.to(tl.int64) * x_stride_b
-    for start in tl.range(pid_l * SPAN, tl.minimum(pid_l * SPAN + SPAN, length), BLOCK_L):
-        offs_l = start + tl.arange(0, BLOCK_L)
-        pre = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32) + bias[:, None]
-        for k in tl.static_range(WIDTH):
-            shift = (WIDTH - 1 - k) if REVERSE else (k - (WIDTH - 1))
-            pre += taps[k][:, None] * _tap(x_seq, offs_d, offs_l + shift, dim_mask, length, x_stride_d, x_stride_l)
-        out = pre * tl.sigmoid(pre) if SILU else pre
-        _store_tile(out_ptr, out, batch, offs_d, offs_l, dim_mask, length, out_stride_b, out_stride_d, out_stride_l)
+    batch, span, x_seq, offs_d, dim_mask, taps, bias = _program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
+                                                                      HAS_BIAS, BLOCK_D)
+    out_seq = out_ptr + batch.to(tl.int64) * out_stride_b
+    for t0 in tl.range(span * SPAN, tl.minimum(span * SPAN + SPAN, length), CHUNK):
+        xs = ()  # x at walk indices t0 - (W-1) .. t0 + CHUNK - 1
+        for i in tl.static_range(CHUNK + WIDTH - 1):
+            xs = xs + (_load_at(x_seq, t0 + i - (WIDTH - 1), offs_d, dim_mask, length, x_stride_d, x_stride_l,
+                                REVERSE),)
+        for c in tl.static_range(CHUNK):
+            pre = _pre_activation(xs, c, taps, bias, WIDTH)
+            out = pre * tl.sigmoid(pre) if SILU else pre
+            _store_at(out_seq, out, t0 + c, offs_d, dim_mask, length, out_stride_d, out_stride_l, REVERSE)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr, dim, length, n_spans,
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr, dim, length, n_spans,
                      x_stride_b, x_stride_d, x_stride_l, dout_stride_b, dout_stride_d, dout_stride_l,
                      dx_stride_b, dx_stride_d, dx_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+                     SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                      SPAN: tl.constexpr):
-    batch, pid_l, offs_d, dim_mask, taps, bias = _program_channels(dim, w_ptr, b_ptr, WIDTH, HAS_BIAS, BLOCK_D)
-    x_seq, dout_seq = x_ptr + batch.to(tl.int64) * x_stride_b, dout_ptr + batch.to(tl.int64) * dout_stride_b
+    batch, span, x_seq, offs_d, dim_mask, taps, bias = _program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
+                                                                      HAS_BIAS, BLOCK_D)
+    dout_seq = dout_ptr + batch.to(tl.int64) * dout_stride_b
+    dx_seq = dx_ptr + batch.to(tl.int64) * dx_stride_b
     dw_acc = ()
     for _ in tl.static_range(WIDTH):
-        dw_acc = dw_acc + (tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32),)
-    db_acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    for start in tl.range(pid_l * SPAN, tl.minimum(pid_l * SPAN + SPAN, length), BLOCK_L):
-        offs_l = start + tl.arange(0, BLOCK_L)
-        # x at offsets -(W-1) .. W-1 from the tile's positions, each loaded once: xs[o + W - 1].
-        xs = ()
-        for i in tl.static_range(2 * WIDTH - 1):
-            xs = xs + (_tap(x_seq, offs_d, offs_l + (i - (WIDTH - 1)), dim_mask, length, x_stride_d, x_stride_l),)
-        # Output l - shift_j reads x[l] through tap j (shift_j = j - (W-1), reversed W-1-j); pre of that output
-        # through tap k reads x at offset shift_k - shift_j; its dpre is zero outside the sequence (dout is masked).
-        dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        for j in tl.static_range(WIDTH):
-            pre = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32) + bias[:, None]
-            for k in tl.static_range(WIDTH):  # (tuple indices must be constexpr: no conditional expression in them)
-                if REVERSE:
-                    pre += taps[k][:, None] * xs[j - k + WIDTH - 1]
-                else:
-                    pre += taps[k][:, None] * xs[k - j + WIDTH - 1]
-            out_at = (j - (WIDTH - 1)) if REVERSE else (WIDTH - 1 - j)
-            dpre = _tap(dout_seq, offs_d, offs_l + out_at, dim_mask, length, dout_stride_d, dout_stride_l)
+        dw_acc = dw_acc + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
+    db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t0 in tl.range(span * SPAN, tl.minimum(span * SPAN + SPAN, length), CHUNK):
+        xs = ()  # x at walk indices t0 - (W-1) .. t0 + CHUNK + W - 2: the windows of outputs t0 .. t0 + CHUNK + W - 2
+        for i in tl.static_range(CHUNK + 2 * (WIDTH - 1)):
+            xs = xs + (_load_at(x_seq, t0 + i - (WIDTH - 1), offs_d, dim_mask, length, x_stride_d, x_stride_l,
+                                REVERSE),)
+        dpres = ()  # dpre at walk indices t0 .. t0 + s (outside the sequence dout is masked to zero, so dpre is too)
+        for s in tl.static_range(CHUNK + WIDTH - 1):
+            dpre = _load_at(dout_seq, t0 + s, offs_d, dim_mask, length, dout_stride_d, dout_stride_l, REVERSE)
             if SILU:
-                dpre = _silu_backward(dpre, pre)
-            dx += taps[j][:, None] * dpre
-            if j == WIDTH - 1:  # the tile's own outputs (shift 0): dw[k] += dpre[l] * x[l + shift_k], dbias += dpre
+                pre = _pre_activation(xs, s, taps, bias, WIDTH)
+                sig = tl.sigmoid(pre)
+                dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+            dpres = dpres + (dpre,)
+            if s < CHUNK:  # the chunk's own outputs: dw[k] += dpre[t] * x[t - (W-1) + k], dbias += dpre[t]
                 summed = ()
                 for k in tl.static_range(WIDTH):
-                    if REVERSE:
-                        summed = summed + (dw_acc[k] + dpre * xs[2 * (WIDTH - 1) - k],)
-                    else:
-                        summed = summed + (dw_acc[k] + dpre * xs[k],)
+                    summed = summed + (dw_acc[k] + dpre * xs[s + k],)
                 dw_acc = summed
                 db_acc += dpre
-        _store_tile(dx_ptr, dx, batch, offs_d, offs_l, dim_mask, length, dx_stride_b, dx_stride_d, dx_stride_l)
-    row = (batch * n_spans + pid_l) * dim + offs_d  # this program's row of the per-program partial sums
+            if s >= WIDTH - 1:  # dx[t] for t = t0 + s - (W-1): every output reading x[t] has its dpre now
+                dx = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                for k in tl.static_range(WIDTH):
+                    dx += taps[k] * dpres[s - k]
+                _store_at(dx_seq, dx, t0 + s - (WIDTH - 1), offs_d, dim_mask, length, dx_stride_d, dx_stride_l,
+                          REVERSE)
+    # This program's row of the partial sums: (batch, span) x (dim, W + 1), dbias in the last column.
+    row = part_ptr + (batch * n_spans + span).to(tl.int64) * dim * (WIDTH + 1) + offs_d * (WIDTH + 1)
     for k in tl.static_range(WIDTH):
-        tl.store(dw_part_ptr + row * WIDTH + k, tl.sum(dw_acc[k], axis=1), mask=dim_mask)
+        tl.store(row + k, dw_acc[k], mask=dim_mask)
+    tl.store(row + WIDTH, db_acc, mask=dim_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, dw_ptr, db_ptr, rows, dim, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dweight (dim, W) and dbias (dim,) in their own dtypes from the backward's (rows, dim, W + 1) partial sums: a
+    program sums BLOCK_C columns over every row in a fixed order (deterministic, unlike atomics), in one launch
+    where torch would take a sum, a slice's copy and two casts."""
+    cols = dim * (WIDTH + 1)
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = offs_c < cols
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in tl.range(0, rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        at = offs_r[:, None].to(tl.int64) * cols + offs_c[None, :]
+        acc += tl.load(part_ptr + at, mask=(offs_r < rows)[:, None] & col_mask[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    channel, k = offs_c // (WIDTH + 1), offs_c % (WIDTH + 1)
+    tl.store(dw_ptr + channel * WIDTH + k, total.to(dw_ptr.dtype.element_ty), mask=col_mask & (k < WIDTH))
     if HAS_BIAS:
-        tl.store(db_part_ptr + row, tl.sum(db_acc, axis=1), mask=dim_mask)
+        tl.store(db_ptr + channel, total.to(db_ptr.dtype.element_ty), mask=col_mask & (k == WIDTH))
 
 
 def empty_in_layout(x: torch.Tensor) -> torch.Tensor:
@@ -152,19 +223,22 @@ def _channel_last(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[1] > 1
 
 
-def _launch_shape(x: torch.Tensor) -> tuple[tuple[int, int, int], dict[str, int]]:
-    """The grid (batch, channel blocks, spans) and the tile's constexprs for x's layout."""
+def _launch_for(x: torch.Tensor, launch: ConvLaunch | None
+                ) -> tuple[ConvLaunch, tuple[int, int, int], dict[str, int]]:
+    """The launch (``conv_launch``'s unless given), its grid (batch, channel blocks, spans) and the kernels'
+    tile constexprs and options."""
     batch, dim, length = x.shape
-    block_d, block_l = CHANNEL_LAST_TILE if _channel_last(x) else CONTIGUOUS_TILE
-    return (batch, triton.cdiv(dim, block_d), triton.cdiv(length, SPAN)), dict(BLOCK_D=block_d, BLOCK_L=block_l,
-                                                                                SPAN=SPAN)
+    launch = launch or conv_launch(batch, dim, length, _channel_last(x))
+    grid = (batch, triton.cdiv(dim, launch.block_d), launch.spans)
+    return launch, grid, dict(BLOCK_D=launch.block_d, CHUNK=launch.chunk, SPAN=launch.span,
+                              num_warps=launch.num_warps)
 
 
 def causal_conv1d_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-                             reverse: bool) -> torch.Tensor:
+                             reverse: bool, launch: ConvLaunch | None = None) -> torch.Tensor:
     weight = weight.contiguous()
     out = empty_in_layout(x)
-    grid, tile = _launch_shape(x)
+    _, grid, tile = _launch_for(x, launch)
     compiled_launcher(_conv_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], *x.stride(), *out.stride(),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, **tile)
@@ -172,23 +246,25 @@ def causal_conv1d_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def causal_conv1d_triton_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dout: torch.Tensor,
-                             silu: bool, reverse: bool
+                             silu: bool, reverse: bool, launch: ConvLaunch | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dx, dweight, dbias) of the forward above, in the dtypes of x, weight and bias."""
     weight = weight.contiguous()
     batch, dim, length = x.shape
     width = weight.shape[1]
-    grid, tile = _launch_shape(x)
-    programs = batch * grid[2]
+    launch, grid, tile = _launch_for(x, launch)
     dx = empty_in_layout(x)
-    dw_part = torch.empty(programs, dim, width, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(programs, dim, device=x.device, dtype=torch.float32) if bias is not None else dw_part
+    partial = torch.empty(batch * launch.spans, dim, width + 1, device=x.device, dtype=torch.float32)
     compiled_launcher(_conv_bwd_kernel)[grid](
-        x, weight, bias if bias is not None else weight, dout, dx, dw_part, db_part, dim, length, grid[2],
+        x, weight, bias if bias is not None else weight, dout, dx, partial, dim, length, launch.spans,
         *x.stride(), *dout.stride(), *dx.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu,
         REVERSE=reverse, **tile)
-    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
-    return dx, dw_part.sum(0).to(weight.dtype), dbias
+    dweight = torch.empty(dim, width, device=x.device, dtype=weight.dtype)
+    dbias = torch.empty_like(bias) if bias is not None else None
+    compiled_launcher(_sum_partials_kernel)[(triton.cdiv(dim * (width + 1), SUM_BLOCK_C),)](
+        partial, dweight, dbias if dbias is not None else dweight, partial.shape[0], dim, WIDTH=width,
+        HAS_BIAS=bias is not None, BLOCK_R=SUM_BLOCK_R, BLOCK_C=SUM_BLOCK_C)
+    return dx, dweight, dbias
 
 
 class CausalConv1dTriton(torch.autograd.Function):
@@ -211,7 +287,12 @@ class CausalConv1dTriton(torch.autograd.Function):
 # Eager calls use the autograd.Function above and skip the ops' dispatch, as the scan does.
 
 
-conv_fwd_op = torch.library.custom_op("scanmae::causal_conv1d_fwd", causal_conv1d_triton_fwd, mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool, reverse: bool
+              ) -> torch.Tensor:
+    return causal_conv1d_triton_fwd(x, weight, bias, silu, reverse)
+
+
+conv_fwd_op = torch.library.custom_op("scanmae::causal_conv1d_fwd", _conv_fwd, mutates_args=())
 
 
 @conv_fwd_op.register_fake

@@ -145,39 +145,100 @@ def test_triton_kernels_read_a_channel_last_view_in_place(reverse):
     assert dxz.transpose(1, 2)[:, 19:].abs().max() == 0
 
 
+def test_conv_launch_tiles_the_vim_shapes():
+    """A Vim-S encoder's conv runs one span per sequence in 4 even chunks; a long sequence at a small batch is split
+    into spans until about MIN_PROGRAMS programs run, and the spans' chunks cover the sequence exactly once."""
+    from kernels.triton_causal_conv1d import MIN_PROGRAMS, conv_launch
+
+    vim_s = conv_launch(512, 768, 50, channel_last=True)
+    assert (vim_s.block_d, vim_s.num_warps, vim_s.chunk, vim_s.spans, vim_s.span_chunks) == (128, 2, 13, 1, 4)
+    assert conv_launch(512, 768, 50, channel_last=False).block_d == 64
+    for batch, dim, length in ((16, 1536, 4096), (1, 768, 197), (2, 19, 70), (3, 5, 1)):
+        launch = conv_launch(batch, dim, length, channel_last=True)
+        programs = batch * -(-dim // launch.block_d) * launch.spans
+        assert launch.chunk <= 16 and launch.span * (launch.spans - 1) < length <= launch.span * launch.spans
+        assert programs >= MIN_PROGRAMS or launch.span_chunks == 1  # as many spans as chunks, or enough programs
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_kernels_over_spans_and_chunks(channel_last, reverse):
+    """Several spans per sequence, several chunks per span (the last one cut by the sequence's end) and several
+    channel blocks (the last one partial), through an explicit launch: values and every gradient against the
+    float64 taps, with and without SiLU and bias, for width 4 and an odd width."""
+    width = 4 if channel_last else 3
+    from kernels.triton_causal_conv1d import causal_conv1d_triton_bwd, causal_conv1d_triton_fwd, conv_launch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+    batch, dim, length = 2, 19, 70
+    launch = conv_launch(batch, dim, length, channel_last, block_d=8, num_warps=1, max_chunk=6, min_programs=18)
+    assert (launch.chunk, launch.spans, launch.span_chunks) == (6, 3, 4)  # 72 positions for 70, 3 channel blocks
+    gen = torch.Generator().manual_seed(20 + width)
+    x = torch.randn(batch, dim, length, generator=gen, dtype=torch.float64)
+    if channel_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    w = torch.randn(dim, width, generator=gen, dtype=torch.float64)
+    g = torch.randn(batch, dim, length, generator=gen, dtype=torch.float64)
+    for silu, b in ((True, torch.randn(dim, generator=gen, dtype=torch.float64)), (False, None)):
+        ref_leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+        want = causal_conv1d_ref(*ref_leaves, "silu" if silu else None, reverse=reverse)
+        want_grads = torch.autograd.grad((want * g).sum(), [t for t in ref_leaves if t is not None])
+        on = [t.to(device, torch.float32) if t is not None else None for t in (x, w, b, g)]
+        got = causal_conv1d_triton_fwd(on[0], on[1], on[2], silu, reverse, launch=launch)
+        dx, dw, db = causal_conv1d_triton_bwd(on[0], on[1], on[2], on[3], silu, reverse, launch=launch)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+        got_grads = [dx, dw] + ([db] if b is not None else [])
+        assert db is None or b is not None
+        for a, r in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a.double().cpu(), r, rtol=1e-5, atol=1e-4)
+
+
 CONV_BUILD_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
-from kernels.triton_causal_conv1d import CHANNEL_LAST_TILE, CONTIGUOUS_TILE, SPAN, _conv_bwd_kernel, _conv_fwd_kernel
+from kernels.triton_causal_conv1d import (SUM_BLOCK_C, SUM_BLOCK_R, _conv_bwd_kernel, _conv_fwd_kernel,
+                                          _sum_partials_kernel, conv_launch)
 
-# A Vim block's x (channel-last view: channel stride 1) and a contiguous x (position stride 1), each with its tile,
-# as the launcher hands them over: an integer argument equal to 1 becomes a constant, pointers and integers divisible
-# by 16 carry that hint (with it the channel-last loads become 16-byte vectors), both directions.
-layouts = (((76800, 1, 1536), (38400, 1, 768), CHANNEL_LAST_TILE), ((38400, 50, 1), (38400, 50, 1), CONTIGUOUS_TILE))
-for strides, dense, (block_d, block_l) in layouts:
-    ints = dict(dim=768, length=50, n_spans=1)
+# A Vim-S block's x (channel-last view: channel stride 1) and a contiguous x, each with its launch, as the launcher
+# hands them over: an integer argument equal to 1 becomes a constant, pointers and integers divisible by 16 carry
+# that hint (with it the channel-last loads become vectors), both directions; then the partial sums' reduction.
+layouts = (((76800, 1, 1536), (38400, 1, 768), True), ((38400, 50, 1), (38400, 50, 1), False))
+
+
+def build(kernel, ints, consts, num_warps, pointer_types):
+    signature, hints = {}, {}
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*fp32")
+            hints[(i,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1:
+            signature[name], consts[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                hints[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(kernel, signature, consts, hints)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    print(kernel.__name__, sorted(ints.items())[:3], consts.get("REVERSE"), "built")
+
+
+bf16 = {name: "*bf16" for name in ("x_ptr", "out_ptr", "dout_ptr", "dx_ptr")}
+for strides, dense, channel_last in layouts:
+    launch = conv_launch(512, 768, 50, channel_last)
+    ints = dict(dim=768, length=50, n_spans=launch.spans)
     for prefix, values in (("x", strides), ("out", dense), ("dout", dense), ("dx", dense)):
         ints.update({f"{prefix}_stride_{axis}": value for axis, value in zip("bdl", values)})
     for kernel in (_conv_fwd_kernel, _conv_bwd_kernel):
         for reverse in (False, True):
-            consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=reverse, BLOCK_D=block_d, BLOCK_L=block_l,
-                          SPAN=SPAN)
-            signature, hints = {}, {}
-            for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-                if param.is_constexpr:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*bf16" if name in ("x_ptr", "out_ptr", "dout_ptr", "dx_ptr") else "*fp32"
-                    hints[(i,)] = [["tt.divisibility", 16]]
-                elif ints[name] == 1:
-                    signature[name], consts[name] = "constexpr", 1
-                else:
-                    signature[name] = "i32"
-                    if ints[name] % 16 == 0:
-                        hints[(i,)] = [["tt.divisibility", 16]]
-            src = triton.compiler.ASTSource(kernel, signature, consts, hints)
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            print(kernel.__name__, strides, reverse, "built")
+            consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=reverse, BLOCK_D=launch.block_d,
+                          CHUNK=launch.chunk, SPAN=launch.span)
+            build(kernel, dict(ints), consts, launch.num_warps, bf16)
+build(_sum_partials_kernel, dict(rows=512, dim=768), dict(WIDTH=4, HAS_BIAS=True, BLOCK_R=SUM_BLOCK_R,
+                                                          BLOCK_C=SUM_BLOCK_C), 4, {})
 """
 
 
@@ -194,7 +255,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CONV_BUILD_SCRIPT], cwd=Path(__file__).resolve().parents[1],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("built") == 8, proc.stdout
+    assert proc.stdout.count("built") == 9, proc.stdout
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -46,3 +46,11 @@ def test_rows_are_written_with_the_device_and_torch_version(tmp_path, monkeypatc
     path = write_device_rows(tmp_path / "rows.json", [{"backend": "triton", "fwd_ms": 0.02}])
     assert json.loads(path.read_text()) == {"device": "NVIDIA H100 80GB HBM3", "torch": torch.__version__,
                                             "rows": [{"backend": "triton", "fwd_ms": 0.02}]}
+
+
+def test_an_explicit_triton_launch_is_timed_directly():
+    from kernels.triton_causal_conv1d import conv_launch
+
+    launch = conv_launch(2, 8, 10, channel_last=True, num_warps=1, max_chunk=4)
+    times = time_conv("triton", 2, 8, 10, channel_last=True, device=torch.cuda.is_available(), launch=launch)
+    assert times["fwd_ms"] > 0 and times["fwd_bwd_ms"] > 0
