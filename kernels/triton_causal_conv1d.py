@@ -70,9 +70,9 @@ def conv_launch(batch: int, dim: int, length: int, channel_last: bool, block_d: 
     a row the final sum reads."""
     num_warps = num_warps or 2
     block_d = block_d or 32 * num_warps * (2 if channel_last else 1)
-    n_chunks = triton.cdiv(length, max_chunk)
-    chunk = triton.cdiv(length, n_chunks)
-    programs = batch * triton.cdiv(dim, block_d)
+    n_chunks = max(1, triton.cdiv(length, max_chunk))  # (an empty tensor still gets a valid, empty launch)
+    chunk = max(1, triton.cdiv(length, n_chunks))
+    programs = max(1, batch * triton.cdiv(dim, block_d))
     spans = max(1, min(n_chunks, triton.cdiv(min_programs, programs)))
     span_chunks = triton.cdiv(n_chunks, spans)
     return ConvLaunch(block_d, num_warps, chunk, triton.cdiv(n_chunks, span_chunks), span_chunks)

@@ -160,6 +160,21 @@ def test_conv_launch_tiles_the_vim_shapes():
         assert programs >= MIN_PROGRAMS or launch.span_chunks == 1  # as many spans as chunks, or enough programs
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 0), (2, 0, 7), (0, 5, 7)])
+def test_triton_kernels_take_empty_tensors(shape):
+    """No positions, channels or sequences: an empty output and zero weight and bias gradients, as torch gives."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.randn(shape[1], 4, device=device, requires_grad=True)
+    b = torch.randn(shape[1], device=device, requires_grad=True)
+    out = causal_conv1d_fn(x, w, b, "silu", backend="triton")
+    assert out.shape == shape
+    dx, dw, db = torch.autograd.grad(out, [x, w, b], torch.ones_like(out))
+    assert dx.shape == shape and not dw.any() and not db.any()
+
+
 @pytest.mark.parametrize("channel_last", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_kernels_over_spans_and_chunks(channel_last, reverse):

@@ -36,9 +36,9 @@ def test_triton_v2_tile_io(triton_scan, length, dim, n_state, groups, dtype, wit
 
     fwd = ScanLaunchConfig(block_d, chunk, variant="v2", tile_io=fwd_tiles)
     bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", tile_io=bwd_tiles)
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
-                             dtype=dtype, with_optional=with_optional, softplus=True, reverse=reverse,
-                             seed=length + 3 * dim, config=(fwd, bwd))
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=n_state,
+                            groups=groups, dtype=dtype, with_optional=with_optional, softplus=True,
+                            reverse=reverse, seed=length + 3 * dim, config=(fwd, bwd))
 
 
 # The backward on channel-last copies of contiguous inputs (ScanLaunchConfig.transpose_io), v1 and v2:
@@ -64,9 +64,9 @@ def test_triton_backward_on_channel_last_copies(triton_scan, length, dim, groups
 
     fwd = ScanLaunchConfig(8, 4, variant=variant, tile_io=variant == "v2")
     bwd = ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant=variant, transpose_io=True, tile_grads=tile_grads)
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=4, groups=groups, dtype=dtype,
-                             with_optional=with_optional, softplus=True, reverse=reverse, seed=length + 5 * dim,
-                             config=(fwd, bwd))
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=4,
+                            groups=groups, dtype=dtype, with_optional=with_optional, softplus=True,
+                            reverse=reverse, seed=length + 5 * dim, config=(fwd, bwd))
 
 
 # v3 with sequence segments (kernels/triton_scan_segments.py): (L, chunk, forward segments, backward segments,
@@ -91,9 +91,9 @@ def test_triton_v3_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
 
     fwd = ScanLaunchConfig(32, chunk, variant="v3", segments=fwd_segments)
     bwd = ScanLaunchConfig(32, chunk, prefetch=prefetch, variant="v3", segments=bwd_segments)
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
-                             with_optional=with_optional, softplus=softplus, reverse=reverse,
-                             seed=3 * length + fwd_segments, config=(fwd, bwd))
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4,
+                            groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
+                            reverse=reverse, seed=3 * length + fwd_segments, config=(fwd, bwd))
 
 
 # v2 with sequence segments: SEGMENT_CASES with (block_d, tile_io), chunk tiles on and off (the
@@ -107,9 +107,9 @@ def test_triton_v2_segments(triton_scan, length, chunk, fwd_segments, bwd_segmen
 
     fwd = ScanLaunchConfig(block_d, chunk, variant="v2", segments=fwd_segments, tile_io=tiles)
     bwd = ScanLaunchConfig(block_d, chunk, prefetch=prefetch, variant="v2", segments=bwd_segments, tile_io=tiles)
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4, groups=groups, dtype=dtype,
-                             with_optional=with_optional, softplus=softplus, reverse=reverse,
-                             seed=5 * length + bwd_segments, config=(fwd, bwd))
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4,
+                            groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
+                            reverse=reverse, seed=5 * length + bwd_segments, config=(fwd, bwd))
 
 
 def test_triton_v2_segments_need_contiguous_rows(triton_scan):
@@ -141,8 +141,8 @@ def test_triton_gpu_v2_segments(triton_scan, fwd_segments, bwd_segments, reverse
     fwd = ScanLaunchConfig(8, 4, variant="v2", segments=fwd_segments, tile_io=tiles)
     bwd = ScanLaunchConfig(8, 4, variant="v2", segments=bwd_segments, tile_io=tiles)
     check_against_reference(triton_scan, device=DEVICE, batch=2, dim=100, length=2001, n_state=16, groups=2,
-                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
-                             seed=bwd_segments, config=(fwd, bwd))
+                            dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                            seed=bwd_segments, config=(fwd, bwd))
 
 
 @pytest.mark.gpu
@@ -156,5 +156,5 @@ def test_triton_gpu_v3_segments(triton_scan, fwd_segments, bwd_segments, reverse
     fwd = ScanLaunchConfig(32, 4, variant="v3", segments=fwd_segments)
     bwd = ScanLaunchConfig(32, 4, prefetch=True, variant="v3", segments=bwd_segments)
     check_against_reference(triton_scan, device=DEVICE, batch=2, dim=100, length=2001, n_state=16, groups=2,
-                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
-                             seed=fwd_segments, config=(fwd, bwd))
+                            dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                            seed=fwd_segments, config=(fwd, bwd))

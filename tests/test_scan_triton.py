@@ -68,9 +68,9 @@ def test_triton_matches_reference(triton_scan, variant, length, dim, n_state, gr
         config = _default_configs(triton_scan, variant, n_state, length, rows=2 * dim)
     else:
         config = _config(block_d, chunk, variant)
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
-                             dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
-                             seed=length * 7 + dim, config=config)
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=n_state,
+                            groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
+                            reverse=reverse, seed=length * 7 + dim, config=config)
 
 
 @pytest.mark.parametrize("fwd_block_d,bwd_block_d,fwd_variant,bwd_variant",
@@ -79,9 +79,9 @@ def test_triton_matches_reference(triton_scan, variant, length, dim, n_state, gr
 def test_triton_forward_and_backward_tiles_differ(triton_scan, fwd_block_d, bwd_block_d, fwd_variant, bwd_variant):
     """The backward reads the forward's chunk-entry states whatever block_d and variant each direction uses."""
     config = (_config(fwd_block_d, 4, fwd_variant), _config(bwd_block_d, 4, bwd_variant))
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=19, n_state=4, groups=2, dtype=torch.float32,
-                             with_optional=True, softplus=True, reverse=fwd_block_d > bwd_block_d, seed=5,
-                             config=config)
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=19, n_state=4, groups=2,
+                            dtype=torch.float32, with_optional=True, softplus=True,
+                            reverse=fwd_block_d > bwd_block_d, seed=5, config=config)
 
 
 @pytest.mark.parametrize("length,groups,reverse,chunk,variant", [
@@ -95,9 +95,9 @@ def test_triton_prefetch(triton_scan, length, groups, reverse, chunk, variant):
     block_d = 32 if variant == "v3" else 8  # v3: one lane per channel, 22 of 32 lanes masked at dim 10
     fwd = ScanLaunchConfig(block_d, chunk, variant=variant)
     bwd = ScanLaunchConfig(block_d, chunk, prefetch=True, variant=variant)
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=10, length=length, n_state=4, groups=groups,
-                             dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
-                             seed=length + chunk, config=(fwd, bwd))
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=10, length=length, n_state=4,
+                            groups=groups, dtype=torch.float32, with_optional=True, softplus=True,
+                            reverse=reverse, seed=length + chunk, config=(fwd, bwd))
 
 
 # The v3 forward reads u / delta / z and writes out as tiles of ``tile_l`` positions (ScanLaunchConfig.tile_l):
@@ -114,9 +114,9 @@ def test_triton_v3_forward_tiles(triton_scan, length, chunk, tile_l, fwd_segment
 
     fwd = ScanLaunchConfig(32, chunk, variant="v3", segments=fwd_segments, tile_l=tile_l)
     bwd = ScanLaunchConfig(32, chunk, variant="v3")
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4, groups=2, dtype=torch.float32,
-                             with_optional=True, softplus=True, reverse=reverse, seed=length + tile_l,
-                             config=(fwd, bwd))
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=6, length=length, n_state=4, groups=2,
+                            dtype=torch.float32, with_optional=True, softplus=True, reverse=reverse,
+                            seed=length + tile_l, config=(fwd, bwd))
 
 
 # v2 only: channel blocks that fill the group (EVEN_D) and N a power of two (EVEN_N), where the v2 kernels
@@ -136,9 +136,9 @@ def test_triton_v2_full_tiles(triton_scan, length, dim, n_state, groups, dtype, 
     from kernels.triton_scan_common import ScanLaunchConfig
 
     config = (ScanLaunchConfig(block_d, 4, variant="v2"), ScanLaunchConfig(block_d, 4, prefetch=prefetch, variant="v2"))
-    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=n_state, groups=groups,
-                             dtype=dtype, with_optional=with_optional, softplus=softplus, reverse=reverse,
-                             seed=length + dim, config=config)
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=length, n_state=n_state,
+                            groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
+                            reverse=reverse, seed=length + dim, config=config)
 
 
 def test_triton_forward_only_and_no_last_state(triton_scan):
@@ -188,9 +188,9 @@ def test_triton_gpu_shapes(triton_scan, dtype, batch, dim, length, n_state, grou
     """The default tiles in every dtype, in each kernel variant."""
     config = _default_configs(triton_scan, variant, n_state, length, rows=batch * dim)
     for with_optional, softplus in ((True, True), (False, False)):
-        check_against_reference(triton_scan, device=DEVICE, batch=batch, dim=dim, length=length, n_state=n_state,
-                                 groups=groups, dtype=dtype, with_optional=with_optional, softplus=softplus,
-                                 reverse=reverse, seed=length + dim, config=config)
+        check_against_reference(triton_scan, device=DEVICE, batch=batch, dim=dim, length=length,
+                                n_state=n_state, groups=groups, dtype=dtype, with_optional=with_optional,
+                                softplus=softplus, reverse=reverse, seed=length + dim, config=config)
 
 
 @pytest.mark.gpu
@@ -208,8 +208,8 @@ def test_triton_gpu_tile_configs(triton_scan, fwd_block_d, block_d, chunk, varia
         return
     config = (_config(fwd_block_d, chunk, variant), _config(block_d, chunk, variant))
     check_against_reference(triton_scan, device=DEVICE, batch=2, dim=dim, length=300, n_state=16, groups=None,
-                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=False,
-                             seed=block_d + chunk, config=config)
+                            dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=False,
+                            seed=block_d + chunk, config=config)
 
 
 @pytest.mark.gpu
@@ -226,8 +226,8 @@ def test_triton_gpu_register_caps_and_prefetch(triton_scan, maxnreg, reverse, pr
     fwd = ScanLaunchConfig(block_d, 4, variant=variant)
     bwd = ScanLaunchConfig(block_d, 4, maxnreg=maxnreg, prefetch=prefetch, variant=variant)
     check_against_reference(triton_scan, device=DEVICE, batch=2, dim=100, length=1000, n_state=16, groups=2,
-                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
-                             seed=maxnreg or 1, config=(fwd, bwd))
+                            dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                            seed=maxnreg or 1, config=(fwd, bwd))
 
 
 @pytest.mark.gpu
