@@ -4,7 +4,9 @@
     python -m bench.attention [--json out.json]
 
 Each row is one block's attention at one encoder / decoder shape, bf16 autocast, timed with CUDA events (median of
-``--reps``), with one SDPA backend left enabled (``default``: torch's own choice). The seventeenth session's run of
+``--reps``), with one SDPA backend left enabled (``default``: torch's own choice), or ``triton``: our kernels on
+the packed projection (kernels/triton_attention.py), whose output and input gradient are first compared with the
+default backend's at each shape (max abs difference printed). The seventeenth session's run of
 this script (then also comparing two ways of cutting q / k / v from the fused projection) is in
 docs/pretrain_benchmarks.md.
 """
@@ -24,6 +26,7 @@ import torch  # noqa: E402
 from bench.report import write_device_rows  # noqa: E402
 
 SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
+BACKENDS = SDPA_BACKENDS + ("triton",)  # triton: kernels/triton_attention.py on the packed projection
 
 # (name, batch, tokens, dim, heads): the encoders see the 25 % visible tokens plus the class token, the decoders
 # every token (MAE decoder: 512 wide, 16 heads of 32).
@@ -45,8 +48,9 @@ def time_block(batch: int, tokens: int, dim: int, heads: int, backend: str, reps
     """Median ms of one forward + backward of an Attention block (bf16 autocast, fp32 weights)."""
     from models.layers import Attention
 
-    restrict_sdpa(backend)
+    restrict_sdpa("default" if backend == "triton" else backend)
     attn = Attention(dim, heads).cuda()
+    attn.attention_backend = "triton" if backend == "triton" else "sdpa"
     x = torch.randn(batch, tokens, dim, device="cuda", requires_grad=True)
     grad = torch.randn(batch, tokens, dim, device="cuda", dtype=torch.bfloat16)
 
@@ -68,21 +72,47 @@ def time_block(batch: int, tokens: int, dim: int, heads: int, backend: str, reps
     return sorted(times)[len(times) // 2]
 
 
+def triton_difference(batch: int, tokens: int, dim: int, heads: int) -> tuple[float, float]:
+    """Max abs difference of one block's output and input gradient, triton backend against SDPA's default, bf16
+    autocast, same weights and inputs."""
+    from models.layers import Attention
+
+    restrict_sdpa("default")
+    attn = Attention(dim, heads).cuda()
+    x = torch.randn(batch, tokens, dim, device="cuda")
+    grad = torch.randn(batch, tokens, dim, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for backend in ("sdpa", "triton"):
+        attn.attention_backend = backend
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = attn(inp)
+        out.backward(grad)
+        results.append((out.float(), inp.grad))
+    (out_a, grad_a), (out_b, grad_b) = results
+    return (out_a - out_b).abs().max().item(), (grad_a - grad_b).abs().max().item()
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per forward+backward of one block's "
           f"attention (median of {args.reps})")
-    print("| shape | " + " | ".join(SDPA_BACKENDS) + " |")
-    print("|---|" + "---|" * len(SDPA_BACKENDS))
+    print("| shape | " + " | ".join(args.backends) + " |")
+    print("|---|" + "---|" * len(args.backends))
     for name, batch, tokens, dim, heads in SHAPES:
+        if "triton" in args.backends:
+            out_diff, grad_diff = triton_difference(batch, tokens, dim, heads)
+            print(f"  {name}: triton vs sdpa max abs difference, output {out_diff:.2e}, input gradient "
+                  f"{grad_diff:.2e}", flush=True)
         cells = []
-        for backend in SDPA_BACKENDS:
+        for backend in args.backends:
             try:
                 ms = time_block(batch, tokens, dim, heads, backend, args.reps)
             except RuntimeError as exc:  # a backend that refuses the shape is reported, not fatal

@@ -16,6 +16,9 @@
 #   vims   Vim-S/16 with CUDA graphs at batch 256, 384 and 512 (synthetic)
 #   vimsprof  Vim-S/16 at batch 512, --compile, profiled after its timed steps: device ms by kernel kind and its 80
 #       busiest kernels in $OUT/vimsprof_b512.json (the fused kernels the twenty-fifth session saw only as a lump)
+#   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
+#       (default SDPA against triton, with the triton-vs-SDPA differences), then the compiled ViT-B/16 (batch 256)
+#       and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json, $OUT/attn_*.json
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -87,7 +90,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -136,6 +139,14 @@ for part in "$@"; do
     vimsprof)
         model_row . vimsprof_b512 240 mae_vim_small_patch16 512 --steps 20 --row_seconds 5 --profile_steps 2
         ;;
+    attention)
+        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention_triton.py 2>&1 | tail -4 || true
+        timeout 90 python3 -m bench.attention --backends default triton --json "$out/attention.json" || true
+        vitb_row . attn_sdpa 120
+        vitb_row . attn_triton 120 --attention_backend triton
+        model_row . vims_attn_sdpa 120 mae_vim_small_patch16 512
+        model_row . vims_attn_triton 120 mae_vim_small_patch16 512 --attention_backend triton
+        ;;
     loop)
         loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
         loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
@@ -145,7 +156,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, loop)" >&2
         exit 2
         ;;
     esac

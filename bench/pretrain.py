@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the Vim blocks' causal conv (kernels.causal_conv1d_fn backend; triton: our kernels)")
     p.add_argument("--sdpa_backend", default="default", choices=SDPA_BACKENDS,
                    help="the only scaled_dot_product_attention backend left enabled (default: torch's choice)")
+    p.add_argument("--attention_backend", default="sdpa", choices=["sdpa", "triton"],
+                   help="the ViT / MAE-decoder attention blocks (triton: kernels/triton_attention.py)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many more steps: device ms per step by kernel kind")
@@ -132,7 +134,7 @@ def select_rows(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 def set_backend(model: torch.nn.Module, attribute: str, backend: str) -> None:
     """Put every module of ``model`` that has ``attribute`` (``scan_backend``: the Vim and SS2D mixers, encoder and
-    decoder; ``conv_backend``: the Vim mixers' causal conv) on ``backend``."""
+    decoder; ``conv_backend``: the Vim mixers' causal conv; ``attention_backend``: the attention blocks) on ``backend``."""
     for module in model.modules():
         if hasattr(module, attribute):
             setattr(module, attribute, backend)
@@ -218,6 +220,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             model = models.create_model(name, img_size=size, in_chans=args.in_chans, norm_pix_loss=True).to(device)
             set_backend(model, "scan_backend", args.scan_backend)
             set_backend(model, "conv_backend", args.conv_backend)
+            set_backend(model, "attention_backend", args.attention_backend)
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:

@@ -1,0 +1,307 @@
+"""Multi-head self-attention on a packed q / k / v projection, in Triton (forward and backward).
+
+The ViT and MAE-decoder attention blocks compute ``qkv = x @ W`` as one (batch, tokens, 3, heads, head_dim) tensor.
+These kernels read q, k and v out of it through its strides and write the output as (batch, tokens, heads, head_dim),
+so the block needs no head-first copies either way: the backward writes dq / dk / dv straight into one gradient of
+the packed projection's layout (``scaled_dot_product_attention`` on head-first views leaves autograd to stack its
+three gradients into it).
+
+Flash-attention structure (an online softmax over key blocks; the backward recomputes the probabilities from the
+saved log-sum-exp): the forward, one program per (query block, batch x head); the backward, a small kernel for
+rowsum(dout * out), one program per (key block, batch x head) for dk / dv and one per (query block, batch x head) for
+dq, so nothing is accumulated with atomics (deterministic). Softmax in base 2: scores are scaled by
+log2(e) / sqrt(head_dim) once and exponentiated with exp2.
+
+Layering as the scan's: kernels, launchers, an autograd.Function, custom ops for torch.compile, the public function
+``packed_attention_triton``; the reference is ``packed_attention_ref`` (plain torch, float64-capable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_launch import compiled_launcher
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (one tl.dot operand dimension, a power of two >= 16)
+
+
+@triton.jit
+def _packed_offsets(batch_head, heads, sb, sh):
+    """Offset of (batch, head)'s q in the packed tensor (k and v follow at +s3, +2 s3)."""
+    batch = batch_head // heads
+    head = batch_head % heads
+    return batch.to(tl.int64) * sb + head.to(tl.int64) * sh
+
+
+@triton.jit
+def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
+                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    base = _packed_offsets(batch_head, heads, sb, sh)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    m_mask = offs_m < tokens
+    q = tl.load(QKV + base + offs_m[:, None].to(tl.int64) * sn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+    k_ptrs = QKV + base + s3 + offs_d[:, None]  # k read transposed: (HEAD_D, BLOCK_N)
+    v_ptrs = QKV + base + 2 * s3 + offs_d[None, :]
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    for start in range(0, tokens, BLOCK_N):
+        keys = start + offs_n
+        n_mask = keys < tokens
+        kt = tl.load(k_ptrs + keys[None, :].to(tl.int64) * sn, mask=n_mask[None, :], other=0.0)
+        scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        p = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        v = tl.load(v_ptrs + keys[:, None].to(tl.int64) * sn, mask=n_mask[:, None], other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    acc = acc / row_sum[:, None]
+    batch = batch_head // heads
+    head = batch_head % heads
+    out_ptrs = OUT + batch.to(tl.int64) * ob + head.to(tl.int64) * oh + offs_m[:, None].to(tl.int64) * on
+    tl.store(out_ptrs + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=m_mask[:, None])
+    # The log-sum-exp of the scaled scores, base 2: the backward's probabilities are exp2(score - lse).
+    tl.store(LSE + batch_head.to(tl.int64) * tokens + offs_m, row_max + tl.log2(row_sum), mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_rowdot_kernel(OUT, DOUT, ROWDOT, tokens, heads, ob, on, oh, db, dn, dh,
+                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """rowsum(dout * out) per query (the softmax backward's correction), float32."""
+    pid_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    m_mask = offs_m[:, None] < tokens
+    rows = offs_m[:, None].to(tl.int64)
+    out = tl.load(OUT + batch * ob + head * oh + rows * on + offs_d[None, :], mask=m_mask, other=0.0)
+    dout = tl.load(DOUT + batch * db + head * dh + rows * dn + offs_d[None, :], mask=m_mask, other=0.0)
+    rowdot = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
+    tl.store(ROWDOT + batch_head.to(tl.int64) * tokens + offs_m, rowdot, mask=offs_m < tokens)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, db, dn, dh,
+                          gb, gn, g3, gh, qk_scale, sm_scale,
+                          HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dk and dv of one key block: a walk over every query block, the probabilities recomputed transposed."""
+    pid_n = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    base = _packed_offsets(batch_head, heads, sb, sh)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    n_mask = offs_n < tokens
+    keys = offs_n[:, None].to(tl.int64) * sn + offs_d[None, :]
+    k = tl.load(QKV + base + s3 + keys, mask=n_mask[:, None], other=0.0)
+    v = tl.load(QKV + base + 2 * s3 + keys, mask=n_mask[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_D), tl.float32)
+    stats = batch_head.to(tl.int64) * tokens
+    for start in range(0, tokens, BLOCK_M):
+        queries = start + offs_m
+        m_mask = queries < tokens
+        qt = tl.load(QKV + base + queries[None, :].to(tl.int64) * sn + offs_d[:, None], mask=m_mask[None, :],
+                     other=0.0)  # (HEAD_D, BLOCK_M)
+        lse = tl.load(LSE + stats + queries, mask=m_mask, other=0.0)
+        # p^T (BLOCK_N, BLOCK_M); queries past the end get zero probability (their dout is zero too).
+        pt = tl.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse[None, :])
+        pt = tl.where(m_mask[None, :] & n_mask[:, None], pt, 0.0)
+        dout = tl.load(DOUT + batch * db + head * dh + queries[:, None].to(tl.int64) * dn + offs_d[None, :],
+                       mask=m_mask[:, None], other=0.0)
+        dv += tl.dot(pt.to(dout.dtype), dout, input_precision=PRECISION)
+        rowdot = tl.load(ROWDOT + stats + queries, mask=m_mask, other=0.0)
+        dpt = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
+        dst = pt * (dpt - rowdot[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+    grads = DQKV + batch * gb + head * gh + offs_n[:, None].to(tl.int64) * gn + offs_d[None, :]
+    tl.store(grads + g3, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=n_mask[:, None])
+    tl.store(grads + 2 * g3, dv.to(DQKV.dtype.element_ty), mask=n_mask[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, db, dn, dh,
+                        gb, gn, g3, gh, qk_scale, sm_scale,
+                        HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one query block: a walk over every key block."""
+    pid_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    base = _packed_offsets(batch_head, heads, sb, sh)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    m_mask = offs_m < tokens
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(QKV + base + rows * sn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+    dout = tl.load(DOUT + batch * db + head * dh + rows * dn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+    stats = batch_head.to(tl.int64) * tokens
+    lse = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0)
+    rowdot = tl.load(ROWDOT + stats + offs_m, mask=m_mask, other=0.0)
+    dq = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+    for start in range(0, tokens, BLOCK_N):
+        keys = start + offs_n
+        n_mask = keys < tokens
+        cols = keys[None, :].to(tl.int64) * sn + offs_d[:, None]  # (HEAD_D, BLOCK_N): k and v read transposed
+        kt = tl.load(QKV + base + s3 + cols, mask=n_mask[None, :], other=0.0)
+        vt = tl.load(QKV + base + 2 * s3 + cols, mask=n_mask[None, :], other=0.0)
+        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+        p = tl.where(n_mask[None, :], p, 0.0)
+        ds = p * (tl.dot(dout, vt, input_precision=PRECISION) - rowdot[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    tl.store(DQKV + batch * gb + head * gh + rows * gn + offs_d[None, :], (dq * sm_scale).to(DQKV.dtype.element_ty),
+             mask=m_mask[:, None])
+
+
+def attention_blocks(tokens: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for a sequence length and head size: 64 x 64 tiles (a short sequence such as
+    the MAE decoder's 197 tokens wastes less padding than with 128) at 4 warps; 32-row tiles for sequences that
+    fit one, at 2 warps (an encoder's 50 tokens)."""
+    if tokens <= 32:
+        return 32, 32, 2
+    return 64, 64, 4 if head_dim <= 64 else 8
+
+
+def check_packed_qkv(qkv: torch.Tensor) -> None:
+    """The kernels' requirements on the packed projection (batch, tokens, 3, heads, head_dim)."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"packed attention: qkv must be (batch, tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    if qkv.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"packed attention: head_dim must be one of {HEAD_DIMS}, got {qkv.shape[-1]}")
+    if qkv.stride(-1) != 1:
+        raise ValueError("packed attention: head_dim must be the innermost (unit-stride) dimension")
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"packed attention: unsupported dtype {qkv.dtype}")
+
+
+def _precision(qkv: torch.Tensor) -> str:
+    """float32 inputs multiply in full precision (tl.dot's default for them is TF32); half inputs ignore it."""
+    return "ieee" if qkv.dtype == torch.float32 else "tf32"
+
+
+def _scales(head_dim: int) -> tuple[float, float]:
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    return sm_scale * LOG2E, sm_scale
+
+
+def packed_attention_fwd(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (batch, tokens, heads, head_dim) contiguous in qkv's dtype, lse (batch * heads, tokens) float32 base 2)."""
+    batch, tokens, _, heads, head_dim = qkv.shape
+    out = qkv.new_empty((batch, tokens, heads, head_dim))
+    lse = torch.empty((batch * heads, tokens), device=qkv.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, warps = attention_blocks(tokens, head_dim)
+    qk_scale, _ = _scales(head_dim)
+    sb, sn, s3, sh, _ = qkv.stride()
+    ob, on, oh, _ = out.stride()
+    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    compiled_launcher(_attn_fwd_kernel)[grid](
+        qkv, out, lse, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
+        HEAD_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(qkv), num_warps=warps)
+    return out, lse
+
+
+def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor
+                         ) -> torch.Tensor:
+    """The gradient of the packed projection, (batch, tokens, 3, heads, head_dim) contiguous in qkv's dtype."""
+    batch, tokens, _, heads, head_dim = qkv.shape
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    if dqkv.numel() == 0:
+        return dqkv
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    block_m, block_n, warps = attention_blocks(tokens, head_dim)
+    qk_scale, sm_scale = _scales(head_dim)
+    sb, sn, s3, sh, _ = qkv.stride()
+    ob, on, oh, _ = out.stride()
+    db, dn, dh, _ = dout.stride()
+    gb, gn, g3, gh, _ = dqkv.stride()
+    rowdot = torch.empty_like(lse)
+    compiled_launcher(_attn_bwd_rowdot_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
+        out, dout, rowdot, tokens, heads, ob, on, oh, db, dn, dh, HEAD_D=head_dim, BLOCK_M=block_m, num_warps=warps)
+    args = (qkv, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, db, dn, dh, gb, gn, g3, gh, qk_scale,
+            sm_scale)
+    compiled_launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(tokens, block_n), batch * heads)](
+        *args, HEAD_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(qkv), num_warps=warps)
+    compiled_launcher(_attn_bwd_dq_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
+        *args, HEAD_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(qkv), num_warps=warps)
+    return dqkv
+
+
+class PackedAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out, lse = packed_attention_fwd(qkv)
+        ctx.save_for_backward(qkv, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):  # noqa: ANN001, ANN205
+        qkv, out, lse = ctx.saved_tensors
+        return packed_attention_bwd(qkv, out, lse, dout)
+
+
+# Custom ops for torch.compile (dynamo cannot trace the launches); eager calls take the autograd.Function above.
+attention_fwd_op = torch.library.custom_op("scanmae::packed_attention_fwd", packed_attention_fwd, mutates_args=())
+
+
+@attention_fwd_op.register_fake
+def _attention_fwd_fake(qkv):
+    batch, tokens, _, heads, head_dim = qkv.shape
+    return (qkv.new_empty((batch, tokens, heads, head_dim)),
+            qkv.new_empty((batch * heads, tokens), dtype=torch.float32))
+
+
+attention_bwd_op = torch.library.custom_op("scanmae::packed_attention_bwd", packed_attention_bwd, mutates_args=())
+
+
+@attention_bwd_op.register_fake
+def _attention_bwd_fake(qkv, out, lse, dout):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(inputs[0], *output)
+
+
+def _attention_op_backward(ctx, dout, dlse):  # noqa: ANN001, ANN202
+    qkv, out, lse = ctx.saved_tensors
+    return attention_bwd_op(qkv, out, lse, dout)
+
+
+attention_fwd_op.register_autograd(_attention_op_backward, setup_context=_attention_setup_context)
+
+
+def packed_attention_triton(qkv: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v for a packed (batch, tokens, 3, heads, head_dim) projection (CUDA, or CPU
+    tensors under ``TRITON_INTERPRET=1``) -> (batch, tokens, heads, head_dim)."""
+    check_packed_qkv(qkv)
+    if torch.compiler.is_compiling():
+        return attention_fwd_op(qkv)[0]
+    return PackedAttentionTriton.apply(qkv)
+
+
+def packed_attention_ref(qkv: torch.Tensor) -> torch.Tensor:
+    """The definition the kernels are tested against: explicit scores and softmax, in qkv's dtype (float64 in the
+    tests)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (batch, heads, tokens, head_dim)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(qkv.shape[-1])
+    return (scores.softmax(dim=-1) @ v).transpose(1, 2)
