@@ -93,11 +93,53 @@ def triton_difference(batch: int, tokens: int, dim: int, heads: int) -> tuple[fl
     return (out_a - out_b).abs().max().item(), (grad_a - grad_b).abs().max().item()
 
 
+def time_attention_alone(batch: int, tokens: int, dim: int, heads: int,
+                         launch: Any = None) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of the attention alone on a bf16 packed projection, median of
+    triton.testing.do_bench: our kernels with ``launch`` (an AttentionLaunch; None: the default), or SDPA's default
+    backend on head-first views when ``launch`` is "sdpa"."""
+    import triton.testing
+
+    from kernels.triton_attention import packed_attention_bwd, packed_attention_fwd
+
+    restrict_sdpa("default")
+    head_dim = dim // heads
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    if launch == "sdpa":
+        leaf = qkv.requires_grad_(True)
+
+        def forward() -> torch.Tensor:
+            q, k, v = (t.transpose(1, 2) for t in leaf.unbind(2))
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+        def both() -> None:
+            torch.autograd.grad(forward(), leaf, dout)
+    else:
+        def forward() -> torch.Tensor:
+            return packed_attention_fwd(qkv, launch)[0]
+
+        def both() -> None:
+            out, lse = packed_attention_fwd(qkv, launch)
+            packed_attention_bwd(qkv, out, lse, dout, launch)
+
+    return triton.testing.do_bench(forward), triton.testing.do_bench(both)
+
+
+def parse_launch(text: str) -> Any:
+    """BLOCK_M:BLOCK_N:WARPS:STAGES -> AttentionLaunch."""
+    from kernels.triton_attention import AttentionLaunch
+
+    return AttentionLaunch(*(int(part) for part in text.split(":")))
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", default=None)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--launches", nargs="*", default=[], type=parse_launch, metavar="BM:BN:WARPS:STAGES",
+                        help="also time the attention alone (no projections): SDPA, our default tiles and these")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
@@ -122,6 +164,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          "backend": backend, "ms": ms})
             cells.append("n/a" if ms is None else f"{ms:.3f}")
         print(f"| {name} (b{batch}, n{tokens}, {heads}x{dim // heads}) | " + " | ".join(cells) + " |", flush=True)
+    if args.launches:
+        print("attention alone (bf16 packed projection, no projections), fwd / fwd+bwd ms, triton.testing.do_bench")
+        for name, batch, tokens, dim, heads in SHAPES:
+            for launch in ["sdpa", None, *args.launches]:
+                label = "sdpa default" if launch == "sdpa" else f"triton {launch or 'default'}"
+                try:
+                    fwd, both = time_attention_alone(batch, tokens, dim, heads, launch)
+                except Exception as exc:  # a launch that does not compile or fit is reported, not fatal
+                    print(f"  {name} {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+                    continue
+                rows.append({"shape": name, "batch": batch, "tokens": tokens, "dim": dim, "heads": heads,
+                             "alone": label, "fwd_ms": fwd, "fwd_bwd_ms": both})
+                print(f"  {name} {label}: {fwd:.3f} / {both:.3f}", flush=True)
     if args.json:
         write_device_rows(args.json, rows)
     return rows

@@ -19,6 +19,7 @@ Layering as the scan's: kernels, launchers, an autograd.Function, custom ops for
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -170,13 +171,24 @@ def _attn_bwd_dq_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3,
              mask=m_mask[:, None])
 
 
-def attention_blocks(tokens: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for a sequence length and head size: 64 x 64 tiles (a short sequence such as
-    the MAE decoder's 197 tokens wastes less padding than with 128) at 4 warps; 32-row tiles for sequences that
-    fit one, at 2 warps (an encoder's 50 tokens)."""
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """Tiles and launch options of the attention kernels (the backward's programs walk the same tiles)."""
+
+    block_m: int  # queries per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int  # Triton's software-pipelining depth of the key / query walks
+
+
+def attention_launch(tokens: int, head_dim: int) -> AttentionLaunch:
+    """Default tiles for a sequence length and head size: 64 x 64 (a short sequence such as the MAE decoder's 197
+    tokens wastes less padding than with 128) at 4 warps, 8 from head_dim 128; 32-row tiles at 2 warps for sequences
+    that fit one. Two pipeline stages: offline sm_90 (Triton 3.8, decoder shape) the dk / dv kernel needs 167
+    registers with two, 202 with one and 254 with three."""
     if tokens <= 32:
-        return 32, 32, 2
-    return 64, 64, 4 if head_dim <= 64 else 8
+        return AttentionLaunch(32, 32, 2, 2)
+    return AttentionLaunch(64, 64, 4 if head_dim <= 64 else 8, 2)
 
 
 def check_packed_qkv(qkv: torch.Tensor) -> None:
@@ -196,31 +208,41 @@ def _precision(qkv: torch.Tensor) -> str:
     return "ieee" if qkv.dtype == torch.float32 else "tf32"
 
 
+def _launch_options(qkv: torch.Tensor, launch: AttentionLaunch | None) -> tuple[AttentionLaunch, dict]:
+    """The launch (default: ``attention_launch``) and the keyword arguments every tiled kernel takes."""
+    launch = launch or attention_launch(qkv.shape[1], qkv.shape[-1])
+    return launch, dict(HEAD_D=qkv.shape[-1], PRECISION=_precision(qkv), num_warps=launch.num_warps,
+                        num_stages=launch.num_stages)
+
+
 def _scales(head_dim: int) -> tuple[float, float]:
     sm_scale = 1.0 / math.sqrt(head_dim)
     return sm_scale * LOG2E, sm_scale
 
 
-def packed_attention_fwd(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (batch, tokens, heads, head_dim) contiguous in qkv's dtype, lse (batch * heads, tokens) float32 base 2)."""
+def packed_attention_fwd(qkv: torch.Tensor, launch: AttentionLaunch | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (batch, tokens, heads, head_dim) contiguous in qkv's dtype, lse (batch * heads, tokens) float32 base 2);
+    ``launch`` defaults to ``attention_launch``."""
     batch, tokens, _, heads, head_dim = qkv.shape
     out = qkv.new_empty((batch, tokens, heads, head_dim))
     lse = torch.empty((batch * heads, tokens), device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, warps = attention_blocks(tokens, head_dim)
+    launch, options = _launch_options(qkv, launch)
+    block_m, block_n = launch.block_m, launch.block_n
     qk_scale, _ = _scales(head_dim)
     sb, sn, s3, sh, _ = qkv.stride()
     ob, on, oh, _ = out.stride()
     grid = (triton.cdiv(tokens, block_m), batch * heads)
     compiled_launcher(_attn_fwd_kernel)[grid](
         qkv, out, lse, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
-        HEAD_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(qkv), num_warps=warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, **options)
     return out, lse
 
 
-def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor
-                         ) -> torch.Tensor:
+def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                         launch: AttentionLaunch | None = None) -> torch.Tensor:
     """The gradient of the packed projection, (batch, tokens, 3, heads, head_dim) contiguous in qkv's dtype."""
     batch, tokens, _, heads, head_dim = qkv.shape
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
@@ -228,7 +250,8 @@ def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
         return dqkv
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    block_m, block_n, warps = attention_blocks(tokens, head_dim)
+    launch, options = _launch_options(qkv, launch)
+    block_m, block_n = launch.block_m, launch.block_n
     qk_scale, sm_scale = _scales(head_dim)
     sb, sn, s3, sh, _ = qkv.stride()
     ob, on, oh, _ = out.stride()
@@ -236,13 +259,14 @@ def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     gb, gn, g3, gh, _ = dqkv.stride()
     rowdot = torch.empty_like(lse)
     compiled_launcher(_attn_bwd_rowdot_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
-        out, dout, rowdot, tokens, heads, ob, on, oh, db, dn, dh, HEAD_D=head_dim, BLOCK_M=block_m, num_warps=warps)
+        out, dout, rowdot, tokens, heads, ob, on, oh, db, dn, dh, HEAD_D=head_dim, BLOCK_M=block_m,
+        num_warps=launch.num_warps)
     args = (qkv, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, db, dn, dh, gb, gn, g3, gh, qk_scale,
             sm_scale)
     compiled_launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(tokens, block_n), batch * heads)](
-        *args, HEAD_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(qkv), num_warps=warps)
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, **options)
     compiled_launcher(_attn_bwd_dq_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
-        *args, HEAD_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(qkv), num_warps=warps)
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, **options)
     return dqkv
 
 
@@ -260,7 +284,15 @@ class PackedAttentionTriton(torch.autograd.Function):
 
 
 # Custom ops for torch.compile (dynamo cannot trace the launches); eager calls take the autograd.Function above.
-attention_fwd_op = torch.library.custom_op("scanmae::packed_attention_fwd", packed_attention_fwd, mutates_args=())
+def _attention_fwd(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return packed_attention_fwd(qkv)
+
+
+def _attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    return packed_attention_bwd(qkv, out, lse, dout)
+
+
+attention_fwd_op = torch.library.custom_op("scanmae::packed_attention_fwd", _attention_fwd, mutates_args=())
 
 
 @attention_fwd_op.register_fake
@@ -270,7 +302,7 @@ def _attention_fwd_fake(qkv):
             qkv.new_empty((batch * heads, tokens), dtype=torch.float32))
 
 
-attention_bwd_op = torch.library.custom_op("scanmae::packed_attention_bwd", packed_attention_bwd, mutates_args=())
+attention_bwd_op = torch.library.custom_op("scanmae::packed_attention_bwd", _attention_bwd, mutates_args=())
 
 
 @attention_bwd_op.register_fake

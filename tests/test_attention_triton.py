@@ -12,7 +12,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from kernels.triton_attention import (  # noqa: E402
-    attention_blocks,
+    AttentionLaunch,
+    attention_launch,
     check_packed_qkv,
     packed_attention_ref,
     packed_attention_triton,
@@ -103,11 +104,26 @@ def test_bad_inputs_raise():
         check_packed_qkv(torch.zeros(1, 4, 3, 16, 2).transpose(-1, -2))
 
 
-def test_blocks_per_shape():
-    assert attention_blocks(17, 16) == (32, 32, 2)
-    assert attention_blocks(197, 32) == (64, 64, 4)
-    assert attention_blocks(50, 64) == (64, 64, 4)
-    assert attention_blocks(197, 128) == (64, 64, 8)
+def test_launch_per_shape():
+    assert attention_launch(17, 16) == AttentionLaunch(32, 32, 2, 2)
+    assert attention_launch(197, 32) == AttentionLaunch(64, 64, 4, 2)
+    assert attention_launch(50, 64) == AttentionLaunch(64, 64, 4, 2)
+    assert attention_launch(197, 128) == AttentionLaunch(64, 64, 8, 2)
+
+
+@pytest.mark.parametrize("launch", [AttentionLaunch(32, 64, 2, 1), AttentionLaunch(64, 32, 4, 3)])
+def test_other_tiles_give_the_same_values(launch):
+    """Explicit launches (bench.attention --launches): unequal query and key tiles, other warps and stages."""
+    from kernels.triton_attention import packed_attention_bwd, packed_attention_fwd
+
+    qkv = packed(1, 90, 2, 16, torch.float32, seed=4)
+    dout = torch.randn(1, 90, 2, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out, lse = packed_attention_fwd(qkv)
+    dqkv = packed_attention_bwd(qkv, out, lse, dout)
+    other_out, other_lse = packed_attention_fwd(qkv, launch)
+    torch.testing.assert_close(other_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other_lse, lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_attention_bwd(qkv, out, lse, dout, launch), dqkv, rtol=1e-5, atol=1e-5)
 
 
 def test_compiles_without_graph_breaks_and_matches_eager():
@@ -147,7 +163,7 @@ ints = dict(tokens=tokens, heads=heads, sb=tokens * 3 * heads * head_dim, sn=3 *
             s3=heads * head_dim, sh=head_dim, ob=tokens * heads * head_dim, on=heads * head_dim, oh=head_dim,
             db=tokens * heads * head_dim, dn=heads * head_dim, dh=head_dim, gb=tokens * 3 * heads * head_dim,
             gn=3 * heads * head_dim, g3=heads * head_dim, gh=head_dim)
-block_m, block_n, warps = ta.attention_blocks(tokens, head_dim)
+launch = ta.attention_launch(tokens, head_dim)
 for kernel in (ta._attn_fwd_kernel, ta._attn_bwd_rowdot_kernel, ta._attn_bwd_dkdv_kernel, ta._attn_bwd_dq_kernel):
     signature, consts = {}, {}
     for name, param in zip(kernel.arg_names, kernel.params):
@@ -159,10 +175,11 @@ for kernel in (ta._attn_fwd_kernel, ta._attn_bwd_rowdot_kernel, ta._attn_bwd_dkd
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    consts.update({k: v for k, v in dict(HEAD_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+    consts.update({k: v for k, v in dict(HEAD_D=head_dim, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
                                           PRECISION="tf32").items() if k in kernel.arg_names})
     src = triton.compiler.ASTSource(kernel, signature, consts)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     print(kernel.__name__, "built")
 """
 
