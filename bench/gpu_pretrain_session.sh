@@ -143,7 +143,7 @@ for part in "$@"; do
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention_triton.py 2>&1 | tail -4 || true
         # shellcheck disable=SC2086  # ATTN_LAUNCHES is a word list (BLOCK_M:BLOCK_N:WARPS:STAGES)
         timeout 150 python3 -m bench.attention --backends default triton \
-            --launches ${ATTN_LAUNCHES:-64:64:4:3 64:64:4:1 128:64:8:2 64:32:4:2 32:64:2:2} \
+            --launches ${ATTN_LAUNCHES:-64:64:4:3 128:64:8:2 64:128:4:2 32:64:2:2} \
             --json "$out/attention.json" || true
         vitb_row . attn_sdpa 120
         vitb_row . attn_triton 120 --attention_backend triton
