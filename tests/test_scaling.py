@@ -48,7 +48,8 @@ def test_cpu_one_process_vs_two_ranks_end_to_end(tmp_path: Path) -> None:
         assert run["img_per_s"] > 0 and run["steps_timed"] == 6  # warm-up = first window (log_every 2, 20% of 8)
         assert run["final_loss"] == run["loss_curve"][-1][1]
         assert (out / run["name"] / "encoder.safetensors").is_file()
-    assert ddp["speedup"] == pytest.approx(ddp["img_per_s"] / single["img_per_s"], rel=1e-3)
+    # speedup is rounded to 3 decimals: up to 5e-4 off the ratio (a relative bound fails below a speedup of 0.5).
+    assert ddp["speedup"] == pytest.approx(ddp["img_per_s"] / single["img_per_s"], abs=6e-4)
     assert ddp["target"] == 1.9 and ddp["target_met"] == (ddp["speedup"] >= 1.9)
     assert ddp["loss_steps_compared"] == 4 and 0 <= ddp["loss_rel_diff_last_quarter"] <= ddp["loss_rel_diff_max"]
     assert "speedup" not in single
