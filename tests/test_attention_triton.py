@@ -104,6 +104,12 @@ def test_bad_inputs_raise():
         check_packed_qkv(torch.zeros(1, 4, 3, 16, 2).transpose(-1, -2))
 
 
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        packed_attention_triton(torch.zeros(1, 4, 3, 1, 16))
+
+
 def test_launch_per_shape():
     assert attention_launch(17, 16) == AttentionLaunch(32, 32, 2, 2)
     assert attention_launch(197, 32) == AttentionLaunch(64, 64, 4, 2)
