@@ -3,6 +3,10 @@ Triton launch against the float64 reference that the kernel tests share."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -111,3 +115,15 @@ def check_against_reference(triton_scan: ModuleType, *, batch: int, dim: int, le
                 w_rtol, w_atol = max(w_rtol, rtol), max(w_atol, atol)
             tol = dict(rtol=w_rtol, atol=w_atol * WEIGHT_ATOL_FACTOR[name])
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def run_compiled(script: str, cache_dir: Path, timeout: int = 300) -> str:
+    """Run ``script`` (Python source) in a fresh process from the repository root with Triton's real compiler (no
+    ``TRITON_INTERPRET``: it is fixed per process) and its cache in ``cache_dir``; returns its stdout. The sm_90
+    build tests use it: the interpreter accepts code the compiler rejects."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

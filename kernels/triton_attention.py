@@ -33,20 +33,20 @@ HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (one tl.dot operand
 
 
 @triton.jit
-def _packed_offsets(batch_head, heads, sb, sh):
-    """Offset of (batch, head)'s q in the packed tensor (k and v follow at +s3, +2 s3)."""
-    batch = batch_head // heads
-    head = batch_head % heads
-    return batch.to(tl.int64) * sb + head.to(tl.int64) * sh
+def _head_coords(heads, sb, sh):
+    """This program's (batch x head index, batch, head, offset of its q in the packed tensor); k and v follow at
+    +s3 and +2 s3. Grid axis 1 is batch x heads."""
+    batch_head = tl.program_id(1)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    return batch_head, batch, head, batch * sb + head * sh
 
 
 @triton.jit
 def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    base = _packed_offsets(batch_head, heads, sb, sh)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head, batch, head, base = _head_coords(heads, sb, sh)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     m_mask = offs_m < tokens
@@ -70,9 +70,7 @@ def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, q
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
     acc = acc / row_sum[:, None]
-    batch = batch_head // heads
-    head = batch_head % heads
-    out_ptrs = OUT + batch.to(tl.int64) * ob + head.to(tl.int64) * oh + offs_m[:, None].to(tl.int64) * on
+    out_ptrs = OUT + batch * ob + head * oh + offs_m[:, None].to(tl.int64) * on
     tl.store(out_ptrs + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=m_mask[:, None])
     # The log-sum-exp of the scaled scores, base 2: the backward's probabilities are exp2(score - lse).
     tl.store(LSE + batch_head.to(tl.int64) * tokens + offs_m, row_max + tl.log2(row_sum), mask=m_mask)
@@ -82,11 +80,8 @@ def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, q
 def _attn_bwd_rowdot_kernel(OUT, DOUT, ROWDOT, tokens, heads, ob, on, oh, db, dn, dh,
                             HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """rowsum(dout * out) per query (the softmax backward's correction), float32."""
-    pid_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head, batch, head, _ = _head_coords(heads, 0, 0)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     m_mask = offs_m[:, None] < tokens
     rows = offs_m[:, None].to(tl.int64)
@@ -101,12 +96,8 @@ def _attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s
                           gb, gn, g3, gh, qk_scale, sm_scale,
                           HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dk and dv of one key block: a walk over every query block, the probabilities recomputed transposed."""
-    pid_n = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    base = _packed_offsets(batch_head, heads, sb, sh)
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    batch_head, batch, head, base = _head_coords(heads, sb, sh)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     n_mask = offs_n < tokens
@@ -142,12 +133,8 @@ def _attn_bwd_dq_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3,
                         gb, gn, g3, gh, qk_scale, sm_scale,
                         HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one query block: a walk over every key block."""
-    pid_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    base = _packed_offsets(batch_head, heads, sb, sh)
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head, batch, head, base = _head_coords(heads, sb, sh)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     m_mask = offs_m < tokens

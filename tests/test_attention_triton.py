@@ -192,16 +192,10 @@ for kernel in (ta._attn_fwd_kernel, ta._attn_bwd_rowdot_kernel, ta._attn_bwd_dkd
 
 def test_kernels_compile_for_sm90(tmp_path):
     """Triton's real compiler (not the interpreter) builds the four kernels for sm_90 at the MAE decoder's shape."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from kernels.testing import run_compiled
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-c", ATTENTION_BUILD_SCRIPT], cwd=Path(__file__).resolve().parents[1],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("built") == 4, proc.stdout
+    stdout = run_compiled(ATTENTION_BUILD_SCRIPT, tmp_path / "cache")
+    assert stdout.count("built") == 4, stdout
 
 
 def test_attention_block_on_triton_equals_sdpa():

@@ -260,17 +260,11 @@ build(_sum_partials_kernel, dict(rows=512, dim=768), dict(WIDTH=4, HAS_BIAS=True
 def test_triton_kernels_compile_for_sm90(tmp_path):
     """Triton's real compiler (not the interpreter) builds both conv kernels for sm_90, for a channel-last and a
     contiguous x: the interpreter accepts code the compiler rejects (tests/test_scan_sm90_build.py)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-c", CONV_BUILD_SCRIPT], cwd=Path(__file__).resolve().parents[1],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("built") == 9, proc.stdout
+    from kernels.testing import run_compiled
+
+    stdout = run_compiled(CONV_BUILD_SCRIPT, tmp_path / "cache")
+    assert stdout.count("built") == 9, stdout
 
 
 @pytest.mark.parametrize("reverse", [False, True])
