@@ -20,6 +20,9 @@
 #       (carry .gpu_run/whl) the Vim-S MAE step on torch's conv and on the Triton conv (a Vim block channel-last end
 #       to end), eager and compiled, in one call (about 6 minutes): what decides the conv default; $OUT/vim_*.json;
 #       with .gpu_run/baseline carried, the baseline revision's eager rows too (about 1.5 minutes more)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh quick
+#       (carry .gpu_run/whl, .gpu_run/baseline) about 3 minutes: CUDA tests of the conv and attention kernels,
+#       bench.conv against the baseline's conv, bench.attention (SDPA against ours)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh conv
 #       (carry .gpu_run/whl, .gpu_run/baseline) the causal conv's CUDA tests, bench.conv and the compiled Vim-S step,
 #       here and in the baseline revision, in one call (about 6 minutes); CONV_LAUNCHES="WARPS:CHUNK ..." adds
@@ -240,6 +243,24 @@ conv)
             2>&1 | grep -E "^synthetic ") || true
     fi
     ;;
+quick)
+    # A first look at kernels not yet timed, about 3 minutes (for when device time is short): the CUDA tests of the
+    # causal conv and the attention kernels, bench.conv here and (with .gpu_run/baseline) in the baseline tree,
+    # bench.attention (SDPA against kernels/triton_attention.py). $OUT/conv*.json, $OUT/attention.json
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    timeout 90 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_causal_conv1d.py \
+        tests/test_attention_triton.py 2>&1 | tail -4 || true
+    timeout 50 python3 -m bench.conv --json "$out/conv.json" || true
+    if [ -f .gpu_run/baseline/REVISION ]; then
+        cp bench/conv.py .gpu_run/baseline/bench/
+        echo "== baseline revision $(cat .gpu_run/baseline/REVISION): bench.conv --backends triton"
+        (cd .gpu_run/baseline && timeout 35 python3 -m bench.conv --backends triton \
+            --json "$out/conv_baseline.json") || true
+    fi
+    timeout 60 python3 -m bench.attention --backends default triton --json "$out/attention.json" || true
+    ;;
 variants)
     # Kernel variants side by side in one call (about 8 minutes): the CUDA tests of TEST_FILES, bench.scan's
     # SCAN_BACKENDS with mamba-ssm's CUDA scan, the host's path at L=50 per backend, and the compiled Vim-S step on
@@ -356,7 +377,7 @@ ncu)
     done <<<"$shapes"
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|conv|variants|ncu|layout|segments" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|quick|conv|variants|ncu|layout|segments" >&2
     exit 2
     ;;
 esac
