@@ -61,6 +61,11 @@ def test_matches_explicit_softmax_float32(tokens):
     check_against_reference(packed(2, tokens, 2, 16, torch.float32, seed=tokens))
 
 
+def test_matches_explicit_softmax_wide_heads():
+    """head_dim 128 (8 warps by default)."""
+    check_against_reference(packed(1, 40, 2, 128, torch.float32, seed=128))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_matches_explicit_softmax_half(dtype, head_dim):
