@@ -225,3 +225,10 @@ def test_attention_block_on_triton_equals_sdpa():
     block.attn_drop = 0.1
     with pytest.raises(ValueError, match="no attention dropout"):
         block(x)
+
+
+def test_bench_attention_parses_launches():
+    from bench.attention import BACKENDS, parse_launch
+
+    assert parse_launch("64:32:4:2") == AttentionLaunch(64, 32, 4, 2)
+    assert "triton" in BACKENDS and "default" in BACKENDS
