@@ -43,20 +43,23 @@ def _mma(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _head_coords(heads, sb, sh):
-    """This program's (batch x head index, batch, head, offset of its q in the packed tensor); k and v follow at
-    +s3 and +2 s3. Grid axis 1 is batch x heads."""
-    batch_head = tl.program_id(1)
+def _head_coords(tokens, heads, sb, sh, BLOCK: tl.constexpr):
+    """This program's (batch x head index, batch, head, offset of its q in the packed tensor, first row of its tile);
+    k and v follow q at +s3 and +2 s3. A one-axis grid of batch x heads x tiles, tiles fastest: the tiles of one head
+    run together (its k / v stay in L2) and batch x heads is not bound by the 65,535 programs of a grid's y axis."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(tokens, BLOCK)
+    batch_head = pid // tiles
     batch = (batch_head // heads).to(tl.int64)
     head = (batch_head % heads).to(tl.int64)
-    return batch_head, batch, head, batch * sb + head * sh
+    return batch_head, batch, head, batch * sb + head * sh, (pid % tiles) * BLOCK
 
 
 @triton.jit
 def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    batch_head, batch, head, base = _head_coords(heads, sb, sh)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head, batch, head, base, first = _head_coords(tokens, heads, sb, sh, BLOCK_M)
+    offs_m = first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     m_mask = offs_m < tokens
@@ -90,8 +93,8 @@ def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, q
 def _attn_bwd_rowdot_kernel(OUT, DOUT, ROWDOT, tokens, heads, ob, on, oh, db, dn, dh,
                             HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """rowsum(dout * out) per query (the softmax backward's correction), float32."""
-    batch_head, batch, head, _ = _head_coords(heads, 0, 0)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head, batch, head, _, first = _head_coords(tokens, heads, 0, 0, BLOCK_M)
+    offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     m_mask = offs_m[:, None] < tokens
     rows = offs_m[:, None].to(tl.int64)
@@ -106,8 +109,8 @@ def _attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s
                           gb, gn, g3, gh, qk_scale, sm_scale,
                           HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dk and dv of one key block: a walk over every query block, the probabilities recomputed transposed."""
-    batch_head, batch, head, base = _head_coords(heads, sb, sh)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    batch_head, batch, head, base, first = _head_coords(tokens, heads, sb, sh, BLOCK_N)
+    offs_n = first + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     n_mask = offs_n < tokens
@@ -143,8 +146,8 @@ def _attn_bwd_dq_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3,
                         gb, gn, g3, gh, qk_scale, sm_scale,
                         HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one query block: a walk over every key block."""
-    batch_head, batch, head, base = _head_coords(heads, sb, sh)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head, batch, head, base, first = _head_coords(tokens, heads, sb, sh, BLOCK_M)
+    offs_m = first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     m_mask = offs_m < tokens
@@ -183,8 +186,9 @@ def attention_launch(tokens: int, head_dim: int) -> AttentionLaunch:
     """Default tiles for a sequence length and head size: 64 x 64 (a short sequence such as the MAE decoder's 197
     tokens wastes less padding than with 128) at 4 warps, 8 from head_dim 128; 32-row tiles at 2 warps for sequences
     that fit one. Two pipeline stages (a guess until timed). Offline sm_90 with the GPU image's Triton 3.6 at the MAE
-    decoder's shape, strides divisible by 16 as at a real launch: forward 92 registers, dk / dv 157 (138 with one
-    stage, 185 with three), dq 123; no spills. At head_dim 64 (ViT-B's encoder): 128 / 184 / 128."""
+    decoder's shape, strides divisible by 16 as at a real launch: forward 96 registers, dk / dv 154, dq 96; no spills
+    (before the one-axis grid, dk / dv took 157 with two stages, 138 with one, 185 with three). At head_dim 64 (ViT-B's
+    encoder): 111 / 188 / 122."""
     if tokens <= 32:
         return AttentionLaunch(32, 32, 2, 2)
     return AttentionLaunch(64, 64, 4 if head_dim <= 64 else 8, 2)
@@ -236,8 +240,7 @@ def packed_attention_fwd(qkv: torch.Tensor, launch: AttentionLaunch | None = Non
     qk_scale, _ = _scales(head_dim)
     sb, sn, s3, sh, _ = qkv.stride()
     ob, on, oh, _ = out.stride()
-    grid = (triton.cdiv(tokens, block_m), batch * heads)
-    compiled_launcher(_attn_fwd_kernel)[grid](
+    compiled_launcher(_attn_fwd_kernel)[(triton.cdiv(tokens, block_m) * batch * heads,)](
         qkv, out, lse, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, **options)
     return out, lse
@@ -260,14 +263,14 @@ def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     db, dn, dh, _ = dout.stride()
     gb, gn, g3, gh, _ = dqkv.stride()
     rowdot = torch.empty_like(lse)
-    compiled_launcher(_attn_bwd_rowdot_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
+    compiled_launcher(_attn_bwd_rowdot_kernel)[(triton.cdiv(tokens, block_m) * batch * heads,)](
         out, dout, rowdot, tokens, heads, ob, on, oh, db, dn, dh, HEAD_D=head_dim, BLOCK_M=block_m,
         num_warps=launch.num_warps)
     args = (qkv, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, db, dn, dh, gb, gn, g3, gh, qk_scale,
             sm_scale)
-    compiled_launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(tokens, block_n), batch * heads)](
+    compiled_launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(tokens, block_n) * batch * heads,)](
         *args, BLOCK_M=block_m, BLOCK_N=block_n, **options)
-    compiled_launcher(_attn_bwd_dq_kernel)[(triton.cdiv(tokens, block_m), batch * heads)](
+    compiled_launcher(_attn_bwd_dq_kernel)[(triton.cdiv(tokens, block_m) * batch * heads,)](
         *args, BLOCK_M=block_m, BLOCK_N=block_n, **options)
     return dqkv
 
