@@ -7,9 +7,9 @@ the packed projection's layout (``scaled_dot_product_attention`` on head-first v
 three gradients into it).
 
 Flash-attention structure (an online softmax over key blocks; the backward recomputes the probabilities from the
-saved log-sum-exp): the forward, one program per (query block, batch x head); the backward, a small kernel for
-rowsum(dout * out), one program per (key block, batch x head) for dk / dv and one per (query block, batch x head) for
-dq, so nothing is accumulated with atomics (deterministic). Softmax in base 2: scores are scaled by
+saved log-sum-exp): the forward, one program per (query block, batch x head); the backward, one program per (query
+block, batch x head) for dq, which also stores its rows' rowsum(dout * out), then one per (key block, batch x head)
+for dk / dv, so nothing is accumulated with atomics (deterministic). Softmax in base 2: scores are scaled by
 log2(e) / sqrt(head_dim) once and exponentiated with exp2.
 
 Layering as the scan's: kernels, launchers, an autograd.Function, custom ops for torch.compile, the public function
@@ -90,21 +90,6 @@ def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, q
 
 
 @triton.jit
-def _attn_bwd_rowdot_kernel(OUT, DOUT, ROWDOT, tokens, heads, ob, on, oh, db, dn, dh,
-                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """rowsum(dout * out) per query (the softmax backward's correction), float32."""
-    batch_head, batch, head, _, first = _head_coords(tokens, heads, 0, 0, BLOCK_M)
-    offs_m = first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    m_mask = offs_m[:, None] < tokens
-    rows = offs_m[:, None].to(tl.int64)
-    out = tl.load(OUT + batch * ob + head * oh + rows * on + offs_d[None, :], mask=m_mask, other=0.0)
-    dout = tl.load(DOUT + batch * db + head * dh + rows * dn + offs_d[None, :], mask=m_mask, other=0.0)
-    rowdot = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
-    tl.store(ROWDOT + batch_head.to(tl.int64) * tokens + offs_m, rowdot, mask=offs_m < tokens)
-
-
-@triton.jit
 def _attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, db, dn, dh,
                           gb, gn, g3, gh, qk_scale, sm_scale,
                           HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -142,10 +127,11 @@ def _attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, db, dn, dh,
+def _attn_bwd_dq_kernel(QKV, OUT, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, ob, on, oh, db, dn, dh,
                         gb, gn, g3, gh, qk_scale, sm_scale,
                         HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """dq of one query block: a walk over every key block."""
+    """dq of one query block, a walk over every key block; first the block's rowsum(dout * out) (the softmax
+    backward's correction, float32), which it also stores for the dk / dv kernel launched after it."""
     batch_head, batch, head, base, first = _head_coords(tokens, heads, sb, sh, BLOCK_M)
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -154,9 +140,11 @@ def _attn_bwd_dq_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3,
     rows = offs_m[:, None].to(tl.int64)
     q = tl.load(QKV + base + rows * sn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
     dout = tl.load(DOUT + batch * db + head * dh + rows * dn + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+    out = tl.load(OUT + batch * ob + head * oh + rows * on + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+    rowdot = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
     stats = batch_head.to(tl.int64) * tokens
+    tl.store(ROWDOT + stats + offs_m, rowdot, mask=m_mask)
     lse = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0)
-    rowdot = tl.load(ROWDOT + stats + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
     for start in range(0, tokens, BLOCK_N):
         keys = start + offs_n
@@ -263,15 +251,14 @@ def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     db, dn, dh, _ = dout.stride()
     gb, gn, g3, gh, _ = dqkv.stride()
     rowdot = torch.empty_like(lse)
-    compiled_launcher(_attn_bwd_rowdot_kernel)[(triton.cdiv(tokens, block_m) * batch * heads,)](
-        out, dout, rowdot, tokens, heads, ob, on, oh, db, dn, dh, HEAD_D=head_dim, BLOCK_M=block_m,
-        num_warps=launch.num_warps)
-    args = (qkv, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, db, dn, dh, gb, gn, g3, gh, qk_scale,
-            sm_scale)
-    compiled_launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(tokens, block_n) * batch * heads,)](
-        *args, BLOCK_M=block_m, BLOCK_N=block_n, **options)
+    grads = (db, dn, dh, gb, gn, g3, gh, qk_scale, sm_scale)
+    # dq first: its programs also store rowsum(dout * out), which the dk / dv programs read.
     compiled_launcher(_attn_bwd_dq_kernel)[(triton.cdiv(tokens, block_m) * batch * heads,)](
-        *args, BLOCK_M=block_m, BLOCK_N=block_n, **options)
+        qkv, out, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, ob, on, oh, *grads,
+        BLOCK_M=block_m, BLOCK_N=block_n, **options)
+    compiled_launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(tokens, block_n) * batch * heads,)](
+        qkv, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, *grads,
+        BLOCK_M=block_m, BLOCK_N=block_n, **options)
     return dqkv
 
 
