@@ -276,6 +276,7 @@ class PackedAttentionTriton(torch.autograd.Function):
 
 
 # Custom ops for torch.compile (dynamo cannot trace the launches); eager calls take the autograd.Function above.
+# The ops take tensors only (an op's schema has no AttentionLaunch), so they run the default launch.
 def _attention_fwd(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed_attention_fwd(qkv)
 

@@ -165,21 +165,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
         if self.attention_backend == "triton":
             from kernels.triton_attention import packed_attention_triton
 
             if self.training and self.attn_drop > 0:
                 raise ValueError("attention_backend 'triton' has no attention dropout")
-            qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
-            return self.proj_drop(self.proj(packed_attention_triton(qkv).reshape(b, n, c)))
-        # q / k / v split along the fused projection's own axis, then viewed head-first: the backward stacks dq /
-        # dk / dv straight into the projection's (b, n, 3 * c) gradient. Splitting a head-first permute instead
-        # (timm's way) costs a second full copy of that gradient: ViT-B MAE step 8.6 % slower eager on an H100
-        # (bench/attention.py, docs/pretrain_benchmarks.md); the same compiled.
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2))
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(b, n, c)
-        return self.proj_drop(self.proj(x))
+            x = packed_attention_triton(qkv)  # (b, n, heads, head_dim): the reshape below is a view
+        else:
+            # q / k / v split along the fused projection's own axis, then viewed head-first: the backward stacks dq /
+            # dk / dv straight into the projection's (b, n, 3 * c) gradient. Splitting a head-first permute instead
+            # (timm's way) costs a second full copy of that gradient: ViT-B MAE step 8.6 % slower eager on an H100
+            # (bench/attention.py, docs/pretrain_benchmarks.md); the same compiled.
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+            x = x.transpose(1, 2)
+        return self.proj_drop(self.proj(x.reshape(b, n, c)))
 
 
 class Block(nn.Module):
