@@ -6,7 +6,9 @@ tensors of (256, 768, 53), far above what their bytes cost.
 
 A program owns BLOCK_D channels of one sequence over a span of positions and walks it in chunks of CHUNK positions.
 A chunk is unrolled position by position, each position one vector of the block's channels (contiguous in memory
-when x is channel-last, as a Vim block hands it over), so every value is loaded once and computed once:
+when x is channel-last, as a Vim block hands it over), so every value is loaded once and computed once. That walk
+serves channel-last x; a contiguous x, whose channels lie a sequence apart, runs the position tiles of
+``kernels/triton_causal_conv1d_tiles.py`` instead (by default; an explicit ``ConvLaunch`` runs the walk on any layout).
 
 * forward: ``pre[t] = bias + sum_k w[k] * x[t - (W-1) + k]``, then SiLU. The chunk loads x at its W-1 positions
   before it (zero outside the sequence: the padding is the load mask) and at its own positions.
@@ -37,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_causal_conv1d_tiles import conv_tiles_bwd, conv_tiles_fwd, tile_spans
 from kernels.triton_launch import compiled_launcher
 
 MAX_CHUNK = 16  # positions unrolled per chunk; with the backward's W-1 extra pre-activations 3/16 are recomputed
@@ -223,6 +226,13 @@ def _channel_last(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[1] > 1
 
 
+def _takes_tiles(x: torch.Tensor, launch: ConvLaunch | None) -> bool:
+    """Whether a call runs the position tiles of kernels/triton_causal_conv1d_tiles.py: x not channel-last and no
+    explicit chunk-walk launch (bench.conv --launches and the tests pass one to time or check the walk on any
+    layout)."""
+    return launch is None and not _channel_last(x)
+
+
 def _launch_for(x: torch.Tensor, launch: ConvLaunch | None
                 ) -> tuple[ConvLaunch, tuple[int, int, int], dict[str, int]]:
     """The launch (``conv_launch``'s unless given), its grid (batch, channel blocks, spans) and the kernels'
@@ -238,6 +248,9 @@ def causal_conv1d_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
                              reverse: bool, launch: ConvLaunch | None = None) -> torch.Tensor:
     weight = weight.contiguous()
     out = empty_in_layout(x)
+    if _takes_tiles(x, launch):
+        conv_tiles_fwd(x, weight, bias, out, silu, reverse)
+        return out
     _, grid, tile = _launch_for(x, launch)
     compiled_launcher(_conv_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], *x.stride(), *out.stride(),
@@ -252,13 +265,17 @@ def causal_conv1d_triton_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     weight = weight.contiguous()
     batch, dim, length = x.shape
     width = weight.shape[1]
-    launch, grid, tile = _launch_for(x, launch)
     dx = empty_in_layout(x)
-    partial = torch.empty(batch * launch.spans, dim, width + 1, device=x.device, dtype=torch.float32)
-    compiled_launcher(_conv_bwd_kernel)[grid](
-        x, weight, bias if bias is not None else weight, dout, dx, partial, dim, length, launch.spans,
-        *x.stride(), *dout.stride(), *dx.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu,
-        REVERSE=reverse, **tile)
+    if _takes_tiles(x, launch):
+        partial = torch.empty(batch * tile_spans(length), dim, width + 1, device=x.device, dtype=torch.float32)
+        conv_tiles_bwd(x, weight, bias, dout, dx, partial, silu, reverse)
+    else:
+        launch, grid, tile = _launch_for(x, launch)
+        partial = torch.empty(batch * launch.spans, dim, width + 1, device=x.device, dtype=torch.float32)
+        compiled_launcher(_conv_bwd_kernel)[grid](
+            x, weight, bias if bias is not None else weight, dout, dx, partial, dim, length, launch.spans,
+            *x.stride(), *dout.stride(), *dx.stride(), WIDTH=width, HAS_BIAS=bias is not None, SILU=silu,
+            REVERSE=reverse, **tile)
     dweight = torch.empty(dim, width, device=x.device, dtype=weight.dtype)
     dbias = torch.empty_like(bias) if bias is not None else None
     compiled_launcher(_sum_partials_kernel)[(triton.cdiv(dim * (width + 1), SUM_BLOCK_C),)](

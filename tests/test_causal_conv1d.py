@@ -79,7 +79,8 @@ def test_auto_backend_is_triton_on_cuda_and_torch_elsewhere():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_kernels_match_explicit_taps_with_grads(width, activation, with_bias, reverse):
     """The Triton forward and backward (interpreted on the CPU, compiled on CUDA) against the float64 taps, on a
-    length that spans two position tiles and a channel count that is no multiple of the channel tile."""
+    length that spans two position tiles and a channel count that is no multiple of the channel tile (contiguous x:
+    the position tiles of kernels/triton_causal_conv1d_tiles.py)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
@@ -107,7 +108,8 @@ def test_triton_kernels_match_explicit_taps_with_grads(width, activation, with_b
 def test_triton_kernels_read_a_channel_last_view_in_place(reverse):
     """x as a Vim block hands it over: a (batch, dim, L) view into the channel-last input projection's output (half
     of its channels), and the gradient channel-last. The Triton conv reads both through their strides and writes the
-    output and dx channel-last, no copy, with the values and gradients of the contiguous input."""
+    output and dx channel-last, no copy, with the values and gradients of the contiguous input (which runs the
+    position tiles, not the chunk walk: equal up to rounding)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,9 +142,18 @@ def test_triton_kernels_read_a_channel_last_view_in_place(reverse):
     plain = x.detach().contiguous().requires_grad_(True)
     want = causal_conv1d_fn(plain, w, b, "silu", backend="triton", reverse=reverse)
     (dplain,) = torch.autograd.grad((want * g).sum(), [plain])
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(dxz.transpose(1, 2)[:, :19], dplain, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dxz.transpose(1, 2)[:, :19], dplain, rtol=1e-6, atol=1e-6)
     assert dxz.transpose(1, 2)[:, 19:].abs().max() == 0
+
+
+def test_contiguous_x_runs_the_position_tiles_unless_a_walk_is_asked_for():
+    from kernels.triton_causal_conv1d import _takes_tiles, conv_launch
+
+    x = torch.zeros(2, 19, 70)
+    assert _takes_tiles(x, None)
+    assert not _takes_tiles(x.transpose(1, 2).contiguous().transpose(1, 2), None)
+    assert not _takes_tiles(x, conv_launch(2, 19, 70, channel_last=False))
 
 
 def test_conv_launch_tiles_the_vim_shapes():
@@ -215,6 +226,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from kernels.triton_causal_conv1d import (SUM_BLOCK_C, SUM_BLOCK_R, _conv_bwd_kernel, _conv_fwd_kernel,
                                           _sum_partials_kernel, conv_launch)
+from kernels.triton_causal_conv1d_tiles import (TILE_D, TILE_L, TILE_SPAN, _conv_tiles_bwd_kernel,
+                                                _conv_tiles_fwd_kernel, tile_spans)
 
 # A Vim-S block's x (channel-last view: channel stride 1) and a contiguous x, each with its launch, as the launcher
 # hands them over: an integer argument equal to 1 becomes a constant, pointers and integers divisible by 16 carry
@@ -252,6 +265,13 @@ for strides, dense, channel_last in layouts:
             consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=reverse, BLOCK_D=launch.block_d,
                           CHUNK=launch.chunk, SPAN=launch.span)
             build(kernel, dict(ints), consts, launch.num_warps, bf16)
+    if not channel_last:  # what a contiguous x runs by default: the position tiles
+        ints["n_spans"] = tile_spans(50)
+        for kernel in (_conv_tiles_fwd_kernel, _conv_tiles_bwd_kernel):
+            for reverse in (False, True):
+                consts = dict(WIDTH=4, HAS_BIAS=True, SILU=True, REVERSE=reverse, BLOCK_D=TILE_D, BLOCK_L=TILE_L,
+                              SPAN=TILE_SPAN)
+                build(kernel, dict(ints), consts, 4, bf16)
 build(_sum_partials_kernel, dict(rows=512, dim=768), dict(WIDTH=4, HAS_BIAS=True, BLOCK_R=SUM_BLOCK_R,
                                                           BLOCK_C=SUM_BLOCK_C), 4, {})
 """
@@ -259,12 +279,13 @@ build(_sum_partials_kernel, dict(rows=512, dim=768), dict(WIDTH=4, HAS_BIAS=True
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
     """Triton's real compiler (not the interpreter) builds both conv kernels for sm_90, for a channel-last and a
-    contiguous x: the interpreter accepts code the compiler rejects (tests/test_scan_sm90_build.py)."""
+    contiguous x, and the position tiles for the contiguous one: the interpreter accepts code the compiler rejects
+    (tests/test_scan_sm90_build.py)."""
     pytest.importorskip("triton")
     from kernels.testing import run_compiled
 
     stdout = run_compiled(CONV_BUILD_SCRIPT, tmp_path / "cache")
-    assert stdout.count("built") == 9, stdout
+    assert stdout.count("built") == 13, stdout
 
 
 @pytest.mark.parametrize("reverse", [False, True])
