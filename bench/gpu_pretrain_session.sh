@@ -19,6 +19,8 @@
 #   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
 #       (default SDPA against triton, with the triton-vs-SDPA differences), then the compiled ViT-B/16 (batch 256)
 #       and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json, $OUT/attn_*.json
+#   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S)
+#   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA and on triton
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -90,7 +92,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vitbattngraphs, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -156,6 +158,13 @@ for part in "$@"; do
         model_row . vims_attn_sdpa "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512
         model_row . vims_attn_triton "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend triton
         ;;
+    vitbattngraphs)
+        # ViT-B's compiled step under CUDA graphs on SDPA and on our kernels: with plain --compile the step is within
+        # 2 ms of its kernels' 54, so a custom op's host cost per call can show as GPU time lost (twenty-eighth
+        # session: ours -1.5 %); graphs take the host out
+        vitb_row . attn_sdpa_graphs 150 --compile_mode reduce-overhead
+        vitb_row . attn_triton_graphs 150 --compile_mode reduce-overhead --attention_backend triton
+        ;;
     loop)
         loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
         loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
@@ -165,7 +174,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vitbattngraphs, loop)" >&2
         exit 2
         ;;
     esac
