@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_causal_conv1d_tiles import conv_tiles_bwd, conv_tiles_fwd, tile_spans
+from kernels.triton_conv_common import conv_program_setup, store_partial_row
 from kernels.triton_launch import compiled_launcher
 
 MAX_CHUNK = 16  # positions unrolled per chunk; with the backward's W-1 extra pre-activations 3/16 are recomputed
@@ -82,22 +83,6 @@ def conv_launch(batch: int, dim: int, length: int, channel_last: bool, block_d: 
 
 
 @triton.jit
-def _program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """This program's sequence (x's base), span, channels, channel mask, the taps' weights (a tuple) and the bias."""
-    batch, pid_d, span = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dim_mask = offs_d < dim
-    taps = ()
-    for k in tl.static_range(WIDTH):
-        taps = taps + (tl.load(w_ptr + offs_d * WIDTH + k, mask=dim_mask, other=0.0).to(tl.float32),)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=dim_mask, other=0.0).to(tl.float32)
-    return batch, span, x_ptr + batch.to(tl.int64) * x_stride_b, offs_d, dim_mask, taps, bias
-
-
-@triton.jit
 def _at(t, length, REVERSE: tl.constexpr):
     """The memory position of walk index ``t`` and whether it lies in the sequence."""
     return (length - 1 - t) if REVERSE else t, (t >= 0) & (t < length)
@@ -131,8 +116,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, x_stride_b, x_st
                      out_stride_b, out_stride_d, out_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                      SPAN: tl.constexpr):
-    batch, span, x_seq, offs_d, dim_mask, taps, bias = _program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
-                                                                      HAS_BIAS, BLOCK_D)
+    batch, span, x_seq, offs_d, dim_mask, taps, bias = conv_program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
+                                                                          HAS_BIAS, BLOCK_D)
     out_seq = out_ptr + batch.to(tl.int64) * out_stride_b
     for t0 in tl.range(span * SPAN, tl.minimum(span * SPAN + SPAN, length), CHUNK):
         xs = ()  # x at walk indices t0 - (W-1) .. t0 + CHUNK - 1
@@ -151,8 +136,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr, dim, lengt
                      dx_stride_b, dx_stride_d, dx_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                      SPAN: tl.constexpr):
-    batch, span, x_seq, offs_d, dim_mask, taps, bias = _program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
-                                                                      HAS_BIAS, BLOCK_D)
+    batch, span, x_seq, offs_d, dim_mask, taps, bias = conv_program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
+                                                                          HAS_BIAS, BLOCK_D)
     dout_seq = dout_ptr + batch.to(tl.int64) * dout_stride_b
     dx_seq = dx_ptr + batch.to(tl.int64) * dx_stride_b
     dw_acc = ()
@@ -184,11 +169,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr, dim, lengt
                     dx += taps[k] * dpres[s - k]
                 _store_at(dx_seq, dx, t0 + s - (WIDTH - 1), offs_d, dim_mask, length, dx_stride_d, dx_stride_l,
                           REVERSE)
-    # This program's row of the partial sums: (batch, span) x (dim, W + 1), dbias in the last column.
-    row = part_ptr + (batch * n_spans + span).to(tl.int64) * dim * (WIDTH + 1) + offs_d * (WIDTH + 1)
-    for k in tl.static_range(WIDTH):
-        tl.store(row + k, dw_acc[k], mask=dim_mask)
-    tl.store(row + WIDTH, db_acc, mask=dim_mask)
+    store_partial_row(part_ptr, dw_acc, db_acc, batch, span, n_spans, dim, offs_d, dim_mask, WIDTH)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_conv_common import conv_program_setup, store_partial_row
 from kernels.triton_launch import compiled_launcher
 
 TILE_D, TILE_L = 16, 64  # channels x positions of a tile (128-byte rows of bf16)
@@ -37,21 +38,6 @@ def _tap(x_ptr, offs_d, pos, dim_mask, length, stride_d, stride_l):
 
 
 @triton.jit
-def _tile_program(dim, w_ptr, b_ptr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's sequence, span, channels, channel mask, the taps' weights (a tuple) and the bias."""
-    batch, pid_d, span = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dim_mask = offs_d < dim
-    taps = ()
-    for k in tl.static_range(WIDTH):
-        taps = taps + (tl.load(w_ptr + offs_d * WIDTH + k, mask=dim_mask, other=0.0).to(tl.float32),)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=dim_mask, other=0.0).to(tl.float32)
-    return batch, span, offs_d, dim_mask, taps, bias
-
-
-@triton.jit
 def _store_tile(seq_ptr, values, offs_d, offs_l, dim_mask, length, stride_d, stride_l):
     at = offs_d[:, None] * stride_d + offs_l[None, :] * stride_l
     tl.store(seq_ptr + at, values.to(seq_ptr.dtype.element_ty), mask=dim_mask[:, None] & (offs_l[None, :] < length))
@@ -62,8 +48,8 @@ def _conv_tiles_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, length, x_stride_b
                            out_stride_b, out_stride_d, out_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
                            SPAN: tl.constexpr):
-    batch, span, offs_d, dim_mask, taps, bias = _tile_program(dim, w_ptr, b_ptr, WIDTH, HAS_BIAS, BLOCK_D)
-    x_seq = x_ptr + batch.to(tl.int64) * x_stride_b
+    batch, span, x_seq, offs_d, dim_mask, taps, bias = conv_program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
+                                                                          HAS_BIAS, BLOCK_D)
     out_seq = out_ptr + batch.to(tl.int64) * out_stride_b
     for start in tl.range(span * SPAN, tl.minimum(span * SPAN + SPAN, length), BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
@@ -81,8 +67,8 @@ def _conv_tiles_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr, dim,
                            dx_stride_b, dx_stride_d, dx_stride_l, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SILU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
                            SPAN: tl.constexpr):
-    batch, span, offs_d, dim_mask, taps, bias = _tile_program(dim, w_ptr, b_ptr, WIDTH, HAS_BIAS, BLOCK_D)
-    x_seq = x_ptr + batch.to(tl.int64) * x_stride_b
+    batch, span, x_seq, offs_d, dim_mask, taps, bias = conv_program_setup(x_ptr, w_ptr, b_ptr, x_stride_b, dim, WIDTH,
+                                                                          HAS_BIAS, BLOCK_D)
     dout_seq = dout_ptr + batch.to(tl.int64) * dout_stride_b
     dx_seq = dx_ptr + batch.to(tl.int64) * dx_stride_b
     dw_acc = ()
@@ -120,11 +106,10 @@ def _conv_tiles_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr, dim,
                 dw_acc = summed
                 db_acc += dpre
         _store_tile(dx_seq, dx, offs_d, offs_l, dim_mask, length, dx_stride_d, dx_stride_l)
-    # This program's row of the partial sums: (batch, span) x (dim, W + 1), dbias in the last column.
-    row = part_ptr + (batch * n_spans + span).to(tl.int64) * dim * (WIDTH + 1) + offs_d * (WIDTH + 1)
+    dw_rows = ()
     for k in tl.static_range(WIDTH):
-        tl.store(row + k, tl.sum(dw_acc[k], axis=1), mask=dim_mask)
-    tl.store(row + WIDTH, tl.sum(db_acc, axis=1), mask=dim_mask)
+        dw_rows = dw_rows + (tl.sum(dw_acc[k], axis=1),)
+    store_partial_row(part_ptr, dw_rows, tl.sum(db_acc, axis=1), batch, span, n_spans, dim, offs_d, dim_mask, WIDTH)
 
 
 def tile_spans(length: int) -> int:
