@@ -20,18 +20,17 @@ import torch
 from torch import Tensor
 
 from kernels.strides import with_strides
+from kernels.triton_launch import ceil_div, next_power_of_2
 from kernels.triton_scan_bwd import selective_scan_bwd_launch
 from kernels.triton_scan_common import (
     FORWARD_ONLY_VARIANTS,
     SCAN_VARIANTS,
     SEQUENCE_STRIDED_VARIANTS,
     ScanLaunchConfig,
-    ceil_div,
     default_launch_config,
     default_segments,
     dim_major,
     is_sequence_layout,
-    next_power_of_2,
     position_major,
 )
 from kernels.triton_scan_fwd import selective_scan_fwd_launch

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import compiled_launcher
+from kernels.triton_launch import ceil_div, compiled_launcher
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (one tl.dot operand dimension, a power of two >= 16)
@@ -228,7 +228,7 @@ def packed_attention_fwd(qkv: torch.Tensor, launch: AttentionLaunch | None = Non
     qk_scale, _ = _scales(head_dim)
     sb, sn, s3, sh, _ = qkv.stride()
     ob, on, oh, _ = out.stride()
-    compiled_launcher(_attn_fwd_kernel)[(triton.cdiv(tokens, block_m) * batch * heads,)](
+    compiled_launcher(_attn_fwd_kernel)[(ceil_div(tokens, block_m) * batch * heads,)](
         qkv, out, lse, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, **options)
     return out, lse
@@ -253,10 +253,10 @@ def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     rowdot = torch.empty_like(lse)
     grads = (db, dn, dh, gb, gn, g3, gh, qk_scale, sm_scale)
     # dq first: its programs also store rowsum(dout * out), which the dk / dv programs read.
-    compiled_launcher(_attn_bwd_dq_kernel)[(triton.cdiv(tokens, block_m) * batch * heads,)](
+    compiled_launcher(_attn_bwd_dq_kernel)[(ceil_div(tokens, block_m) * batch * heads,)](
         qkv, out, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, ob, on, oh, *grads,
         BLOCK_M=block_m, BLOCK_N=block_n, **options)
-    compiled_launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(tokens, block_n) * batch * heads,)](
+    compiled_launcher(_attn_bwd_dkdv_kernel)[(ceil_div(tokens, block_n) * batch * heads,)](
         qkv, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, *grads,
         BLOCK_M=block_m, BLOCK_N=block_n, **options)
     return dqkv

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from kernels.triton_causal_conv1d_tiles import conv_tiles_bwd, conv_tiles_fwd, tile_spans
 from kernels.triton_conv_common import conv_program_setup, store_partial_row
-from kernels.triton_launch import compiled_launcher
+from kernels.triton_launch import ceil_div, compiled_launcher
 
 MAX_CHUNK = 16  # positions unrolled per chunk; with the backward's W-1 extra pre-activations 3/16 are recomputed
 MIN_PROGRAMS = 1024  # a sequence is split into spans only while (batch x channel blocks) programs are fewer
@@ -74,12 +74,12 @@ def conv_launch(batch: int, dim: int, length: int, channel_last: bool, block_d: 
     a row the final sum reads."""
     num_warps = num_warps or 2
     block_d = block_d or 32 * num_warps * (2 if channel_last else 1)
-    n_chunks = max(1, triton.cdiv(length, max_chunk))  # (an empty tensor still gets a valid, empty launch)
-    chunk = max(1, triton.cdiv(length, n_chunks))
-    programs = max(1, batch * triton.cdiv(dim, block_d))
-    spans = max(1, min(n_chunks, triton.cdiv(min_programs, programs)))
-    span_chunks = triton.cdiv(n_chunks, spans)
-    return ConvLaunch(block_d, num_warps, chunk, triton.cdiv(n_chunks, span_chunks), span_chunks)
+    n_chunks = max(1, ceil_div(length, max_chunk))  # (an empty tensor still gets a valid, empty launch)
+    chunk = max(1, ceil_div(length, n_chunks))
+    programs = max(1, batch * ceil_div(dim, block_d))
+    spans = max(1, min(n_chunks, ceil_div(min_programs, programs)))
+    span_chunks = ceil_div(n_chunks, spans)
+    return ConvLaunch(block_d, num_warps, chunk, ceil_div(n_chunks, span_chunks), span_chunks)
 
 
 @triton.jit
@@ -220,7 +220,7 @@ def _launch_for(x: torch.Tensor, launch: ConvLaunch | None
     tile constexprs and options."""
     batch, dim, length = x.shape
     launch = launch or conv_launch(batch, dim, length, _channel_last(x))
-    grid = (batch, triton.cdiv(dim, launch.block_d), launch.spans)
+    grid = (batch, ceil_div(dim, launch.block_d), launch.spans)
     return launch, grid, dict(BLOCK_D=launch.block_d, CHUNK=launch.chunk, SPAN=launch.span,
                               num_warps=launch.num_warps)
 
@@ -259,7 +259,7 @@ def causal_conv1d_triton_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
             REVERSE=reverse, **tile)
     dweight = torch.empty(dim, width, device=x.device, dtype=weight.dtype)
     dbias = torch.empty_like(bias) if bias is not None else None
-    compiled_launcher(_sum_partials_kernel)[(triton.cdiv(dim * (width + 1), SUM_BLOCK_C),)](
+    compiled_launcher(_sum_partials_kernel)[(ceil_div(dim * (width + 1), SUM_BLOCK_C),)](
         partial, dweight, dbias if dbias is not None else dweight, partial.shape[0], dim, WIDTH=width,
         HAS_BIAS=bias is not None, BLOCK_R=SUM_BLOCK_R, BLOCK_C=SUM_BLOCK_C)
     return dx, dweight, dbias

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_conv_common import conv_program_setup, store_partial_row
-from kernels.triton_launch import compiled_launcher
+from kernels.triton_launch import ceil_div, compiled_launcher
 
 TILE_D, TILE_L = 16, 64  # channels x positions of a tile (128-byte rows of bf16)
 TILE_SPAN = 64  # positions per program
@@ -114,12 +114,12 @@ def _conv_tiles_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr, dim,
 
 def tile_spans(length: int) -> int:
     """Programs per sequence (each TILE_SPAN positions); at least one, so an empty sequence still launches."""
-    return max(1, triton.cdiv(length, TILE_SPAN))
+    return max(1, ceil_div(length, TILE_SPAN))
 
 
 def _grid(x: torch.Tensor) -> tuple[int, int, int]:
     batch, dim, length = x.shape
-    return batch, triton.cdiv(dim, TILE_D), tile_spans(length)
+    return batch, ceil_div(dim, TILE_D), tile_spans(length)
 
 
 _TILE = dict(BLOCK_D=TILE_D, BLOCK_L=TILE_L, SPAN=TILE_SPAN, num_warps=4)

@@ -89,6 +89,17 @@ class CompiledLaunch:
             *args, *tail)  # no launch metadata or hooks: none are set
 
 
+# Host-side integer helpers for every launcher: triton.cdiv and triton.next_power_of_2 are constexpr functions
+# (Triton 3.6 and 3.8) whose host calls cost about 5 us each on the development machine, against 0.07 us for the
+# integer arithmetic; a scan's forward + backward computed a dozen, an attention block's three launches three.
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 @functools.cache
 def compiled_launcher(kernel: Any) -> CompiledLaunch:
     """The ``CompiledLaunch`` of a kernel, one per kernel object (its compiled handles live as long as it does)."""

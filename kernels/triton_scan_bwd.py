@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import compiled_launcher
+from kernels.triton_launch import ceil_div, compiled_launcher, next_power_of_2
 from kernels.triton_scan_bwd2 import _scan_bwd_kernel_v2
 from kernels.triton_scan_bwd3 import _scan_bwd_kernel_v3
 from kernels.triton_scan_common import (
@@ -32,12 +32,10 @@ from kernels.triton_scan_common import (
     ScanLaunchConfig,
     backward_finish,
     backward_start,
-    ceil_div,
     channel_block,
     channel_params,
     dim_major,
     launch_options,
-    next_power_of_2,
     position_major,
     segment_walk,
     sequence_strides,

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import ceil_div, next_power_of_2
+
 
 @triton.jit
 def softplus(x):
@@ -174,16 +176,6 @@ def backward_finish(DA, DD, DDELTA_BIAS, dA_acc, dD_acc, dbias_acc, offs_d, offs
 SCAN_VARIANTS = ("v1", "v2", "v3", "v4")
 # Variants with a forward kernel only: their saved chunk states feed a v1 or v2 backward.
 FORWARD_ONLY_VARIANTS = ("v4",)
-
-
-# Host-side integer helpers for the launchers: since Triton 3.8, triton.cdiv and triton.next_power_of_2 are
-# constexpr functions whose host calls cost microseconds each, a dozen times per forward + backward.
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @dataclass(frozen=True)

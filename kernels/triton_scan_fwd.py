@@ -15,17 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import compiled_launcher
+from kernels.triton_launch import ceil_div, compiled_launcher, next_power_of_2
 from kernels.triton_scan_common import (
     SEQ_UNSPECIALIZED,
     UNSPECIALIZED,
     ScanLaunchConfig,
-    ceil_div,
     channel_block,
     channel_params,
     dim_major,
     launch_options,
-    next_power_of_2,
     position_major,
     position_walk,
     segment_walk,

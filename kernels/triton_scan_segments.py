@@ -24,11 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import compiled_launcher
+from kernels.triton_launch import ceil_div, compiled_launcher
 from kernels.triton_scan_common import (
     UNSPECIALIZED,
     ScanLaunchConfig,
-    ceil_div,
     channel_block,
     channel_params,
     chunk_position,

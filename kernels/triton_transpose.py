@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_launch import compiled_launcher
+from kernels.triton_launch import ceil_div, compiled_launcher
 
 # (rows, columns, warps) of one program's tile. `python -m bench.transpose` on one H100 (twenty-fourth session; raw
 # docs/results/transpose_h100_s24.json), GB/s contiguous -> channel-last / back at (128, 768, L=197), where the
@@ -72,7 +72,7 @@ def transposed_copies(xs: list[torch.Tensor], tile: tuple[int, int, int] = DEFAU
     for start in range(0, len(xs), MAX_TENSORS):
         pairs = list(zip(xs[start:start + MAX_TENSORS], ys[start:start + MAX_TENSORS]))
         padded = pairs + [pairs[0]] * (MAX_TENSORS - len(pairs))
-        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c), batch * len(pairs))
+        grid = (ceil_div(rows, block_r), ceil_div(cols, block_c), batch * len(pairs))
         compiled_launcher(_transpose_kernel)[grid](*(x for x, _ in padded), *(y for _, y in padded), rows, cols,
                                                    batch, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     return ys

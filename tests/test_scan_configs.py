@@ -26,7 +26,7 @@ def test_default_segments_split_only_grids_too_small_for_the_device():
 def test_host_integer_helpers_match_triton():
     import triton
 
-    from kernels.triton_scan_common import ceil_div, next_power_of_2
+    from kernels.triton_launch import ceil_div, next_power_of_2
 
     for a in range(1, 600):
         assert next_power_of_2(a) == triton.next_power_of_2(a), a
