@@ -43,6 +43,7 @@ from common.data import build_dataset, build_loader, default_normalization, gpu_
 from common.data.resident import ResidentLoader, decode_all  # noqa: E402
 from common.torch_compile import compile_in_place  # noqa: E402
 from kernels.selective_scan_interface import BACKENDS  # noqa: E402
+from models.layers import ATTENTION_BACKENDS, set_backend  # noqa: E402
 from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
 from pretrain.schedule import build_optimizer  # noqa: E402
@@ -109,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the Vim blocks' causal conv (kernels.causal_conv1d_fn backend; triton: our kernels)")
     p.add_argument("--sdpa_backend", default="default", choices=SDPA_BACKENDS,
                    help="the only scaled_dot_product_attention backend left enabled (default: torch's choice)")
-    p.add_argument("--attention_backend", default="sdpa", choices=["sdpa", "triton"],
+    p.add_argument("--attention_backend", default="sdpa", choices=ATTENTION_BACKENDS,
                    help="the ViT / MAE-decoder attention blocks (triton: kernels/triton_attention.py)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--profile_steps", type=int, default=0,
@@ -130,14 +131,6 @@ def select_rows(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     if args.batch_size:
         rows = [(m, s, args.batch_size) for m, s, _ in rows]
     return rows
-
-
-def set_backend(model: torch.nn.Module, attribute: str, backend: str) -> None:
-    """Put every module of ``model`` that has ``attribute`` (``scan_backend``: the Vim and SS2D mixers, encoder and
-    decoder; ``conv_backend``: the Vim mixers' causal conv; ``attention_backend``: the attention blocks) on ``backend``."""
-    for module in model.modules():
-        if hasattr(module, attribute):
-            setattr(module, attribute, backend)
 
 
 def _sync(device: torch.device) -> None:

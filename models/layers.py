@@ -145,6 +145,18 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+ATTENTION_BACKENDS = ("sdpa", "triton")
+
+
+def set_backend(model: nn.Module, attribute: str, backend: str) -> None:
+    """Put every module of ``model`` that has ``attribute`` on ``backend``: ``attention_backend`` (the attention
+    blocks, ``ATTENTION_BACKENDS``), ``scan_backend`` (the Vim and SS2D mixers, encoder and decoder) or
+    ``conv_backend`` (the Vim mixers' causal conv)."""
+    for module in model.modules():
+        if hasattr(module, attribute):
+            setattr(module, attribute, backend)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient on GPU)."""
 

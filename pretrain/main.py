@@ -33,6 +33,7 @@ from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
 from common.torch_compile import compile_in_place  # noqa: E402
+from models.layers import ATTENTION_BACKENDS, set_backend  # noqa: E402
 from pretrain.checkpointing import CheckpointManager, CheckpointMismatch  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
 from pretrain.deepspeed_settings import fill_script_fields  # noqa: E402
@@ -75,6 +76,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.ddp_comm_hook not in ("no", "bf16", "fp16") or cfg.ddp_bucket_mb < 1:
         raise ConfigError(f"ddp_comm_hook must be no, bf16 or fp16 and ddp_bucket_mb >= 1, got "
                           f"{cfg.ddp_comm_hook!r}, {cfg.ddp_bucket_mb}")
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
+                          f"{cfg.attention_backend!r}")
     if cfg.interpolation not in ("bicubic", "bilinear"):
         raise ConfigError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
@@ -154,6 +158,10 @@ def run(cfg: PretrainConfig) -> int:
                                 norm_pix_loss=cfg.norm_pix_loss)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.attention_backend == "triton" and accelerator.device.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("--attention_backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    set_backend(model, "attention_backend", cfg.attention_backend)
     model.to(accelerator.device)
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
     optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=use_fused_adamw(accelerator))

@@ -286,6 +286,32 @@ def test_model_names_are_checked_before_anything_runs(curated: Path, tmp_path: P
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # stopped before the output folder
 
 
+def test_attention_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """--attention_backend triton (here interpreted on the CPU) puts every attention block, encoder and decoder, on
+    kernels/triton_attention.py: the same losses as SDPA's up to float32 rounding, the choice kept in config.yaml;
+    an unknown backend, or triton with neither CUDA nor the interpreter, is a one-line error before any step."""
+    common = {"max_steps": 3, "batch_size": 4}
+    assert pretrain_main(args(curated, tmp_path / "sdpa", **common)) == 0
+    assert pretrain_main(args(curated, tmp_path / "triton", attention_backend="triton", **common)) == 0
+    sdpa = [r["loss"] for r in read_jsonl(tmp_path / "sdpa" / "log.jsonl") if "loss" in r]
+    triton = [r["loss"] for r in read_jsonl(tmp_path / "triton" / "log.jsonl") if "loss" in r]
+    assert len(sdpa) == len(triton) == 3
+    rel = 2e-2 if torch.cuda.is_available() else 1e-4  # bf16 autocast on CUDA, float32 on the CPU
+    assert triton == pytest.approx(sdpa, rel=rel, abs=1e-6) and triton != sdpa  # other kernels, same model
+    assert load_yaml(tmp_path / "triton" / "config.yaml")["attention_backend"] == "triton"
+    capfd.readouterr()
+    assert pretrain_main(args(curated, tmp_path / "bad", attention_backend="flash")) == 2
+    assert "attention_backend must be one of sdpa, triton, got 'flash'" in capfd.readouterr().out
+    assert not (tmp_path / "bad").exists()
+    if not torch.cuda.is_available():  # no CUDA and no interpreter: said before the first step
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv("TRITON_INTERPRET", raising=False)
+            assert pretrain_main(args(curated, tmp_path / "cpu", attention_backend="triton", **common)) == 2
+        assert "--attention_backend triton needs a CUDA device" in capfd.readouterr().out
+        assert not (tmp_path / "cpu" / "log.jsonl").exists()
+
+
 def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:
     cfg = parse_config(PretrainConfig, ["--config", str(DEMO_CONFIG), "--batch_size", "7", "--no-norm_pix_loss"])
     demo = load_yaml(DEMO_CONFIG)

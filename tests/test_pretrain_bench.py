@@ -78,7 +78,7 @@ def test_scan_and_conv_backend_flags_reach_every_mixer(tmp_path: Path) -> None:
     """--scan_backend / --conv_backend put the Vim MAE's encoder and decoder mixers on those backends (a synthetic
     CPU row with the reference scan and the Triton conv, interpreted, runs: the flags are honoured end to end)."""
     import models
-    from bench.pretrain import set_backend
+    from models.layers import set_backend
 
     model = models.create_model("mae_test_vim", img_size=32, in_chans=1)
     set_backend(model, "scan_backend", "reference")
