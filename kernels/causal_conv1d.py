@@ -16,9 +16,6 @@ import torch.nn.functional as F
 ACTIVATIONS = (None, "silu", "swish")
 
 
-# A constant for torch.compile: dynamo skips importlib, so tracing the lookup on every call broke the graph
-# at each conv of a compiled Vim on CUDA.
-@torch.compiler.assume_constant_result
 def causal_conv1d_available() -> bool:
     """Whether the optional ``causal_conv1d`` CUDA package can be imported."""
     return importlib.util.find_spec("causal_conv1d") is not None
@@ -91,7 +88,9 @@ def causal_conv1d_fn(
     if backend == "causal_conv1d":
         if not x.is_cuda:
             raise ValueError("causal_conv1d: the causal_conv1d backend needs CUDA tensors")
-        if not causal_conv1d_available():
+        # Checked in eager code only: dynamo skips importlib, so tracing the lookup broke the graph at each conv
+        # of a compiled Vim (without the package, tracing the import below fails and eager code reports it).
+        if not torch.compiler.is_compiling() and not causal_conv1d_available():
             raise ValueError("causal_conv1d: the causal_conv1d backend needs the optional causal_conv1d package "
                              "(pip install causal-conv1d)")
         from causal_conv1d import causal_conv1d_fn as package_fn

@@ -17,7 +17,6 @@ BACKENDS = ("auto", "triton", "triton_v1", "triton_v2", "triton_v3", "triton_v4"
             "mamba_ssm")
 
 
-@torch.compiler.assume_constant_result  # importlib is skipped by dynamo (a graph break per call otherwise)
 def mamba_ssm_available() -> bool:
     """Whether mamba-ssm's compiled selective scan can be imported."""
     return importlib.util.find_spec("mamba_ssm") is not None and importlib.util.find_spec("selective_scan_cuda") is not None
@@ -33,7 +32,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _mamba_ssm_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
-    if not mamba_ssm_available():
+    # Checked in eager code only: dynamo skips importlib (a graph break per call otherwise); without the package,
+    # tracing the import below fails and eager code reports it.
+    if not torch.compiler.is_compiling() and not mamba_ssm_available():
         raise RuntimeError("selective_scan: backend 'mamba_ssm' requested but mamba_ssm is not installed")
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
 

@@ -84,6 +84,21 @@ def small_kermany_csv(tmp_path: Path, per_split_class: int) -> Path:
     return write_split_csv(tmp_path / "kermany_small.csv", small)
 
 
+def small_breastmnist(tmp_path: Path) -> Path:
+    """The bundled BreastMNIST cut to its first 176 / 32 / 48 train / val / test images (both classes in each; 22
+    batches of 8, so --ft_min_steps up to 22 keeps one fine-tuning epoch), under the name the tables know."""
+    import numpy as np
+
+    sizes = {"train": 176, "val": 32, "test": 48}
+    with np.load(BREAST) as full:
+        arrays = {f"{split}_{part}": full[f"{split}_{part}"][:n] for split, n in sizes.items()
+                  for part in ("images", "labels")}
+    path = tmp_path / "breast" / "breastmnist.npz"
+    path.parent.mkdir()
+    np.savez(path, **arrays)
+    return path
+
+
 def curated_pool(tmp_path: Path) -> Path:
     pool = tmp_path / "pool"
     subprocess.run([sys.executable, "-m", "data_curation.cli", str(REPO_ROOT / "sample_data" / "xray" / "train"),
@@ -99,8 +114,10 @@ TINY = ["--encoders", "test_vit", "--input_size", "32", "--batch_size", "8", "--
 @needs_kermany
 def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     kermany = small_kermany_csv(tmp_path, per_split_class=6)
+    breast = small_breastmnist(tmp_path)
+    pool = curated_pool(tmp_path)
     out = tmp_path / "res"
-    assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
+    assert main(["run", "--pool", str(pool), "--datasets", str(breast), str(kermany),
                  "--out", str(out), "--inits", "mae", "--jobs", "2", "--ft_class_weighted", "--ft_min_steps", "20",
                  "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY]) == 0
     rows = json.loads((out / "runs.json").read_text())
@@ -123,11 +140,11 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
             assert "--select_metric" not in r["command"]
         if r["protocol"] == "finetune":
             assert r["command"][r["command"].index("--layer_decay") + 1] == "0.8"
-            # --ft_min_steps 20 at batch 8: BreastMNIST (68 full batches) keeps --ft_epochs 1, the 12 Kermany
+            # --ft_min_steps 20 at batch 8: BreastMNIST (22 full batches) keeps --ft_epochs 1, the 12 Kermany
             # images (one full batch) get 20 epochs.
-            n_train = label_space(str(BREAST) if r["dataset"] == "breastmnist" else str(kermany))[2]
+            n_train = label_space(str(breast) if r["dataset"] == "breastmnist" else str(kermany))[2]
             epochs = int(r["command"][r["command"].index("--epochs") + 1])
-            assert epochs == (1 if n_train == 546 else 20) == finetune_epochs(1, 20, n_train, 8)
+            assert epochs == (1 if n_train == 176 else 20) == finetune_epochs(1, 20, n_train, 8)
     text = "\n".join(table_lines(rows, None, 32))
     assert "Kermany pediatric chest X-ray" in text and "**BreastMNIST**" in text and "**failed**" not in text
     point = transfer[0]["at_val_threshold"]
@@ -144,7 +161,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
     rerun = {("linprobe", "breastmnist"), ("finetune", "kermany_small")}
     kept = {(r["protocol"], r["dataset"]): r["seconds"] for r in rows
             if r["protocol"] != "pretrain" and (r["protocol"], r["dataset"]) not in rerun}
-    assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
+    assert main(["run", "--pool", str(pool), "--datasets", str(breast), str(kermany),
                  "--out", str(out), "--inits", "mae", "--no_preflight", "--jobs", "2", "--ft_class_weighted",
                  "--ft_min_steps", "21", "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY]) == 0
     again = json.loads((out / "runs.json").read_text())
@@ -161,7 +178,7 @@ def test_run_tiny_end_to_end(tmp_path: Path) -> None:
 
     # A pretraining that runs again on a different encoder (here a changed recipe: 2 epochs) reruns every MAE row,
     # though their own commands are unchanged: a table never mixes two pretraining runs.
-    assert main(["run", "--pool", str(curated_pool(tmp_path)), "--datasets", str(BREAST), str(kermany),
+    assert main(["run", "--pool", str(pool), "--datasets", str(breast), str(kermany),
                  "--out", str(out), "--inits", "mae", "--no_preflight", "--jobs", "2", "--ft_class_weighted",
                  "--ft_min_steps", "21", "--ft_layer_decay", "0.8", "--ft_select_metric", "loss", *TINY,
                  "--pretrain_epochs", "2"]) == 0
