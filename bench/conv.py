@@ -70,9 +70,10 @@ def time_conv(backend: str, batch: int, dim: int, length: int, channel_last: boo
         # autograd.grad, not backward: no gradient accumulation (a copy for a strided leaf) in the timed kernels.
         torch.autograd.grad(forward(), (x, weight, bias), dout)
 
+    iters = 20 if device else 3  # on the CPU a smoke test (the Triton kernels run under the interpreter)
     with torch.no_grad():
-        fwd_ms = profiled_ms(forward, device=device)
-    fwd_bwd_ms = profiled_ms(forward_backward, device=device)
+        fwd_ms = profiled_ms(forward, iters=iters, device=device)
+    fwd_bwd_ms = profiled_ms(forward_backward, iters=iters, device=device)
     elem = x.element_size() * batch * dim * length
     return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "fwd_GBps": 2 * elem / fwd_ms / 1e6,
             "fwd_bwd_GBps": 5 * elem / fwd_bwd_ms / 1e6}
