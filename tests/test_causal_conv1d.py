@@ -198,8 +198,8 @@ def test_triton_kernels_over_spans_and_chunks(channel_last, reverse):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
-    batch, dim, length = 2, 19, 70
-    launch = conv_launch(batch, dim, length, channel_last, block_d=8, num_warps=1, max_chunk=6, min_programs=18)
+    batch, dim, length = 1, 19, 70  # one sequence: the programs' partial weight / bias sums still meet 9 ways
+    launch = conv_launch(batch, dim, length, channel_last, block_d=8, num_warps=1, max_chunk=6, min_programs=9)
     assert (launch.chunk, launch.spans, launch.span_chunks) == (6, 3, 4)  # 72 positions for 70, 3 channel blocks
     gen = torch.Generator().manual_seed(20 + width)
     x = torch.randn(batch, dim, length, generator=gen, dtype=torch.float64)
