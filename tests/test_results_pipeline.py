@@ -237,7 +237,8 @@ def test_preflight_stops_the_call_before_any_pretraining(tmp_path: Path, capsys:
     the call stops before the pretraining it would otherwise have waited for."""
     out = tmp_path / "res"
     with pytest.raises(SystemExit, match="preflight failed") as stop:
-        main(["run", "--pool", str(tmp_path / "never_read"), "--datasets", str(BREAST), "--out", str(out),
+        main(["run", "--pool", str(tmp_path / "never_read"), "--datasets", str(small_breastmnist(tmp_path)),
+              "--out", str(out),
               "--scratch_models", "no_such_model", "--jobs", "3", *TINY])
     message = str(stop.value)
     assert "no_such_model scratch:" in message and "no_such_model" in message.split("scratch:")[1]
