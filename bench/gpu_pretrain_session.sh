@@ -19,7 +19,8 @@
 #   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
 #       (default SDPA against triton, with the triton-vs-SDPA differences), then the compiled ViT-B/16 (batch 256)
 #       and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json, $OUT/attn_*.json
-#   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S)
+#   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S), then on
+#       triton under CUDA graphs in what is left of the call
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA and on triton
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
@@ -157,6 +158,9 @@ for part in "$@"; do
         # graph afresh: on a fresh machine it needs more than the attention part's 120 s)
         model_row . vims_attn_sdpa "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512
         model_row . vims_attn_triton "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend triton
+        # then, in what is left of the call (inductor's caches are warm by now), the same step under CUDA graphs
+        model_row . vims_attn_triton_graphs 230 mae_vim_small_patch16 512 --attention_backend triton \
+            --compile_mode reduce-overhead
         ;;
     vitbattngraphs)
         # ViT-B's compiled step under CUDA graphs on SDPA and on our kernels: with plain --compile the step is within
