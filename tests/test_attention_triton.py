@@ -227,6 +227,33 @@ def test_attention_block_on_triton_equals_sdpa():
         block(x)
 
 
+def test_auto_backend_picks_our_kernels_for_long_sequences_only():
+    """"auto": triton from AUTO_TRITON_MIN_TOKENS tokens on a Triton device without attention dropout, SDPA
+    otherwise; the block runs exactly the chosen path (bitwise equal to it)."""
+    from models.layers import AUTO_TRITON_MIN_TOKENS, Attention, attention_kernel
+
+    assert AUTO_TRITON_MIN_TOKENS == 128
+    assert attention_kernel("auto", 197, True, False) == "triton"
+    assert attention_kernel("auto", 128, True, False) == "triton"
+    assert attention_kernel("auto", 127, True, False) == "sdpa"  # a 50-token encoder
+    assert attention_kernel("auto", 197, False, False) == "sdpa"  # CPU without the interpreter
+    assert attention_kernel("auto", 197, True, True) == "sdpa"  # attention dropout
+    assert attention_kernel("triton", 10, False, False) == "triton"  # a named backend is kept
+    assert attention_kernel("sdpa", 1000, True, False) == "sdpa"
+
+    torch.manual_seed(1)
+    block = Attention(32, 2).to(DEVICE).eval()
+    for tokens, chosen in ((50, "sdpa"), (130, "triton")):
+        x = torch.randn(1, tokens, 32, device=DEVICE)
+        outs = {}
+        with torch.no_grad():
+            for backend in ("sdpa", "triton", "auto"):
+                block.attention_backend = backend
+                outs[backend] = block(x)
+        other = "sdpa" if chosen == "triton" else "triton"
+        assert torch.equal(outs["auto"], outs[chosen]) and not torch.equal(outs["auto"], outs[other])
+
+
 def test_bench_attention_parses_launches():
     from bench.attention import BACKENDS, parse_launch
 

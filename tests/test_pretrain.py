@@ -302,7 +302,7 @@ def test_attention_backend_flag_trains_the_same_model(curated: Path, tmp_path: P
     assert load_yaml(tmp_path / "triton" / "config.yaml")["attention_backend"] == "triton"
     capfd.readouterr()
     assert pretrain_main(args(curated, tmp_path / "bad", attention_backend="flash")) == 2
-    assert "attention_backend must be one of sdpa, triton, got 'flash'" in capfd.readouterr().out
+    assert "attention_backend must be one of sdpa, triton, auto, got 'flash'" in capfd.readouterr().out
     assert not (tmp_path / "bad").exists()
     if not torch.cuda.is_available():  # no CUDA and no interpreter: said before the first step
         with pytest.MonkeyPatch.context() as env:
