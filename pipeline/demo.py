@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import secrets
 import sys
 from pathlib import Path
@@ -69,6 +70,15 @@ def loss_curve(log_path: Path) -> tuple[float, float, int]:
     return losses[0][1], losses[-1][1], losses[-1][0]
 
 
+def threshold_text(positive: str, threshold: float) -> str:
+    """The validation-fitted cut as the report prints it; a cut within 1e-3 of 0 or 1 (a probe whose scores
+    saturate) also as a logit, which says how far from 0.5 it is where the probability's digits cannot."""
+    text = f"p({positive}) >= {threshold:.3g}"
+    if 0.0 < threshold < 1e-3 or 1.0 - 1e-3 < threshold < 1.0:
+        text += f" (logit {math.log(threshold) - math.log1p(-threshold):.1f}: saturated scores)"
+    return text
+
+
 def format_report(manifest: dict, losses: tuple[float, float, int], results: dict, out: Path,
                   timings: list[StageResult]) -> str:
     def shown(metrics: dict, name: str) -> str:
@@ -81,7 +91,7 @@ def format_report(manifest: dict, losses: tuple[float, float, int], results: dic
     if point is not None:
         positive = (results.get("class_names") or ["0", "1"])[1]
         at_threshold = (f"             balanced accuracy  {shown(point, 'balanced_acc')} at the validation threshold "
-                        f"p({positive}) >= {point['threshold']:.6g}")
+                        f"{threshold_text(positive, point['threshold'])}")
     else:
         at_threshold = "             (no validation-fitted threshold: not two classes, or one missing in val)"
     vis = sorted((out / "pretrain" / "vis").glob("*.png"))

@@ -29,3 +29,12 @@ def test_demo_end_to_end_short(tmp_path: Path, capsys) -> None:
     recon = re.search(r"recon PNG\s+(\S+\.png)", report)
     assert recon and Path(recon.group(1)).is_file()
     assert (out / "report.txt").read_text().strip() in report
+
+
+def test_threshold_text_reads_at_any_saturation() -> None:
+    from pipeline.demo import threshold_text
+
+    assert threshold_text("1", 0.4271) == "p(1) >= 0.427"
+    assert threshold_text("malignant", 1.09e-26) == "p(malignant) >= 1.09e-26 (logit -59.8: saturated scores)"
+    assert threshold_text("1", 0.99995) == "p(1) >= 1 (logit 9.9: saturated scores)"
+    assert threshold_text("1", 1.0) == "p(1) >= 1" and threshold_text("1", 0.0) == "p(1) >= 0"
