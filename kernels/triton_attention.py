@@ -19,13 +19,13 @@ Layering as the scan's: kernels, launchers, an autograd.Function, custom ops for
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_device import triton_runs_on
 from kernels.triton_launch import ceil_div, compiled_launcher
 
 LOG2E = 1.4426950408889634
@@ -319,7 +319,7 @@ def packed_attention_triton(qkv: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v for a packed (batch, tokens, 3, heads, head_dim) projection (CUDA, or CPU
     tensors under ``TRITON_INTERPRET=1``) -> (batch, tokens, heads, head_dim)."""
     check_packed_qkv(qkv)
-    if not qkv.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_runs_on(qkv.is_cuda):
         raise ValueError("packed attention: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     if torch.compiler.is_compiling():
         return attention_fwd_op(qkv)[0]

@@ -7,11 +7,12 @@ The transformer pieces keep the parameter names of facebookresearch/mae and timm
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.triton_device import triton_runs_on
 
 
 def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -153,13 +154,12 @@ ATTENTION_BACKENDS = ("sdpa", "triton", "auto")
 AUTO_TRITON_MIN_TOKENS = 128
 
 
-def attention_kernel(backend: str, tokens: int, on_triton_device: bool, dropout: bool) -> str:
-    """"sdpa" or "triton": what an attention block on ``backend`` runs for a sequence of ``tokens``.
-    ``on_triton_device``: the input is on CUDA (or the Triton interpreter is on); ``dropout``: attention dropout is
-    active (our kernels have none)."""
+def attention_kernel(backend: str, tokens: int, is_cuda: bool, dropout: bool) -> str:
+    """"sdpa" or "triton": what an attention block on ``backend`` runs for a sequence of ``tokens`` on a CUDA
+    (``is_cuda``) or CPU input; ``dropout``: attention dropout is active (our kernels have none)."""
     if backend != "auto":
         return backend
-    use_triton = on_triton_device and not dropout and tokens >= AUTO_TRITON_MIN_TOKENS
+    use_triton = not dropout and tokens >= AUTO_TRITON_MIN_TOKENS and triton_runs_on(is_cuda)
     return "triton" if use_triton else "sdpa"
 
 
@@ -195,8 +195,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
         dropout = self.training and self.attn_drop > 0
-        on_triton_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-        if attention_kernel(self.attention_backend, n, on_triton_device, dropout) == "triton":
+        if attention_kernel(self.attention_backend, n, x.is_cuda, dropout) == "triton":
             from kernels.triton_attention import packed_attention_triton
 
             if dropout:

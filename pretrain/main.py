@@ -33,6 +33,7 @@ from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
 from common.torch_compile import compile_in_place  # noqa: E402
+from kernels.triton_device import triton_runs_on  # noqa: E402
 from models.layers import ATTENTION_BACKENDS, set_backend  # noqa: E402
 from pretrain.checkpointing import CheckpointManager, CheckpointMismatch  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
@@ -158,8 +159,7 @@ def run(cfg: PretrainConfig) -> int:
                                 norm_pix_loss=cfg.norm_pix_loss)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if cfg.attention_backend == "triton" and accelerator.device.type != "cuda" \
-            and os.environ.get("TRITON_INTERPRET") != "1":
+    if cfg.attention_backend == "triton" and not triton_runs_on(accelerator.device.type == "cuda"):
         raise ConfigError("--attention_backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
     set_backend(model, "attention_backend", cfg.attention_backend)
     model.to(accelerator.device)

@@ -227,7 +227,7 @@ def test_attention_block_on_triton_equals_sdpa():
         block(x)
 
 
-def test_auto_backend_picks_our_kernels_for_long_sequences_only():
+def test_auto_backend_picks_our_kernels_for_long_sequences_only(monkeypatch: pytest.MonkeyPatch):
     """"auto": triton from AUTO_TRITON_MIN_TOKENS tokens on a Triton device without attention dropout, SDPA
     otherwise; the block runs exactly the chosen path (bitwise equal to it)."""
     from models.layers import AUTO_TRITON_MIN_TOKENS, Attention, attention_kernel
@@ -236,7 +236,11 @@ def test_auto_backend_picks_our_kernels_for_long_sequences_only():
     assert attention_kernel("auto", 197, True, False) == "triton"
     assert attention_kernel("auto", 128, True, False) == "triton"
     assert attention_kernel("auto", 127, True, False) == "sdpa"  # a 50-token encoder
-    assert attention_kernel("auto", 197, False, False) == "sdpa"  # CPU without the interpreter
+    with monkeypatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "1")
+        assert attention_kernel("auto", 197, False, False) == "triton"  # CPU under the interpreter
+        env.delenv("TRITON_INTERPRET")
+        assert attention_kernel("auto", 197, False, False) == "sdpa"  # CPU without it
     assert attention_kernel("auto", 197, True, True) == "sdpa"  # attention dropout
     assert attention_kernel("triton", 10, False, False) == "triton"  # a named backend is kept
     assert attention_kernel("sdpa", 1000, True, False) == "sdpa"
