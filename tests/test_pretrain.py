@@ -3,72 +3,27 @@ preemption (SIGUSR1 -> checkpoint + exit 75), the non-finite stop, configuration
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from pretrain_runs import args, curate_xrays, files_digest, spawn, wait_for
 
 from common.config import ConfigError, load_yaml, parse_config
 from common.logging import read_jsonl
-from data_curation.cli import main as curate_main
 from pretrain.config import DEMO_CONFIG, PretrainConfig
 from pretrain.main import main as pretrain_main
 from pretrain.schedule import Schedule, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
-XRAYS = REPO / "sample_data" / "xray"  # 24 real chest X-rays (Kermany et al.), 224 px
-
 
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("curated")
-    rc = curate_main([str(XRAYS), "--output", str(out), "--workers", "0", "--shard_maxcount", "4", "--no-progress"])
-    assert rc == 0 and (out / "manifest.json").is_file()
-    return out
-
-
-def args(data: Path, out: Path, **over: object) -> list[str]:
-    opts: dict[str, object] = {"model": "mae_test_vit", "input_size": 32, "in_chans": 1, "data_path": data,
-                               "output_dir": out, "batch_size": 4, "epochs": 4, "warmup_epochs": 1, "lr": 2e-3,
-                               "num_workers": 0, "log_every": 1, "save_every": 1000, "vis_every": 0, "seed": 5}
-    opts.update(over)
-    argv = ["--norm_pix_loss", "--no-tensorboard"]
-    for key, value in opts.items():
-        argv += [f"--{key}"] if value is None else [f"--{key}", str(value)]  # None: a boolean flag
-    return argv
-
-
-def _files_digest(ckpt: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt.iterdir())
-            if p.suffix in (".safetensors", ".bin")}
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        assert proc.poll() is None, f"run ended early with code {proc.returncode}: {proc.stdout.read()}"
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("timed out waiting for the run")
-
-
-def _spawn(argv: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "pretrain" / "main.py"), *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return curate_xrays(tmp_path_factory.mktemp("curated"))
 
 
 def test_end_to_end_loss_falls_and_outputs(curated: Path, tmp_path: Path) -> None:
@@ -95,15 +50,15 @@ def test_sigkill_then_resume_is_bitwise_exact(curated: Path, tmp_path: Path) -> 
     ref = tmp_path / "ref"
     assert pretrain_main(args(curated, ref, **common)) == 0
     run = tmp_path / "killed"
-    proc = _spawn(args(curated, run, **common))
-    _wait_for(lambda: (run / "checkpoints" / "step_00000005" / "train_state.json").is_file(), proc)
+    proc = spawn(args(curated, run, **common))
+    wait_for(lambda: (run / "checkpoints" / "step_00000005" / "train_state.json").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "encoder.safetensors").exists()  # it really stopped before the end
     assert pretrain_main(args(curated, run, **common)) == 0  # --resume auto
     final_ref, final_run = ref / "checkpoints" / "step_00000024", run / "checkpoints" / "step_00000024"
-    assert _files_digest(final_ref) == _files_digest(final_run)
+    assert files_digest(final_ref) == files_digest(final_run)
     assert (ref / "encoder.safetensors").read_bytes() == (run / "encoder.safetensors").read_bytes()
     resumed = [r for r in read_jsonl(run / "log.jsonl") if "loss" in r and r["step"] > 5]
     reference = {r["step"]: r["loss"] for r in read_jsonl(ref / "log.jsonl") if "loss" in r}
@@ -124,7 +79,7 @@ def test_data_on_device_learns_and_resumes_exactly(curated: Path, tmp_path: Path
     assert pretrain_main(args(curated, run, num_workers=2, max_steps=10, **common)) == 0
     assert pretrain_main(args(curated, run, num_workers=0, **common)) == 0
     final = "step_00000024"
-    assert _files_digest(ref / "checkpoints" / final) == _files_digest(run / "checkpoints" / final)
+    assert files_digest(ref / "checkpoints" / final) == files_digest(run / "checkpoints" / final)
     assert (ref / "encoder.safetensors").read_bytes() == (run / "encoder.safetensors").read_bytes()
     capfd.readouterr()
     assert pretrain_main(args(curated, tmp_path / "big", data_on_device_max_gb=1e-6, **common)) == 2
@@ -217,8 +172,8 @@ def test_cuda_graphs_accumulate_like_plain_compile(curated: Path, tmp_path: Path
 
 def test_sigusr1_saves_and_exits_75(curated: Path, tmp_path: Path) -> None:
     out = tmp_path / "pre"
-    proc = _spawn(args(curated, out, epochs=100))
-    _wait_for(lambda: (out / "log.jsonl").is_file() and len(read_jsonl(out / "log.jsonl")) >= 2, proc)
+    proc = spawn(args(curated, out, epochs=100))
+    wait_for(lambda: (out / "log.jsonl").is_file() and len(read_jsonl(out / "log.jsonl")) >= 2, proc)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == 75
     event = read_jsonl(out / "log.jsonl")[-1]
@@ -231,7 +186,7 @@ def test_non_finite_loss_stops_without_touching_last_checkpoint(curated: Path, t
     out = tmp_path / "nan"
     assert pretrain_main(args(curated, out, max_steps=4, save_every=2)) == 0
     ckpt = out / "checkpoints" / "step_00000004"
-    before = _files_digest(ckpt)
+    before = files_digest(ckpt)
     rc = pretrain_main(args(curated, out, max_steps=60, save_every=1000, lr=1e30))
     assert rc == 1
     event = read_jsonl(out / "log.jsonl")[-1]
@@ -239,7 +194,7 @@ def test_non_finite_loss_stops_without_touching_last_checkpoint(curated: Path, t
     assert re.search(rf"at step {event['step']} .*lr [0-9.]+e\+(29|30)", event["message"]), event["message"]
     assert str(ckpt) in event["message"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
-    assert _files_digest(ckpt) == before
+    assert files_digest(ckpt) == before
 
 
 def test_non_finite_loss_between_checks_stops_before_the_next_save(curated: Path, tmp_path: Path) -> None:
@@ -248,7 +203,7 @@ def test_non_finite_loss_between_checks_stops_before_the_next_save(curated: Path
     out = tmp_path / "nan_between"
     assert pretrain_main(args(curated, out, max_steps=4, save_every=2)) == 0
     ckpt = out / "checkpoints" / "step_00000004"
-    before = _files_digest(ckpt)
+    before = files_digest(ckpt)
     # resumed at step 4: the first check is the save at step 8; lr 1e30 makes the loss non-finite from step 6 on
     rc = pretrain_main(args(curated, out, max_steps=60, save_every=8, log_every=10, lr=1e30))
     assert rc == 1
@@ -260,7 +215,7 @@ def test_non_finite_loss_between_checks_stops_before_the_next_save(curated: Path
     assert str(ckpt) in event["message"]
     assert max(r["step"] for r in records if "loss" in r) == 4  # nothing logged by the failing run either
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
-    assert _files_digest(ckpt) == before
+    assert files_digest(ckpt) == before
 
 
 def test_resume_into_another_models_folder_is_a_one_line_error(curated: Path, tmp_path: Path,
@@ -340,67 +295,6 @@ def test_schedule_and_weight_decay_groups() -> None:
     assert mae.no_weight_decay() & trainable <= nd
     assert all(n.endswith(".bias") or "norm" in n or n in mae.no_weight_decay() or n.endswith("token") for n in nd)
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
-
-
-def _torchrun(argv: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(REPO / "pretrain" / "main.py"), *argv]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float) -> str:
-    """Output of a torchrun job; on timeout its whole process group (launcher and ranks) is killed."""
-    try:
-        return proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-
-
-def _children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
-def test_two_rank_ddp_preempt_one_rank_then_resume_exact(curated: Path, tmp_path: Path) -> None:
-    """SIGUSR1 to one rank stops both after the same step (exit 75); the resumed run matches an unbroken one."""
-    common = {"epochs": 4, "num_workers": 1}  # 24 samples / (4 x 2 ranks) = 3 steps/epoch -> 12 steps
-    ref = _torchrun(args(curated, tmp_path / "ref", **common))
-    out = _finish(ref, 300)
-    assert ref.returncode == 0, out
-    run = tmp_path / "pre"
-    proc = _torchrun(args(curated, run, **common))
-    _wait_for(lambda: (run / "log.jsonl").is_file() and len(read_jsonl(run / "log.jsonl")) >= 3, proc)
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGUSR1)  # only rank 1 receives the signal
-    out = _finish(proc, 120)
-    assert "exitcode  : 75" in out, out[-3000:]
-    event = read_jsonl(run / "log.jsonl")[-1]
-    ckpt = Path(event["checkpoint"])
-    assert event["event"] == "preempted" and (ckpt / "random_states_1.pkl").is_file()
-    resumed = _torchrun(args(curated, run, **common))
-    out = _finish(resumed, 300)
-    assert resumed.returncode == 0, out[-3000:]
-    assert _files_digest(tmp_path / "ref" / "checkpoints" / "step_00000012") == \
-        _files_digest(run / "checkpoints" / "step_00000012")
-
-
-def test_two_rank_ddp_with_data_on_device(curated: Path, tmp_path: Path) -> None:
-    """Each rank holds the whole split and reads its own share of every pass: the run ends on both ranks."""
-    proc = _torchrun(args(curated, tmp_path / "run", epochs=2, data_on_device=None))
-    out = _finish(proc, 300)
-    assert proc.returncode == 0, out[-3000:]
-    assert out.count("data on cpu:0: 24 samples") == 1  # logged by rank 0; rank 1 decoded its own copy
-    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in r]
-    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))  # 24 / (4 x 2 ranks) x 2 epochs
-
 
 
 def test_compile_in_place_turns_the_autograd_cache_off_unless_the_environment_says(monkeypatch) -> None:
