@@ -21,6 +21,7 @@
 #       and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json, $OUT/attn_*.json
 #   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S), then on
 #       triton under CUDA graphs in what is left of the call
+#   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA and on triton
 #   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
@@ -94,7 +95,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vitbattngraphs, vitbauto, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -163,6 +164,13 @@ for part in "$@"; do
         model_row . vims_attn_triton_graphs 230 mae_vim_small_patch16 512 --attention_backend triton \
             --compile_mode reduce-overhead
         ;;
+    vimsbest)
+        # vimsattn without its SDPA row, for a short call: the compiled Vim-S step at batch 512 on our attention
+        # kernels, then under CUDA graphs (the best Vim-S configuration so far, for the target's machine)
+        model_row . vims_attn_triton "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend triton
+        model_row . vims_attn_triton_graphs 230 mae_vim_small_patch16 512 --attention_backend triton \
+            --compile_mode reduce-overhead
+        ;;
     vitbattngraphs)
         # ViT-B's compiled step under CUDA graphs on SDPA and on our kernels: with plain --compile the step is within
         # 2 ms of its kernels' 54, so a custom op's host cost per call can show as GPU time lost (twenty-eighth
@@ -185,7 +193,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vitbattngraphs, vitbauto, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, loop)" >&2
         exit 2
         ;;
     esac
