@@ -150,15 +150,15 @@ for part in "$@"; do
         timeout 150 python3 -m bench.attention --backends default triton \
             --launches ${ATTN_LAUNCHES:-64:64:4:3 128:64:8:2 64:128:4:2 32:64:2:2} \
             --json "$out/attention.json" || true
-        vitb_row . attn_sdpa 120
+        vitb_row . attn_sdpa 120 --attention_backend sdpa
         vitb_row . attn_triton 120 --attention_backend triton
-        model_row . vims_attn_sdpa 120 mae_vim_small_patch16 512
+        model_row . vims_attn_sdpa 120 mae_vim_small_patch16 512 --attention_backend sdpa
         model_row . vims_attn_triton 120 mae_vim_small_patch16 512 --attention_backend triton
         ;;
     vimsattn)
         # The compiled Vim-S step at batch 512 on SDPA and on our attention kernels alone (the first row compiles the
         # graph afresh: on a fresh machine it needs more than the attention part's 120 s)
-        model_row . vims_attn_sdpa "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512
+        model_row . vims_attn_sdpa "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend sdpa
         model_row . vims_attn_triton "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend triton
         # then, in what is left of the call (inductor's caches are warm by now), the same step under CUDA graphs
         model_row . vims_attn_triton_graphs 230 mae_vim_small_patch16 512 --attention_backend triton \
@@ -175,13 +175,13 @@ for part in "$@"; do
         # ViT-B's compiled step under CUDA graphs on SDPA and on our kernels: with plain --compile the step is within
         # 2 ms of its kernels' 54, so a custom op's host cost per call can show as GPU time lost (twenty-eighth
         # session: ours -1.5 %); graphs take the host out
-        vitb_row . attn_sdpa_graphs 150 --compile_mode reduce-overhead
+        vitb_row . attn_sdpa_graphs 150 --compile_mode reduce-overhead --attention_backend sdpa
         vitb_row . attn_triton_graphs 150 --compile_mode reduce-overhead --attention_backend triton
         ;;
     vitbauto)
         # ViT-B's compiled step with --attention_backend auto (our kernels in the 197-token decoder blocks, where
         # they won 15 % per block, SDPA in the 50-token encoder blocks, where they tied) against SDPA everywhere
-        vitb_row . attn_sdpa 150
+        vitb_row . attn_sdpa 150 --attention_backend sdpa
         vitb_row . attn_auto 150 --attention_backend auto
         ;;
     loop)

@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the Vim blocks' causal conv (kernels.causal_conv1d_fn backend; triton: our kernels)")
     p.add_argument("--sdpa_backend", default="default", choices=SDPA_BACKENDS,
                    help="the only scaled_dot_product_attention backend left enabled (default: torch's choice)")
-    p.add_argument("--attention_backend", default="sdpa", choices=ATTENTION_BACKENDS,
-                   help="the ViT / MAE-decoder attention blocks (triton: kernels/triton_attention.py)")
+    p.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="the ViT / MAE-decoder attention blocks (pretrain/main.py's flag and default)")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many more steps: device ms per step by kernel kind")

@@ -47,9 +47,10 @@ class PretrainConfig:
     vis_samples: int = field(default=8, metadata=_h("images in the reconstruction grid"))
     log_every: int = field(default=20, metadata=_h("log.jsonl / TensorBoard record every N steps"))
     compile: bool = field(default=False, metadata=_h("torch.compile the model (fused AdamW stays eager)"))
-    attention_backend: str = field(default="sdpa", metadata=_h("attention blocks on 'sdpa' (torch's), 'triton' "
-                                                                "(kernels/triton_attention.py; CUDA) or 'auto' (triton "
-                                                                "for sequences of 128 tokens or more on CUDA)"))
+    attention_backend: str = field(default="auto", metadata=_h("attention blocks on 'auto' (kernels/triton_attention.py "
+                                                                "for sequences of 128 tokens or more on CUDA, i.e. MAE's "
+                                                                "decoder; SDPA otherwise), 'sdpa' (torch's) or 'triton' "
+                                                                "(ours everywhere; CUDA)"))
     compile_mode: str = field(default="default", metadata=_h("torch.compile mode: default, reduce-overhead (CUDA "
                                                              "graphs), max-autotune, max-autotune-no-cudagraphs"))
     ddp_comm_hook: str = field(default="no", metadata=_h("DDP gradient all-reduce in 'no' (float32), 'bf16' or 'fp16' "

@@ -245,13 +245,16 @@ def test_attention_backend_flag_trains_the_same_model(curated: Path, tmp_path: P
                                                       capfd: pytest.CaptureFixture[str]) -> None:
     """--attention_backend triton (here interpreted on the CPU) puts every attention block, encoder and decoder, on
     kernels/triton_attention.py: the same losses as SDPA's up to float32 rounding, the choice kept in config.yaml;
-    an unknown backend, or triton with neither CUDA nor the interpreter, is a one-line error before any step."""
+    the default, auto, runs short sequences on SDPA; an unknown backend, or triton with neither CUDA nor the interpreter, is a one-line error before any step."""
     common = {"max_steps": 3, "batch_size": 4}
-    assert pretrain_main(args(curated, tmp_path / "sdpa", **common)) == 0
+    assert pretrain_main(args(curated, tmp_path / "sdpa", attention_backend="sdpa", **common)) == 0
     assert pretrain_main(args(curated, tmp_path / "triton", attention_backend="triton", **common)) == 0
-    sdpa = [r["loss"] for r in read_jsonl(tmp_path / "sdpa" / "log.jsonl") if "loss" in r]
-    triton = [r["loss"] for r in read_jsonl(tmp_path / "triton" / "log.jsonl") if "loss" in r]
+    assert pretrain_main(args(curated, tmp_path / "default", **common)) == 0
+    sdpa, triton, default = ([r["loss"] for r in read_jsonl(tmp_path / run / "log.jsonl") if "loss" in r]
+                             for run in ("sdpa", "triton", "default"))
     assert len(sdpa) == len(triton) == 3
+    # The default, auto, keeps sequences under 128 tokens (all of this tiny model's) on SDPA: bitwise its run.
+    assert load_yaml(tmp_path / "default" / "config.yaml")["attention_backend"] == "auto" and default == sdpa
     rel = 2e-2 if torch.cuda.is_available() else 1e-4  # bf16 autocast on CUDA, float32 on the CPU
     assert triton == pytest.approx(sdpa, rel=rel, abs=1e-6) and triton != sdpa  # other kernels, same model
     assert load_yaml(tmp_path / "triton" / "config.yaml")["attention_backend"] == "triton"
