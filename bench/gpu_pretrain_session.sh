@@ -22,7 +22,7 @@
 #   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S), then on
 #       triton under CUDA graphs in what is left of the call
 #   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call
-#   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA and on triton
+#   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
 #   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
@@ -172,10 +172,11 @@ for part in "$@"; do
             --compile_mode reduce-overhead
         ;;
     vitbattngraphs)
-        # ViT-B's compiled step under CUDA graphs on SDPA and on our kernels: with plain --compile the step is within
-        # 2 ms of its kernels' 54, so a custom op's host cost per call can show as GPU time lost (twenty-eighth
-        # session: ours -1.5 %); graphs take the host out
+        # ViT-B's compiled step under CUDA graphs on SDPA, on auto (the default) and on our kernels everywhere: with
+        # plain --compile the step is within 2 ms of its kernels' 54, so a custom op's host cost per call can show as
+        # GPU time lost (twenty-eighth session: ours everywhere -1.5 %); graphs take the host out
         vitb_row . attn_sdpa_graphs 150 --compile_mode reduce-overhead --attention_backend sdpa
+        vitb_row . attn_auto_graphs 150 --compile_mode reduce-overhead --attention_backend auto
         vitb_row . attn_triton_graphs 150 --compile_mode reduce-overhead --attention_backend triton
         ;;
     vitbauto)
