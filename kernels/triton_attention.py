@@ -25,11 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_device import triton_runs_on
+from kernels.triton_device import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, triton_runs_on
 from kernels.triton_launch import ceil_div, compiled_launcher
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (one tl.dot operand dimension, a power of two >= 16)
 
 
 @triton.jit
@@ -186,11 +185,11 @@ def check_packed_qkv(qkv: torch.Tensor) -> None:
     """The kernels' requirements on the packed projection (batch, tokens, 3, heads, head_dim)."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"packed attention: qkv must be (batch, tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
-    if qkv.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"packed attention: head_dim must be one of {HEAD_DIMS}, got {qkv.shape[-1]}")
+    if qkv.shape[-1] not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"packed attention: head_dim must be one of {ATTENTION_HEAD_DIMS}, got {qkv.shape[-1]}")
     if qkv.stride(-1) != 1:
         raise ValueError("packed attention: head_dim must be the innermost (unit-stride) dimension")
-    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if qkv.dtype not in ATTENTION_DTYPES:
         raise ValueError(f"packed attention: unsupported dtype {qkv.dtype}")
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.triton_device import triton_runs_on
+from kernels.triton_device import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, triton_runs_on
 
 
 def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -154,12 +154,16 @@ ATTENTION_BACKENDS = ("sdpa", "triton", "auto")
 AUTO_TRITON_MIN_TOKENS = 128
 
 
-def attention_kernel(backend: str, tokens: int, is_cuda: bool, dropout: bool) -> str:
-    """"sdpa" or "triton": what an attention block on ``backend`` runs for a sequence of ``tokens`` on a CUDA
-    (``is_cuda``) or CPU input; ``dropout``: attention dropout is active (our kernels have none)."""
+def attention_kernel(backend: str, tokens: int, head_dim: int, dtype: torch.dtype, is_cuda: bool,
+                     dropout: bool) -> str:
+    """"sdpa" or "triton": what an attention block on ``backend`` runs for a sequence of ``tokens`` whose projection
+    has heads of ``head_dim`` in ``dtype``, on a CUDA (``is_cuda``) or CPU input; ``dropout``: attention dropout is
+    active. "auto" keeps to SDPA wherever our kernels do not apply (attention dropout, head sizes or dtypes they do
+    not take), so any model runs on it."""
     if backend != "auto":
         return backend
-    use_triton = not dropout and tokens >= AUTO_TRITON_MIN_TOKENS and triton_runs_on(is_cuda)
+    use_triton = (not dropout and tokens >= AUTO_TRITON_MIN_TOKENS and head_dim in ATTENTION_HEAD_DIMS
+                  and dtype in ATTENTION_DTYPES and triton_runs_on(is_cuda))
     return "triton" if use_triton else "sdpa"
 
 
@@ -195,7 +199,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
         dropout = self.training and self.attn_drop > 0
-        if attention_kernel(self.attention_backend, n, x.is_cuda, dropout) == "triton":
+        if attention_kernel(self.attention_backend, n, self.head_dim, qkv.dtype, x.is_cuda, dropout) == "triton":
             from kernels.triton_attention import packed_attention_triton
 
             if dropout:

@@ -228,22 +228,31 @@ def test_attention_block_on_triton_equals_sdpa():
 
 
 def test_auto_backend_picks_our_kernels_for_long_sequences_only(monkeypatch: pytest.MonkeyPatch):
-    """"auto": triton from AUTO_TRITON_MIN_TOKENS tokens on a Triton device without attention dropout, SDPA
-    otherwise; the block runs exactly the chosen path (bitwise equal to it)."""
+    """"auto": triton from AUTO_TRITON_MIN_TOKENS tokens on a Triton device, for head sizes and dtypes the kernels
+    take and without attention dropout, SDPA otherwise; the block runs exactly the chosen path (bitwise equal to
+    it), and a head size our kernels do not take (ViT-H's 80) runs SDPA instead of failing."""
     from models.layers import AUTO_TRITON_MIN_TOKENS, Attention, attention_kernel
 
+    def rule(backend: str, tokens: int, is_cuda: bool = True, dropout: bool = False, head_dim: int = 64,
+             dtype: torch.dtype = torch.bfloat16) -> str:
+        return attention_kernel(backend, tokens, head_dim, dtype, is_cuda, dropout)
+
     assert AUTO_TRITON_MIN_TOKENS == 128
-    assert attention_kernel("auto", 197, True, False) == "triton"
-    assert attention_kernel("auto", 128, True, False) == "triton"
-    assert attention_kernel("auto", 127, True, False) == "sdpa"  # a 50-token encoder
+    assert rule("auto", 197) == "triton"
+    assert rule("auto", 128) == "triton"
+    assert rule("auto", 127) == "sdpa"  # a 50-token encoder
     with monkeypatch.context() as env:
         env.setenv("TRITON_INTERPRET", "1")
-        assert attention_kernel("auto", 197, False, False) == "triton"  # CPU under the interpreter
+        assert rule("auto", 197, is_cuda=False) == "triton"  # CPU under the interpreter
         env.delenv("TRITON_INTERPRET")
-        assert attention_kernel("auto", 197, False, False) == "sdpa"  # CPU without it
-    assert attention_kernel("auto", 197, True, True) == "sdpa"  # attention dropout
-    assert attention_kernel("triton", 10, False, False) == "triton"  # a named backend is kept
-    assert attention_kernel("sdpa", 1000, True, False) == "sdpa"
+        assert rule("auto", 197, is_cuda=False) == "sdpa"  # CPU without it
+    assert rule("auto", 197, dropout=True) == "sdpa"  # attention dropout
+    assert rule("auto", 197, head_dim=80) == "sdpa"  # ViT-H/14's heads
+    assert rule("auto", 197, head_dim=8) == "sdpa"
+    assert rule("auto", 197, dtype=torch.float64) == "sdpa"
+    assert rule("auto", 197, dtype=torch.float16) == rule("auto", 197, dtype=torch.float32) == "triton"
+    assert rule("triton", 10, is_cuda=False) == "triton"  # a named backend is kept
+    assert rule("sdpa", 1000) == "sdpa"
 
     torch.manual_seed(1)
     block = Attention(32, 2).to(DEVICE).eval()
@@ -256,6 +265,16 @@ def test_auto_backend_picks_our_kernels_for_long_sequences_only(monkeypatch: pyt
                 outs[backend] = block(x)
         other = "sdpa" if chosen == "triton" else "triton"
         assert torch.equal(outs["auto"], outs[chosen]) and not torch.equal(outs["auto"], outs[other])
+    wide = Attention(160, 2).to(DEVICE).eval()  # heads of 80
+    x = torch.randn(1, 130, 160, device=DEVICE)
+    with torch.no_grad():
+        wide.attention_backend = "sdpa"
+        expected = wide(x)
+        wide.attention_backend = "auto"
+        assert torch.equal(wide(x), expected)
+        wide.attention_backend = "triton"
+        with pytest.raises(ValueError, match="head_dim must be one of"):
+            wide(x)
 
 
 def test_bench_attention_parses_launches():
