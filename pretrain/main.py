@@ -33,8 +33,7 @@ from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
 from common.torch_compile import compile_in_place  # noqa: E402
-from kernels.triton_device import triton_runs_on  # noqa: E402
-from models.layers import ATTENTION_BACKENDS, set_backend  # noqa: E402
+from models.layers import check_attention_backend, set_backend  # noqa: E402
 from pretrain.checkpointing import CheckpointManager, CheckpointMismatch  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
 from pretrain.deepspeed_settings import fill_script_fields  # noqa: E402
@@ -77,9 +76,10 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.ddp_comm_hook not in ("no", "bf16", "fp16") or cfg.ddp_bucket_mb < 1:
         raise ConfigError(f"ddp_comm_hook must be no, bf16 or fp16 and ddp_bucket_mb >= 1, got "
                           f"{cfg.ddp_comm_hook!r}, {cfg.ddp_bucket_mb}")
-    if cfg.attention_backend not in ATTENTION_BACKENDS:
-        raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got "
-                          f"{cfg.attention_backend!r}")
+    try:
+        check_attention_backend(cfg.attention_backend)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if cfg.interpolation not in ("bicubic", "bilinear"):
         raise ConfigError(f"interpolation must be bicubic or bilinear, got {cfg.interpolation!r}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
@@ -159,8 +159,10 @@ def run(cfg: PretrainConfig) -> int:
                                 norm_pix_loss=cfg.norm_pix_loss)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if cfg.attention_backend == "triton" and not triton_runs_on(accelerator.device.type == "cuda"):
-        raise ConfigError("--attention_backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    try:
+        check_attention_backend(cfg.attention_backend, accelerator.device.type == "cuda")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     set_backend(model, "attention_backend", cfg.attention_backend)
     model.to(accelerator.device)
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
