@@ -83,6 +83,14 @@ loop_run() {
     cp "/tmp/loop_$name/1gpu/log.jsonl" "$out/loop_${name}_log.jsonl" 2>/dev/null || true
 }
 
+# vims_ours_rows: the compiled Vim-S/16 step at batch 512 on our attention kernels, then (inductor's caches warm by
+# now) the same step under CUDA graphs in what is left of the call.
+vims_ours_rows() {
+    model_row . vims_attn_triton "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend triton
+    model_row . vims_attn_triton_graphs 230 mae_vim_small_patch16 512 --attention_backend triton \
+        --compile_mode reduce-overhead
+}
+
 # run_tests: the gpu-marked tests of the pretraining loop (CUDA graphs through pretrain/main.py among them).
 run_tests() {
     local rc=0
@@ -159,17 +167,12 @@ for part in "$@"; do
         # The compiled Vim-S step at batch 512 on SDPA and on our attention kernels alone (the first row compiles the
         # graph afresh: on a fresh machine it needs more than the attention part's 120 s)
         model_row . vims_attn_sdpa "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend sdpa
-        model_row . vims_attn_triton "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend triton
-        # then, in what is left of the call (inductor's caches are warm by now), the same step under CUDA graphs
-        model_row . vims_attn_triton_graphs 230 mae_vim_small_patch16 512 --attention_backend triton \
-            --compile_mode reduce-overhead
+        vims_ours_rows
         ;;
     vimsbest)
-        # vimsattn without its SDPA row, for a short call: the compiled Vim-S step at batch 512 on our attention
-        # kernels, then under CUDA graphs (the best Vim-S configuration so far, for the target's machine)
-        model_row . vims_attn_triton "${VIMS_ROW_S:-230}" mae_vim_small_patch16 512 --attention_backend triton
-        model_row . vims_attn_triton_graphs 230 mae_vim_small_patch16 512 --attention_backend triton \
-            --compile_mode reduce-overhead
+        # vimsattn without its SDPA row, for a short call (the best Vim-S configuration so far, for the target's
+        # machine)
+        vims_ours_rows
         ;;
     vitbattngraphs)
         # ViT-B's compiled step under CUDA graphs on SDPA, on auto (the default) and on our kernels everywhere: with
