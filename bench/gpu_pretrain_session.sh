@@ -24,6 +24,8 @@
 #   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
 #   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
+#   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
+#       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -103,7 +105,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -188,6 +190,17 @@ for part in "$@"; do
         vitb_row . attn_sdpa 150 --attention_backend sdpa
         vitb_row . attn_auto 150 --attention_backend auto
         ;;
+    bigbatch)
+        # Larger batches than the best rows so far (img/s grew with the batch: ViT-B 4,816 synthetic at 256 against
+        # 5,351 real-loader at 1024; Vim-S 3,058 -> 3,192 from 256 to 512): ViT-B with the real loader at
+        # BIG_VITB_BATCH (1536: about 72 GiB by the batch-256 row's 13 GiB), then Vim-S under CUDA graphs on our
+        # attention kernels at BIG_VIMS_BATCH (768: about 57 GiB by the batch-512 row's 38 GiB)
+        vitb_big=${BIG_VITB_BATCH:-1536}
+        vims_big=${BIG_VIMS_BATCH:-768}
+        loop_run "vitb_b$vitb_big" 280 mae_vit_base_patch16 "$vitb_big" 100 --compile
+        model_row . "vims_b${vims_big}_graphs" 280 mae_vim_small_patch16 "$vims_big" --attention_backend triton \
+            --compile_mode reduce-overhead
+        ;;
     loop)
         loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
         loop_run vitb_compiled 240 mae_vit_base_patch16 1024 150 --compile
@@ -197,7 +210,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
         exit 2
         ;;
     esac
