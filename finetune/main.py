@@ -30,7 +30,6 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     from common.transfer.report import finalize
     from common.transfer.setup import prepare_run
     from finetune.train import run_finetune
-    from models.layers import set_backend
 
     if cfg.eval and not cfg.resume:
         raise TransferUsageError("--eval needs --resume (a checkpoint-best.safetensors or checkpoint-last.pt)")
@@ -39,8 +38,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.mixup_mode not in ("batch", "pair", "elem"):
         raise TransferUsageError(f"--mixup_mode must be batch, pair or elem, got {cfg.mixup_mode!r}")
     ctx = prepare_run(cfg, "finetune", classifier_head=True, drop_path=cfg.drop_path, default_pool="avg")
-    model = build_model(ctx.spec)
-    set_backend(model, "attention_backend", cfg.attention_backend)
+    model = build_model(ctx.spec, cfg.attention_backend)
     if cfg.verify_data:
         ctx.verify(("train", "val", "test"), cfg.batch_size, cfg.num_workers)
     scored, extra = run_finetune(cfg, ctx, model)

@@ -29,7 +29,6 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     from common.transfer.setup import prepare_run
     from linprobe.fast import run_fast
     from linprobe.train import TRAIN_AUGS, run_probe
-    from models.layers import set_backend
 
     if cfg.train_aug not in TRAIN_AUGS:
         raise TransferUsageError(f"--train_aug must be one of {', '.join(TRAIN_AUGS)}, got {cfg.train_aug!r}")
@@ -45,8 +44,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
 
         get_logger("scanmae.linprobe").warning(
             f"no --finetune checkpoint: probing a randomly initialised {ctx.spec.model} (a baseline only)")
-    encoder = build_model(ctx.spec)
-    set_backend(encoder, "attention_backend", cfg.attention_backend)
+    encoder = build_model(ctx.spec, cfg.attention_backend)
     if not all(hasattr(encoder, a) for a in ("forward_features", "pool", "num_features")):
         raise TransferUsageError(f"model '{ctx.spec.model}' is not an encoder (no forward_features/pool): "
                         "linear probing needs one of the registry encoders")

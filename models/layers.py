@@ -179,10 +179,17 @@ def check_attention_backend(backend: str, is_cuda: bool | None = None) -> None:
 def set_backend(model: nn.Module, attribute: str, backend: str) -> None:
     """Put every module of ``model`` that has ``attribute`` on ``backend``: ``attention_backend`` (the attention
     blocks, ``ATTENTION_BACKENDS``), ``scan_backend`` (the Vim and SS2D mixers, encoder and decoder) or
-    ``conv_backend`` (the Vim mixers' causal conv)."""
-    for module in model.modules():
-        if hasattr(module, attribute):
-            setattr(module, attribute, backend)
+    ``conv_backend`` (the Vim mixers' causal conv). Attention blocks with heads our kernels do not take (sizes other
+    than ``ATTENTION_HEAD_DIMS``) raise ValueError here for "triton", not at their first forward ("auto" runs SDPA
+    in them)."""
+    modules = [(name, module) for name, module in model.named_modules() if hasattr(module, attribute)]
+    if attribute == "attention_backend" and backend == "triton":
+        for name, module in modules:
+            if module.head_dim not in ATTENTION_HEAD_DIMS:
+                raise ValueError(f"attention_backend 'triton' takes heads of {ATTENTION_HEAD_DIMS} channels; "
+                                 f"{name} has {module.head_dim} (use 'auto', which runs SDPA there)")
+    for _, module in modules:
+        setattr(module, attribute, backend)
 
 
 class Attention(nn.Module):

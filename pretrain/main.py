@@ -161,9 +161,9 @@ def run(cfg: PretrainConfig) -> int:
         model.set_grad_checkpointing(True)
     try:
         check_attention_backend(cfg.attention_backend, accelerator.device.type == "cuda")
+        set_backend(model, "attention_backend", cfg.attention_backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    set_backend(model, "attention_backend", cfg.attention_backend)
     model.to(accelerator.device)
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
     optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=use_fused_adamw(accelerator))

@@ -220,3 +220,18 @@ def test_forward_visible_embeds_the_kept_patches_at_their_positions(name: str, b
     every = F.conv2d(x, proj.weight, proj.bias, stride=model.patch_size).flatten(2).transpose(1, 2)
     every = every + model.pos_embed[:, model.num_prefix_tokens:]
     torch.testing.assert_close(seen[0], torch.gather(every, 1, ids.unsqueeze(-1).expand(-1, -1, every.shape[-1])))
+
+
+def test_set_backend_refuses_triton_attention_on_heads_our_kernels_do_not_take() -> None:
+    """A model with 80-wide heads (ViT-H/14's) put on "triton" fails when the backend is set, naming the block, not
+    at its first forward step; "auto" and "sdpa" are set on every block."""
+    from models.layers import Attention, set_backend
+
+    model = torch.nn.Sequential(Attention(64, 2), Attention(160, 2))  # heads of 32, then of 80
+    with pytest.raises(ValueError, match=r"1 has 80"):
+        set_backend(model, "attention_backend", "triton")
+    assert [m.attention_backend for m in model] == ["sdpa", "sdpa"]  # nothing half-set
+    set_backend(model, "attention_backend", "auto")
+    assert [m.attention_backend for m in model] == ["auto", "auto"]
+    set_backend(model[:1], "attention_backend", "triton")
+    assert model[0].attention_backend == "triton"

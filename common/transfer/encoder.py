@@ -17,6 +17,7 @@ from torch import nn
 
 from common.checkpoint import CheckpointError, load_state_dict_any, read_json
 from common.transfer.classifier_export import check_reusable
+from common.transfer.errors import TransferUsageError
 from common.transfer.pooling import accepted_kwargs, choose_pool
 from common.transfer.transforms import default_normalization
 
@@ -183,16 +184,23 @@ def resolve_spec(model: str | None, checkpoint: str | None, input_size: int | No
                        checkpoint=str(ckpt_path) if ckpt_path else None, source=dict(meta.get("source") or {}))
 
 
-def build_model(spec: EncoderSpec) -> nn.Module:
-    """Create the model and load the checkpoint (if any) through ``models.create_model``."""
+def build_model(spec: EncoderSpec, attention_backend: str = "sdpa") -> nn.Module:
+    """Create the model and load the checkpoint (if any) through ``models.create_model``, its attention blocks on
+    ``attention_backend`` (``models.layers.ATTENTION_BACKENDS``)."""
     import models
+    from models.layers import set_backend
 
     try:
-        return models.create_model(spec.model, pretrained=spec.checkpoint,
-                                   **accepted_kwargs(spec.model, spec.kwargs))
+        model = models.create_model(spec.model, pretrained=spec.checkpoint,
+                                    **accepted_kwargs(spec.model, spec.kwargs))
     except KeyError as exc:
         raise CheckpointError(f"--model: {exc.args[0] if exc.args else exc}") from exc
     except (RuntimeError, ValueError) as exc:
         if spec.checkpoint and spec.checkpoint not in str(exc):
             raise CheckpointError(f"{spec.checkpoint}: does not fit model '{spec.model}': {exc}") from exc
         raise
+    try:
+        set_backend(model, "attention_backend", attention_backend)
+    except ValueError as exc:  # heads our kernels do not take
+        raise TransferUsageError(f"--attention_backend: {exc}") from exc
+    return model
