@@ -33,6 +33,9 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh layout
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) GPU tests of the chunk tiles and the copied backward,
 #       bench.scan_cross's v2t / v2x / v2g pairs and bench.scan's defaults beside mamba-ssm (about 6 minutes)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh bf16states
+#       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the chunk states saved in bfloat16: GPU tests, bench.scan_cross
+#       against float32 states at the issue's shapes and a Vim-S step's (about 5 minutes)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh segments
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v2's sequence segments at batch 16: GPU tests, bench.scan_cross with
 #       1 / 2 / 4 / 8 / 16 segments beside mamba-ssm (about 6 minutes)
@@ -331,6 +334,19 @@ layout)
     timeout 150 python3 -m bench.scan --backends triton mamba_ssm naive_loop "${mamba[@]}" --rep-ms 100 \
         --json "$out/scan_defaults.json" 2>&1 | tail -12 || true
     ;;
+bf16states)
+    # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the chunk states saved in bfloat16 (ScanLaunchConfig.bf16_states):
+    # their compiled tests, then bench.scan_cross against float32 states in the same call: the issue's four shapes
+    # (contiguous, chunk tiles: v2t against v2tb) beside mamba-ssm, and a Vim-S batch-512 step's scan (channel-last:
+    # v2 against v2b)
+    begin_with_mamba
+    gpu_tests bf16_states_tests 120 tests/test_scan_options.py -k "bf16"
+    wait  # the mamba-ssm build
+    timeout 200 python3 -m bench.scan_cross --variants v2t v2tb --pairs v2t:v2t v2tb:v2t --rep-ms 60 \
+        "${mamba[@]}" --json "$out/cross_bf16_states.json" 2>&1 | tail -14 || true
+    timeout 120 python3 -m bench.scan_cross --variants v2 v2b --pairs v2:v2 v2b:v2 --layout channel_last \
+        --shape 512 768 16 50 --rep-ms 60 --json "$out/cross_bf16_states_vims.json" 2>&1 | tail -8 || true
+    ;;
 segments)
     # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) v2 with sequence segments (ScanLaunchConfig.segments, the
     # twenty-fourth session; timed in the twenty-fifth: slower than unsplit at both shapes) for the small grids: their GPU
@@ -377,7 +393,7 @@ ncu)
     done <<<"$shapes"
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|quick|conv|variants|ncu|layout|segments" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|quick|conv|variants|ncu|layout|bf16states|segments" >&2
     exit 2
     ;;
 esac

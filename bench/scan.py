@@ -266,12 +266,14 @@ def sweep_v4_tiles(inp: dict[str, torch.Tensor], rep_ms: int) -> list[dict[str, 
     return rows
 
 
-def triton_variant_fn(variant: str) -> Callable[..., torch.Tensor]:
-    """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``."""
+def triton_variant_fn(variant: str, **options: Any) -> Callable[..., torch.Tensor]:
+    """selective_scan_triton with its default tiles (as picked for this device and shape) in ``variant``, with the
+    forward's ScanLaunchConfig ``options`` (e.g. bf16_states=True)."""
     from kernels.selective_scan_triton import selective_scan_triton, variant_configs
 
     def run(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
         fwd, bwd = variant_configs(variant, A.shape[1], u.shape[-1], u.shape[0] * u.shape[1], u.device)
+        fwd = dataclasses.replace(fwd, **options) if options else fwd
         return selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=delta_softplus, fwd_config=fwd, bwd_config=bwd)
 
@@ -280,6 +282,7 @@ def triton_variant_fn(variant: str) -> Callable[..., torch.Tensor]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kernels.selective_scan_triton import selective_scan_triton
+    from kernels.triton_scan_common import DEFAULT_VARIANT
 
     device_name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth_gbs()
@@ -289,7 +292,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         "triton_v2": triton_variant_fn("v2"),
                                                         "triton_v3": triton_variant_fn("v3"),
                                                         # the v4 forward (parallel over positions), v2 backward
-                                                        "triton_v4": triton_variant_fn("v4")}
+                                                        "triton_v4": triton_variant_fn("v4"),
+                                                        # the defaults' kernels, chunk states saved in bfloat16
+                                                        "triton_bf16_states": triton_variant_fn(
+                                                            DEFAULT_VARIANT, bf16_states=True)}
     mamba_note = "not requested (--mamba-src)"
     if args.mamba_src:
         t0 = time.time()

@@ -39,10 +39,12 @@ def channel_last(x: torch.Tensor) -> torch.Tensor:
 
 # The v2 variants by their layout options (ScanLaunchConfig): "v2" none; "v2t" chunk tiles both ways (tile_io);
 # "v2x" the backward on channel-last copies (transpose_io), the forward plain; "v2g" v2x writing its gradients as
-# contiguous chunk tiles (tile_grads).
+# contiguous chunk tiles (tile_grads); "v2b" / "v2tb": v2 / v2t with the chunk states saved in bfloat16 (bf16_states).
 V2_LAYOUT_OPTIONS = {
     "v2": ({}, {}),
     "v2t": ({"tile_io": True}, {"tile_io": True}),
+    "v2b": ({"bf16_states": True}, {}),
+    "v2tb": ({"tile_io": True, "bf16_states": True}, {"tile_io": True}),
     "v2x": ({}, {"transpose_io": True}),
     "v2g": ({}, {"transpose_io": True, "tile_grads": True}),
 }
@@ -76,7 +78,7 @@ def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[An
                                      "maxnreg": int(split[2]) if split[2] else None}
     else:
         fwd_options, bwd_options = V2_LAYOUT_OPTIONS.get(variant, ({}, {}))
-    plain = {"tile_io": False, "transpose_io": False, "tile_grads": False}
+    plain = {"tile_io": False, "transpose_io": False, "tile_grads": False, "bf16_states": False}
     return (dataclasses.replace(fwd, **{**plain, **fwd_options}), dataclasses.replace(bwd, **{**plain, **bwd_options}))
 
 

@@ -70,7 +70,7 @@ def config_to_ints(config: ScanLaunchConfig | None) -> list[int]:
         return []
     return [config.block_d, config.chunk, config.maxnreg or 0, int(config.prefetch),
             SCAN_VARIANTS.index(config.variant), config.segments, config.block_l, config.tile_l,
-            int(config.tile_io), int(config.transpose_io), int(config.tile_grads)]
+            int(config.tile_io), int(config.transpose_io), int(config.tile_grads), int(config.bf16_states)]
 
 
 def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
@@ -81,10 +81,12 @@ def config_from_ints(values: Sequence[int]) -> ScanLaunchConfig | None:
 
 @functools.lru_cache(maxsize=256)  # a ScanLaunchConfig costs microseconds to build, once per scan call otherwise
 def _config_from_ints(values: tuple[int, ...]) -> ScanLaunchConfig:
-    block_d, chunk, maxnreg, prefetch, variant, segments, block_l, tile_l, tile_io, transpose_io, tile_grads = values
+    (block_d, chunk, maxnreg, prefetch, variant, segments, block_l, tile_l, tile_io, transpose_io, tile_grads,
+     bf16_states) = values
     return ScanLaunchConfig(block_d=block_d, chunk=chunk, maxnreg=maxnreg or None, prefetch=bool(prefetch),
                             variant=SCAN_VARIANTS[variant], segments=segments, block_l=block_l, tile_l=tile_l,
-                            tile_io=bool(tile_io), transpose_io=bool(transpose_io), tile_grads=bool(tile_grads))
+                            tile_io=bool(tile_io), transpose_io=bool(transpose_io), tile_grads=bool(tile_grads),
+                            bf16_states=bool(bf16_states))
 
 
 @functools.cache
@@ -187,7 +189,8 @@ def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus
     if not store_states:
         return out, last_state, _empty_f32(u)
     n_chunks = (length + chunk - 1) // chunk
-    return out, last_state, u.new_empty((batch, n_chunks, n_state, dim), dtype=torch.float32)
+    states_dtype = config_from_ints(fwd_config).saved_state_dtype(u.dtype)
+    return out, last_state, u.new_empty((batch, n_chunks, n_state, dim), dtype=states_dtype)
 
 
 def _scan_bwd(

@@ -58,7 +58,7 @@ def _bwd_chunk_loads(U, DELTA, Z, DOUT, B_seq, C_seq, CHUNK_STATES, seq_row, seq
     program's last chunk) so that their latency hides behind the current chunk's arithmetic. (B and C,
     N values per position, would not fit: carried too, they spill.)"""
     state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
-    h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask & ok, other=0.0)
+    h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask & ok, other=0.0).to(tl.float32)
     base = chunk_idx * CHUNK
     loads = ()
     for s in tl.static_range(CHUNK):

@@ -43,9 +43,9 @@ def _bwd2_chunk_loads(U_row, DELTA_row, Z_row, DOUT_row, seq_sl, z_sl, CHUNK_STA
     chunk_idx = tl.minimum(tl.maximum(chunk_idx, 0), n_chunks - 1)
     state_ptrs = ((batch_idx * n_chunks + chunk_idx) * n_state + offs_n[:, None]).to(tl.int64) * dim
     if EVEN_ND:
-        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :])
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :]).to(tl.float32)  # float32 or bfloat16 saved
     else:
-        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0)
+        h_in = tl.load(CHUNK_STATES + state_ptrs + offs_d[None, :], mask=nd_mask, other=0.0).to(tl.float32)
     if TILE_IO:
         return h_in, chunk_io_tiles((U, DELTA, DOUT), Z, seq_row, z_row, chunk_idx, length, BLOCK_D, CHUNK, HAS_Z,
                                     REVERSE)

@@ -86,7 +86,7 @@ def _scan_bwd_kernel_v3(
         zero = tl.minimum(chunk_idx, 0)
         chunk_states = CHUNK_STATES + (batch_idx * n_chunks + chunk_idx).to(tl.int64) * n_state * dim
         h = tl.load(chunk_states + ((offs_n + zero)[:, None] * dim + offs_d[None, :]), mask=nd_mask,
-                    other=0.0)
+                    other=0.0).to(tl.float32)  # float32 or bfloat16 saved (ScanLaunchConfig.bf16_states)
 
         # Recompute the chunk's states (index s = scan order in the chunk) and each position's dt.
         states = ()

@@ -137,8 +137,8 @@ def selective_scan_fwd_launch(
     store_states: bool,
     config: ScanLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Output, float32 last state (batch, dim, N) and, with ``store_states``, the float32 state entering each
-    chunk (batch, chunks, N, dim) for the backward. u, delta, z contiguous (the v1 / v2 kernels: any
+    """Output, float32 last state (batch, dim, N) and, with ``store_states``, the state entering each chunk
+    (batch, chunks, N, dim; float32, or bfloat16 per ``config.bf16_states``) for the backward. u, delta, z contiguous (the v1 / v2 kernels: any
     ``sequence_strides``, out made in u's layout); A (dim, N) read dim-major
     (``dim_major`` copies it unless its channels are already adjacent); B and C (batch, groups, N, L) read position-major (each position's states from one place; ``position_major``
     copies them only when their strides need it)."""
@@ -152,7 +152,8 @@ def selective_scan_fwd_launch(
     grid = (ceil_div(dim_per_group, config.block_d), batch * n_groups)
     n_pad = next_power_of_2(n_state)
     chunk_states = (
-        torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32) if store_states else None
+        torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=config.saved_state_dtype(u.dtype))
+        if store_states else None
     )
     inputs = (D if D is not None else last_state, z if z is not None else u,
               delta_bias if delta_bias is not None else last_state)

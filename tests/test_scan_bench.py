@@ -93,7 +93,7 @@ def test_scan_cross_names_its_variants_and_checks_pairs_before_any_gpu_work() ->
 
     from bench.scan_cross import main, variant_name
 
-    for name in ("v2", "v2t", "v2x", "v2g", "v3", "v2s1", "v2s16", "v2s4r128"):
+    for name in ("v2", "v2t", "v2x", "v2g", "v2b", "v2tb", "v3", "v2s1", "v2s16", "v2s4r128"):
         assert variant_name(name) == name
     for name in ("v2s", "v2s0", "v2q", "v5", "v2s4r", "v2s4r0", "v2s04"):
         with pytest.raises(argparse.ArgumentTypeError):
@@ -102,3 +102,20 @@ def test_scan_cross_names_its_variants_and_checks_pairs_before_any_gpu_work() ->
         with pytest.raises(SystemExit) as exc:
             main(["--variants", "v2t", "v2s4", "--pairs", *pairs])
         assert exc.value.code == 2  # argparse's usage error, not the missing GPU
+
+
+def test_scan_cross_bf16_state_variants_set_the_forward_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """v2b / v2tb: the forward saves bfloat16 chunk states (the backward reads what it gets); v2 / v2t do not."""
+    import kernels.selective_scan_triton as scan_triton
+    from bench.scan_cross import variant_pair
+
+    monkeypatch.setattr(scan_triton, "multiprocessor_count", lambda device: 132)  # an H100's, without CUDA
+    scan_triton.variant_configs.cache_clear()
+    try:
+        options = {name: variant_pair(name, 16, 197, 128 * 768) for name in ("v2", "v2b", "v2t", "v2tb")}
+    finally:
+        scan_triton.variant_configs.cache_clear()
+    assert [fwd.bf16_states for fwd, _ in options.values()] == [False, True, False, True]
+    assert [fwd.tile_io for fwd, _ in options.values()] == [False, False, True, True]
+    assert not any(bwd.bf16_states for _, bwd in options.values())
+    assert options["v2tb"][1] == options["v2t"][1]

@@ -158,3 +158,62 @@ def test_triton_gpu_v3_segments(triton_scan, fwd_segments, bwd_segments, reverse
     check_against_reference(triton_scan, device=DEVICE, batch=2, dim=100, length=2001, n_state=16, groups=2,
                             dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
                             seed=fwd_segments, config=(fwd, bwd))
+
+
+# Chunk states saved in bfloat16 (ScanLaunchConfig.bf16_states) behind the forward of each variant and read by the
+# backward of each: (variant fwd, variant bwd, L, groups, reverse, channel_last). v4 is a forward only.
+BF16_STATE_CASES = [
+    ("v1", "v1", 23, None, False, False),
+    ("v2", "v2", 29, 2, True, False),
+    ("v2", "v2", 37, None, False, True),
+    ("v3", "v3", 21, None, True, False),
+    ("v4", "v2", 19, 2, False, False),
+]
+
+
+@pytest.mark.parametrize("fwd_variant,bwd_variant,length,groups,reverse,channel_last", BF16_STATE_CASES)
+def test_bf16_saved_states_match_the_reference(triton_scan, fwd_variant, bwd_variant, length, groups, reverse,
+                                               channel_last):
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    block_d = 32 if fwd_variant == "v3" else 8
+    fwd = ScanLaunchConfig(block_d, 4, variant=fwd_variant, bf16_states=True, block_l=16,
+                           tile_io=fwd_variant == "v2")
+    bwd = ScanLaunchConfig(32 if bwd_variant == "v3" else 8, 4, variant=bwd_variant, prefetch=bwd_variant != "v3")
+    inp = make_scan_inputs(2, 32, length, 16, groups=groups, dtype=torch.bfloat16, seed=length, device=DEVICE,
+                           requires_grad=True)
+    if channel_last:  # a Vim block's layout: (batch, dim, L) views of (batch, L, dim) tensors
+        for name in ("u", "delta", "z"):
+            inp[name] = inp[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    leaves = [v for v in inp.values() if v is not None]
+    grads = {}
+    for saved in ("float32", "bfloat16"):
+        fwd_cfg = fwd if saved == "bfloat16" else ScanLaunchConfig(block_d, 4, variant=fwd_variant, block_l=16,
+                                                                   tile_io=fwd_variant == "v2")
+        out = triton_scan.selective_scan_triton(**inp, delta_softplus=True, reverse=reverse, fwd_config=fwd_cfg,
+                                                bwd_config=bwd)
+        grads[saved] = (out, torch.autograd.grad(out.float().square().sum(), leaves))
+    (out32, g32), (out16, g16) = grads["float32"], grads["bfloat16"]
+    assert torch.equal(out16, out32)  # the saved states do not touch the output
+    for a, b in zip(g16, g32):  # bfloat16's rounding of the entry states: small next to each gradient's scale
+        assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
+    assert any(not torch.equal(a, b) for a, b in zip(g16, g32))  # the backward did read the bfloat16 states
+    check_against_reference(triton_scan, device=DEVICE, batch=2, dim=12, length=length, n_state=4, groups=groups,
+                            dtype=torch.bfloat16, with_optional=True, softplus=True, reverse=reverse,
+                            seed=length + 1, config=(fwd, bwd))
+
+
+def test_bf16_states_only_for_bf16_inputs():
+    from kernels.selective_scan_triton import _selective_scan_fwd_fake, config_to_ints
+    from kernels.triton_scan_common import ScanLaunchConfig
+
+    cfg = ScanLaunchConfig(8, 4, variant="v2", bf16_states=True)
+    assert cfg.saved_state_dtype(torch.bfloat16) == torch.bfloat16
+    assert cfg.saved_state_dtype(torch.float16) == torch.float32
+    assert cfg.saved_state_dtype(torch.float32) == torch.float32
+    assert ScanLaunchConfig(8, 4).saved_state_dtype(torch.bfloat16) == torch.float32
+    for dtype in (torch.bfloat16, torch.float32):  # the compiled op's fake forward follows the launcher's rule
+        inp = make_scan_inputs(1, 4, 9, 4, groups=None, dtype=dtype, seed=0, device="cpu")
+        *_, states = _selective_scan_fwd_fake(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"],
+                                              inp["z"], inp["delta_bias"], True, False, True, config_to_ints(cfg), [])
+        assert states.shape == (1, 3, 4, 4) and states.dtype == cfg.saved_state_dtype(dtype)
