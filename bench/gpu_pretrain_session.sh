@@ -24,8 +24,6 @@
 #   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
 #   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
-#   fp8    (carry .gpu_run/whl, .gpu_run/results/pool) --fp8's CUDA tests, the compiled ViT-B step without and with it,
-#       then ViT-B with the real loader at batch 1536 with it
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
 #       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
@@ -107,7 +105,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, fp8, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -192,15 +190,6 @@ for part in "$@"; do
         vitb_row . attn_sdpa 150 --attention_backend sdpa
         vitb_row . attn_auto 150 --attention_backend auto
         ;;
-    fp8)
-        # float8 products in the blocks' linear layers (--fp8, models/fp8.py): their CUDA tests, the compiled ViT-B
-        # step at batch 256 without and with them, then ViT-B with the real loader at batch 1536 with them (the
-        # thirty-first session's best row without: 5,464 img/s)
-        timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py 2>&1 | tail -3 || true
-        vitb_row . fp8_off 130
-        vitb_row . fp8_on 130 --fp8
-        loop_run vitb_b1536_fp8 250 mae_vit_base_patch16 1536 100 --compile --fp8
-        ;;
     bigbatch)
         # Larger batches than the best rows so far (img/s grew with the batch: ViT-B 4,816 synthetic at 256 against
         # 5,351 real-loader at 1024; Vim-S 3,058 -> 3,192 from 256 to 512): ViT-B with the real loader at
@@ -221,7 +210,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, fp8, bigbatch, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
         exit 2
         ;;
     esac

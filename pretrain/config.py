@@ -51,9 +51,6 @@ class PretrainConfig:
                                                                 "for sequences of 128 tokens or more on CUDA, i.e. MAE's "
                                                                 "decoder; SDPA otherwise), 'sdpa' (torch's) or 'triton' "
                                                                 "(ours everywhere; CUDA)"))
-    fp8: bool = field(default=False, metadata=_h("the transformer / Vim blocks' linear layers multiply in float8 with "
-                                                 "per-tensor dynamic scales (models/fp8.py; CUDA compute "
-                                                 "capability 8.9+)"))
     compile_mode: str = field(default="default", metadata=_h("torch.compile mode: default, reduce-overhead (CUDA "
                                                              "graphs), max-autotune, max-autotune-no-cudagraphs"))
     ddp_comm_hook: str = field(default="no", metadata=_h("DDP gradient all-reduce in 'no' (float32), 'bf16' or 'fp16' "

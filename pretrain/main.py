@@ -33,7 +33,6 @@ from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
 from common.torch_compile import compile_in_place  # noqa: E402
-from models.fp8 import check_float8_device, convert_to_float8  # noqa: E402
 from models.layers import check_attention_backend, set_backend  # noqa: E402
 from pretrain.checkpointing import CheckpointManager, CheckpointMismatch  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
@@ -163,12 +162,8 @@ def run(cfg: PretrainConfig) -> int:
     try:
         check_attention_backend(cfg.attention_backend, accelerator.device.type == "cuda")
         set_backend(model, "attention_backend", cfg.attention_backend)
-        if cfg.fp8:
-            check_float8_device(accelerator.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if cfg.fp8:
-        logger.info(f"--fp8: {len(convert_to_float8(model))} linear layers multiply in float8")
     model.to(accelerator.device)
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
     optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=use_fused_adamw(accelerator))
