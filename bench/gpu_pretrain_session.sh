@@ -25,7 +25,7 @@
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
 #   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
-#       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH)
+#       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -197,9 +197,13 @@ for part in "$@"; do
         # attention kernels at BIG_VIMS_BATCH (768: about 57 GiB by the batch-512 row's 38 GiB)
         vitb_big=${BIG_VITB_BATCH:-1536}
         vims_big=${BIG_VIMS_BATCH:-768}
-        loop_run "vitb_b$vitb_big" 280 mae_vit_base_patch16 "$vitb_big" 100 --compile
-        model_row . "vims_b${vims_big}_graphs" 280 mae_vim_small_patch16 "$vims_big" --attention_backend triton \
-            --compile_mode reduce-overhead
+        if [ "$vitb_big" -gt 0 ]; then  # 0: skip the row
+            loop_run "vitb_b$vitb_big" 280 mae_vit_base_patch16 "$vitb_big" 100 --compile
+        fi
+        if [ "$vims_big" -gt 0 ]; then
+            model_row . "vims_b${vims_big}_graphs" 280 mae_vim_small_patch16 "$vims_big" --attention_backend triton \
+                --compile_mode reduce-overhead
+        fi
         ;;
     loop)
         loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
