@@ -85,3 +85,17 @@ def test_backend_errors_are_one_line(encoder_ckpt: Path, tmp_path: Path, capsys:
                 cli_fails(capsys, main, [*argv, "--attention_backend", "triton"],
                           r"--attention_backend triton needs a CUDA device")
     assert not (tmp_path / "o" / "log.jsonl").exists()
+
+
+def test_heads_our_kernels_do_not_take_are_a_usage_error() -> None:
+    """build_model (both transfer stages) puts the attention blocks on the stage's backend; "triton" on a model whose
+    heads our kernels do not take (8 channels here) is a usage error naming the block, "auto" builds it."""
+    from common.transfer.encoder import EncoderSpec, build_model
+    from common.transfer.errors import TransferUsageError
+
+    spec = EncoderSpec(model="test_vit", kwargs={"num_heads": 4, "img_size": 32, "in_chans": 1}, input_size=32,
+                       in_chans=1, mean=[0.5], std=[0.25])
+    with pytest.raises(TransferUsageError, match=r"--attention_backend: .*blocks\.0\.attn has 8"):
+        build_model(spec, "triton")
+    model = build_model(spec, "auto")
+    assert {m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")} == {"auto"}
