@@ -33,6 +33,9 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh layout
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) GPU tests of the chunk tiles and the copied backward,
 #       bench.scan_cross's v2t / v2x / v2g pairs and bench.scan's defaults beside mamba-ssm (about 6 minutes)
+#   on the GPU machine:        bash bench/gpu_scan_session.sh vimsweep
+#       (carry .gpu_run/whl) bench.scan's v1 / v2 tile sweep at a Vim-S batch-768 step's channel-last scans (about
+#       5 minutes); $OUT/vim_sweep.json
 #   on the GPU machine:        bash bench/gpu_scan_session.sh bf16states
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the chunk states saved in bfloat16: GPU tests, bench.scan_cross
 #       against float32 states at the issue's shapes and a Vim-S step's (about 5 minutes)
@@ -334,6 +337,16 @@ layout)
     timeout 150 python3 -m bench.scan --backends triton mamba_ssm naive_loop "${mamba[@]}" --rep-ms 100 \
         --json "$out/scan_defaults.json" 2>&1 | tail -12 || true
     ;;
+vimsweep)
+    # (carry .gpu_run/whl) the v1 / v2 tile sweep at the scans of a Vim-S batch-768 step (channel-last u / delta / z,
+    # L=50): the defaults were swept on contiguous inputs at batch 128 / 16, and these scans are about 38 % of that
+    # step (twenty-fifth session's profile); VIMSWEEP_BATCH sets the batch
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    timeout 540 python3 -m bench.scan --backends triton --shape "${VIMSWEEP_BATCH:-768}" 768 16 50 \
+        --layout channel_last --sweep v1 v2 --rep-ms 100 --json "$out/vim_sweep.json" 2>&1 | tail -6 || true
+    ;;
 bf16states)
     # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the chunk states saved in bfloat16 (ScanLaunchConfig.bf16_states):
     # their compiled tests, then bench.scan_cross against float32 states in the same call: the issue's four shapes
@@ -393,7 +406,7 @@ ncu)
     done <<<"$shapes"
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|quick|conv|variants|ncu|layout|bf16states|segments" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|quick|conv|variants|ncu|layout|vimsweep|bf16states|segments" >&2
     exit 2
     ;;
 esac

@@ -34,6 +34,11 @@ SHAPES = [(128, 768, 16, 50), (128, 768, 16, 197), (16, 768, 16, 1024), (16, 768
 NAIVE_MAX_L = 1024  # the per-position loop takes seconds beyond this; its time grows linearly anyway
 
 
+def channel_last(x: torch.Tensor) -> torch.Tensor:
+    """A (batch, dim, L) tensor with (batch, L, dim) memory: a copy, differentiable."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     import triton.testing
@@ -318,8 +323,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for batch, dim, n_state, length in args.shape or SHAPES:
         inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                                device="cuda")
+        if args.layout == "channel_last":
+            inp.update({k: channel_last(inp[k]) for k in ("u", "delta", "z")})
         fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
-        shape = f"({batch}, {dim}, {n_state}, L={length})"
+        shape = f"({batch}, {dim}, {n_state}, L={length})" + (" channel-last" if args.layout == "channel_last" else "")
         for name, fn in backends.items():
             if name == "naive_loop" and length > NAIVE_MAX_L:
                 continue
@@ -373,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"also time the v4 forward's tiles (block_d, block_l) at L >= {V4_SWEEP_MIN_L}")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("BATCH", "DIM", "N", "L"),
                         help="time this shape instead of the issue's four (repeatable)")
+    parser.add_argument("--layout", choices=("contiguous", "channel_last"), default="contiguous",
+                        help="u / delta / z as (batch, dim, L) contiguous (mamba-ssm's callers) or channel-last "
+                             "(batch, L, dim) memory, a Vim block's: e.g. --shape 768 768 16 50 --layout channel_last "
+                             "--sweep v1 v2 sweeps the tiles of a Vim-S batch-768 step's scans")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     parser.add_argument("--json", default=None, help="write the full results here")
     args = parser.parse_args(argv)

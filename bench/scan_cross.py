@@ -26,15 +26,10 @@ from typing import Any
 
 import torch
 
-from bench.scan import SHAPES, time_backend
+from bench.scan import SHAPES, channel_last, time_backend
 from kernels.testing import make_scan_inputs
 
 LAYOUTS = ("contiguous", "channel_last", "transposed")
-
-
-def channel_last(x: torch.Tensor) -> torch.Tensor:
-    """A (batch, dim, L) tensor with (batch, L, dim) memory: a copy, differentiable."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 # The v2 variants by their layout options (ScanLaunchConfig): "v2" none; "v2t" chunk tiles both ways (tile_io);

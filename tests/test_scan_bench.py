@@ -119,3 +119,16 @@ def test_scan_cross_bf16_state_variants_set_the_forward_option(monkeypatch: pyte
     assert [fwd.tile_io for fwd, _ in options.values()] == [False, False, True, True]
     assert not any(bwd.bf16_states for _, bwd in options.values())
     assert options["v2tb"][1] == options["v2t"][1]
+
+
+def test_channel_last_inputs_keep_values_with_a_vim_blocks_memory() -> None:
+    """bench.scan --layout channel_last (and bench.scan_cross): (batch, dim, L) views of (batch, L, dim) memory,
+    which the v1 / v2 kernels read in place (kernels.triton_scan_common.is_sequence_layout)."""
+    from bench.scan import channel_last
+    from kernels.triton_scan_common import is_sequence_layout
+
+    x = torch.randn(2, 6, 5, requires_grad=True)
+    y = channel_last(x)
+    assert torch.equal(y, x) and y.stride() == (30, 1, 6) and is_sequence_layout(y)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
