@@ -180,7 +180,7 @@ def test_bf16_saved_states_match_the_reference(triton_scan, fwd_variant, bwd_var
     fwd = ScanLaunchConfig(block_d, 4, variant=fwd_variant, bf16_states=True, block_l=16,
                            tile_io=fwd_variant == "v2")
     bwd = ScanLaunchConfig(32 if bwd_variant == "v3" else 8, 4, variant=bwd_variant, prefetch=bwd_variant != "v3")
-    inp = make_scan_inputs(2, 32, length, 16, groups=groups, dtype=torch.bfloat16, seed=length, device=DEVICE,
+    inp = make_scan_inputs(2, 16, length, 8, groups=groups, dtype=torch.bfloat16, seed=length, device=DEVICE,
                            requires_grad=True)
     if channel_last:  # a Vim block's layout: (batch, dim, L) views of (batch, L, dim) tensors
         for name in ("u", "delta", "z"):
