@@ -161,25 +161,27 @@ def test_triton_gpu_v3_segments(triton_scan, fwd_segments, bwd_segments, reverse
 
 
 # Chunk states saved in bfloat16 (ScanLaunchConfig.bf16_states) behind the forward of each variant and read by the
-# backward of each: (variant fwd, variant bwd, L, groups, reverse, channel_last). v4 is a forward only.
+# backward of each: (variant fwd, variant bwd, L, groups, reverse, channel_last, backward on channel-last copies
+# (transpose_io, the defaults' large-grid backward for contiguous inputs)). v4 is a forward only.
 BF16_STATE_CASES = [
-    ("v1", "v1", 23, None, False, False),
-    ("v2", "v2", 29, 2, True, False),
-    ("v2", "v2", 37, None, False, True),
-    ("v3", "v3", 21, None, True, False),
-    ("v4", "v2", 19, 2, False, False),
+    ("v1", "v1", 23, None, False, False, False),
+    ("v2", "v2", 29, 2, True, False, True),
+    ("v2", "v2", 37, None, False, True, False),
+    ("v3", "v3", 21, None, True, False, False),
+    ("v4", "v2", 19, 2, False, False, False),
 ]
 
 
-@pytest.mark.parametrize("fwd_variant,bwd_variant,length,groups,reverse,channel_last", BF16_STATE_CASES)
+@pytest.mark.parametrize("fwd_variant,bwd_variant,length,groups,reverse,channel_last,transpose", BF16_STATE_CASES)
 def test_bf16_saved_states_match_the_reference(triton_scan, fwd_variant, bwd_variant, length, groups, reverse,
-                                               channel_last):
+                                               channel_last, transpose):
     from kernels.triton_scan_common import ScanLaunchConfig
 
     block_d = 32 if fwd_variant == "v3" else 8
     fwd = ScanLaunchConfig(block_d, 4, variant=fwd_variant, bf16_states=True, block_l=16,
                            tile_io=fwd_variant == "v2")
-    bwd = ScanLaunchConfig(32 if bwd_variant == "v3" else 8, 4, variant=bwd_variant, prefetch=bwd_variant != "v3")
+    bwd = ScanLaunchConfig(32 if bwd_variant == "v3" else 8, 4, variant=bwd_variant, prefetch=bwd_variant != "v3",
+                           transpose_io=transpose)
     inp = make_scan_inputs(2, 16, length, 8, groups=groups, dtype=torch.bfloat16, seed=length, device=DEVICE,
                            requires_grad=True)
     if channel_last:  # a Vim block's layout: (batch, dim, L) views of (batch, L, dim) tensors
