@@ -27,16 +27,11 @@ import torch
 from bench.scan_tables import format_sweep, format_table
 from kernels.selective_scan_chunked import selective_scan_chunked
 from kernels.selective_scan_ref import selective_scan_ref
-from kernels.testing import make_scan_inputs
+from kernels.testing import make_scan_inputs, with_channel_last_sequences
 
 # The issue's four shapes (batch, dim, N, L); --shape replaces them (e.g. a Vim-S MAE step's: 256 768 16 50).
 SHAPES = [(128, 768, 16, 50), (128, 768, 16, 197), (16, 768, 16, 1024), (16, 768, 16, 4096)]
 NAIVE_MAX_L = 1024  # the per-position loop takes seconds beyond this; its time grows linearly anyway
-
-
-def channel_last(x: torch.Tensor) -> torch.Tensor:
-    """A (batch, dim, L) tensor with (batch, L, dim) memory: a copy, differentiable."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
@@ -324,7 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                                device="cuda")
         if args.layout == "channel_last":
-            inp.update({k: channel_last(inp[k]) for k in ("u", "delta", "z")})
+            inp = with_channel_last_sequences(inp)
         fwd_bytes, fb_bytes = floor_bytes(batch, dim, n_state, length)
         shape = f"({batch}, {dim}, {n_state}, L={length})" + (" channel-last" if args.layout == "channel_last" else "")
         for name, fn in backends.items():

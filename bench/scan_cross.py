@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from bench.scan import SHAPES, channel_last, time_backend
-from kernels.testing import make_scan_inputs
+from bench.scan import SHAPES, time_backend
+from kernels.testing import make_scan_inputs, with_channel_last_sequences
 
 LAYOUTS = ("contiguous", "channel_last", "transposed")
 
@@ -88,7 +88,7 @@ def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: in
     inp = make_scan_inputs(batch, dim, length, n_state, groups=None, dtype=torch.bfloat16, seed=length,
                            device="cuda")
     if layout == "channel_last":
-        inp.update({k: channel_last(inp[k]) for k in ("u", "delta", "z")})
+        inp = with_channel_last_sequences(inp)
     configs = {v: variant_pair(v, n_state, length, batch * dim) for v in variants}
     pairs = pairs or [(f, b) for f in variants for b in variants]
     pairs = pairs + [("default", "default")]
@@ -102,7 +102,7 @@ def cross_rows(shape: tuple[int, int, int, int], variants: list[str], rep_ms: in
 
         def fn(f=fwd_cfg, b=bwd_cfg, **kw: Any) -> torch.Tensor:
             if layout == "transposed":
-                kw.update({k: channel_last(kw[k]) for k in ("u", "delta", "z")})
+                kw = with_channel_last_sequences(kw)
                 return selective_scan_triton(**kw, fwd_config=f, bwd_config=b).contiguous()
             return selective_scan_triton(**kw, fwd_config=f, bwd_config=b)
 

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from kernels.testing import make_scan_inputs
+from kernels.testing import make_scan_inputs, with_channel_last_sequences
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         configs = {"fwd_config": fwd, "bwd_config": bwd}
     inp = make_scan_inputs(batch, dim, length, n_state, None, torch.bfloat16, seed=0, device="cuda")
     if args.channel_last:
-        for key in ("u", "delta", "z"):
-            inp[key] = inp[key].transpose(1, 2).contiguous().transpose(1, 2)
+        inp = with_channel_last_sequences(inp)
     for tensor in inp.values():  # every input a Mamba block trains, so the backward computes every gradient
         tensor.requires_grad_(True)
     grad = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)

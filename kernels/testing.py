@@ -72,6 +72,21 @@ def make_scan_inputs(
     return out
 
 
+def channel_last(x: torch.Tensor) -> torch.Tensor:
+    """A (batch, dim, L) tensor with (batch, L, dim) memory, a Vim block's layout: a copy, differentiable."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# The scan inputs that a Vim block passes channel-last (B and C keep their own layout).
+SEQUENCE_INPUTS = ("u", "delta", "z")
+
+
+def with_channel_last_sequences(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Scan arguments (``make_scan_inputs``' dict, or keyword arguments) with u / delta / z, where present,
+    channel-last; the others as they are."""
+    return {k: channel_last(v) if k in SEQUENCE_INPUTS and v is not None else v for k, v in inputs.items()}
+
+
 def check_against_reference(triton_scan: ModuleType, *, batch: int, dim: int, length: int, n_state: int,
                             groups: int | None, dtype: torch.dtype, with_optional: bool, softplus: bool,
                             reverse: bool, seed: int, config: Any = None, device: str = "cpu") -> None:

@@ -122,13 +122,19 @@ def test_scan_cross_bf16_state_variants_set_the_forward_option(monkeypatch: pyte
 
 
 def test_channel_last_inputs_keep_values_with_a_vim_blocks_memory() -> None:
-    """bench.scan --layout channel_last (and bench.scan_cross): (batch, dim, L) views of (batch, L, dim) memory,
-    which the v1 / v2 kernels read in place (kernels.triton_scan_common.is_sequence_layout)."""
-    from bench.scan import channel_last
+    """bench.scan --layout channel_last (and bench.scan_cross, bench.scan_ncu): u / delta / z as (batch, dim, L)
+    views of (batch, L, dim) memory, which the v1 / v2 kernels read in place (is_sequence_layout); B, C and the
+    parameters untouched."""
+    from kernels.testing import make_scan_inputs, with_channel_last_sequences
     from kernels.triton_scan_common import is_sequence_layout
 
-    x = torch.randn(2, 6, 5, requires_grad=True)
-    y = channel_last(x)
-    assert torch.equal(y, x) and y.stride() == (30, 1, 6) and is_sequence_layout(y)
-    y.sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
+    inp = make_scan_inputs(2, 6, 5, 4, groups=None, dtype=torch.float32, seed=0, requires_grad=True)
+    moved = with_channel_last_sequences(inp)
+    for key, value in moved.items():
+        assert torch.equal(value, inp[key])
+        if key in ("u", "delta", "z"):
+            assert value.stride() == (30, 1, 6) and is_sequence_layout(value)
+        else:
+            assert value is inp[key]
+    moved["u"].sum().backward()
+    assert torch.equal(inp["u"].grad, torch.ones_like(inp["u"]))

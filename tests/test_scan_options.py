@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.testing import check_against_reference, make_scan_inputs
+from kernels.testing import check_against_reference, make_scan_inputs, with_channel_last_sequences
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -184,9 +184,9 @@ def test_bf16_saved_states_match_the_reference(triton_scan, fwd_variant, bwd_var
                            transpose_io=transpose)
     inp = make_scan_inputs(2, 16, length, 8, groups=groups, dtype=torch.bfloat16, seed=length, device=DEVICE,
                            requires_grad=True)
-    if channel_last:  # a Vim block's layout: (batch, dim, L) views of (batch, L, dim) tensors
-        for name in ("u", "delta", "z"):
-            inp[name] = inp[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    if channel_last:  # a Vim block's layout: (batch, dim, L) views of (batch, L, dim) tensors, as leaves
+        inp = {k: v.detach().requires_grad_() if v is not None else None
+               for k, v in with_channel_last_sequences(inp).items()}
     leaves = [v for v in inp.values() if v is not None]
     grads = {}
     for saved in ("float32", "bfloat16"):
