@@ -16,6 +16,13 @@ def pytest_configure(config) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        # The test command runs 3 xdist workers on CI's 2 cores, and every torch process (workers and the CLI
+        # subprocesses they start) would take one OpenMP thread per core: oversubscribed OpenMP threads spin
+        # against each other (a 4 s MambaMIC test took 99 s in the full suite). One thread per process: the
+        # suite went from 690 to 555 s on 2 cores. The subprocesses inherit the variable.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
