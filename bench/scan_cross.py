@@ -47,16 +47,19 @@ VARIANTS = ["v1", "v3", *V2_LAYOUT_OPTIONS]
 
 
 SEGMENTED_NAME = re.compile(r"v2s([1-9]\d*)(?:r([1-9]\d*))?")
+# "v1d32", "v2d16": v1 / v2 with that forward block_d (the backward's tiles as the plain variant's), to time forward
+# tiles behind one backward.
+WIDTH_NAME = re.compile(r"v([12])d([1-9]\d*)")
 
 
 def variant_name(name: str) -> str:
     """A --variants entry: one of VARIANTS, or "v2s<k>[r<registers>]": v2t with its sequences split into k segments
     both ways (ScanLaunchConfig.segments; for grids too small to fill the device), optionally under a register cap
     (ScanLaunchConfig.maxnreg: more resident warps for the split backward)."""
-    if name in VARIANTS or SEGMENTED_NAME.fullmatch(name):
+    if name in VARIANTS or SEGMENTED_NAME.fullmatch(name) or WIDTH_NAME.fullmatch(name):
         return name
-    raise argparse.ArgumentTypeError(f"unknown variant {name!r}: one of {VARIANTS} or v2s<segments>[r<registers>], "
-                                     f"e.g. v2s4, v2s4r128")
+    raise argparse.ArgumentTypeError(f"unknown variant {name!r}: one of {VARIANTS}, v2s<segments>[r<registers>] "
+                                     f"(e.g. v2s4, v2s4r128) or v<1|2>d<forward block_d> (e.g. v2d32)")
 
 
 def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[Any, Any]:
@@ -67,8 +70,10 @@ def variant_pair(variant: str, n_state: int, length: int, rows: int) -> tuple[An
     fwd, bwd = variant_configs(variant[:2], n_state, length, rows, torch.device("cuda"))
     if fwd.variant not in ("v1", "v2"):
         return fwd, bwd
-    split = SEGMENTED_NAME.fullmatch(variant)
-    if split:
+    split, width = SEGMENTED_NAME.fullmatch(variant), WIDTH_NAME.fullmatch(variant)
+    if width:
+        fwd_options, bwd_options = {"block_d": int(width[2])}, {}
+    elif split:
         fwd_options = bwd_options = {"tile_io": True, "segments": int(split[1]),
                                      "maxnreg": int(split[2]) if split[2] else None}
     else:

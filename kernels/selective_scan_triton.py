@@ -30,6 +30,7 @@ from kernels.triton_scan_common import (
     default_launch_config,
     default_segments,
     dim_major,
+    is_channel_last,
     is_sequence_layout,
     position_major,
 )
@@ -98,7 +99,7 @@ def multiprocessor_count(device: torch.device) -> int | None:
 @functools.lru_cache(maxsize=1024)
 def launch_configs(
     n_state: int, length: int, fwd_config: ScanLaunchConfig | None, bwd_config: ScanLaunchConfig | None,
-    rows: int | None = None, multiprocessors: int | None = None,
+    rows: int | None = None, multiprocessors: int | None = None, channel_last: bool = False,
 ) -> tuple[ScanLaunchConfig, ScanLaunchConfig]:
     """Fill in default tile configs (``rows`` = batch * dim and the device's ``multiprocessors`` pick the
     backward's tiles: default_launch_config); the backward must use the forward's chunk length, and a forward-only
@@ -107,7 +108,7 @@ def launch_configs(
         raise ValueError(f"selective_scan: variant {bwd_config.variant!r} has no backward kernel; give a v1 or v2 "
                          f"backward config (its forward saves the chunk states they read)")
     n_pad = next_power_of_2(n_state)
-    fwd = fwd_config or default_launch_config(n_pad, length, backward=False)
+    fwd = fwd_config or default_launch_config(n_pad, length, backward=False, channel_last=channel_last)
     bwd = bwd_config or default_launch_config(n_pad, length, backward=True, rows=rows,
                                               multiprocessors=multiprocessors)
     if bwd.chunk != fwd.chunk:
@@ -325,7 +326,7 @@ def selective_scan_triton(
     # The backward's default tiles depend on the device: resolved when the backward runs. Cached in eager mode;
     # dynamo traces the plain function (it warns about lru_cache wrappers).
     configs = launch_configs.__wrapped__ if compiling else launch_configs
-    fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config)
+    fwd, _ = configs(A.shape[1], u.shape[-1], fwd_config, bwd_config, channel_last=is_channel_last(u))
     if fwd.variant in SEQUENCE_STRIDED_VARIANTS and (bwd_config is None
                                                       or bwd_config.variant in SEQUENCE_STRIDED_VARIANTS):
         # The v1 / v2 kernels read u / delta in either dense layout and z through any strides: a Vim block's

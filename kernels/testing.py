@@ -89,12 +89,16 @@ def with_channel_last_sequences(inputs: dict[str, Any]) -> dict[str, Any]:
 
 def check_against_reference(triton_scan: ModuleType, *, batch: int, dim: int, length: int, n_state: int,
                             groups: int | None, dtype: torch.dtype, with_optional: bool, softplus: bool,
-                            reverse: bool, seed: int, config: Any = None, device: str = "cpu") -> None:
+                            reverse: bool, seed: int, config: Any = None, device: str = "cpu",
+                            channel_last: bool = False) -> None:
     """Output, last state and every gradient of ``triton_scan.selective_scan_triton`` (one ScanLaunchConfig for both
     directions, a (forward, backward) pair, or None for the defaults) against the float64 reference, within
-    TOLERANCES; raises AssertionError naming the tensor that differs."""
+    TOLERANCES; raises AssertionError naming the tensor that differs. ``channel_last``: u / delta / z handed over as
+    a Vim block does (``with_channel_last_sequences``)."""
     inp = make_scan_inputs(batch, dim, length, n_state, groups=groups, dtype=dtype, seed=seed, device=device,
                            requires_grad=True, with_optional=with_optional, delta_softplus=softplus)
+    if channel_last:
+        inp = with_channel_last_sequences(inp)
     ref_inp = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inp.items()}
     kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse)
     if config is None:

@@ -264,7 +264,7 @@ BWD_RESIDENT_PROGRAMS = 8
 
 
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
-                          multiprocessors: int | None = None) -> ScanLaunchConfig:
+                          multiprocessors: int | None = None, channel_last: bool = False) -> ScanLaunchConfig:
     """Tiles of the scan kernels, a saved state every 4 positions, tiles from the H200 sweeps of
     bench/scan.py (README, 2026-11-22).
 
@@ -284,14 +284,34 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     large-grid backward on channel-last copies (``transpose_io``). bench/scan_cross.py, one H100, twenty-third
     session, fwd+bwd ms: batch 128 L=197 1.766 with the tile forward vs 1.940 without (its forward alone 0.367 vs
     0.428), then 1.570 with the copied backward behind it (the tile backward: 1.775); batch 16 L=1024 1.193 vs 1.264
-    with the tile backward (the copied one 1.322), L=4096 4.720 vs 5.063."""
+    with the tile backward (the copied one 1.322), L=4096 4.720 vs 5.063.
+
+    ``channel_last`` (u / delta / z as a Vim block hands them over, ``is_channel_last``): the forward takes
+    CHANNEL_LAST_FORWARD's tiles; the backward is unchanged."""
     chunk = min(4, next_power_of_2(length))
+    if channel_last and not backward:
+        variant, block_d = CHANNEL_LAST_FORWARD
+        return ScanLaunchConfig(block_d=block_d, chunk=chunk, variant=variant)
     small_grid = rows is not None and multiprocessors is not None and (
         ceil_div(rows, 16) <= multiprocessors * BWD_RESIDENT_PROGRAMS)
     layout_io = length >= LAYOUT_IO_MIN_LENGTH
     if not backward or small_grid:
         return ScanLaunchConfig(block_d=8, chunk=chunk, variant=DEFAULT_VARIANT, tile_io=layout_io)
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT, transpose_io=layout_io)
+
+
+# The forward's (variant, block_d) on channel-last inputs. With the channels adjacent in memory a wider program reads
+# and writes whole sectors: at a Vim-S step's scans ((768, 768, 16, L=50) channel-last, bf16, one H100, thirty-second
+# session, bench.scan --layout channel_last --sweep v1 v2, forward ms) v1 block_d 32 0.284, v2 block_d 16 0.306, v1
+# block_d 16 0.385, v2 block_d 8 (the contiguous default) 0.463. v1 and v2 save the same chunk states, so the v2
+# backward runs behind it.
+CHANNEL_LAST_FORWARD = ("v1", 32)
+
+
+def is_channel_last(t: Any) -> bool:
+    """Whether a (batch, dim, L) tensor is a channel-last view ((batch, L, dim) memory, dim > 1 and L > 1)."""
+    batch, dim, length = t.shape
+    return dim > 1 and length > 1 and t.stride() == (length * dim, 1, dim)
 
 
 # The shortest sequence whose default kernels read and write chunk tiles or run on channel-last copies. At L=50,

@@ -117,3 +117,36 @@ def test_v3_forward_tile_is_a_power_of_two_of_at_least_one_chunk():
     assert ScanLaunchConfig(32, 8, variant="v3", tile_l=32).log2_tile() == 5
     with pytest.raises(ValueError, match="tile_l"):
         ScanLaunchConfig(32, 4, variant="v3", tile_l=12)
+
+
+def test_channel_last_forward_takes_its_own_tiles():
+    """A Vim block's channel-last u gets CHANNEL_LAST_FORWARD's forward (wider programs read whole sectors); the
+    backward and every contiguous default stay as they were; the choice reaches the launch through is_channel_last."""
+    from kernels.selective_scan_triton import launch_configs
+    from kernels.testing import channel_last
+    from kernels.triton_scan_common import CHANNEL_LAST_FORWARD, default_launch_config, is_channel_last
+
+    variant, block_d = CHANNEL_LAST_FORWARD
+    for length in (50, 197, 1024):
+        fwd = default_launch_config(16, length, False, rows=512 * 768, multiprocessors=132, channel_last=True)
+        assert (fwd.variant, fwd.block_d, fwd.chunk, fwd.tile_io) == (variant, block_d, 4, False)
+        plain = default_launch_config(16, length, False, rows=512 * 768, multiprocessors=132)
+        assert (plain.variant, plain.block_d) == ("v2", 8)
+        assert default_launch_config(16, length, True, rows=512 * 768, multiprocessors=132, channel_last=True) == \
+            default_launch_config(16, length, True, rows=512 * 768, multiprocessors=132)
+    fwd, bwd = launch_configs(16, 50, None, None, channel_last=True)
+    assert (fwd.variant, fwd.block_d, bwd.variant, bwd.chunk) == (variant, block_d, "v2", fwd.chunk)
+    u = torch.zeros(2, 6, 5)
+    assert is_channel_last(channel_last(u)) and not is_channel_last(u)
+    assert not is_channel_last(channel_last(torch.zeros(2, 6, 1))) and not is_channel_last(torch.zeros(2, 1, 5))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_channel_last_defaults_match_the_reference(triton_scan, reverse):
+    """The defaults on channel-last inputs (the channel-last forward behind the v2 backward), 40 channels: one full
+    and one partial 32-channel program."""
+    from kernels.testing import check_against_reference
+
+    check_against_reference(triton_scan, batch=2, dim=40, length=23, n_state=4, groups=None, dtype=torch.bfloat16,
+                            with_optional=True, softplus=True, reverse=reverse, seed=11 + reverse,
+                            channel_last=True)

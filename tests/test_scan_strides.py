@@ -58,7 +58,7 @@ def test_triton_reads_strided_b_and_c(triton_scan, variant, reverse, shared):
                                    msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["defaults", *VARIANTS])
 @pytest.mark.parametrize("reverse,dtype", [(False, torch.float32), (True, torch.bfloat16)])
 def test_triton_reads_channel_last_u_delta_and_z_in_place(triton_scan, variant, reverse, dtype):
     """u, delta and z as a Vim block hands them over: (batch, dim, L) views of channel-last (batch, L, dim) memory, z
@@ -78,7 +78,11 @@ def test_triton_reads_channel_last_u_delta_and_z_in_place(triton_scan, variant, 
     u, delta = leaves["u"].transpose(1, 2), leaves["delta"].transpose(1, 2)
     z = leaves["xz"].transpose(1, 2)[:, dim:]
     cfg = {}
-    if variant != "v1":
+    if variant == "defaults":
+        # The contiguous call below gets the tiles that the channel-last defaults chose (CHANNEL_LAST_FORWARD).
+        fwd, bwd = triton_scan.launch_configs(n_state, length, None, None, rows=batch * dim, channel_last=True,
+                                              multiprocessors=triton_scan.multiprocessor_count(torch.device(DEVICE)))
+    else:
         fwd, bwd = triton_scan.variant_configs(variant, n_state, length, batch * dim, torch.device(DEVICE))
         cfg = dict(fwd_config=fwd, bwd_config=bwd)
     kw = dict(delta_softplus=True, reverse=reverse, **cfg)
@@ -98,11 +102,13 @@ def test_triton_reads_channel_last_u_delta_and_z_in_place(triton_scan, variant, 
     with CountCopies():
         out = triton_scan.selective_scan_triton(u, delta, z=z, **rest, **kw)
         grads = torch.autograd.grad((out.float() * g.float()).sum(), [*leaves.values(), *rest.values()])
-    assert (CountCopies.copies == 0) == (variant in ("v1", "v2")), CountCopies.copies
-    if variant in ("v1", "v2"):
+    strided = variant in ("defaults", "v1", "v2")
+    assert (CountCopies.copies == 0) == strided, CountCopies.copies
+    if strided:
         assert out.stride() == u.stride()  # written channel-last
     plain = {k: inp[k].detach().contiguous().requires_grad_() for k in ("u", "delta", "z")}
-    want = triton_scan.selective_scan_triton(plain["u"], plain["delta"], z=plain["z"], **rest, **kw)
+    want = triton_scan.selective_scan_triton(plain["u"], plain["delta"], z=plain["z"], **rest,
+                                             **{**kw, "fwd_config": fwd, "bwd_config": bwd})
     want_grads = torch.autograd.grad((want.float() * g.float()).sum(), [*plain.values(), *rest.values()])
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     d_u, d_delta, d_xz = (t.transpose(1, 2) for t in grads[:3])
