@@ -190,7 +190,7 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
     a forward warp walks thousands of positions), then forward+backward (behind the default forward) per backward
     option: block_d 16 at maxnreg none / 168 / 200 without and none / 200 with prefetch, and uncapped block_d 8 /
     4 (more programs at small batch). Then the same for the "v2" kernels (ScanLaunchConfig.variant): forward
-    block_d 4 / 8 / 16, and forward+backward behind the v2 default forward at backward block_d 16 with and without
+    block_d 4 / 8 / 16 / 32, and forward+backward behind the v2 default forward at backward block_d 16 with and without
     prefetch (and with prefetch capped at 200 / 168 registers), block_d 8 with and without, and block_d 4. Then the
     "v3" kernels (one lane per channel): forward block_d 16 / 32 / 64 at chunk 4, and forward+backward (behind the v3
     forward of the same block_d and chunk) at block_d 16 / 32 / 64, chunk 2 and 4, with and without prefetch at
@@ -198,11 +198,11 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
     with each sequence split into SWEEP_SEGMENTS segments (forward, and forward+backward with the same count on both
     sides). ``variants`` keeps only those variants' rows."""
     from kernels.selective_scan_triton import launch_configs, selective_scan_triton
-    from kernels.triton_scan_common import ScanLaunchConfig
+    from kernels.triton_scan_common import ScanLaunchConfig, is_channel_last
 
     rows = []
     fwd_options = [(4, "v1", 1), (8, "v1", 1), (16, "v1", 1), (32, "v1", 1), (4, "v2", 1), (8, "v2", 1),
-                   (16, "v2", 1), (16, "v3", 1), (32, "v3", 1), (64, "v3", 1)] + [
+                   (16, "v2", 1), (32, "v2", 1), (16, "v3", 1), (32, "v3", 1), (64, "v3", 1)] + [
         (32, "v3", segments) for segments in SWEEP_SEGMENTS]
     fwd_configs = [ScanLaunchConfig(block_d, 4, variant=variant, segments=segments)
                    for block_d, variant, segments in fwd_options] + [
@@ -227,7 +227,8 @@ def sweep_tiles(inp: dict[str, torch.Tensor], rep_ms: int,
     ] + [(32, None, False, "v3", 4, segments) for segments in SWEEP_SEGMENTS]
     bwd_options = [opt for opt in bwd_options if opt[3] in variants]
     # Each v1 / v2 backward runs behind the same variant's default forward, a v3 one behind its own tiles.
-    default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None)
+    default_fwd, _ = launch_configs(inp["A"].shape[1], inp["u"].shape[-1], None, None,
+                                   channel_last=is_channel_last(inp["u"]))
     for block_d, maxnreg, prefetch, variant, chunk, segments in bwd_options:
         cfg = ScanLaunchConfig(block_d, chunk, maxnreg=maxnreg, prefetch=prefetch, variant=variant, segments=segments)
         fwd_cfg = dataclasses.replace(default_fwd, variant=variant)
