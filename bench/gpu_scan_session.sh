@@ -36,6 +36,9 @@
 #   on the GPU machine:        bash bench/gpu_scan_session.sh vimsweep
 #       (carry .gpu_run/whl) bench.scan's v1 / v2 tile sweep at a Vim-S batch-768 step's channel-last scans (about
 #       5 minutes); $OUT/vim_sweep.json
+#   on the GPU machine:        bash bench/gpu_scan_session.sh chlast
+#       (carry .gpu_run/whl) the channel-last forward default: compiled tests, then bench.scan_cross's forward widths
+#       (v2 / v2d16 / v2d32 / v1d32) behind the default backward at a Vim-S batch-512 / 768 step's scans (about 5 min)
 #   on the GPU machine:        bash bench/gpu_scan_session.sh bf16states
 #       (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the chunk states saved in bfloat16: GPU tests, bench.scan_cross
 #       against float32 states at the issue's shapes and a Vim-S step's (about 5 minutes)
@@ -347,6 +350,20 @@ vimsweep)
     timeout 540 python3 -m bench.scan --backends triton --shape "${VIMSWEEP_BATCH:-768}" 768 16 50 \
         --layout channel_last --sweep v1 v2 --rep-ms 100 --json "$out/vim_sweep.json" 2>&1 | tail -6 || true
     ;;
+chlast)
+    # (carry .gpu_run/whl) the channel-last forward default (CHANNEL_LAST_FORWARD, thirty-second session, chosen from
+    # a forward-alone sweep): its compiled tests, then the forward widths behind the default backward at a Vim-S
+    # batch-512 and batch-768 step's scans
+    out="${OUT:-/tmp/gpu_scan_out}"
+    mkdir -p "$out"
+    device_setup
+    gpu_tests chlast_tests 150 tests/test_scan_configs.py tests/test_scan_strides.py
+    for batch in 512 768; do
+        timeout 120 python3 -m bench.scan_cross --variants v2 v2d16 v2d32 v1d32 \
+            --pairs v2:v2 v2d16:v2 v2d32:v2 v1d32:v2 --layout channel_last --shape "$batch" 768 16 50 --rep-ms 60 \
+            --json "$out/cross_chlast_b$batch.json" 2>&1 | tail -6 || true
+    done
+    ;;
 bf16states)
     # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the chunk states saved in bfloat16 (ScanLaunchConfig.bf16_states):
     # their compiled tests, then bench.scan_cross against float32 states in the same call: the issue's four shapes
@@ -406,7 +423,7 @@ ncu)
     done <<<"$shapes"
     ;;
 *)
-    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|quick|conv|variants|ncu|layout|vimsweep|bf16states|segments" >&2
+    echo "usage: bash bench/gpu_scan_session.sh prepare|sass [flags]|baseline [REV]|run|tests|vim|quick|conv|variants|ncu|layout|vimsweep|chlast|bf16states|segments" >&2
     exit 2
     ;;
 esac
