@@ -20,7 +20,7 @@ def pytest_configure(config) -> None:
         # The test command runs 3 xdist workers on CI's 2 cores, and every torch process (workers and the CLI
         # subprocesses they start) would take one OpenMP thread per core: oversubscribed OpenMP threads spin
         # against each other (a 4 s MambaMIC test took 99 s in the full suite). One thread per process: the
-        # suite went from 660-690 to 555-609 s on 2 cores. The subprocesses inherit the variable.
+        # suite went from 660-690 to 549-609 s on 2 cores. The subprocesses inherit the variable.
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
 
