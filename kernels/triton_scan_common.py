@@ -206,11 +206,9 @@ class ScanLaunchConfig:
     three out at copy speed instead of the kernel's strided accesses.
     ``tile_grads`` (v2, with ``transpose_io``): the kernel on the channel-last copies writes du / ddelta / dz straight
     into contiguous buffers as chunk tiles (the ``tile_io`` stores) instead of the three copies back.
-    ``bf16_states``: with bfloat16 inputs, the forward saves the chunk states for the backward in bfloat16 instead
-    of float32 (half the bytes the forward writes and the backward reads: 82 of the 121 MB a (128, 768, 16, L=50)
-    forward+backward moves in float32, four fifths at L=197); the backward recomputes each chunk's states from its
-    rounded entry state in float32, so the gradients move by about bfloat16's rounding (2^-9 relative), well inside
-    the bfloat16 tolerances, and the output not at all. Other input dtypes keep float32 states.
+    ``bf16_states``: with bfloat16 inputs, the forward saves the chunk states in bfloat16 (82 of the 121 MB a (128,
+    768, 16, L=50) forward+backward moves in float32); the backward recomputes each chunk from its rounded entry
+    state in float32: gradients move by about bfloat16's rounding (2^-9 relative), the output not at all.
     ``segments`` (v2, v3): split each sequence into up to this many runs of whole chunks, scanned by parallel
     programs after a summary pass (kernels/triton_scan_segments.py); for grids too small to fill the device. v2
     splits only (batch, dim, L)-contiguous u / delta / z (/ dout): its summaries read those rows. Opt-in: on an
@@ -284,10 +282,8 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     large-grid backward on channel-last copies (``transpose_io``). bench/scan_cross.py, one H100, twenty-third
     session, fwd+bwd ms: batch 128 L=197 1.766 with the tile forward vs 1.940 without (its forward alone 0.367 vs
     0.428), then 1.570 with the copied backward behind it (the tile backward: 1.775); batch 16 L=1024 1.193 vs 1.264
-    with the tile backward (the copied one 1.322), L=4096 4.720 vs 5.063.
-
-    ``channel_last`` (u / delta / z as a Vim block hands them over, ``is_channel_last``): the forward takes
-    CHANNEL_LAST_FORWARD's tiles; the backward is unchanged."""
+    with the tile backward (the copied one 1.322), L=4096 4.720 vs 5.063. ``channel_last`` (``is_channel_last``,
+    a Vim block's u): the forward takes CHANNEL_LAST_FORWARD's tiles, the backward is unchanged."""
     chunk = min(4, next_power_of_2(length))
     if channel_last and not backward:
         variant, block_d = CHANNEL_LAST_FORWARD
@@ -300,18 +296,10 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT, transpose_io=layout_io)
 
 
-# The forward's (variant, block_d) on channel-last inputs. With the channels adjacent in memory a wider program reads
-# and writes whole sectors: at a Vim-S step's scans ((768, 768, 16, L=50) channel-last, bf16, one H100, thirty-second
-# session, bench.scan --layout channel_last --sweep v1 v2, forward ms) v1 block_d 32 0.284, v2 block_d 16 0.306, v1
-# block_d 16 0.385, v2 block_d 8 (the contiguous default) 0.463. v1 and v2 save the same chunk states, so the v2
-# backward runs behind it.
+# The forward's (variant, block_d) on channel-last inputs, where a wider program reads whole sectors: forward ms at a
+# Vim-S step's scans, one H100, v1 block_d 32 0.284 against 0.463 for v2 block_d 8 (docs/scan_kernels.md, thirty-second
+# session). v1 and v2 save the same chunk states, so the v2 backward runs behind it.
 CHANNEL_LAST_FORWARD = ("v1", 32)
-
-
-def is_channel_last(t: Any) -> bool:
-    """Whether a (batch, dim, L) tensor is a channel-last view ((batch, L, dim) memory, dim > 1 and L > 1)."""
-    batch, dim, length = t.shape
-    return dim > 1 and length > 1 and t.stride() == (length * dim, 1, dim)
 
 
 # The shortest sequence whose default kernels read and write chunk tiles or run on channel-last copies. At L=50,
@@ -364,11 +352,16 @@ def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
     return b_t, c_t, (b_t.stride(0), b_t.stride(1), b_t.stride(2))
 
 
-def is_sequence_layout(t: Any) -> bool:
-    """Whether a (batch, dim, L) tensor is dense in one of the two layouts the v1 / v2 kernels read through strides:
-    contiguous, or channel-last ((batch, L, dim) memory, as a Vim block's projections make it)."""
+def is_channel_last(t: Any) -> bool:
+    """Whether a (batch, dim, L) tensor is a channel-last view ((batch, L, dim) memory, dim > 1 and L > 1)."""
     batch, dim, length = t.shape
-    return t.is_contiguous() or t.stride() == (length * dim, 1, dim) or t.numel() <= 1
+    return dim > 1 and length > 1 and t.stride() == (length * dim, 1, dim)
+
+
+def is_sequence_layout(t: Any) -> bool:
+    """Whether a (batch, dim, L) tensor is dense in a layout the v1 / v2 kernels read through strides: contiguous, or
+    channel-last as a Vim block's projections make it (with one channel or one position, that is contiguous too)."""
+    return t.is_contiguous() or is_channel_last(t) or t.numel() <= 1
 
 
 def sequence_strides(u: Any, delta: Any, z: Any, dout: Any = None) -> tuple[int, ...]:
