@@ -14,6 +14,8 @@
 #   inductor  the compiled ViT-B row with inductor's coordinate-descent tuning and with autotuned pointwise /
 #       reduction kernels, beside the default
 #   vims   Vim-S/16 with CUDA graphs at batch 256, 384 and 512 (synthetic)
+#   vimsab  (carry .gpu_run/whl, .gpu_run/baseline) the compiled Vim-S/16 step at batch 512 here, in the baseline
+#       revision, then here again, on one machine: a kernel change's effect on the step, same call; $OUT/vimsab_*.json
 #   vimsprof  Vim-S/16 at batch 512, --compile, profiled after its timed steps: device ms by kernel kind and its 80
 #       busiest kernels in $OUT/vimsprof_b512.json (the fused kernels the twenty-fifth session saw only as a lump)
 #   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
@@ -105,7 +107,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -150,6 +152,12 @@ for part in "$@"; do
         for batch in 256 384 512; do
             model_row . "vims_b$batch" 200 mae_vim_small_patch16 "$batch" --compile_mode reduce-overhead
         done
+        ;;
+    vimsab)
+        [ -f "$base/REVISION" ] && echo "baseline revision $(cat "$base/REVISION")"
+        model_row . vimsab_new_a 200 mae_vim_small_patch16 512
+        [ -f "$base/REVISION" ] && model_row "$base" vimsab_base 180 mae_vim_small_patch16 512
+        model_row . vimsab_new_b 150 mae_vim_small_patch16 512
         ;;
     vimsprof)
         model_row . vimsprof_b512 240 mae_vim_small_patch16 512 --steps 20 --row_seconds 5 --profile_steps 2
@@ -214,7 +222,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
         exit 2
         ;;
     esac
