@@ -296,10 +296,10 @@ def default_launch_config(n_state_padded: int, length: int, backward: bool, rows
     return ScanLaunchConfig(block_d=16, chunk=chunk, prefetch=True, variant=DEFAULT_VARIANT, transpose_io=layout_io)
 
 
-# The forward's (variant, block_d) on channel-last inputs, where a wider program reads whole sectors: forward ms at a
-# Vim-S step's scans, one H100, v1 block_d 32 0.284 against 0.463 for v2 block_d 8 (docs/scan_kernels.md, thirty-second
-# session). v1 and v2 save the same chunk states, so the v2 backward runs behind it.
-CHANNEL_LAST_FORWARD = ("v1", 32)
+# The forward's (variant, block_d) on channel-last inputs, where a wider program reads whole sectors. One H100, a
+# Vim-S step's scans (docs/scan_kernels.md, thirty-second and thirty-third sessions): v2 block_d 8 0.463 ms, v1 block_d
+# 32 0.284, v2 block_d 32 0.256 without states kept; ties with v1 block_d 32 when training. The v2 backward follows.
+CHANNEL_LAST_FORWARD = ("v2", 32)
 
 
 # The shortest sequence whose default kernels read and write chunk tiles or run on channel-last copies. At L=50,
