@@ -8,6 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernels where a GPU is present
+
 
 def test_default_segments_split_only_grids_too_small_for_the_device():
     from kernels.triton_scan_common import default_segments
@@ -147,7 +149,6 @@ def test_channel_last_defaults_match_the_reference(triton_scan, reverse):
     and one partial 32-channel program."""
     from kernels.testing import check_against_reference
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernels where a GPU is present
     check_against_reference(triton_scan, batch=2, dim=40, length=23, n_state=4, groups=None, dtype=torch.bfloat16,
                             with_optional=True, softplus=True, reverse=reverse, seed=11 + reverse,
-                            channel_last=True, device=device)
+                            channel_last=True, device=DEVICE)
