@@ -36,7 +36,7 @@ from pipeline.commands import (
 from pipeline.kermany import write_kermany_csv
 from pipeline.results_table import PRETRAIN, row_status, table_lines
 from pipeline.run_log import POOL, RunLog, encoder_digest
-from pipeline.stages import GpuSlots, StageError, TimeBudget, run_stage, visible_gpus
+from pipeline.stages import GpuSlots, StageError, TimeBudget, run_stage, shared_cpu_threads, visible_gpus
 
 
 def export_random_encoder(mae_name: str, input_size: int, in_chans: int, out_dir: Path) -> Path:
@@ -128,6 +128,13 @@ def stage_gpus(requested: list[str] | None, jobs: int) -> GpuSlots:
 
 
 def run(args: argparse.Namespace) -> int:
+    with shared_cpu_threads(args.jobs, os.cpu_count()) as threads:
+        if threads is not None:
+            print(f"results: {args.jobs} stages at a time, OMP_NUM_THREADS={threads} each", file=sys.stderr)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     budget = TimeBudget(args.time_budget_s)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+@contextmanager
+def shared_cpu_threads(jobs: int, cpus: int | None) -> Iterator[str | None]:
+    """While the block runs, OMP_NUM_THREADS in this process's environment (which every stage inherits) shares the
+    ``cpus`` out among ``jobs`` concurrent stages (at least one thread each): ``jobs`` torch processes, each starting
+    a thread per core, would otherwise oversubscribe the host. Yields the value set; ``None`` (nothing changed)
+    with one job at a time or when the environment already sets it. The environment is restored afterwards."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield None
+        return
+    threads = str(max(1, (cpus or 1) // jobs))
+    os.environ["OMP_NUM_THREADS"] = threads
+    try:
+        yield threads
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+
+
 def stage_environment(gpu: str | None) -> dict[str, str] | None:
     """The environment of a stage pinned to ``gpu`` (this process's, with only that GPU visible); ``None`` (inherit
     this process's unchanged) when it is not pinned."""

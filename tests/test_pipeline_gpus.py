@@ -4,6 +4,7 @@ with and without the GPU they ran on, and the pretraining as DDP on several GPUs
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -382,3 +383,18 @@ def test_run_passes_its_gpus_to_the_preflight(tmp_path: Path, monkeypatch: pytes
                          "--num_workers", "0"]) == 0
     preflight = [gpu for name, _, gpu in fake.calls if name.startswith("preflight")]
     assert len(preflight) == 2 and set(preflight) == {"4", "5"}
+
+
+def test_concurrent_stages_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with stages.shared_cpu_threads(3, 16) as threads:
+        assert threads == "5" and os.environ["OMP_NUM_THREADS"] == "5"
+    assert "OMP_NUM_THREADS" not in os.environ  # restored
+    with stages.shared_cpu_threads(4, 2) as threads:
+        assert threads == "1"  # never zero
+    with stages.shared_cpu_threads(1, 16) as threads:  # one stage at a time: torch's own default
+        assert threads is None and "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    with stages.shared_cpu_threads(3, 16) as threads:  # the user's setting wins
+        assert threads is None and os.environ["OMP_NUM_THREADS"] == "7"
+    assert os.environ["OMP_NUM_THREADS"] == "7"
