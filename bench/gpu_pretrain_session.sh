@@ -16,6 +16,8 @@
 #   vims   Vim-S/16 with CUDA graphs at batch 256, 384 and 512 (synthetic)
 #   vimsab  (carry .gpu_run/whl, .gpu_run/baseline) the compiled Vim-S/16 step at batch 512 here, in the baseline
 #       revision, then here again, on one machine: a kernel change's effect on the step, same call; $OUT/vimsab_*.json
+#   augment  (carry .gpu_run/whl) the fused crop-resize kernel's tests on CUDA, bench.augment, then the compiled Vim-S/16
+#       step at batch 512 with the augmentation on grid_sample and on the kernel; $OUT/augment*.json
 #   vimsprof  Vim-S/16 at batch 512, --compile, profiled after its timed steps: device ms by kernel kind and its 80
 #       busiest kernels in $OUT/vimsprof_b512.json (the fused kernels the twenty-fifth session saw only as a lump)
 #   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
@@ -107,7 +109,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -158,6 +160,16 @@ for part in "$@"; do
         model_row . vimsab_new_a 200 mae_vim_small_patch16 512
         [ -f "$base/REVISION" ] && model_row "$base" vimsab_base 180 mae_vim_small_patch16 512
         model_row . vimsab_new_b 150 mae_vim_small_patch16 512
+        ;;
+    augment)
+        # The fused crop-resize-normalise kernel (kernels/triton_resample.py): its tests on CUDA, bench.augment
+        # (against affine_grid + grid_sample), then the compiled Vim-S step at batch 512 with each (same call)
+        timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_resample.py tests/test_data.py \
+            >"$out/augment_tests.log" 2>&1 || true
+        tail -3 "$out/augment_tests.log"
+        timeout 60 python3 -m bench.augment --json "$out/augment.json" || true
+        model_row . augment_vims_torch 180 mae_vim_small_patch16 512 --augment_backend torch
+        model_row . augment_vims_triton 140 mae_vim_small_patch16 512 --augment_backend triton
         ;;
     vimsprof)
         model_row . vimsprof_b512 240 mae_vim_small_patch16 512 --steps 20 --row_seconds 5 --profile_steps 2
@@ -222,7 +234,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
         exit 2
         ;;
     esac

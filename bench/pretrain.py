@@ -112,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the only scaled_dot_product_attention backend left enabled (default: torch's choice)")
     p.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="the ViT / MAE-decoder attention blocks (pretrain/main.py's flag and default)")
+    p.add_argument("--augment_backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="gpu_augment's crop-resize: auto = the fused Triton kernel on CUDA, torch = grid_sample")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many more steps: device ms per step by kernel kind")
@@ -186,10 +188,10 @@ def run_row(args: argparse.Namespace, mode: str, name: str, size: int, batch: in
 
 def _train_step(batches: Batches, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
                 size: int, mean: list[float], std: list[float], gen: torch.Generator, autocast: Any,
-                mask_ratio: float, device: torch.device) -> None:
+                mask_ratio: float, device: torch.device, augment_backend: str = "auto") -> None:
     """One step as ``pretrain.engine`` takes it (without the model: the augmentation alone)."""
     images, sizes = batches.next()
-    x = gpu_augment(images, sizes, size, mean, std, generator=gen)
+    x = gpu_augment(images, sizes, size, mean, std, generator=gen, backend=augment_backend)
     if model is not None and optimizer is not None:
         noise = to_device_async(torch.rand(x.shape[0], model.num_patches, generator=gen), device)
         with autocast:
@@ -223,7 +225,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step = partial(_train_step, batches, model, optimizer, size, mean, std, gen, autocast, args.mask_ratio,
-                       device)
+                       device, args.augment_backend)
         steps, start = 0, 0.0
         for i in range(args.warmup + args.steps):
             if i == args.warmup:

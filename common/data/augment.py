@@ -2,7 +2,8 @@
 
 ``gpu_augment`` = RandomResizedCrop (torchvision's sampling rule: area scale, log-uniform aspect ratio,
 10 tries then a centre crop) + horizontal flip + optional brightness/contrast jitter + normalisation,
-done with one ``affine_grid``/``grid_sample`` for the whole batch. Crop boxes stay inside each image's valid
+done for the whole batch by one fused Triton kernel on CUDA (kernels/triton_resample.py), else by
+``affine_grid``/``grid_sample``. Crop boxes stay inside each image's valid
 region (``size``), so letterbox padding is never sampled. Random numbers come from a CPU generator passed
 in by the caller: the result is then identical on any device and a resumed run can recreate it.
 
@@ -87,12 +88,34 @@ def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Te
     return list(flat.split([p.numel() for p in parts]))
 
 
-def _resample(images: torch.Tensor, theta: torch.Tensor, out_size: int, interpolation: str) -> torch.Tensor:
-    """Crop and resize with one grid_sample; ``theta`` (B, 6) on the images' device."""
+def _resample_normalize(images: torch.Tensor, dev: list[torch.Tensor], out_size: int, interpolation: str,
+                        normalize: bool, backend: str) -> torch.Tensor:
+    """uint8 images -> float32 crops resized to ``out_size``, in [0, 1] (clamped after bicubic overshoot), then
+    normalised when ``normalize``; ``dev`` = [theta (B, 6), mean, std] on the images' device.
+
+    ``backend``: "torch" (``affine_grid`` + ``grid_sample``, any device), "triton" (one fused kernel,
+    kernels/triton_resample.py: CUDA, or CPU under ``TRITON_INTERPRET=1``; bicubic and bilinear), "auto" (triton for
+    CUDA images where it applies, else torch). Both give the same values up to float32 rounding."""
     b = images.shape[0]
+    theta, mean, std = dev[0].view(b, 6), dev[1], dev[2]
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"augment: backend must be auto, torch or triton, got {backend!r}")
+    fused = interpolation in ("bicubic", "bilinear")
+    if backend == "triton" and not fused:
+        raise ValueError(f"augment: the triton backend interpolates bicubic or bilinear, not {interpolation!r}")
+    if backend == "triton" or (backend == "auto" and fused and images.is_cuda):
+        from kernels.triton_resample import crop_resize_normalize
+
+        if not normalize:
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
+        return crop_resize_normalize(images, theta, out_size, interpolation, mean, std,
+                                     clamp=interpolation == "bicubic")
     grid = F.affine_grid(theta.view(b, 2, 3), [b, images.shape[1], out_size, out_size], align_corners=False)
-    out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
-    return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
+    out = F.grid_sample(images.float().div_(255.0), grid, mode=interpolation, padding_mode="border",
+                        align_corners=False)
+    if interpolation == "bicubic":
+        out = out.clamp_(0.0, 1.0)
+    return (out - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1) if normalize else out
 
 
 def _check_channels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -103,13 +126,15 @@ def _check_channels(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
 def gpu_augment(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: Sequence[float],
                 std: Sequence[float], generator: torch.Generator | None = None,
                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                hflip: float = 0.5, interpolation: str = "bicubic", intensity: float = 0.0) -> torch.Tensor:
+                hflip: float = 0.5, interpolation: str = "bicubic", intensity: float = 0.0,
+                backend: str = "auto") -> torch.Tensor:
     """uint8 (B, C, S, S) + valid sizes (B, 2) -> normalised float32 (B, C, out_size, out_size).
 
     ``sizes`` should be the CPU tensor of the loader batch (the boxes are drawn on the CPU; a device tensor would
     force a host sync). Nothing here waits for the GPU: all per-image numbers travel in one pinned, asynchronous copy.
     ``intensity`` > 0 multiplies contrast by U(1-i, 1+i) around each image's mean and adds a brightness
-    shift U(-i, i) * 0.5 before normalisation (useful for modalities with arbitrary windowing).
+    shift U(-i, i) * 0.5 before normalisation (useful for modalities with arbitrary windowing). ``backend``: see
+    ``_resample_normalize`` (the default runs one fused Triton kernel on CUDA).
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"gpu_augment expects uint8 images, got {images.dtype}")
@@ -122,16 +147,19 @@ def gpu_augment(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: 
         u = torch.rand((b, 2), generator=generator)
         parts += [1 - intensity + 2 * intensity * u[:, 0], (2 * u[:, 1] - 1) * intensity * 0.5]
     dev = _to_device(parts, images.device)
-    out = _resample(images.float().div_(255.0), dev[0], out_size, interpolation)
-    if intensity > 0:
-        contrast, brightness = dev[3].view(b, 1, 1, 1), dev[4].view(b, 1, 1, 1)
-        mean_px = out.mean(dim=(1, 2, 3), keepdim=True)
-        out = ((out - mean_px) * contrast + mean_px + brightness).clamp_(0.0, 1.0)
+    if intensity <= 0:
+        return _resample_normalize(images, dev, out_size, interpolation, True, backend)
+    # The jitter needs each crop's mean: resample, jitter, then normalise.
+    out = _resample_normalize(images, dev, out_size, interpolation, False, backend)
+    contrast, brightness = dev[3].view(b, 1, 1, 1), dev[4].view(b, 1, 1, 1)
+    mean_px = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = ((out - mean_px) * contrast + mean_px + brightness).clamp_(0.0, 1.0)
     return (out - dev[1].view(1, -1, 1, 1)) / dev[2].view(1, -1, 1, 1)
 
 
 def eval_transform(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: Sequence[float],
-                   std: Sequence[float], crop_pct: float = 0.875, interpolation: str = "bicubic") -> torch.Tensor:
+                   std: Sequence[float], crop_pct: float = 0.875, interpolation: str = "bicubic",
+                   backend: str = "auto") -> torch.Tensor:
     """Resize shorter side to ``out_size / crop_pct``, centre crop ``out_size``, normalise (deterministic).
 
     For little aliasing, load eval batches with ``canvas_size = eval_canvas_size(out_size, crop_pct)``.
@@ -144,8 +172,7 @@ def eval_transform(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mea
     boxes = torch.stack([(sizes[:, 0] - side) / 2, (sizes[:, 1] - side) / 2, side, side], dim=1)
     flip = torch.zeros(images.shape[0], dtype=torch.bool)
     dev = _to_device([_theta(boxes, flip, images.shape[-2:]), torch.tensor(mean), torch.tensor(std)], images.device)
-    out = _resample(images.float().div_(255.0), dev[0], out_size, interpolation)
-    return (out - dev[1].view(1, -1, 1, 1)) / dev[2].view(1, -1, 1, 1)
+    return _resample_normalize(images, dev, out_size, interpolation, True, backend)
 
 
 def eval_canvas_size(out_size: int, crop_pct: float = 0.875) -> int:
