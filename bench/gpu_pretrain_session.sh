@@ -163,9 +163,10 @@ for part in "$@"; do
         ;;
     augment)
         # The fused crop-resize-normalise kernel (kernels/triton_resample.py): its tests on CUDA, bench.augment
-        # (against affine_grid + grid_sample), then the compiled Vim-S step at batch 512 with each (same call)
-        timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_resample.py tests/test_data.py \
-            >"$out/augment_tests.log" 2>&1 || true
+        # (against affine_grid + grid_sample), then the compiled Vim-S step at batch 512 with each (same call).
+        # Not tests/test_data.py: it reads ../shared/data, which the call does not carry (13 of 16 failed for it).
+        timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_resample.py >"$out/augment_tests.log" 2>&1 \
+            || true
         tail -3 "$out/augment_tests.log"
         timeout 60 python3 -m bench.augment --json "$out/augment.json" || true
         model_row . augment_vims_torch 180 mae_vim_small_patch16 512 --augment_backend torch

@@ -88,34 +88,37 @@ def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Te
     return list(flat.split([p.numel() for p in parts]))
 
 
-def _resample_normalize(images: torch.Tensor, dev: list[torch.Tensor], out_size: int, interpolation: str,
-                        normalize: bool, backend: str) -> torch.Tensor:
+def _resample_normalize(images: torch.Tensor, theta: torch.Tensor, out_size: int, interpolation: str,
+                        backend: str, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """uint8 images -> float32 crops resized to ``out_size``, in [0, 1] (clamped after bicubic overshoot), then
-    normalised when ``normalize``; ``dev`` = [theta (B, 6), mean, std] on the images' device.
+    normalised by ``mean`` / ``std`` when given; ``theta`` (B * 6,), mean and std on the images' device.
 
     ``backend``: "torch" (``affine_grid`` + ``grid_sample``, any device), "triton" (one fused kernel,
     kernels/triton_resample.py: CUDA, or CPU under ``TRITON_INTERPRET=1``; bicubic and bilinear), "auto" (triton for
     CUDA images where it applies, else torch). Both give the same values up to float32 rounding."""
-    b = images.shape[0]
-    theta, mean, std = dev[0].view(b, 6), dev[1], dev[2]
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"augment: backend must be auto, torch or triton, got {backend!r}")
     fused = interpolation in ("bicubic", "bilinear")
     if backend == "triton" and not fused:
         raise ValueError(f"augment: the triton backend interpolates bicubic or bilinear, not {interpolation!r}")
+    b, channels = images.shape[:2]
     if backend == "triton" or (backend == "auto" and fused and images.is_cuda):
         from kernels.triton_resample import crop_resize_normalize
 
-        if not normalize:
-            mean, std = torch.zeros_like(mean), torch.ones_like(std)
-        return crop_resize_normalize(images, theta, out_size, interpolation, mean, std,
+        if mean is None or std is None:  # the kernel always normalises: by 0 and 1
+            mean = torch.zeros(channels, device=images.device)
+            std = torch.ones(channels, device=images.device)
+        return crop_resize_normalize(images, theta.view(b, 6), out_size, interpolation, mean, std,
                                      clamp=interpolation == "bicubic")
-    grid = F.affine_grid(theta.view(b, 2, 3), [b, images.shape[1], out_size, out_size], align_corners=False)
+    grid = F.affine_grid(theta.view(b, 2, 3), [b, channels, out_size, out_size], align_corners=False)
     out = F.grid_sample(images.float().div_(255.0), grid, mode=interpolation, padding_mode="border",
                         align_corners=False)
     if interpolation == "bicubic":
         out = out.clamp_(0.0, 1.0)
-    return (out - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1) if normalize else out
+    if mean is None or std is None:
+        return out
+    return (out - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def _check_channels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -148,9 +151,9 @@ def gpu_augment(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mean: 
         parts += [1 - intensity + 2 * intensity * u[:, 0], (2 * u[:, 1] - 1) * intensity * 0.5]
     dev = _to_device(parts, images.device)
     if intensity <= 0:
-        return _resample_normalize(images, dev, out_size, interpolation, True, backend)
+        return _resample_normalize(images, dev[0], out_size, interpolation, backend, dev[1], dev[2])
     # The jitter needs each crop's mean: resample, jitter, then normalise.
-    out = _resample_normalize(images, dev, out_size, interpolation, False, backend)
+    out = _resample_normalize(images, dev[0], out_size, interpolation, backend)
     contrast, brightness = dev[3].view(b, 1, 1, 1), dev[4].view(b, 1, 1, 1)
     mean_px = out.mean(dim=(1, 2, 3), keepdim=True)
     out = ((out - mean_px) * contrast + mean_px + brightness).clamp_(0.0, 1.0)
@@ -172,7 +175,7 @@ def eval_transform(images: torch.Tensor, sizes: torch.Tensor, out_size: int, mea
     boxes = torch.stack([(sizes[:, 0] - side) / 2, (sizes[:, 1] - side) / 2, side, side], dim=1)
     flip = torch.zeros(images.shape[0], dtype=torch.bool)
     dev = _to_device([_theta(boxes, flip, images.shape[-2:]), torch.tensor(mean), torch.tensor(std)], images.device)
-    return _resample_normalize(images, dev, out_size, interpolation, True, backend)
+    return _resample_normalize(images, dev[0], out_size, interpolation, backend, dev[1], dev[2])
 
 
 def eval_canvas_size(out_size: int, crop_pct: float = 0.875) -> int:
