@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.triton_device import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, triton_runs_on
+from kernels.triton_device import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, MLP_DTYPES, triton_runs_on
 
 
 def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -135,6 +135,20 @@ class DropPath(nn.Module):
         return f"prob={self.prob}"
 
 
+MLP_BACKENDS = ("torch", "triton", "auto")
+
+
+def mlp_kernel(backend: str, x: torch.Tensor, dropout: bool) -> str:
+    """"torch" or "triton": what an MLP on ``backend`` runs for input ``x``; ``dropout``: its dropout is active.
+    "auto" takes our fused kernels on CUDA for half-precision products (the input's dtype or autocast's) without
+    dropout, and torch everywhere else."""
+    if backend != "auto":
+        return backend
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    use_triton = x.is_cuda and not dropout and dtype in MLP_DTYPES and dtype != torch.float32
+    return "triton" if use_triton else "torch"
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -142,8 +156,18 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
+        # "torch": fc1, GELU, fc2 as modules; "triton": GELU and its derivative fused into the products
+        # (kernels/triton_mlp.py; no dropout); "auto": mlp_kernel
+        self.mlp_backend = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropout = self.training and self.drop.p > 0
+        if mlp_kernel(self.mlp_backend, x, dropout) == "triton":
+            from kernels.triton_mlp import mlp_triton
+
+            if dropout:
+                raise ValueError("mlp_backend 'triton' has no dropout")
+            return mlp_triton(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 

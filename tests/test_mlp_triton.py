@@ -1,0 +1,160 @@
+"""The MLP with GELU fused into its products (kernels/triton_mlp.py): output and every gradient against the float64
+definition, the custom ops' registration, and ``models.layers.Mlp`` on each backend; interpreted on CPU, compiled on
+CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels.triton_mlp import (  # noqa: E402
+    MlpLaunch,
+    gelu_linear_grad,
+    linear_gelu_fwd,
+    mlp_fwd_op,
+    mlp_ref,
+    mlp_triton,
+)
+from models.layers import Mlp, mlp_kernel, set_backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
+SMALL = MlpLaunch(32, 32, 16, 2, 4, 2)  # several row and column blocks and reduction steps at test sizes
+
+
+@pytest.fixture(autouse=True)
+def _kernels_can_run():
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+
+
+def mlp_tensors(tokens: int, dim: int, hidden: int, seed: int) -> list[torch.Tensor]:
+    """x (2, tokens, dim) and fc1 / fc2 weights and biases, float64 on the CPU, scaled as a trained block's are."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, tokens, dim, generator=gen, dtype=torch.float64),
+            torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / dim ** 0.5,
+            torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.5,
+            torch.randn(dim, hidden, generator=gen, dtype=torch.float64) / hidden ** 0.5,
+            torch.randn(dim, generator=gen, dtype=torch.float64) * 0.5]
+
+
+def check_against_reference(tensors: list[torch.Tensor], dtype: torch.dtype) -> None:
+    rtol, atol = TOLERANCES[dtype]
+    exact = [t.clone().requires_grad_(True) for t in tensors]
+    inputs = [t.to(DEVICE, dtype).requires_grad_(True) for t in tensors]
+    out = mlp_triton(*inputs)
+    want = mlp_ref(*exact)
+    assert out.shape == want.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), want, rtol=rtol, atol=atol)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, dout.to(DEVICE, dtype))
+    want_grads = torch.autograd.grad(want, exact, dout)
+    for name, got, expected in zip(("x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"), grads, want_grads):
+        assert got.shape == expected.shape and got.dtype == dtype
+        # relative to the gradient's scale: sums over the tokens grow with their count
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got.double().cpu() / scale, expected / scale, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"d {name}: {m}")
+
+
+# Sizes: a token count that is no multiple of any tile, a dim the reduction's 16-wide steps do not divide (masked
+# reduction) and one they do, a hidden width past one column block.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens, dim, hidden", [(37, 24, 48), (20, 32, 96), (1, 16, 16)])
+def test_matches_float64_definition(monkeypatch, tokens, dim, hidden, dtype):
+    monkeypatch.setattr("kernels.triton_mlp.DEFAULT_LAUNCH", SMALL)
+    check_against_reference(mlp_tensors(tokens, dim, hidden, seed=tokens), dtype)
+
+
+def test_default_launch_matches_definition():
+    """The production tiles (128 x 128, 64-wide reduction steps): every size here sits inside one tile."""
+    check_against_reference(mlp_tensors(70, 64, 256, seed=3), torch.bfloat16)
+
+
+def test_kernels_store_what_the_unfused_mlp_stores():
+    """pre and act are fc1's output and its GELU rounded as the unfused MLP rounds them; the fused gradient's bias
+    sums are the sums of the rounded dpre it stores."""
+    x, w1, b1, w2, _ = (t.to(DEVICE, torch.bfloat16) for t in mlp_tensors(45, 32, 64, seed=5))
+    flat = x.reshape(-1, 32)
+    pre, act = linear_gelu_fwd(flat, w1, b1, SMALL)
+    want_pre = (flat.double() @ w1.double().t() + b1.double()).to(torch.bfloat16)
+    torch.testing.assert_close(pre, want_pre, rtol=1e-2, atol=1e-2)
+    # within one bf16 step (the interpreter rounds its casts differently from the GPU's round-to-nearest)
+    torch.testing.assert_close(act, torch.nn.functional.gelu(pre.float()).to(torch.bfloat16), rtol=2 ** -7, atol=0)
+    dy = torch.randn(flat.shape[0], 32, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    dpre, dbias = gelu_linear_grad(dy, w2, pre, SMALL)
+    assert dbias.dtype == torch.float32 and dbias.shape == (64,)
+    torch.testing.assert_close(dbias, dpre.float().sum(0), rtol=1e-5, atol=1e-4)
+    want = torch.ops.aten.gelu_backward(dy.double() @ w2.double(), pre.double())
+    torch.testing.assert_close(dpre.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_ops_pass_torch_library_checks():
+    x, w1, b1, w2, b2 = (t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t for t in mlp_tensors(9, 16, 32, seed=2))
+    args = tuple(t.to(DEVICE, torch.float32).requires_grad_(True) for t in (x, w1, b1, w2, b2))
+    torch.library.opcheck(mlp_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                        "test_autograd_registration"))
+
+
+def test_module_backends_agree_under_autocast():
+    """models.layers.Mlp on "triton" and on "torch", float32 parameters under bf16 autocast as in pretraining: the
+    same output and parameter gradients, float32 gradients on the parameters."""
+    torch.manual_seed(0)
+    mlps = {backend: Mlp(32, 128).to(DEVICE) for backend in ("torch", "triton")}
+    mlps["triton"].load_state_dict(mlps["torch"].state_dict())
+    set_backend(mlps["triton"], "mlp_backend", "triton")
+    x = torch.randn(3, 19, 32, device=DEVICE)
+    outs = {}
+    for backend, mlp in mlps.items():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            outs[backend] = mlp(x)
+        outs[backend].float().square().sum().backward()
+    assert outs["triton"].dtype == outs["torch"].dtype == torch.bfloat16
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=3e-2, atol=3e-2)
+    for (name, got), want in zip(mlps["triton"].named_parameters(), mlps["torch"].parameters()):
+        assert got.grad.dtype == torch.float32
+        scale = want.grad.abs().max()
+        torch.testing.assert_close(got.grad / scale, want.grad / scale, rtol=3e-2, atol=3e-2,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_auto_backend_choice_and_errors():
+    x = torch.randn(2, 4, 16)
+    assert mlp_kernel("auto", x, dropout=False) == "torch"  # a CPU tensor
+    assert mlp_kernel("triton", x, dropout=False) == "triton"
+    if torch.cuda.is_available():
+        cuda = x.cuda()
+        assert mlp_kernel("auto", cuda, dropout=False) == "torch"  # float32 without autocast
+        assert mlp_kernel("auto", cuda.half(), dropout=True) == "torch"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert mlp_kernel("auto", cuda, dropout=False) == "triton"
+    mlp = Mlp(16, 32, drop=0.1)
+    mlp.mlp_backend = "triton"
+    with pytest.raises(ValueError, match="no dropout"):
+        mlp(x)
+    with pytest.raises(ValueError, match="weights must have the input's dtype"):
+        mlp_triton(x.to(torch.bfloat16), *(t for t in mlp_tensors(4, 16, 32, seed=0)[1:]))
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        mlp_triton(*(t.to(torch.int32) for t in mlp_tensors(4, 16, 32, seed=0)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the custom ops on CUDA")
+def test_compiled_matches_eager():
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256).cuda()
+    mlp.mlp_backend = "triton"
+    compiled = torch.compile(mlp)
+    x = torch.randn(4, 50, 64, device="cuda", requires_grad=True)
+    outs, grads = [], []
+    for fn in (mlp, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(x)
+        (grad,) = torch.autograd.grad(out.float().sum(), x)
+        outs.append(out)
+        grads.append(grad)
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(grads[1], grads[0])
