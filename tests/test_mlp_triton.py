@@ -158,3 +158,20 @@ def test_compiled_matches_eager():
         grads.append(grad)
     torch.testing.assert_close(outs[1], outs[0])
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_flop_counter_counts_the_fused_products():
+    """MFU comes from torch.utils.flop_counter: the custom ops count as the unfused MLP's products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        mlp = Mlp(16, 64).to(DEVICE)
+        mlp.mlp_backend = backend
+        x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            mlp(x).sum().backward()
+        counts[backend] = counter.get_total_flops()
+    assert counts["triton"] == counts["torch"] == 3 * 2 * 2 * 10 * 16 * 64
