@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="the ViT / MAE-decoder attention blocks (pretrain/main.py's flag and default)")
     p.add_argument("--mlp_backend", default="torch", choices=MLP_BACKENDS,
-                   help="the ViT / MAE-decoder MLPs: triton = GELU fused into the products (kernels/triton_mlp.py)")
+                   help="the ViT / MAE-decoder MLPs: triton = fc1 + GELU with a one-pass backward (kernels/triton_mlp.py)")
     p.add_argument("--augment_backend", default="auto", choices=["auto", "torch", "triton"],
                    help="gpu_augment's crop-resize: auto = the fused Triton kernel on CUDA, torch = grid_sample")
     p.add_argument("--peak_tflops", type=float, default=0.0)

@@ -27,9 +27,18 @@ import triton.language as tl
 
 from kernels.triton_device import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, triton_runs_on
 from kernels.triton_launch import ceil_div, compiled_launcher
-from kernels.triton_mma import dot_precision, mma
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in float32. PRECISION "upcast" (bf16 under the interpreter, whose bf16 tl.dot multiplies the
+    raw bits): the operands as float32; a bf16 x bf16 product is exact in float32, so this is the tensor cores'
+    arithmetic up to the order of the sums."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -63,14 +72,14 @@ def _attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, q
         keys = start + offs_n
         n_mask = keys < tokens
         kt = tl.load(k_ptrs + keys[None, :].to(tl.int64) * sn, mask=n_mask[None, :], other=0.0)
-        scores = mma(q, kt, PRECISION) * qk_scale
+        scores = _mma(q, kt, PRECISION) * qk_scale
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         v = tl.load(v_ptrs + keys[:, None].to(tl.int64) * sn, mask=n_mask[:, None], other=0.0)
-        acc = acc * rescale[:, None] + mma(p.to(v.dtype), v, PRECISION)
+        acc = acc * rescale[:, None] + _mma(p.to(v.dtype), v, PRECISION)
         row_max = new_max
     acc = acc / row_sum[:, None]
     out_ptrs = OUT + batch * ob + head * oh + offs_m[:, None].to(tl.int64) * on
@@ -102,15 +111,15 @@ def _attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s
                      other=0.0)  # (HEAD_D, BLOCK_M)
         lse = tl.load(LSE + stats + queries, mask=m_mask, other=0.0)
         # p^T (BLOCK_N, BLOCK_M); queries past the end get zero probability (their dout is zero too).
-        pt = tl.exp2(mma(k, qt, PRECISION) * qk_scale - lse[None, :])
+        pt = tl.exp2(_mma(k, qt, PRECISION) * qk_scale - lse[None, :])
         pt = tl.where(m_mask[None, :] & n_mask[:, None], pt, 0.0)
         dout = tl.load(DOUT + batch * db + head * dh + queries[:, None].to(tl.int64) * dn + offs_d[None, :],
                        mask=m_mask[:, None], other=0.0)
-        dv += mma(pt.to(dout.dtype), dout, PRECISION)
+        dv += _mma(pt.to(dout.dtype), dout, PRECISION)
         rowdot = tl.load(ROWDOT + stats + queries, mask=m_mask, other=0.0)
-        dpt = mma(v, tl.trans(dout), PRECISION)
+        dpt = _mma(v, tl.trans(dout), PRECISION)
         dst = pt * (dpt - rowdot[None, :])
-        dk += mma(dst.to(qt.dtype), tl.trans(qt), PRECISION)
+        dk += _mma(dst.to(qt.dtype), tl.trans(qt), PRECISION)
     grads = DQKV + batch * gb + head * gh + offs_n[:, None].to(tl.int64) * gn + offs_d[None, :]
     tl.store(grads + g3, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=n_mask[:, None])
     tl.store(grads + 2 * g3, dv.to(DQKV.dtype.element_ty), mask=n_mask[:, None])
@@ -142,10 +151,10 @@ def _attn_bwd_dq_kernel(QKV, OUT, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn
         cols = keys[None, :].to(tl.int64) * sn + offs_d[:, None]  # (HEAD_D, BLOCK_N): k and v read transposed
         kt = tl.load(QKV + base + s3 + cols, mask=n_mask[None, :], other=0.0)
         vt = tl.load(QKV + base + 2 * s3 + cols, mask=n_mask[None, :], other=0.0)
-        p = tl.exp2(mma(q, kt, PRECISION) * qk_scale - lse[:, None])
+        p = tl.exp2(_mma(q, kt, PRECISION) * qk_scale - lse[:, None])
         p = tl.where(n_mask[None, :], p, 0.0)
-        ds = p * (mma(dout, vt, PRECISION) - rowdot[:, None])
-        dq += mma(ds.to(kt.dtype), tl.trans(kt), PRECISION)
+        ds = p * (_mma(dout, vt, PRECISION) - rowdot[:, None])
+        dq += _mma(ds.to(kt.dtype), tl.trans(kt), PRECISION)
     tl.store(DQKV + batch * gb + head * gh + rows * gn + offs_d[None, :], (dq * sm_scale).to(DQKV.dtype.element_ty),
              mask=m_mask[:, None])
 
@@ -184,10 +193,18 @@ def check_packed_qkv(qkv: torch.Tensor) -> None:
         raise ValueError(f"packed attention: unsupported dtype {qkv.dtype}")
 
 
+def _precision(qkv: torch.Tensor) -> str:
+    """float32 inputs multiply in full precision (tl.dot's default for them is TF32); half inputs ignore it, except
+    bf16 on the CPU (the interpreter), see ``_mma``."""
+    if qkv.dtype == torch.float32:
+        return "ieee"
+    return "upcast" if qkv.dtype == torch.bfloat16 and not qkv.is_cuda else "tf32"
+
+
 def _launch_options(qkv: torch.Tensor, launch: AttentionLaunch | None) -> tuple[AttentionLaunch, dict]:
     """The launch (default: ``attention_launch``) and the keyword arguments every tiled kernel takes."""
     launch = launch or attention_launch(qkv.shape[1], qkv.shape[-1])
-    return launch, dict(HEAD_D=qkv.shape[-1], PRECISION=dot_precision(qkv.dtype, qkv.is_cuda), num_warps=launch.num_warps,
+    return launch, dict(HEAD_D=qkv.shape[-1], PRECISION=_precision(qkv), num_warps=launch.num_warps,
                         num_stages=launch.num_stages)
 
 

@@ -10,7 +10,7 @@ import torch
 # power of two >= 16) and projection dtypes.
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The fused MLP (kernels/triton_mlp.py): input dtypes (after autocast).
+# The MLP's fused fc1 + GELU (kernels/triton_mlp.py): input dtypes (after autocast).
 MLP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

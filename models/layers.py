@@ -156,18 +156,18 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
-        # "torch": fc1, GELU, fc2 as modules; "triton": GELU and its derivative fused into the products
-        # (kernels/triton_mlp.py; no dropout); "auto": mlp_kernel
+        # "torch": fc1, GELU, fc2 as modules; "triton": fc1 + GELU as one op whose backward computes the GELU
+        # derivative and fc1's bias gradient in one pass (kernels/triton_mlp.py; no dropout); "auto": mlp_kernel
         self.mlp_backend = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout = self.training and self.drop.p > 0
         if mlp_kernel(self.mlp_backend, x, dropout) == "triton":
-            from kernels.triton_mlp import mlp_triton
+            from kernels.triton_mlp import linear_gelu_triton
 
             if dropout:
                 raise ValueError("mlp_backend 'triton' has no dropout")
-            return mlp_triton(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            return self.fc2(linear_gelu_triton(x, self.fc1.weight, self.fc1.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -219,6 +219,10 @@ def set_backend(model: nn.Module, attribute: str, backend: str) -> None:
             if module.head_dim not in ATTENTION_HEAD_DIMS:
                 raise ValueError(f"attention_backend 'triton' takes heads of {ATTENTION_HEAD_DIMS} channels; "
                                  f"{name} has {module.head_dim} (use 'auto', which runs SDPA there)")
+    if attribute == "mlp_backend" and backend != "torch":
+        # registers the fused op's FLOP formulas now: a FlopCounterMode reads them when it is made, which may be
+        # before the first forward would import the module
+        import kernels.triton_mlp  # noqa: F401
     for _, module in modules:
         setattr(module, attribute, backend)
 

@@ -52,9 +52,10 @@ class PretrainConfig:
                                                                 "decoder; SDPA otherwise), 'sdpa' (torch's) or 'triton' "
                                                                 "(ours everywhere; CUDA)"))
     mlp_backend: str = field(default="torch", metadata=_h("transformer MLPs on 'torch' (fc1, GELU, fc2 as modules), "
-                                                          "'triton' (kernels/triton_mlp.py: GELU and its derivative "
-                                                          "fused into the products; CUDA, no dropout) or 'auto' "
-                                                          "('triton' on CUDA for half-precision products)"))
+                                                          "'triton' (kernels/triton_mlp.py: fc1 + GELU as one op whose "
+                                                          "backward takes the GELU derivative and fc1's bias gradient "
+                                                          "in one pass; CUDA, no dropout) or 'auto' ('triton' on CUDA "
+                                                          "for half-precision products)"))
     compile_mode: str = field(default="default", metadata=_h("torch.compile mode: default, reduce-overhead (CUDA "
                                                              "graphs), max-autotune, max-autotune-no-cudagraphs"))
     ddp_comm_hook: str = field(default="no", metadata=_h("DDP gradient all-reduce in 'no' (float32), 'bf16' or 'fp16' "
