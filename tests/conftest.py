@@ -25,13 +25,24 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def triton_scan():
-    """The Triton scan backend (kernels.selective_scan_triton), compiled on CUDA or interpreted on CPU."""
+def require_triton_kernels() -> None:
+    """Fails the calling test where the Triton kernels can run neither compiled (no CUDA) nor interpreted."""
     import torch
 
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         # Triton fixes compiled-vs-interpreted when it is imported; pytest_configure above sets this early.
         pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+
+
+@pytest.fixture
+def triton_kernels_run() -> None:
+    """For test modules of Triton kernels (``pytestmark = pytest.mark.usefixtures("triton_kernels_run")``)."""
+    require_triton_kernels()
+
+
+@pytest.fixture(scope="module")
+def triton_scan():
+    """The Triton scan backend (kernels.selective_scan_triton), compiled on CUDA or interpreted on CPU."""
+    require_triton_kernels()
     return importlib.import_module("kernels.selective_scan_triton")

@@ -3,8 +3,6 @@ explicit float64 softmax, through the autograd.Function and the custom ops; inte
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,12 +19,7 @@ from kernels.triton_attention import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
-
-
-@pytest.fixture(autouse=True)
-def _kernels_can_run():
-    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+pytestmark = pytest.mark.usefixtures("triton_kernels_run")
 
 
 def packed(batch: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

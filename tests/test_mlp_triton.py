@@ -16,12 +16,7 @@ from models.layers import Mlp, mlp_kernel, set_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
-
-
-@pytest.fixture(autouse=True)
-def _kernels_can_run():
-    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("no CUDA and TRITON_INTERPRET is not 1: run through pytest with tests/conftest.py")
+pytestmark = pytest.mark.usefixtures("triton_kernels_run")
 
 
 def fc1_tensors(tokens: int, dim: int, hidden: int, seed: int) -> list[torch.Tensor]:
