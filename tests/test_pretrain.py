@@ -270,6 +270,26 @@ def test_attention_backend_flag_trains_the_same_model(curated: Path, tmp_path: P
         assert not (tmp_path / "cpu" / "log.jsonl").exists()
 
 
+def test_mlp_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """--mlp_backend triton (interpreted on the CPU) runs every MLP, encoder and decoder, on kernels/triton_mlp.py:
+    the same losses as the default's up to rounding, the choice kept in config.yaml; auto on the CPU is the default's
+    run bitwise; an unknown backend is a one-line error before any step."""
+    common = {"max_steps": 3, "batch_size": 4}
+    for backend in ("torch", "triton", "auto"):
+        assert pretrain_main(args(curated, tmp_path / backend, mlp_backend=backend, **common)) == 0
+    plain, fused, auto = ([r["loss"] for r in read_jsonl(tmp_path / run / "log.jsonl") if "loss" in r]
+                          for run in ("torch", "triton", "auto"))
+    assert len(plain) == len(fused) == 3 and auto == plain
+    rel = 2e-2 if torch.cuda.is_available() else 1e-4  # bf16 autocast on CUDA, float32 on the CPU
+    assert fused == pytest.approx(plain, rel=rel, abs=1e-6) and fused != plain  # other kernels, same model
+    assert load_yaml(tmp_path / "triton" / "config.yaml")["mlp_backend"] == "triton"
+    capfd.readouterr()
+    assert pretrain_main(args(curated, tmp_path / "bad", mlp_backend="fused")) == 2
+    assert "mlp_backend must be one of torch, triton, auto, got 'fused'" in capfd.readouterr().out
+    assert not (tmp_path / "bad").exists()
+
+
 def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:
     cfg = parse_config(PretrainConfig, ["--config", str(DEMO_CONFIG), "--batch_size", "7", "--no-norm_pix_loss"])
     demo = load_yaml(DEMO_CONFIG)
