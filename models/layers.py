@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.triton_device import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, MLP_DTYPES, triton_runs_on
+from kernels.triton_device import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, triton_runs_on
 
 
 def to_2tuple(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def mlp_kernel(backend: str, x: torch.Tensor, dropout: bool) -> str:
     if backend != "auto":
         return backend
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    use_triton = x.is_cuda and not dropout and dtype in MLP_DTYPES and dtype != torch.float32
+    use_triton = x.is_cuda and not dropout and dtype in (torch.float16, torch.bfloat16)
     return "triton" if use_triton else "torch"
 
 
@@ -200,11 +200,6 @@ def check_kernel_backend(flag: str, backend: str, is_cuda: bool | None = None) -
         raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {backend!r}")
     if is_cuda is not None and backend == "triton" and not triton_runs_on(is_cuda):
         raise ValueError(f"--{flag} triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
-
-
-def check_attention_backend(backend: str, is_cuda: bool | None = None) -> None:
-    """``check_kernel_backend`` for ``attention_backend``."""
-    check_kernel_backend("attention_backend", backend, is_cuda)
 
 
 def set_backend(model: nn.Module, attribute: str, backend: str) -> None:

@@ -3,6 +3,7 @@ preemption (SIGUSR1 -> checkpoint + exit 75), the non-finite stop, configuration
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -257,7 +258,7 @@ def test_kernel_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path
     interpreter, is a one-line error before any step."""
     common = {"max_steps": 3, "batch_size": 4}
     module_name, function_name = backward.rsplit(".", 1)
-    module = __import__(module_name, fromlist=[function_name])
+    module = importlib.import_module(module_name)
     original = getattr(module, function_name)
     launches = {}
     for backend in (plain_backend, our_backend, "auto"):
