@@ -28,8 +28,6 @@
 #   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
 #   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
-#   mlp    the fused MLP's tests, bench.mlp, ViT-B/16 at batch MLP_VITB_BATCH (1536) and Vim-S/16 at 512 on each MLP
-#       backend
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
 #       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
@@ -111,7 +109,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, mlp, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -123,21 +121,6 @@ for part in "$@"; do
     case "$part" in
     tests)
         run_tests
-        ;;
-    mlp)
-        # The MLP's fused fc1 + GELU (kernels/triton_mlp.py): its tests, bench.mlp, then ViT-B/16 compiled
-        # (synthetic) at batch MLP_VITB_BATCH and Vim-S/16 compiled at batch 512, each on both MLP backends.
-        timeout 180 python3 -m pytest -q -ra tests/test_mlp_triton.py "${xdist[@]}" \
-            >"$out/mlp_tests.log" 2>&1 || echo "mlp tests: failed or stopped"
-        tail -6 "$out/mlp_tests.log"
-        timeout 220 python3 -m bench.mlp --json "$out/bench_mlp.json" 2>&1 | grep -E "^(\||NVIDIA)" \
-            || echo "bench.mlp: no table"
-        for backend in torch triton; do
-            model_row . "vitb_mlp_$backend" 120 mae_vit_base_patch16 "${MLP_VITB_BATCH:-1536}" --mlp_backend "$backend"
-        done
-        for backend in torch triton; do  # Vim-S's MAE decoder has the same MLPs
-            model_row . "vims_mlp_$backend" 150 mae_vim_small_patch16 512 --mlp_backend "$backend"
-        done
         ;;
     vitb)
         [ -f "$base/REVISION" ] && echo "baseline revision $(cat "$base/REVISION")"

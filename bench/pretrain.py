@@ -43,7 +43,7 @@ from common.data import build_dataset, build_loader, default_normalization, gpu_
 from common.data.resident import ResidentLoader, decode_all  # noqa: E402
 from common.torch_compile import compile_in_place  # noqa: E402
 from kernels.selective_scan_interface import BACKENDS  # noqa: E402
-from models.layers import ATTENTION_BACKENDS, MLP_BACKENDS, set_backend  # noqa: E402
+from models.layers import ATTENTION_BACKENDS, set_backend  # noqa: E402
 from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
 from pretrain.schedule import build_optimizer  # noqa: E402
@@ -112,8 +112,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the only scaled_dot_product_attention backend left enabled (default: torch's choice)")
     p.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="the ViT / MAE-decoder attention blocks (pretrain/main.py's flag and default)")
-    p.add_argument("--mlp_backend", default="torch", choices=MLP_BACKENDS,
-                   help="the ViT / MAE-decoder MLPs: triton = fc1 + GELU with a one-pass backward (kernels/triton_mlp.py)")
     p.add_argument("--augment_backend", default="auto", choices=["auto", "torch", "triton"],
                    help="gpu_augment's crop-resize: auto = the fused Triton kernel on CUDA, torch = grid_sample")
     p.add_argument("--peak_tflops", type=float, default=0.0)
@@ -218,7 +216,6 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             set_backend(model, "scan_backend", args.scan_backend)
             set_backend(model, "conv_backend", args.conv_backend)
             set_backend(model, "attention_backend", args.attention_backend)
-            set_backend(model, "mlp_backend", args.mlp_backend)
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
             optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
             if args.compile:

@@ -10,8 +10,6 @@ import torch
 # power of two >= 16) and projection dtypes.
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The MLP's fused fc1 + GELU (kernels/triton_mlp.py): input dtypes (after autocast).
-MLP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_runs_on(is_cuda: bool) -> bool:

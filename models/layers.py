@@ -135,20 +135,6 @@ class DropPath(nn.Module):
         return f"prob={self.prob}"
 
 
-MLP_BACKENDS = ("torch", "triton", "auto")
-
-
-def mlp_kernel(backend: str, x: torch.Tensor, dropout: bool) -> str:
-    """"torch" or "triton": what an MLP on ``backend`` runs for input ``x``; ``dropout``: its dropout is active.
-    "auto" takes our fused kernels on CUDA for half-precision products (the input's dtype or autocast's) without
-    dropout, and torch everywhere else."""
-    if backend != "auto":
-        return backend
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    use_triton = x.is_cuda and not dropout and dtype in (torch.float16, torch.bfloat16)
-    return "triton" if use_triton else "torch"
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -156,18 +142,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
-        # "torch": fc1, GELU, fc2 as modules; "triton": fc1 + GELU as one op whose backward computes the GELU
-        # derivative and fc1's bias gradient in one pass (kernels/triton_mlp.py; no dropout); "auto": mlp_kernel
-        self.mlp_backend = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dropout = self.training and self.drop.p > 0
-        if mlp_kernel(self.mlp_backend, x, dropout) == "triton":
-            from kernels.triton_mlp import linear_gelu_triton
-
-            if dropout:
-                raise ValueError("mlp_backend 'triton' has no dropout")
-            return self.fc2(linear_gelu_triton(x, self.fc1.weight, self.fc1.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -193,9 +169,9 @@ def attention_kernel(backend: str, tokens: int, head_dim: int, dtype: torch.dtyp
 
 def check_kernel_backend(flag: str, backend: str, is_cuda: bool | None = None) -> None:
     """Raises ValueError when ``backend`` is not one of the choices of ``flag`` ("attention_backend":
-    ``ATTENTION_BACKENDS``, "mlp_backend": ``MLP_BACKENDS``) or, given the device kind (``is_cuda``), when it is
-    "triton" where our kernels cannot run (a CPU without Triton's interpreter)."""
-    choices = {"attention_backend": ATTENTION_BACKENDS, "mlp_backend": MLP_BACKENDS}[flag]
+    ``ATTENTION_BACKENDS``) or, given the device kind (``is_cuda``), when it is "triton" where our kernels cannot run
+    (a CPU without Triton's interpreter)."""
+    choices = {"attention_backend": ATTENTION_BACKENDS}[flag]
     if backend not in choices:
         raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {backend!r}")
     if is_cuda is not None and backend == "triton" and not triton_runs_on(is_cuda):
@@ -214,10 +190,6 @@ def set_backend(model: nn.Module, attribute: str, backend: str) -> None:
             if module.head_dim not in ATTENTION_HEAD_DIMS:
                 raise ValueError(f"attention_backend 'triton' takes heads of {ATTENTION_HEAD_DIMS} channels; "
                                  f"{name} has {module.head_dim} (use 'auto', which runs SDPA there)")
-    if attribute == "mlp_backend" and backend != "torch":
-        # registers the fused op's FLOP formulas now: a FlopCounterMode reads them when it is made, which may be
-        # before the first forward would import the module
-        import kernels.triton_mlp  # noqa: F401
     for _, module in modules:
         setattr(module, attribute, backend)
 

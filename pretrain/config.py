@@ -51,11 +51,6 @@ class PretrainConfig:
                                                                 "for sequences of 128 tokens or more on CUDA, i.e. MAE's "
                                                                 "decoder; SDPA otherwise), 'sdpa' (torch's) or 'triton' "
                                                                 "(ours everywhere; CUDA)"))
-    mlp_backend: str = field(default="torch", metadata=_h("transformer MLPs on 'torch' (fc1, GELU, fc2 as modules), "
-                                                          "'triton' (kernels/triton_mlp.py: fc1 + GELU as one op whose "
-                                                          "backward takes the GELU derivative and fc1's bias gradient "
-                                                          "in one pass; CUDA, no dropout) or 'auto' ('triton' on CUDA "
-                                                          "for half-precision products)"))
     compile_mode: str = field(default="default", metadata=_h("torch.compile mode: default, reduce-overhead (CUDA "
                                                              "graphs), max-autotune, max-autotune-no-cudagraphs"))
     ddp_comm_hook: str = field(default="no", metadata=_h("DDP gradient all-reduce in 'no' (float32), 'bf16' or 'fp16' "

@@ -78,7 +78,6 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
                           f"{cfg.ddp_comm_hook!r}, {cfg.ddp_bucket_mb}")
     try:
         check_kernel_backend("attention_backend", cfg.attention_backend)
-        check_kernel_backend("mlp_backend", cfg.mlp_backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if cfg.interpolation not in ("bicubic", "bilinear"):
@@ -162,9 +161,7 @@ def run(cfg: PretrainConfig) -> int:
         model.set_grad_checkpointing(True)
     try:
         check_kernel_backend("attention_backend", cfg.attention_backend, accelerator.device.type == "cuda")
-        check_kernel_backend("mlp_backend", cfg.mlp_backend, accelerator.device.type == "cuda")
         set_backend(model, "attention_backend", cfg.attention_backend)
-        set_backend(model, "mlp_backend", cfg.mlp_backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     model.to(accelerator.device)

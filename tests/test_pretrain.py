@@ -243,17 +243,16 @@ def test_model_names_are_checked_before_anything_runs(curated: Path, tmp_path: P
 
 
 # (flag, torch's backend, ours, an unknown value, our backward's launcher): auto runs this tiny model (sequences
-# under 128 tokens, a CPU) on torch's side.
-KERNEL_FLAGS = [("attention_backend", "sdpa", "triton", "flash", "kernels.triton_attention.packed_attention_bwd"),
-                ("mlp_backend", "torch", "triton", "fused", "kernels.triton_mlp.gelu_grad")]
+# under 128 tokens) on torch's side.
+KERNEL_FLAGS = [("attention_backend", "sdpa", "triton", "flash", "kernels.triton_attention.packed_attention_bwd")]
 
 
 @pytest.mark.parametrize("flag, plain_backend, our_backend, unknown, backward", KERNEL_FLAGS)
 def test_kernel_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch, flag: str, plain_backend: str,
                                                    our_backend: str, unknown: str, backward: str) -> None:
-    """--attention_backend / --mlp_backend triton (here interpreted on the CPU) puts every attention block / MLP,
-    encoder and decoder, on our kernels: the same losses as torch's up to float32 rounding, the choice kept in
+    """--attention_backend triton (here interpreted on the CPU) puts every attention block, encoder and decoder, on
+    our kernels: the same losses as torch's up to float32 rounding, the choice kept in
     config.yaml; auto runs this model on torch's side, bitwise; an unknown backend, or triton with neither CUDA nor the
     interpreter, is a one-line error before any step."""
     common = {"max_steps": 3, "batch_size": 4}
@@ -272,13 +271,10 @@ def test_kernel_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path
         assert pretrain_main(args(curated, tmp_path / backend, **{flag: backend}, **common)) == 0
         launches[backend] = len(calls)
     monkeypatch.undo()
-    # auto takes ours only for the MLPs on CUDA (bf16 autocast); everything else here runs on torch's side
-    auto_is_ours = flag == "mlp_backend" and torch.cuda.is_available()
-    assert launches[plain_backend] == 0 and launches[our_backend] > 0  # our backward ran, and only there
-    assert (launches["auto"] > 0) == auto_is_ours
+    assert launches[plain_backend] == 0 and launches[our_backend] > 0 and launches["auto"] == 0  # ours ran only there
     plain, ours, auto = ([r["loss"] for r in read_jsonl(tmp_path / run / "log.jsonl") if "loss" in r]
                          for run in (plain_backend, our_backend, "auto"))
-    assert len(plain) == len(ours) == 3 and auto == (ours if auto_is_ours else plain)
+    assert len(plain) == len(ours) == 3 and auto == plain
     rel = 2e-2 if torch.cuda.is_available() else 1e-4  # bf16 autocast on CUDA, float32 on the CPU
     assert ours == pytest.approx(plain, rel=rel, abs=1e-6)  # other kernels, same model
     assert load_yaml(tmp_path / our_backend / "config.yaml")[flag] == our_backend
@@ -295,7 +291,7 @@ def test_kernel_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path
 
 
 def test_kernel_backend_defaults() -> None:
-    assert PretrainConfig().attention_backend == "auto" and PretrainConfig().mlp_backend == "torch"
+    assert PretrainConfig().attention_backend == "auto"
 
 
 def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:
