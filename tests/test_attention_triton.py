@@ -109,9 +109,15 @@ def test_launch_per_shape():
     assert attention_launch(197, 32) == AttentionLaunch(64, 64, 4, 2)
     assert attention_launch(50, 64) == AttentionLaunch(64, 64, 4, 2)
     assert attention_launch(197, 128) == AttentionLaunch(64, 64, 8, 2)
+    # the forward's own tiles (thirty-sixth session's sweep), up to head_dim 64
+    assert attention_launch(197, 32, forward=True) == AttentionLaunch(64, 32, 4, 3)
+    assert attention_launch(50, 64, forward=True) == AttentionLaunch(64, 32, 4, 3)
+    assert attention_launch(197, 128, forward=True) == AttentionLaunch(64, 64, 8, 2)
+    assert attention_launch(17, 16, forward=True) == AttentionLaunch(32, 32, 2, 2)
 
 
-@pytest.mark.parametrize("launch", [AttentionLaunch(32, 64, 2, 1), AttentionLaunch(64, 32, 4, 3)])
+@pytest.mark.parametrize("launch", [AttentionLaunch(32, 64, 2, 1), AttentionLaunch(64, 32, 4, 3),
+                                    AttentionLaunch(64, 64, 4, 2)])
 def test_other_tiles_give_the_same_values(launch):
     """Explicit launches (bench.attention --launches): unequal query and key tiles, other warps and stages."""
     from kernels.triton_attention import packed_attention_bwd, packed_attention_fwd
@@ -163,8 +169,8 @@ ints = dict(tokens=tokens, heads=heads, sb=tokens * 3 * heads * head_dim, sn=3 *
             s3=heads * head_dim, sh=head_dim, ob=tokens * heads * head_dim, on=heads * head_dim, oh=head_dim,
             db=tokens * heads * head_dim, dn=heads * head_dim, dh=head_dim, gb=tokens * 3 * heads * head_dim,
             gn=3 * heads * head_dim, g3=heads * head_dim, gh=head_dim)
-launch = ta.attention_launch(tokens, head_dim)
 for kernel in (ta._attn_fwd_kernel, ta._attn_bwd_dq_kernel, ta._attn_bwd_dkdv_kernel):
+    launch = ta.attention_launch(tokens, head_dim, forward=kernel is ta._attn_fwd_kernel)
     # Specialised as a launch would be: pointers 16-byte aligned, integers divisible by 16 hinted so.
     signature, consts, hints = {}, {}, {}
     for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
