@@ -28,6 +28,9 @@
 #   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
 #   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
+#   vitbcode  the compiled ViT-B/16 step at batch VITB_CODE_BATCH (1536) with inductor's caches in a fresh folder;
+#       the generated wrapper modules (the forward's and backward's kernels by name, with the ops each fuses) in
+#       $OUT/vitb_output_code.tar.gz, to name the step's unexplained kernels of a profile
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
 #       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
@@ -109,7 +112,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -205,6 +208,15 @@ for part in "$@"; do
         vitb_row . attn_auto_graphs 150 --compile_mode reduce-overhead --attention_backend auto
         vitb_row . attn_triton_graphs 150 --compile_mode reduce-overhead --attention_backend triton
         ;;
+    vitbcode)
+        code_dir=/tmp/vitb_inductor_code
+        rm -rf "$code_dir"
+        TORCHINDUCTOR_CACHE_DIR="$code_dir" TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
+            model_row . vitb_code 240 mae_vit_base_patch16 "${VITB_CODE_BATCH:-1536}"
+        # the wrapper modules: the generated .py files with the step's call (a function or, in newer torch, Runner.call)
+        grep -rlE --include='*.py' '^(def call\(|class Runner)' "$code_dir" | tar -czf "$out/vitb_output_code.tar.gz" -T - \
+            || echo "vitbcode: no output code found"
+        ;;
     vitbauto)
         # ViT-B's compiled step with --attention_backend auto (our kernels in the 197-token decoder blocks, where
         # they won 15 % per block, SDPA in the 50-token encoder blocks, where they tied) against SDPA everywhere
@@ -235,7 +247,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, bigbatch, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, bigbatch, loop)" >&2
         exit 2
         ;;
     esac
