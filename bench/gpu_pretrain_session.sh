@@ -27,7 +27,8 @@
 #       triton under CUDA graphs in what is left of the call
 #   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
-#   vitbauto  the compiled ViT-B/16 step (batch 256) on SDPA and with --attention_backend auto
+#   vitbauto  the compiled ViT-B/16 step (batch VITB_ATTN_BATCH, 256) on each of VITB_ATTN_BACKENDS (sdpa auto), the
+#       attention backends
 #   vitbcode  the compiled ViT-B/16 step at batch VITB_CODE_BATCH (1536) with inductor's caches in a fresh folder;
 #       the generated wrapper modules (the forward's and backward's kernels by name, with the ops each fuses) in
 #       $OUT/vitb_output_code.tar.gz, to name the step's unexplained kernels of a profile
@@ -220,8 +221,11 @@ for part in "$@"; do
     vitbauto)
         # ViT-B's compiled step with --attention_backend auto (our kernels in the 197-token decoder blocks, where
         # they won 15 % per block, SDPA in the 50-token encoder blocks, where they tied) against SDPA everywhere
-        vitb_row . attn_sdpa 150 --attention_backend sdpa
-        vitb_row . attn_auto 150 --attention_backend auto
+        # VITB_ATTN_BACKENDS (default "sdpa auto") and VITB_ATTN_BATCH (256) pick other rows, e.g. "auto triton" at 1536
+        for backend in ${VITB_ATTN_BACKENDS:-sdpa auto}; do
+            model_row . "vitb_attn_${backend}_b${VITB_ATTN_BATCH:-256}" 150 mae_vit_base_patch16 "${VITB_ATTN_BATCH:-256}" \
+                --attention_backend "$backend"
+        done
         ;;
     bigbatch)
         # Larger batches than the best rows so far (img/s grew with the batch: ViT-B 4,816 synthetic at 256 against
