@@ -127,10 +127,15 @@ def time_attention_alone(batch: int, tokens: int, dim: int, heads: int,
 
 
 def parse_launch(text: str) -> Any:
-    """BLOCK_M:BLOCK_N:WARPS:STAGES -> AttentionLaunch."""
+    """BLOCK_M:BLOCK_N:WARPS:STAGES[:split] -> AttentionLaunch; "split": the backward's dq and dk / dv kernels even
+    where the sequence fits one tile (the one-kernel backward otherwise)."""
     from kernels.triton_attention import AttentionLaunch
 
-    return AttentionLaunch(*(int(part) for part in text.split(":")))
+    parts = text.split(":")
+    split = len(parts) == 5 and parts[4] == "split"
+    if len(parts) - split != 4:
+        raise argparse.ArgumentTypeError(f"expected BLOCK_M:BLOCK_N:WARPS:STAGES[:split], got {text!r}")
+    return AttentionLaunch(*(int(part) for part in parts[:4]), single_tile=not split)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", default=None)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--launches", nargs="*", default=[], type=parse_launch, metavar="BM:BN:WARPS:STAGES",
+    parser.add_argument("--launches", nargs="*", default=[], type=parse_launch, metavar="BM:BN:WARPS:STAGES[:split]",
                         help="also time the attention alone (no projections): SDPA, our default tiles and these")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

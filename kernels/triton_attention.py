@@ -9,8 +9,10 @@ three gradients into it).
 Flash-attention structure (an online softmax over key blocks; the backward recomputes the probabilities from the
 saved log-sum-exp): the forward, one program per (query block, batch x head); the backward, one program per (query
 block, batch x head) for dq, which also stores its rows' rowsum(dout * out), then one per (key block, batch x head)
-for dk / dv, so nothing is accumulated with atomics (deterministic). Softmax in base 2: scores are scaled by
-log2(e) / sqrt(head_dim) once and exponentiated with exp2.
+for dk / dv, so nothing is accumulated with atomics (deterministic). A sequence that fits one tile (the ViT encoders'
+50 tokens) takes one backward program per batch x head instead, which computes the probabilities and their gradient
+once for dq, dk and dv together. Softmax in base 2: scores are scaled by log2(e) / sqrt(head_dim) once and
+exponentiated with exp2.
 
 Layering as the scan's: kernels, launchers, an autograd.Function, custom ops for torch.compile, the public function
 ``packed_attention_triton``; the reference is ``packed_attention_ref`` (plain torch, float64-capable).
@@ -159,6 +161,37 @@ def _attn_bwd_dq_kernel(QKV, OUT, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn
              mask=m_mask[:, None])
 
 
+@triton.jit
+def _attn_bwd_tile_kernel(QKV, OUT, DOUT, LSE, DQKV, tokens, heads, sb, sn, s3, sh, ob, on, oh, db, dn, dh,
+                          gb, gn, g3, gh, qk_scale, sm_scale,
+                          HEAD_D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """dq, dk and dv of one head whose whole sequence fits one BLOCK-row tile: the probabilities and their gradient
+    computed once (the split kernels recompute both, one pair of products each), five products instead of seven."""
+    batch_head, batch, head, base, _ = _head_coords(tokens, heads, sb, sh, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    mask = offs < tokens
+    rows = offs[:, None].to(tl.int64)
+    tile = rows * sn + offs_d[None, :]
+    q = tl.load(QKV + base + tile, mask=mask[:, None], other=0.0)
+    k = tl.load(QKV + base + s3 + tile, mask=mask[:, None], other=0.0)
+    v = tl.load(QKV + base + 2 * s3 + tile, mask=mask[:, None], other=0.0)
+    dout = tl.load(DOUT + batch * db + head * dh + rows * dn + offs_d[None, :], mask=mask[:, None], other=0.0)
+    out = tl.load(OUT + batch * ob + head * oh + rows * on + offs_d[None, :], mask=mask[:, None], other=0.0)
+    rowdot = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
+    lse = tl.load(LSE + batch_head.to(tl.int64) * tokens + offs, mask=mask, other=0.0)
+    p = tl.exp2(_mma(q, tl.trans(k), PRECISION) * qk_scale - lse[:, None])
+    p = tl.where(mask[:, None] & mask[None, :], p, 0.0)  # (queries, keys)
+    grads = DQKV + batch * gb + head * gh + rows * gn + offs_d[None, :]
+    dv = _mma(tl.trans(p.to(dout.dtype)), dout, PRECISION)
+    tl.store(grads + 2 * g3, dv.to(DQKV.dtype.element_ty), mask=mask[:, None])
+    ds = (p * (_mma(dout, tl.trans(v), PRECISION) - rowdot[:, None])).to(q.dtype)
+    dq = _mma(ds, k, PRECISION)
+    tl.store(grads, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask[:, None])
+    dk = _mma(tl.trans(ds), q, PRECISION)
+    tl.store(grads + g3, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask[:, None])
+
+
 @dataclass(frozen=True)
 class AttentionLaunch:
     """Tiles and launch options of the attention kernels (the backward's two kernels walk the same tiles; the
@@ -168,6 +201,9 @@ class AttentionLaunch:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int  # Triton's software-pipelining depth of the key / query walks
+    # the backward of a sequence that fits one tile of both sizes in one kernel (_attn_bwd_tile_kernel); False: the
+    # split dq and dk / dv kernels at every length (bench.attention's "split" launches, to time the two)
+    single_tile: bool = True
 
 
 def attention_launch(tokens: int, head_dim: int, forward: bool = False) -> AttentionLaunch:
@@ -256,8 +292,13 @@ def packed_attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     ob, on, oh, _ = out.stride()
     db, dn, dh, _ = dout.stride()
     gb, gn, g3, gh, _ = dqkv.stride()
-    rowdot = torch.empty_like(lse)
     grads = (db, dn, dh, gb, gn, g3, gh, qk_scale, sm_scale)
+    if launch.single_tile and tokens <= min(block_m, block_n):
+        compiled_launcher(_attn_bwd_tile_kernel)[(batch * heads,)](
+            qkv, out, dout, lse, dqkv, tokens, heads, sb, sn, s3, sh, ob, on, oh, *grads,
+            BLOCK=min(block_m, block_n), **options)
+        return dqkv
+    rowdot = torch.empty_like(lse)
     # dq first: its programs also store rowsum(dout * out), which the dk / dv programs read.
     compiled_launcher(_attn_bwd_dq_kernel)[(ceil_div(tokens, block_m) * batch * heads,)](
         qkv, out, dout, lse, rowdot, dqkv, tokens, heads, sb, sn, s3, sh, ob, on, oh, *grads,

@@ -3,6 +3,8 @@ explicit float64 softmax, through the autograd.Function and the custom ops; inte
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,8 +63,24 @@ def test_matches_explicit_softmax_wide_heads():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [32, 64])
-def test_matches_explicit_softmax_half(dtype, head_dim):
-    check_against_reference(packed(2, 70, 2, head_dim, dtype, seed=head_dim))
+@pytest.mark.parametrize("tokens", [50, 70])  # one tile (the one-kernel backward), two
+def test_matches_explicit_softmax_half(dtype, head_dim, tokens):
+    check_against_reference(packed(2, tokens, 2, head_dim, dtype, seed=head_dim + tokens))
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 50, 64])
+def test_one_tile_backward_equals_the_split_kernels(tokens):
+    """Sequences that fit one tile take the one-kernel backward; the split dq and dk / dv kernels (single_tile=False)
+    compute the same gradient."""
+    from kernels.triton_attention import packed_attention_bwd, packed_attention_fwd
+
+    qkv = packed(2, tokens, 3, 16, torch.float32, seed=20 + tokens)
+    dout = torch.randn(2, tokens, 3, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out, lse = packed_attention_fwd(qkv)
+    launch = attention_launch(tokens, 16)
+    split = AttentionLaunch(launch.block_m, launch.block_n, launch.num_warps, launch.num_stages, single_tile=False)
+    torch.testing.assert_close(packed_attention_bwd(qkv, out, lse, dout), packed_attention_bwd(qkv, out, lse, dout, split),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_equals_sdpa_on_head_first_views():
@@ -163,13 +181,15 @@ from triton.backends.compiler import GPUTarget
 from kernels import triton_attention as ta
 
 POINTERS = {"QKV": "*bf16", "OUT": "*bf16", "DOUT": "*bf16", "DQKV": "*bf16", "LSE": "*fp32", "ROWDOT": "*fp32"}
-# The MAE decoder's attention at batch 512: 197 tokens, 16 heads of 32, packed (b, n, 3, h, d) projection.
-tokens, heads, head_dim = 197, 16, 32
-ints = dict(tokens=tokens, heads=heads, sb=tokens * 3 * heads * head_dim, sn=3 * heads * head_dim,
-            s3=heads * head_dim, sh=head_dim, ob=tokens * heads * head_dim, on=heads * head_dim, oh=head_dim,
-            db=tokens * heads * head_dim, dn=heads * head_dim, dh=head_dim, gb=tokens * 3 * heads * head_dim,
-            gn=3 * heads * head_dim, g3=heads * head_dim, gh=head_dim)
-for kernel in (ta._attn_fwd_kernel, ta._attn_bwd_dq_kernel, ta._attn_bwd_dkdv_kernel):
+# The MAE decoder's attention (197 tokens, 16 heads of 32) and, for the one-tile backward, ViT-B's encoder (50 tokens,
+# 12 heads of 64); packed (b, n, 3, h, d) projections.
+CASES = [(ta._attn_fwd_kernel, 197, 16, 32), (ta._attn_bwd_dq_kernel, 197, 16, 32),
+         (ta._attn_bwd_dkdv_kernel, 197, 16, 32), (ta._attn_bwd_tile_kernel, 50, 12, 64)]
+for kernel, tokens, heads, head_dim in CASES:
+    ints = dict(tokens=tokens, heads=heads, sb=tokens * 3 * heads * head_dim, sn=3 * heads * head_dim,
+                s3=heads * head_dim, sh=head_dim, ob=tokens * heads * head_dim, on=heads * head_dim, oh=head_dim,
+                db=tokens * heads * head_dim, dn=heads * head_dim, dh=head_dim, gb=tokens * 3 * heads * head_dim,
+                gn=3 * heads * head_dim, g3=heads * head_dim, gh=head_dim)
     launch = ta.attention_launch(tokens, head_dim, forward=kernel is ta._attn_fwd_kernel)
     # Specialised as a launch would be: pointers 16-byte aligned, integers divisible by 16 hinted so.
     signature, consts, hints = {}, {}, {}
@@ -186,6 +206,7 @@ for kernel in (ta._attn_fwd_kernel, ta._attn_bwd_dq_kernel, ta._attn_bwd_dkdv_ke
             if ints[name] % 16 == 0:
                 hints[(i,)] = [["tt.divisibility", 16]]
     consts.update({k: v for k, v in dict(HEAD_D=head_dim, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                                          BLOCK=min(launch.block_m, launch.block_n),
                                           PRECISION="tf32").items() if k in kernel.arg_names})
     src = triton.compiler.ASTSource(kernel, signature, consts, hints)
     triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -195,11 +216,11 @@ for kernel in (ta._attn_fwd_kernel, ta._attn_bwd_dq_kernel, ta._attn_bwd_dkdv_ke
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    """Triton's real compiler (not the interpreter) builds the three kernels for sm_90 at the MAE decoder's shape."""
+    """Triton's real compiler (not the interpreter) builds the four kernels for sm_90 at the MAE shapes."""
     from kernels.testing import run_compiled
 
     stdout = run_compiled(ATTENTION_BUILD_SCRIPT, tmp_path / "cache")
-    assert stdout.count("built") == 3, stdout
+    assert stdout.count("built") == 4, stdout
 
 
 def test_attention_block_on_triton_equals_sdpa():
@@ -280,4 +301,8 @@ def test_bench_attention_parses_launches():
     from bench.attention import BACKENDS, parse_launch
 
     assert parse_launch("64:32:4:2") == AttentionLaunch(64, 32, 4, 2)
+    assert parse_launch("64:64:4:2:split") == AttentionLaunch(64, 64, 4, 2, single_tile=False)
+    for bad in ("64:64:4", "64:64:4:2:fused"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BLOCK_M:BLOCK_N:WARPS:STAGES"):
+            parse_launch(bad)
     assert "triton" in BACKENDS and "default" in BACKENDS
