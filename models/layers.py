@@ -167,15 +167,13 @@ def attention_kernel(backend: str, tokens: int, head_dim: int, dtype: torch.dtyp
     return "triton" if use_triton else "sdpa"
 
 
-def check_kernel_backend(flag: str, backend: str, is_cuda: bool | None = None) -> None:
-    """Raises ValueError when ``backend`` is not one of the choices of ``flag`` ("attention_backend":
-    ``ATTENTION_BACKENDS``) or, given the device kind (``is_cuda``), when it is "triton" where our kernels cannot run
-    (a CPU without Triton's interpreter)."""
-    choices = {"attention_backend": ATTENTION_BACKENDS}[flag]
-    if backend not in choices:
-        raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {backend!r}")
+def check_attention_backend(backend: str, is_cuda: bool | None = None) -> None:
+    """Raises ValueError when ``backend`` is not one of ``ATTENTION_BACKENDS`` or, given the device kind
+    (``is_cuda``), when it is "triton" where our kernels cannot run (a CPU without Triton's interpreter)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
     if is_cuda is not None and backend == "triton" and not triton_runs_on(is_cuda):
-        raise ValueError(f"--{flag} triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+        raise ValueError("--attention_backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
 
 
 def set_backend(model: nn.Module, attribute: str, backend: str) -> None:

@@ -33,7 +33,7 @@ from common.logging import JsonlLogger, get_logger  # noqa: E402
 from common.optim import use_fused_adamw  # noqa: E402
 from common.seed import seed_everything, set_deterministic  # noqa: E402
 from common.torch_compile import compile_in_place  # noqa: E402
-from models.layers import check_kernel_backend, set_backend  # noqa: E402
+from models.layers import check_attention_backend, set_backend  # noqa: E402
 from pretrain.checkpointing import CheckpointManager, CheckpointMismatch  # noqa: E402
 from pretrain.config import DEMO_CONFIG, REPO_ROOT, PretrainConfig  # noqa: E402
 from pretrain.deepspeed_settings import fill_script_fields  # noqa: E402
@@ -77,7 +77,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"ddp_comm_hook must be no, bf16 or fp16 and ddp_bucket_mb >= 1, got "
                           f"{cfg.ddp_comm_hook!r}, {cfg.ddp_bucket_mb}")
     try:
-        check_kernel_backend("attention_backend", cfg.attention_backend)
+        check_attention_backend(cfg.attention_backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if cfg.interpolation not in ("bicubic", "bilinear"):
@@ -160,7 +160,7 @@ def run(cfg: PretrainConfig) -> int:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     try:
-        check_kernel_backend("attention_backend", cfg.attention_backend, accelerator.device.type == "cuda")
+        check_attention_backend(cfg.attention_backend, accelerator.device.type == "cuda")
         set_backend(model, "attention_backend", cfg.attention_backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

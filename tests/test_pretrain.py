@@ -3,7 +3,6 @@ preemption (SIGUSR1 -> checkpoint + exit 75), the non-finite stop, configuration
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -242,56 +241,49 @@ def test_model_names_are_checked_before_anything_runs(curated: Path, tmp_path: P
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # stopped before the output folder
 
 
-# (flag, torch's backend, ours, an unknown value, our backward's launcher): auto runs this tiny model (sequences
-# under 128 tokens) on torch's side.
-KERNEL_FLAGS = [("attention_backend", "sdpa", "triton", "flash", "kernels.triton_attention.packed_attention_bwd")]
-
-
-@pytest.mark.parametrize("flag, plain_backend, our_backend, unknown, backward", KERNEL_FLAGS)
-def test_kernel_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch, flag: str, plain_backend: str,
-                                                   our_backend: str, unknown: str, backward: str) -> None:
+def test_attention_backend_flag_trains_the_same_model(curated: Path, tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """--attention_backend triton (here interpreted on the CPU) puts every attention block, encoder and decoder, on
-    our kernels: the same losses as torch's up to float32 rounding, the choice kept in
-    config.yaml; auto runs this model on torch's side, bitwise; an unknown backend, or triton with neither CUDA nor the
-    interpreter, is a one-line error before any step."""
+    kernels/triton_attention.py: the same losses as SDPA's up to float32 rounding, the choice kept in config.yaml;
+    the default, auto, runs this model's short sequences on SDPA, bitwise; an unknown backend, or triton with neither
+    CUDA nor the interpreter, is a one-line error before any step."""
+    import kernels.triton_attention as attention
+
     common = {"max_steps": 3, "batch_size": 4}
-    module_name, function_name = backward.rsplit(".", 1)
-    module = importlib.import_module(module_name)
-    original = getattr(module, function_name)
+    original = attention.packed_attention_bwd
     launches = {}
-    for backend in (plain_backend, our_backend, "auto"):
+    for run, flags in (("sdpa", {"attention_backend": "sdpa"}), ("triton", {"attention_backend": "triton"}),
+                       ("default", {})):
         calls: list[int] = []
 
         def counted(*a, calls: list[int] = calls, **k):  # noqa: ANN002, ANN003, ANN202
             calls.append(1)
             return original(*a, **k)
 
-        monkeypatch.setattr(module, function_name, counted)
-        assert pretrain_main(args(curated, tmp_path / backend, **{flag: backend}, **common)) == 0
-        launches[backend] = len(calls)
+        monkeypatch.setattr(attention, "packed_attention_bwd", counted)
+        assert pretrain_main(args(curated, tmp_path / run, **flags, **common)) == 0
+        launches[run] = len(calls)
     monkeypatch.undo()
-    assert launches[plain_backend] == 0 and launches[our_backend] > 0 and launches["auto"] == 0  # ours ran only there
-    plain, ours, auto = ([r["loss"] for r in read_jsonl(tmp_path / run / "log.jsonl") if "loss" in r]
-                         for run in (plain_backend, our_backend, "auto"))
-    assert len(plain) == len(ours) == 3 and auto == plain
+    assert launches["sdpa"] == 0 and launches["triton"] > 0 and launches["default"] == 0  # ours ran only there
+    sdpa, triton, default = ([r["loss"] for r in read_jsonl(tmp_path / run / "log.jsonl") if "loss" in r]
+                             for run in ("sdpa", "triton", "default"))
+    assert len(sdpa) == len(triton) == 3
+    # The default, auto, keeps sequences under 128 tokens (all of this tiny model's) on SDPA: bitwise its run.
+    assert load_yaml(tmp_path / "default" / "config.yaml")["attention_backend"] == "auto" and default == sdpa
     rel = 2e-2 if torch.cuda.is_available() else 1e-4  # bf16 autocast on CUDA, float32 on the CPU
-    assert ours == pytest.approx(plain, rel=rel, abs=1e-6)  # other kernels, same model
-    assert load_yaml(tmp_path / our_backend / "config.yaml")[flag] == our_backend
+    assert triton == pytest.approx(sdpa, rel=rel, abs=1e-6)  # other kernels, same model
+    assert load_yaml(tmp_path / "triton" / "config.yaml")["attention_backend"] == "triton"
     capfd.readouterr()
-    assert pretrain_main(args(curated, tmp_path / "bad", **{flag: unknown})) == 2
-    assert f"{flag} must be one of " in capfd.readouterr().out
+    assert pretrain_main(args(curated, tmp_path / "bad", attention_backend="flash")) == 2
+    assert "attention_backend must be one of sdpa, triton, auto, got 'flash'" in capfd.readouterr().out
     assert not (tmp_path / "bad").exists()
     if not torch.cuda.is_available():  # no CUDA and no interpreter: said before the first step
         with pytest.MonkeyPatch.context() as env:
             env.delenv("TRITON_INTERPRET", raising=False)
-            assert pretrain_main(args(curated, tmp_path / "cpu", **{flag: our_backend}, **common)) == 2
-        assert f"--{flag} triton needs a CUDA device" in capfd.readouterr().out
+            assert pretrain_main(args(curated, tmp_path / "cpu", attention_backend="triton", **common)) == 2
+        assert "--attention_backend triton needs a CUDA device" in capfd.readouterr().out
         assert not (tmp_path / "cpu" / "log.jsonl").exists()
-
-
-def test_kernel_backend_defaults() -> None:
-    assert PretrainConfig().attention_backend == "auto"
 
 
 def test_config_merging_defaults_yaml_flags(tmp_path: Path) -> None:

@@ -121,10 +121,10 @@ def prepare_run(cfg: TransferConfig, name: str, classifier_head: bool, drop_path
     check_resume(cfg.resume, cfg.eval)
     accelerator = Accelerator()
     # models (timm, torchvision) is imported once a run starts, not with the command
-    from models.layers import check_kernel_backend
+    from models.layers import check_attention_backend
 
     try:
-        check_kernel_backend("attention_backend", cfg.attention_backend, accelerator.device.type == "cuda")
+        check_attention_backend(cfg.attention_backend, accelerator.device.type == "cuda")
     except ValueError as exc:
         raise TransferUsageError(str(exc)) from exc
     seed_everything(cfg.seed)
