@@ -5,7 +5,7 @@
 Prints two figures: steady img/s (what the workers deliver when the consumer never waits) and the consumer-side
 hand-off per batch with a queue filled in advance (what the training process pays per batch even with infinitely
 fast workers: unpickling, shared-memory mapping, pinning when ``--pin_memory``). The second was the per-step
-ceiling of our GPU loader rows (README, Pretraining > Benchmark).
+ceiling of our GPU loader rows (docs/pretraining.md, Benchmark).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ image entry. Images are stored losslessly:
 
 * ``png``: 1-channel uint8 / uint16 or 3-channel uint8 (``data_curation.png``: "Up" filter, zlib level 1,
   run-length strategy for 8-bit; standard PNG, decoded here with PIL). Chosen by measurement (see
-  ``bench/curate.py --part format`` and the README): 5-25x smaller than ``.npy`` and
+  ``bench/curate.py --part format`` and docs/curation.md): 5-25x smaller than ``.npy`` and
   decoded in ~1 ms (8-bit 512x512) to ~3-4 ms (16-bit 512x512), while WebP-lossless is only 15-30%
   smaller, 10-20x slower to encode, slower to decode and has no 16-bit mode.
 * ``npy``: everything PNG cannot hold losslessly (16-bit multi-channel, 2 or more than 3 channels).

@@ -5,7 +5,7 @@ taken, and each of the 255 lowest-frequency AC coefficients (the 16x16 corner wi
 one bit: above or below their median. Why 255 bits and not the common 63 (8x8): chest X-rays are so alike
 that distinct Kermany images lie only 2-4 bits apart in 63 bits, while in 255 bits distinct images are at
 least 36 bits apart and re-encoded / resized / re-scaled copies at most 8-10 (measured on all 2624 Kermany
-images; the README), so a threshold of 16 separates them with margin on both sides.
+images; docs/curation.md), so a threshold of 16 separates them with margin on both sides.
 
 ``NearDuplicateIndex`` answers "is there a hash within Hamming distance d?" without comparing against
 every stored hash: the bits are cut into d + 1 bands, and two hashes within distance d agree exactly on

@@ -4,7 +4,7 @@ Why not PIL: PIL's PNG writer chooses a filter per row by trying all five, which
 compression itself (2.1 ms for a 512x512 8-bit CT slice at zlib level 1). Medical images compress just as
 well with the "Up" filter on every row, computed in one numpy subtraction, and zlib's run-length strategy
 (Z_RLE), which suits the large flat regions of windowed CT and X-ray: 0.9 ms for the same slice with an
-equal or smaller file (numbers in the README). 16-bit images use zlib's default strategy
+equal or smaller file (numbers in docs/curation.md). 16-bit images use zlib's default strategy
 (Z_RLE would grow them by ~40 %). The output is a standard PNG that any reader (PIL, libpng) decodes.
 """
 

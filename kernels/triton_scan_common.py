@@ -264,7 +264,7 @@ BWD_RESIDENT_PROGRAMS = 8
 def default_launch_config(n_state_padded: int, length: int, backward: bool, rows: int | None = None,
                           multiprocessors: int | None = None, channel_last: bool = False) -> ScanLaunchConfig:
     """Tiles of the scan kernels, a saved state every 4 positions, tiles from the H200 sweeps of
-    bench/scan.py (README, 2026-11-22).
+    bench/scan.py (docs/kernels.md, 2026-11-22).
 
     Forward: 8 channels per warp (third sweep, forward alone: L=197 batch 128 0.39 vs 0.61 ms at block_d 16,
     L=1024 0.375 vs 0.423, L=4096 1.48 vs 1.71, L=50 0.116 vs 0.113, a tie). Backward: ``rows`` = batch * dim and

@@ -11,7 +11,7 @@ them, global average pooling and a linear classifier. A MambaMIC block splits it
 and the two halves are fused by the Feature Modulation Interaction Aggregation module (FMIA), whose
 output is the block output (the block has no outer residual; the global half carries its own).
 
-Where we differ from the authors' code, and why, is listed in the README.
+Where we differ from the authors' code, and why, is listed in docs/models.md.
 """
 
 from __future__ import annotations

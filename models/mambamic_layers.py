@@ -3,7 +3,7 @@
 Layouts: the local branch and the fusion module work channels-first (B, C, H, W) because they are
 convolution stacks; the filter that sits inside the SS2D branch works channels-last (B, H, W, C) like the
 SS2D module it plugs into. Sizes follow the authors' public code (the paper's parameter counts are
-reproduced from it), see the README.
+reproduced from it), see docs/models.md.
 """
 
 from __future__ import annotations

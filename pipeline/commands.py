@@ -47,7 +47,7 @@ def label_space(path: str) -> tuple[int, bool, int]:
 SELECT_METRICS = ("acc", "balanced_acc", "auc", "f1", "loss")
 
 # finetune flags of each --ft_recipe. The ninth session's 64 px fine-tunes under MAE's ImageNet recipe ended below
-# the same encoders' linear probes, their validation AUC flat from the first epoch (README, end-to-end results).
+# the same encoders' linear probes, their validation AUC flat from the first epoch (docs/end_to_end.md).
 FT_RECIPES: dict[str, list[str]] = {
     "mae": [],
     "light": ["--aa", "none", "--reprob", "0", "--smoothing", "0"],

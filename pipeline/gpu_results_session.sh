@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The transfer-results table (README, "End-to-end results on real data") in one GPU call of at most 10 minutes.
+# The transfer-results table (docs/end_to_end.md) in one GPU call of at most 10 minutes.
 #
 #   here (CPU, beside ../shared):  bash pipeline/gpu_results_session.sh prepare
 #       curates the unlabeled pool from ../shared/data (train shards only travel), writes the Kermany X-rays as

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call of at most 10 minutes for the transfer table (README, "End-to-end results on real data"): the
+# One device call of at most 10 minutes for the transfer table (docs/end_to_end.md): the
 # MAE pretraining and transfer rows of pipeline/gpu_results_session.sh (EPOCHS, default 320, and linear probes on
 # the last four blocks), two BreastMNIST fine-tunes on the same encoder that select by accuracy (the target's
 # metric) with the unweighted loss, once plain and once with an EMA of the weights, and the encoder itself in

@@ -1,6 +1,6 @@
 """Pixel-level helpers shared by every reader: file decoding, bit depth and channel count.
 
-Policy (documented in the README):
+Policy (documented in docs/pretraining.md, Data):
 
 * 16-bit images become uint8 by a per-image min-max stretch. Curated shards already hold windowed or
   percentile-normalised intensities, so the stretch only maps the stored range onto 0..255; dividing by 257
