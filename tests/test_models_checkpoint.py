@@ -59,6 +59,21 @@ def test_export_and_reload_reproduces_the_encoder(tmp_path: Path) -> None:
     assert rebuilt(x).shape == (2, 3)
 
 
+def test_export_loads_strictly_into_timm_and_gives_the_same_features(tmp_path: Path) -> None:
+    """Users can take encoder.safetensors into their own timm code: same keys and shapes, same features."""
+    from safetensors.torch import load_file
+
+    mae = models.create_model("mae_test_vit", in_chans=1, img_size=(32, 48))
+    _randomize(mae, seed=4)
+    weights, _ = export_encoder(mae, tmp_path)
+    tiny = {**TINY, "img_size": (32, 48)}
+    reference = timm.models.vision_transformer.VisionTransformer(num_classes=0, in_chans=1, **tiny).eval()
+    reference.load_state_dict(load_file(str(weights)), strict=True)
+    x = torch.randn(2, 1, 32, 48)
+    torch.testing.assert_close(reference.forward_features(x), mae.encoder.eval().forward_features(x),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_reload_at_another_size_recomputes_the_sincos_table(tmp_path: Path) -> None:
     mae = models.create_model("mae_test_vim", img_size=(32, 48))
     _randomize(mae)
