@@ -32,6 +32,8 @@
 #   vitbcode  the compiled ViT-B/16 step at batch VITB_CODE_BATCH (1536) with inductor's caches in a fresh folder;
 #       the generated wrapper modules (the forward's and backward's kernels by name, with the ops each fuses) in
 #       $OUT/vitb_output_code.tar.gz, to name the step's unexplained kernels of a profile
+#   vimb1024  the compiled Vim-B/16 step at 1024 px (batch 16, synthetic) on the default attention (auto: our kernels
+#       in the 4,097-token decoder) and on SDPA: the row was last measured in the twentieth session, on cuDNN
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
 #       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
@@ -113,7 +115,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, vimb1024, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -227,6 +229,12 @@ for part in "$@"; do
                 --attention_backend "$backend"
         done
         ;;
+    vimb1024)
+        for backend in auto sdpa; do
+            model_row . "vimb1024_attn_$backend" 240 mae_vim_base_patch16 16 --input_sizes 1024 \
+                --attention_backend "$backend"
+        done
+        ;;
     bigbatch)
         # Larger batches than the best rows so far (img/s grew with the batch: ViT-B 4,816 synthetic at 256 against
         # 5,351 real-loader at 1024; Vim-S 3,058 -> 3,192 from 256 to 512): ViT-B with the real loader at
@@ -251,7 +259,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, bigbatch, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, vimb1024, bigbatch, loop)" >&2
         exit 2
         ;;
     esac
