@@ -21,7 +21,8 @@
 #   vimsprof  Vim-S/16 at batch 512, --compile, profiled after its timed steps: device ms by kernel kind and its 80
 #       busiest kernels in $OUT/vimsprof_b512.json (the fused kernels the twenty-fifth session saw only as a lump)
 #   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
-#       (default SDPA against triton, with the triton-vs-SDPA differences), then the compiled ViT-B/16 (batch 256)
+#       (default SDPA against triton, with the triton-vs-SDPA differences; with .gpu_run/baseline carried, the
+#       baseline revision's kernels too), then the compiled ViT-B/16 (batch 256)
 #       and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json, $OUT/attn_*.json
 #   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S), then on
 #       triton under CUDA graphs in what is left of the call
@@ -187,6 +188,10 @@ for part in "$@"; do
         timeout 150 python3 -m bench.attention --backends default triton \
             --launches ${ATTN_LAUNCHES:-64:64:4:3 128:64:8:2 64:128:4:2 32:64:2:2} \
             --json "$out/attention.json" || true
+        if [ -f "$base/kernels/triton_attention.py" ]; then  # the same kernels' timings in the baseline revision
+            (cd "$base" && timeout 100 python3 -m bench.attention --backends triton \
+                --json "$out/attention_baseline_$(cat REVISION).json") || true
+        fi
         vitb_row . attn_sdpa 120 --attention_backend sdpa
         vitb_row . attn_triton 120 --attention_backend triton
         model_row . vims_attn_sdpa 120 mae_vim_small_patch16 512 --attention_backend sdpa

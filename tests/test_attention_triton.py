@@ -4,6 +4,7 @@ explicit float64 softmax, through the autograd.Function and the custom ops; inte
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def check_against_reference(qkv: torch.Tensor) -> None:
 
 # Token counts: inside one block, one past a block, the encoders' 50 and the MAE decoder's 197 (several query and
 # key blocks, the last partial).
-@pytest.mark.parametrize("tokens", [1, 17, 33, 50, 197])
+@pytest.mark.parametrize("tokens", [1, 17, 33, 50, 64, 96, 197])
 def test_matches_explicit_softmax_float32(tokens):
     check_against_reference(packed(2, tokens, 2, 16, torch.float32, seed=tokens))
 
@@ -98,6 +99,29 @@ def test_large_scores_stay_finite():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(qkv.grad).all()
     torch.testing.assert_close(out.double(), packed_attention_ref(qkv.detach().double()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [50, 70])  # the one-tile backward; the split kernels with a partial last block
+def test_padded_keys_cannot_overflow_into_the_gradients(tokens):
+    """Every score of every row far below zero, so the base-2 log-sum-exp is under -128: a padded key (zero k)
+    would get probability exp2(-lse) = inf. Its rows are never stored and dq zeroes it, so the gradients stay finite
+    and match the reference (to float32's conditioning at scores this large)."""
+    gen = torch.Generator().manual_seed(11)
+    q = 6.0 + 0.3 * torch.randn(1, tokens, 1, 16, generator=gen, dtype=torch.float64)
+    k = -6.0 + 0.3 * torch.randn(1, tokens, 1, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, tokens, 1, 16, generator=gen, dtype=torch.float64)
+    exact = torch.stack([q, k, v], dim=2).requires_grad_(True)
+    scores = (q[0, :, 0] @ k[0, :, 0].T) / 4.0 * math.log2(math.e)
+    assert scores.max() < -150  # lse < -128 on every row
+    qkv = exact.detach().float().to(DEVICE).requires_grad_(True)
+    out = packed_attention_triton(qkv)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout.to(DEVICE, torch.float32))
+    want = packed_attention_ref(exact)
+    (want_dqkv,) = torch.autograd.grad(want, exact, dout)
+    assert torch.isfinite(dqkv).all()
+    torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(dqkv.double(), want_dqkv, rtol=1e-3, atol=1e-3)
 
 
 def test_empty_batch():
@@ -179,18 +203,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from kernels import triton_attention as ta
+from kernels import triton_attention_kernels as tak
 
 POINTERS = {"QKV": "*bf16", "OUT": "*bf16", "DOUT": "*bf16", "DQKV": "*bf16", "LSE": "*fp32", "ROWDOT": "*fp32"}
 # The MAE decoder's attention (197 tokens, 16 heads of 32) and, for the one-tile backward, ViT-B's encoder (50 tokens,
 # 12 heads of 64); packed (b, n, 3, h, d) projections.
-CASES = [(ta._attn_fwd_kernel, 197, 16, 32), (ta._attn_bwd_dq_kernel, 197, 16, 32),
-         (ta._attn_bwd_dkdv_kernel, 197, 16, 32), (ta._attn_bwd_tile_kernel, 50, 12, 64)]
+CASES = [(tak.attn_fwd_kernel, 197, 16, 32), (tak.attn_bwd_dq_kernel, 197, 16, 32),
+         (tak.attn_bwd_dkdv_kernel, 197, 16, 32), (tak.attn_bwd_tile_kernel, 50, 12, 64)]
 for kernel, tokens, heads, head_dim in CASES:
     ints = dict(tokens=tokens, heads=heads, sb=tokens * 3 * heads * head_dim, sn=3 * heads * head_dim,
                 s3=heads * head_dim, sh=head_dim, ob=tokens * heads * head_dim, on=heads * head_dim, oh=head_dim,
                 db=tokens * heads * head_dim, dn=heads * head_dim, dh=head_dim, gb=tokens * 3 * heads * head_dim,
                 gn=3 * heads * head_dim, g3=heads * head_dim, gh=head_dim)
-    launch = ta.attention_launch(tokens, head_dim, forward=kernel is ta._attn_fwd_kernel)
+    launch = ta.attention_launch(tokens, head_dim, forward=kernel is tak.attn_fwd_kernel)
     # Specialised as a launch would be: pointers 16-byte aligned, integers divisible by 16 hinted so.
     signature, consts, hints = {}, {}, {}
     for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
