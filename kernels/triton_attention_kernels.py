@@ -38,25 +38,28 @@ def _head_coords(tokens, heads, sb, sh, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_block(ptrs, mask, MASKED: tl.constexpr):
+    """A tile read through ``mask`` (zeros outside) only in a sequence's last, partial block; the full blocks read
+    unmasked (their mask, unused, is compiled away)."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _fwd_key_block(q, acc, row_max, row_sum, k_ptrs, v_ptrs, keys, tokens, sn, qk_scale,
                    MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One key block of the online softmax. Only the last block of a sequence (MASKED) pays for the key mask; the
     scale is applied inside the exponent's multiply-add (the row maximum of the unscaled scores, scaled once)."""
+    n_mask = keys < tokens
+    scores = _mma(q, _load_block(k_ptrs + keys[None, :].to(tl.int64) * sn, n_mask[None, :], MASKED), PRECISION)
     if MASKED:
-        n_mask = keys < tokens
-        kt = tl.load(k_ptrs + keys[None, :].to(tl.int64) * sn, mask=n_mask[None, :], other=0.0)
-        scores = tl.where(n_mask[None, :], _mma(q, kt, PRECISION), float("-inf"))
-    else:
-        kt = tl.load(k_ptrs + keys[None, :].to(tl.int64) * sn)
-        scores = _mma(q, kt, PRECISION)
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, axis=1) * qk_scale)
     p = tl.exp2(scores * qk_scale - new_max[:, None])
     rescale = tl.exp2(row_max - new_max)
     row_sum = row_sum * rescale + tl.sum(p, axis=1)
-    if MASKED:
-        v = tl.load(v_ptrs + keys[:, None].to(tl.int64) * sn, mask=n_mask[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs + keys[:, None].to(tl.int64) * sn)
+    v = _load_block(v_ptrs + keys[:, None].to(tl.int64) * sn, n_mask[:, None], MASKED)
     return acc * rescale[:, None] + _mma(p.to(v.dtype), v, PRECISION), new_max, row_sum
 
 
@@ -89,6 +92,24 @@ def attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk
 
 
 @triton.jit
+def _dkdv_query_block(k, v, dk, dv, q_ptrs, dout_ptrs, lse_ptrs, rowdot_ptrs, queries, tokens, sn, dn, qk_scale,
+                      MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """dk's and dv's sums over one query block, with p^T (BLOCK_N, BLOCK_M) unmasked: a padded query (zero q, dout,
+    lse and row-dot, read so in the last block) adds nothing to dv (its dout is zero) nor to dk (its dp - rowdot is
+    zero); a padded key's row, finite or not, is never stored."""
+    m_mask = queries < tokens
+    rows = queries[:, None].to(tl.int64)
+    q = _load_block(q_ptrs + rows * sn, m_mask[:, None], MASKED)
+    lse = _load_block(lse_ptrs + queries, m_mask, MASKED)
+    pt = tl.exp2(_mma(k, tl.trans(q), PRECISION) * qk_scale - lse[None, :])
+    dout = _load_block(dout_ptrs + rows * dn, m_mask[:, None], MASKED)
+    dv += _mma(pt.to(dout.dtype), dout, PRECISION)
+    rowdot = _load_block(rowdot_ptrs + queries, m_mask, MASKED)
+    dst = pt * (_mma(v, tl.trans(dout), PRECISION) - rowdot[None, :])
+    return dk + _mma(dst.to(q.dtype), q, PRECISION), dv
+
+
+@triton.jit
 def attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, db, dn, dh,
                           gb, gn, g3, gh, qk_scale, sm_scale,
                           HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -103,23 +124,16 @@ def attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3
     v = tl.load(QKV + base + 2 * s3 + keys, mask=n_mask[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_D), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_D), tl.float32)
+    q_ptrs = QKV + base + offs_d[None, :]
+    dout_ptrs = DOUT + batch * db + head * dh + offs_d[None, :]
     stats = batch_head.to(tl.int64) * tokens
-    for start in range(0, tokens, BLOCK_M):
-        queries = start + offs_m
-        m_mask = queries < tokens
-        qt = tl.load(QKV + base + queries[None, :].to(tl.int64) * sn + offs_d[:, None], mask=m_mask[None, :],
-                     other=0.0)  # (HEAD_D, BLOCK_M)
-        lse = tl.load(LSE + stats + queries, mask=m_mask, other=0.0)
-        # p^T (BLOCK_N, BLOCK_M), unmasked: a padded query (zero q, dout, lse and row-dot) adds nothing to dv (its
-        # dout is zero) nor to dk (its dp - rowdot is zero); a padded key's row, finite or not, is never stored.
-        pt = tl.exp2(_mma(k, qt, PRECISION) * qk_scale - lse[None, :])
-        dout = tl.load(DOUT + batch * db + head * dh + queries[:, None].to(tl.int64) * dn + offs_d[None, :],
-                       mask=m_mask[:, None], other=0.0)
-        dv += _mma(pt.to(dout.dtype), dout, PRECISION)
-        rowdot = tl.load(ROWDOT + stats + queries, mask=m_mask, other=0.0)
-        dpt = _mma(v, tl.trans(dout), PRECISION)
-        dst = pt * (dpt - rowdot[None, :])
-        dk += _mma(dst.to(qt.dtype), tl.trans(qt), PRECISION)
+    whole = tokens - tokens % BLOCK_M  # the queries of the full blocks
+    for start in range(0, whole, BLOCK_M):
+        dk, dv = _dkdv_query_block(k, v, dk, dv, q_ptrs, dout_ptrs, LSE + stats, ROWDOT + stats, start + offs_m,
+                                   tokens, sn, dn, qk_scale, False, PRECISION)
+    if whole < tokens:
+        dk, dv = _dkdv_query_block(k, v, dk, dv, q_ptrs, dout_ptrs, LSE + stats, ROWDOT + stats, whole + offs_m,
+                                   tokens, sn, dn, qk_scale, True, PRECISION)
     grads = DQKV + batch * gb + head * gh + offs_n[:, None].to(tl.int64) * gn + offs_d[None, :]
     tl.store(grads + g3, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=n_mask[:, None])
     tl.store(grads + 2 * g3, dv.to(DQKV.dtype.element_ty), mask=n_mask[:, None])
@@ -131,15 +145,12 @@ def _dq_key_block(q, dout, lse, rowdot, dq, k_ptrs, s3, keys, tokens, sn, qk_sca
     """dq's sum over one key block; only the last block of a sequence (MASKED) reads through the key mask and zeroes
     the padded keys' probabilities (their k is zero, but exp2(-lse) may overflow, and inf * 0 would reach dq)."""
     cols = keys[None, :].to(tl.int64) * sn
+    n_mask = keys < tokens
+    kt = _load_block(k_ptrs + cols, n_mask[None, :], MASKED)
+    vt = _load_block(k_ptrs + s3 + cols, n_mask[None, :], MASKED)
+    p = tl.exp2(_mma(q, kt, PRECISION) * qk_scale - lse[:, None])
     if MASKED:
-        n_mask = keys < tokens
-        kt = tl.load(k_ptrs + cols, mask=n_mask[None, :], other=0.0)
-        vt = tl.load(k_ptrs + s3 + cols, mask=n_mask[None, :], other=0.0)
-        p = tl.where(n_mask[None, :], tl.exp2(_mma(q, kt, PRECISION) * qk_scale - lse[:, None]), 0.0)
-    else:
-        kt = tl.load(k_ptrs + cols)
-        vt = tl.load(k_ptrs + s3 + cols)
-        p = tl.exp2(_mma(q, kt, PRECISION) * qk_scale - lse[:, None])
+        p = tl.where(n_mask[None, :], p, 0.0)
     ds = p * (_mma(dout, vt, PRECISION) - rowdot[:, None])
     return dq + _mma(ds.to(kt.dtype), tl.trans(kt), PRECISION)
 

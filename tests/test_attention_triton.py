@@ -50,9 +50,10 @@ def check_against_reference(qkv: torch.Tensor) -> None:
                                    msg=lambda m, name=name: f"d{name}: {m}")
 
 
-# Token counts: inside one block, one past a block, the encoders' 50 and the MAE decoder's 197 (several query and
-# key blocks, the last partial).
-@pytest.mark.parametrize("tokens", [1, 17, 33, 50, 64, 96, 197])
+# Token counts: inside one block, one past a block, the encoders' 50, whole blocks only (64: the one-tile backward;
+# 96 / 128: no partial block for the forward's 32-key tiles, none at all at 128), and the MAE decoder's 197 (several
+# query and key blocks, the last partial).
+@pytest.mark.parametrize("tokens", [1, 17, 33, 50, 64, 96, 128, 197])
 def test_matches_explicit_softmax_float32(tokens):
     check_against_reference(packed(2, tokens, 2, 16, torch.float32, seed=tokens))
 
