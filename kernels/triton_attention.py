@@ -48,7 +48,7 @@ def attention_launch(tokens: int, head_dim: int, forward: bool = False) -> Atten
     warps (8 from head_dim 128) in two stages; 32 x 32 at 2 warps for sequences that fit one. The forward walks 32-key
     tiles in three stages up to head_dim 64 (one H100, thirty-sixth session: 12 % faster in the MAE decoder, 4-8 % in
     the encoders; the backward on 32-key tiles took twice as long). Offline sm_90 registers (Triton 3.6, decoder shape,
-    thirty-seventh session): forward 66, dq 125, dk / dv 151; no spills."""
+    thirty-seventh session): forward 66, dq 125, dk / dv 158; no spills."""
     if tokens <= 32:
         return AttentionLaunch(32, 32, 2, 2)
     if forward and head_dim <= 64:
