@@ -33,7 +33,7 @@
 #   vitbcode  the compiled ViT-B/16 step at batch VITB_CODE_BATCH (1536) with inductor's caches in a fresh folder;
 #       the generated wrapper modules (the forward's and backward's kernels by name, with the ops each fuses) in
 #       $OUT/vitb_output_code.tar.gz, to name the step's unexplained kernels of a profile
-#   vimb1024  the compiled Vim-B/16 step at 1024 px (batch 16, synthetic) on the default attention (auto: our kernels
+#   vimb1024  the compiled Vim-B/16 step at 1024 px (batch 16, synthetic) on the default attention (auto: our kernels,
 #       in the 4,097-token decoder) and on SDPA: the row was last measured in the twentieth session, on cuDNN
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
 #       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row)
@@ -226,9 +226,8 @@ for part in "$@"; do
             || echo "vitbcode: no output code found"
         ;;
     vitbauto)
-        # ViT-B's compiled step with --attention_backend auto (our kernels in the 197-token decoder blocks, where
-        # they won 15 % per block, SDPA in the 50-token encoder blocks, where they tied) against SDPA everywhere
-        # VITB_ATTN_BACKENDS (default "sdpa auto") and VITB_ATTN_BATCH (256) pick other rows, e.g. "auto triton" at 1536
+        # ViT-B's compiled step on each of VITB_ATTN_BACKENDS (default "sdpa auto": auto runs our kernels on CUDA
+        # wherever they apply, since the thirty-seventh session) at batch VITB_ATTN_BATCH (256)
         for backend in ${VITB_ATTN_BACKENDS:-sdpa auto}; do
             model_row . "vitb_attn_${backend}_b${VITB_ATTN_BATCH:-256}" 150 mae_vit_base_patch16 "${VITB_ATTN_BATCH:-256}" \
                 --attention_backend "$backend"

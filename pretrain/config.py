@@ -48,9 +48,9 @@ class PretrainConfig:
     log_every: int = field(default=20, metadata=_h("log.jsonl / TensorBoard record every N steps"))
     compile: bool = field(default=False, metadata=_h("torch.compile the model (fused AdamW stays eager)"))
     attention_backend: str = field(default="auto", metadata=_h("attention blocks on 'auto' (kernels/triton_attention.py "
-                                                                "for sequences of 128 tokens or more on CUDA, i.e. MAE's "
-                                                                "decoder; SDPA otherwise), 'sdpa' (torch's) or 'triton' "
-                                                                "(ours everywhere; CUDA)"))
+                                                                "on CUDA wherever it applies; SDPA on the CPU, with "
+                                                                "attention dropout or heads it does not take), 'sdpa' "
+                                                                "(torch's) or 'triton' (ours, CUDA or the interpreter)"))
     compile_mode: str = field(default="default", metadata=_h("torch.compile mode: default, reduce-overhead (CUDA "
                                                              "graphs), max-autotune, max-autotune-no-cudagraphs"))
     ddp_comm_hook: str = field(default="no", metadata=_h("DDP gradient all-reduce in 'no' (float32), 'bf16' or 'fp16' "

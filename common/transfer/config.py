@@ -63,8 +63,8 @@ class TransferConfig:
     dist_eval: bool = field(default=False, metadata=_h(
         "shard evaluation across processes (otherwise every process evaluates everything)"))
     attention_backend: str = field(default="sdpa", metadata=_h(
-        "ViT attention blocks on 'sdpa' (torch's), 'triton' (kernels/triton_attention.py; CUDA) or 'auto' (triton for "
-        "sequences of 128 tokens or more on CUDA, pretraining's default; untimed in fine-tuning, hence opt-in here)"))
+        "ViT attention blocks on 'sdpa' (torch's), 'triton' (kernels/triton_attention.py; CUDA) or 'auto' (triton on CUDA "
+        "wherever it applies, pretraining's default; untimed in fine-tuning, hence opt-in here)"))
     select_metric: str = field(default="auc", metadata=_h(
         "validation metric that picks the best epoch (and the --fast LR): acc, balanced_acc, auc, f1 or loss"))
     n_bootstrap: int = field(default=1000, metadata=_h("bootstrap resamples for the test-set 95 percent confidence intervals"))
