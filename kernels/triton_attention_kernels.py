@@ -65,7 +65,7 @@ def _fwd_key_block(q, acc, row_max, row_sum, k_ptrs, v_ptrs, keys, tokens, sn, q
 
 @triton.jit
 def attn_fwd_kernel(QKV, OUT, LSE, tokens, heads, sb, sn, s3, sh, ob, on, oh, qk_scale,
-                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     batch_head, batch, head, base, first = _head_coords(tokens, heads, sb, sh, BLOCK_M)
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -111,8 +111,8 @@ def _dkdv_query_block(k, v, dk, dv, q_ptrs, dout_ptrs, lse_ptrs, rowdot_ptrs, qu
 
 @triton.jit
 def attn_bwd_dkdv_kernel(QKV, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, db, dn, dh,
-                          gb, gn, g3, gh, qk_scale, sm_scale,
-                          HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                         gb, gn, g3, gh, qk_scale, sm_scale,
+                         HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dk and dv of one key block: a walk over every query block, the probabilities recomputed transposed."""
     batch_head, batch, head, base, first = _head_coords(tokens, heads, sb, sh, BLOCK_N)
     offs_n = first + tl.arange(0, BLOCK_N)
@@ -157,8 +157,8 @@ def _dq_key_block(q, dout, lse, rowdot, dq, k_ptrs, s3, keys, tokens, sn, qk_sca
 
 @triton.jit
 def attn_bwd_dq_kernel(QKV, OUT, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn, s3, sh, ob, on, oh, db, dn, dh,
-                        gb, gn, g3, gh, qk_scale, sm_scale,
-                        HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                       gb, gn, g3, gh, qk_scale, sm_scale,
+                       HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one query block, a walk over every key block; first the block's rowsum(dout * out) (the softmax
     backward's correction, float32), which it also stores for the dk / dv kernel launched after it."""
     batch_head, batch, head, base, first = _head_coords(tokens, heads, sb, sh, BLOCK_M)
@@ -189,8 +189,8 @@ def attn_bwd_dq_kernel(QKV, OUT, DOUT, LSE, ROWDOT, DQKV, tokens, heads, sb, sn,
 
 @triton.jit
 def attn_bwd_tile_kernel(QKV, OUT, DOUT, LSE, DQKV, tokens, heads, sb, sn, s3, sh, ob, on, oh, db, dn, dh,
-                          gb, gn, g3, gh, qk_scale, sm_scale,
-                          HEAD_D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                         gb, gn, g3, gh, qk_scale, sm_scale,
+                         HEAD_D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     """dq, dk and dv of one head whose whole sequence fits one BLOCK-row tile: the probabilities and their gradient
     computed once (the split kernels recompute both, one pair of products each), five products instead of seven."""
     batch_head, batch, head, base, _ = _head_coords(tokens, heads, sb, sh, BLOCK)
