@@ -138,6 +138,14 @@ def parse_launch(text: str) -> Any:
     return AttentionLaunch(*(int(part) for part in parts[:4]), single_tile=not split)
 
 
+def parse_shape(text: str) -> tuple[str, int, int, int, int]:
+    """NAME:BATCH:TOKENS:DIM:HEADS -> a SHAPES row."""
+    parts = text.split(":")
+    if len(parts) != 5 or not all(part.isdigit() for part in parts[1:]):
+        raise argparse.ArgumentTypeError(f"expected NAME:BATCH:TOKENS:DIM:HEADS, got {text!r}")
+    return (parts[0], *(int(part) for part in parts[1:]))
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--launches", nargs="*", default=[], type=parse_launch, metavar="BM:BN:WARPS:STAGES[:split]",
                         help="also time the attention alone (no projections): SDPA, our default tiles and these")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), type=parse_shape,
+                        metavar="NAME:BATCH:TOKENS:DIM:HEADS", help="the shapes to time (default: the MAE ones)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"attention (median of {args.reps})")
     print("| shape | " + " | ".join(args.backends) + " |")
     print("|---|" + "---|" * len(args.backends))
-    for name, batch, tokens, dim, heads in SHAPES:
+    for name, batch, tokens, dim, heads in args.shapes:
         if "triton" in args.backends:
             out_diff, grad_diff = triton_difference(batch, tokens, dim, heads)
             print(f"  {name}: triton vs sdpa max abs difference, output {out_diff:.2e}, input gradient "
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"| {name} (b{batch}, n{tokens}, {heads}x{dim // heads}) | " + " | ".join(cells) + " |", flush=True)
     if args.launches:
         print("attention alone (bf16 packed projection, no projections), fwd / fwd+bwd ms, triton.testing.do_bench")
-        for name, batch, tokens, dim, heads in SHAPES:
+        for name, batch, tokens, dim, heads in args.shapes:
             for launch in ["sdpa", None, *args.launches]:
                 label = "sdpa default" if launch == "sdpa" else f"triton {launch or 'default'}"
                 try:

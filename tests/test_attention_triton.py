@@ -328,3 +328,12 @@ def test_bench_attention_parses_launches():
         with pytest.raises(argparse.ArgumentTypeError, match="BLOCK_M:BLOCK_N:WARPS:STAGES"):
             parse_launch(bad)
     assert "triton" in BACKENDS and "default" in BACKENDS
+
+
+def test_bench_attention_parses_shapes():
+    from bench.attention import parse_shape
+
+    assert parse_shape("vim_b 1024px decoder:16:4097:512:16") == ("vim_b 1024px decoder", 16, 4097, 512, 16)
+    for bad in ("x:16:4097:512", "x:16:4097:512:h"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME:BATCH:TOKENS:DIM:HEADS"):
+            parse_shape(bad)
