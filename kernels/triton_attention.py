@@ -44,16 +44,21 @@ class AttentionLaunch:
 
 
 def attention_launch(tokens: int, head_dim: int, forward: bool = False) -> AttentionLaunch:
-    """Default tiles for a sequence length and head size, of the backward or (``forward``) the forward: 64 x 64 at 4
-    warps (8 from head_dim 128) in two stages; 32 x 32 at 2 warps for sequences that fit one. The forward walks 32-key
-    tiles in three stages up to head_dim 64 (one H100, thirty-sixth session: 12 % faster in the MAE decoder, 4-8 % in
-    the encoders; the backward on 32-key tiles took twice as long). Offline sm_90 registers (Triton 3.6, decoder shape,
-    thirty-seventh session): forward 66, dq 125, dk / dv 158; no spills."""
+    """Default tiles for a sequence length and head size, of the backward or (``forward``) the forward.
+
+    32 x 32 at 2 warps for sequences that fit one. Up to head_dim 64 the backward walks 64 x 64 tiles at 4 warps in
+    three stages, the forward 64 x 32 tiles in three (128 x 64 from 1,024 tokens); 64 x 64 at 8 warps in two
+    from head_dim 128. One H100, attention alone, fwd+bwd (thirty-eighth session): three backward stages took 10 % off
+    the MAE decoder's backward (197 tokens, 16 heads of 32) and 5 % off Vim-B's at 1,024 px (4,097 tokens), 128-query
+    x 64 forward tiles 11 % off the latter's forward (6 % slower at 197 tokens); the thirty-sixth session's 32-key forward
+    tiles were 12 % faster in the decoder, 4-8 % in the encoders (the backward on them took twice as long)."""
     if tokens <= 32:
         return AttentionLaunch(32, 32, 2, 2)
-    if forward and head_dim <= 64:
-        return AttentionLaunch(64, 32, 4, 3)
-    return AttentionLaunch(64, 64, 4 if head_dim <= 64 else 8, 2)
+    if head_dim > 64:
+        return AttentionLaunch(64, 64, 8, 2)
+    if forward:
+        return AttentionLaunch(128, 64, 4, 3) if tokens >= 1024 else AttentionLaunch(64, 32, 4, 3)
+    return AttentionLaunch(64, 64, 4, 3)
 
 
 def check_packed_qkv(qkv: torch.Tensor) -> None:

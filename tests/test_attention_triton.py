@@ -149,12 +149,16 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 def test_launch_per_shape():
     assert attention_launch(17, 16) == AttentionLaunch(32, 32, 2, 2)
-    assert attention_launch(197, 32) == AttentionLaunch(64, 64, 4, 2)
-    assert attention_launch(50, 64) == AttentionLaunch(64, 64, 4, 2)
+    assert attention_launch(197, 32) == AttentionLaunch(64, 64, 4, 3)
+    assert attention_launch(50, 64) == AttentionLaunch(64, 64, 4, 3)
+    assert attention_launch(4097, 32) == AttentionLaunch(64, 64, 4, 3)
     assert attention_launch(197, 128) == AttentionLaunch(64, 64, 8, 2)
-    # the forward's own tiles (thirty-sixth session's sweep), up to head_dim 64
+    # the forward's own tiles (thirty-sixth and thirty-eighth sessions' sweeps), up to head_dim 64
     assert attention_launch(197, 32, forward=True) == AttentionLaunch(64, 32, 4, 3)
     assert attention_launch(50, 64, forward=True) == AttentionLaunch(64, 32, 4, 3)
+    assert attention_launch(1023, 32, forward=True) == AttentionLaunch(64, 32, 4, 3)
+    assert attention_launch(1024, 32, forward=True) == AttentionLaunch(128, 64, 4, 3)
+    assert attention_launch(4097, 64, forward=True) == AttentionLaunch(128, 64, 4, 3)
     assert attention_launch(197, 128, forward=True) == AttentionLaunch(64, 64, 8, 2)
     assert attention_launch(17, 16, forward=True) == AttentionLaunch(32, 32, 2, 2)
 
