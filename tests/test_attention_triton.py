@@ -164,13 +164,14 @@ def test_launch_per_shape():
 
 
 @pytest.mark.parametrize("launch", [AttentionLaunch(32, 64, 2, 1), AttentionLaunch(64, 32, 4, 3),
-                                    AttentionLaunch(64, 64, 4, 2)])
+                                    AttentionLaunch(64, 64, 4, 2), AttentionLaunch(128, 64, 4, 3)])
 def test_other_tiles_give_the_same_values(launch):
-    """Explicit launches (bench.attention --launches): unequal query and key tiles, other warps and stages."""
+    """Explicit launches (bench.attention --launches): unequal query and key tiles, other warps and stages; 150
+    tokens: full blocks and a partial one at every tile size (128 x 64: the long-sequence forward's default)."""
     from kernels.triton_attention import packed_attention_bwd, packed_attention_fwd
 
-    qkv = packed(1, 90, 2, 16, torch.float32, seed=4)
-    dout = torch.randn(1, 90, 2, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    qkv = packed(1, 150, 2, 16, torch.float32, seed=4)
+    dout = torch.randn(1, 150, 2, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out, lse = packed_attention_fwd(qkv)
     dqkv = packed_attention_bwd(qkv, out, lse, dout)
     other_out, other_lse = packed_attention_fwd(qkv, launch)
