@@ -21,8 +21,9 @@
 #   vimsprof  Vim-S/16 at batch 512, --compile, profiled after its timed steps: device ms by kernel kind and its 80
 #       busiest kernels in $OUT/vimsprof_b512.json (the fused kernels the twenty-fifth session saw only as a lump)
 #   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
-#       (default SDPA against triton, with the triton-vs-SDPA differences; with .gpu_run/baseline carried, the
-#       baseline revision's kernels too), then the compiled ViT-B/16 (batch 256)
+#       at ATTN_SHAPES (default SDPA against triton, with the triton-vs-SDPA differences; with .gpu_run/baseline
+#       carried, the baseline revision's kernels too: a revision from 635dd48 on, for --shapes), then the compiled
+#       ViT-B/16 (batch 256)
 #       and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json, $OUT/attn_*.json
 #   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S), then on
 #       triton under CUDA graphs in what is left of the call
@@ -33,8 +34,8 @@
 #   vitbcode  the compiled ViT-B/16 step at batch VITB_CODE_BATCH (1536) with inductor's caches in a fresh folder;
 #       the generated wrapper modules (the forward's and backward's kernels by name, with the ops each fuses) in
 #       $OUT/vitb_output_code.tar.gz, to name the step's unexplained kernels of a profile
-#   vimb1024  the compiled Vim-B/16 step at 1024 px (batch 16, synthetic) on the default attention (auto: our kernels,
-#       in the 4,097-token decoder) and on SDPA: the row was last measured in the twentieth session, on cuDNN
+#   vimb1024  the compiled Vim-B/16 step at 1024 px (batch 16, synthetic) on SDPA and on the default attention (auto:
+#       our kernels, in the 4,097-token decoder), in the order VIMB_ORDER (sdpa auto auto sdpa); $OUT/vimb1024_*.json
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
 #       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
@@ -183,13 +184,18 @@ for part in "$@"; do
         model_row . vimsprof_b512 240 mae_vim_small_patch16 512 --steps 20 --row_seconds 5 --profile_steps 2
         ;;
     attention)
-        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention_triton.py 2>&1 | tail -4 || true
-        # shellcheck disable=SC2086  # ATTN_LAUNCHES is a word list (BLOCK_M:BLOCK_N:WARPS:STAGES)
-        timeout 150 python3 -m bench.attention --backends default triton \
-            --launches ${ATTN_LAUNCHES:-64:64:4:3 128:64:8:2 64:128:4:2 32:64:2:2} \
-            --json "$out/attention.json" || true
+        timeout 120 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_attention_triton.py 2>&1 \
+            | tail -4 || true
+        # ATTN_SHAPES: bench.attention's NAME:BATCH:TOKENS:DIM:HEADS rows (default: the MAE encoders and decoder, and
+        # Vim-B's decoder at 1,024 px); ATTN_LAUNCHES: BLOCK_M:BLOCK_N:WARPS:STAGES tilings timed beside the defaults
+        shapes=${ATTN_SHAPES:-vitb_enc:512:50:768:12 dec197:512:197:512:16 vits_enc:256:50:384:6 \
+            vimb1024_dec:16:4097:512:16}
+        # shellcheck disable=SC2086  # word lists
+        timeout 150 python3 -m bench.attention --backends default triton --shapes $shapes \
+            --launches ${ATTN_LAUNCHES:-64:64:4:2 128:64:4:3 64:64:4:3} --json "$out/attention.json" || true
         if [ -f "$base/kernels/triton_attention.py" ]; then  # the same kernels' timings in the baseline revision
-            (cd "$base" && timeout 100 python3 -m bench.attention --backends triton \
+            # shellcheck disable=SC2086
+            (cd "$base" && timeout 100 python3 -m bench.attention --backends triton --shapes $shapes \
                 --json "$out/attention_baseline_$(cat REVISION).json") || true
         fi
         vitb_row . attn_sdpa 120 --attention_backend sdpa
@@ -234,8 +240,12 @@ for part in "$@"; do
         done
         ;;
     vimb1024)
-        for backend in auto sdpa; do
-            model_row . "vimb1024_attn_$backend" 240 mae_vim_base_patch16 16 --input_sizes 1024 \
+        # VIMB_ORDER (default "sdpa auto auto sdpa"): the thirty-eighth session's two rows ran auto first, from an
+        # idle GPU, and disagreed with the attention's own timing; pairs in both orders tell a backend from a row slot
+        i=0
+        for backend in ${VIMB_ORDER:-sdpa auto auto sdpa}; do
+            i=$((i + 1))
+            model_row . "vimb1024_attn_${backend}_$i" 150 mae_vim_base_patch16 16 --input_sizes 1024 \
                 --attention_backend "$backend"
         done
         ;;
