@@ -23,8 +23,8 @@
 #   attention  our packed-projection attention kernels (kernels/triton_attention.py): their CUDA tests, bench.attention
 #       at ATTN_SHAPES (default SDPA against triton, with the triton-vs-SDPA differences; with .gpu_run/baseline
 #       carried, the baseline revision's kernels too: a revision from 635dd48 on, for --shapes), then the compiled
-#       ViT-B/16 (batch 256)
-#       and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json, $OUT/attn_*.json
+#       ViT-B/16 (batch 256) and Vim-S/16 (batch 512) steps on SDPA and on triton; $OUT/attention*.json,
+#       $OUT/attn_*.json
 #   vimsattn  the compiled Vim-S/16 step at batch 512 on SDPA and on triton, 230 s per row (VIMS_ROW_S), then on
 #       triton under CUDA graphs in what is left of the call
 #   vimsbest  vimsattn's two rows on our kernels (without the SDPA row), for a short call

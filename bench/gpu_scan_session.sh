@@ -330,7 +330,7 @@ layout)
     # (carry .gpu_run/whl, .gpu_run/mamba_ssm-*) the layout paths in one call: the GPU tests of the chunk tiles, the
     # transpose kernel and the copied backward; bench.scan_cross's pairs that tell them apart (v2t:v2t tiles both
     # ways, v2t:v2x the copied backward, v2t:v2g its gradients as tiles) beside the defaults and mamba-ssm; then
-    # bench.scan's default row beside mamba-ssm (docs/kernels.md's table).
+    # bench.scan's default row beside mamba-ssm (the README's scan table).
     begin_with_mamba
     gpu_tests layout_tests 150 tests/test_transpose.py tests/test_scan_triton.py tests/test_scan_options.py \
         -k "v2g or v2x or v2t or transpose or channel_last_copies or tile_io or launch_returns"
