@@ -342,3 +342,24 @@ def test_bench_attention_parses_shapes():
     for bad in ("x:16:4097:512", "x:16:4097:512:h"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME:BATCH:TOKENS:DIM:HEADS"):
             parse_shape(bad)
+
+
+def test_bench_attention_alone_difference_flags_a_wrong_result(monkeypatch):
+    """The sweep's per-launch check: small for our kernels at an explicit tiling, large once the output is off."""
+    import bench.attention as bench_attention
+    import kernels.triton_attention as triton_attention
+
+    qkv = packed(2, 40, 2, 16, torch.float32, seed=11)
+    dout = torch.randn(2, 40, 2, 16, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    out_diff, grad_diff = bench_attention.alone_difference(qkv, dout, AttentionLaunch(32, 16, 4, 2))
+    assert out_diff < 1e-4 and grad_diff < 1e-4
+
+    real_fwd = triton_attention.packed_attention_fwd
+
+    def shifted_fwd(qkv, launch=None):  # noqa: ANN001, ANN202
+        out, lse = real_fwd(qkv, launch)
+        return out + 0.5, lse
+
+    monkeypatch.setattr(triton_attention, "packed_attention_fwd", shifted_fwd)
+    out_diff, _ = bench_attention.alone_difference(qkv, dout, None)
+    assert out_diff == pytest.approx(0.5, abs=1e-4)
