@@ -157,8 +157,9 @@ def attention_kernel(backend: str, head_dim: int, dtype: torch.dtype, is_cuda: b
     attention dropout, or for head sizes and dtypes they do not take, so any model runs on it. Our kernels won at
     every MAE shape on one H100 (thirty-seventh session, fwd+bwd of the attention alone against SDPA's default:
     ViT-B encoder 0.191 vs 0.537 ms, ViT-S encoder 0.061 vs 0.235, MAE decoder 1.481 vs 2.085; compiled ViT-B step
-    +8.4 % at batch 256, +3.7 % at 1536 against ours in the decoder only), and at Vim-B's 4,097-token decoder at
-    1,024 px (thirty-eighth session: 7.75 vs 9.25 ms)."""
+    +8.4 % at batch 256, +3.7 % at 1536 against ours in the decoder only; on another host in the thirty-ninth
+    session the batch-256 step lost 3.5 %, not explained), and at Vim-B's 4,097-token decoder at 1,024 px (thirty-ninth
+    session: 7.31 vs 9.22 ms; the compiled Vim-B step 68.5 vs 63.8 img/s)."""
     if backend != "auto":
         return backend
     use_triton = is_cuda and not dropout and head_dim in ATTENTION_HEAD_DIMS and dtype in ATTENTION_DTYPES
