@@ -31,6 +31,8 @@
 #   vitbattngraphs  the compiled ViT-B/16 step (batch 256) under CUDA graphs on SDPA, auto and triton
 #   vitbauto  the compiled ViT-B/16 step (batch VITB_ATTN_BATCH, 256) on each of VITB_ATTN_BACKENDS (sdpa auto), the
 #       attention backends
+#   vitbhost  the compiled ViT-B/16 step (batch 256) on SDPA and on our attention kernels, each profiled after its
+#       timed steps (device ms against wall ms: is ours host-bound?), then ours under CUDA graphs; $OUT/vitb_host_*.json
 #   vitbcode  the compiled ViT-B/16 step at batch VITB_CODE_BATCH (1536) with inductor's caches in a fresh folder;
 #       the generated wrapper modules (the forward's and backward's kernels by name, with the ops each fuses) in
 #       $OUT/vitb_output_code.tar.gz, to name the step's unexplained kernels of a profile
@@ -117,7 +119,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, vimb1024, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -222,6 +224,15 @@ for part in "$@"; do
         vitb_row . attn_auto_graphs 150 --compile_mode reduce-overhead --attention_backend auto
         vitb_row . attn_triton_graphs 150 --compile_mode reduce-overhead --attention_backend triton
         ;;
+    vitbhost)
+        # Is the compiled ViT-B step on our attention kernels bound by the host? (thirty-ninth session, one H100: ours
+        # everywhere 4,642 img/s against SDPA's 4,813 at batch 256, where the thirty-seventh session's H100 read 5,202
+        # against 4,800, while the attention alone was as fast.) Each backend's step is profiled after its timed steps
+        # (device ms per step by kernel kind, beside the step's wall ms), then ours under CUDA graphs (no host).
+        vitb_row . host_sdpa 150 --attention_backend sdpa --profile_steps 2
+        vitb_row . host_triton 150 --attention_backend triton --profile_steps 2
+        vitb_row . host_triton_graphs 150 --attention_backend triton --compile_mode reduce-overhead
+        ;;
     vitbcode)
         code_dir=/tmp/vitb_inductor_code
         rm -rf "$code_dir"
@@ -273,7 +284,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbcode, vimb1024, bigbatch, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, loop)" >&2
         exit 2
         ;;
     esac
