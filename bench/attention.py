@@ -6,8 +6,9 @@
 Each row is one block's attention at one encoder / decoder shape, bf16 autocast, timed with CUDA events (median of
 ``--reps``), with one SDPA backend left enabled (``default``: torch's own choice), or ``triton``: our kernels on
 the packed projection (kernels/triton_attention.py), whose output and input gradient are first compared with the
-default backend's at each shape (max abs difference printed). The seventeenth session's run of
-this script (then also comparing two ways of cutting q / k / v from the fused projection) is in
+default backend's at each shape (max abs difference printed). ``--launches`` also times the attention alone (no
+projections) per tiling, each launch's output and gradient compared with SDPA's the same way. The seventeenth
+session's run of this script (then also comparing two ways of cutting q / k / v from the fused projection) is in
 docs/pretrain_benchmarks.md.
 """
 
