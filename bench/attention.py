@@ -94,41 +94,55 @@ def triton_difference(batch: int, tokens: int, dim: int, heads: int) -> tuple[fl
     return (out_a - out_b).abs().max().item(), (grad_a - grad_b).abs().max().item()
 
 
-def alone_difference(qkv: torch.Tensor, dout: torch.Tensor, launch: Any) -> tuple[float, float]:
+def sdpa_packed(qkv: torch.Tensor) -> torch.Tensor:
+    """SDPA on head-first views of a packed (batch, tokens, 3, heads, head_dim) projection, in our kernels' output
+    layout (batch, tokens, heads, head_dim)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def alone_inputs(batch: int, tokens: int, dim: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 packed projection and an output gradient for one shape (CUDA)."""
+    head_dim = dim // heads
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    return qkv, dout
+
+
+def sdpa_reference(qkv: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output and packed-projection gradient, what ``alone_difference`` compares each launch with."""
+    leaf = qkv.detach().requires_grad_(True)
+    out = sdpa_packed(leaf)
+    (grad,) = torch.autograd.grad(out, leaf, dout)
+    return out.detach(), grad
+
+
+def alone_difference(qkv: torch.Tensor, dout: torch.Tensor, launch: Any,
+                     reference: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
     """Max abs difference of our kernels' output and packed-projection gradient with ``launch`` (an AttentionLaunch;
-    None: the default) against SDPA's default backend on the same bf16 inputs: a tiling that times well but
+    None: the default) against ``reference`` (``sdpa_reference`` of the same inputs): a tiling that times well but
     computes something else shows here, not only in the tests (which cannot cover pipelining stages on the CPU)."""
     from kernels.triton_attention import packed_attention_bwd, packed_attention_fwd
 
-    leaf = qkv.detach().requires_grad_(True)
-    q, k, v = (t.transpose(1, 2) for t in leaf.unbind(2))
-    ref_out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    (ref_grad,) = torch.autograd.grad(ref_out, leaf, dout)
+    ref_out, ref_grad = reference
     out, lse = packed_attention_fwd(qkv, launch)
     grad = packed_attention_bwd(qkv, out, lse, dout, launch)
     return (out.float() - ref_out.float()).abs().max().item(), (grad.float() - ref_grad.float()).abs().max().item()
 
 
-def time_attention_alone(batch: int, tokens: int, dim: int, heads: int,
-                         launch: Any = None) -> tuple[float, float, float | None, float | None]:
-    """(forward ms, forward+backward ms, output and gradient differences) of the attention alone on a bf16 packed
-    projection, median of triton.testing.do_bench: our kernels with ``launch`` (an AttentionLaunch; None: the
-    default) with ``alone_difference``'s differences, or SDPA's default backend on head-first views when ``launch``
-    is "sdpa" (differences None)."""
+def time_attention_alone(qkv: torch.Tensor, dout: torch.Tensor, launch: Any = None) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of the attention alone on a bf16 packed projection (``alone_inputs``),
+    median of triton.testing.do_bench: our kernels with ``launch`` (an AttentionLaunch; None: the default), or SDPA's
+    default backend on head-first views when ``launch`` is "sdpa"."""
     import triton.testing
 
     from kernels.triton_attention import packed_attention_bwd, packed_attention_fwd
 
-    restrict_sdpa("default")
-    head_dim = dim // heads
-    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    dout = torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     if launch == "sdpa":
-        leaf = qkv.requires_grad_(True)
+        leaf = qkv.detach().requires_grad_(True)
 
         def forward() -> torch.Tensor:
-            q, k, v = (t.transpose(1, 2) for t in leaf.unbind(2))
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            return sdpa_packed(leaf)
 
         def both() -> None:
             torch.autograd.grad(forward(), leaf, dout)
@@ -140,8 +154,7 @@ def time_attention_alone(batch: int, tokens: int, dim: int, heads: int,
             out, lse = packed_attention_fwd(qkv, launch)
             packed_attention_bwd(qkv, out, lse, dout, launch)
 
-    out_diff, grad_diff = (None, None) if launch == "sdpa" else alone_difference(qkv, dout, launch)
-    return triton.testing.do_bench(forward), triton.testing.do_bench(both), out_diff, grad_diff
+    return triton.testing.do_bench(forward), triton.testing.do_bench(both)
 
 
 def parse_launch(text: str) -> Any:
@@ -199,11 +212,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"| {name} (b{batch}, n{tokens}, {heads}x{dim // heads}) | " + " | ".join(cells) + " |", flush=True)
     if args.launches:
         print("attention alone (bf16 packed projection, no projections), fwd / fwd+bwd ms, triton.testing.do_bench")
+        restrict_sdpa("default")
         for name, batch, tokens, dim, heads in args.shapes:
+            qkv, dout = alone_inputs(batch, tokens, dim, heads)
+            reference = sdpa_reference(qkv, dout)
             for launch in ["sdpa", None, *args.launches]:
                 label = "sdpa default" if launch == "sdpa" else f"triton {launch or 'default'}"
                 try:
-                    fwd, both, out_diff, grad_diff = time_attention_alone(batch, tokens, dim, heads, launch)
+                    fwd, both = time_attention_alone(qkv, dout, launch)
+                    out_diff, grad_diff = ((None, None) if launch == "sdpa"
+                                           else alone_difference(qkv, dout, launch, reference))
                 except Exception as exc:  # a launch that does not compile or fit is reported, not fatal
                     print(f"  {name} {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
                     continue

@@ -351,7 +351,8 @@ def test_bench_attention_alone_difference_flags_a_wrong_result(monkeypatch):
 
     qkv = packed(2, 40, 2, 16, torch.float32, seed=11)
     dout = torch.randn(2, 40, 2, 16, generator=torch.Generator().manual_seed(12)).to(DEVICE)
-    out_diff, grad_diff = bench_attention.alone_difference(qkv, dout, AttentionLaunch(32, 16, 4, 2))
+    reference = bench_attention.sdpa_reference(qkv, dout)
+    out_diff, grad_diff = bench_attention.alone_difference(qkv, dout, AttentionLaunch(32, 16, 4, 2), reference)
     assert out_diff < 1e-4 and grad_diff < 1e-4
 
     real_fwd = triton_attention.packed_attention_fwd
@@ -361,5 +362,5 @@ def test_bench_attention_alone_difference_flags_a_wrong_result(monkeypatch):
         return out + 0.5, lse
 
     monkeypatch.setattr(triton_attention, "packed_attention_fwd", shifted_fwd)
-    out_diff, _ = bench_attention.alone_difference(qkv, dout, None)
+    out_diff, _ = bench_attention.alone_difference(qkv, dout, None, reference)
     assert out_diff == pytest.approx(0.5, abs=1e-4)
