@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from accelerate import Accelerator
@@ -45,7 +46,10 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, accelerator: Accelerator, step: int, state: dict[str, Any]) -> Path:
+    def save(self, accelerator: Accelerator, step: int, state: dict[str, Any],
+             write_extra: Callable[[Path], object] | None = None) -> Path:
+        """Write the checkpoint of ``step``; ``write_extra(folder)`` adds files of the main process's (before the
+        folder is complete, so a crash leaves none of it where ``--resume auto`` looks)."""
         final = self.path_for(step)
         tmp = self.root / f".tmp-{final.name}"
         if accelerator.is_main_process:
@@ -57,6 +61,8 @@ class CheckpointManager:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if write_extra is not None:
+                write_extra(tmp)
             atomic_write_json(tmp / STATE_FILE, state)
             os.replace(tmp, final)
             self._prune()

@@ -58,7 +58,9 @@ class PretrainConfig:
     ddp_bucket_mb: int = field(default=25, metadata=_h("DDP gradient bucket size in MB"))
     grad_checkpointing: bool = field(default=False, metadata=_h("activation checkpointing in the encoder"))
     clip_grad: float | None = field(default=None, metadata=_h("max gradient norm (none: no clipping)"))
-    precision: str = field(default="auto", metadata=_h("'auto' (bf16 autocast on CUDA, else fp32), 'bf16', 'fp16', 'no'"))
+    precision: str = field(default="auto", metadata=_h("'auto' (bf16 autocast on CUDA, else fp32), 'bf16', 'fp16', 'no', "
+                                                       "or 'bf16_weights' (the model in bf16 without autocast, float32 "
+                                                       "master weights in the optimizer: pretrain/master_weights.py)"))
     canvas_size: int = field(default=0, metadata=_h("loader canvas (0: input_size); crops are cut from it on the GPU"))
     min_crop_scale: float = field(default=0.2, metadata=_h("RandomResizedCrop scale lower bound"))
     hflip: float = field(default=0.5, metadata=_h("horizontal flip probability"))

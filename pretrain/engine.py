@@ -31,6 +31,7 @@ from common.logging import JsonlLogger, get_logger, progress
 from pretrain.checkpointing import CheckpointManager
 from pretrain.config import PretrainConfig
 from pretrain.health import CheckResult, StepHealth
+from pretrain.master_weights import MasterWeights
 from pretrain.monitor import KnnMonitor
 from pretrain.precision import forward_autocast
 from pretrain.preempt import EXIT_PREEMPTED, PreemptionFlag
@@ -78,6 +79,7 @@ class TrainContext:
     visualize: bool = True
     monitor: KnnMonitor | None = None  # kNN monitor, run by rank 0 only
     profiler: StepProfiler | None = None  # --profile_steps window
+    masters: MasterWeights | None = None  # --precision bf16_weights: the float32 weights the optimizer steps
 
     @property
     def cuda_graphs(self) -> bool:
@@ -96,9 +98,15 @@ def train_state(ctx: TrainContext, step: int) -> dict[str, Any]:
     return {"step": step, "epoch": step / ctx.steps_per_epoch, "data_batches_per_rank": step * c.accum_iter,
             "batch_size": c.batch_size, "accum_iter": c.accum_iter, "world_size": ctx.accelerator.num_processes,
             "num_workers": c.num_workers, "seed": c.seed, "interleave_shards": c.interleave_shards,
-            "data_on_device": c.data_on_device,
+            "data_on_device": c.data_on_device, "master_weights": ctx.masters is not None,
             "data_path": c.data_path, "model": c.model, "input_size": c.input_size, "in_chans": c.in_chans,
             "lr": ctx.schedule.lr_at(max(0, step - 1))}
+
+
+def save_checkpoint(ctx: TrainContext, step: int) -> Path:
+    """accelerate's state, ``train_state.json`` and, under bf16_weights, the float32 master weights."""
+    writer = ctx.masters.save if ctx.masters is not None else None
+    return ctx.checkpoints.save(ctx.accelerator, step, train_state(ctx, step), write_extra=writer)
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -146,10 +154,15 @@ def _micro_step(ctx: TrainContext, batch: dict[str, Any], step: int, micro: int,
         acc.backward(loss)
         if not acc.sync_gradients and ctx.cuda_graphs:  # the next micro-batch adds to these gradients
             _own_gradients(ctx.model)
+        if acc.sync_gradients and ctx.masters is not None:
+            ctx.masters.grads_to_masters()  # the bf16 gradients, all-reduced and accumulated, as float32
         if acc.sync_gradients and c.clip_grad:
-            acc.clip_grad_norm_(ctx.model.parameters(), c.clip_grad)  # returns the norm as a tensor: no sync
+            # the parameters the optimizer steps (the masters under bf16_weights); returns a tensor: no sync
+            acc.clip_grad_norm_([p for group in ctx.optimizer.param_groups for p in group["params"]], c.clip_grad)
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients and ctx.masters is not None:
+            ctx.masters.masters_to_model()
     # A copy: under CUDA graphs the loss lives in the graph's memory, which the next micro-batch's replay overwrites
     # while this step's sum (accum_iter > 1) still holds it.
     return loss.detach().to(torch.float32, copy=True), x
@@ -249,12 +262,12 @@ def train(ctx: TrainContext, start_step: int) -> int:
             if ctx.monitor is not None and acc.is_main_process and ctx.monitor.due(step, ctx.stop_step):
                 _monitor(ctx, step, bar, postfix)
             if status is not None and status.preempt:
-                path = ctx.checkpoints.save(acc, step, train_state(ctx, step))
+                path = save_checkpoint(ctx, step)
                 logger.info(f"preemption signal received: checkpoint {path} saved, exiting with {EXIT_PREEMPTED}")
                 ctx.log.log({"event": "preempted", "step": step, "checkpoint": str(path)})
                 return EXIT_PREEMPTED
             if step % c.save_every == 0 or step == ctx.stop_step:  # always a check step (see _check_due)
-                ctx.checkpoints.save(acc, step, train_state(ctx, step))
+                save_checkpoint(ctx, step)
     except NonFiniteLossError as exc:
         logger.error(str(exc))
         ctx.log.log({"event": "non_finite_loss", "step": exc.step, "message": str(exc)})
@@ -263,5 +276,5 @@ def train(ctx: TrainContext, start_step: int) -> int:
         bar.close()
         del batches
     if start_step >= ctx.stop_step:
-        ctx.checkpoints.save(acc, step, train_state(ctx, step))
+        save_checkpoint(ctx, step)
     return EXIT_OK

@@ -40,7 +40,9 @@ from pretrain.deepspeed_settings import fill_script_fields  # noqa: E402
 from pretrain.engine import EXIT_OK, TrainContext, train  # noqa: E402
 from pretrain.export import export_final_encoder  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
+from pretrain.master_weights import MasterWeights  # noqa: E402
 from pretrain.monitor import KnnMonitor  # noqa: E402
+from pretrain.precision import BF16_WEIGHTS, PRECISIONS  # noqa: E402
 from pretrain.preempt import PreemptionFlag  # noqa: E402
 from pretrain.profiling import ProfileSpecError, StepProfiler, parse_profile_steps  # noqa: E402
 from pretrain.schedule import Schedule, absolute_lr, build_optimizer  # noqa: E402
@@ -69,8 +71,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     for name in ("batch_size", "accum_iter", "epochs", "input_size", "in_chans", "save_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.precision not in ("auto", "bf16", "fp16", "no"):
-        raise ConfigError(f"precision must be auto, bf16, fp16 or no, got {cfg.precision!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.ddp_comm_hook not in ("no", "bf16", "fp16") or cfg.ddp_bucket_mb < 1:
@@ -100,6 +102,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def _mixed_precision(cfg: PretrainConfig) -> str | None:
+    if cfg.precision == BF16_WEIGHTS:
+        return "no"  # the model itself is bf16: no autocast
     if cfg.precision != "auto":
         return cfg.precision
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):  # set by `accelerate launch --config_file`
@@ -166,7 +170,13 @@ def run(cfg: PretrainConfig) -> int:
         raise ConfigError(str(exc)) from exc
     model.to(accelerator.device)
     flops = train_flops_per_image(model, cfg.input_size, cfg.in_chans, cfg.mask_ratio, accelerator.device)
-    optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=use_fused_adamw(accelerator))
+    masters = None
+    if cfg.precision == BF16_WEIGHTS:
+        if accelerator.state.deepspeed_plugin is not None:
+            raise ConfigError("--precision bf16_weights is DeepSpeed's own bf16 mode: with a DeepSpeed config, "
+                              "enable its bf16 section instead")
+        masters = MasterWeights(model)  # casts the model to bf16
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, fused=use_fused_adamw(accelerator), masters=masters)
     if cfg.compile:  # in place, so parameter names, checkpoints and unwrap_model stay those of the eager model
         compile_in_place(model, cfg.compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -177,7 +187,10 @@ def run(cfg: PretrainConfig) -> int:
     if resume_from is not None:
         try:
             state = checkpoints.load(accelerator, resume_from, {"model": cfg.model, "input_size": cfg.input_size,
-                                                               "in_chans": cfg.in_chans})
+                                                               "in_chans": cfg.in_chans,
+                                                               "master_weights": masters is not None})
+            if masters is not None:
+                masters.load(resume_from)
         except CheckpointMismatch as exc:
             raise ConfigError(str(exc)) from None
         start_step = int(state["step"])
@@ -203,7 +216,7 @@ def run(cfg: PretrainConfig) -> int:
         logger.warning("the kNN monitor is off under ZeRO-3 (rank 0 alone cannot run the sharded encoder)")
     ctx = TrainContext(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, loader=loader,
                        schedule=Schedule(lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch, total_steps),
-                       steps_per_epoch=steps_per_epoch, stop_step=stop_step, mean=mean, std=std,
+                       steps_per_epoch=steps_per_epoch, stop_step=stop_step, mean=mean, std=std, masters=masters,
                        checkpoints=checkpoints, log=JsonlLogger(out / "log.jsonl", accelerator.is_main_process),
                        flops_per_image=flops, peak_flops=peak_flops(accelerator.device, cfg.peak_tflops),
                        preempt=PreemptionFlag().install(),
@@ -214,7 +227,7 @@ def run(cfg: PretrainConfig) -> int:
     try:
         code = train(ctx, start_step)
         if code == EXIT_OK and cfg.export_encoder:
-            export_final_encoder(accelerator, model, cfg, {"mean": mean, "std": std}, out)
+            export_final_encoder(accelerator, model, cfg, {"mean": mean, "std": std}, out, masters)
     finally:
         ctx.preempt.uninstall()
         accelerator.end_training()

@@ -36,3 +36,7 @@ def forward_autocast(accelerator: Accelerator) -> contextlib.AbstractContextMana
     if dtype is not None:
         return torch.autocast(device_type=accelerator.device.type, dtype=dtype)
     return accelerator.autocast()
+
+
+BF16_WEIGHTS = "bf16_weights"  # the model in bf16, float32 masters in the optimizer (pretrain/master_weights.py)
+PRECISIONS = ("auto", "bf16", "fp16", "no", BF16_WEIGHTS)

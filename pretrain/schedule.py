@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from common.optim import adamw
+from pretrain.master_weights import MasterWeights
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.Optimizer:
-    """AdamW with MAE's betas (0.9, 0.95); fused kernels on CUDA (``common.optim.use_fused_adamw``)."""
-    return adamw(param_groups(model, weight_decay), lr, fused, betas=(0.9, 0.95))
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool,
+                    masters: MasterWeights | None = None) -> torch.optim.Optimizer:
+    """AdamW with MAE's betas (0.9, 0.95); fused kernels on CUDA (``common.optim.use_fused_adamw``). With
+    ``masters`` (``--precision bf16_weights``) it steps their float32 copies of the model's bf16 weights."""
+    groups = param_groups(model, weight_decay)
+    if masters is not None:
+        groups = masters.optimizer_groups(groups)
+    return adamw(groups, lr, fused, betas=(0.9, 0.95))
