@@ -1,4 +1,5 @@
-"""Pretraining throughput: full MAE train steps (forward, backward, fused AdamW; bf16 autocast on CUDA).
+"""Pretraining throughput: full MAE train steps (forward, backward, fused AdamW; bf16 autocast on CUDA, or with
+``--precision bf16_weights`` the model in bf16 and float32 master weights, as ``pretrain/main.py`` runs them).
 
 Modes per row (model, input size, batch):
   synthetic  GPU-resident random images: the model alone
@@ -46,6 +47,8 @@ from kernels.selective_scan_interface import BACKENDS  # noqa: E402
 from models.layers import ATTENTION_BACKENDS, set_backend  # noqa: E402
 from pretrain.engine import to_device_async  # noqa: E402
 from pretrain.flops import peak_flops, train_flops_per_image  # noqa: E402
+from pretrain.master_weights import MasterWeights  # noqa: E402
+from pretrain.precision import BF16_WEIGHTS  # noqa: E402
 from pretrain.schedule import build_optimizer  # noqa: E402
 
 # Batches chosen for ~140 GB (H200) with bf16 autocast; a row that still runs out of memory halves its batch.
@@ -114,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the ViT / MAE-decoder attention blocks (pretrain/main.py's flag and default)")
     p.add_argument("--augment_backend", default="auto", choices=["auto", "torch", "triton"],
                    help="gpu_augment's crop-resize: auto = the fused Triton kernel on CUDA, torch = grid_sample")
+    p.add_argument("--precision", default="bf16", choices=("bf16", BF16_WEIGHTS),
+                   help="bf16 autocast on CUDA (float32 on the CPU), or the model in bf16 with float32 masters")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many more steps: device ms per step by kernel kind")
@@ -188,7 +193,8 @@ def run_row(args: argparse.Namespace, mode: str, name: str, size: int, batch: in
 
 def _train_step(batches: Batches, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
                 size: int, mean: list[float], std: list[float], gen: torch.Generator, autocast: Any,
-                mask_ratio: float, device: torch.device, augment_backend: str = "auto") -> None:
+                mask_ratio: float, device: torch.device, augment_backend: str = "auto",
+                masters: MasterWeights | None = None) -> None:
     """One step as ``pretrain.engine`` takes it (without the model: the augmentation alone)."""
     images, sizes = batches.next()
     x = gpu_augment(images, sizes, size, mean, std, generator=gen, backend=augment_backend)
@@ -197,8 +203,12 @@ def _train_step(batches: Batches, model: torch.nn.Module | None, optimizer: torc
         with autocast:
             loss, _, _ = model(x, mask_ratio=mask_ratio, noise=noise)
         loss.backward()
+        if masters is not None:
+            masters.grads_to_masters()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if masters is not None:
+            masters.masters_to_model()
 
 
 def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: int, device: torch.device) -> Row:
@@ -206,8 +216,9 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
 
     row = Row(mode=mode, model=name if mode != "loader_only" else "-", input_size=size, batch_size=batch)
     mean, std = default_normalization(args.in_chans)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model = optimizer = batches = step = None
+    bf16_weights = args.precision == BF16_WEIGHTS
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not bf16_weights)
+    model = optimizer = batches = step = masters = None
     try:
         batches = Batches(args, size, batch, device, mode)
         flops = None
@@ -217,7 +228,8 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
             set_backend(model, "conv_backend", args.conv_backend)
             set_backend(model, "attention_backend", args.attention_backend)
             flops = train_flops_per_image(model, size, args.in_chans, args.mask_ratio, device)
-            optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda")
+            masters = MasterWeights(model) if bf16_weights else None  # casts the model
+            optimizer = build_optimizer(model, 1e-4, 0.05, fused=device.type == "cuda", masters=masters)
             if args.compile:
                 compile_in_place(model, args.compile_mode)
         gen = torch.Generator().manual_seed(0)
@@ -225,7 +237,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step = partial(_train_step, batches, model, optimizer, size, mean, std, gen, autocast, args.mask_ratio,
-                       device, args.augment_backend)
+                       device, args.augment_backend, masters)
         steps, start = 0, 0.0
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
@@ -257,7 +269,7 @@ def _measure(args: argparse.Namespace, mode: str, name: str, size: int, batch: i
     except Exception as exc:  # one broken row (e.g. a missing kernel) must not stop the table
         row.status, row.error = "error", f"{type(exc).__name__}: {exc}"[:300]
     finally:
-        del model, optimizer, batches, step
+        del model, optimizer, batches, step, masters
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
             torch.cuda.empty_cache()

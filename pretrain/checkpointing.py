@@ -11,8 +11,8 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from test_data_fixtures import breast_shards
 
 from bench.pretrain import main as bench_main
@@ -165,3 +166,28 @@ def test_sdpa_backend_flag_leaves_only_that_backend_enabled() -> None:
                 name: backend in ("default", name) for name in flags}, backend
     finally:
         restrict_sdpa("default")
+
+
+def test_bf16_weights_rows_step_the_float32_masters(tmp_path: Path, monkeypatch) -> None:
+    """--precision bf16_weights: the row's model runs in bf16 and every step ends by rounding the stepped float32
+    masters into it (pretrain/master_weights.py), as pretrain/main.py's steps do."""
+    from pretrain.master_weights import MasterWeights
+
+    rounded = []
+    original = MasterWeights.masters_to_model
+
+    def counted(self: MasterWeights) -> None:
+        assert {p.dtype for p in self.params} == {torch.bfloat16}
+        assert all(m.grad is None for m in self.masters)  # the optimizer step consumed them
+        rounded.append(1)
+        original(self)
+
+    monkeypatch.setattr(MasterWeights, "masters_to_model", counted)
+    out = tmp_path / "bench.json"
+    rc = bench_main(["--models", "mae_test_vit", "--input_sizes", "32", "--batch_size", "2", "--steps", "2",
+                     "--warmup", "1", "--min_steps", "2", "--modes", "synthetic", "--in_chans", "1", "--device", "cpu",
+                     "--precision", "bf16_weights", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["args"]["precision"] == "bf16_weights" and [r["status"] for r in result["rows"]] == ["ok"]
+    assert len(rounded) == 3  # warmup + timed steps
