@@ -39,7 +39,11 @@
 #   vimb1024  the compiled Vim-B/16 step at 1024 px (batch 16, synthetic) on SDPA and on the default attention (auto:
 #       our kernels, in the 4,097-token decoder), in the order VIMB_ORDER (sdpa auto auto sdpa); $OUT/vimb1024_*.json
 #   bigbatch  (carry .gpu_run/whl, .gpu_run/results/pool) ViT-B/16 with the real loader at batch 1536, then the
-#       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row)
+#       Vim-S/16 step under CUDA graphs at batch 768 (BIG_VITB_BATCH, BIG_VIMS_BATCH; 0 skips the row); both with
+#       --precision BIG_PRECISION when set (e.g. bf16_weights)
+#   bf16w  --precision bf16_weights (the model in bf16, float32 master weights) against bf16 autocast: the compiled
+#       ViT-B/16 step (batch 256, synthetic) in the order A B B A on one machine; $OUT/vitb_bf16w_*.json
+#   bf16wvims  the same pair for the compiled Vim-S/16 step at batch 512 (our attention kernels in the decoder)
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -110,7 +114,8 @@ vims_ours_rows() {
 # run_tests: the gpu-marked tests of the pretraining loop (CUDA graphs through pretrain/main.py among them).
 run_tests() {
     local rc=0
-    timeout 180 python3 -m pytest -q -ra -m gpu tests/test_pretrain.py "${xdist[@]}" >"$out/gpu_tests.log" 2>&1 \
+    timeout 180 python3 -m pytest -q -ra -m gpu tests/test_pretrain.py tests/test_pretrain_bf16_weights.py "${xdist[@]}" \
+        >"$out/gpu_tests.log" 2>&1 \
         || rc=$?
     tail -4 "$out/gpu_tests.log"
     if [ "$rc" = 124 ]; then
@@ -119,7 +124,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, bf16w, bf16wvims, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -267,13 +272,34 @@ for part in "$@"; do
         # attention kernels at BIG_VIMS_BATCH (768: about 57 GiB by the batch-512 row's 38 GiB)
         vitb_big=${BIG_VITB_BATCH:-1536}
         vims_big=${BIG_VIMS_BATCH:-768}
+        big_flags=()
+        if [ -n "${BIG_PRECISION:-}" ]; then
+            big_flags=(--precision "$BIG_PRECISION")
+        fi
         if [ "$vitb_big" -gt 0 ]; then  # 0: skip the row
-            loop_run "vitb_b$vitb_big" 280 mae_vit_base_patch16 "$vitb_big" 100 --compile
+            loop_run "vitb_b$vitb_big${BIG_PRECISION:+_$BIG_PRECISION}" 280 mae_vit_base_patch16 "$vitb_big" 100 \
+                --compile "${big_flags[@]}"
         fi
         if [ "$vims_big" -gt 0 ]; then
-            model_row . "vims_b${vims_big}_graphs" 280 mae_vim_small_patch16 "$vims_big" --attention_backend triton \
-                --compile_mode reduce-overhead
+            model_row . "vims_b${vims_big}_graphs${BIG_PRECISION:+_$BIG_PRECISION}" 280 mae_vim_small_patch16 \
+                "$vims_big" --attention_backend triton --compile_mode reduce-overhead "${big_flags[@]}"
         fi
+        ;;
+    bf16w)
+        timeout 150 python3 -m pytest -q -ra -m gpu tests/test_pretrain_bf16_weights.py "${xdist[@]}" \
+            >"$out/bf16w_tests.log" 2>&1 || true
+        tail -3 "$out/bf16w_tests.log"
+        # The fifth session's ZeRO-2 runs (DeepSpeed's bf16 weights, no autocast) stepped 12 % faster than the
+        # autocast model (eager, one H200); is it so compiled, where inductor fuses autocast's casts?
+        vitb_row . bf16w_autocast_a 150
+        vitb_row . bf16w_weights_a 150 --precision bf16_weights
+        vitb_row . bf16w_weights_b 100 --precision bf16_weights
+        vitb_row . bf16w_autocast_b 100
+        ;;
+    bf16wvims)
+        model_row . vims_bf16w_autocast 200 mae_vim_small_patch16 512 --attention_backend triton
+        model_row . vims_bf16w_weights 200 mae_vim_small_patch16 512 --attention_backend triton \
+            --precision bf16_weights
         ;;
     loop)
         loop_run vims_cudagraphs 220 mae_vim_small_patch16 256 300 --compile --compile_mode reduce-overhead
@@ -284,7 +310,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, bf16w, bf16wvims, loop)" >&2
         exit 2
         ;;
     esac
