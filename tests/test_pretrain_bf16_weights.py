@@ -96,7 +96,8 @@ def test_masters_save_load_and_refuse_a_foreign_checkpoint(tmp_path: Path) -> No
 def test_bf16_weights_run_learns_resumes_bitwise_and_exports_the_masters(curated: Path, tmp_path: Path) -> None:
     common = {"precision": "bf16_weights", "save_every": 5, "epochs": 4, "data_on_device": None, "clip_grad": 1.0}
     ref = tmp_path / "ref"  # 6 steps per epoch: 24 steps
-    assert pretrain_main(args(curated, ref, **common)) == 0
+    assert pretrain_main(args(curated, ref, vis_every=12, vis_samples=2, **common)) == 0
+    assert (ref / "vis" / "step_00000024.png").is_file()  # the picture's forward takes the bf16 model too
     losses = [r["loss"] for r in read_jsonl(ref / "log.jsonl") if "loss" in r]
     assert len(losses) == 24 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-6:]) / 6 < 0.9 * sum(losses[:6]) / 6, losses
