@@ -55,8 +55,15 @@ def test_masters_hold_the_float32_weights_and_the_optimizer_steps_them(name: str
             assert (id(p) in ids) == (id(p) not in {id(q) for q in masters.params})
     assert master_ids <= set().union(*stepped)
 
+    # The point of the mode: what passes between the blocks is bf16 (under autocast the ViT residual is float32).
+    block_dtypes = set()
+    for module in model.modules():
+        if type(module).__name__ in ("Block", "VimBlock"):
+            module.register_forward_hook(lambda m, i, out: block_dtypes.add((out[0] if isinstance(out, tuple)
+                                                                             else out).dtype))
     loss, _, _ = model(torch.randn(4, 1, 32, 32), mask_ratio=0.75)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert block_dtypes == {torch.bfloat16}
     loss.backward()
     model_grads = {n: params[n].grad.clone() for n in masters.names}
     masters.grads_to_masters()
