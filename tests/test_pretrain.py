@@ -138,7 +138,7 @@ def test_micro_step_loss_is_a_copy_of_the_model_output() -> None:
     cfg = PretrainConfig(input_size=8, in_chans=1)
     model = _Model()
     ctx = SimpleNamespace(cfg=cfg, accelerator=_Acc(), model=model, mean=[0.5], std=[0.25], cuda_graphs=False,
-                          optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+                          masters=None, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
     batch = {"image": torch.full((2, 1, 8, 8), 100, dtype=torch.uint8), "size": torch.tensor([[8, 8], [8, 8]])}
     loss, _ = _micro_step(ctx, batch, step=0, micro=0, num_patches=4)
     assert loss.dtype == torch.float32 and loss.untyped_storage().data_ptr() != \
