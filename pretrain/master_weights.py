@@ -73,6 +73,7 @@ class MasterWeights:
         torch._foreach_copy_(self.params, self.masters)
 
     def save(self, directory: Path) -> Path:
+        """The masters by parameter name in ``directory/master_weights.safetensors``."""
         path = Path(directory) / MASTER_FILE
         save_file({name: m.detach().cpu().contiguous() for name, m in zip(self.names, self.masters)}, str(path))
         return path
@@ -87,12 +88,12 @@ class MasterWeights:
         stored = load_file(str(path))
         missing = sorted(set(self.names) - set(stored))
         if missing:
-            raise CheckpointMismatch(f"{path}: no master weights for {', '.join(missing[:5])}"
-                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise CheckpointMismatch(f"{path}: no master weights for {', '.join(missing[:5])}{more}")
         for name, master in zip(self.names, self.masters):
             if stored[name].shape != master.shape:
                 raise CheckpointMismatch(f"{path}: {name} is {tuple(stored[name].shape)}, the model's "
-                                 f"{tuple(master.shape)}")
+                                         f"{tuple(master.shape)}")
             master.copy_(stored[name])
         self.masters_to_model()
 
