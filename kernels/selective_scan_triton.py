@@ -273,7 +273,6 @@ def _in_kernel_layouts(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     A = dim_major(A)
     if SCAN_VARIANTS[fwd_config[VARIANT_INT]] not in ("v3", "v4"):  # v3 pads B and C itself, v4 reads them L-major
         B, C, _ = position_major(B, C)
-        B, C = B.transpose(-1, -2), C.transpose(-1, -2)
     return (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, store_states, fwd_config, bwd_config)
 
 

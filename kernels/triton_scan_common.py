@@ -336,20 +336,23 @@ def dim_major(A: Any) -> Any:
 
 
 def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
-    """B and C, (batch, groups, N, L), as the (batch, groups, L, N) views the v1 / v2 kernels read (one position's
-    N values contiguous), with their shared (batch, group, position) strides. No copy when both already have unit
-    stride over N and the same strides: a Mamba block's B and C are slices of one x_proj output, (batch, L,
-    dt_rank + 2N), whose position stride is dt_rank + 2N. Anything else is copied (into one buffer when B and C
-    share a dtype). (Read in place in mamba-ssm's (batch, N, L) layout, with the state stride as a kernel
-    argument, the kernels ran 2x slower on the H100 in the eleventh session, for about the same instruction count:
-    16 scattered loads per position.)"""
-    b_t, c_t = B.transpose(-1, -2), C.transpose(-1, -2)
-    if b_t.stride(-1) != 1 or b_t.stride() != c_t.stride():
+    """B and C, (batch, groups, N, L), laid out as the v1 / v2 kernels read them (one position's N values
+    contiguous: unit stride over N), with their shared (batch, group, position) strides; the shapes stay (batch,
+    groups, N, L). No copy when both already have unit stride over N and the same strides: a Mamba block's B and C
+    are slices of one x_proj output, (batch, L, dt_rank + 2N), whose position stride is dt_rank + 2N. Anything else
+    is copied (into one buffer when B and C share a dtype). (Read in place in mamba-ssm's (batch, N, L) layout, with
+    the state stride as a kernel argument, the kernels ran 2x slower on the H100 in the eleventh session, for about
+    the same instruction count: 16 scattered loads per position.) Strides read once and no views made on the path
+    without a copy: it runs in the eager layout step and in both launchers, and L=50 is bound by the host."""
+    b_strides = B.stride()
+    if b_strides[2] != 1 or b_strides != C.stride():
         if B.dtype == C.dtype:  # both in one copy: one launch, and L=50 is bound by the host's time per torch call
-            b_t, c_t = torch.stack((b_t, c_t)).unbind(0)
+            b_t, c_t = torch.stack((B.transpose(-1, -2), C.transpose(-1, -2))).unbind(0)
         else:
-            b_t, c_t = b_t.contiguous(), c_t.contiguous()
-    return b_t, c_t, (b_t.stride(0), b_t.stride(1), b_t.stride(2))
+            b_t, c_t = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
+        B, C = b_t.transpose(-1, -2), c_t.transpose(-1, -2)
+        b_strides = B.stride()
+    return B, C, (b_strides[0], b_strides[1], b_strides[3])
 
 
 def is_channel_last(t: Any) -> bool:
