@@ -45,6 +45,10 @@
 #       ViT-B/16 step (batch 256, synthetic) in the order A B B A on one machine, the second pair profiled, then the
 #       mode's CUDA tests in what is left; $OUT/vitb_bf16w_*.json, $OUT/bf16w_tests.log
 #   bf16wvims  the same pair for the compiled Vim-S/16 step at batch 512 (our attention kernels in the decoder)
+#   bf16wloop  (carry .gpu_run/whl, .gpu_run/results/pool) the real-loader ViT-B/16 row (accelerate launch
+#       pretrain/main.py, --compile, 64 px canvases, 12 workers) on autocast and on bf16_weights through bench.scaling
+#       (variants 1gpu and 1gpu_bf16w: same data order, speed-up and loss curves side by side), global batch
+#       BF16W_LOOP_BATCH (1024), 150 steps each; $OUT/loop_bf16w.json
 #   loop   (carry .gpu_run/whl, .gpu_run/results/pool) the user's command with the real loader (accelerate launch
 #       pretrain/main.py through bench.scaling's 1gpu variant, shards in .gpu_run/results/pool, 64 px canvases, 12
 #       workers): Vim-S/16 at batch 256 with CUDA graphs, ViT-B/16 at batch 1024 with --compile (the row of the
@@ -125,7 +129,7 @@ run_tests() {
 }
 
 if [ $# -eq 0 ]; then
-    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, bf16w, bf16wvims, loop)" >&2
+    echo "usage: bash bench/gpu_pretrain_session.sh PART... (PART: tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, bf16w, bf16wvims, bf16wloop, loop)" >&2
     exit 2
 fi
 out="${OUT:-/tmp/gpu_pretrain_out}"
@@ -301,6 +305,15 @@ for part in "$@"; do
             tail -3 "$out/bf16w_tests.log"
         fi
         ;;
+    bf16wloop)
+        if limit=$(bounded_limit bf16wloop 540 120); then
+            timeout "$limit" python3 -m bench.scaling --data_path .gpu_run/results/pool --output_dir /tmp/loop_bf16w \
+                --variants 1gpu 1gpu_bf16w --model mae_vit_base_patch16 --in_chans 1 \
+                --global_batch "${BF16W_LOOP_BATCH:-1024}" --steps 150 --epochs 400 --warmup_epochs 40 \
+                --num_workers 12 --log_every 10 --plot none --json "$out/loop_bf16w.json" \
+                -- --canvas_size 64 --compile 2>&1 | tail -8 || echo "bf16wloop: stopped (limit $limit s)"
+        fi
+        ;;
     bf16wvims)
         model_row . vims_bf16w_autocast 200 mae_vim_small_patch16 512 --attention_backend triton
         model_row . vims_bf16w_weights 200 mae_vim_small_patch16 512 --attention_backend triton \
@@ -315,7 +328,7 @@ for part in "$@"; do
         fi
         ;;
     *)
-        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, bf16w, bf16wvims, loop)" >&2
+        echo "unknown part $part (tests, vitb, cache, inductor, vims, vimsab, augment, vimsprof, attention, vimsattn, vimsbest, vitbattngraphs, vitbauto, vitbhost, vitbcode, vimb1024, bigbatch, bf16w, bf16wvims, bf16wloop, loop)" >&2
         exit 2
         ;;
     esac

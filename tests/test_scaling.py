@@ -181,3 +181,21 @@ def test_two_gpus_ddp_and_zero2_run_and_compare(tmp_path: Path) -> None:
     assert set(runs) == {"1gpu", "ddp", "zero2"}
     assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in runs.values())
     assert runs["zero2"]["speedup"] > 0 and runs["zero2"]["loss_steps_compared"] == 4
+
+
+def test_bf16_weights_variant_runs_one_process_against_1gpu(tmp_path: Path) -> None:
+    """``1gpu_bf16w``: the single-GPU command with ``--precision bf16_weights`` added, compared with ``1gpu``
+    (speed-up, loss curve at the same data order); not among the default variants."""
+    out = tmp_path / "bf16w"
+    rc = scaling_main(tiny_args(out, "--cpu", "--variants", "1gpu", "1gpu_bf16w", "--", "--no-tensorboard"))
+    assert rc == 0
+    single, bf16w = json.loads((out / "scaling.json").read_text())["runs"]
+    assert bf16w["name"] == "1gpu_bf16w" and bf16w["processes"] == 1 and bf16w["per_gpu_batch"] == 8
+    assert "--precision bf16_weights" in bf16w["command"] and "--precision" not in single["command"]
+    state = json.loads(next((out / "1gpu_bf16w" / "checkpoints").glob("step_*/train_state.json")).read_text())
+    assert state["master_weights"] is True
+    assert bf16w["loss_steps_compared"] == 4 and bf16w["loss_rel_diff_max"] < 0.01  # same data, bf16 rounding
+    assert bf16w["speedup"] > 0 and "target" not in bf16w
+    from bench.scaling.__main__ import parse_args
+
+    assert parse_args(tiny_args(tmp_path / "defaults"))[0].variants == ["1gpu", "ddp", "zero2"]

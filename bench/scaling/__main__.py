@@ -1,9 +1,10 @@
 """Multi-GPU scaling of MAE pretraining, measured through the command a user runs.
 
 Starts ``accelerate launch --config_file launch/accelerate/<config> pretrain/main.py ...`` once per variant --
-``1gpu`` (single_gpu.yaml), ``ddp`` (multi_gpu.yaml) and ``zero2`` (deepspeed_zero2.yaml) -- at the same
-global batch, reads each run's ``log.jsonl``, and reports steady-state img/s, the speed-up over one GPU against
-the targets, and whether the loss curves agree. Writes JSON and a PNG plot; prints a markdown table.
+``1gpu`` (single_gpu.yaml), ``ddp`` (multi_gpu.yaml) and ``zero2`` (deepspeed_zero2.yaml) by default, and on
+request ``1gpu_bf16w`` (one GPU with ``--precision bf16_weights``) -- at the same global batch, reads each run's
+``log.jsonl``, and reports steady-state img/s, the speed-up over one GPU against the targets, and whether the loss
+curves agree. Writes JSON and a PNG plot; prints a markdown table.
 
     python -m bench.scaling --data_path SHARDS --model mae_vit_base_patch16 --in_chans 1 \\
         --global_batch 512 --steps 300 --epochs 150 --warmup_epochs 20 --output_dir runs/scaling
@@ -31,6 +32,7 @@ from bench.scaling.report import format_table, save_plot  # noqa: E402
 from bench.scaling.runner import device_description, run_logged  # noqa: E402
 from bench.scaling.variants import (  # noqa: E402
     BASELINE,
+    DEFAULT_VARIANTS,
     KINDS,
     REPO_ROOT,
     ScalingConfigError,
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", required=True, help="any pretrain --data_path (curated shards, ImageFolder, ...)")
     p.add_argument("--output_dir", required=True, help="one sub-folder per run, scaling.json, scaling.png")
-    p.add_argument("--variants", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(KINDS))
     p.add_argument("--gpus", type=int, default=2, help="processes of the multi-GPU variants")
     p.add_argument("--model", default="mae_vit_base_patch16")
     p.add_argument("--input_size", type=int, default=224)
