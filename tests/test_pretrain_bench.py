@@ -97,7 +97,7 @@ def test_scan_and_conv_backend_flags_reach_every_mixer(tmp_path: Path) -> None:
 
 
 def test_profile_steps_breaks_step_time_down_by_kernel_kind(tmp_path: Path, capsys) -> None:
-    from bench.pretrain import kernel_kind
+    from bench.kernel_profile import kernel_kind
 
     out = tmp_path / "bench.json"
     rc = bench_main(["--models", "mae_test_vit", "--input_sizes", "32", "--batch_size", "2", "--steps", "2",
