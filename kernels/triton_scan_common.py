@@ -336,14 +336,12 @@ def dim_major(A: Any) -> Any:
 
 
 def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
-    """B and C, (batch, groups, N, L), laid out as the v1 / v2 kernels read them (one position's N values
-    contiguous: unit stride over N), with their shared (batch, group, position) strides; the shapes stay (batch,
-    groups, N, L). No copy when both already have unit stride over N and the same strides: a Mamba block's B and C
-    are slices of one x_proj output, (batch, L, dt_rank + 2N), whose position stride is dt_rank + 2N. Anything else
-    is copied (into one buffer when B and C share a dtype). (Read in place in mamba-ssm's (batch, N, L) layout, with
-    the state stride as a kernel argument, the kernels ran 2x slower on the H100 in the eleventh session, for about
-    the same instruction count: 16 scattered loads per position.) Strides read once and no views made on the path
-    without a copy: it runs in the eager layout step and in both launchers, and L=50 is bound by the host."""
+    """B and C, (batch, groups, N, L), with unit stride over N (one position's N values contiguous, as the v1 / v2
+    kernels read them) and their shared (batch, group, position) strides. No copy when both already are and share
+    strides: a Mamba block's B and C are slices of one x_proj output, (batch, L, dt_rank + 2N). Anything else is
+    copied (into one buffer when B and C share a dtype). (Read in mamba-ssm's (batch, N, L) layout, the kernels ran
+    2x slower on the H100 in the eleventh session: 16 scattered loads per position.) No views on the no-copy path:
+    it runs in the eager layout step and in both launchers, and L=50 is bound by the host."""
     b_strides = B.stride()
     if b_strides[2] != 1 or b_strides != C.stride():
         if B.dtype == C.dtype:  # both in one copy: one launch, and L=50 is bound by the host's time per torch call
