@@ -339,9 +339,8 @@ def position_major(B: Any, C: Any) -> tuple[Any, Any, tuple[int, int, int]]:
     """B and C, (batch, groups, N, L), with unit stride over N (one position's N values contiguous, as the v1 / v2
     kernels read them) and their shared (batch, group, position) strides. No copy when both already are and share
     strides: a Mamba block's B and C are slices of one x_proj output, (batch, L, dt_rank + 2N). Anything else is
-    copied (into one buffer when B and C share a dtype). (Read in mamba-ssm's (batch, N, L) layout, the kernels ran
-    2x slower on the H100 in the eleventh session: 16 scattered loads per position.) No views on the no-copy path:
-    it runs in the eager layout step and in both launchers, and L=50 is bound by the host."""
+    copied (one buffer when the dtypes match). (In mamba-ssm's (batch, N, L) layout the kernels ran 2x slower on the
+    H100, eleventh session.) No views on the no-copy path: it runs three times per scan, and L=50 is host-bound."""
     b_strides = B.stride()
     if b_strides[2] != 1 or b_strides != C.stride():
         if B.dtype == C.dtype:  # both in one copy: one launch, and L=50 is bound by the host's time per torch call
